@@ -1,0 +1,18 @@
+"""The functional memory op: ``neural_memory`` (reference token loop and chunk-parallel form)."""
+
+from .api import GRANULARITIES, IMPLS, OPTIMIZERS, neural_memory
+from .memory import ACTIVATIONS, LOSSES, MEMORY_KINDS, MemorySpec, newton_schulz
+from .state import MemoryState
+
+__all__ = [
+    "neural_memory",
+    "MemoryState",
+    "MemorySpec",
+    "newton_schulz",
+    "MEMORY_KINDS",
+    "LOSSES",
+    "ACTIVATIONS",
+    "OPTIMIZERS",
+    "GRANULARITIES",
+    "IMPLS",
+]

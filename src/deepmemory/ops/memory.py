@@ -1,0 +1,194 @@
+"""Memory models ``M_W: R^{dk} -> R^{dv}`` as used by the update rule.
+
+Column convention: every parameter is one matrix per head and is applied as ``W @ x``.
+A memory is described by :class:`MemorySpec`; its forward pass is written against an
+``apply(name, x)`` callback that returns ``W_name @ x`` for a batch of column vectors
+``x`` of shape ``[B, H, N, cols]`` (result ``[B, H, N, rows]``). Plugging in a dense
+matrix product gives the ordinary forward pass; plugging in the dual form of the
+chunked op reads the memory at per-token weights without materialising them.
+
+For training the memory, :func:`token_gradients` returns, for every matrix, the pair
+``(delta, a)`` such that the gradient of token ``i``'s loss is the outer product
+``delta_i a_i^T`` (backprop signal of the matrix's output times its input).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import Tensor
+
+MEMORY_KINDS = ("linear", "mlp", "gated_mlp")
+ACTIVATIONS = ("gelu", "silu", "relu", "tanh")
+LOSSES = ("l2", "dot")
+
+Apply = Callable[[str, Tensor], Tensor]
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def activation(name: str, z: Tensor) -> Tensor:
+    if name == "gelu":
+        return torch.nn.functional.gelu(z)
+    if name == "silu":
+        return torch.nn.functional.silu(z)
+    if name == "relu":
+        return torch.relu(z)
+    return torch.tanh(z)
+
+
+def activation_grad(name: str, z: Tensor) -> Tensor:
+    """d activation / dz, written out so that it stays differentiable (second order)."""
+    if name == "gelu":  # exact (erf) GELU: Phi(z) + z phi(z)
+        return 0.5 * (1.0 + torch.erf(z * _INV_SQRT2)) + z * _INV_SQRT2PI * torch.exp(-0.5 * z * z)
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    if name == "relu":
+        return (z > 0).to(z.dtype)
+    return 1.0 - torch.tanh(z) ** 2
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """Which memory network: ``kind`` in linear | mlp | gated_mlp.
+
+    ``depth`` counts matrices of an mlp; ``residual`` adds the input to the output of an
+    mlp / gated_mlp (``M(x) = x + h``), which needs ``dk == dv``. A linear memory is
+    ``M(x) = W0 x`` and ignores both.
+    """
+
+    kind: str = "mlp"
+    depth: int = 2
+    activation: str = "gelu"
+    residual: bool = True
+
+    @property
+    def uses_residual(self) -> bool:
+        return self.kind != "linear" and self.residual
+
+    def names(self) -> Tuple[str, ...]:
+        if self.kind == "linear":
+            return ("w0",)
+        if self.kind == "mlp":
+            return tuple(f"w{i}" for i in range(self.depth))
+        return ("w_gate", "w_up", "w_out")
+
+    def shapes(self, dk: int, dv: int, hidden: int) -> Dict[str, Tuple[int, int]]:
+        """Expected (rows, cols) of each matrix."""
+        if self.kind == "linear":
+            return {"w0": (dv, dk)}
+        if self.kind == "mlp":
+            if self.depth == 1:
+                return {"w0": (dv, dk)}
+            out = {"w0": (hidden, dk)}
+            for i in range(1, self.depth - 1):
+                out[f"w{i}"] = (hidden, hidden)
+            out[f"w{self.depth - 1}"] = (dv, hidden)
+            return out
+        return {"w_gate": (hidden, dk), "w_up": (hidden, dk), "w_out": (dv, hidden)}
+
+    def hidden_of(self, params: Dict[str, Tensor]) -> int:
+        """The hidden width implied by the parameters (0 when there is none)."""
+        if self.kind == "gated_mlp":
+            return params["w_gate"].shape[-2]
+        if self.kind == "mlp" and self.depth > 1:
+            return params["w0"].shape[-2]
+        return 0
+
+
+def dense_apply(weights: Dict[str, Tensor]) -> Apply:
+    """``apply`` for explicit weights ``[B, H, rows, cols]`` (or ``[B, H, N, rows, cols]`` per token)."""
+
+    def apply(name: str, x: Tensor) -> Tensor:
+        w = weights[name]
+        if w.dim() == x.dim() + 1:  # one matrix per token
+            return torch.einsum("bhnrc,bhnc->bhnr", w, x)
+        return x @ w.transpose(-1, -2)
+
+    return apply
+
+
+def memory_forward(spec: MemorySpec, apply: Apply, x: Tensor) -> Tensor:
+    """``M(x)`` for ``x [B, H, N, dk]`` -> ``[B, H, N, dv]``."""
+    if spec.kind == "linear":
+        return apply("w0", x)
+    if spec.kind == "mlp":
+        h = x
+        for i in range(spec.depth):
+            z = apply(f"w{i}", h)
+            h = activation(spec.activation, z) if i < spec.depth - 1 else z
+    else:
+        h = apply("w_out", activation(spec.activation, apply("w_gate", x)) * apply("w_up", x))
+    return x + h if spec.residual else h
+
+
+def loss_grad(loss: str, pred: Tensor, v: Tensor) -> Tensor:
+    """d loss_i / d pred_i: ``pred - v`` for l2 (0.5||M(k)-v||^2), ``-v`` for dot (-<M(k), v>)."""
+    return pred - v if loss == "l2" else -v
+
+
+def token_gradients(
+    spec: MemorySpec, weights: Dict[str, Tensor], k: Tensor, v: Tensor, loss: str
+) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """Per-token gradients of ``loss_i(W)`` as outer products, by a hand-written backward.
+
+    ``k [B, H, N, dk]``, ``v [B, H, N, dv]``, weights ``[B, H, rows, cols]``. Returns
+    ``{name: (delta [B, H, N, rows], a [B, H, N, cols])}`` with
+    ``grad_W loss_i = delta_i a_i^T``. Everything stays differentiable (the outer loop
+    trains through it).
+    """
+    act = spec.activation
+    out: Dict[str, Tuple[Tensor, Tensor]] = {}
+    if spec.kind == "gated_mlp":
+        wg, wu, wo = weights["w_gate"], weights["w_up"], weights["w_out"]
+        g = k @ wg.transpose(-1, -2)
+        u = k @ wu.transpose(-1, -2)
+        sg = activation(act, g)
+        h = sg * u
+        pred = h @ wo.transpose(-1, -2)
+        if spec.residual:
+            pred = pred + k
+        d_out = loss_grad(loss, pred, v)
+        dh = d_out @ wo
+        out["w_out"] = (d_out, h)
+        out["w_gate"] = (dh * u * activation_grad(act, g), k)
+        out["w_up"] = (dh * sg, k)
+        return out
+
+    depth = 1 if spec.kind == "linear" else spec.depth
+    names = spec.names()
+    inputs, pre = [k], []
+    for i in range(depth):
+        z = inputs[-1] @ weights[names[i]].transpose(-1, -2)
+        pre.append(z)
+        if i < depth - 1:
+            inputs.append(activation(act, z))
+    pred = pre[-1] + k if spec.uses_residual else pre[-1]
+    delta = loss_grad(loss, pred, v)
+    for i in reversed(range(depth)):
+        out[names[i]] = (delta, inputs[i])
+        if i > 0:
+            delta = (delta @ weights[names[i]]) * activation_grad(act, pre[i - 1])
+    return out
+
+
+def newton_schulz(g: Tensor, steps: int) -> Tensor:
+    """Muon's quintic Newton-Schulz orthogonalisation of each matrix ``[..., rows, cols]``.
+
+    ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, ``(a, b, c) = (3.4445, -4.7750, 2.0315)``,
+    starting from ``G / ||G||_F``; tall matrices are transposed so that ``A`` is the small Gram matrix.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (torch.linalg.matrix_norm(g, keepdim=True) + 1e-7)
+    tall = g.shape[-2] > g.shape[-1]
+    if tall:
+        x = x.transpose(-1, -2)
+    for _ in range(steps):
+        gram = x @ x.transpose(-1, -2)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.transpose(-1, -2) if tall else x

@@ -1,0 +1,55 @@
+"""The normalised input shared by the implementations of the op."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, NamedTuple
+
+from torch import Tensor
+
+from .memory import MemorySpec
+
+
+@dataclass
+class Problem:
+    """One call of the op, in heads-first layout and compute precision.
+
+    The sequence starts on a chunk boundary: tokens of an unfinished chunk carried in the state
+    are replayed first (their queries are zero and their outputs dropped by the caller).
+    ``k``, ``v``, ``gamma`` are *extended* by ``n_hist`` earlier tokens that only enter the
+    Omega window. Shapes: ``q [B, H, N, dk]``; ``k [B, H, n_hist + N, dk]``,
+    ``v [B, H, n_hist + N, dv]``, ``gamma [B, H, n_hist + N]``; ``lr``, ``momentum``,
+    ``decay [B, H, N]``; ``w0``, ``s0`` ``{name: [B, H, rows, cols]}`` at the start.
+    """
+
+    spec: MemorySpec
+    loss: str
+    optimizer: str
+    ns_steps: int
+    window: int
+    chunk_size: int
+    granularity: str
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    gamma: Tensor
+    lr: Tensor
+    momentum: Tensor
+    decay: Tensor
+    n_hist: int
+    w0: Dict[str, Tensor]
+    s0: Dict[str, Tensor]
+
+    @property
+    def dv(self) -> int:
+        return self.v.shape[-1]
+
+
+class Result(NamedTuple):
+    """``o [B, H, N, dv]``; state after the last token; state at the start of the unfinished chunk."""
+
+    o: Tensor
+    weights: Dict[str, Tensor]
+    momentum: Dict[str, Tensor]
+    chunk_weights: Dict[str, Tensor]
+    chunk_momentum: Dict[str, Tensor]
