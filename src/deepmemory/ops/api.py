@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .chunk import chunk
-from .memory import ACTIVATIONS, LOSSES, MEMORY_KINDS, MemorySpec
+from .memory import ACTIVATIONS, LOSSES, MEMORY_KINDS, MemorySpec, dense_apply, memory_forward
 from .problem import Problem, Result
 from .reference import reference
 from .state import MemoryState
@@ -79,6 +79,30 @@ def _check_params(params, spec: MemorySpec, bsz: int, nh: int, dk: int, dv: int,
         raise ValueError(f"a residual {spec.kind} memory needs dk == dv; got dk={dk}, dv={dv} (pass residual=False)")
     cd = _compute_dtype(q.dtype)
     return {n: params[n].to(cd).expand(bsz, nh, *params[n].shape[-2:]) for n in names}
+
+
+def memory_read(
+    q: Tensor,
+    weights: Dict[str, Tensor],
+    *,
+    memory: str = "mlp",
+    depth: int = 2,
+    activation: str = "gelu",
+    residual: bool = True,
+) -> Tensor:
+    """Read a memory without writing: ``M_W(q)`` for ``q [B, T, H, dk]`` and weights
+    ``{name: [H, rows, cols] or [B, H, rows, cols]}`` (e.g. ``state.weights``) -> ``[B, T, H, dv]``."""
+    _choice("memory", memory, MEMORY_KINDS)
+    _choice("activation", activation, ACTIVATIONS)
+    _positive_int("depth", depth)
+    if not isinstance(q, Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be a 4-dim tensor [B, T, H, dk]; got {getattr(q, 'shape', type(q).__name__)}")
+    spec = MemorySpec(memory, depth, activation, residual)
+    bsz, _, nh, dk = q.shape
+    dv = weights[spec.names()[-1]].shape[-2] if spec.names()[-1] in weights else dk
+    w = _check_params(weights, spec, bsz, nh, dk, dv, q)
+    cd = _compute_dtype(q.dtype)
+    return memory_forward(spec, dense_apply(w), _heads_first(q, cd)).transpose(1, 2).to(q.dtype)
 
 
 def _heads_first(x: Tensor, cd: torch.dtype) -> Tensor:
