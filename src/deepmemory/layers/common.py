@@ -1,0 +1,64 @@
+"""Small building blocks shared by the mixers and blocks."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """``y = x / sqrt(mean(x^2) + eps) * weight`` over the last dim."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(y.dtype)).to(dtype)
+
+
+class SwiGLU(nn.Module):
+    """``y = W_down (silu(W_gate x) * W_up x)``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise conv over time (kernel ``k``) followed by SiLU; ``x [B, T, C]``.
+
+    The state is the last ``k - 1`` inputs ``[B, k - 1, C]`` so that a sequence fed in pieces
+    gives the same outputs as one call.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4):
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size must be >= 1; got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
+
+    def forward(
+        self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        k = self.kernel_size
+        if state is None:
+            state = x.new_zeros(x.shape[0], k - 1, x.shape[2])
+        full = torch.cat([state.to(x.dtype), x], dim=1)  # [B, k - 1 + T, C]
+        y = F.silu(self.conv(full.transpose(1, 2)).transpose(1, 2))
+        if not return_state:
+            return y
+        return y, full[:, full.shape[1] - (k - 1) :]
