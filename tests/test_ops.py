@@ -1,0 +1,280 @@
+"""The chunk-parallel op against the token-by-token reference (float64), streaming, errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from deepmemory.ops import MEMORY_KINDS, MemoryState, memory_read, neural_memory, newton_schulz
+from ops_cases import make_inputs, make_params, rel_err
+
+TOL = 1e-8
+DK = DV = 6
+HIDDEN = 8
+
+
+def _run(impl, inputs, params, *, grad=False, state=None, **kw):
+    q, k, v, lr, mom, dec, gamma = inputs
+    if grad:
+        inputs = [x.detach().requires_grad_() for x in inputs]
+        params = {n: p.detach().requires_grad_() for n, p in params.items()}
+        q, k, v, lr, mom, dec, gamma = inputs
+    o, st = neural_memory(
+        q, k, v, lr, mom, dec, params, window_gate=gamma, impl=impl, output_final_state=True,
+        initial_state=state, **kw,
+    )
+    if not grad:
+        return o, st, None
+    g = torch.Generator().manual_seed(7)
+    loss = (o * torch.randn(o.shape, dtype=o.dtype, generator=g)).sum()
+    for n in sorted(st.weights):
+        loss = loss + (st.weights[n] * torch.randn(st.weights[n].shape, dtype=o.dtype, generator=g)).sum()
+        loss = loss + (st.momentum[n] * torch.randn(st.momentum[n].shape, dtype=o.dtype, generator=g)).sum()
+    loss.backward()
+    names = ["q", "k", "v", "lr", "momentum", "decay", "window_gate"]
+    grads = {n: x.grad for n, x in zip(names, inputs)}
+    grads.update({f"params.{n}": p.grad for n, p in params.items()})
+    return o, st, grads
+
+
+def _compare(kw, bsz=2, seq=13, nh=2, per_sequence=False, grad=True, seed=0, lr_scale=1.0, all_grads_live=False):
+    # a long window sums many gradients per step: keep the step moderate so the memory stays bounded
+    inputs = make_inputs(bsz, seq, nh, DK, DV, optimizer=kw.get("optimizer", "momentum"), seed=seed,
+                         lr_scale=lr_scale * min(1.0, 2.0 / kw.get("window", 1)))
+    params = make_params(kw.get("memory", "mlp"), nh, DK, DV, HIDDEN, batch=bsz if per_sequence else None,
+                         gen=torch.Generator().manual_seed(seed + 1))
+    o_ref, st_ref, g_ref = _run("reference", inputs, params, grad=grad, **kw)
+    o_chk, st_chk, g_chk = _run("chunk", inputs, params, grad=grad, **kw)
+    assert torch.isfinite(o_ref).all()
+    assert rel_err(o_chk, o_ref) <= TOL, "outputs"
+    for group in ("weights", "momentum", "chunk_weights", "chunk_momentum"):
+        for n, t in getattr(st_ref, group).items():
+            assert rel_err(getattr(st_chk, group)[n], t) <= TOL, f"final_state.{group}[{n}]"
+    if grad:
+        for n, g in g_ref.items():
+            if g is None:  # an input the configuration does not use (momentum under gd)
+                assert g_chk[n] is None or g_chk[n].abs().max() == 0, n
+                continue
+            if all_grads_live:
+                assert g.abs().max() > 0, f"grad {n} vanished in the reference"
+            assert rel_err(g_chk[n], g) <= TOL, f"grad {n}"
+
+
+MATRIX = list(itertools.product(MEMORY_KINDS, ("l2", "dot"), ("gd", "momentum", "muon"), ("token", "chunk")))
+
+
+@pytest.mark.parametrize("memory,loss,optimizer,granularity", MATRIX)
+@pytest.mark.parametrize("window", [1, 7])
+def test_chunk_matches_reference_every_combination(memory, loss, optimizer, granularity, window):
+    kw = dict(memory=memory, loss=loss, optimizer=optimizer, granularity=granularity, window=window, chunk_size=4)
+    _compare(kw, per_sequence=(window == 7), all_grads_live=True)
+
+
+@pytest.mark.parametrize("seq", [1, 7, 63, 100, 257])
+@pytest.mark.parametrize("chunk_size", [1, 4, 16, 64])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(memory="mlp", loss="l2", optimizer="momentum", granularity="token", window=1),
+        dict(memory="gated_mlp", loss="dot", optimizer="gd", granularity="token", window=70),
+        dict(memory="linear", loss="l2", optimizer="muon", granularity="chunk", window=5),
+    ],
+    ids=["titans", "omega-window70", "muon-chunk"],
+)
+def test_lengths_and_chunk_sizes(seq, chunk_size, kw):
+    _compare(dict(kw, chunk_size=chunk_size), bsz=1, seq=seq, nh=2, grad=seq <= 100, seed=seq)
+
+
+def test_grads_long_sequence_multiple_chunks():
+    kw = dict(memory="mlp", loss="l2", optimizer="momentum", granularity="token", window=3, chunk_size=16)
+    _compare(kw, bsz=1, seq=257, nh=1, grad=True, lr_scale=0.3, all_grads_live=True)
+
+
+@pytest.mark.parametrize("memory,loss,optimizer,granularity", MATRIX)
+@pytest.mark.parametrize("impl", ["chunk", "reference"])
+def test_streaming_equals_one_call(memory, loss, optimizer, granularity, impl):
+    kw = dict(memory=memory, loss=loss, optimizer=optimizer, granularity=granularity, window=6, chunk_size=4, impl=impl)
+    seq = 19
+    q, k, v, lr, mom, dec, gamma = make_inputs(2, seq, 2, DK, DV, optimizer=optimizer)
+    params = make_params(memory, 2, DK, DV, HIDDEN)
+    o, st = neural_memory(q, k, v, lr, mom, dec, params, window_gate=gamma, output_final_state=True, **kw)
+    for cuts in ([1], [5], [8], [3, 4, 11], list(range(1, seq))):
+        outs, state, prev = [], None, 0
+        for cut in cuts + [seq]:
+            sl = slice(prev, cut)
+            oi, state = neural_memory(q[:, sl], k[:, sl], v[:, sl], lr[:, sl], mom[:, sl], dec[:, sl], params,
+                                      window_gate=gamma[:, sl], initial_state=state, output_final_state=True, **kw)
+            outs.append(oi)
+            prev = cut
+        assert rel_err(torch.cat(outs, 1), o) <= 1e-10, cuts
+        assert state.seen == seq
+        for n in st.weights:
+            assert rel_err(state.weights[n], st.weights[n]) <= 1e-10
+            assert rel_err(state.momentum[n], st.momentum[n]) <= 1e-10
+
+
+def test_state_is_shared_between_implementations():
+    kw = dict(memory="mlp", optimizer="momentum", window=5, chunk_size=4)
+    q, k, v, lr, mom, dec, gamma = make_inputs(2, 17, 2, DK, DV)
+    params = make_params("mlp", 2, DK, DV, HIDDEN)
+    o, _ = neural_memory(q, k, v, lr, mom, dec, params, window_gate=gamma, impl="chunk", **kw)
+    a = slice(0, 6)
+    b = slice(6, 17)
+    o1, st = neural_memory(q[:, a], k[:, a], v[:, a], lr[:, a], mom[:, a], dec[:, a], params, window_gate=gamma[:, a],
+                           impl="reference", output_final_state=True, **kw)
+    o2, _ = neural_memory(q[:, b], k[:, b], v[:, b], lr[:, b], mom[:, b], dec[:, b], params, window_gate=gamma[:, b],
+                          impl="chunk", initial_state=st, **kw)
+    assert rel_err(torch.cat([o1, o2], 1), o) <= 1e-10
+
+
+def test_gradient_flows_through_carried_state():
+    kw = dict(memory="mlp", optimizer="momentum", window=3, chunk_size=4)
+    q, k, v, lr, mom, dec, gamma = make_inputs(1, 10, 1, DK, DV)
+    params = {n: p.requires_grad_() for n, p in make_params("mlp", 1, DK, DV, HIDDEN).items()}
+    _, st = neural_memory(q[:, :6], k[:, :6], v[:, :6], lr[:, :6], mom[:, :6], dec[:, :6], params,
+                          window_gate=gamma[:, :6], output_final_state=True, **kw)
+    o2, _ = neural_memory(q[:, 6:], k[:, 6:], v[:, 6:], lr[:, 6:], mom[:, 6:], dec[:, 6:], params,
+                          window_gate=gamma[:, 6:], initial_state=st, **kw)
+    o2.sum().backward()
+    assert params["w0"].grad is not None and params["w0"].grad.abs().max() > 0
+
+
+def test_outputs_fully_written(monkeypatch):
+    import deepmemory.ops.chunk as chunk_mod
+
+    monkeypatch.setattr(chunk_mod, "_alloc_output", lambda q, dv: torch.full((*q.shape[:-1], dv), float("nan"), dtype=q.dtype))
+    for gran, opt in itertools.product(("token", "chunk"), ("momentum", "muon")):
+        for seq in (1, 7, 13):
+            q, k, v, lr, mom, dec, gamma = make_inputs(2, seq, 2, DK, DV)
+            o, _ = neural_memory(q, k, v, lr, mom, dec, make_params("mlp", 2, DK, DV, HIDDEN), window_gate=gamma,
+                                 chunk_size=4, granularity=gran, optimizer=opt)
+            assert torch.isfinite(o).all()
+
+
+def test_delta_rule_by_hand():
+    """linear memory, l2 loss, gd, window 1, chunk 1: W_t = (1-a_t) W_{t-1} - lr_t (W_{t-1} k_t - v_t) k_t^T."""
+    q, k, v, lr, _, dec, _ = make_inputs(1, 9, 1, DK, DV)
+    w0 = make_params("linear", 1, DK, DV, HIDDEN)["w0"]
+    o, st = neural_memory(q, k, v, lr, None, dec, {"w0": w0}, memory="linear", optimizer="gd", chunk_size=1,
+                          output_final_state=True)
+    w = w0[0]
+    for t in range(9):
+        kt, vt = k[0, t, 0], v[0, t, 0]
+        w = (1 - dec[0, t, 0]) * w - lr[0, t, 0] * torch.outer(w @ kt - vt, kt)
+        assert torch.allclose(o[0, t, 0], w @ q[0, t, 0], atol=1e-12)
+    assert torch.allclose(st.weights["w0"][0, 0], w, atol=1e-12)
+
+
+def test_hebbian_by_hand():
+    """dot loss, momentum, window 2: S_t = eta S - lr (-(v_t k_t^T) - g_{t-1} v_{t-1} k_{t-1}^T) ... read after write."""
+    q, k, v, lr, mom, dec, gamma = make_inputs(1, 8, 1, DK, DV)
+    w0 = make_params("linear", 1, DK, DV, HIDDEN)["w0"]
+    o, _ = neural_memory(q, k, v, lr, mom, dec, {"w0": w0}, memory="linear", loss="dot", window=2,
+                         window_gate=gamma, chunk_size=3)
+    w, s = w0[0], torch.zeros_like(w0[0])
+    for t in range(8):
+        u = -sum(gamma[0, i, 0] * torch.outer(v[0, i, 0], k[0, i, 0]) for i in range(max(0, t - 1), t + 1))
+        s = mom[0, t, 0] * s - lr[0, t, 0] * u
+        w = (1 - dec[0, t, 0]) * w + s
+        assert torch.allclose(o[0, t, 0], w @ q[0, t, 0], atol=1e-12)
+
+
+def test_newton_schulz_orthogonalises_wide_and_tall():
+    g = torch.Generator().manual_seed(3)
+    for shape in [(4, 9), (9, 4), (6, 6)]:
+        x = torch.randn(shape, dtype=torch.float64, generator=g)
+        y = newton_schulz(x, 5)
+        sv = torch.linalg.svdvals(y)
+        assert y.shape == x.shape
+        assert sv.min() > 0.5 and sv.max() < 1.3, sv
+        u, _, vh = torch.linalg.svd(x, full_matrices=False)
+        assert torch.nn.functional.cosine_similarity((u @ vh).flatten(), y.flatten(), dim=0) > 0.95
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs(dtype):
+    # round the inputs to the low precision first: the test measures the computation, not the input rounding
+    inputs = [x.to(dtype).double() for x in make_inputs(2, 21, 2, DK, DV)]
+    params = make_params("mlp", 2, DK, DV, HIDDEN)
+    o64, _ = neural_memory(*inputs[:6], params, window_gate=inputs[6], chunk_size=8, window=3)
+    low = [x.to(dtype).requires_grad_() for x in inputs]
+    o, st = neural_memory(*low[:6], {n: p.float() for n, p in params.items()}, window_gate=low[6], chunk_size=8,
+                          window=3, output_final_state=True)
+    assert o.dtype == dtype and st.weights["w0"].dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(o.double(), o64) <= tol
+    o.float().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in low)
+
+
+def test_memory_read_matches_state():
+    q, k, v, lr, mom, dec, gamma = make_inputs(2, 12, 2, DK, DV)
+    params = make_params("gated_mlp", 2, DK, DV, HIDDEN)
+    o, st = neural_memory(q, k, v, lr, mom, dec, params, memory="gated_mlp", chunk_size=4, output_final_state=True)
+    # the last token reads the memory after its own write: the state's weights
+    last = memory_read(q[:, -1:], st.weights, memory="gated_mlp")
+    assert rel_err(last, o[:, -1:]) <= 1e-12
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _good():
+    q, k, v, lr, mom, dec, gamma = make_inputs(2, 5, 2, DK, DV)
+    return dict(q=q, k=k, v=v, lr=lr, momentum=mom, decay=dec, params=make_params("mlp", 2, DK, DV, HIDDEN))
+
+
+def _call(**over):
+    args = _good()
+    kw = {n: over.pop(n) for n in list(over) if n not in args}
+    args.update(over)
+    return neural_memory(args["q"], args["k"], args["v"], args["lr"], args["momentum"], args["decay"], args["params"], **kw)
+
+
+@pytest.mark.parametrize(
+    "over,exc,words",
+    [
+        (dict(q=torch.randn(2, 5, 2)), ValueError, "q must have 4 dims"),
+        (dict(k=torch.randn(2, 5, 2, DK + 1, dtype=torch.float64)), ValueError, "k must have shape"),
+        (dict(v=torch.randn(2, 4, 2, DV, dtype=torch.float64)), ValueError, "v must have shape"),
+        (dict(lr=torch.rand(2, 5, 3, dtype=torch.float64)), ValueError, "lr must have shape"),
+        (dict(lr=torch.rand(2, 5, 2, 1, dtype=torch.float64)), ValueError, "lr must have 3 dims"),
+        (dict(v=torch.randn(2, 5, 2, DV, dtype=torch.float32)), TypeError, "v has dtype"),
+        (dict(decay=torch.rand(2, 5, 2, dtype=torch.float32)), TypeError, "decay has dtype"),
+        (dict(q=torch.randn(2, 0, 2, DK, dtype=torch.float64)), ValueError, "at least one token"),
+        (dict(memory="conv"), ValueError, "memory must be one of"),
+        (dict(loss="l1"), ValueError, "loss must be one of"),
+        (dict(optimizer="adam"), ValueError, "optimizer must be one of"),
+        (dict(granularity="segment"), ValueError, "granularity must be one of"),
+        (dict(impl="triton2"), ValueError, "impl must be one of"),
+        (dict(activation="swish"), ValueError, "activation must be one of"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
+        (dict(chunk_size=2.0), TypeError, "chunk_size must be an int"),
+        (dict(window=0), ValueError, "window must be >= 1"),
+        (dict(momentum=None), ValueError, "momentum gates are required"),
+        (dict(params={"w0": torch.randn(2, HIDDEN, DK, dtype=torch.float64)}), ValueError, "missing ['w1']"),
+        (dict(params={"w0": torch.randn(2, HIDDEN, DK), "w1": torch.randn(2, DV, HIDDEN), "w2": torch.randn(2, 3, 3)}),
+         ValueError, "unexpected ['w2']"),
+        (dict(params={"w0": torch.randn(2, HIDDEN, DK + 1), "w1": torch.randn(2, DV, HIDDEN)}), ValueError, "params['w0'] must be"),
+        (dict(params={"w0": torch.randn(3, HIDDEN, DK), "w1": torch.randn(3, DV, HIDDEN)}), ValueError, "leading dims"),
+        (dict(params=[torch.randn(2, HIDDEN, DK)]), TypeError, "params must be a dict"),
+        (dict(v=torch.randn(2, 5, 2, DV + 1, dtype=torch.float64), params=make_params("mlp", 2, DK, DV + 1, HIDDEN)),
+         ValueError, "needs dk == dv"),
+        (dict(window_gate=torch.rand(2, 5, 1, dtype=torch.float64)), ValueError, "window_gate must have shape"),
+        (dict(initial_state="state"), TypeError, "initial_state must be a MemoryState"),
+    ],
+)
+def test_bad_input(over, exc, words):
+    with pytest.raises(exc, match=__import__("re").escape(words)):
+        _call(**over)
+
+
+def test_state_from_other_settings_rejected():
+    args = _good()
+    _, st = neural_memory(args["q"], args["k"], args["v"], args["lr"], args["momentum"], args["decay"], args["params"],
+                          chunk_size=4, output_final_state=True)
+    assert isinstance(st, MemoryState)
+    with pytest.raises(ValueError, match="initial_state was made with settings"):
+        _call(chunk_size=8, initial_state=st)
