@@ -1,0 +1,168 @@
+"""Softmax attention with RoPE, an optional sliding window and persistent memory tokens.
+
+Persistent memory (Titans eq. 19) is ``N_p`` learned, input-independent tokens ``P [N_p, hidden]``
+prepended to what attention sees. They get keys and values from the same ``k``/``v`` projections as
+the user's tokens and no position: their score is ``q_t . k_p`` with the query *before* RoPE, as if
+they sat at relative distance 0 from every query, so what they contribute does not drift with the
+absolute position. They are visible to every query (also beyond a sliding window), produce no
+output and take no position: the user's tokens keep positions ``0, 1, ...``.
+
+One SDPA call scores both kinds of keys: queries are widened to ``[RoPE(q) | q]``, user keys to
+``[RoPE(k) | 0]`` and persistent keys to ``[0 | k_p]``, which gives ``RoPE(q).RoPE(k)`` and
+``q.k_p`` in the same softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+
+
+def check_input(x, hidden_size: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != hidden_size:
+        raise ValueError(f"x must be [B, T, {hidden_size}]; got shape {list(x.shape)}")
+
+
+def rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
+    """Rotate pairs ``(x_i, x_{i+D/2})`` of ``x [..., T, D]`` by ``pos_t * theta^(-2i/D)``."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
+    # float64 angles: positions in the millions keep their phase
+    ang = pos.to(torch.float64)[:, None] * inv_freq
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@dataclass
+class AttentionState:
+    """KV cache: RoPE'd keys and values ``[B, H, n, head_dim]`` of the last ``n`` tokens (all of
+    them for full attention, at most ``window - 1`` for a sliding window) and ``pos``, the number
+    of user tokens seen (the next token's position)."""
+
+    k: Tensor
+    v: Tensor
+    pos: int
+
+    def detach(self) -> "AttentionState":
+        return AttentionState(self.k.detach(), self.v.detach(), self.pos)
+
+
+class Attention(nn.Module):
+    """Causal multi-head softmax attention ``x [B, T, hidden] -> [B, T, hidden]``.
+
+    ``y_t = W_o concat_h softmax_s(q_t . k_s / sqrt(D)) v_s`` over the persistent tokens and the
+    user tokens ``s <= t`` (``t - s < window`` for a sliding window: each query sees itself and
+    ``window - 1`` tokens back). RoPE on q and k at the tokens' absolute positions.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        window: Optional[int] = None,
+        num_persistent: int = 0,
+        rope_theta: float = 10000.0,
+    ):
+        super().__init__()
+        check_int("hidden_size", hidden_size, 1)
+        check_int("num_heads", num_heads, 1)
+        check_int("head_dim", head_dim, 2)
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE; got {head_dim}")
+        if window is not None:
+            check_int("window", window, 1)
+        check_int("num_persistent", num_persistent, 0)
+        if not isinstance(rope_theta, (int, float)) or isinstance(rope_theta, bool) or rope_theta <= 0:
+            raise ValueError(f"rope_theta must be a positive number; got {rope_theta!r}")
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.window, self.num_persistent, self.rope_theta = window, num_persistent, float(rope_theta)
+        width = num_heads * head_dim
+        self.q_proj = nn.Linear(hidden_size, width, bias=False)
+        self.k_proj = nn.Linear(hidden_size, width, bias=False)
+        self.v_proj = nn.Linear(hidden_size, width, bias=False)
+        self.o_proj = nn.Linear(width, hidden_size, bias=False)
+        self.persistent = nn.Parameter(torch.randn(num_persistent, hidden_size) * 0.02) if num_persistent else None
+
+    def heads(self, x: Tensor) -> Tensor:
+        """``[B, T, H * D] -> [B, H, T, D]``."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def keys_values(self, x: Tensor, pos: Tensor) -> Tuple[Tensor, Tensor]:
+        """RoPE'd keys and values ``[B, H, T, D]`` of tokens ``x [B, T, hidden]`` at positions ``pos [T]``."""
+        return rope(self.heads(self.k_proj(x)), pos, self.rope_theta), self.heads(self.v_proj(x))
+
+    def attend(
+        self, x: Tensor, pos: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], prefix: Optional[Tensor] = None
+    ) -> Tensor:
+        """Queries from ``x [B, T, hidden]`` at positions ``pos [T]`` over user keys/values
+        ``k, v [B, H, S, D]`` (``mask [T, S]``, True = visible; None = causal with ``S == T``),
+        the persistent tokens and the always-visible ``prefix [B or 1, N, hidden]``."""
+        q = self.heads(self.q_proj(x))
+        qr = rope(q, pos, self.rope_theta)
+        fixed = [t for t in (self.persistent, prefix) if t is not None]
+        scale = self.head_dim**-0.5
+        if not fixed:
+            y = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        else:
+            bsz, n_q, n_k = x.shape[0], x.shape[1], k.shape[2]
+            p = torch.cat([(f if f.dim() == 3 else f[None]).expand(bsz, -1, -1) for f in fixed], dim=1)
+            kp, vp = self.heads(self.k_proj(p)), self.heads(self.v_proj(p))
+            q2 = torch.cat([qr, q], dim=-1)
+            k2 = torch.cat([torch.cat([torch.zeros_like(kp), kp], -1), torch.cat([k, torch.zeros_like(k)], -1)], 2)
+            if mask is None:
+                mask = torch.ones(n_q, n_k, dtype=torch.bool, device=x.device).tril()
+            mask = torch.cat([mask.new_ones(n_q, p.shape[1]), mask], dim=1)
+            y = F.scaled_dot_product_attention(q2, k2, torch.cat([vp, v], 2), attn_mask=mask, scale=scale)
+        return self.o_proj(y.transpose(1, 2).flatten(2))
+
+    def forward(
+        self,
+        x: Tensor,
+        state: Optional[AttentionState] = None,
+        return_state: bool = False,
+        *,
+        prefix: Optional[Tensor] = None,
+    ) -> Union[Tensor, Tuple[Tensor, AttentionState]]:
+        """``x [B, T, hidden]``; ``prefix [B or 1, N, hidden]``: extra always-visible tokens
+        without position, treated like the persistent ones (MAL passes the memory's output at the
+        persistent tokens)."""
+        check_input(x, self.hidden_size)
+        if state is not None and not isinstance(state, AttentionState):
+            raise TypeError(f"state must be an AttentionState; got {type(state).__name__}")
+        if prefix is not None and (not isinstance(prefix, Tensor) or prefix.dim() != 3 or prefix.shape[-1] != self.hidden_size):
+            raise ValueError(f"prefix must be a [B, N, {self.hidden_size}] tensor; got {getattr(prefix, 'shape', prefix)!r}")
+        start = 0 if state is None else state.pos
+        n_new = x.shape[1]
+        pos = torch.arange(start, start + n_new, device=x.device)
+        k, v = self.keys_values(x, pos)
+        if state is not None:
+            k, v = torch.cat([state.k.to(k.dtype), k], 2), torch.cat([state.v.to(v.dtype), v], 2)
+        n_old = k.shape[2] - n_new
+        mask = None
+        if n_old or (self.window is not None and self.window < n_new):
+            kpos = torch.arange(start - n_old, start + n_new, device=x.device)
+            dist = pos[:, None] - kpos[None, :]
+            mask = dist >= 0
+            if self.window is not None:
+                mask = mask & (dist < self.window)
+        y = self.attend(x, pos, k, v, mask, prefix)
+        if not return_state:
+            return y
+        keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
+        return y, AttentionState(k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], start + n_new)
