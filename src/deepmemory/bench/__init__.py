@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print tables (tokens/s, peak memory, ratio to a peer measured in the same run)."""

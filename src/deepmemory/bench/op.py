@@ -1,0 +1,81 @@
+"""Forward+backward throughput and peak memory of ``neural_memory``: ``chunk`` vs ``reference``.
+
+    python -m deepmemory.bench.op                       # B=2, H=4, dk=dv=64, mlp depth 2 x4, T=1024/4096, chunk 16/64
+    python -m deepmemory.bench.op --seq 1024 --chunk 16 --impl chunk
+
+Each case runs in its own process (clean peak-memory reading) with ``--threads`` threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from deepmemory.ops import neural_memory
+
+from .measure import measure, print_table, run_isolated
+
+
+def _case(c: dict) -> dict:
+    torch.manual_seed(0)
+    torch.set_num_threads(c["threads"])
+    bsz, nh, d, seq, hidden = c["batch"], c["heads"], c["head_dim"], c["seq"], c["expansion"] * c["head_dim"]
+    leaf = lambda x: x.requires_grad_()  # noqa: E731
+    q = leaf(F.normalize(torch.randn(bsz, seq, nh, d), dim=-1))
+    k = leaf(F.normalize(torch.randn(bsz, seq, nh, d), dim=-1))
+    v = leaf(torch.randn(bsz, seq, nh, d))
+    lr, mom, dec = (leaf(torch.rand(bsz, seq, nh) * s) for s in (0.1, 1.0, 0.1))
+    params = {"w0": leaf(torch.randn(nh, hidden, d) / d**0.5), "w1": leaf(torch.randn(nh, d, hidden) / hidden**0.5)}
+
+    def step():
+        o, _ = neural_memory(q, k, v, lr, mom, dec, params, memory="mlp", depth=2, chunk_size=c["chunk"],
+                             granularity=c["granularity"], optimizer=c["optimizer"], impl=c["impl"])
+        o.sum().backward()
+
+    r = measure(step, warmup=1, repeat=c["repeat"])
+    return {"tokens_per_s": bsz * seq / r["seconds"], "peak_mib": r["peak_mib"], "seconds": r["seconds"]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--seq", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--chunk", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--impl", nargs="+", default=["chunk", "reference"], choices=["chunk", "reference"])
+    ap.add_argument("--granularity", default="token", choices=["token", "chunk"])
+    ap.add_argument("--optimizer", default="momentum", choices=["gd", "momentum", "muon"])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--expansion", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args(argv)
+    if args.case:
+        print(json.dumps(_case(json.loads(args.case))))
+        return
+    rows = []
+    for seq in args.seq:
+        for chunk in args.chunk:
+            res = {}
+            for impl in args.impl:
+                case = dict(seq=seq, chunk=chunk, impl=impl, granularity=args.granularity, optimizer=args.optimizer,
+                            batch=args.batch, heads=args.heads, head_dim=args.head_dim, expansion=args.expansion,
+                            threads=args.threads, repeat=1 if impl == "reference" else args.repeat)
+                res[impl] = run_isolated("deepmemory.bench.op", case)
+                row = {"T": seq, "chunk": chunk, "impl": impl, "tokens/s": f"{res[impl]['tokens_per_s']:.0f}",
+                       "peak MiB": f"{res[impl]['peak_mib']:.0f}"}
+                if impl != args.impl[0]:
+                    row["speedup of chunk"] = f"{res[args.impl[0]]['tokens_per_s'] / res[impl]['tokens_per_s']:.1f}x"
+                rows.append(row)
+                print(f"  measured T={seq} chunk={chunk} {impl}", flush=True)
+    print(f"\nneural_memory fwd+bwd, B={args.batch} H={args.heads} dk=dv={args.head_dim} mlp depth 2 x{args.expansion}, "
+          f"{args.granularity} granularity, {args.optimizer}, fp32, {args.threads} threads")
+    print_table(rows, ["T", "chunk", "impl", "tokens/s", "peak MiB", "speedup of chunk"])
+
+
+if __name__ == "__main__":
+    main()
