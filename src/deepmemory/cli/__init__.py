@@ -8,7 +8,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMANDS: tuple = ()
+COMMANDS: tuple = ("models",)
 
 
 class CLIError(Exception):

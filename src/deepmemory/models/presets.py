@@ -1,0 +1,165 @@
+"""Named presets of both papers at five sizes: ``build(name, size="tiny", **overrides)``.
+
+Every preset is a configuration of :class:`DeepMemoryConfig` (a block pattern plus memory
+settings, SPEC §4); sizes follow ATLAS Table 7. At the paper sizes the SwiGLU width is solved so
+that the parameter count (untied 32000-token embeddings included) lands on the size's name, the
+way the papers match parameter budgets across architectures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Dict, Tuple
+
+import torch
+
+from .config import DeepMemoryConfig
+
+# ---- families (SPEC §4 table) ---------------------------------------------------------------
+TITANS = dict(memory="mlp", depth=2, expansion=4, residual=True, loss="l2", optimizer="momentum", window=1, feature_map="identity")
+OMEGA = dict(TITANS, window=16, feature_map="polynomial", poly_degree=2)
+# Muon at token granularity orthogonalises a momentum per token; one update per chunk costs one
+# Newton-Schulz per chunk instead, so the Atlas presets use granularity="chunk".
+ATLAS = dict(OMEGA, optimizer="muon", ns_steps=5, granularity="chunk")
+GATED_DELTANET = dict(memory="linear", residual=False, loss="l2", optimizer="gd", window=1, use_decay=True, feature_map="identity")
+DLA = dict(memory="mlp", depth=2, expansion=4, residual=True, loss="dot", optimizer="gd", window=1, use_decay=True, feature_map="polynomial", poly_degree=2)
+SWLA = dict(memory="linear", residual=False, loss="dot", optimizer="gd", window=16, use_decay=True, feature_map="identity")
+
+# name -> (block of every layer, memory settings, kernel settings); the kernel window None is
+# global (DeepTransformer), "attention" borrows the size's sliding window (SWDT, Dot).
+PRESETS: Dict[str, Tuple[str, dict, dict]] = {
+    "transformer": ("attn", {}, {}),
+    "swa": ("swa", {}, {}),
+    "gated-deltanet": ("memory", GATED_DELTANET, {}),
+    "titans-lmm": ("memory", TITANS, {}),
+    "titans-mac": ("mac", TITANS, {}),
+    "titans-mag": ("mag", TITANS, {}),
+    "titans-mal": ("mal", TITANS, {}),
+    "omeganet": ("memory", OMEGA, {}),
+    "atlas": ("memory", ATLAS, {}),
+    "atlas-pp": ("memory", dict(ATLAS, memory="gated_mlp"), {}),
+    "atlas-mag": ("mag", ATLAS, {}),
+    "atlas-mal": ("mal", ATLAS, {}),
+    "dla": ("memory", DLA, {}),
+    "swla": ("memory", SWLA, {}),
+    "deep-transformer": ("kernel", {}, dict(loss="dot", window=None)),
+    "swdt": ("kernel", {}, dict(loss="dot", window="attention")),
+    "dot": ("kernel", {}, dict(loss="l2", window="attention")),
+}
+
+# size -> (config fields, parameter target or None). Tiny runs forward+backward on a CPU in
+# seconds; the others are ATLAS Table 7 with SPEC §4's defaults for windows and segments.
+SIZES: Dict[str, Tuple[dict, float | None]] = {
+    "tiny": (dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  attention_window=64, segment_size=64, num_persistent=4, chunk_size=16), None),
+    "170m": (dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=16), 170e6),
+    "340m": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16), 340e6),
+    "760m": (dict(hidden_size=1536, num_hidden_layers=24, num_attention_heads=16), 760e6),
+    "1.3b": (dict(hidden_size=2048, num_hidden_layers=18, num_attention_heads=8), 1.3e9),
+}
+PAPER_DEFAULTS = dict(vocab_size=32000, attention_window=2048, segment_size=512, num_persistent=16, chunk_size=64)
+MLP_MULTIPLE = 64  # solved SwiGLU widths are rounded to this
+
+
+def list_presets() -> Tuple[str, ...]:
+    return tuple(PRESETS)
+
+
+def list_sizes() -> Tuple[str, ...]:
+    return tuple(SIZES)
+
+
+def _config_fields() -> Tuple[str, ...]:
+    names = {f.name for f in dataclasses.fields(DeepMemoryConfig)}
+    return tuple(sorted(names | set(DeepMemoryConfig.attribute_map)))
+
+
+def _family_fields(name: str, size: str) -> dict:
+    block, memory, kernel = PRESETS[name]
+    fields, _ = SIZES[size]
+    fields = dict(fields)
+    if size != "tiny":
+        fields = dict(PAPER_DEFAULTS, **fields)
+    chunk_size = fields.pop("chunk_size")
+    hybrid = block in ("mac", "mag", "mal")
+    if not hybrid:
+        fields["num_persistent"] = 0
+    if memory:
+        memory = dict(memory, chunk_size=chunk_size)
+    return dict(fields, layer_pattern=block, memory=memory, kernel=dict(kernel), tie_word_embeddings=False)
+
+
+def preset_config(name: str, size: str = "tiny", **overrides) -> DeepMemoryConfig:
+    """The :class:`DeepMemoryConfig` of preset ``name`` at ``size``. ``overrides`` replace config
+    fields; ``memory=`` / ``kernel=`` dicts are merged into the preset's settings."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; valid sizes: {', '.join(SIZES)}")
+    valid = _config_fields()
+    unknown = [k for k in overrides if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown} for preset {name!r}; valid fields: {', '.join(valid)}")
+    fields = _family_fields(name, size)
+    for key in ("memory", "kernel"):
+        if key in overrides:
+            extra = overrides.pop(key)
+            if not isinstance(extra, dict):
+                raise TypeError(f"{key} override must be a dict of settings; got {type(extra).__name__}")
+            fields[key] = dict(fields[key], **extra)
+    for alias, field in DeepMemoryConfig.attribute_map.items():
+        if alias in overrides:
+            overrides[field] = overrides.pop(alias)
+    fields.update(overrides)
+    if fields["kernel"].get("window") == "attention":
+        fields["kernel"]["window"] = fields["attention_window"]
+    if fields["memory"] and fields["layer_pattern"] == "mac":
+        # MAC writes its memory once per segment: a chunk never spans two segments
+        fields["memory"]["chunk_size"] = min(fields["memory"]["chunk_size"], fields["segment_size"])
+    target = SIZES[size][1]
+    if target is not None and "intermediate_size" not in overrides:
+        fields["intermediate_size"] = _solve_mlp_width(fields, target)
+    return DeepMemoryConfig(**fields)
+
+
+_WIDTHS: Dict[str, int] = {}
+
+
+def count_parameters(config: DeepMemoryConfig) -> Tuple[int, int]:
+    """``(total, swiglu)`` parameter counts of a model, built on the meta device (no memory)."""
+    from ..layers.common import SwiGLU
+    from .modeling import DeepMemoryForCausalLM
+
+    with torch.device("meta"):
+        model = DeepMemoryForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    mlp = sum(p.numel() for m in model.modules() if isinstance(m, SwiGLU) for p in m.parameters())
+    return total, mlp
+
+
+def _solve_mlp_width(fields: dict, target: float) -> int:
+    # the count is affine in the SwiGLU width: total = rest + 3 * hidden * width * n_mlp
+    key = json.dumps(fields, sort_keys=True, default=str)
+    if key not in _WIDTHS:
+        probe = 4 * fields["hidden_size"]
+        total, mlp = count_parameters(DeepMemoryConfig(**dict(fields, intermediate_size=probe)))
+        if mlp == 0:
+            raise ValueError("cannot size a model without SwiGLU blocks to a parameter target; pass intermediate_size")
+        per_unit = mlp / probe
+        width = (target - (total - mlp)) / per_unit
+        width = int(round(width / MLP_MULTIPLE)) * MLP_MULTIPLE
+        if width < MLP_MULTIPLE:
+            raise ValueError(
+                f"{total - mlp:,} parameters outside the MLPs already exceed the target {target:,.0f}; "
+                "pass intermediate_size (or smaller memory settings)"
+            )
+        _WIDTHS[key] = width
+    return _WIDTHS[key]
+
+
+def build(name: str, size: str = "tiny", **overrides):
+    """``DeepMemoryForCausalLM`` of preset ``name`` at ``size`` (see :func:`preset_config`)."""
+    from .modeling import DeepMemoryForCausalLM
+
+    return DeepMemoryForCausalLM(preset_config(name, size, **overrides))
