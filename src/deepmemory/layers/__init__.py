@@ -3,5 +3,9 @@
 from .common import RMSNorm, ShortConv, SwiGLU
 from .feature_maps import IdentityFeatureMap, PolynomialFeatureMap
 from .memory_layer import NeuralMemory, NeuralMemoryState
+from .attention import Attention, AttentionState
+from .blocks import HybridState, MACBlock, MACState, MAGBlock, MALBlock, MemoryBlock, TransformerBlock
 
 __all__ = ["RMSNorm", "ShortConv", "SwiGLU", "NeuralMemory", "NeuralMemoryState", "IdentityFeatureMap", "PolynomialFeatureMap"]
+__all__ += ["Attention", "AttentionState", "TransformerBlock", "MemoryBlock", "MAGBlock", "MALBlock", "MACBlock"]
+__all__ += ["HybridState", "MACState"]

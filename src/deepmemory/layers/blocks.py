@@ -1,0 +1,354 @@
+r"""Residual blocks (SPEC §4): Transformer++, memory-only (LMM, Gated DeltaNet, DeepTransformer
+family) and the Titans hybrids MAC, MAG and MAL.
+
+Every block is pre-norm: ``x = x + mixer(RMSNorm(x))`` then ``x = x + SwiGLU(RMSNorm(x))``, with
+``forward(x, state=None, return_state=False)`` on ``x [B, T, hidden]`` like every mixer.
+
+Persistent memory ``P [N_p, hidden]`` lives in the blocks' attention (``attn.persistent``); it is
+position-free and always visible to attention (see :mod:`.attention`). Where the equations send
+``x~ = [P | x]`` through the neural memory (MAG, MAL), ``P`` enters the memory once, at the start of
+a sequence (``state=None``), before the user's tokens; a continued sequence does not see it again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import Attention, AttentionState, check_input, check_int
+from .common import RMSNorm, SwiGLU
+from .memory_layer import NeuralMemory
+
+
+def _detach(state):
+    return None if state is None else state.detach()
+
+
+class _Block(nn.Module):
+    """The two norms and the SwiGLU MLP every block has.
+
+    MLP width: ``intermediate_size``, or ``2/3 * mlp_ratio * hidden`` rounded up to a multiple of 32
+    (the parameter count of a GELU MLP of width ``mlp_ratio * hidden``)."""
+
+    def __init__(self, hidden_size: int, mlp_ratio: float, intermediate_size: Optional[int]):
+        super().__init__()
+        check_int("hidden_size", hidden_size, 1)
+        if intermediate_size is None:
+            if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+                raise ValueError(f"mlp_ratio must be a positive number; got {mlp_ratio!r}")
+            intermediate_size = 32 * math.ceil(2 * mlp_ratio * hidden_size / 3 / 32)
+        else:
+            check_int("intermediate_size", intermediate_size, 1)
+        self.hidden_size = hidden_size
+        self.mixer_norm = RMSNorm(hidden_size)
+        self.mlp_norm = RMSNorm(hidden_size)
+        self.mlp = SwiGLU(hidden_size, intermediate_size)
+
+    def check(self, x: Tensor, state=None, state_type=None) -> None:
+        check_input(x, self.hidden_size)
+        if x.shape[1] < 1:
+            raise ValueError("x must hold at least one token (T >= 1)")
+        if state is not None and state_type is not None and not isinstance(state, state_type):
+            raise TypeError(f"state must be a {state_type.__name__}; got {type(state).__name__}")
+
+    def finish(self, x: Tensor, state, return_state: bool):
+        x = x + self.mlp(self.mlp_norm(x))
+        return (x, state) if return_state else x
+
+
+def _memory_kwargs(memory_kwargs) -> dict:
+    if memory_kwargs is None:
+        return {}
+    if not isinstance(memory_kwargs, dict):
+        raise TypeError(f"memory_kwargs must be a dict of NeuralMemory arguments; got {type(memory_kwargs).__name__}")
+    return memory_kwargs
+
+
+class TransformerBlock(_Block):
+    """Transformer++ block: ``x + Attn(RMSNorm(x))``, ``x + SwiGLU(RMSNorm(x))``; RoPE attention,
+    full causal (``window=None``) or sliding-window. State: the attention's KV cache."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        window: Optional[int] = None,
+        num_persistent: int = 0,
+        mlp_ratio: float = 4.0,
+        intermediate_size: Optional[int] = None,
+        rope_theta: float = 10000.0,
+    ):
+        super().__init__(hidden_size, mlp_ratio, intermediate_size)
+        self.attn = Attention(
+            hidden_size, num_heads, head_dim, window=window, num_persistent=num_persistent, rope_theta=rope_theta
+        )
+
+    def forward(
+        self, x: Tensor, state: Optional[AttentionState] = None, return_state: bool = False
+    ) -> Union[Tensor, Tuple[Tensor, AttentionState]]:
+        self.check(x, state, AttentionState)
+        y, state = self.attn(self.mixer_norm(x), state, return_state=True)
+        return self.finish(x + y, state, return_state)
+
+
+class MemoryBlock(_Block):
+    """``x + mixer(RMSNorm(x))``, ``x + SwiGLU(RMSNorm(x))`` around a constructed mixer: LMM
+    (``NeuralMemory()``), Gated DeltaNet (``NeuralMemory(memory="linear", optimizer="gd",
+    loss="l2", window=1)``), the DeepTransformer family (``KernelMemory``). State: the mixer's.
+
+    ``hidden_size`` defaults to ``mixer.hidden_size``."""
+
+    def __init__(
+        self,
+        mixer: nn.Module,
+        *,
+        hidden_size: Optional[int] = None,
+        mlp_ratio: float = 4.0,
+        intermediate_size: Optional[int] = None,
+    ):
+        if not isinstance(mixer, nn.Module):
+            raise TypeError(f"mixer must be an nn.Module with forward(x, state, return_state); got {type(mixer).__name__}")
+        if hidden_size is None:
+            hidden_size = getattr(mixer, "hidden_size", None)
+            if hidden_size is None:
+                raise ValueError("hidden_size is required when the mixer has no hidden_size attribute")
+        super().__init__(hidden_size, mlp_ratio, intermediate_size)
+        self.mixer = mixer
+
+    def forward(self, x: Tensor, state: Any = None, return_state: bool = False):
+        self.check(x)
+        y, state = self.mixer(self.mixer_norm(x), state, return_state=True)
+        return self.finish(x + y, state, return_state)
+
+
+@dataclass
+class HybridState:
+    """State of MAG and MAL: the attention's KV cache and the neural memory's state."""
+
+    attn: AttentionState
+    memory: Any
+
+    @property
+    def pos(self) -> int:
+        return self.attn.pos
+
+    def detach(self) -> "HybridState":
+        return HybridState(self.attn.detach(), self.memory.detach())
+
+
+class _Hybrid(_Block):
+    """Sliding-window attention with persistent tokens and a neural memory that reads ``[P | x]``."""
+
+    def __init__(
+        self, hidden_size, num_heads, head_dim, window, num_persistent, mlp_ratio, intermediate_size, rope_theta,
+        memory_kwargs, attn_persistent: bool,
+    ):
+        super().__init__(hidden_size, mlp_ratio, intermediate_size)
+        check_int("window", window, 1)
+        check_int("num_persistent", num_persistent, 0)
+        self.num_persistent = num_persistent
+        self.attn = Attention(
+            hidden_size, num_heads, head_dim, window=window,
+            num_persistent=num_persistent if attn_persistent else 0, rope_theta=rope_theta,
+        )
+        self.memory = NeuralMemory(hidden_size, num_heads, head_dim, **_memory_kwargs(memory_kwargs))
+
+    def memory_branch(
+        self, h: Tensor, state: Optional[HybridState], p: Optional[Tensor]
+    ) -> Tuple[Optional[Tensor], Tensor, Any]:
+        """``M(x~)`` for ``x~ = [p | h]``: the memory's outputs at the persistent tokens (None unless
+        the sequence starts here) and at the user's tokens, and its new state."""
+        if state is not None or p is None:
+            y, mem = self.memory(h, None if state is None else state.memory, return_state=True)
+            return None, y, mem
+        y, mem = self.memory(torch.cat([p.expand(h.shape[0], -1, -1).to(h.dtype), h], 1), None, return_state=True)
+        return y[:, : self.num_persistent], y[:, self.num_persistent :], mem
+
+
+class MAGBlock(_Hybrid):
+    r"""Memory as a gate (Titans §4.2): with ``x~ = [P | RMSNorm(x)]``::
+
+        y = SWA(x~)                                     (P always visible, window over user tokens)
+        o = RMSNorm_1(y) * sigmoid(RMSNorm_2(M(x~)))    (learnable vector-valued norm weights)
+        x = x + o;  x = x + SwiGLU(RMSNorm(x))
+
+    Outputs at the persistent positions are dropped. ``memory_kwargs`` go to :class:`NeuralMemory`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        window: int = 2048,
+        num_persistent: int = 16,
+        mlp_ratio: float = 4.0,
+        intermediate_size: Optional[int] = None,
+        rope_theta: float = 10000.0,
+        memory_kwargs: Optional[dict] = None,
+    ):
+        super().__init__(
+            hidden_size, num_heads, head_dim, window, num_persistent, mlp_ratio, intermediate_size, rope_theta,
+            memory_kwargs, attn_persistent=True,
+        )
+        self.attn_out_norm = RMSNorm(hidden_size)
+        self.memory_out_norm = RMSNorm(hidden_size)
+
+    def forward(
+        self, x: Tensor, state: Optional[HybridState] = None, return_state: bool = False
+    ) -> Union[Tensor, Tuple[Tensor, HybridState]]:
+        self.check(x, state, HybridState)
+        h = self.mixer_norm(x)
+        y, attn_state = self.attn(h, None if state is None else state.attn, return_state=True)
+        _, m, mem = self.memory_branch(h, state, self.attn.persistent)
+        o = self.attn_out_norm(y) * torch.sigmoid(self.memory_out_norm(m))
+        return self.finish(x + o, HybridState(attn_state, mem), return_state)
+
+
+class MALBlock(_Hybrid):
+    r"""Memory as a layer (Titans §4.3): with ``x~ = [P | RMSNorm(x)]``::
+
+        y = M(x~);  o = SWA(y);  x = x + o;  x = x + SwiGLU(RMSNorm(x))
+
+    The attention's always-visible prefix is ``y`` at the persistent positions, ``M(P)``: it depends
+    only on parameters, so a continued sequence recomputes it (the memory read from its initial
+    state over ``P``) rather than carrying it, which keeps its gradient. One residual goes around
+    the composed mixer, as the equations read; separately residual memory and attention layers are
+    a ``MemoryBlock`` followed by a ``TransformerBlock(window=...)``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        window: int = 2048,
+        num_persistent: int = 16,
+        mlp_ratio: float = 4.0,
+        intermediate_size: Optional[int] = None,
+        rope_theta: float = 10000.0,
+        memory_kwargs: Optional[dict] = None,
+    ):
+        super().__init__(
+            hidden_size, num_heads, head_dim, window, num_persistent, mlp_ratio, intermediate_size, rope_theta,
+            memory_kwargs, attn_persistent=False,
+        )
+        self.persistent = nn.Parameter(torch.randn(num_persistent, hidden_size) * 0.02) if num_persistent else None
+
+    def forward(
+        self, x: Tensor, state: Optional[HybridState] = None, return_state: bool = False
+    ) -> Union[Tensor, Tuple[Tensor, HybridState]]:
+        self.check(x, state, HybridState)
+        h = self.mixer_norm(x)
+        prefix, y, mem = self.memory_branch(h, state, self.persistent)
+        if prefix is None and self.persistent is not None:
+            prefix = self.memory(self.persistent[None].to(h.dtype))
+        o, attn_state = self.attn(y, None if state is None else state.attn, return_state=True, prefix=prefix)
+        return self.finish(x + o, HybridState(attn_state, mem), return_state)
+
+
+@dataclass
+class MACState:
+    """State of MAC at absolute position ``pos`` (``n = pos % segment_size`` tokens into a segment):
+
+    - ``memory``: the neural memory after the last token; ``memory_start``: at the start of the
+      current segment, what its retrievals read (None = the learned initial memory);
+    - ``k, v [B, H, 2n, D]``: attention keys/values of the segment so far, retrievals ``h`` first.
+    """
+
+    memory: Any
+    memory_start: Any
+    k: Tensor
+    v: Tensor
+    pos: int
+
+    def detach(self) -> "MACState":
+        return MACState(_detach(self.memory), _detach(self.memory_start), self.k.detach(), self.v.detach(), self.pos)
+
+
+class MACBlock(_Block):
+    r"""Memory as a context (Titans §4.1). Segments of ``C = segment_size`` tokens at absolute
+    positions ``[sC, (s+1)C)``; for segment ``S`` with ``x = RMSNorm(input)``::
+
+        q_j = normalize(W_q x_j) per head;  h_j = W_h M*_prev(q_j)     (read-only, memory before S)
+        y   = Attn([P | h | S])          query t sees P, h_j and x_j for j in S with j <= t
+        M*(y) = NeuralMemory(y)          write with y; its output is the read after the write
+        o   = RMSNorm_1(y) * sigmoid(RMSNorm_2(M*(y)))
+        x   = x + o;  x = x + SwiGLU(RMSNorm(x))
+
+    ``h_j`` depends on token ``j``, so it is visible only from position ``j`` on (earlier queries
+    would see the future); it takes RoPE position ``j``. Attention spans ``N_p + 2C`` keys at most.
+    A segment cut by a call boundary continues exactly: the state keeps its keys, values and the
+    memory from its start. ``memory_kwargs`` go to :class:`NeuralMemory`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        segment_size: int = 512,
+        num_persistent: int = 16,
+        mlp_ratio: float = 4.0,
+        intermediate_size: Optional[int] = None,
+        rope_theta: float = 10000.0,
+        memory_kwargs: Optional[dict] = None,
+    ):
+        super().__init__(hidden_size, mlp_ratio, intermediate_size)
+        check_int("segment_size", segment_size, 1)
+        check_int("num_persistent", num_persistent, 0)
+        self.segment_size = segment_size
+        self.attn = Attention(hidden_size, num_heads, head_dim, num_persistent=num_persistent, rope_theta=rope_theta)
+        self.memory = NeuralMemory(hidden_size, num_heads, head_dim, **_memory_kwargs(memory_kwargs))
+        width = num_heads * head_dim
+        self.retrieve_q = nn.Linear(hidden_size, width, bias=False)
+        self.retrieve_o = nn.Linear(width, hidden_size, bias=False)
+        self.attn_out_norm = RMSNorm(hidden_size)
+        self.memory_out_norm = RMSNorm(hidden_size)
+
+    def retrieve(self, x: Tensor, memory_state) -> Tensor:
+        """``h = W_h M*(normalize(W_q x))`` at the memory of ``memory_state``: ``[B, n, hidden]``."""
+        q = F.normalize(self.retrieve_q(x).unflatten(-1, (self.attn.num_heads, self.attn.head_dim)), dim=-1)
+        return self.retrieve_o(self.memory.read(q, memory_state).flatten(2))
+
+    def forward(
+        self, x: Tensor, state: Optional[MACState] = None, return_state: bool = False
+    ) -> Union[Tensor, Tuple[Tensor, MACState]]:
+        self.check(x, state, MACState)
+        h = self.mixer_norm(x)
+        bsz, seq, _ = x.shape
+        c, nh, hd = self.segment_size, self.attn.num_heads, self.attn.head_dim
+        if state is None:
+            mem, mem_start, pos = None, None, 0
+            k_seg = v_seg = h.new_zeros(bsz, nh, 0, hd)
+        else:
+            mem, mem_start, pos = state.memory, state.memory_start, state.pos
+            k_seg, v_seg = state.k.to(h.dtype), state.v.to(h.dtype)
+        outs, i = [], 0
+        while i < seq:
+            done = pos % c  # tokens of this segment already seen
+            n = min(seq - i, c - done)
+            xs = h[:, i : i + n]
+            p = torch.arange(pos, pos + n, device=x.device)
+            kh, vh = self.attn.keys_values(self.retrieve(xs, mem_start), p)
+            kx, vx = self.attn.keys_values(xs, p)
+            k_seg = torch.cat([k_seg[:, :, :done], kh, k_seg[:, :, done:], kx], 2)
+            v_seg = torch.cat([v_seg[:, :, :done], vh, v_seg[:, :, done:], vx], 2)
+            kpos = torch.arange(pos - done, pos + n, device=x.device).repeat(2)
+            y = self.attn.attend(xs, p, k_seg, v_seg, kpos[None, :] <= p[:, None])
+            m, mem = self.memory(y, mem, return_state=True)
+            outs.append(self.attn_out_norm(y) * torch.sigmoid(self.memory_out_norm(m)))
+            pos, i = pos + n, i + n
+            if pos % c == 0:  # segment complete: the next one reads the memory written so far
+                mem_start, k_seg, v_seg = mem, k_seg[:, :, :0], v_seg[:, :, :0]
+        return self.finish(x + torch.cat(outs, 1), MACState(mem, mem_start, k_seg, v_seg, pos), return_state)
