@@ -3,9 +3,10 @@
 from .common import RMSNorm, ShortConv, SwiGLU
 from .feature_maps import IdentityFeatureMap, PolynomialFeatureMap
 from .memory_layer import NeuralMemory, NeuralMemoryState
+from .kernel_memory import KernelMemory, KernelMemoryState
 from .attention import Attention, AttentionState
 from .blocks import HybridState, MACBlock, MACState, MAGBlock, MALBlock, MemoryBlock, TransformerBlock
 
-__all__ = ["RMSNorm", "ShortConv", "SwiGLU", "NeuralMemory", "NeuralMemoryState", "IdentityFeatureMap", "PolynomialFeatureMap"]
+__all__ = ["RMSNorm", "ShortConv", "SwiGLU", "NeuralMemory", "NeuralMemoryState", "KernelMemory", "KernelMemoryState", "IdentityFeatureMap", "PolynomialFeatureMap"]
 __all__ += ["Attention", "AttentionState", "TransformerBlock", "MemoryBlock", "MAGBlock", "MALBlock", "MACBlock"]
 __all__ += ["HybridState", "MACState"]
