@@ -35,7 +35,7 @@ class _Block(nn.Module):
     MLP width: ``intermediate_size``, or ``2/3 * mlp_ratio * hidden`` rounded up to a multiple of 32
     (the parameter count of a GELU MLP of width ``mlp_ratio * hidden``)."""
 
-    def __init__(self, hidden_size: int, mlp_ratio: float, intermediate_size: Optional[int]):
+    def __init__(self, hidden_size: int, mlp_ratio: float, intermediate_size: Optional[int], eps: float):
         super().__init__()
         check_int("hidden_size", hidden_size, 1)
         if intermediate_size is None:
@@ -44,9 +44,11 @@ class _Block(nn.Module):
             intermediate_size = 32 * math.ceil(2 * mlp_ratio * hidden_size / 3 / 32)
         else:
             check_int("intermediate_size", intermediate_size, 1)
-        self.hidden_size = hidden_size
-        self.mixer_norm = RMSNorm(hidden_size)
-        self.mlp_norm = RMSNorm(hidden_size)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a positive number; got {eps!r}")
+        self.hidden_size, self.eps = hidden_size, float(eps)
+        self.mixer_norm = RMSNorm(hidden_size, eps)
+        self.mlp_norm = RMSNorm(hidden_size, eps)
         self.mlp = SwiGLU(hidden_size, intermediate_size)
 
     def check(self, x: Tensor, state=None, state_type=None) -> None:
@@ -78,14 +80,15 @@ class TransformerBlock(_Block):
         hidden_size: int,
         num_heads: int,
         head_dim: int,
+        intermediate_size: Optional[int] = None,
         *,
         window: Optional[int] = None,
         num_persistent: int = 0,
         mlp_ratio: float = 4.0,
-        intermediate_size: Optional[int] = None,
         rope_theta: float = 10000.0,
+        eps: float = 1e-6,
     ):
-        super().__init__(hidden_size, mlp_ratio, intermediate_size)
+        super().__init__(hidden_size, mlp_ratio, intermediate_size, eps)
         self.attn = Attention(
             hidden_size, num_heads, head_dim, window=window, num_persistent=num_persistent, rope_theta=rope_theta
         )
@@ -108,10 +111,11 @@ class MemoryBlock(_Block):
     def __init__(
         self,
         mixer: nn.Module,
-        *,
         hidden_size: Optional[int] = None,
-        mlp_ratio: float = 4.0,
         intermediate_size: Optional[int] = None,
+        *,
+        mlp_ratio: float = 4.0,
+        eps: float = 1e-6,
     ):
         if not isinstance(mixer, nn.Module):
             raise TypeError(f"mixer must be an nn.Module with forward(x, state, return_state); got {type(mixer).__name__}")
@@ -119,7 +123,7 @@ class MemoryBlock(_Block):
             hidden_size = getattr(mixer, "hidden_size", None)
             if hidden_size is None:
                 raise ValueError("hidden_size is required when the mixer has no hidden_size attribute")
-        super().__init__(hidden_size, mlp_ratio, intermediate_size)
+        super().__init__(hidden_size, mlp_ratio, intermediate_size, eps)
         self.mixer = mixer
 
     def forward(self, x: Tensor, state: Any = None, return_state: bool = False):
@@ -147,10 +151,10 @@ class _Hybrid(_Block):
     """Sliding-window attention with persistent tokens and a neural memory that reads ``[P | x]``."""
 
     def __init__(
-        self, hidden_size, num_heads, head_dim, window, num_persistent, mlp_ratio, intermediate_size, rope_theta,
-        memory_kwargs, attn_persistent: bool,
+        self, hidden_size, num_heads, head_dim, intermediate_size, window, num_persistent, mlp_ratio, rope_theta,
+        eps, memory_kwargs, attn_persistent: bool,
     ):
-        super().__init__(hidden_size, mlp_ratio, intermediate_size)
+        super().__init__(hidden_size, mlp_ratio, intermediate_size, eps)
         check_int("window", window, 1)
         check_int("num_persistent", num_persistent, 0)
         self.num_persistent = num_persistent
@@ -187,20 +191,21 @@ class MAGBlock(_Hybrid):
         hidden_size: int,
         num_heads: int,
         head_dim: int,
+        intermediate_size: Optional[int] = None,
         *,
         window: int = 2048,
         num_persistent: int = 16,
         mlp_ratio: float = 4.0,
-        intermediate_size: Optional[int] = None,
         rope_theta: float = 10000.0,
+        eps: float = 1e-6,
         memory_kwargs: Optional[dict] = None,
     ):
         super().__init__(
-            hidden_size, num_heads, head_dim, window, num_persistent, mlp_ratio, intermediate_size, rope_theta,
-            memory_kwargs, attn_persistent=True,
+            hidden_size, num_heads, head_dim, intermediate_size, window, num_persistent, mlp_ratio, rope_theta,
+            eps, memory_kwargs, attn_persistent=True,
         )
-        self.attn_out_norm = RMSNorm(hidden_size)
-        self.memory_out_norm = RMSNorm(hidden_size)
+        self.attn_out_norm = RMSNorm(hidden_size, eps)
+        self.memory_out_norm = RMSNorm(hidden_size, eps)
 
     def forward(
         self, x: Tensor, state: Optional[HybridState] = None, return_state: bool = False
@@ -230,17 +235,18 @@ class MALBlock(_Hybrid):
         hidden_size: int,
         num_heads: int,
         head_dim: int,
+        intermediate_size: Optional[int] = None,
         *,
         window: int = 2048,
         num_persistent: int = 16,
         mlp_ratio: float = 4.0,
-        intermediate_size: Optional[int] = None,
         rope_theta: float = 10000.0,
+        eps: float = 1e-6,
         memory_kwargs: Optional[dict] = None,
     ):
         super().__init__(
-            hidden_size, num_heads, head_dim, window, num_persistent, mlp_ratio, intermediate_size, rope_theta,
-            memory_kwargs, attn_persistent=False,
+            hidden_size, num_heads, head_dim, intermediate_size, window, num_persistent, mlp_ratio, rope_theta,
+            eps, memory_kwargs, attn_persistent=False,
         )
         self.persistent = nn.Parameter(torch.randn(num_persistent, hidden_size) * 0.02) if num_persistent else None
 
@@ -296,15 +302,16 @@ class MACBlock(_Block):
         hidden_size: int,
         num_heads: int,
         head_dim: int,
+        intermediate_size: Optional[int] = None,
         *,
         segment_size: int = 512,
         num_persistent: int = 16,
         mlp_ratio: float = 4.0,
-        intermediate_size: Optional[int] = None,
         rope_theta: float = 10000.0,
+        eps: float = 1e-6,
         memory_kwargs: Optional[dict] = None,
     ):
-        super().__init__(hidden_size, mlp_ratio, intermediate_size)
+        super().__init__(hidden_size, mlp_ratio, intermediate_size, eps)
         check_int("segment_size", segment_size, 1)
         check_int("num_persistent", num_persistent, 0)
         self.segment_size = segment_size
@@ -313,8 +320,8 @@ class MACBlock(_Block):
         width = num_heads * head_dim
         self.retrieve_q = nn.Linear(hidden_size, width, bias=False)
         self.retrieve_o = nn.Linear(width, hidden_size, bias=False)
-        self.attn_out_norm = RMSNorm(hidden_size)
-        self.memory_out_norm = RMSNorm(hidden_size)
+        self.attn_out_norm = RMSNorm(hidden_size, eps)
+        self.memory_out_norm = RMSNorm(hidden_size, eps)
 
     def retrieve(self, x: Tensor, memory_state) -> Tensor:
         """``h = W_h M*(normalize(W_q x))`` at the memory of ``memory_state``: ``[B, n, hidden]``."""
