@@ -20,7 +20,7 @@ def _human(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import CLIError
+    from . import CLIError
     from ..models import count_parameters, list_presets, list_sizes, preset_config
 
     names = args.names or list(list_presets())

@@ -107,17 +107,8 @@ class DeepMemoryConfig(PretrainedConfig):
             self._check_memory()
         if "kernel" in used:
             self._check_kernel()
-        if used & {"mac", "mag"} and self.num_attention_heads * self.head_dim != self.hidden_size:
-            # the hybrids combine attention and memory outputs per channel
-            raise ValueError(
-                f"mac/mag blocks need num_attention_heads * head_dim == hidden_size; "
-                f"got {self.num_attention_heads} * {self.head_dim} != {self.hidden_size}"
-            )
-        if "mac" in used and self.memory.get("chunk_size", 1) > self.segment_size:
-            raise ValueError(
-                f"memory chunk_size ({self.memory['chunk_size']}) must not exceed segment_size ({self.segment_size}): "
-                "MAC writes the memory once per segment"
-            )
+        if used & {"attn", "swa", "mac", "mag", "mal"} and self.head_dim % 2:
+            raise ValueError(f"head_dim must be even: attention rotates pairs of channels (RoPE); got {self.head_dim}")
 
     def _check_memory(self) -> None:
         m = self.memory

@@ -13,14 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..layers.common import RMSNorm
+from ..layers.feature_maps import PolynomialFeatureMap, symmetric_monomials
 from .config import DeepMemoryConfig
 
 
 def _build_block(config: DeepMemoryConfig, kind: str) -> nn.Module:
-    from ..layers import attention, blocks, kernel_memory, memory_layer
+    from ..layers import blocks, memory_layer
 
     h, nh, hd, mlp = config.hidden_size, config.num_attention_heads, config.head_dim, config.intermediate_size
     eps = config.rms_norm_eps
@@ -30,6 +32,8 @@ def _build_block(config: DeepMemoryConfig, kind: str) -> nn.Module:
     if kind == "memory":
         return blocks.MemoryBlock(memory_layer.NeuralMemory(h, nh, hd, **config.memory), h, mlp, eps=eps)
     if kind == "kernel":
+        from ..layers import kernel_memory
+
         return blocks.MemoryBlock(kernel_memory.KernelMemory(h, nh, hd, **config.kernel), h, mlp, eps=eps)
     hybrid = dict(num_persistent=config.num_persistent, memory_kwargs=config.memory, rope_theta=config.rope_theta, eps=eps)
     if kind == "mac":
@@ -99,12 +103,19 @@ class DeepMemoryPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         # Blocks initialise their own parameters (gates, initial memories, feature-map
-        # coefficients); only the embeddings and the LM head are set here.
+        # coefficients); only the embeddings and the LM head are set here. Loading builds the
+        # model on the meta device, so buffers derived from the constructor arguments (kept out
+        # of checkpoints) are recomputed here too.
         std = self.config.initializer_range
         if isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, DeepMemoryForCausalLM):
-            nn.init.normal_(module.lm_head.weight, mean=0.0, std=std)
+            init.normal_(module.lm_head.weight, mean=0.0, std=std)
+        elif isinstance(module, PolynomialFeatureMap):
+            for i in range(1, module.degree + 1):
+                idx, mult = symmetric_monomials(module.head_dim, i)
+                init.copy_(getattr(module, f"idx{i}"), idx)
+                init.copy_(getattr(module, f"mult{i}"), mult)
 
 
 class DeepMemoryModel(DeepMemoryPreTrainedModel):

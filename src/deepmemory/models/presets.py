@@ -2,8 +2,9 @@
 
 Every preset is a configuration of :class:`DeepMemoryConfig` (a block pattern plus memory
 settings, SPEC §4); sizes follow ATLAS Table 7. At the paper sizes the SwiGLU width is solved so
-that the parameter count (untied 32000-token embeddings included) lands on the size's name, the
-way the papers match parameter budgets across architectures.
+that the parameter count (tied 32000-token embeddings included) lands on the size's name, the way
+the papers match parameter budgets across architectures: blocks with more mixing parameters (the
+hybrids) get narrower MLPs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 from typing import Dict, Tuple
 
 import torch
+from transformers.initialization import no_init_weights
 
 from .config import DeepMemoryConfig
 
@@ -59,6 +61,10 @@ SIZES: Dict[str, Tuple[dict, float | None]] = {
     "1.3b": (dict(hidden_size=2048, num_hidden_layers=18, num_attention_heads=8), 1.3e9),
 }
 PAPER_DEFAULTS = dict(vocab_size=32000, attention_window=2048, segment_size=512, num_persistent=16, chunk_size=64)
+# Degree-2 features of a d-wide key have d + d(d+1)/2 channels and every head learns its initial
+# memory over them: at d = 256 (1.3b's 8 heads) that alone would be billions of parameters, so
+# the polynomial presets use 32-wide heads at the paper sizes (hidden / 32 heads).
+POLY_HEAD_DIM = 32
 MLP_MULTIPLE = 64  # solved SwiGLU widths are rounded to this
 
 
@@ -87,7 +93,9 @@ def _family_fields(name: str, size: str) -> dict:
         fields["num_persistent"] = 0
     if memory:
         memory = dict(memory, chunk_size=chunk_size)
-    return dict(fields, layer_pattern=block, memory=memory, kernel=dict(kernel), tie_word_embeddings=False)
+    if memory.get("feature_map") == "polynomial" and size != "tiny":
+        fields.update(head_dim=POLY_HEAD_DIM, num_attention_heads=fields["hidden_size"] // POLY_HEAD_DIM)
+    return dict(fields, layer_pattern=block, memory=memory, kernel=dict(kernel))
 
 
 def preset_config(name: str, size: str = "tiny", **overrides) -> DeepMemoryConfig:
@@ -114,9 +122,6 @@ def preset_config(name: str, size: str = "tiny", **overrides) -> DeepMemoryConfi
     fields.update(overrides)
     if fields["kernel"].get("window") == "attention":
         fields["kernel"]["window"] = fields["attention_window"]
-    if fields["memory"] and fields["layer_pattern"] == "mac":
-        # MAC writes its memory once per segment: a chunk never spans two segments
-        fields["memory"]["chunk_size"] = min(fields["memory"]["chunk_size"], fields["segment_size"])
     target = SIZES[size][1]
     if target is not None and "intermediate_size" not in overrides:
         fields["intermediate_size"] = _solve_mlp_width(fields, target)
@@ -131,8 +136,9 @@ def count_parameters(config: DeepMemoryConfig) -> Tuple[int, int]:
     from ..layers.common import SwiGLU
     from .modeling import DeepMemoryForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"), no_init_weights():  # initialising meta tensors is wasted time
         model = DeepMemoryForCausalLM(config)
+    model.tie_weights()
     total = sum(p.numel() for p in model.parameters())
     mlp = sum(p.numel() for m in model.modules() if isinstance(m, SwiGLU) for p in m.parameters())
     return total, mlp
