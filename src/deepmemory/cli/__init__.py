@@ -8,7 +8,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMANDS: tuple = ("models",)
+COMMANDS: tuple = ("models", "train", "generate")
 
 
 class CLIError(Exception):

@@ -1,0 +1,215 @@
+"""Text corpora as token streams with a deterministic train/validation split.
+
+The default corpus is the Python standard library source of the running interpreter: every
+machine with Python has it. Documents are split by a hash of their name (a relative path), so
+the split does not depend on the file system's listing order or on the tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sysconfig
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .errors import DataError
+from .tokenizers import ByteTokenizer, Tokenizer
+
+Document = Tuple[str, bytes]  # (name, UTF-8 text)
+
+# test suites and anything not shipped as library source
+STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib-dynload"}
+HF_PREFIX = "hf:"
+HF_MAX_BYTES = 256 * 2**20
+
+
+@dataclass
+class Corpus:
+    """Token streams ``train [N]`` and ``val [M]`` (int32) and what they were made from."""
+
+    train: Tensor
+    val: Tensor
+    train_bytes: int
+    val_bytes: int
+    train_docs: int
+    val_docs: int
+    byte_entropy: float  # unigram entropy of the training bytes, bits per byte
+    source: str
+
+    def tokens_per_byte(self, split: str) -> float:
+        tokens, nbytes = (self.train.numel(), self.train_bytes) if split == "train" else (self.val.numel(), self.val_bytes)
+        return tokens / max(nbytes, 1)
+
+
+def stdlib_root() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_documents() -> List[Document]:
+    """Every ``.py`` file of the standard library, test suites and site-packages excluded."""
+    root = stdlib_root()
+    docs = []
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in STDLIB_SKIP_DIRS and not d.startswith("config-"))
+        for name in sorted(files):
+            # _sysconfigdata records how this interpreter was built, not library code
+            if name.endswith(".py") and not name.startswith("_sysconfigdata"):
+                path = os.path.join(directory, name)
+                with open(path, "rb") as f:
+                    data = f.read()
+                if data:
+                    docs.append((os.path.relpath(path, root).replace(os.sep, "/"), data))
+    if not docs:
+        raise DataError(f"no Python sources found under the standard library {root}; pass --data")
+    return docs
+
+
+def _jsonl_documents(path: str, name: str, field: str = "text") -> List[Document]:
+    docs = []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"--data: {path}:{lineno} is not valid JSON ({err.msg})") from err
+            text = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"--data: {path}:{lineno} has no string field {field!r}")
+            if text:
+                docs.append((f"{name}:{lineno}", text.encode("utf-8")))
+    return docs
+
+
+def _file_documents(path: str, name: str) -> List[Document]:
+    if path.endswith(".jsonl"):
+        return _jsonl_documents(path, name)
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data or b"\0" in data[:8192]:  # empty or binary
+        return []
+    return [(name, data)]
+
+
+def local_documents(paths: Sequence[str]) -> List[Document]:
+    """Text files, folders of them (recursively, hidden entries skipped) and ``.jsonl`` files
+    with a ``"text"`` field."""
+    docs: List[Document] = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise DataError(f"--data: {path} does not exist")
+        if os.path.isfile(path):
+            found = _file_documents(path, os.path.basename(path))
+        else:
+            found = []
+            base = os.path.basename(os.path.normpath(path))
+            for directory, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+                for fname in sorted(files):
+                    if not fname.startswith("."):
+                        full = os.path.join(directory, fname)
+                        rel = os.path.relpath(full, path).replace(os.sep, "/")
+                        found += _file_documents(full, f"{base}/{rel}")
+        if not found:
+            raise DataError(f"--data: {path} holds no text")
+        docs += found
+    return docs
+
+
+def hf_documents(name: str, max_bytes: int = HF_MAX_BYTES) -> List[Document]:
+    """The ``text`` field of a Hugging Face dataset's train split, streamed up to ``max_bytes``."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError(f"--data {HF_PREFIX}{name} needs the `datasets` package (pip install datasets) and network access") from err
+    try:
+        stream = datasets.load_dataset(name, split="train", streaming=True)
+        docs, total = [], 0
+        for i, record in enumerate(stream):
+            text = record.get("text")
+            if not isinstance(text, str):
+                raise DataError(f"--data {HF_PREFIX}{name}: records have no string field 'text'")
+            data = text.encode("utf-8")
+            docs.append((f"{name}:{i}", data))
+            total += len(data)
+            if total >= max_bytes:
+                break
+    except DataError:
+        raise
+    except Exception as err:  # network and hub errors come in many types
+        raise DataError(f"--data {HF_PREFIX}{name}: cannot load the dataset ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    if not docs:
+        raise DataError(f"--data {HF_PREFIX}{name}: the train split is empty")
+    return docs
+
+
+def is_validation(name: str, val_fraction: float) -> bool:
+    """Deterministic split: the first 8 bytes of ``sha256(name)`` as a fraction of 2^64."""
+    h = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
+    return h < val_fraction * 2**64
+
+
+def byte_entropy(counts: Tensor) -> float:
+    """``H = -sum_b p_b log2 p_b`` of a byte histogram ``counts [256]``."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    p = p[p > 0]
+    return float(-(p * p.log2()).sum())
+
+
+def _encode(docs: List[Document], tokenizer: Tokenizer) -> Tensor:
+    """Concatenate the documents' tokens, each followed by the end-of-document id if any."""
+    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    if isinstance(tokenizer, ByteTokenizer):
+        pieces = [tokenizer.encode(data).int() for _, data in docs]
+    else:
+        pieces = [torch.tensor(ids, dtype=torch.int32)
+                  for i in range(0, len(docs), 1024)
+                  for ids in tokenizer.encode_batch([d.decode("utf-8", errors="replace") for _, d in docs[i:i + 1024]])]
+    if eos:
+        sep = torch.tensor(eos, dtype=torch.int32)
+        pieces = [t for piece in pieces for t in (piece, sep)]
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32)
+
+
+def build_corpus(data: Optional[Sequence[str]], tokenizer: Tokenizer, val_fraction: float = 0.02) -> Corpus:
+    """Load ``data`` (``None`` = the standard library; paths; or ``hf:NAME``), split, tokenize.
+
+    A document goes to validation when ``is_validation(name)``. When that leaves one side empty
+    (say, a single file), the token stream is cut instead: the last ``val_fraction`` is validation.
+    """
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be in (0, 1); got {val_fraction}")
+    if data is None or len(data) == 0:
+        docs, source = stdlib_documents(), f"python{sysconfig.get_python_version()} standard library"
+    elif len(data) == 1 and data[0].startswith(HF_PREFIX) and not os.path.exists(data[0]):
+        docs, source = hf_documents(data[0][len(HF_PREFIX):]), data[0]
+    else:
+        docs, source = local_documents(data), ", ".join(data)
+    val_docs = [d for d in docs if is_validation(d[0], val_fraction)]
+    train_docs = [d for d in docs if not is_validation(d[0], val_fraction)]
+    if val_docs and train_docs:
+        train, val = _encode(train_docs, tokenizer), _encode(val_docs, tokenizer)
+        train_bytes, val_bytes = sum(len(d) for _, d in train_docs), sum(len(d) for _, d in val_docs)
+        counts = sum(torch.bincount(torch.frombuffer(bytearray(d), dtype=torch.uint8).long(), minlength=256) for _, d in train_docs)
+    else:
+        stream = _encode(docs, tokenizer)
+        cut = int(stream.numel() * (1 - val_fraction))
+        train, val = stream[:cut], stream[cut:]
+        total = sum(len(d) for _, d in docs)
+        train_bytes = round(total * cut / max(stream.numel(), 1))
+        val_bytes = total - train_bytes
+        counts = sum(torch.bincount(torch.frombuffer(bytearray(d), dtype=torch.uint8).long(), minlength=256) for _, d in docs)
+        train_docs, val_docs = docs, []
+    return Corpus(train=train, val=val, train_bytes=train_bytes, val_bytes=val_bytes,
+                  train_docs=len(train_docs), val_docs=len(val_docs), byte_entropy=byte_entropy(counts), source=source)
+
+
+def bits_per_byte(nats_per_token: float, tokens_per_byte: float) -> float:
+    return nats_per_token / math.log(2) * tokens_per_byte

@@ -1,0 +1,221 @@
+"""Run directories and checkpoints: safetensors + JSON only, every write atomic.
+
+A file is written as ``.NAME.tmp``, fsynced, then renamed over ``NAME``; a checkpoint is
+written as the directory ``checkpoints/.tmp-step-N``, fsynced, then renamed to
+``checkpoints/step-N``. A crash therefore leaves either the old file or the new one, and a
+checkpoint directory without the ``.tmp-`` prefix is always complete.
+
+Layout::
+
+    RUN/config.json            run format, model config, train settings, tokenizer info
+    RUN/metrics.jsonl          one JSON object per step / evaluation
+    RUN/model.safetensors      the latest weights (what ``deepmemory generate`` reads)
+    RUN/tokenizer.json         for Hugging Face tokenizers only
+    RUN/loss.png
+    RUN/checkpoints/step-N/    model.safetensors, optimizer.safetensors, rng.safetensors, state.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+FORMAT = "deepmemory-run"
+VERSION = 1
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+MODEL = "model.safetensors"
+CHECKPOINTS = "checkpoints"
+TMP_PREFIX = ".tmp-"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint that cannot be used; the message is one line for the user."""
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(tmp: str, path: str) -> None:
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+def write_json(path: str, obj) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    _replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    _replace(tmp, path)
+
+
+def plain_tensors(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """CPU, contiguous, no two sharing storage (safetensors refuses tied weights)."""
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        out[name] = t.clone() if key in seen else t
+        seen.add(key)
+    return out
+
+
+def write_tensors(path: str, tensors: Dict[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    save_file(plain_tensors(tensors), tmp)
+    _replace(tmp, path)
+
+
+def read_tensors(path: str) -> Dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own and OS errors
+        raise CheckpointError(f"cannot read {path}: {_one_line(err)}") from err
+
+
+def read_json(path: str) -> Dict:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: {_one_line(err)}") from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return obj
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+# ---------------------------------------------------------------- optimizer state
+def flatten_optimizer(state: Dict) -> Tuple[Dict[str, Tensor], Dict]:
+    """Split an optimizer state dict keyed by parameter name into tensors and JSON."""
+    tensors, scalars = {}, {}
+    for pname, slots in state["state"].items():
+        for slot, value in slots.items():
+            if isinstance(value, Tensor):
+                tensors[f"{pname}/{slot}"] = value
+            else:
+                scalars[f"{pname}/{slot}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: Dict[str, Tensor], meta: Dict) -> Dict:
+    state: Dict[str, Dict] = {}
+    for key, value in list(tensors.items()) + list(meta.get("scalars", {}).items()):
+        pname, slot = key.rsplit("/", 1)
+        state.setdefault(pname, {})[slot] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ---------------------------------------------------------------- run directory
+def read_run_config(run_dir: str) -> Dict:
+    """The ``config.json`` of a run directory; a clear error for anything else."""
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"{run_dir} is not a directory")
+    path = os.path.join(run_dir, CONFIG)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir} is not a deepmemory run directory (no {CONFIG})")
+    config = read_json(path)
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{run_dir} was not written by `deepmemory train` ({CONFIG} has no format {FORMAT!r})")
+    if config.get("version") != VERSION:
+        raise CheckpointError(f"{run_dir} has run format version {config.get('version')}; this deepmemory reads {VERSION}")
+    return config
+
+
+def is_run_dir(path: str) -> bool:
+    try:
+        read_run_config(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def checkpoints(run_dir: str) -> List[Tuple[int, str]]:
+    """Complete checkpoints ``(step, path)``, oldest first."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root) if (m := STEP_DIR.match(name))]
+    return sorted(found)
+
+
+def remove_partial(run_dir: str) -> None:
+    """Delete what an interrupted write left: ``.tmp-*`` checkpoint dirs and ``.*.tmp`` files."""
+    for root in (run_dir, os.path.join(run_dir, CHECKPOINTS)):
+        if os.path.isdir(root):
+            for name in os.listdir(root):
+                path = os.path.join(root, name)
+                if name.startswith(TMP_PREFIX) and os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif name.startswith(".") and name.endswith(".tmp") and os.path.isfile(path):
+                    os.remove(path)
+
+
+def save_checkpoint(run_dir: str, step: int, model: Dict[str, Tensor], optimizer: Dict, rng: Dict[str, Tensor],
+                    state: Dict, keep: int) -> str:
+    """Write ``checkpoints/step-N`` atomically, refresh ``model.safetensors``, keep the newest ``keep``."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{step:08d}")
+    tmp = os.path.join(root, f"{TMP_PREFIX}step-{step:08d}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    opt_tensors, opt_meta = flatten_optimizer(optimizer)
+    write_tensors(os.path.join(tmp, MODEL), model)
+    write_tensors(os.path.join(tmp, "optimizer.safetensors"), opt_tensors)
+    write_tensors(os.path.join(tmp, "rng.safetensors"), rng)
+    write_json(os.path.join(tmp, "state.json"), {"format": FORMAT, "version": VERSION, "step": step, "optimizer": opt_meta, **state})
+    fsync_path(tmp)
+    if os.path.exists(final):  # a checkpoint of the same step from an earlier attempt
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_path(root)
+    write_tensors(os.path.join(run_dir, MODEL), model)
+    for _, old in checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: str) -> Tuple[Dict[str, Tensor], Dict, Dict[str, Tensor], Dict]:
+    """``(model tensors, optimizer state dict, rng tensors, state)`` of a checkpoint directory."""
+    state = read_json(os.path.join(path, "state.json"))
+    if state.get("format") != FORMAT or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path} is not a deepmemory checkpoint")
+    model = read_tensors(os.path.join(path, MODEL))
+    optimizer = unflatten_optimizer(read_tensors(os.path.join(path, "optimizer.safetensors")), state.pop("optimizer"))
+    rng = read_tensors(os.path.join(path, "rng.safetensors"))
+    return model, optimizer, rng, state
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    found = checkpoints(run_dir)
+    return found[-1][1] if found else None

@@ -1,0 +1,174 @@
+"""Training settings: defaults, config files, CLI overrides and what a resumed run may change."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .checkpoint import CheckpointError
+
+
+class ConfigError(ValueError):
+    """An invalid training setting; the message is one line for the user."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. ``batch_size`` is the *global* batch in sequences
+    per optimizer step: it is split into ``grad_accum`` micro-batches and across ranks, so the
+    numbers trained on do not depend on how many processes run them."""
+
+    model: str = "titans-mac"
+    size: str = "tiny"
+    model_overrides: Dict[str, Any] = field(default_factory=dict)
+    data: Optional[List[str]] = None  # None: the Python standard library
+    tokenizer: str = "bytes"
+    val_fraction: float = 0.02
+    seq_len: int = 128
+    batch_size: int = 16
+    grad_accum: int = 1
+    steps: int = 300
+    lr: float = 3e-3
+    warmup_steps: Optional[int] = None  # None: 10% of lr_decay_steps, at most 100
+    lr_decay_steps: Optional[int] = None  # None: steps (the cosine ends with the run)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    fsdp: bool = False
+    device: str = "auto"
+    seed: int = 0
+    out: Optional[str] = None
+    eval_every: int = 50
+    eval_tokens: int = 32768
+    keep_checkpoints: int = 2
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the settings whose default depends on others (stored resolved, so a resumed run
+        keeps its schedule even when ``steps`` grows)."""
+        cfg = dataclasses.replace(self)
+        if cfg.lr_decay_steps is None:
+            cfg.lr_decay_steps = cfg.steps
+        if cfg.warmup_steps is None:
+            cfg.warmup_steps = min(100, cfg.lr_decay_steps // 10)
+        return cfg
+
+    def validate(self) -> "TrainConfig":
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_tokens", "keep_checkpoints"):
+            _int(name, getattr(self, name), 1)
+        _int("seed", self.seed, 0)
+        for name in ("warmup_steps",):
+            if getattr(self, name) is not None:
+                _int(name, getattr(self, name), 0)
+        if self.lr_decay_steps is not None:
+            _int("lr_decay_steps", self.lr_decay_steps, 1)
+        for name, low, high in (("lr", 0, None), ("weight_decay", 0, None), ("grad_clip", 0, None),
+                                ("val_fraction", 0, 1), ("min_lr_ratio", 0, 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{_flag(name)} must be a number; got {value!r}")
+            if value < low or (high is not None and value > high) or (name in ("lr", "val_fraction") and value == low):
+                raise ConfigError(f"{_flag(name)} must be in {'(' if name in ('lr', 'val_fraction') else '['}{low}, {high if high is not None else 'inf'}]; got {value}")
+        for name, options in (("precision", ("auto", "fp32", "bf16")), ("device", ("auto", "cpu", "cuda"))):
+            if getattr(self, name) not in options:
+                raise ConfigError(f"{_flag(name)} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
+        for name in ("compile", "grad_checkpointing", "fsdp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false; got {getattr(self, name)!r}")
+        for name in ("model", "size", "tokenizer"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{_flag(name)} must be a non-empty string; got {getattr(self, name)!r}")
+        if not isinstance(self.model_overrides, dict):
+            raise ConfigError(f"model_overrides must be a mapping; got {self.model_overrides!r}")
+        if self.data is not None and (not isinstance(self.data, list) or not all(isinstance(p, str) and p for p in self.data)):
+            raise ConfigError(f"--data must be a list of paths; got {self.data!r}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+# may differ between a run and its resumption: they change how, not what, is computed
+RESUMABLE = {"steps", "grad_accum", "precision", "compile", "grad_checkpointing", "fsdp", "device", "out",
+             "eval_every", "eval_tokens", "keep_checkpoints"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{_flag(name)} must be an integer; got {value!r}")
+    if value < low:
+        raise ConfigError(f"{_flag(name)} must be >= {low}; got {value}")
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Settings from a ``.yaml``/``.yml``/``.json`` file; keys are the flag names (``-`` or ``_``)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: {path} does not exist")
+    try:
+        with open(path) as f:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                raw = yaml.safe_load(f)
+            elif path.endswith(".json"):
+                raw = json.load(f)
+            else:
+                raise ConfigError(f"--config must be a .yaml, .yml or .json file; got {path}")
+    except ConfigError:
+        raise
+    except Exception as err:  # yaml and json raise different types
+        raise ConfigError(f"--config: cannot parse {path}: {str(err).splitlines()[0]}") from err
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of settings")
+    settings = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(settings) - FIELDS)
+    if unknown:
+        raise ConfigError(f"--config: unknown settings {', '.join(unknown)} in {path}")
+    if isinstance(settings.get("data"), str):
+        settings["data"] = [settings["data"]]
+    return settings
+
+
+def _absolute(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Local paths made absolute, so a run can be resumed from another working directory."""
+    def local(p):  # hf: dataset names stay as they are
+        return p if not isinstance(p, str) or not p or (p.startswith("hf:") and not os.path.exists(p)) else os.path.abspath(p)
+
+    out = dict(settings)
+    if isinstance(out.get("data"), list):
+        out["data"] = [local(p) for p in out["data"]]
+    if isinstance(out.get("tokenizer"), str) and out["tokenizer"] not in ("", "bytes"):
+        out["tokenizer"] = os.path.abspath(out["tokenizer"])
+    return out
+
+
+def new_config(settings: Dict[str, Any]) -> TrainConfig:
+    return TrainConfig(**_absolute(settings)).validate().resolved()
+
+
+def resume_config(stored: Dict[str, Any], settings: Dict[str, Any], run_dir: str) -> TrainConfig:
+    """The stored settings of ``run_dir`` with the given ones applied; only ``RESUMABLE`` may differ."""
+    unknown = sorted(set(stored) - FIELDS)
+    if unknown:
+        raise CheckpointError(f"{run_dir}: unknown settings {', '.join(unknown)} in its config.json")
+    settings = _absolute(settings)
+    for name, value in settings.items():
+        if name not in RESUMABLE and stored.get(name) != value:
+            raise ConfigError(f"--resume {run_dir}: {_flag(name)} {value!r} differs from the run's {stored.get(name)!r}; "
+                              "only " + ", ".join(sorted(_flag(n) for n in RESUMABLE - {'out'})) + " may change")
+    if "out" in settings and os.path.abspath(settings["out"]) != os.path.abspath(run_dir):
+        raise ConfigError(f"--out {settings['out']} differs from --resume {run_dir}; a resumed run stays in its directory")
+    return TrainConfig(**{**stored, **settings, "out": run_dir}).validate()
