@@ -12,7 +12,7 @@ initialisation the kernel is the degree-``p`` Taylor polynomial of ``exp(<x, y>)
 ``j_1 <= ... <= j_i`` of coordinates, ``sqrt(i! / prod_r m_r!) * x_{j_1} ... x_{j_i}`` (``m_r`` the
 multiplicities). The ``sqrt`` of the multinomial coefficient counts the ordered tuples that
 collapse onto each multiset, so ``<x^{(i)}, y^{(i)}> = <x, y>^i`` exactly as for the full tensor
-power, at width ``C(d + i - 1, i)`` instead of ``d^i`` (d = 64, p = 2: 2080 instead of 4096).
+power, at width ``C(d + i - 1, i)`` instead of ``d^i`` (d = 64, i = 2: 2080 instead of 4096).
 """
 
 from __future__ import annotations
