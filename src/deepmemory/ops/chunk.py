@@ -43,10 +43,6 @@ def _segprod(x: Tensor) -> Tensor:
     return torch.cumprod(factors, dim=-2).tril()
 
 
-def _alloc_output(q: Tensor, dv: int) -> Tensor:
-    return q.new_empty(*q.shape[:-1], dv)
-
-
 def _outer_sum(coef: Tensor, d: Tensor, a: Tensor) -> Tensor:
     """``sum_i coef_i delta_i a_i^T``: ``coef [B, H, n]``, ``d [B, H, n, rows]``, ``a [B, H, n, cols]``."""
     return torch.einsum("bhi,bhir,bhic->bhrc", coef, d, a)
@@ -75,37 +71,39 @@ def chunk(p: Problem) -> Result:
     band = (i_idx >= t_idx) & (i_idx <= t_idx + c - 1)  # token t (ext index t + c - 1) sees i in [t, t + c - 1]
     gamma = band * gx.unsqueeze(-2)  # [B, H, nc, b, n_ext]
 
-    o = _alloc_output(q.flatten(2, 3), p.dv)
+    # per-chunk views via unbind: indexing one chunk out of the whole tensor would make every
+    # backward step materialise a gradient of the whole sequence (quadratic in T)
+    kx, vx, q = kx.unbind(2), vx.unbind(2), q.unbind(2)
+    outs = []
     w, s = dict(p.w0), dict(p.s0)
     w_chunk, s_chunk = w, s
     if p.granularity == "chunk":
         coef = gamma.sum(-2) if p.optimizer == "muon" else (lr.unsqueeze(-1) * gamma).sum(-2)  # [B, H, nc, n_ext]
+        coef, keep_s, keep_w, mean_lr = (x.unbind(2) for x in (coef, mom.mean(-1), ret.mean(-1), lr.mean(-1)))
         for j in range(n_chunks):
-            o[:, :, j * b : (j + 1) * b] = memory_forward(p.spec, dense_apply(w), q[:, :, j])
+            outs.append(memory_forward(p.spec, dense_apply(w), q[j]))
             if j == n_chunks - 1 and last_len < b:
                 w_chunk, s_chunk = w, s
                 break
-            grads = token_gradients(p.spec, w, kx[:, :, j], vx[:, :, j], p.loss)
-            step = {m: _outer_sum(coef[:, :, j], *grads[m]) for m in w}
-            keep = mom[:, :, j].mean(-1)[..., None, None]
-            keep_w = ret[:, :, j].mean(-1)[..., None, None]
+            grads = token_gradients(p.spec, w, kx[j], vx[j], p.loss)
+            step = {m: _outer_sum(coef[j], *grads[m]) for m in w}
+            ks, kw = keep_s[j][..., None, None], keep_w[j][..., None, None]
             if p.optimizer == "muon":
-                mean_lr = lr[:, :, j].mean(-1)[..., None, None]
-                s = {m: keep * s[m] + step[m] for m in w}
-                w = {m: keep_w * w[m] - mean_lr * newton_schulz(s[m], p.ns_steps) for m in w}
+                s = {m: ks * s[m] + step[m] for m in w}
+                w = {m: kw * w[m] - mean_lr[j][..., None, None] * newton_schulz(s[m], p.ns_steps) for m in w}
             else:
-                s = {m: -step[m] for m in w} if p.optimizer == "gd" else {m: keep * s[m] - step[m] for m in w}
-                w = {m: keep_w * w[m] + s[m] for m in w}
+                s = {m: -step[m] for m in w} if p.optimizer == "gd" else {m: ks * s[m] - step[m] for m in w}
+                w = {m: kw * w[m] + s[m] for m in w}
         if last_len == b:
             w_chunk, s_chunk = w, s
-        return Result(o[:, :, :n], w, s, w_chunk, s_chunk)
+        return Result(torch.cat(outs, 2)[:, :, :n], w, s, w_chunk, s_chunk)
 
     d_a = _segprod(ret)  # [B, H, nc, b, b]
     a_cum = torch.cumprod(ret, dim=-1)  # [B, H, nc, b]
     if p.optimizer == "gd":
         s_coef = lr.unsqueeze(-1) * gamma  # S_t = -sum_i s_coef[t, i] delta_i a_i^T
         c_coef = d_a @ s_coef
-        m_coef = None
+        m_coef = e_cum = None
     else:
         d_e = _segprod(mom)
         e_cum = torch.cumprod(mom, dim=-1)
@@ -115,29 +113,32 @@ def chunk(p: Problem) -> Result:
             m_coef = (d_a @ e_cum.unsqueeze(-1)).squeeze(-1)
         else:
             s_coef = d_e @ gamma  # muon: S_t = E_t S_s + sum_i s_coef[t, i] delta_i a_i^T
-            w_coef = d_a * lr.unsqueeze(-2)  # W_t = A_t W_s - sum_r w_coef[t, r] NS(S_r)
+            c_coef = d_a * lr.unsqueeze(-2)  # W_t = A_t W_s - sum_r c_coef[t, r] NS(S_r)
+            m_coef = None
+    a_cum, s_coef, c_coef = a_cum.unbind(2), s_coef.unbind(2), c_coef.unbind(2)
+    e_cum = None if e_cum is None else e_cum.unbind(2)
+    m_coef = None if m_coef is None else m_coef.unbind(2)
 
     for j in range(n_chunks):
         e = (b if j < n_chunks - 1 else last_len) - 1
         if e < b - 1:
             w_chunk, s_chunk = w, s
-        grads = token_gradients(p.spec, w, kx[:, :, j], vx[:, :, j], p.loss)
-        a_j = a_cum[:, :, j]
+        grads = token_gradients(p.spec, w, kx[j], vx[j], p.loss)
+        a_j, c_j = a_cum[j], c_coef[j]
         if p.optimizer == "muon":
-            e_j = e_cum[:, :, j, :, None, None]
-            s_all = {m: e_j * s[m].unsqueeze(2) + torch.einsum("bhti,bhir,bhic->bhtrc", s_coef[:, :, j], *grads[m]) for m in w}
+            e_j = e_cum[j][..., None, None]
+            s_all = {m: e_j * s[m].unsqueeze(2) + torch.einsum("bhti,bhir,bhic->bhtrc", s_coef[j], *grads[m]) for m in w}
             w_all = {
                 m: a_j[..., None, None] * w[m].unsqueeze(2)
-                - torch.einsum("bhtr,bhrpc->bhtpc", w_coef[:, :, j], newton_schulz(s_all[m], p.ns_steps))
+                - torch.einsum("bhtr,bhrpc->bhtpc", c_j, newton_schulz(s_all[m], p.ns_steps))
                 for m in w
             }
-            o[:, :, j * b : (j + 1) * b] = memory_forward(p.spec, dense_apply(w_all), q[:, :, j])
+            outs.append(memory_forward(p.spec, dense_apply(w_all), q[j]))
             w = {m: w_all[m][:, :, e] for m in w}
             s = {m: s_all[m][:, :, e] for m in w}
             continue
 
-        c_j = c_coef[:, :, j]
-        m_j = None if m_coef is None else m_coef[:, :, j]
+        m_j = None if m_coef is None else m_coef[j]
 
         def dual_apply(name: str, x: Tensor) -> Tensor:
             d, a = grads[name]
@@ -146,17 +147,17 @@ def chunk(p: Problem) -> Result:
                 out = out + m_j.unsqueeze(-1) * (x @ s[name].transpose(-1, -2))
             return out
 
-        o[:, :, j * b : (j + 1) * b] = memory_forward(p.spec, dual_apply, q[:, :, j])
+        outs.append(memory_forward(p.spec, dual_apply, q[j]))
         a_e = a_j[:, :, e, None, None]
         if m_j is None:
             w_new = {m: a_e * w[m] - _outer_sum(c_j[:, :, e], *grads[m]) for m in w}
-            s = {m: -_outer_sum(s_coef[:, :, j, e], *grads[m]) for m in w}
+            s = {m: -_outer_sum(s_coef[j][:, :, e], *grads[m]) for m in w}
         else:
             m_e = m_j[:, :, e, None, None]
-            e_e = e_cum[:, :, j, e, None, None]
+            e_e = e_cum[j][:, :, e, None, None]
             w_new = {m: a_e * w[m] + m_e * s[m] - _outer_sum(c_j[:, :, e], *grads[m]) for m in w}
-            s = {m: e_e * s[m] - _outer_sum(s_coef[:, :, j, e], *grads[m]) for m in w}
+            s = {m: e_e * s[m] - _outer_sum(s_coef[j][:, :, e], *grads[m]) for m in w}
         w = w_new
     if last_len == b:
         w_chunk, s_chunk = w, s
-    return Result(o[:, :, :n], w, s, w_chunk, s_chunk)
+    return Result(torch.cat(outs, 2)[:, :, :n], w, s, w_chunk, s_chunk)
