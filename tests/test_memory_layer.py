@@ -123,10 +123,12 @@ def _mlp(weights, x, act):
     return torch.einsum("bhrc,bhc->bhr", weights["w1"], act(z))
 
 
-@pytest.mark.parametrize("loss,optimizer,window", [("l2", "momentum", 1), ("l2", "gd", 3), ("dot", "momentum", 2)])
-def test_feature_map_residual_equals_direct_computation(loss, optimizer, window):
+@pytest.mark.parametrize("loss,optimizer,window,degree", [("l2", "momentum", 1, 2), ("l2", "gd", 3, 3),
+                                                          ("dot", "momentum", 2, 2), ("l2", "momentum", 2, 1)])
+def test_feature_map_residual_equals_direct_computation(loss, optimizer, window, degree):
     """M(x) = x + W1 gelu(W0 phi(x)) trained token by token with autograd on the loss written out."""
-    layer = _layer(loss=loss, optimizer=optimizer, window=window, feature_map="polynomial", chunk_size=3)
+    layer = _layer(loss=loss, optimizer=optimizer, window=window, feature_map="polynomial", poly_degree=degree,
+                   chunk_size=3)
     assert layer.outer_residual
     x = _x(t=10)
     bsz, seq = x.shape[:2]

@@ -117,8 +117,8 @@ class NeuralMemory(QKVMixer):
 
     x ``[B, T, hidden_size]`` -> ``[B, T, hidden_size]``.
 
-    Residual memory with a width-changing feature map: the memory is ``M(x) = x + h(phi(x))``
-    (SPEC §2: the residual adds the un-featured input). The op runs the residual-free network
+    Residual memory with a feature map: ``M(x) = x + h(phi(x))`` (SPEC §2: the residual adds the
+    un-featured input, whatever the width of ``phi(x)``). The op runs the residual-free network
     ``h`` on ``phi(k)`` with targets ``v - k`` for ``loss="l2"`` (``0.5||k + h(phi(k)) - v||^2``
     is the same loss), with targets ``v`` for ``loss="dot"`` (``<k, v>`` does not depend on the
     weights, so the gradient is unchanged), and ``q`` is added to what it reads.
@@ -181,8 +181,8 @@ class NeuralMemory(QKVMixer):
         self.max_lr = float(max_lr)
         self.phi = make_feature_map(feature_map, head_dim, num_heads, poly_degree)
         key_dim = self.phi.out_dim
-        # a residual memory whose key width changed adds the un-featured input outside the op
-        self.outer_residual = self.spec.uses_residual and key_dim != head_dim
+        # the op's residual would add phi(k); the un-featured input is added outside the op instead
+        self.outer_residual = self.spec.uses_residual and feature_map != "identity"
         self.op_spec = replace(self.spec, residual=False) if self.outer_residual else self.spec
 
         def gate(p0: float) -> nn.Linear:
