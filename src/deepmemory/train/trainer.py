@@ -220,6 +220,10 @@ def _run(cfg: TrainConfig, env: Env, stored: Optional[Dict], resume: Optional[st
     micro = micro_global // env.world
 
     tokenizer = tokenizer_from_info(stored["tokenizer"], resume) if resume else load_tokenizer(cfg.tokenizer)
+    torch.manual_seed(cfg.seed)
+    model = model_from_config(stored["model"]["config"]) if resume else build_model(cfg, tokenizer.vocab_size)
+    n_params = sum(p.numel() for p in model.parameters())
+    use_fsdp = env.distributed and (cfg.fsdp or n_params >= FSDP_MIN_PARAMETERS)
     corpus = build_corpus(cfg.data, tokenizer, cfg.val_fraction)
     sampler = WindowSampler(corpus.train, cfg.seq_len, cfg.seed)
     val = eval_windows(corpus.val, cfg.seq_len, max(1, cfg.eval_tokens // cfg.seq_len))
@@ -228,10 +232,6 @@ def _run(cfg: TrainConfig, env: Env, stored: Optional[Dict], resume: Optional[st
         raise DataError(f"the validation data holds {val.shape[0]} windows of --seq-len {cfg.seq_len}, fewer than {env.world} processes")
     tpb_val, tpb_train = corpus.tokens_per_byte("val"), corpus.tokens_per_byte("train")
 
-    torch.manual_seed(cfg.seed)
-    model = model_from_config(stored["model"]["config"]) if resume else build_model(cfg, tokenizer.vocab_size)
-    n_params = sum(p.numel() for p in model.parameters())
-    use_fsdp = env.distributed and (cfg.fsdp or n_params >= FSDP_MIN_PARAMETERS)
 
     # ---- run directory (rank 0 writes; every rank learns the outcome)
     run_dir, error, ckpt = resume, None, None
