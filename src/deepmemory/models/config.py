@@ -15,7 +15,7 @@ MEMORY_KEYS = (
     "ns_steps", "window", "window_gate", "granularity", "feature_map", "poly_degree", "max_lr",
     "conv_size", "use_decay", "impl",
 )
-KERNEL_KEYS = ("window", "loss", "depth", "expansion", "normalized")
+KERNEL_KEYS = ("window", "loss", "depth", "expansion", "activation", "residual", "normalized", "chunk_size", "max_lr", "conv_size")
 
 
 def _int(name: str, value, minimum: int = 1) -> None:
@@ -23,6 +23,11 @@ def _int(name: str, value, minimum: int = 1) -> None:
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number; got {value!r}")
 
 
 def _choice(name: str, value, options) -> None:
@@ -90,9 +95,7 @@ class DeepMemoryConfig(PretrainedConfig):
             _int(name, getattr(self, name))
         _int("num_persistent", self.num_persistent, minimum=0)
         for name in ("rms_norm_eps", "initializer_range", "rope_theta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a positive number; got {value!r}")
+            _positive(name, getattr(self, name))
         pattern = self.layer_pattern
         if len(pattern) != self.num_hidden_layers:
             raise ValueError(f"layer_pattern must name {self.num_hidden_layers} blocks (num_hidden_layers); got {len(pattern)}: {pattern}")
@@ -119,9 +122,11 @@ class DeepMemoryConfig(PretrainedConfig):
         _choice("memory['feature_map']", m.get("feature_map", "identity"), ("identity", "polynomial"))
         _choice("memory['activation']", m.get("activation", "gelu"), ("gelu", "silu", "relu", "tanh"))
         _choice("memory['impl']", m.get("impl", "chunk"), ("chunk", "reference"))
-        for key in ("chunk_size", "depth", "expansion", "window", "poly_degree", "conv_size"):
+        for key in ("chunk_size", "depth", "expansion", "window", "poly_degree"):
             if key in m:
                 _int(f"memory['{key}']", m[key])
+        if "conv_size" in m:
+            _int("memory['conv_size']", m["conv_size"], minimum=0)
         if "ns_steps" in m:
             _int("memory['ns_steps']", m["ns_steps"], minimum=0)
         for key in ("residual", "window_gate", "use_decay"):
@@ -129,8 +134,7 @@ class DeepMemoryConfig(PretrainedConfig):
                 raise TypeError(f"memory['{key}'] must be a bool; got {type(m[key]).__name__}")
         if m.get("memory") == "linear" and m.get("residual", False):
             raise ValueError("memory['residual']=True needs an mlp or gated_mlp memory; a linear memory has no residual")
-        if "max_lr" in m and (isinstance(m["max_lr"], bool) or not isinstance(m["max_lr"], (int, float)) or m["max_lr"] <= 0):
-            raise ValueError(f"memory['max_lr'] must be a positive number; got {m['max_lr']!r}")
+        _positive("memory['max_lr']", m.get("max_lr", 1.0))
 
     def _check_kernel(self) -> None:
         k = self.kernel
@@ -138,8 +142,13 @@ class DeepMemoryConfig(PretrainedConfig):
         window = k.get("window")
         if window is not None:
             _int("kernel['window']", window)
-        for key in ("depth", "expansion"):
+        _choice("kernel['activation']", k.get("activation", "gelu"), ("gelu", "silu", "relu", "tanh"))
+        for key in ("depth", "expansion", "chunk_size"):
             if key in k:
                 _int(f"kernel['{key}']", k[key])
-        if "normalized" in k and not isinstance(k["normalized"], bool):
-            raise TypeError(f"kernel['normalized'] must be a bool; got {type(k['normalized']).__name__}")
+        if "conv_size" in k:
+            _int("kernel['conv_size']", k["conv_size"], minimum=0)
+        for key in ("residual", "normalized"):
+            if key in k and not isinstance(k[key], bool):
+                raise TypeError(f"kernel['{key}'] must be a bool; got {type(k[key]).__name__}")
+        _positive("kernel['max_lr']", k.get("max_lr", 1.0))

@@ -93,9 +93,11 @@ def _family_fields(name: str, size: str) -> dict:
         fields["num_persistent"] = 0
     if memory:
         memory = dict(memory, chunk_size=chunk_size)
+    if kernel:
+        kernel = dict(kernel, chunk_size=chunk_size)
     if memory.get("feature_map") == "polynomial" and size != "tiny":
         fields.update(head_dim=POLY_HEAD_DIM, num_attention_heads=fields["hidden_size"] // POLY_HEAD_DIM)
-    return dict(fields, layer_pattern=block, memory=memory, kernel=dict(kernel))
+    return dict(fields, layer_pattern=block, memory=memory, kernel=kernel)
 
 
 def preset_config(name: str, size: str = "tiny", **overrides) -> DeepMemoryConfig:

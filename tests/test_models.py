@@ -1,0 +1,263 @@
+"""The causal LM over every preset: training step, exact cached decoding, streaming, presets, errors."""
+
+import pytest
+import torch
+
+from deepmemory.models import DeepMemoryCache, DeepMemoryConfig, build, count_parameters, list_presets, preset_config
+
+PRESETS = list_presets()
+# small windows, segments and chunks so that a 23-token sequence crosses all of them
+SMALL = dict(attention_window=5, segment_size=6)
+
+
+def small(name, **overrides):
+    kw = dict(SMALL, **overrides)
+    if preset_config(name).memory:
+        kw["memory"] = dict(chunk_size=4, **kw.get("memory", {}))
+    if preset_config(name).kernel:
+        kw["kernel"] = dict(chunk_size=4, **kw.get("kernel", {}))
+    return kw
+
+
+def tiny64(name, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return build(name, **small(name, **overrides)).double().eval()
+
+
+def test_presets_are_listed():
+    assert len(PRESETS) == 17 and "titans-mac" in PRESETS and "atlas-pp" in PRESETS
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_forward_backward(name):
+    torch.manual_seed(0)
+    model = build(name).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 19))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (2, 19, model.config.vocab_size)
+    assert out.past_key_values is None  # training steps do not build a cache
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_cached_decoding_matches_full_pass(name):
+    model = tiny64(name)
+    ids = torch.randint(0, model.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(1))
+    full = model(ids).logits
+    out = model(ids[:, :7], use_cache=True)
+    steps = [out.logits]
+    cache = out.past_key_values
+    for t in range(7, ids.shape[1]):
+        out = model(ids[:, t : t + 1], past_key_values=cache)
+        assert out.past_key_values is cache
+        steps.append(out.logits)
+    assert cache.get_seq_length() == 23
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_segments_with_cache_match_one_pass(name):
+    model = tiny64(name, seed=2)
+    ids = torch.randint(0, model.config.vocab_size, (1, 29), generator=torch.Generator().manual_seed(3))
+    full = model(ids).logits
+    cache, parts, start = None, [], 0
+    for n in (5, 1, 11, 3, 9):
+        out = model(ids[:, start : start + n], past_key_values=cache, use_cache=True)
+        cache, start = out.past_key_values, start + n
+        parts.append(out.logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-9)
+
+
+def test_loss_is_shifted_cross_entropy_with_ignore_index():
+    model = tiny64("titans-lmm")
+    ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[0, 5] = labels[1, 9] = -100
+    out = model(ids, labels=labels)
+    logp = out.logits.log_softmax(-1)[:, :-1]
+    target = labels[:, 1:]
+    keep = target != -100
+    expected = -logp[keep].gather(-1, target[keep][:, None]).mean()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["titans-lmm", "gated-deltanet", "atlas", "swla"])
+def test_memory_only_models_stream_with_constant_state(name):
+    model = tiny64(name)
+    cache = None
+    sizes = []
+    gen = torch.Generator().manual_seed(5)
+    for step in range(6):
+        ids = torch.randint(0, 256, (1, 17), generator=gen)
+        cache = model(ids, past_key_values=cache, use_cache=True).past_key_values
+        sizes.append(cache.nbytes())
+    # the unfinished chunk and the Omega window are bounded, so the state stops growing
+    assert max(sizes[1:]) <= sizes[1] + 4 * 17 * 64 * 8 and len(set(sizes[2:])) <= 4
+    assert cache.get_seq_length() == 6 * 17
+
+
+def test_sliding_window_cache_is_bounded_and_full_attention_grows():
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 256, (1, 40), generator=gen)
+    swa, full = tiny64("swa"), tiny64("transformer")
+    a = swa(ids[:, :20], use_cache=True).past_key_values.nbytes()
+    b = swa(ids, use_cache=True).past_key_values.nbytes()
+    c = full(ids[:, :20], use_cache=True).past_key_values.nbytes()
+    d = full(ids, use_cache=True).past_key_values.nbytes()
+    assert a == b and d == 2 * c
+
+
+def test_cache_detach_cuts_the_graph():
+    model = tiny64("titans-mac")
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(7))
+    cache = model(ids, use_cache=True).past_key_values
+    assert any(t.requires_grad for s in cache.states for t in _leaves(s))
+    cache.detach()
+    assert not any(t.requires_grad for s in cache.states for t in _leaves(s))
+    model(ids, past_key_values=cache)  # still usable
+
+
+def _leaves(state):
+    from deepmemory.models.modeling import _tensors
+
+    return _tensors(state)
+
+
+FAMILIES = ["transformer", "gated-deltanet", "titans-mac", "atlas", "deep-transformer"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_overfits_a_fixed_batch(name):
+    torch.manual_seed(0)
+    model = build(name, segment_size=16).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 33))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(120):
+        loss = model(ids, labels=ids).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.1 * first:
+            break
+    assert loss.item() < 0.1 * first, f"{name}: loss {first:.3f} -> {loss.item():.3f}"
+
+
+def test_unknown_preset_and_size_list_the_valid_ones():
+    with pytest.raises(ValueError, match="valid presets: transformer, swa, .*titans-mac.*dot"):
+        build("titans")
+    with pytest.raises(ValueError, match="valid sizes: tiny, 170m, 340m, 760m, 1.3b"):
+        preset_config("atlas", "7b")
+    with pytest.raises(ValueError, match="unknown config field.*hiden_size"):
+        preset_config("atlas", hiden_size=32)
+    with pytest.raises(ValueError, match="memory settings must be one of .*'wndow'"):
+        preset_config("atlas", memory={"wndow": 3})
+
+
+def test_overrides_merge_memory_settings():
+    config = preset_config("atlas", memory={"window": 4}, num_layers=3)
+    assert config.memory["window"] == 4 and config.memory["optimizer"] == "muon"
+    assert config.memory["feature_map"] == "polynomial" and config.num_hidden_layers == 3
+    assert config.layer_pattern == ["memory"] * 3
+    assert preset_config("swdt", attention_window=7).kernel["window"] == 7
+
+
+@pytest.mark.parametrize(
+    "ids, error, match",
+    [
+        (torch.tensor([[1, 2, 256]]), ValueError, r"input_ids must lie in \[0, 256\)"),
+        (torch.tensor([[3, -1, 2]]), ValueError, r"input_ids must lie in \[0, 256\)"),
+        (torch.zeros(2, 0, dtype=torch.long), ValueError, "input_ids is empty"),
+        (torch.tensor([[1.0, 2.0]]), TypeError, "integer token ids"),
+        (torch.tensor([1, 2, 3]), ValueError, r"\[batch, seq\]"),
+    ],
+)
+def test_bad_token_ids_fail_clearly(ids, error, match):
+    model = build("titans-lmm")
+    with pytest.raises(error, match=match):
+        model(ids)
+
+
+def test_other_bad_inputs_fail_clearly():
+    model = build("transformer")
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="padding is not supported"):
+        model(ids, attention_mask=torch.tensor([[0, 1, 1]]))
+    with pytest.raises(TypeError, match="past_key_values must be a DeepMemoryCache"):
+        model(ids, past_key_values=[None, None])
+    with pytest.raises(ValueError, match="holds 3 layer states"):
+        model(ids, past_key_values=DeepMemoryCache(3))
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        model(ids, labels=ids[:, :2])
+    with pytest.raises(TypeError, match="unexpected argument"):
+        model(ids, lables=ids)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(layer_pattern=["attn", "lstm"]), "layer_pattern entries must be one of"),
+        (dict(layer_pattern=["attn"] * 3), "layer_pattern must name 2 blocks"),
+        (dict(hidden_size=0), "hidden_size must be >= 1"),
+        (dict(num_heads=4, head_dim=15, layer_pattern="attn"), "head_dim must be even"),
+        (dict(layer_pattern="memory", memory={"memory": "conv"}), "memory\\['memory'\\] must be one of"),
+        (dict(layer_pattern="memory", memory={"memory": "linear", "residual": True}), "linear memory has no residual"),
+        (dict(layer_pattern="memory", memory={"optimizer": "adam"}), "optimizer"),
+        (dict(layer_pattern="memory", memory={"window": 0}), "window'\\] must be >= 1"),
+        (dict(layer_pattern="kernel", kernel={"window": 0}), "window'\\] must be >= 1"),
+        (dict(layer_pattern="kernel", kernel={"loss": "huber"}), "kernel\\['loss'\\]"),
+        (dict(attention_window=0, layer_pattern="swa"), "attention_window must be >= 1"),
+        (dict(num_persistent=-1), "num_persistent must be >= 0"),
+        (dict(rms_norm_eps=0.0), "rms_norm_eps must be a positive number"),
+    ],
+)
+def test_invalid_configs_fail_at_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        DeepMemoryConfig(vocab_size=256, **kwargs)
+
+
+PAPER_SIZES = {"170m": 170e6, "340m": 340e6, "760m": 760e6, "1.3b": 1.3e9}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_paper_size_parameter_counts(name):
+    for size, target in PAPER_SIZES.items():
+        config = preset_config(name, size)
+        total, _ = count_parameters(config)
+        assert abs(total - target) <= 0.1 * target, f"{name} {size}: {total:,}"
+        assert config.vocab_size == 32000
+    table7 = {"170m": (12, 768), "340m": (24, 1024), "760m": (24, 1536), "1.3b": (18, 2048)}
+    for size, (layers, hidden) in table7.items():
+        config = preset_config(name, size)
+        assert (config.num_hidden_layers, config.hidden_size) == (layers, hidden)
+
+
+def test_paper_sizes_keep_table7_heads_without_polynomial_features():
+    assert preset_config("titans-mac", "1.3b").num_attention_heads == 8
+    assert preset_config("transformer", "340m").num_attention_heads == 16
+    assert preset_config("atlas", "1.3b").head_dim == 32  # see presets.POLY_HEAD_DIM
+
+
+def test_atlas_family_rows():
+    rows = {
+        "titans-lmm": ("l2", 1, "momentum", "mlp", "identity"),
+        "omeganet": ("l2", 16, "momentum", "mlp", "polynomial"),
+        "atlas": ("l2", 16, "muon", "mlp", "polynomial"),
+        "atlas-pp": ("l2", 16, "muon", "gated_mlp", "polynomial"),
+        "dla": ("dot", 1, "gd", "mlp", "polynomial"),
+        "swla": ("dot", 16, "gd", "linear", "identity"),
+        "gated-deltanet": ("l2", 1, "gd", "linear", "identity"),
+    }
+    for name, row in rows.items():
+        m = preset_config(name).memory
+        assert (m["loss"], m["window"], m["optimizer"], m["memory"], m["feature_map"]) == row, name
+    assert preset_config("atlas").memory["granularity"] == "chunk"
+    assert preset_config("deep-transformer").kernel["window"] is None
+    assert preset_config("swdt").kernel["loss"] == "dot" and preset_config("dot").kernel["loss"] == "l2"
+    for name in ("atlas-mag", "atlas-mal"):
+        assert preset_config(name).memory == preset_config("atlas").memory
