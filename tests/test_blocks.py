@@ -11,7 +11,7 @@ from deepmemory.layers.blocks import MACBlock, MAGBlock, MALBlock, MemoryBlock, 
 
 HID, NH, HD = 32, 2, 16
 MEM = dict(chunk_size=4)
-ATLAS = dict(chunk_size=4, window=3, optimizer="muon", memory="gated_mlp", feature_map="polynomial")
+ATLAS = dict(chunk_size=4, window=3, optimizer="muon", memory="gated_mlp", feature_map="polynomial", granularity="chunk")
 
 BUILDERS = {
     "transformer": lambda: TransformerBlock(HID, NH, HD),
