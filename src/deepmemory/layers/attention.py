@@ -115,19 +115,19 @@ class Attention(nn.Module):
         the persistent tokens and the always-visible ``prefix [B or 1, N, hidden]``."""
         q = self.heads(self.q_proj(x))
         qr = rope(q, pos, self.rope_theta)
-        fixed = [t for t in (self.persistent, prefix) if t is not None]
+        fixed = [f if f.dim() == 3 else f[None] for f in (self.persistent, prefix) if f is not None]
         scale = self.head_dim**-0.5
         if not fixed:
             y = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
         else:
             bsz, n_q, n_k = x.shape[0], x.shape[1], k.shape[2]
-            p = torch.cat([(f if f.dim() == 3 else f[None]).expand(bsz, -1, -1) for f in fixed], dim=1)
-            kp, vp = self.heads(self.k_proj(p)), self.heads(self.v_proj(p))
+            kp = torch.cat([self.heads(self.k_proj(f)).expand(bsz, -1, -1, -1) for f in fixed], 2)
+            vp = torch.cat([self.heads(self.v_proj(f)).expand(bsz, -1, -1, -1) for f in fixed], 2)
             q2 = torch.cat([qr, q], dim=-1)
             k2 = torch.cat([torch.cat([torch.zeros_like(kp), kp], -1), torch.cat([k, torch.zeros_like(k)], -1)], 2)
             if mask is None:
                 mask = torch.ones(n_q, n_k, dtype=torch.bool, device=x.device).tril()
-            mask = torch.cat([mask.new_ones(n_q, p.shape[1]), mask], dim=1)
+            mask = torch.cat([mask.new_ones(n_q, kp.shape[2]), mask], dim=1)
             y = F.scaled_dot_product_attention(q2, k2, torch.cat([vp, v], 2), attn_mask=mask, scale=scale)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
