@@ -40,11 +40,12 @@ def rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     """Rotate pairs ``(x_i, x_{i+D/2})`` of ``x [..., T, D]`` by ``pos_t * theta^(-2i/D)``."""
     half = x.shape[-1] // 2
     inv_freq = theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
-    # float64 angles: positions in the millions keep their phase
+    # float64 angles: positions in the millions keep their phase; rotate in at least float32
     ang = pos.to(torch.float64)[:, None] * inv_freq
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cos, sin = ang.cos().to(cd), ang.sin().to(cd)
+    x1, x2 = x[..., :half].to(cd), x[..., half:].to(cd)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 @dataclass
