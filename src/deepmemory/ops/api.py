@@ -15,7 +15,19 @@ from .state import MemoryState
 
 OPTIMIZERS = ("gd", "momentum", "muon")
 GRANULARITIES = ("token", "chunk")
-IMPLS = {"chunk": chunk, "reference": reference}
+
+
+def _triton(p: Problem) -> Result:
+    try:  # lazily: triton is an optional dependency
+        from .triton_chunk import triton_chunk
+    except ModuleNotFoundError as e:
+        if e.name != "triton":
+            raise
+        raise ImportError("impl='triton' needs the triton package (pip install triton)") from e
+    return triton_chunk(p)
+
+
+IMPLS = {"chunk": chunk, "reference": reference, "triton": _triton}
 
 
 def _choice(name: str, value, options) -> None:
