@@ -204,12 +204,26 @@ def test_layer_linear_is_attention_on_its_projections():
     torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
 
 
-def test_state_detach_and_window_bound():
+def test_state_detach_and_sizes():
     layer = KernelMemory(32, 2, 8, window=5, chunk_size=4)
     _, state = layer(torch.randn(1, 18, 32), return_state=True)
-    assert state.cache.keys.shape[2] == 5 and state.cache.pending_k.shape[2] == 2
+    c = state.cache
+    assert c.keys.shape[2] == 5 and c.signals.shape[2] == 5 and c.evict_signals[0].shape[2] == 5
+    assert c.pending_k.shape[2] == 2 and c.weights[0].shape == (1, 2, 8, 32)
     d = state.detach()
-    assert not d.cache.signals[0].requires_grad and not any(c.requires_grad for c in d.conv)
+    assert not d.cache.signals.requires_grad and not d.cache.weights[0].requires_grad
+    assert not any(t.requires_grad for t in d.conv)
+    # without a window the deeper matrices need no per-token data: the state is keys, signals, matrices
+    _, state = KernelMemory(32, 2, 8, chunk_size=4)(torch.randn(1, 18, 32), return_state=True)
+    assert state.cache.keys.shape[2] == 16 and state.cache.evict_signals[0].shape[2] == 0
+
+
+def test_state_from_other_settings_is_rejected():
+    q, k, v, lr = _qkv(6)
+    w, scale = _weights(2, 6), torch.ones(H, dtype=torch.float64)
+    _, st = kernel_memory(q, k, v, lr, w, scale, window=3, chunk_size=4, output_final_state=True)
+    with pytest.raises(ValueError, match="initial_state was made with"):
+        kernel_memory(q, k, v, lr, w, scale, window=4, chunk_size=4, initial_state=st)
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,10 @@ is an attention read over the stored keys. What the layer computes, per head (``
 i.e. gradient descent on the Omega objective ``Σ_{i∈I_t} loss_i`` where each token's gradient is
 taken once, at the memory of its chunk start (``chunk_size=1``: the memory just before it, the
 online rule of eq. 25/30), and leaves the memory when it leaves the window. The other matrices
-(``W_1 … W_{L-1}``, learned initial values) are handled the same way, in dual form:
-``W_l(t) a = W_l,init a + Σ_{i∈I_t} D_{l,i} (a_{l,i}·a)``, so no per-token weights are materialised.
+(``W_1 … W_{L-1}``, learned initial values) follow the same rule; they are materialised at chunk
+starts and, inside a chunk, read in dual form (TTT's, as in the op):
+``W_l(t) a = W_l(t'-1) a + Σ_i sign(t, i) D_{l,i} (a_{l,i}·a)`` with ``+1`` for the chunk's tokens in
+``I_t`` and ``-1`` for the earlier tokens that have left ``I_t`` by ``t``.
 
 Why this is the paper's family. With a linear memory (``depth=1``, no residual), the dot loss and
 ``lr = 1``: ``y_t = Σ_{i∈I_t} v_i exp(τ q_t·k_i)``, unnormalised causal attention (eq. 26) for
@@ -32,15 +34,16 @@ attention a special case; the paper's per-position weights ``γ_i^{(t)}`` reduce
 attention, and the exponentials stay bounded. Writes are unchanged; an empty token set reads 0.
 ``τ`` is a learned per-head temperature (q and k are unit vectors; init ``sqrt(head_dim)``).
 
-Cost: every read looks at the stored tokens, O(T^2) like attention (O(T·c) with a window); the
-state stores per token its key, its first-layer signal and, per deeper matrix, its signal and input.
+Cost: the first layer reads the stored tokens, O(T^2) like attention (O(T·c) with a window). The
+state is what attention's cache is (per token a key and a first-layer signal, its "value") plus the
+deeper matrices; with a window, also each stored token's deeper signals and inputs, to retire them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -53,25 +56,34 @@ from .memory_layer import ConvStates, QKVMixer, check_bool, check_choice, check_
 
 @dataclass
 class KernelCache:
-    """The stored tokens: those of the window before the unfinished chunk, and the unfinished
-    chunk's raw inputs (its gradients are taken at the chunk start, so they are replayed).
+    """What continues a sequence exactly, as of the start of the unfinished chunk (whose gradients
+    are all taken there, so its raw inputs are kept and replayed).
 
-    ``keys [B, H, n, dk]``; ``signals``: per matrix ``D_l [B, H, n, rows_l]``; ``inputs``: per
-    matrix after the first ``a_l [B, H, n, cols_l]``; ``pending_k [B, H, p, dk]``,
-    ``pending_v [B, H, p, dv]``, ``pending_lr [B, H, p]``; ``seen``: tokens read so far.
+    - ``keys [B, H, n, dk]``, ``signals [B, H, n, w0]``: the first layer's stored tokens (the last
+      ``window`` ones, all of them for ``window=None``).
+    - ``weights``: the deeper matrices ``W_l [B, H, rows, cols]`` (l = 1 .. depth-1) at that point.
+    - ``evict_signals`` / ``evict_inputs``: per deeper matrix, ``D_{l,i} [B, H, n_e, rows]`` and
+      ``a_{l,i} [B, H, n_e, cols]`` of the tokens still in the window (their contribution is
+      subtracted when they leave it; ``n_e = 0`` for ``window=None``).
+    - ``pending_k [B, H, p, dk]``, ``pending_v [B, H, p, dv]``, ``pending_lr [B, H, p]``: the
+      unfinished chunk; ``seen``: tokens read so far; ``config``: the settings it was made with.
     """
 
     keys: Tensor
-    signals: Tuple[Tensor, ...]
-    inputs: Tuple[Tensor, ...]
+    signals: Tensor
+    weights: Tuple[Tensor, ...]
+    evict_signals: Tuple[Tensor, ...]
+    evict_inputs: Tuple[Tensor, ...]
     pending_k: Tensor
     pending_v: Tensor
     pending_lr: Tensor
     seen: int
+    config: Tuple = ()
 
     def map(self, fn) -> "KernelCache":
         return replace(
-            self, keys=fn(self.keys), signals=tuple(map(fn, self.signals)), inputs=tuple(map(fn, self.inputs)),
+            self, keys=fn(self.keys), signals=fn(self.signals), weights=tuple(map(fn, self.weights)),
+            evict_signals=tuple(map(fn, self.evict_signals)), evict_inputs=tuple(map(fn, self.evict_inputs)),
             pending_k=fn(self.pending_k), pending_v=fn(self.pending_v), pending_lr=fn(self.pending_lr),
         )
 
@@ -79,8 +91,9 @@ class KernelCache:
         return self.map(torch.Tensor.detach)
 
 
-def _kernel_read(x, keys, d0, scale, mask, normalized):
-    """``Σ_i D_i exp(scale k_i·x)`` over the tokens ``mask`` allows (``[m, n]`` bool or None = all)."""
+def _kernel_read(x: Tensor, keys: Tensor, d0: Tensor, scale: Tensor, mask: Optional[Tensor], normalized: bool) -> Tensor:
+    """``Σ_i D_i exp(scale k_i·x)`` (divided by ``Σ_i exp(scale k_i·x)`` when ``normalized``) over
+    the stored tokens ``mask [m, n]`` allows (None: all)."""
     if keys.shape[-2] == 0:  # nothing stored yet: W_0 = 0
         return x.new_zeros(*x.shape[:-1], d0.shape[-1])
     s = scale * (x @ keys.transpose(-1, -2))  # [B, H, m, n]
@@ -96,40 +109,35 @@ def _kernel_read(x, keys, d0, scale, mask, normalized):
     return w @ d0
 
 
-def _read(x, cache_keys, signals, inputs, init, scale, mask, cfg):
-    """Forward of ``M`` at the memory the stored tokens (restricted by ``mask``) define.
-    Returns the output and the pre-activations ``z_l`` (for the backward)."""
+def _read(x, keys, d0, mask, weights, dual, scale, cfg):
+    """``M(x)`` and its pre-activations ``z_l``. The deeper matrices are ``weights`` plus, in dual
+    form, ``Σ_i sign[t, i] D_{l,i} a_{l,i}^T`` for ``dual = (sign [m, n], signals, inputs)``."""
     depth, act, residual, normalized = cfg
-    z = [_kernel_read(x, cache_keys, signals[0], scale, mask, normalized)]
+    z = [_kernel_read(x, keys, d0, scale, mask, normalized)]
     for l in range(1, depth):
         a = act_fn(act, z[-1])
-        g = a @ inputs[l - 1].transpose(-1, -2)
-        if mask is not None:
-            g = g * mask
-        z.append(a @ init[l - 1].transpose(-1, -2) + g @ signals[l])
-    out = z[-1] + x if residual else z[-1]
-    return out, z
+        out = a @ weights[l - 1].transpose(-1, -2)
+        if dual is not None:
+            sign, sig, inp = dual
+            out = out + ((a @ inp[l - 1].transpose(-1, -2)) * sign) @ sig[l - 1]
+        z.append(out)
+    return (z[-1] + x if residual else z[-1]), z
 
 
-def _write(k, v, lr, keys, signals, inputs, init, scale, loss, cfg):
-    """The chunk's stored signals ``D_l = -lr δ_l`` and inputs, from one forward and a hand-written
-    backward of its keys at the chunk-start memory (all stored tokens are in its window)."""
+def _write(k, v, lr, keys, d0, weights, scale, loss, cfg):
+    """Signals ``D_l = -lr δ_l`` (first layer, then deeper) and inputs ``a_l`` of a chunk's tokens:
+    one forward and a hand-written backward of its keys at the chunk-start memory (every stored
+    token is in the window of the chunk start)."""
     depth, act = cfg[0], cfg[1]
-    pred, z = _read(k, keys, signals, inputs, init, scale, None, cfg)
+    pred, z = _read(k, keys, d0, None, weights, None, scale, cfg)
     delta = pred - v if loss == "l2" else -v
-    new_signals: List[Tensor] = [None] * depth
-    new_inputs: List[Tensor] = [None] * (depth - 1)
     coef = -lr.unsqueeze(-1)
-    for l in reversed(range(depth)):
-        new_signals[l] = coef * delta
-        if l == 0:
-            break
-        a = act_fn(act, z[l - 1])
-        new_inputs[l - 1] = a
-        # W_l^T δ at the chunk start: W_l,init^T δ + Σ_i a_{l,i} (D_{l,i}·δ)
-        back = delta @ init[l - 1] + (delta @ signals[l].transpose(-1, -2)) @ inputs[l - 1]
-        delta = back * activation_grad(act, z[l - 1])
-    return new_signals, new_inputs
+    signals, inputs = [], []
+    for l in reversed(range(1, depth)):
+        signals.insert(0, coef * delta)
+        inputs.insert(0, act_fn(act, z[l - 1]))
+        delta = (delta @ weights[l - 1]) * activation_grad(act, z[l - 1])
+    return coef * delta, signals, inputs
 
 
 def kernel_memory(
@@ -153,61 +161,80 @@ def kernel_memory(
     """The kernel-form memory (module docstring), heads first: ``q, k [B, H, T, dk]``,
     ``v [B, H, T, dv]``, ``lr [B, H, T]``, ``scale [H]`` (the kernel is ``exp(scale k·x)``),
     ``weights {"w1" .. "w{depth-1}": [H, rows, cols]}`` the initial deeper matrices ->
-    ``y [B, H, T, dv]`` and, if asked, the cache that continues the sequence exactly."""
+    ``y [B, H, T, dv]`` and, if asked, the cache that continues the sequence exactly.
+
+    Per chunk, the deeper matrices are materialised at its start; a query at ``t`` adds the
+    chunk's tokens up to ``t`` and subtracts the stored tokens that left the window by ``t``."""
     bsz, nh, seq, dk = q.shape
     dv = v.shape[-1]
-    init = [weights[f"w{l}"].unsqueeze(0) for l in range(1, depth)]
-    widths = [init[0].shape[-1] if depth > 1 else dv] + [w.shape[-2] for w in init]
-    sc = scale.reshape(1, nh, 1, 1)
-    cfg = (depth, activation, residual, normalized)
+    config = (depth, activation, residual, loss, window, normalized, chunk_size)
+    names = [f"w{l}" for l in range(1, depth)]
     if initial_state is None:
+        w0_width = weights[names[0]].shape[-1] if depth > 1 else dv
         st = KernelCache(
-            keys=k.new_zeros(bsz, nh, 0, dk),
-            signals=tuple(k.new_zeros(bsz, nh, 0, w) for w in widths),
-            inputs=tuple(k.new_zeros(bsz, nh, 0, w.shape[-1]) for w in init),
-            pending_k=k[:, :, :0], pending_v=v[:, :, :0], pending_lr=lr[:, :, :0], seen=0,
+            keys=k.new_zeros(bsz, nh, 0, dk), signals=k.new_zeros(bsz, nh, 0, w0_width),
+            weights=tuple(weights[n].expand(bsz, -1, -1, -1) for n in names),
+            evict_signals=tuple(k.new_zeros(bsz, nh, 0, weights[n].shape[-2]) for n in names),
+            evict_inputs=tuple(k.new_zeros(bsz, nh, 0, weights[n].shape[-1]) for n in names),
+            pending_k=k[:, :, :0], pending_v=v[:, :, :0], pending_lr=lr[:, :, :0], seen=0, config=config,
         )
     else:
         st = initial_state
+        if not isinstance(st, KernelCache):
+            raise TypeError(f"initial_state must be a KernelCache; got {type(st).__name__}")
+        if st.config != config:
+            raise ValueError(f"initial_state was made with settings {st.config}, not {config}")
+    sc = scale.reshape(1, nh, 1, 1)
+    cfg = (depth, activation, residual, normalized)
     pend = st.pending_k.shape[2]
     kk = torch.cat([st.pending_k, k], 2)
     vv = torch.cat([st.pending_v, v], 2)
     ll = torch.cat([st.pending_lr, lr], 2)
     qq = torch.cat([q.new_zeros(bsz, nh, pend, dk), q], 2)
-    keys, signals, inputs = st.keys, list(st.signals), list(st.inputs)
+    keys, d0, mats = st.keys, st.signals, list(st.weights)
+    ev_sig, ev_inp = list(st.evict_signals), list(st.evict_inputs)
     n, b = kk.shape[2], chunk_size
     outs = []
     for s in range(0, n, b):
         e = min(s + b, n)
-        new_s, new_i = _write(kk[:, :, s:e], vv[:, :, s:e], ll[:, :, s:e], keys, signals, inputs, init, sc, loss, cfg)
-        all_keys = torch.cat([keys, kk[:, :, s:e]], 2)
-        all_sig = [torch.cat(p, 2) for p in zip(signals, new_s)]
-        all_inp = [torch.cat(p, 2) for p in zip(inputs, new_i)]
-        # positions: stored tokens s-n0 .. s-1, then the chunk s .. e-1; query t sees i in (t-c, t]
-        n0 = keys.shape[2]
-        pos_i = torch.arange(s - n0, e, device=q.device)
+        new_d0, new_sig, new_inp = _write(kk[:, :, s:e], vv[:, :, s:e], ll[:, :, s:e], keys, d0, mats, sc, loss, cfg)
+        all_keys, all_d0 = torch.cat([keys, kk[:, :, s:e]], 2), torch.cat([d0, new_d0], 2)
+        all_sig = [torch.cat(p, 2) for p in zip(ev_sig, new_sig)]
+        all_inp = [torch.cat(p, 2) for p in zip(ev_inp, new_inp)]
+        # stored tokens sit at s-n0 .. s-1, the chunk at s .. e-1; query t sees i in (t-c, t]
         pos_t = torch.arange(s, e, device=q.device)[:, None]
+        pos_i = torch.arange(s - keys.shape[2], e, device=q.device)
         mask = pos_i <= pos_t
         if window is not None:
             mask = mask & (pos_i > pos_t - window)
+        # deeper matrices: + the chunk's tokens in t's window, - the stored ones gone from it by t
+        n_e = ev_sig[0].shape[2] if ev_sig else 0
+        if window is None:
+            gone = mask.new_zeros(e - s, n_e)
+        else:
+            gone = torch.arange(s - n_e, s, device=q.device) <= pos_t - window
+        sign = torch.cat([-gone.to(q.dtype), mask[:, keys.shape[2] :].to(q.dtype)], 1)
         if e > pend:
             lo = max(s, pend)
-            y, _ = _read(qq[:, :, lo:e], all_keys, all_sig, all_inp, init, sc, mask[lo - s :], cfg)
+            y, _ = _read(qq[:, :, lo:e], all_keys, all_d0, mask[lo - s :], mats, (sign[lo - s :], all_sig, all_inp), sc, cfg)
             outs.append(y)
-        if e - s < b:  # unfinished chunk: keep its raw inputs, drop its signals
+        if e - s < b:  # unfinished chunk: its raw inputs are kept instead
             break
+        mats = [w + torch.einsum("bhi,bhir,bhic->bhrc", sign[-1].expand(bsz, nh, -1), d, a)
+                for w, d, a in zip(mats, all_sig, all_inp)]
         keep = all_keys.shape[2] if window is None else min(window, all_keys.shape[2])
-        keys = all_keys[:, :, -keep:]
-        signals = [t[:, :, -keep:] for t in all_sig]
-        inputs = [t[:, :, -keep:] for t in all_inp]
+        keys, d0 = all_keys[:, :, -keep:], all_d0[:, :, -keep:]
+        keep_e = 0 if window is None else min(window, all_keys.shape[2])
+        ev_sig = [t[:, :, t.shape[2] - keep_e :] for t in all_sig]
+        ev_inp = [t[:, :, t.shape[2] - keep_e :] for t in all_inp]
     y = torch.cat(outs, 2)
     if not output_final_state:
         return y, None
-    total = st.seen + seq
-    p = total % b
+    p = (st.seen + seq) % b
     return y, KernelCache(
-        keys=keys, signals=tuple(signals), inputs=tuple(inputs),
-        pending_k=kk[:, :, n - p :], pending_v=vv[:, :, n - p :], pending_lr=ll[:, :, n - p :], seen=total,
+        keys=keys, signals=d0, weights=tuple(mats), evict_signals=tuple(ev_sig), evict_inputs=tuple(ev_inp),
+        pending_k=kk[:, :, n - p :], pending_v=vv[:, :, n - p :], pending_lr=ll[:, :, n - p :],
+        seen=st.seen + seq, config=config,
     )
 
 
