@@ -251,3 +251,12 @@ def test_input_errors():
         layer(torch.randn(2, 5))
     with pytest.raises(TypeError, match="state"):
         layer(torch.randn(2, 5, 32), state="cache")
+
+
+def test_state_map_selects_batch_rows():
+    layer = _layer(window=3, loss="l2")
+    x = torch.randn(3, 11, 32, dtype=torch.float64)
+    _, state = layer(x[:, :6], return_state=True)
+    full = layer(x[:, 6:], state=state)
+    sub = layer(x[1:, 6:], state=state.map(lambda t: t[1:]))
+    torch.testing.assert_close(sub, full[1:], rtol=1e-12, atol=1e-12)

@@ -220,3 +220,12 @@ def test_input_errors():
         layer.read(torch.randn(2, 5, NH, HD + 1))
     with pytest.raises(TypeError, match="hidden_size"):
         NeuralMemory(32.0, NH, HD)
+
+
+def test_state_map_selects_batch_rows():
+    layer = _layer(window=2)
+    x = _x(t=10, b=3)
+    _, state = layer(x[:, :6], return_state=True)
+    full = layer(x[:, 6:], state=state)
+    sub = layer(x[1:, 6:], state=state.map(lambda t: t[1:]))
+    torch.testing.assert_close(sub, full[1:], rtol=1e-12, atol=1e-12)

@@ -245,8 +245,12 @@ class KernelMemoryState:
     cache: KernelCache
     conv: ConvStates
 
+    def map(self, fn) -> "KernelMemoryState":
+        """A copy with ``fn`` applied to every tensor (detach, move, select batch rows)."""
+        return replace(self, cache=self.cache.map(fn), conv=tuple(None if c is None else fn(c) for c in self.conv))
+
     def detach(self) -> "KernelMemoryState":
-        return replace(self, cache=self.cache.detach(), conv=tuple(None if c is None else c.detach() for c in self.conv))
+        return self.map(torch.Tensor.detach)
 
 
 class KernelMemory(QKVMixer):

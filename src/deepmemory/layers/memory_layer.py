@@ -99,10 +99,12 @@ class NeuralMemoryState:
     memory: MemoryState
     conv: ConvStates
 
+    def map(self, fn) -> "NeuralMemoryState":
+        """A copy with ``fn`` applied to every tensor (detach, move, select batch rows)."""
+        return replace(self, memory=self.memory.map(fn), conv=tuple(None if c is None else fn(c) for c in self.conv))
+
     def detach(self) -> "NeuralMemoryState":
-        return replace(
-            self, memory=self.memory.detach(), conv=tuple(None if c is None else c.detach() for c in self.conv)
-        )
+        return self.map(torch.Tensor.detach)
 
 
 class NeuralMemory(QKVMixer):
