@@ -233,6 +233,242 @@ class _LinearChunks(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------
+# 2-layer MLP memory: M(x) = x + U1 gelu(U0 x), U0 [hd, d], U1 [d, hd]
+
+
+@triton.jit
+def _mm(a, b):
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _tile(ptr, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    r, c = tl.arange(0, BR), tl.arange(0, BC)
+    return tl.load(ptr + r[:, None] * C + c[None, :], mask=(r[:, None] < R) & (c[None, :] < C), other=0.0)
+
+
+@triton.jit
+def _put(ptr, x, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    r, c = tl.arange(0, BR), tl.arange(0, BC)
+    tl.store(ptr + r[:, None] * C + c[None, :], x, mask=(r[:, None] < R) & (c[None, :] < C))
+
+
+@triton.jit
+def _vec(ptr, N: tl.constexpr, BN: tl.constexpr):
+    r = tl.arange(0, BN)
+    return tl.load(ptr + r, mask=r < N, other=0.0)
+
+
+@triton.jit
+def _put_vec(ptr, x, N: tl.constexpr, BN: tl.constexpr):
+    r = tl.arange(0, BN)
+    tl.store(ptr + r, x, mask=r < N)
+
+
+@triton.jit
+def _dot_all(a, b):
+    return tl.sum(tl.sum(a * b, 1), 0)
+
+
+@triton.jit
+def _gelu(z):  # exact (erf) GELU
+    return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(z):  # Phi(z) + z phi(z)
+    return 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+
+
+@triton.jit
+def _gelu_grad2(z):  # phi(z) (2 - z^2)
+    return 0.3989422804014327 * tl.exp(-0.5 * z * z) * (2.0 - z * z)
+
+
+@triton.jit
+def _mlp_fwd_kernel(
+    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, U0, U1, S0, S1,  # inputs
+    O, US0, US1, SS0, SS1, UF0, UF1, SF0, SF1,  # outputs
+    NC, B: tl.constexpr, NE: tl.constexpr, D: tl.constexpr, HD: tl.constexpr,
+    BB: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, L2: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    u0 = _tile(U0 + bh * HD * D, HD, D, BH, BD)
+    u1 = _tile(U1 + bh * D * HD, D, HD, BD, BH)
+    s0 = _tile(S0 + bh * HD * D, HD, D, BH, BD)
+    s1 = _tile(S1 + bh * D * HD, D, HD, BD, BH)
+    for j in range(NC):
+        cj = bh * NC + j
+        _put(US0 + cj * HD * D, u0, HD, D, BH, BD)
+        _put(US1 + cj * D * HD, u1, D, HD, BD, BH)
+        _put(SS0 + cj * HD * D, s0, HD, D, BH, BD)
+        _put(SS1 + cj * D * HD, s1, D, HD, BD, BH)
+        q = _tile(Q + cj * B * D, B, D, BB, BD)
+        kx = _tile(K + cj * NE * D, NE, D, BE, BD)
+        vx = _tile(V + cj * NE * D, NE, D, BE, BD)
+        c = _tile(C + cj * B * NE, B, NE, BB, BE)
+        ce, pe = _vec(CE + cj * NE, NE, BE), _vec(PE + cj * NE, NE, BE)
+        ar, mr = _vec(AR + cj * B, B, BB)[:, None], _vec(MR + cj * B, B, BB)[:, None]
+        ae, m_e, ee = tl.load(AE + cj), tl.load(ME + cj), tl.load(EE + cj)
+
+        # gradient factors of the keys at the chunk-start weights: (d1, kx) for U0, (d2, h) for U1
+        z = _mm(kx, tl.trans(u0))
+        h = _gelu(z)
+        if L2:
+            d2 = _mm(h, tl.trans(u1)) + kx - vx
+        else:
+            d2 = -vx
+        d1 = _mm(d2, u1) * _gelu_grad(z)
+        # dual-form read, layer by layer
+        zq = ar * _mm(q, tl.trans(u0)) + mr * _mm(q, tl.trans(s0)) - _mm(c * _mm(q, tl.trans(kx)), d1)
+        hq = _gelu(zq)
+        o = q + ar * _mm(hq, tl.trans(u1)) + mr * _mm(hq, tl.trans(s1)) - _mm(c * _mm(hq, tl.trans(h)), d2)
+        _put(O + cj * B * D, o, B, D, BB, BD)
+        u0_new = ae * u0 + m_e * s0 - _mm(tl.trans(d1 * ce[:, None]), kx)
+        u1_new = ae * u1 + m_e * s1 - _mm(tl.trans(d2 * ce[:, None]), h)
+        s0 = ee * s0 - _mm(tl.trans(d1 * pe[:, None]), kx)
+        s1 = ee * s1 - _mm(tl.trans(d2 * pe[:, None]), h)
+        u0, u1 = u0_new, u1_new
+    _put(UF0 + bh * HD * D, u0, HD, D, BH, BD)
+    _put(UF1 + bh * D * HD, u1, D, HD, BD, BH)
+    _put(SF0 + bh * HD * D, s0, HD, D, BH, BD)
+    _put(SF1 + bh * D * HD, s1, D, HD, BD, BH)
+
+
+@triton.jit
+def _mlp_bwd_kernel(
+    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, US0, US1, SS0, SS1, DO, DUF0, DUF1, DSF0, DSF1,  # inputs
+    DQ, DK, DV, DC, DCE, DPE, DAR, DMR, DAE, DME, DEE, DU0, DU1, DS0, DS1,  # outputs
+    NC, B: tl.constexpr, NE: tl.constexpr, D: tl.constexpr, HD: tl.constexpr,
+    BB: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, L2: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    du0 = _tile(DUF0 + bh * HD * D, HD, D, BH, BD)
+    du1 = _tile(DUF1 + bh * D * HD, D, HD, BD, BH)
+    ds0 = _tile(DSF0 + bh * HD * D, HD, D, BH, BD)
+    ds1 = _tile(DSF1 + bh * D * HD, D, HD, BD, BH)
+    for jj in range(NC):
+        cj = bh * NC + NC - 1 - jj
+        u0 = _tile(US0 + cj * HD * D, HD, D, BH, BD)
+        u1 = _tile(US1 + cj * D * HD, D, HD, BD, BH)
+        s0 = _tile(SS0 + cj * HD * D, HD, D, BH, BD)
+        s1 = _tile(SS1 + cj * D * HD, D, HD, BD, BH)
+        q = _tile(Q + cj * B * D, B, D, BB, BD)
+        kx = _tile(K + cj * NE * D, NE, D, BE, BD)
+        vx = _tile(V + cj * NE * D, NE, D, BE, BD)
+        c = _tile(C + cj * B * NE, B, NE, BB, BE)
+        do = _tile(DO + cj * B * D, B, D, BB, BD)
+        ce, pe = _vec(CE + cj * NE, NE, BE)[:, None], _vec(PE + cj * NE, NE, BE)[:, None]
+        ar, mr = _vec(AR + cj * B, B, BB)[:, None], _vec(MR + cj * B, B, BB)[:, None]
+        ae, m_e, ee = tl.load(AE + cj), tl.load(ME + cj), tl.load(EE + cj)
+
+        # recompute the forward of this chunk
+        z = _mm(kx, tl.trans(u0))
+        h = _gelu(z)
+        gp = _gelu_grad(z)
+        if L2:
+            d2 = _mm(h, tl.trans(u1)) + kx - vx
+        else:
+            d2 = -vx
+        t = _mm(d2, u1)
+        d1 = t * gp
+        g1 = _mm(q, tl.trans(kx))
+        qu0, qs0 = _mm(q, tl.trans(u0)), _mm(q, tl.trans(s0))
+        zq = ar * qu0 + mr * qs0 - _mm(c * g1, d1)
+        hq = _gelu(zq)
+        g2 = _mm(hq, tl.trans(h))
+
+        # read of layer 2: o = q + ar hq U1^T + mr hq S1^T - (C * hq h^T) d2
+        dp2 = -_mm(do, tl.trans(d2))
+        dc = dp2 * g2
+        dg2 = dp2 * c
+        dhq = ar * _mm(do, u1) + mr * _mm(do, s1) + _mm(dg2, h)
+        dh = _mm(tl.trans(dg2), hq)
+        dd2 = -_mm(tl.trans(c * g2), do)
+        dar = tl.sum(do * _mm(hq, tl.trans(u1)), 1)
+        dmr = tl.sum(do * _mm(hq, tl.trans(s1)), 1)
+        # read of layer 1: zq = ar q U0^T + mr q S0^T - (C * q kx^T) d1
+        dzq = dhq * _gelu_grad(zq)
+        dp1 = -_mm(dzq, tl.trans(d1))
+        dc += dp1 * g1
+        dg1 = dp1 * c
+        dq = do + ar * _mm(dzq, u0) + mr * _mm(dzq, s0) + _mm(dg1, kx)
+        dkx = _mm(tl.trans(dg1), q)
+        dd1 = -_mm(tl.trans(c * g1), dzq)
+        dar += tl.sum(dzq * qu0, 1)
+        dmr += tl.sum(dzq * qs0, 1)
+        # step to the chunk end: U0' = ae U0 + me S0 - sum_i ce_i d1_i kx_i^T, U1' likewise with (d2, h)
+        kdu0, kds0 = _mm(kx, tl.trans(du0)), _mm(kx, tl.trans(ds0))
+        hdu1, hds1 = _mm(h, tl.trans(du1)), _mm(h, tl.trans(ds1))
+        dd1 += -ce * kdu0 - pe * kds0
+        dd2 += -ce * hdu1 - pe * hds1
+        dkx += -ce * _mm(d1, du0) - pe * _mm(d1, ds0)
+        dh += -ce * _mm(d2, du1) - pe * _mm(d2, ds1)
+        _put_vec(DCE + cj * NE, -tl.sum(d1 * kdu0, 1) - tl.sum(d2 * hdu1, 1), NE, BE)
+        _put_vec(DPE + cj * NE, -tl.sum(d1 * kds0, 1) - tl.sum(d2 * hds1, 1), NE, BE)
+        tl.store(DAE + cj, _dot_all(du0, u0) + _dot_all(du1, u1))
+        tl.store(DME + cj, _dot_all(du0, s0) + _dot_all(du1, s1))
+        tl.store(DEE + cj, _dot_all(ds0, s0) + _dot_all(ds1, s1))
+        ndu0 = ae * du0 + _mm(tl.trans(ar * dzq), q)
+        ndu1 = ae * du1 + _mm(tl.trans(ar * do), hq)
+        ds0 = m_e * du0 + ee * ds0 + _mm(tl.trans(mr * dzq), q)
+        ds1 = m_e * du1 + ee * ds1 + _mm(tl.trans(mr * do), hq)
+        # back through the keys' gradient factors: d1 = (d2 U1) * gelu'(z), d2 = h U1^T + kx - v (l2)
+        dt = dd1 * gp
+        dz = dd1 * t * _gelu_grad2(z)
+        dd2 += _mm(dt, tl.trans(u1))
+        ndu1 += _mm(tl.trans(d2), dt)
+        if L2:
+            dh += _mm(dd2, u1)
+            ndu1 += _mm(tl.trans(dd2), h)
+            dkx += dd2
+        dz += dh * gp
+        dkx += _mm(dz, u0)
+        ndu0 += _mm(tl.trans(dz), kx)
+        du0, du1 = ndu0, ndu1
+
+        _put(DC + cj * B * NE, dc, B, NE, BB, BE)
+        _put_vec(DAR + cj * B, dar, B, BB)
+        _put_vec(DMR + cj * B, dmr, B, BB)
+        _put(DQ + cj * B * D, dq, B, D, BB, BD)
+        _put(DK + cj * NE * D, dkx, NE, D, BE, BD)
+        _put(DV + cj * NE * D, -dd2, NE, D, BE, BD)
+    _put(DU0 + bh * HD * D, du0, HD, D, BH, BD)
+    _put(DU1 + bh * D * HD, du1, D, HD, BD, BH)
+    _put(DS0 + bh * HD * D, ds0, HD, D, BH, BD)
+    _put(DS1 + bh * D * HD, ds1, D, HD, BD, BH)
+
+
+class _MlpChunks(torch.autograd.Function):
+    """Chunks of the 2-layer residual GELU MLP memory: as :class:`_LinearChunks` with
+    ``u0, s0 [BH, hd, d]``, ``u1, s1 [BH, d, hd]`` -> ``o``, final ``u0, u1, s0, s1``."""
+
+    @staticmethod
+    def forward(ctx, q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, u0, u1, s0, s1, l2: bool):
+        bh, nc, b, d = q.shape
+        ne, hd = kx.shape[2], u0.shape[1]
+        o = _empty(bh, nc, b, d, like=q)
+        saved = [_empty(bh, nc, *x.shape[1:], like=q) for x in (u0, u1, s0, s1)]
+        final = [_empty(*x.shape, like=q) for x in (u0, u1, s0, s1)]
+        dims = dict(B=b, NE=ne, D=d, HD=hd, BB=_block(b), BE=_block(ne), BD=_block(d), BH=_block(hd), L2=l2)
+        _mlp_fwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, u0, u1, s0, s1, o, *saved, *final, nc, **dims)
+        ctx.save_for_backward(q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *saved)
+        ctx.dims = dims
+        return (o, *final)
+
+    @staticmethod
+    def backward(ctx, do, *dfinal):
+        q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *saved = ctx.saved_tensors
+        do = torch.zeros_like(q) if do is None else do.contiguous()
+        dfinal = [torch.zeros_like(x[:, 0]) if g is None else g.contiguous() for g, x in zip(dfinal, saved)]
+        grads = [_empty(*x.shape, like=x) for x in (q, kx, vx, c, ce, pe, ar, mr, ae, me, ee)]
+        dstart = [_empty(*x.shape, like=x) for x in dfinal]
+        _mlp_bwd_kernel[(q.shape[0],)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *saved, do, *dfinal,
+                                       *grads, *dstart, q.shape[1], **ctx.dims)
+        return (*grads, *dstart, None)
+
+
+# ----------------------------------------------------------------------------------------------
 # the op
 
 
