@@ -55,6 +55,64 @@ def run_isolated(module: str, case: Dict) -> Dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def saved_for_backward_mib(forward: Callable[[], torch.Tensor]) -> float:
+    """MiB of distinct tensor storage that autograd keeps for the backward of ``forward()``.
+
+    This is the training memory that grows with T (activations and saved states), measured
+    exactly and independently of allocator caching or other processes.
+    """
+    storages: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(storages.values()) / 2**20
+
+
+def count_flops(step: Callable[[], None]) -> int:
+    """FLOPs of one ``step()`` (matrix products, forward and backward), by PyTorch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, repeat: int = 5) -> float:
+    """The machine's measured dense matmul rate (FLOP/s): best of ``repeat`` ``n x n`` products."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    r = measure(lambda: a @ b, warmup=1, repeat=repeat, device=device)
+    return 2 * n**3 / r["seconds"]
+
+
+def save_plot(path: str, series: Dict[str, Dict[int, float]], xlabel: str, ylabel: str, title: str) -> None:
+    """A log-x line plot, one line per series ``{label: {x: y}}`` (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def print_table(rows: List[Dict], columns: List[str]) -> str:
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
     lines = ["  ".join(c.rjust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]

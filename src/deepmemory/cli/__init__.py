@@ -8,7 +8,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMANDS: tuple = ("models", "train", "generate")
+COMMANDS: tuple = ("models", "train", "generate", "bench")
 
 
 class CLIError(Exception):

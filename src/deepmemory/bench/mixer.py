@@ -1,0 +1,142 @@
+"""One token mixer's forward+backward throughput and peak memory, competitors side by side.
+
+    python -m deepmemory.bench.mixer --seq 1024 4096 --chunk 16 64
+
+Competitors, each ``[B, T, hidden] -> [B, T, hidden]`` with the same width (hidden 256, 4 heads x 64,
+MLP memory depth 2 expansion 4 by default): this library's ``NeuralMemory`` at token and chunk
+granularity, its Gated DeltaNet configuration (linear memory, gd, l2), SDPA attention, and
+``titans_pytorch.NeuralMemory`` when that package is installed (``pip install "deepmemory[bench]"``),
+configured with ``batch_size = chunk_size`` so its gradients, like ours, are taken at each chunk's
+start weights. Every case runs in a fresh process (clean peak-memory reading).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from typing import Dict, List
+
+import torch
+
+from .measure import count_flops, matmul_peak_flops, measure, print_table, run_isolated, save_plot, saved_for_backward_mib
+
+MIXERS = ("memory-token", "memory-chunk", "gated-deltanet", "attention", "titans-pytorch")
+
+
+def make_mixer(name: str, hidden: int, heads: int, head_dim: int, chunk: int) -> torch.nn.Module:
+    from deepmemory.layers import Attention, NeuralMemory
+
+    mem = dict(chunk_size=chunk, memory="mlp", depth=2, expansion=4, optimizer="momentum")
+    if name == "memory-token":
+        return NeuralMemory(hidden, heads, head_dim, granularity="token", **mem)
+    if name == "memory-chunk":
+        return NeuralMemory(hidden, heads, head_dim, granularity="chunk", **mem)
+    if name == "gated-deltanet":
+        return NeuralMemory(hidden, heads, head_dim, chunk_size=chunk, memory="linear", optimizer="gd", loss="l2")
+    if name == "attention":
+        return Attention(hidden, heads, head_dim)
+    from titans_pytorch import NeuralMemory as TitansMemory
+
+    class _Titans(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mem = TitansMemory(dim=hidden, chunk_size=chunk, batch_size=chunk, dim_head=head_dim, heads=heads,
+                                    default_model_kwargs=dict(depth=2, expansion_factor=4.0))
+
+        def forward(self, x):
+            return self.mem(x)[0]
+
+    return _Titans()
+
+
+def available(names: List[str]) -> List[str]:
+    has_titans = importlib.util.find_spec("titans_pytorch") is not None
+    return [n for n in names if n != "titans-pytorch" or has_titans]
+
+
+def _case(c: Dict) -> Dict:
+    torch.manual_seed(0)
+    torch.set_num_threads(c["threads"])
+    device = c["device"]
+    mixer = make_mixer(c["mixer"], c["hidden"], c["heads"], c["head_dim"], c["chunk"]).to(device)
+    x = torch.randn(c["batch"], c["seq"], c["hidden"], device=device, requires_grad=True)
+
+    def step():
+        mixer(x).sum().backward()
+
+    r = measure(step, warmup=1, repeat=c["repeat"], device=device)
+    flops = count_flops(step) if c["flops"] else 0
+    return {"tokens_per_s": c["batch"] * c["seq"] / r["seconds"], "peak_mib": r["peak_mib"],
+            "saved_mib": saved_for_backward_mib(lambda: mixer(x)), "flops_per_s": flops / r["seconds"]}
+
+
+def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, threads=2, repeat=2, device="cpu",
+        flops=True, plot=None, peer="titans-pytorch") -> List[Dict]:
+    mixers = available(list(mixers))
+    peak = matmul_peak_flops(device) if flops else 0.0
+    rows, series = [], {}
+    for chunk in chunks:
+        for seq in seqs:
+            res = {}
+            for name in mixers:
+                if name == "attention" and len(chunks) > 1 and chunk != chunks[0]:
+                    continue  # attention has no chunk size: measured once per length
+                case = dict(mixer=name, seq=seq, chunk=chunk, batch=batch, hidden=hidden, heads=heads,
+                            head_dim=head_dim, threads=threads, repeat=repeat, device=device, flops=flops)
+                try:
+                    res[name] = run_isolated("deepmemory.bench.mixer", case)
+                except RuntimeError as err:
+                    print(f"  {name} T={seq} chunk={chunk}: failed ({str(err).splitlines()[-1]})", flush=True)
+                    continue
+                print(f"  measured {name} T={seq} chunk={chunk}", flush=True)
+            for name, r in res.items():
+                row = {"mixer": name, "chunk": chunk if name != "attention" else "-", "T": seq,
+                       "tokens/s": f"{r['tokens_per_s']:.0f}", "peak MiB": f"{r['peak_mib']:.0f}",
+                       "saved MiB": f"{r['saved_mib']:.0f}"}
+                if peer in res:
+                    row[f"x {peer}"] = f"{r['tokens_per_s'] / res[peer]['tokens_per_s']:.2f}"
+                if flops:
+                    row["GFLOP/s"] = f"{r['flops_per_s'] / 1e9:.1f}"
+                    row["% of matmul peak"] = f"{100 * r['flops_per_s'] / peak:.1f}"
+                rows.append(row)
+                label = name if name == "attention" else f"{name} (chunk {chunk})"
+                series.setdefault(label, {})[seq] = r["tokens_per_s"]
+    print("(peak MiB: growth of the process's peak RSS (CPU) or max allocated (CUDA) during the step; "
+          "saved MiB: what autograd keeps for the backward)")
+    print(f"\nmixer forward+backward, B={batch} hidden={hidden} heads={heads}x{head_dim}, fp32, {threads} threads, {device}"
+          + (f"; measured matmul peak {peak / 1e9:.1f} GFLOP/s" if flops else ""))
+    cols = ["mixer", "chunk", "T", "tokens/s", "peak MiB", "saved MiB", f"x {peer}"] + (["GFLOP/s", "% of matmul peak"] if flops else [])
+    print_table(rows, cols)
+    if plot:
+        save_plot(plot, series, "sequence length T", "tokens/s (forward+backward)", "token mixers")
+        print(f"plot: {plot}")
+    return rows
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--seq", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--chunk", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    ap.add_argument("--plot", default="bench_mixer.png", help="PNG path ('' for none)")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    if args.case:
+        print(json.dumps(_case(json.loads(args.case))))
+        return
+    run(args.seq, args.chunk, args.mixers, batch=args.batch, threads=args.threads, repeat=args.repeat,
+        device=args.device, flops=not args.no_flops, plot=args.plot or None)
+
+
+if __name__ == "__main__":
+    main()

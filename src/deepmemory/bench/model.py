@@ -1,0 +1,154 @@
+"""A preset's full training step (forward, backward, AdamW) and its decoding, side by side.
+
+    python -m deepmemory.bench.model --models transformer gated-deltanet titans-lmm titans-mac --size tiny
+    python -m deepmemory.bench.model --decode --models titans-lmm gated-deltanet transformer \\
+        --context 1024 16384 1048576
+
+Training: tokens/s and peak memory of one optimizer step at ``--seq`` (each case in a fresh
+process). Decoding: the model reads ``--context`` tokens (chunked prefill, no gradients), then
+decodes ``--steps`` tokens one at a time; prints the mean per-token latency and the size of the
+recurrent state. Memory-only models keep a constant state; attention's KV cache grows with the
+context (up to ``--max-attention-context``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Dict, List
+
+import torch
+
+from .measure import measure, print_table, run_isolated, save_plot
+
+
+def _train_case(c: Dict) -> Dict:
+    from deepmemory.models import build
+
+    torch.manual_seed(0)
+    torch.set_num_threads(c["threads"])
+    model = build(c["model"], c["size"]).to(c["device"])
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    ids = torch.randint(0, model.config.vocab_size, (c["batch"], c["seq"]), device=c["device"])
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    r = measure(step, warmup=1, repeat=c["repeat"], device=c["device"])
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"tokens_per_s": c["batch"] * c["seq"] / r["seconds"], "peak_mib": r["peak_mib"], "params": n_params}
+
+
+@torch.no_grad()
+def _decode_case(c: Dict) -> Dict:
+    from deepmemory.models import build
+
+    torch.manual_seed(0)
+    torch.set_num_threads(c["threads"])
+    model = build(c["model"], c["size"]).to(c["device"]).eval()
+    vocab = model.config.vocab_size
+    cache, left = None, c["context"]
+    t0 = time.perf_counter()
+    while left > 0:  # chunked prefill: constant working memory for the memory models
+        n = min(left, c["prefill_chunk"])
+        ids = torch.randint(0, vocab, (1, n), device=c["device"])
+        cache = model(input_ids=ids, past_key_values=cache, use_cache=True).past_key_values
+        left -= n
+    prefill = time.perf_counter() - t0
+    tok = torch.randint(0, vocab, (1, 1), device=c["device"])
+    model(input_ids=tok, past_key_values=cache, use_cache=True)  # warm-up step
+    times = []
+    for _ in range(c["steps"]):
+        t = time.perf_counter()
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t)
+        tok = out.logits[:, -1:].argmax(-1)
+    return {"latency_ms": 1e3 * sum(times) / len(times), "state_kib": cache.nbytes() / 1024,
+            "prefill_tokens_per_s": c["context"] / prefill}
+
+
+def run_train(models: List[str], size: str, *, seq=1024, batch=2, threads=2, repeat=2, device="cpu") -> List[Dict]:
+    rows, res = [], {}
+    for name in models:
+        case = dict(model=name, size=size, seq=seq, batch=batch, threads=threads, repeat=repeat, device=device)
+        res[name] = run_isolated("deepmemory.bench.model", case)
+        print(f"  measured {name}", flush=True)
+    base = res[models[0]]["tokens_per_s"]
+    for name, r in res.items():
+        rows.append({"model": name, "params": f"{r['params'] / 1e6:.2f}M", "tokens/s": f"{r['tokens_per_s']:.0f}",
+                     f"x {models[0]}": f"{r['tokens_per_s'] / base:.2f}", "peak MiB": f"{r['peak_mib']:.0f}"})
+    print(f"\ntraining step (forward+backward+AdamW), size {size}, B={batch} T={seq}, fp32, {threads} threads, {device}")
+    print_table(rows, ["model", "params", "tokens/s", f"x {models[0]}", "peak MiB"])
+    return rows
+
+
+def run_decode(models: List[str], size: str, contexts: List[int], *, steps=64, threads=2, device="cpu",
+               prefill_chunk=4096, max_attention_context=65536, plot=None) -> List[Dict]:
+    rows, series = [], {}
+    for name in models:
+        first = None
+        for ctx in contexts:
+            if name in ("transformer", "titans-mac") and ctx > max_attention_context:
+                continue  # a full-attention KV cache grows with the context
+            case = dict(model=name, size=size, context=ctx, steps=steps, threads=threads, device=device,
+                        prefill_chunk=prefill_chunk)
+            r = run_isolated("deepmemory.bench.model", dict(case, decode=True))
+            first = first or r
+            rows.append({"model": name, "context": ctx, "ms/token": f"{r['latency_ms']:.2f}",
+                         "x latency at first": f"{r['latency_ms'] / first['latency_ms']:.2f}",
+                         "state KiB": f"{r['state_kib']:.0f}", "x state at first": f"{r['state_kib'] / first['state_kib']:.2f}",
+                         "prefill tok/s": f"{r['prefill_tokens_per_s']:.0f}"})
+            series.setdefault(name, {})[ctx] = r["latency_ms"]
+            print(f"  measured {name} context={ctx}", flush=True)
+    print(f"\ndecoding after a context (batch 1, size {size}, mean of {steps} steps, {threads} threads, {device})")
+    print_table(rows, ["model", "context", "ms/token", "x latency at first", "state KiB", "x state at first", "prefill tok/s"])
+    if plot:
+        save_plot(plot, series, "context length (tokens)", "ms per decoded token", f"decoding, size {size}")
+        print(f"plot: {plot}")
+    return rows
+
+
+def add_arguments(ap: argparse.ArgumentParser, decode_default: bool = False) -> None:
+    ap.add_argument("--models", nargs="+", default=None, help="presets (default depends on the mode)")
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--seq", type=int, default=1024, help="training: sequence length")
+    ap.add_argument("--batch", type=int, default=2, help="training: batch size")
+    ap.add_argument("--context", type=int, nargs="+", default=[1024, 16384, 131072, 1048576], help="decoding: contexts")
+    ap.add_argument("--steps", type=int, default=64, help="decoding: tokens decoded per context")
+    ap.add_argument("--max-attention-context", type=int, default=65536)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--plot", default="bench_decode.png", help="decoding: PNG path ('' for none)")
+
+
+def main(argv=None, decode: bool = False) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--decode", action="store_true", help="measure decoding instead of training")
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    if args.case:
+        c = json.loads(args.case)
+        print(json.dumps(_decode_case(c) if c.get("decode") else _train_case(c)))
+        return
+    run_cli(args, decode=decode or args.decode)
+
+
+def run_cli(args, decode: bool) -> None:
+    if decode:
+        models = args.models or ["titans-lmm", "gated-deltanet", "atlas", "transformer"]
+        run_decode(models, args.size, args.context, steps=args.steps, threads=args.threads, device=args.device,
+                   max_attention_context=args.max_attention_context, plot=args.plot or None)
+    else:
+        models = args.models or ["transformer", "gated-deltanet", "titans-lmm", "titans-mac", "atlas"]
+        run_train(models, args.size, seq=args.seq, batch=args.batch, threads=args.threads, repeat=args.repeat,
+                  device=args.device)
+
+
+if __name__ == "__main__":
+    main()
