@@ -127,17 +127,24 @@ def _leaves(state):
     return _tensors(state)
 
 
-FAMILIES = ["transformer", "gated-deltanet", "titans-mac", "atlas", "deep-transformer"]
+# one representative per family; MAC costs seconds per step on a CPU
+FAMILIES = [
+    "transformer",
+    "gated-deltanet",
+    "deep-transformer",
+    pytest.param("titans-mac", marks=pytest.mark.slow),
+    "atlas",
+]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_overfits_a_fixed_batch(name):
     torch.manual_seed(0)
     model = build(name, segment_size=16).train()
-    ids = torch.randint(0, model.config.vocab_size, (2, 33))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, model.config.vocab_size, (1, 25))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
     first = None
-    for _ in range(120):
+    for _ in range(100):
         loss = model(ids, labels=ids).loss
         first = first if first is not None else loss.item()
         opt.zero_grad()

@@ -1,0 +1,94 @@
+"""Hugging Face integration: Auto classes, safetensors round trip, generate() with the recurrent cache."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from deepmemory.models import DeepMemoryCache, DeepMemoryConfig, DeepMemoryForCausalLM, build, list_presets, preset_config
+
+PRESETS = list_presets()
+SMALL = dict(attention_window=5, segment_size=6)
+
+
+def tiny(name, seed=0):
+    torch.manual_seed(seed)
+    return build(name, **SMALL).double().eval()
+
+
+def _fields(config):
+    return {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "dtype", "transformers_version")}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_save_load_round_trip(name, tmp_path):
+    model = tiny(name)
+    ids = torch.randint(0, 256, (2, 15), generator=torch.Generator().manual_seed(1))
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "deepmemory"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert type(loaded) is DeepMemoryForCausalLM
+    assert _fields(loaded.config) == _fields(model.config)
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # bitwise-equal weights; the logits may differ in the last bit where loading changed strides
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-12)
+
+
+def test_auto_config_and_from_config(tmp_path):
+    config = preset_config("titans-mag", vocab_size=97)
+    config.save_pretrained(tmp_path)
+    again = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(again, DeepMemoryConfig) and again.layer_pattern == ["mag", "mag"]
+    assert again.memory == config.memory and again.vocab_size == 97
+    model = AutoModelForCausalLM.from_config(again)
+    assert isinstance(model, DeepMemoryForCausalLM)
+    assert AutoConfig.for_model("deepmemory", num_layers=3).num_hidden_layers == 3
+
+
+def test_tied_embeddings_survive_loading(tmp_path):
+    model = build("transformer")
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
+    untied = build("transformer", tie_word_embeddings=False)
+    assert untied.lm_head.weight is not untied.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_generate_with_cache_equals_without(name):
+    model = tiny(name, seed=3)
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(4))
+    cached = model.generate(ids, max_new_tokens=8, do_sample=False)
+    uncached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 19)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("name", ["titans-mac", "atlas", "swa"])
+def test_generate_with_chunked_prefill_and_beams(name):
+    model = tiny(name, seed=5)
+    ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(6))
+    greedy = model.generate(ids, max_new_tokens=6, do_sample=False)
+    chunked = model.generate(ids, max_new_tokens=6, do_sample=False, prefill_chunk_size=4)
+    assert torch.equal(greedy, chunked)
+    beams = model.generate(ids, max_new_tokens=4, do_sample=False, num_beams=3)
+    beams_uncached = model.generate(ids, max_new_tokens=4, do_sample=False, num_beams=3, use_cache=False)
+    assert torch.equal(beams, beams_uncached)
+
+
+def test_generate_continues_a_user_cache():
+    model = tiny("titans-lmm", seed=7)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(8))
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, DeepMemoryCache)
+    assert out.past_key_values.get_seq_length() == 12 + 5 - 1
+    # the returned state continues the sequence: the next step's logits equal a full pass
+    seq = out.sequences
+    step = model(seq[:, -1:], past_key_values=out.past_key_values).logits[:, -1]
+    torch.testing.assert_close(step, model(seq).logits[:, -1], rtol=0, atol=1e-9)
