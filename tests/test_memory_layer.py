@@ -200,7 +200,7 @@ def test_state_detach():
         (dict(max_lr=0.0), ValueError, "max_lr"),
         (dict(conv_size=-1), ValueError, "conv_size"),
         (dict(activation="elu"), ValueError, "activation"),
-        (dict(impl="triton"), ValueError, "impl"),
+        (dict(impl="fast"), ValueError, "impl"),
         (dict(residual="yes"), TypeError, "residual"),
         (dict(ns_steps=1.5), TypeError, "ns_steps"),
     ],
