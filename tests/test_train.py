@@ -1,0 +1,257 @@
+"""`deepmemory train` / `generate`: run directory, exact resume (also after SIGKILL), errors."""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deepmemory.cli import main
+from deepmemory.train import TrainConfig, lr_at
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = ["--model", "transformer", "--config"]  # --config follows: tiny widths for speed
+TINY = {"model_overrides": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: a second intra-op thread only adds contention on a busy 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import random
+
+    root = tmp_path_factory.mktemp("corpus")
+    r = random.Random(0)
+    words = "the memory learns to store keys and values while it reads a long sequence".split()
+    for i in range(16):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(r.choice(words) for _ in range(120)) + "\n")
+    cfg = root.parent / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    return {"data": str(root), "config": str(cfg)}
+
+
+def args(corpus, *extra):
+    return ["train", "--model", "transformer", "--config", corpus["config"], "--data", corpus["data"],
+            "--val-fraction", "0.25", "--seq-len", "16", "--batch-size", "4", "--eval-every", "10",
+            "--eval-tokens", "256", "--lr", "1e-2", *extra]
+
+
+def metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_val(run):
+    return [r for r in metrics(run) if "val_loss" in r][-1]["val_loss"]
+
+
+def one_error_line(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"deepmemory {argv[0]}: error: "), err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def tree(path):
+    """``{relative path: sha256}`` of every file below ``path``."""
+    out = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, path)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_a(corpus, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "A")
+    assert main(args(corpus, "--steps", "40", "--out", out)) == 0
+    return out
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, steps=50, warmup_steps=5, lr_decay_steps=40, min_lr_ratio=0.1)
+    got = [lr_at(s, cfg) for s in range(50)]
+    for s, lr in enumerate(got):
+        if s < 5:
+            want = (s + 1) / 6
+        elif s < 40:
+            want = 0.1 + 0.45 * (1 + math.cos(math.pi * (s - 5) / 35))
+        else:
+            want = 0.1
+        assert lr == pytest.approx(want, abs=1e-12)
+    assert max(got) <= 1.0 and got[5] == pytest.approx(1.0)
+
+
+def test_run_directory(run_a):
+    names = set(os.listdir(run_a))
+    assert {"config.json", "metrics.jsonl", "model.safetensors", "loss.png", "checkpoints"} <= names
+    assert sorted(os.listdir(os.path.join(run_a, "checkpoints"))) == ["step-00000030", "step-00000040"]  # keep 2
+    for rel in tree(run_a):  # safetensors, JSON and the plot: nothing pickled
+        assert rel.endswith((".json", ".jsonl", ".safetensors", ".png")), rel
+    config = json.load(open(os.path.join(run_a, "config.json")))
+    assert config["format"] == "deepmemory-run" and config["train"]["steps"] == 40
+    assert config["model"]["config"]["hidden_size"] == 32 and config["tokenizer"]["kind"] == "bytes"
+    rows = metrics(run_a)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [0, 10, 20, 30, 40]
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.0  # it learns
+    assert val[-1]["val_bpb"] == pytest.approx(val[-1]["val_loss"] / math.log(2) * config["data"]["val_tokens"] / config["data"]["val_bytes"])
+
+
+def test_resume_is_exact(corpus, run_a, tmp_path):
+    b = str(tmp_path / "B")
+    assert main(args(corpus, "--steps", "20", "--lr-decay-steps", "40", "--out", b)) == 0
+    assert main(["train", "--resume", b, "--steps", "40"]) == 0
+    assert final_val(b) == pytest.approx(final_val(run_a), rel=1e-6)
+    la = [r["loss"] for r in metrics(run_a) if "loss" in r]
+    lb = [r["loss"] for r in metrics(b) if "loss" in r]
+    assert lb == pytest.approx(la, rel=1e-6)
+
+
+def test_grad_accum_is_the_same_step(corpus, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert main(args(corpus, "--steps", "4", "--out", one)) == 0
+    assert main(args(corpus, "--steps", "4", "--grad-accum", "2", "--out", two)) == 0
+    assert final_val(two) == pytest.approx(final_val(one), rel=1e-5)
+
+
+KILLER = """
+import os, signal, sys
+from deepmemory.train import checkpoint as ck
+
+replace, seen = ck._replace, []
+
+def dying_replace(tmp, path):
+    seen.append(path)
+    if path.endswith(os.environ["KILL_AT"]) and len([p for p in seen if p.endswith(os.environ["KILL_AT"])]) == int(os.environ["KILL_NTH"]):
+        with open(tmp, "r+b") as f:  # half a file written, then the process is gone
+            f.truncate(os.path.getsize(tmp) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(tmp, path)
+
+ck._replace = dying_replace
+from deepmemory.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def killed_then_resumed(corpus, run_a, tmp_path, kill_at, nth, resumes_from):
+    b = str(tmp_path / "B")
+    env = dict(os.environ, KILL_AT=kill_at, KILL_NTH=str(nth), OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "src"))
+    proc = subprocess.run([sys.executable, "-c", KILLER, *args(corpus, "--steps", "40", "--keep-checkpoints", "5", "--out", b)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert os.path.isfile(os.path.join(b, "config.json"))  # the run directory survives
+    assert [s for s in sorted(os.listdir(os.path.join(b, "checkpoints"))) if not s.startswith(".")][-1] == f"step-{resumes_from:08d}"
+    assert main(["train", "--resume", b]) == 0
+    assert final_val(b) == pytest.approx(final_val(run_a), rel=1e-6)
+    assert not [s for s in os.listdir(os.path.join(b, "checkpoints")) if s.startswith(".")]
+    assert not [s for s in os.listdir(b) if s.startswith(".")]
+    assert [r["step"] for r in metrics(b) if "loss" in r] == list(range(1, 41))
+
+
+def test_sigkill_inside_a_checkpoint_then_resume(corpus, run_a, tmp_path):
+    killed_then_resumed(corpus, run_a, tmp_path, os.path.join(".tmp-step-00000020", "optimizer.safetensors"), 1, 10)
+
+
+@pytest.mark.slow
+def test_sigkill_refreshing_the_model_file_then_resume(corpus, run_a, tmp_path):
+    # the second refresh of RUN/model.safetensors follows the complete step-20 checkpoint
+    killed_then_resumed(corpus, run_a, tmp_path, os.path.join("B", "model.safetensors"), 2, 20)
+
+
+def test_generate(run_a, capsys):
+    from deepmemory.cli.generate import load_run
+
+    argv = ["generate", "--checkpoint", run_a, "--prompt", "the memory", "--max-new-tokens", "12", "--seed", "3"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first and first.startswith("the memory")
+    # greedy decoding with the recurrent cache equals argmax over full forward passes
+    assert main(["generate", "--checkpoint", os.path.join(run_a, "checkpoints", "step-00000040"), "--prompt", "the memory",
+                 "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out.rstrip("\n")
+    model, tok = load_run(run_a)
+    ids = tok.encode("the memory")[None]
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], 1)
+    assert greedy == tok.decode(ids[0])
+
+
+def test_config_file_and_flags(corpus, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: transformer\nseq-len: 8\nsteps: 3\nmodel_overrides:\n  hidden_size: 16\n  num_hidden_layers: 1\n"
+                   f"data: {corpus['data']}\nval_fraction: 0.25\nbatch_size: 2\neval_tokens: 64\n")
+    out = str(tmp_path / "C")
+    assert main(["train", "--config", str(cfg), "--steps", "2", "--out", out]) == 0
+    stored = json.load(open(os.path.join(out, "config.json")))["train"]
+    assert stored["seq_len"] == 8 and stored["steps"] == 2 and stored["model_overrides"]["hidden_size"] == 16
+
+
+def test_user_errors(corpus, run_a, tmp_path, capsys):
+    one_error_line(capsys, ["train", "--data", str(tmp_path / "missing")], "does not exist")
+    (tmp_path / "empty").mkdir()
+    one_error_line(capsys, ["train", "--data", str(tmp_path / "empty")], "holds no text")
+    one_error_line(capsys, ["train", "--model", "no-such-preset", "--data", corpus["data"]], "unknown preset 'no-such-preset'")
+    one_error_line(capsys, args(corpus, "--batch-size", "3", "--grad-accum", "2"), "not divisible")
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("learning_rate: 1\n")
+    one_error_line(capsys, ["train", "--config", str(bad_cfg)], "unknown settings learning_rate")
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    one_error_line(capsys, ["train", "--resume", str(foreign)], "not a deepmemory run directory")
+    (foreign / "config.json").write_text('{"model_type": "llama"}')
+    one_error_line(capsys, ["train", "--resume", str(foreign)], "was not written by `deepmemory train`")
+    one_error_line(capsys, ["generate", "--checkpoint", str(foreign), "--prompt", "x"], "was not written by `deepmemory train`")
+
+    before = tree(run_a)
+    one_error_line(capsys, args(corpus, "--steps", "2", "--out", run_a), "already exists")
+    one_error_line(capsys, ["train", "--resume", run_a, "--seq-len", "32"], "--seq-len 32 differs from the run's 16")
+    one_error_line(capsys, ["train", "--resume", run_a, "--steps", "40"], "at step 40 already")
+    one_error_line(capsys, args(corpus, "--steps", "2", "--out", str(foreign), "--overwrite"), "refuses to replace")
+    assert tree(run_a) == before and (foreign / "notes.txt").read_text() == "mine"
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(run_a, broken)
+    with open(os.path.join(broken, "checkpoints", "step-00000040", "model.safetensors"), "wb") as f:
+        f.write(b"\x00garbage")
+    one_error_line(capsys, ["train", "--resume", broken, "--steps", "50"], "cannot read")
+    one_error_line(capsys, ["generate", "--checkpoint", os.path.join(broken, "checkpoints", "step-00000040"), "--prompt", "x"],
+                   "cannot read")
+
+
+def test_overwrite_replaces_a_run(corpus, tmp_path):
+    out = str(tmp_path / "R")
+    assert main(args(corpus, "--steps", "2", "--out", out)) == 0
+    assert main(args(corpus, "--steps", "3", "--out", out, "--overwrite")) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["train"]["steps"] == 3
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_exit_code_of_the_command():
+    proc = subprocess.run([sys.executable, "-m", "deepmemory", "train", "--data", "/nonexistent/corpus"],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "src")))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["deepmemory train: error: --data: /nonexistent/corpus does not exist"]
