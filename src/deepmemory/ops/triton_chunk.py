@@ -41,8 +41,6 @@ from .chunk import _segprod
 from .problem import Problem, Result
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT2PI = 0.3989422804014327
 
 
 def _empty(*shape, like: Tensor) -> Tensor:
@@ -74,166 +72,7 @@ def _check(p: Problem) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# linear memory: M(x) = W x, W [dv, dk]
-
-
-@triton.jit
-def _linear_fwd_kernel(
-    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, W0, S0,  # inputs
-    O, WS, SS, WF, SF,  # outputs
-    NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
-):
-    bh = tl.program_id(0)
-    rb, re, rk, rv = tl.arange(0, BB), tl.arange(0, BE), tl.arange(0, BK), tl.arange(0, BV)
-    mb, me, mk, mv = rb < B, re < NE, rk < DK, rv < DV
-    w_off = rv[:, None] * DK + rk[None, :]
-    w_mask = mv[:, None] & mk[None, :]
-    w = tl.load(W0 + bh * DV * DK + w_off, mask=w_mask, other=0.0)
-    s = tl.load(S0 + bh * DV * DK + w_off, mask=w_mask, other=0.0)
-    for j in range(NC):
-        cj = bh * NC + j
-        tl.store(WS + cj * DV * DK + w_off, w, mask=w_mask)
-        tl.store(SS + cj * DV * DK + w_off, s, mask=w_mask)
-        q = tl.load(Q + cj * B * DK + rb[:, None] * DK + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-        kx = tl.load(K + cj * NE * DK + re[:, None] * DK + rk[None, :], mask=me[:, None] & mk[None, :], other=0.0)
-        vx = tl.load(V + cj * NE * DV + re[:, None] * DV + rv[None, :], mask=me[:, None] & mv[None, :], other=0.0)
-        c = tl.load(C + cj * B * NE + rb[:, None] * NE + re[None, :], mask=mb[:, None] & me[None, :], other=0.0)
-        ce = tl.load(CE + cj * NE + re, mask=me, other=0.0)
-        pe = tl.load(PE + cj * NE + re, mask=me, other=0.0)
-        ar = tl.load(AR + cj * B + rb, mask=mb, other=0.0)
-        mr = tl.load(MR + cj * B + rb, mask=mb, other=0.0)
-        ae, m_e, ee = tl.load(AE + cj), tl.load(ME + cj), tl.load(EE + cj)
-
-        if L2:
-            delta = tl.dot(kx, tl.trans(w), input_precision="ieee") - vx
-        else:
-            delta = -vx
-        g = tl.dot(q, tl.trans(kx), input_precision="ieee")
-        o = (
-            ar[:, None] * tl.dot(q, tl.trans(w), input_precision="ieee")
-            + mr[:, None] * tl.dot(q, tl.trans(s), input_precision="ieee")
-            - tl.dot(c * g, delta, input_precision="ieee")
-        )
-        tl.store(O + cj * B * DV + rb[:, None] * DV + rv[None, :], o, mask=mb[:, None] & mv[None, :])
-        w_new = ae * w + m_e * s - tl.dot(tl.trans(delta * ce[:, None]), kx, input_precision="ieee")
-        s = ee * s - tl.dot(tl.trans(delta * pe[:, None]), kx, input_precision="ieee")
-        w = w_new
-    tl.store(WF + bh * DV * DK + w_off, w, mask=w_mask)
-    tl.store(SF + bh * DV * DK + w_off, s, mask=w_mask)
-
-
-@triton.jit
-def _linear_bwd_kernel(
-    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, WS, SS, DO, DWF, DSF,  # inputs
-    DQ, DK_, DV_, DC, DCE, DPE, DAR, DMR, DAE, DME, DEE, DW0, DS0,  # outputs
-    NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
-):
-    bh = tl.program_id(0)
-    rb, re, rk, rv = tl.arange(0, BB), tl.arange(0, BE), tl.arange(0, BK), tl.arange(0, BV)
-    mb, me, mk, mv = rb < B, re < NE, rk < DK, rv < DV
-    w_off = rv[:, None] * DK + rk[None, :]
-    w_mask = mv[:, None] & mk[None, :]
-    bk_off, bk_mask = rb[:, None] * DK + rk[None, :], mb[:, None] & mk[None, :]
-    ek_off, ek_mask = re[:, None] * DK + rk[None, :], me[:, None] & mk[None, :]
-    ev_off, ev_mask = re[:, None] * DV + rv[None, :], me[:, None] & mv[None, :]
-    be_off, be_mask = rb[:, None] * NE + re[None, :], mb[:, None] & me[None, :]
-    dw = tl.load(DWF + bh * DV * DK + w_off, mask=w_mask, other=0.0)
-    ds = tl.load(DSF + bh * DV * DK + w_off, mask=w_mask, other=0.0)
-    for jj in range(NC):
-        cj = bh * NC + NC - 1 - jj
-        w = tl.load(WS + cj * DV * DK + w_off, mask=w_mask, other=0.0)
-        s = tl.load(SS + cj * DV * DK + w_off, mask=w_mask, other=0.0)
-        q = tl.load(Q + cj * B * DK + bk_off, mask=bk_mask, other=0.0)
-        kx = tl.load(K + cj * NE * DK + ek_off, mask=ek_mask, other=0.0)
-        vx = tl.load(V + cj * NE * DV + ev_off, mask=ev_mask, other=0.0)
-        c = tl.load(C + cj * B * NE + be_off, mask=be_mask, other=0.0)
-        do = tl.load(DO + cj * B * DV + rb[:, None] * DV + rv[None, :], mask=mb[:, None] & mv[None, :], other=0.0)
-        ce = tl.load(CE + cj * NE + re, mask=me, other=0.0)
-        pe = tl.load(PE + cj * NE + re, mask=me, other=0.0)
-        ar = tl.load(AR + cj * B + rb, mask=mb, other=0.0)
-        mr = tl.load(MR + cj * B + rb, mask=mb, other=0.0)
-        ae, m_e, ee = tl.load(AE + cj), tl.load(ME + cj), tl.load(EE + cj)
-
-        if L2:
-            delta = tl.dot(kx, tl.trans(w), input_precision="ieee") - vx
-        else:
-            delta = -vx
-        g = tl.dot(q, tl.trans(kx), input_precision="ieee")
-        qw = tl.dot(q, tl.trans(w), input_precision="ieee")
-        qs = tl.dot(q, tl.trans(s), input_precision="ieee")
-        kdw = tl.dot(kx, tl.trans(dw), input_precision="ieee")  # [ne, dv]: dW_end k_i
-        kds = tl.dot(kx, tl.trans(ds), input_precision="ieee")
-        dpm = -tl.dot(do, tl.trans(delta), input_precision="ieee")  # d(C * G)
-        dg = dpm * c
-        d_delta = -tl.dot(tl.trans(c * g), do, input_precision="ieee") - ce[:, None] * kdw - pe[:, None] * kds
-
-        tl.store(DC + cj * B * NE + be_off, dpm * g, mask=be_mask)
-        tl.store(DCE + cj * NE + re, -tl.sum(delta * kdw, 1), mask=me)
-        tl.store(DPE + cj * NE + re, -tl.sum(delta * kds, 1), mask=me)
-        tl.store(DAR + cj * B + rb, tl.sum(do * qw, 1), mask=mb)
-        tl.store(DMR + cj * B + rb, tl.sum(do * qs, 1), mask=mb)
-        tl.store(DAE + cj, tl.sum(tl.sum(dw * w, 1), 0))
-        tl.store(DME + cj, tl.sum(tl.sum(dw * s, 1), 0))
-        tl.store(DEE + cj, tl.sum(tl.sum(ds * s, 1), 0))
-        dq = (
-            ar[:, None] * tl.dot(do, w, input_precision="ieee")
-            + mr[:, None] * tl.dot(do, s, input_precision="ieee")
-            + tl.dot(dg, kx, input_precision="ieee")
-        )
-        tl.store(DQ + cj * B * DK + bk_off, dq, mask=bk_mask)
-        dk = (
-            tl.dot(tl.trans(dg), q, input_precision="ieee")
-            - ce[:, None] * tl.dot(delta, dw, input_precision="ieee")
-            - pe[:, None] * tl.dot(delta, ds, input_precision="ieee")
-        )
-        dw_new = ae * dw + tl.dot(tl.trans(ar[:, None] * do), q, input_precision="ieee")
-        if L2:
-            dk += tl.dot(d_delta, w, input_precision="ieee")
-            dw_new += tl.dot(tl.trans(d_delta), kx, input_precision="ieee")
-        tl.store(DK_ + cj * NE * DK + ek_off, dk, mask=ek_mask)
-        tl.store(DV_ + cj * NE * DV + ev_off, -d_delta, mask=ev_mask)  # delta = kW^T - v or -v
-        ds = m_e * dw + ee * ds + tl.dot(tl.trans(mr[:, None] * do), q, input_precision="ieee")
-        dw = dw_new
-    tl.store(DW0 + bh * DV * DK + w_off, dw, mask=w_mask)
-    tl.store(DS0 + bh * DV * DK + w_off, ds, mask=w_mask)
-
-
-class _LinearChunks(torch.autograd.Function):
-    """Chunks of the linear memory. ``q [BH, nc, b, dk]``, ``kx [BH, nc, ne, dk]``,
-    ``vx [BH, nc, ne, dv]``, coefficients as in the module docstring (``[BH, nc, ...]``),
-    ``w0, s0 [BH, dv, dk]`` -> ``o [BH, nc, b, dv]``, final ``w``, ``s``."""
-
-    @staticmethod
-    def forward(ctx, q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, l2: bool):
-        bh, nc, b, dk = q.shape
-        ne, dv = kx.shape[2], vx.shape[3]
-        o = _empty(bh, nc, b, dv, like=q)
-        ws, ss = _empty(bh, nc, dv, dk, like=q), _empty(bh, nc, dv, dk, like=q)
-        wf, sf = _empty(bh, dv, dk, like=q), _empty(bh, dv, dk, like=q)
-        dims = dict(B=b, NE=ne, DK=dk, DV=dv, BB=_block(b), BE=_block(ne), BK=_block(dk), BV=_block(dv), L2=l2)
-        _linear_fwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, o, ws, ss, wf, sf, nc, **dims)
-        ctx.save_for_backward(q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss)
-        ctx.dims = dims
-        return o, wf, sf
-
-    @staticmethod
-    def backward(ctx, do, dwf, dsf):
-        q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss = ctx.saved_tensors
-        bh, nc = q.shape[:2]
-        do = torch.zeros(*q.shape[:3], vx.shape[3], dtype=q.dtype, device=q.device) if do is None else do.contiguous()
-        dwf = torch.zeros_like(ws[:, 0]) if dwf is None else dwf.contiguous()
-        dsf = torch.zeros_like(ss[:, 0]) if dsf is None else dsf.contiguous()
-        grads = [_empty(*x.shape, like=x) for x in (q, kx, vx, c, ce, pe, ar, mr, ae, me, ee)]
-        dw0, ds0 = _empty(*dwf.shape, like=q), _empty(*dsf.shape, like=q)
-        _linear_bwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss, do, dwf, dsf,
-                                  *grads, dw0, ds0, nc, **ctx.dims)
-        return (*grads, dw0, ds0, None)
-
-
-# ----------------------------------------------------------------------------------------------
-# 2-layer MLP memory: M(x) = x + U1 gelu(U0 x), U0 [hd, d], U1 [d, hd]
+# tiles and the activation
 
 
 @triton.jit
@@ -285,6 +124,136 @@ def _gelu_grad2(z):  # phi(z) (2 - z^2)
     return 0.3989422804014327 * tl.exp(-0.5 * z * z) * (2.0 - z * z)
 
 
+# ----------------------------------------------------------------------------------------------
+# linear memory: M(x) = W x, W [dv, dk]
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, W0, S0,  # inputs
+    O, WS, SS, WF, SF,  # outputs
+    NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    w = _tile(W0 + bh * DV * DK, DV, DK, BV, BK)
+    s = _tile(S0 + bh * DV * DK, DV, DK, BV, BK)
+    for j in range(NC):
+        cj = bh * NC + j
+        _put(WS + cj * DV * DK, w, DV, DK, BV, BK)
+        _put(SS + cj * DV * DK, s, DV, DK, BV, BK)
+        q = _tile(Q + cj * B * DK, B, DK, BB, BK)
+        kx = _tile(K + cj * NE * DK, NE, DK, BE, BK)
+        vx = _tile(V + cj * NE * DV, NE, DV, BE, BV)
+        c = _tile(C + cj * B * NE, B, NE, BB, BE)
+        ce, pe = _vec(CE + cj * NE, NE, BE)[:, None], _vec(PE + cj * NE, NE, BE)[:, None]
+        ar, mr = _vec(AR + cj * B, B, BB)[:, None], _vec(MR + cj * B, B, BB)[:, None]
+        ae, m_e, ee = tl.load(AE + cj), tl.load(ME + cj), tl.load(EE + cj)
+
+        if L2:
+            delta = _mm(kx, tl.trans(w)) - vx
+        else:
+            delta = -vx
+        o = ar * _mm(q, tl.trans(w)) + mr * _mm(q, tl.trans(s)) - _mm(c * _mm(q, tl.trans(kx)), delta)
+        _put(O + cj * B * DV, o, B, DV, BB, BV)
+        w_new = ae * w + m_e * s - _mm(tl.trans(delta * ce), kx)
+        s = ee * s - _mm(tl.trans(delta * pe), kx)
+        w = w_new
+    _put(WF + bh * DV * DK, w, DV, DK, BV, BK)
+    _put(SF + bh * DV * DK, s, DV, DK, BV, BK)
+
+
+@triton.jit
+def _linear_bwd_kernel(
+    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, WS, SS, DO, DWF, DSF,  # inputs
+    DQ, DK_, DV_, DC, DCE, DPE, DAR, DMR, DAE, DME, DEE, DW0, DS0,  # outputs
+    NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    dw = _tile(DWF + bh * DV * DK, DV, DK, BV, BK)
+    ds = _tile(DSF + bh * DV * DK, DV, DK, BV, BK)
+    for jj in range(NC):
+        cj = bh * NC + NC - 1 - jj
+        w = _tile(WS + cj * DV * DK, DV, DK, BV, BK)
+        s = _tile(SS + cj * DV * DK, DV, DK, BV, BK)
+        q = _tile(Q + cj * B * DK, B, DK, BB, BK)
+        kx = _tile(K + cj * NE * DK, NE, DK, BE, BK)
+        vx = _tile(V + cj * NE * DV, NE, DV, BE, BV)
+        c = _tile(C + cj * B * NE, B, NE, BB, BE)
+        do = _tile(DO + cj * B * DV, B, DV, BB, BV)
+        ce, pe = _vec(CE + cj * NE, NE, BE)[:, None], _vec(PE + cj * NE, NE, BE)[:, None]
+        ar, mr = _vec(AR + cj * B, B, BB)[:, None], _vec(MR + cj * B, B, BB)[:, None]
+        ae, m_e, ee = tl.load(AE + cj), tl.load(ME + cj), tl.load(EE + cj)
+
+        if L2:
+            delta = _mm(kx, tl.trans(w)) - vx
+        else:
+            delta = -vx
+        g = _mm(q, tl.trans(kx))
+        # read: o = ar q W^T + mr q S^T - (C * q kx^T) delta
+        dpm = -_mm(do, tl.trans(delta))
+        dg = dpm * c
+        d_delta = -_mm(tl.trans(c * g), do)
+        dq = ar * _mm(do, w) + mr * _mm(do, s) + _mm(dg, kx)
+        dk = _mm(tl.trans(dg), q)
+        # step to the chunk end: W' = ae W + me S - sum_i ce_i delta_i kx_i^T, S' = ee S - sum_i pe_i ...
+        kdw, kds = _mm(kx, tl.trans(dw)), _mm(kx, tl.trans(ds))
+        d_delta += -ce * kdw - pe * kds
+        dk += -ce * _mm(delta, dw) - pe * _mm(delta, ds)
+        _put(DC + cj * B * NE, dpm * g, B, NE, BB, BE)
+        _put_vec(DCE + cj * NE, -tl.sum(delta * kdw, 1), NE, BE)
+        _put_vec(DPE + cj * NE, -tl.sum(delta * kds, 1), NE, BE)
+        _put_vec(DAR + cj * B, tl.sum(do * _mm(q, tl.trans(w)), 1), B, BB)
+        _put_vec(DMR + cj * B, tl.sum(do * _mm(q, tl.trans(s)), 1), B, BB)
+        tl.store(DAE + cj, _dot_all(dw, w))
+        tl.store(DME + cj, _dot_all(dw, s))
+        tl.store(DEE + cj, _dot_all(ds, s))
+        dw_new = ae * dw + _mm(tl.trans(ar * do), q)
+        ds = m_e * dw + ee * ds + _mm(tl.trans(mr * do), q)
+        # back through delta = kx W^T - v (l2) or -v (dot)
+        if L2:
+            dk += _mm(d_delta, w)
+            dw_new += _mm(tl.trans(d_delta), kx)
+        dw = dw_new
+        _put(DQ + cj * B * DK, dq, B, DK, BB, BK)
+        _put(DK_ + cj * NE * DK, dk, NE, DK, BE, BK)
+        _put(DV_ + cj * NE * DV, -d_delta, NE, DV, BE, BV)
+    _put(DW0 + bh * DV * DK, dw, DV, DK, BV, BK)
+    _put(DS0 + bh * DV * DK, ds, DV, DK, BV, BK)
+
+
+class _LinearChunks(torch.autograd.Function):
+    """Chunks of the linear memory. ``q [BH, nc, b, dk]``, ``kx [BH, nc, ne, dk]``,
+    ``vx [BH, nc, ne, dv]``, coefficients as in the module docstring (``[BH, nc, ...]``),
+    ``w0, s0 [BH, dv, dk]`` -> ``o [BH, nc, b, dv]``, final ``w``, ``s``."""
+
+    @staticmethod
+    def forward(ctx, q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, l2: bool):
+        bh, nc, b, dk = q.shape
+        ne, dv = kx.shape[2], vx.shape[3]
+        o = _empty(bh, nc, b, dv, like=q)
+        ws, ss = _empty(bh, nc, dv, dk, like=q), _empty(bh, nc, dv, dk, like=q)
+        wf, sf = _empty(bh, dv, dk, like=q), _empty(bh, dv, dk, like=q)
+        dims = dict(B=b, NE=ne, DK=dk, DV=dv, BB=_block(b), BE=_block(ne), BK=_block(dk), BV=_block(dv), L2=l2)
+        _linear_fwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, o, ws, ss, wf, sf, nc, **dims)
+        ctx.save_for_backward(q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss)
+        ctx.dims = dims
+        return o, wf, sf
+
+    @staticmethod
+    def backward(ctx, do, dwf, dsf):
+        q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss = ctx.saved_tensors
+        bh, nc = q.shape[:2]
+        do = torch.zeros(*q.shape[:3], vx.shape[3], dtype=q.dtype, device=q.device) if do is None else do.contiguous()
+        dwf = torch.zeros_like(ws[:, 0]) if dwf is None else dwf.contiguous()
+        dsf = torch.zeros_like(ss[:, 0]) if dsf is None else dsf.contiguous()
+        grads = [_empty(*x.shape, like=x) for x in (q, kx, vx, c, ce, pe, ar, mr, ae, me, ee)]
+        dw0, ds0 = _empty(*dwf.shape, like=q), _empty(*dsf.shape, like=q)
+        _linear_bwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss, do, dwf, dsf,
+                                  *grads, dw0, ds0, nc, **ctx.dims)
+        return (*grads, dw0, ds0, None)
+
 @triton.jit
 def _mlp_fwd_kernel(
     Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, U0, U1, S0, S1,  # inputs
@@ -292,7 +261,7 @@ def _mlp_fwd_kernel(
     NC, B: tl.constexpr, NE: tl.constexpr, D: tl.constexpr, HD: tl.constexpr,
     BB: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, L2: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)
     u0 = _tile(U0 + bh * HD * D, HD, D, BH, BD)
     u1 = _tile(U1 + bh * D * HD, D, HD, BD, BH)
     s0 = _tile(S0 + bh * HD * D, HD, D, BH, BD)
@@ -342,7 +311,7 @@ def _mlp_bwd_kernel(
     NC, B: tl.constexpr, NE: tl.constexpr, D: tl.constexpr, HD: tl.constexpr,
     BB: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, L2: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)
     du0 = _tile(DUF0 + bh * HD * D, HD, D, BH, BD)
     du1 = _tile(DUF1 + bh * D * HD, D, HD, BD, BH)
     ds0 = _tile(DSF0 + bh * HD * D, HD, D, BH, BD)
