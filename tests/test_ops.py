@@ -279,3 +279,21 @@ def test_state_from_other_settings_rejected():
     assert isinstance(st, MemoryState)
     with pytest.raises(ValueError, match="initial_state was made with settings"):
         _call(chunk_size=8, initial_state=st)
+
+
+@pytest.mark.parametrize("optimizer,granularity", [("momentum", "token"), ("muon", "chunk")])
+def test_compiles_without_graph_breaks(optimizer, granularity):
+    """torch.compile captures the whole chunked op (fullgraph: no graph breaks), forward and backward."""
+    inputs = [x.requires_grad_() for x in make_inputs(1, 21, 2, DK, DV)]
+    params = make_params("mlp", 2, DK, DV, HIDDEN)
+
+    def f(q, k, v, lr, mom, dec, gamma, w0, w1):
+        return neural_memory(q, k, v, lr, mom, dec, {"w0": w0, "w1": w1}, window_gate=gamma, chunk_size=8, window=3,
+                             optimizer=optimizer, granularity=granularity)[0]
+
+    eager = f(*inputs, params["w0"], params["w1"])
+    (g_eager,) = torch.autograd.grad(eager.sum(), inputs[1])
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(*inputs, params["w0"], params["w1"])
+    (g_comp,) = torch.autograd.grad(compiled.sum(), inputs[1])
+    assert rel_err(compiled, eager) <= 1e-12
+    assert rel_err(g_comp, g_eager) <= 1e-12
