@@ -85,30 +85,24 @@ def test_loss_is_shifted_cross_entropy_with_ignore_index():
     torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["titans-lmm", "gated-deltanet", "atlas", "swla"])
-def test_memory_only_models_stream_with_constant_state(name):
+GLOBAL = ("transformer", "deep-transformer")  # state grows with the context, like a KV cache
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_state_is_bounded_except_for_global_attention(name):
     model = tiny64(name)
-    cache = None
-    sizes = []
+    cache, sizes = None, []
     gen = torch.Generator().manual_seed(5)
-    for step in range(6):
-        ids = torch.randint(0, 256, (1, 17), generator=gen)
-        cache = model(ids, past_key_values=cache, use_cache=True).past_key_values
-        sizes.append(cache.nbytes())
-    # the unfinished chunk and the Omega window are bounded, so the state stops growing
-    assert max(sizes[1:]) <= sizes[1] + 4 * 17 * 64 * 8 and len(set(sizes[2:])) <= 4
-    assert cache.get_seq_length() == 6 * 17
-
-
-def test_sliding_window_cache_is_bounded_and_full_attention_grows():
-    gen = torch.Generator().manual_seed(6)
-    ids = torch.randint(0, 256, (1, 40), generator=gen)
-    swa, full = tiny64("swa"), tiny64("transformer")
-    a = swa(ids[:, :20], use_cache=True).past_key_values.nbytes()
-    b = swa(ids, use_cache=True).past_key_values.nbytes()
-    c = full(ids[:, :20], use_cache=True).past_key_values.nbytes()
-    d = full(ids, use_cache=True).past_key_values.nbytes()
-    assert a == b and d == 2 * c
+    with torch.no_grad():
+        for _ in range(14):
+            ids = torch.randint(0, 256, (1, 7), generator=gen)
+            cache = model(ids, past_key_values=cache, use_cache=True).past_key_values
+            sizes.append(cache.nbytes())
+    assert cache.get_seq_length() == 14 * 7
+    if name in GLOBAL:
+        assert all(b > a for a, b in zip(sizes, sizes[1:]))
+    else:  # windows, segments and the unfinished chunk are bounded: 98 tokens need no more than 49
+        assert max(sizes[7:]) <= max(sizes[:7])
 
 
 def test_cache_detach_cuts_the_graph():
