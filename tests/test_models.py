@@ -255,3 +255,17 @@ def test_atlas_family_rows():
     assert preset_config("swdt").kernel["loss"] == "dot" and preset_config("dot").kernel["loss"] == "l2"
     for name in ("atlas-mag", "atlas-mal"):
         assert preset_config(name).memory == preset_config("atlas").memory
+
+
+def test_models_cli_table_and_errors(capsys):
+    from deepmemory.cli import main
+
+    assert main(["models", "transformer", "atlas", "--sizes", "tiny,1.3b"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["preset", "blocks", "tiny", "1.3b"]
+    assert lines[1].split()[:2] == ["transformer", "attn"] and lines[1].endswith("1.30B")
+    assert lines[2].split()[:2] == ["atlas", "memory"]
+    assert main(["models", "titans"]) == 2
+    assert "valid presets: transformer" in capsys.readouterr().err
+    assert main(["models", "--sizes", "7b"]) == 2
+    assert "valid sizes: tiny, 170m" in capsys.readouterr().err

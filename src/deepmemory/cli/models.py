@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def register(subparsers) -> None:
@@ -13,9 +14,11 @@ def register(subparsers) -> None:
 
 
 def _human(n: int) -> str:
+    """Three significant digits: 98.6K, 338M, 1.30B."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
-            return f"{n / scale:.1f}{unit}" if n < 100 * scale else f"{n / scale:.0f}{unit}"
+            v = n / scale
+            return f"{v:.{max(0, 2 - int(math.log10(v)))}f}{unit}"
     return str(n)
 
 

@@ -1,0 +1,42 @@
+"""Every ```python block of docs/**/*.md runs, in order, one namespace per page (examples cannot rot)."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
+
+
+def blocks(page: Path):
+    """``(line, code)`` of every python block of a page."""
+    text = page.read_text()
+    return [(text[: m.start()].count("\n") + 1, m.group(1)) for m in BLOCK.finditer(text)]
+
+
+PAGES = sorted(p for p in DOCS.rglob("*.md") if blocks(p))
+
+
+def test_the_pages_with_examples_are_found():
+    names = {p.relative_to(DOCS).as_posix() for p in PAGES}
+    assert {"models/titans.md", "models/atlas.md", "models/deep-transformer.md", "models/baselines.md"} <= names
+
+
+def test_block_extraction():
+    page = "text\n```python\nx = 1\n```\n\n```\nnot python\n```\n```python\ny = x + 1\n```\n"
+    found = [(m.group(1)) for m in BLOCK.finditer(page)]
+    assert found == ["x = 1\n", "y = x + 1\n"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(DOCS).as_posix())
+def test_examples_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples that save files write them here
+    torch.manual_seed(0)
+    namespace = {"__name__": "__docs__"}
+    for line, code in blocks(page):
+        try:
+            exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
+        except Exception as err:
+            raise AssertionError(f"{page.relative_to(DOCS)} block at line {line} failed: {type(err).__name__}: {err}") from err
