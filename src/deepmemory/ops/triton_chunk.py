@@ -444,8 +444,7 @@ class _MlpChunks(torch.autograd.Function):
 def _coefficients(p: Problem, n_chunks: int, b: int, last_len: int):
     """Gate coefficients per chunk (see the module docstring), all ``[B, H, nc, ...]``."""
     c = p.window
-    n, pad = p.q.shape[2], n_chunks * b - p.q.shape[2]
-    ne = c - 1 + b
+    pad, ne = n_chunks * b - p.q.shape[2], c - 1 + b
     lr = F.pad(p.lr, (0, pad)).unflatten(2, (n_chunks, b))
     mom = F.pad(p.momentum, (0, pad)).unflatten(2, (n_chunks, b))
     ret = 1.0 - F.pad(p.decay, (0, pad)).unflatten(2, (n_chunks, b))

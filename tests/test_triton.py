@@ -1,0 +1,158 @@
+"""impl="triton" against impl="chunk": outputs, states and every gradient; streaming; unwritten outputs; errors.
+
+Without CUDA the kernels run under the Triton interpreter (slow: tiny shapes only).
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from ops_cases import make_inputs, make_params, rel_err  # noqa: E402
+
+from deepmemory.ops import neural_memory  # noqa: E402
+from deepmemory.ops import triton_chunk as tc  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NH, D, HIDDEN = 2, 16, 32
+
+
+def _inputs(bsz, seq, dtype, *, d=D, hidden=HIDDEN, memory="linear", optimizer="momentum", seed=0, batched=False):
+    # lr_scale 0.5 keeps a window of 5 summed gradients stable (the memory stays O(1))
+    ins = [x.to(DEVICE, dtype) for x in make_inputs(bsz, seq, NH, d, d, optimizer=optimizer, seed=seed, lr_scale=0.5)]
+    gen = torch.Generator().manual_seed(seed + 1)
+    params = make_params(memory, NH, d, d, hidden, batch=bsz if batched else None, gen=gen)
+    return ins, {n: t.to(DEVICE, dtype) for n, t in params.items()}
+
+
+def _run(impl, ins, params, *, state=None, **kw):
+    """Outputs, final state and the gradients of a random projection of both w.r.t. every input."""
+    leaves = [x.detach().clone().requires_grad_() for x in ins]
+    q, k, v, lr, mom, dec, gam = leaves
+    ps = {n: t.detach().clone().requires_grad_() for n, t in params.items()}
+    o, st = neural_memory(q, k, v, lr, None if kw.get("optimizer") == "gd" else mom, dec, ps, window_gate=gam,
+                          initial_state=state, output_final_state=True, impl=impl, **kw)
+    outs = [o] + [t for n in ps for t in (st.weights[n], st.momentum[n], st.chunk_weights[n], st.chunk_momentum[n])]
+    gen = torch.Generator().manual_seed(7)
+    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)).sum() for x in outs)
+    wanted = leaves if kw.get("optimizer") != "gd" else [x for x in leaves if x is not mom]
+    grads = torch.autograd.grad(loss, wanted + list(ps.values()))
+    return outs, grads
+
+
+def _assert_close(got, want, tol, live=True):
+    """``live``: every gradient is nonzero (false for one token, whose momentum meets a zero state)."""
+    outs_t, grads_t = got
+    outs_c, grads_c = want
+    assert outs_c[0].abs().max() < 1e3, "the memory diverged: the comparison would say little"
+    for i, (a, b) in enumerate(zip(outs_t, outs_c)):
+        assert rel_err(a, b) <= tol, f"output {i}: {rel_err(a, b):.2e}"
+    for i, (a, b) in enumerate(zip(grads_t, grads_c)):
+        assert torch.isfinite(a).all() and (b.abs().max() > 0 or not live), f"gradient {i} is zero"
+        assert rel_err(a, b) <= tol, f"gradient {i}: {rel_err(a, b):.2e}"
+
+
+CASES = [  # (seq, chunk, window, loss, optimizer)
+    (1, 4, 1, "l2", "momentum"),
+    (7, 4, 1, "l2", "gd"),
+    (33, 4, 5, "dot", "momentum"),
+    (33, 16, 5, "l2", "momentum"),
+    (7, 16, 5, "dot", "gd"),
+]
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+@pytest.mark.parametrize("seq,chunk,window,loss,optimizer", CASES)
+def test_matches_chunk_float64(memory, seq, chunk, window, loss, optimizer):
+    ins, params = _inputs(2, seq, torch.float64, memory=memory, optimizer=optimizer)
+    kw = dict(memory=memory, loss=loss, optimizer=optimizer, window=window, chunk_size=chunk)
+    _assert_close(_run("triton", ins, params, **kw), _run("chunk", ins, params, **kw), 1e-10, live=seq > 1)
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+def test_matches_chunk_float32_ragged_dims(memory):
+    # widths that are not powers of two exercise the masked tiles; per-sequence initial memory
+    ins, params = _inputs(1, 33, torch.float32, d=12, hidden=20, memory=memory, batched=True)
+    kw = dict(memory=memory, loss="l2", optimizer="momentum", window=5, chunk_size=4)
+    _assert_close(_run("triton", ins, params, **kw), _run("chunk", ins, params, **kw), 2e-5)
+
+
+def test_half_precision_inputs_follow_chunk():
+    ins, params = _inputs(1, 7, torch.bfloat16, memory="mlp")
+    kw = dict(memory="mlp", window=5, chunk_size=4)
+    o_t, st_t = neural_memory(*ins[:6], params, window_gate=ins[6], impl="triton", output_final_state=True, **kw)
+    o_c, st_c = neural_memory(*ins[:6], params, window_gate=ins[6], impl="chunk", output_final_state=True, **kw)
+    assert o_t.dtype == torch.bfloat16 and st_t.weights["w0"].dtype == torch.float32
+    assert rel_err(o_t.float(), o_c.float()) <= 1e-2
+    assert rel_err(st_t.weights["w1"], st_c.weights["w1"]) <= 1e-5
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+def test_streaming_through_triton(memory):
+    """Split calls carrying the state equal one call, and gradients flow through the state."""
+    seq, cut = 19, 6
+    ins, params = _inputs(1, seq, torch.float64, memory=memory)
+    kw = dict(memory=memory, window=5, chunk_size=4)
+    o, st = neural_memory(*ins[:6], params, window_gate=ins[6], impl="triton", output_final_state=True, **kw)
+    head = [x[:, :cut] for x in ins]
+    tail = [x[:, cut:] for x in ins]
+    results = {}
+    for impl in ("triton", "chunk"):
+        leaves = [x.detach().clone().requires_grad_() for x in head]
+        o1, s1 = neural_memory(*leaves[:6], params, window_gate=leaves[6], impl=impl, output_final_state=True, **kw)
+        o2, s2 = neural_memory(*tail[:6], params, window_gate=tail[6], impl=impl, initial_state=s1,
+                               output_final_state=True, **kw)
+        gen = torch.Generator().manual_seed(3)
+        loss = (o2 * torch.randn(o2.shape, generator=gen, dtype=o2.dtype).to(o2.device)).sum()
+        results[impl] = (torch.cat([o1, o2], 1), s2, torch.autograd.grad(loss, leaves[1:]))  # all but q
+    o_t, s_t, g_t = results["triton"]
+    assert rel_err(o_t, o) <= 1e-10
+    for n in st.weights:
+        assert rel_err(s_t.weights[n], st.weights[n]) <= 1e-10
+        assert rel_err(s_t.chunk_momentum[n], st.chunk_momentum[n]) <= 1e-10
+    for a, b in zip(g_t, results["chunk"][2]):
+        assert rel_err(a, b) <= 1e-10
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+def test_every_output_is_written(memory, monkeypatch):
+    """Kernel outputs start as NaN; ragged lengths must still come back fully written."""
+    monkeypatch.setattr(tc, "_empty", lambda *shape, like: torch.full(shape, float("nan"), dtype=like.dtype,
+                                                                      device=like.device))
+    for seq, chunk, window in ((7, 4, 5), (33, 16, 1)):
+        ins, params = _inputs(2, seq, torch.float64, d=12, hidden=20, memory=memory)
+        kw = dict(memory=memory, window=window, chunk_size=chunk)
+        outs, grads = _run("triton", ins, params, **kw)
+        assert all(torch.isfinite(x).all() for x in (*outs, *grads))
+        _assert_close((outs, grads), _run("chunk", ins, params, **kw), 1e-10)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(optimizer="muon"),
+    dict(granularity="chunk"),
+    dict(memory="gated_mlp"),
+    dict(memory="mlp", depth=3),
+    dict(memory="mlp", activation="silu"),
+    dict(memory="mlp", residual=False),
+])
+def test_unsupported_settings_raise(bad):
+    memory, depth = bad.get("memory", "linear"), bad.get("depth", 2)
+    ins, _ = _inputs(1, 3, torch.float64)
+    from deepmemory.ops import MemorySpec
+    spec = MemorySpec(memory, depth)
+    params = {n: torch.randn(NH, r, c, dtype=torch.float64, device=DEVICE) for n, (r, c) in spec.shapes(D, D, HIDDEN).items()}
+    with pytest.raises(ValueError, match="impl='triton' supports"):
+        neural_memory(*ins[:6], params, impl="triton", **{"memory": memory, **bad})
+
+
+def test_missing_triton_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.delitem(sys.modules, "deepmemory.ops.triton_chunk")
+    ins, params = _inputs(1, 3, torch.float64)
+    with pytest.raises(ImportError, match="needs the triton package"):
+        neural_memory(*ins[:6], params, memory="linear", impl="triton")
