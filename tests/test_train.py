@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from deepmemory.cli import main
 from deepmemory.train import TrainConfig, lr_at
@@ -123,6 +124,14 @@ def test_resume_is_exact(corpus, run_a, tmp_path):
     la = [r["loss"] for r in metrics(run_a) if "loss" in r]
     lb = [r["loss"] for r in metrics(b) if "loss" in r]
     assert lb == pytest.approx(la, rel=1e-6)
+
+
+def test_grad_checkpointing_changes_nothing(corpus, tmp_path):
+    plain, ckpt = str(tmp_path / "plain"), str(tmp_path / "ckpt")
+    assert main(args(corpus, "--steps", "3", "--out", plain)) == 0
+    assert main(args(corpus, "--steps", "3", "--grad-checkpointing", "--out", ckpt)) == 0
+    assert [r.get("loss") for r in metrics(ckpt)] == pytest.approx([r.get("loss") for r in metrics(plain)], rel=1e-6)
+    assert "model.layers.0.mlp.down.weight" in load_file(os.path.join(ckpt, "model.safetensors"))  # plain names
 
 
 def test_grad_accum_is_the_same_step(corpus, tmp_path):

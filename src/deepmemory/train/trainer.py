@@ -123,7 +123,7 @@ def _default_out(cfg: TrainConfig) -> str:
 def _create_run_dir(out: str, overwrite: bool, write: Callable[[str], None]) -> None:
     """Build the run directory beside ``out`` and rename it in; an existing ``out`` is only
     replaced with ``overwrite``, and only if it is a run directory or empty."""
-    if os.path.exists(out):
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):  # an empty folder holds nothing to lose
         if not overwrite:
             raise TrainError(f"{out} already exists; pass --overwrite to replace it or --resume {out} to continue it")
         if not os.path.isdir(out) or (os.listdir(out) and not ck.is_run_dir(out)):
@@ -297,7 +297,7 @@ def _run(cfg: TrainConfig, env: Env, stored: Optional[Dict], resume: Optional[st
         metrics = [r for r in _read_metrics(run_dir) if r.get("step", 0) <= step]
         ck.write_text(os.path.join(run_dir, ck.METRICS), "".join(json.dumps(r) + "\n" for r in metrics))
         if resume:
-            ck.write_json(os.path.join(run_dir, ck.CONFIG), dict(stored, train=cfg.to_dict()))
+            ck.write_json(os.path.join(run_dir, ck.CONFIG), dict(stored, train=dict(cfg.to_dict(), out=os.path.abspath(run_dir))))
     barrier(env)
     metrics_file = open(os.path.join(run_dir, ck.METRICS), "a") if env.is_main else None
 
