@@ -156,3 +156,10 @@ def test_missing_triton_is_a_clear_error(monkeypatch):
     ins, params = _inputs(1, 3, torch.float64)
     with pytest.raises(ImportError, match="needs the triton package"):
         neural_memory(*ins[:6], params, memory="linear", impl="triton")
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+def test_long_sequence_many_chunks(memory):
+    ins, params = _inputs(1, 257, torch.float64, memory=memory)
+    kw = dict(memory=memory, loss="l2", optimizer="momentum", window=3, chunk_size=16)
+    _assert_close(_run("triton", ins, params, **kw), _run("chunk", ins, params, **kw), 1e-9)
