@@ -207,6 +207,23 @@ def test_generate(run_a, capsys):
     assert greedy == tok.decode(ids[0])
 
 
+def test_hugging_face_tokenizer_run(corpus, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "the memory learns to store keys and values while it reads a long sequence".split()
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    out = str(tmp_path / "H")
+    assert main(args(corpus, "--steps", "2", "--tokenizer", str(tmp_path / "tokenizer.json"), "--out", out)) == 0
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["tokenizer"] == {"kind": "hf", "vocab_size": 16, "eos_id": 1, "file": "tokenizer.json"}
+    assert config["model"]["config"]["vocab_size"] == 16 and os.path.isfile(os.path.join(out, "tokenizer.json"))
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", out, "--prompt", "the memory", "--max-new-tokens", "3"]) == 0
+    assert set(capsys.readouterr().out.split()) <= set(words) | {"[UNK]"}
+
+
 def test_config_file_and_flags(corpus, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: transformer\nseq-len: 8\nsteps: 3\nmodel_overrides:\n  hidden_size: 16\n  num_hidden_layers: 1\n"

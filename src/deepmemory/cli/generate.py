@@ -68,5 +68,7 @@ def run(args: argparse.Namespace) -> int:
             temperature=args.temperature if sample else None, top_k=(args.top_k or None) if sample else None,
             top_p=None, pad_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
         )
-    sys.stdout.write(args.prompt + tokenizer.decode(out[0, ids.shape[1]:]) + "\n")
+    # decode the whole sequence: a piece decoded alone can lose the spacing at its start
+    full, prompt = tokenizer.decode(out[0]), tokenizer.decode(ids[0])
+    sys.stdout.write((args.prompt + full[len(prompt):] if full.startswith(prompt) else full) + "\n")
     return 0
