@@ -208,6 +208,11 @@ def test_other_bad_inputs_fail_clearly():
         (dict(attention_window=0, layer_pattern="swa"), "attention_window must be >= 1"),
         (dict(num_persistent=-1), "num_persistent must be >= 0"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps must be a positive number"),
+        (dict(layer_pattern="memory", memory={"depth": 0}), "depth'\\] must be >= 1"),
+        (dict(layer_pattern="memory", memory={"residual": "yes"}), "residual'\\] must be a bool"),
+        (dict(layer_pattern="memory", memory={"max_lr": -1.0}), "max_lr'\\] must be a positive number"),
+        (dict(layer_pattern="kernel", kernel={"normalized": 1}), "normalized'\\] must be a bool"),
+        (dict(layer_pattern="attn", memory={"wndow": 2}), "memory settings must be one of"),
     ],
 )
 def test_invalid_configs_fail_at_construction(kwargs, match):
@@ -269,3 +274,16 @@ def test_models_cli_table_and_errors(capsys):
     assert "valid presets: transformer" in capsys.readouterr().err
     assert main(["models", "--sizes", "7b"]) == 2
     assert "valid sizes: tiny, 170m" in capsys.readouterr().err
+
+
+def test_tuple_outputs_and_hidden_states():
+    model = tiny64("titans-mal")
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(9))
+    out = model(ids, labels=ids, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits)
+    loss, logits = model(ids, labels=ids, return_dict=False)[:2]
+    torch.testing.assert_close(loss, out.loss)
+    torch.testing.assert_close(logits, out.logits)
+    # only the last position's logits, as generate() asks for
+    torch.testing.assert_close(model(ids, logits_to_keep=1).logits, out.logits[:, -1:])

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import inspect
+
 from transformers import PretrainedConfig
 
-BLOCK_TYPES = ("attn", "swa", "memory", "kernel", "mac", "mag", "mal")
-MEMORY_BLOCKS = ("memory", "mac", "mag", "mal")  # blocks built on NeuralMemory
-WINDOWED_BLOCKS = ("swa", "mag", "mal")  # blocks with sliding-window attention
+from ..layers.feature_maps import FEATURE_MAPS
+from ..layers.kernel_memory import KernelMemory
+from ..layers.memory_layer import NeuralMemory
+from ..ops import ACTIVATIONS, GRANULARITIES, IMPLS, LOSSES, MEMORY_KINDS, OPTIMIZERS
 
-# Settings of ``NeuralMemory`` / ``KernelMemory`` that a config may set (the widths come from
-# the config itself). Checked here so that a typo fails at construction, not mid-forward.
-MEMORY_KEYS = (
-    "chunk_size", "memory", "depth", "expansion", "activation", "residual", "loss", "optimizer",
-    "ns_steps", "window", "window_gate", "granularity", "feature_map", "poly_degree", "max_lr",
-    "conv_size", "use_decay", "impl",
+BLOCK_TYPES = ("attn", "swa", "memory", "kernel", "mac", "mag", "mal")
+ATTENTION_BLOCKS = ("attn", "swa", "mac", "mag", "mal")
+CHOICES = dict(
+    memory=MEMORY_KINDS, loss=LOSSES, optimizer=OPTIMIZERS, granularity=GRANULARITIES,
+    feature_map=FEATURE_MAPS, activation=ACTIVATIONS, impl=tuple(IMPLS),
 )
-KERNEL_KEYS = ("window", "loss", "depth", "expansion", "activation", "residual", "normalized", "chunk_size", "max_lr", "conv_size")
+NON_NEGATIVE = ("ns_steps", "conv_size")
+
+
+def _settings(cls) -> dict:
+    """The keyword settings of a mixer and their defaults (the widths come from the config)."""
+    params = inspect.signature(cls).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+MEMORY_SETTINGS = _settings(NeuralMemory)
+KERNEL_SETTINGS = _settings(KernelMemory)
 
 
 def _int(name: str, value, minimum: int = 1) -> None:
@@ -101,54 +113,28 @@ class DeepMemoryConfig(PretrainedConfig):
             raise ValueError(f"layer_pattern must name {self.num_hidden_layers} blocks (num_hidden_layers); got {len(pattern)}: {pattern}")
         for name in pattern:
             _choice("layer_pattern entries", name, BLOCK_TYPES)
-        for key in self.memory:
-            _choice("memory settings", key, MEMORY_KEYS)
-        for key in self.kernel:
-            _choice("kernel settings", key, KERNEL_KEYS)
-        used = set(pattern)
-        if used & set(MEMORY_BLOCKS):
-            self._check_memory()
-        if "kernel" in used:
-            self._check_kernel()
-        if used & {"attn", "swa", "mac", "mag", "mal"} and self.head_dim % 2:
+        # settings are checked even where no block reads them: a typo should not pass silently
+        _check_settings("memory", self.memory, MEMORY_SETTINGS)
+        if self.memory.get("memory") == "linear" and self.memory.get("residual", False):
+            raise ValueError("memory['residual']=True needs an mlp or gated_mlp memory; a linear memory has no residual")
+        _check_settings("kernel", self.kernel, KERNEL_SETTINGS)
+        if set(pattern) & set(ATTENTION_BLOCKS) and self.head_dim % 2:
             raise ValueError(f"head_dim must be even: attention rotates pairs of channels (RoPE); got {self.head_dim}")
 
-    def _check_memory(self) -> None:
-        m = self.memory
-        _choice("memory['memory']", m.get("memory", "mlp"), ("linear", "mlp", "gated_mlp"))
-        _choice("memory['loss']", m.get("loss", "l2"), ("l2", "dot"))
-        _choice("memory['optimizer']", m.get("optimizer", "momentum"), ("gd", "momentum", "muon"))
-        _choice("memory['granularity']", m.get("granularity", "token"), ("token", "chunk"))
-        _choice("memory['feature_map']", m.get("feature_map", "identity"), ("identity", "polynomial"))
-        _choice("memory['activation']", m.get("activation", "gelu"), ("gelu", "silu", "relu", "tanh"))
-        _choice("memory['impl']", m.get("impl", "chunk"), ("chunk", "reference"))
-        for key in ("chunk_size", "depth", "expansion", "window", "poly_degree"):
-            if key in m:
-                _int(f"memory['{key}']", m[key])
-        if "conv_size" in m:
-            _int("memory['conv_size']", m["conv_size"], minimum=0)
-        if "ns_steps" in m:
-            _int("memory['ns_steps']", m["ns_steps"], minimum=0)
-        for key in ("residual", "window_gate", "use_decay"):
-            if key in m and not isinstance(m[key], bool):
-                raise TypeError(f"memory['{key}'] must be a bool; got {type(m[key]).__name__}")
-        if m.get("memory") == "linear" and m.get("residual", False):
-            raise ValueError("memory['residual']=True needs an mlp or gated_mlp memory; a linear memory has no residual")
-        _positive("memory['max_lr']", m.get("max_lr", 1.0))
 
-    def _check_kernel(self) -> None:
-        k = self.kernel
-        _choice("kernel['loss']", k.get("loss", "dot"), ("l2", "dot"))
-        window = k.get("window")
-        if window is not None:
-            _int("kernel['window']", window)
-        _choice("kernel['activation']", k.get("activation", "gelu"), ("gelu", "silu", "relu", "tanh"))
-        for key in ("depth", "expansion", "chunk_size"):
-            if key in k:
-                _int(f"kernel['{key}']", k[key])
-        if "conv_size" in k:
-            _int("kernel['conv_size']", k["conv_size"], minimum=0)
-        for key in ("residual", "normalized"):
-            if key in k and not isinstance(k[key], bool):
-                raise TypeError(f"kernel['{key}'] must be a bool; got {type(k[key]).__name__}")
-        _positive("kernel['max_lr']", k.get("max_lr", 1.0))
+def _check_settings(group: str, settings: dict, defaults: dict) -> None:
+    """Every setting is a known keyword of the mixer, with the type of its default."""
+    for key, value in settings.items():
+        _choice(f"{group} settings", key, tuple(defaults))
+        name, default = f"{group}['{key}']", defaults[key]
+        if key in CHOICES:
+            _choice(name, value, CHOICES[key])
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+        elif isinstance(default, int):
+            _int(name, value, minimum=0 if key in NON_NEGATIVE else 1)
+        elif isinstance(default, float):
+            _positive(name, value)
+        elif default is None and value is not None:  # kernel window: None (global) or a length
+            _int(name, value)

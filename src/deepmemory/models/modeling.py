@@ -42,6 +42,10 @@ def _build_block(config: DeepMemoryConfig, kind: str) -> nn.Module:
     return cls(h, nh, hd, mlp, window=config.attention_window, **hybrid)
 
 
+def _return_dict(return_dict: Optional[bool], config: DeepMemoryConfig) -> bool:
+    return config.return_dict if return_dict is None else return_dict
+
+
 def map_state(state, fn: Callable[[Tensor], Tensor]):
     """Apply ``fn`` to every tensor of a (nested) block state: dataclasses, dicts, lists, tuples."""
     if isinstance(state, Tensor):
@@ -193,11 +197,12 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
             cache.seen += x.shape[1]
         if hidden is not None:
             hidden[-1] = x
-        return BaseModelOutputWithPast(
+        out = BaseModelOutputWithPast(
             last_hidden_state=x,
             past_key_values=cache if use_cache else None,
             hidden_states=tuple(hidden) if hidden is not None else None,
         )
+        return out if _return_dict(return_dict, self.config) else out.to_tuple()
 
 
 class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
@@ -238,14 +243,14 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        unknown = set(kwargs) - {"output_attentions", "position_ids", "cache_position"}
+        unknown = set(kwargs) - {"output_attentions"}
         if unknown:
             raise TypeError(f"forward() got unexpected argument(s) {sorted(unknown)}")
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: memory blocks have no attention matrix")
         out = self.model(
             input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask, output_hidden_states=output_hidden_states,
+            attention_mask=attention_mask, output_hidden_states=output_hidden_states, return_dict=True,
         )
         h = out.last_hidden_state
         logits = self.lm_head(h if not logits_to_keep else h[:, -logits_to_keep:])
@@ -259,7 +264,8 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
             shifted = logits[:, :-1].flatten(0, 1)
             shifted = shifted if shifted.dtype in (torch.float32, torch.float64) else shifted.float()
             loss = F.cross_entropy(shifted, labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+        return out if _return_dict(return_dict, self.config) else out.to_tuple()
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
