@@ -7,6 +7,7 @@ runs, so every measurement runs in a fresh subprocess (``run_isolated``); on CUD
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -43,6 +44,19 @@ def measure(step: Callable[[], None], *, warmup: int = 1, repeat: int = 3, devic
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _peak_rss_mib() - base
     return {"seconds": min(times), "peak_mib": peak}
+
+
+def bench_main(doc: str, add_arguments: Callable, case: Callable[[Dict], Dict], run_cli: Callable, argv=None) -> None:
+    """A benchmark module's ``main``: ``--case JSON`` measures one case in this process and prints
+    its JSON result (what ``run_isolated`` reads); anything else runs the whole table."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    if args.case:
+        print(json.dumps(case(json.loads(args.case))))
+        return
+    run_cli(args)
 
 
 def run_isolated(module: str, case: Dict) -> Dict:

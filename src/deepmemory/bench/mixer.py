@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 from typing import Dict, List
 
 import torch
 
-from .measure import count_flops, matmul_peak_flops, measure, print_table, run_isolated, save_plot, saved_for_backward_mib
+from .measure import bench_main, count_flops, matmul_peak_flops, measure, print_table, run_isolated, save_plot, saved_for_backward_mib
 
 MIXERS = ("memory-token", "memory-chunk", "gated-deltanet", "attention", "titans-pytorch")
 
@@ -126,16 +125,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--plot", default="bench_mixer.png", help="PNG path ('' for none)")
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", help=argparse.SUPPRESS)
-    add_arguments(ap)
-    args = ap.parse_args(argv)
-    if args.case:
-        print(json.dumps(_case(json.loads(args.case))))
-        return
+def run_cli(args: argparse.Namespace) -> None:
     run(args.seq, args.chunk, args.mixers, batch=args.batch, threads=args.threads, repeat=args.repeat,
         device=args.device, flops=not args.no_flops, plot=args.plot or None)
+
+
+def main(argv=None) -> None:
+    bench_main(__doc__, add_arguments, _case, run_cli, argv)
 
 
 if __name__ == "__main__":

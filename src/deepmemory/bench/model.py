@@ -14,13 +14,12 @@ context (up to ``--max-attention-context``).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Dict, List
 
 import torch
 
-from .measure import measure, print_table, run_isolated, save_plot
+from .measure import bench_main, measure, print_table, run_isolated, save_plot
 
 
 def _train_case(c: Dict) -> Dict:
@@ -112,7 +111,7 @@ def run_decode(models: List[str], size: str, contexts: List[int], *, steps=64, t
     return rows
 
 
-def add_arguments(ap: argparse.ArgumentParser, decode_default: bool = False) -> None:
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--models", nargs="+", default=None, help="presets (default depends on the mode)")
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--seq", type=int, default=1024, help="training: sequence length")
@@ -126,17 +125,17 @@ def add_arguments(ap: argparse.ArgumentParser, decode_default: bool = False) -> 
     ap.add_argument("--plot", default="bench_decode.png", help="decoding: PNG path ('' for none)")
 
 
-def main(argv=None, decode: bool = False) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", help=argparse.SUPPRESS)
+def _case(c: Dict) -> Dict:
+    return _decode_case(c) if c.get("decode") else _train_case(c)
+
+
+def _module_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--decode", action="store_true", help="measure decoding instead of training")
     add_arguments(ap)
-    args = ap.parse_args(argv)
-    if args.case:
-        c = json.loads(args.case)
-        print(json.dumps(_decode_case(c) if c.get("decode") else _train_case(c)))
-        return
-    run_cli(args, decode=decode or args.decode)
+
+
+def main(argv=None) -> None:
+    bench_main(__doc__, _module_arguments, _case, lambda a: run_cli(a, a.decode), argv)
 
 
 def run_cli(args, decode: bool) -> None:

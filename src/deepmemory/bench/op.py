@@ -9,14 +9,13 @@ Each case runs in its own process (clean peak-memory reading) with ``--threads``
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
 
 from deepmemory.ops import neural_memory
 
-from .measure import measure, print_table, run_isolated, saved_for_backward_mib
+from .measure import bench_main, measure, print_table, run_isolated, saved_for_backward_mib
 
 
 def _case(c: dict) -> dict:
@@ -76,14 +75,7 @@ def run_cli(args) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", help=argparse.SUPPRESS)
-    add_arguments(ap)
-    args = ap.parse_args(argv)
-    if args.case:
-        print(json.dumps(_case(json.loads(args.case))))
-        return
-    run_cli(args)
+    bench_main(__doc__, add_arguments, _case, run_cli, argv)
 
 
 if __name__ == "__main__":

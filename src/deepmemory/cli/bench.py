@@ -36,8 +36,7 @@ def _mixer(args: argparse.Namespace) -> int:
 
     _check_positive("seq", args.seq)
     _check_positive("chunk", args.chunk)
-    mixer.run(args.seq, args.chunk, args.mixers, batch=args.batch, threads=args.threads, repeat=args.repeat,
-              device=args.device, flops=not args.no_flops, plot=args.plot or None)
+    mixer.run_cli(args)
     return 0
 
 
