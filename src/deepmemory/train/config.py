@@ -42,6 +42,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     fsdp: bool = False
     device: str = "auto"
+    threads: Optional[int] = None  # CPU intra-op threads; None: PyTorch's choice
     seed: int = 0
     out: Optional[str] = None
     eval_every: int = 50
@@ -65,6 +66,8 @@ class TrainConfig:
         for name in ("warmup_steps",):
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), 0)
+        if self.threads is not None:
+            _int("threads", self.threads, 1)
         if self.lr_decay_steps is not None:
             _int("lr_decay_steps", self.lr_decay_steps, 1)
         for name, low, high in (("lr", 0, None), ("weight_decay", 0, None), ("grad_clip", 0, None),
@@ -97,7 +100,7 @@ class TrainConfig:
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # may differ between a run and its resumption: they change how, not what, is computed
-RESUMABLE = {"steps", "grad_accum", "precision", "compile", "grad_checkpointing", "fsdp", "device", "out",
+RESUMABLE = {"steps", "grad_accum", "precision", "compile", "grad_checkpointing", "fsdp", "device", "threads", "out",
              "eval_every", "eval_tokens", "keep_checkpoints"}
 
 

@@ -198,6 +198,8 @@ def train(settings: Dict, resume: Optional[str] = None, overwrite: bool = False,
     started = time.time()
     stored = ck.read_run_config(resume) if resume else None
     cfg = resume_config(stored["train"], settings, resume) if resume else new_config(settings)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     try:
         env = setup(cfg.device)
     except ValueError as err:
