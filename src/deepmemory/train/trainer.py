@@ -229,11 +229,10 @@ def _run(cfg: TrainConfig, env: Env, stored: Optional[Dict], resume: Optional[st
     corpus = build_corpus(cfg.data, tokenizer, cfg.val_fraction)
     sampler = WindowSampler(corpus.train, cfg.seq_len, cfg.seed)
     val = eval_windows(corpus.val, cfg.seq_len, max(1, cfg.eval_tokens // cfg.seq_len))
-    val = val[: max(env.world, val.shape[0] // env.world * env.world)]
     if val.shape[0] < env.world:
         raise DataError(f"the validation data holds {val.shape[0]} windows of --seq-len {cfg.seq_len}, fewer than {env.world} processes")
+    val = val[: val.shape[0] // env.world * env.world]  # every rank evaluates as many windows
     tpb_val, tpb_train = corpus.tokens_per_byte("val"), corpus.tokens_per_byte("train")
-
 
     # ---- run directory (rank 0 writes; every rank learns the outcome)
     run_dir, error, ckpt = resume, None, None
