@@ -39,4 +39,7 @@ def test_examples_run(page, tmp_path, monkeypatch):
         try:
             exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
         except Exception as err:
-            raise AssertionError(f"{page.relative_to(DOCS)} block at line {line} failed: {type(err).__name__}: {err}") from err
+            hint = " (a listing that is not meant to run is fenced ``` or ```text)" if isinstance(err, SyntaxError) else ""
+            raise AssertionError(
+                f"{page.relative_to(DOCS)} block at line {line} failed: {type(err).__name__}: {err}{hint}"
+            ) from err

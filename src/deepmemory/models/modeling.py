@@ -16,29 +16,30 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ..layers.blocks import MACBlock, MAGBlock, MALBlock, MemoryBlock, TransformerBlock
 from ..layers.common import RMSNorm
 from ..layers.feature_maps import PolynomialFeatureMap, symmetric_monomials
+from ..layers.kernel_memory import KernelMemory
+from ..layers.memory_layer import NeuralMemory
 from .config import DeepMemoryConfig
 
 
 def _build_block(config: DeepMemoryConfig, kind: str) -> nn.Module:
-    from ..layers import blocks, memory_layer
-
     h, nh, hd, mlp = config.hidden_size, config.num_attention_heads, config.head_dim, config.intermediate_size
     eps = config.rms_norm_eps
     if kind in ("attn", "swa"):
         window = config.attention_window if kind == "swa" else None
-        return blocks.TransformerBlock(h, nh, hd, mlp, window=window, rope_theta=config.rope_theta, eps=eps)
+        return TransformerBlock(
+            h, nh, hd, mlp, window=window, num_persistent=config.num_persistent, rope_theta=config.rope_theta, eps=eps
+        )
     if kind == "memory":
-        return blocks.MemoryBlock(memory_layer.NeuralMemory(h, nh, hd, **config.memory), h, mlp, eps=eps)
+        return MemoryBlock(NeuralMemory(h, nh, hd, **config.memory), h, mlp, eps=eps)
     if kind == "kernel":
-        from ..layers import kernel_memory
-
-        return blocks.MemoryBlock(kernel_memory.KernelMemory(h, nh, hd, **config.kernel), h, mlp, eps=eps)
+        return MemoryBlock(KernelMemory(h, nh, hd, **config.kernel), h, mlp, eps=eps)
     hybrid = dict(num_persistent=config.num_persistent, memory_kwargs=config.memory, rope_theta=config.rope_theta, eps=eps)
     if kind == "mac":
-        return blocks.MACBlock(h, nh, hd, mlp, segment_size=config.segment_size, **hybrid)
-    cls = blocks.MAGBlock if kind == "mag" else blocks.MALBlock
+        return MACBlock(h, nh, hd, mlp, segment_size=config.segment_size, **hybrid)
+    cls = MAGBlock if kind == "mag" else MALBlock
     return cls(h, nh, hd, mlp, window=config.attention_window, **hybrid)
 
 

@@ -16,7 +16,9 @@ from typing import Dict, Tuple
 import torch
 from transformers.initialization import no_init_weights
 
+from ..layers.common import SwiGLU
 from .config import DeepMemoryConfig
+from .modeling import DeepMemoryForCausalLM
 
 # ---- families (SPEC §4 table) ---------------------------------------------------------------
 TITANS = dict(memory="mlp", depth=2, expansion=4, residual=True, loss="l2", optimizer="momentum", window=1, feature_map="identity")
@@ -135,9 +137,6 @@ _WIDTHS: Dict[str, int] = {}
 
 def count_parameters(config: DeepMemoryConfig) -> Tuple[int, int]:
     """``(total, swiglu)`` parameter counts of a model, built on the meta device (no memory)."""
-    from ..layers.common import SwiGLU
-    from .modeling import DeepMemoryForCausalLM
-
     with torch.device("meta"), no_init_weights():  # initialising meta tensors is wasted time
         model = DeepMemoryForCausalLM(config)
     model.tie_weights()
@@ -168,6 +167,4 @@ def _solve_mlp_width(fields: dict, target: float) -> int:
 
 def build(name: str, size: str = "tiny", **overrides):
     """``DeepMemoryForCausalLM`` of preset ``name`` at ``size`` (see :func:`preset_config`)."""
-    from .modeling import DeepMemoryForCausalLM
-
     return DeepMemoryForCausalLM(preset_config(name, size, **overrides))
