@@ -54,8 +54,13 @@ class DeepMemoryConfig(PretrainedConfig):
     ``attn`` (Transformer++), ``swa`` (sliding window, ``attention_window``), ``memory``
     (``NeuralMemory`` + SwiGLU), ``kernel`` (``KernelMemory`` + SwiGLU: DeepTransformer family),
     ``mac`` / ``mag`` / ``mal`` (Titans hybrids); a single name repeats for every layer.
-    ``memory`` and ``kernel`` are keyword settings of the two memory mixers; ``segment_size`` is
-    MAC's segment length and ``num_persistent`` the persistent tokens of the hybrids.
+    ``memory`` and ``kernel`` are keyword settings of the two memory mixers (``NeuralMemory`` /
+    ``KernelMemory``; the widths come from here); ``segment_size`` is MAC's segment length,
+    ``attention_window`` the window of ``swa``/``mag``/``mal`` and ``num_persistent`` the learned
+    persistent tokens of every attention. ``head_dim`` defaults to ``hidden_size // num_heads``,
+    ``intermediate_size`` (the SwiGLU width) to ``4 * hidden_size``. ``num_layers`` / ``num_heads``
+    are aliases of ``num_hidden_layers`` / ``num_attention_heads``. Every field is checked when the
+    config is made: a bad one raises a one-line ``ValueError``/``TypeError`` naming it.
     """
 
     model_type = "deepmemory"
