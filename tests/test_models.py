@@ -287,3 +287,14 @@ def test_tuple_outputs_and_hidden_states():
     torch.testing.assert_close(logits, out.logits)
     # only the last position's logits, as generate() asks for
     torch.testing.assert_close(model(ids, logits_to_keep=1).logits, out.logits[:, -1:])
+
+
+def test_inputs_embeds_equal_token_ids():
+    model = tiny64("titans-lmm")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(10))
+    embeds = model.get_input_embeddings()(ids)
+    torch.testing.assert_close(model(inputs_embeds=embeds).logits, model(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(ids, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="inputs_embeds must be"):
+        model(inputs_embeds=embeds[..., :5])
