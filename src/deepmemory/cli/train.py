@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--grad-clip", type=float, help="clip the global gradient norm (0: off); default 1.0")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto (CUDA when present)")
-    p.add_argument("--threads", type=int, help="CPU threads per process (default: PyTorch's choice; 1 is best on a busy machine)")
+    p.add_argument("--threads", type=int, help="intra-op threads per process (default: OMP_NUM_THREADS if set, else 1 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block's activations in backward")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard with FSDP2 (automatic for >= 300M parameters)")

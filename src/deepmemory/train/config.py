@@ -42,7 +42,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     fsdp: bool = False
     device: str = "auto"
-    threads: Optional[int] = None  # CPU intra-op threads; None: PyTorch's choice
+    threads: Optional[int] = None  # intra-op threads; None: OMP_NUM_THREADS if set, else 1 on CPU
     seed: int = 0
     out: Optional[str] = None
     eval_every: int = 50

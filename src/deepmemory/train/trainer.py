@@ -198,12 +198,16 @@ def train(settings: Dict, resume: Optional[str] = None, overwrite: bool = False,
     started = time.time()
     stored = ck.read_run_config(resume) if resume else None
     cfg = resume_config(stored["train"], settings, resume) if resume else new_config(settings)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     try:
         env = setup(cfg.device)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    elif env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # the memory models run many small ops: extra intra-op threads mostly wait on each other,
+        # and on a machine shared with other jobs every op then waits for a descheduled thread
+        torch.set_num_threads(1)
     try:
         return _run(cfg, env, stored, resume, overwrite, started, quiet)
     finally:
