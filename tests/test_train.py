@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -266,6 +267,12 @@ def test_user_errors(corpus, run_a, tmp_path, capsys):
     one_error_line(capsys, ["train", "--resume", broken, "--steps", "50"], "cannot read")
     one_error_line(capsys, ["generate", "--checkpoint", os.path.join(broken, "checkpoints", "step-00000040"), "--prompt", "x"],
                    "cannot read")
+
+
+def test_a_diverging_run_stops_with_one_line(corpus, tmp_path, capsys):
+    assert main(args(corpus, "--steps", "5", "--lr", "1e30", "--grad-clip", "0", "--out", str(tmp_path / "N"))) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert re.search(r"deepmemory train: error: the training loss is (nan|inf) at step \d \(run directory", last), last
 
 
 def test_overwrite_replaces_a_run(corpus, tmp_path):

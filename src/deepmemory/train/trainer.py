@@ -344,38 +344,43 @@ def _run(cfg: TrainConfig, env: Env, stored: Optional[Dict], resume: Optional[st
         last_val = validate()
     bar = tqdm(total=cfg.steps, initial=step, disable=quiet or not env.is_main, unit="step", dynamic_ncols=True)
     loop_start, first_step, tokens_per_step = time.time(), step, cfg.batch_size * cfg.seq_len
-    step_model.train()
-    while step < cfg.steps:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = sampler.next_batch(cfg.batch_size)
-        loss_sum = torch.zeros((), device=env.device)
-        for m in range(cfg.grad_accum):
-            start = m * micro_global + env.rank * micro
-            rows = batch[start:start + micro].to(env.device)
-            with grad_sync(wrapped, m == cfg.grad_accum - 1):
-                with autocast(env, cfg.precision):
-                    loss = next_token_loss(step_model, rows)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-        norm = grad_norm_clip(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        last_loss = all_sum(env, [float(loss_sum) / cfg.grad_accum])[0] / env.world
-        done = time.time() - loop_start
-        tok_s = (step - first_step) * tokens_per_step / max(done, 1e-9)
-        log({"step": step, "loss": last_loss, "lr": lr, "grad_norm": float(norm), "tokens": step * tokens_per_step,
-             "tok_per_s": tok_s})
-        bar.set_postfix_str(f"loss {last_loss:.3f} | {tok_s:,.0f} tok/s", refresh=False)
-        bar.update(1)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            last_val = validate()
-            save()
-    bar.close()
-    if metrics_file:
-        metrics_file.close()
+    try:
+        step_model.train()
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = sampler.next_batch(cfg.batch_size)
+            loss_sum = torch.zeros((), device=env.device)
+            for m in range(cfg.grad_accum):
+                start = m * micro_global + env.rank * micro
+                rows = batch[start:start + micro].to(env.device)
+                with grad_sync(wrapped, m == cfg.grad_accum - 1):
+                    with autocast(env, cfg.precision):
+                        loss = next_token_loss(step_model, rows)
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+            norm = grad_norm_clip(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = all_sum(env, [float(loss_sum) / cfg.grad_accum])[0] / env.world
+            if not math.isfinite(last_loss):
+                raise TrainError(f"the training loss is {last_loss} at step {step} (run directory {run_dir}); "
+                                 "try a lower --lr or check the model's settings")
+            done = time.time() - loop_start
+            tok_s = (step - first_step) * tokens_per_step / max(done, 1e-9)
+            log({"step": step, "loss": last_loss, "lr": lr, "grad_norm": float(norm), "tokens": step * tokens_per_step,
+                 "tok_per_s": tok_s})
+            bar.set_postfix_str(f"loss {last_loss:.3f} | {tok_s:,.0f} tok/s", refresh=False)
+            bar.update(1)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                last_val = validate()
+                save()
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
 
     wall = time.time() - started
     summary = {"run_dir": run_dir, "steps": step, "tokens": step * tokens_per_step, "wall_time_s": wall,
