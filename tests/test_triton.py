@@ -30,13 +30,13 @@ def _inputs(bsz, seq, dtype, *, d=D, hidden=HIDDEN, memory="linear", optimizer="
     return ins, {n: t.to(DEVICE, dtype) for n, t in params.items()}
 
 
-def _run(impl, ins, params, *, state=None, **kw):
+def _run(impl, ins, params, **kw):
     """Outputs, final state and the gradients of a random projection of both w.r.t. every input."""
     leaves = [x.detach().clone().requires_grad_() for x in ins]
     q, k, v, lr, mom, dec, gam = leaves
     ps = {n: t.detach().clone().requires_grad_() for n, t in params.items()}
     o, st = neural_memory(q, k, v, lr, None if kw.get("optimizer") == "gd" else mom, dec, ps, window_gate=gam,
-                          initial_state=state, output_final_state=True, impl=impl, **kw)
+                          output_final_state=True, impl=impl, **kw)
     outs = [o] + [t for n in ps for t in (st.weights[n], st.momentum[n], st.chunk_weights[n], st.chunk_momentum[n])]
     gen = torch.Generator().manual_seed(7)
     loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)).sum() for x in outs)

@@ -41,6 +41,9 @@ from .chunk import _segprod
 from .problem import Problem, Result
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# No software pipelining of the chunk loop: multi-buffered loads of whole chunk tiles overflow
+# shared memory (linear backward at d = b = 64 compiled for sm_90: 274 KiB with 3 stages, 128 KiB with 1).
+_LAUNCH = dict(num_warps=4, num_stages=1)
 
 
 def _empty(*shape, like: Tensor) -> Tensor:
@@ -236,7 +239,8 @@ class _LinearChunks(torch.autograd.Function):
         ws, ss = _empty(bh, nc, dv, dk, like=q), _empty(bh, nc, dv, dk, like=q)
         wf, sf = _empty(bh, dv, dk, like=q), _empty(bh, dv, dk, like=q)
         dims = dict(B=b, NE=ne, DK=dk, DV=dv, BB=_block(b), BE=_block(ne), BK=_block(dk), BV=_block(dv), L2=l2)
-        _linear_fwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, o, ws, ss, wf, sf, nc, **dims)
+        _linear_fwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, o, ws, ss, wf, sf, nc,
+                                  **dims, **_LAUNCH)
         ctx.save_for_backward(q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss)
         ctx.dims = dims
         return o, wf, sf
@@ -251,7 +255,7 @@ class _LinearChunks(torch.autograd.Function):
         grads = [_empty(*x.shape, like=x) for x in (q, kx, vx, c, ce, pe, ar, mr, ae, me, ee)]
         dw0, ds0 = _empty(*dwf.shape, like=q), _empty(*dsf.shape, like=q)
         _linear_bwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss, do, dwf, dsf,
-                                  *grads, dw0, ds0, nc, **ctx.dims)
+                                  *grads, dw0, ds0, nc, **ctx.dims, **_LAUNCH)
         return (*grads, dw0, ds0, None)
 
 @triton.jit
@@ -420,7 +424,8 @@ class _MlpChunks(torch.autograd.Function):
         saved = [_empty(bh, nc, *x.shape[1:], like=q) for x in (u0, u1, s0, s1)]
         final = [_empty(*x.shape, like=q) for x in (u0, u1, s0, s1)]
         dims = dict(B=b, NE=ne, D=d, HD=hd, BB=_block(b), BE=_block(ne), BD=_block(d), BH=_block(hd), L2=l2)
-        _mlp_fwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, u0, u1, s0, s1, o, *saved, *final, nc, **dims)
+        _mlp_fwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, u0, u1, s0, s1, o, *saved, *final, nc,
+                               **dims, **_LAUNCH)
         ctx.save_for_backward(q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *saved)
         ctx.dims = dims
         return (o, *final)
@@ -433,7 +438,7 @@ class _MlpChunks(torch.autograd.Function):
         grads = [_empty(*x.shape, like=x) for x in (q, kx, vx, c, ce, pe, ar, mr, ae, me, ee)]
         dstart = [_empty(*x.shape, like=x) for x in dfinal]
         _mlp_bwd_kernel[(q.shape[0],)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *saved, do, *dfinal,
-                                       *grads, *dstart, q.shape[1], **ctx.dims)
+                                       *grads, *dstart, q.shape[1], **ctx.dims, **_LAUNCH)
         return (*grads, *dstart, None)
 
 
