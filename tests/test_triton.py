@@ -143,9 +143,7 @@ def test_every_output_is_written(memory, monkeypatch):
 def test_unsupported_settings_raise(bad):
     memory, depth = bad.get("memory", "linear"), bad.get("depth", 2)
     ins, _ = _inputs(1, 3, torch.float64)
-    from deepmemory.ops import MemorySpec
-    spec = MemorySpec(memory, depth)
-    params = {n: torch.randn(NH, r, c, dtype=torch.float64, device=DEVICE) for n, (r, c) in spec.shapes(D, D, HIDDEN).items()}
+    params = {n: t.to(DEVICE) for n, t in make_params(memory, NH, D, D, HIDDEN, depth=depth).items()}
     with pytest.raises(ValueError, match="impl='triton' supports"):
         neural_memory(*ins[:6], params, impl="triton", **{"memory": memory, **bad})
 
