@@ -74,90 +74,113 @@ def chunk(p: Problem) -> Result:
     # per-chunk views via unbind: indexing one chunk out of the whole tensor would make every
     # backward step materialise a gradient of the whole sequence (quadratic in T)
     kx, vx, q = kx.unbind(2), vx.unbind(2), q.unbind(2)
-    outs = []
-    w, s = dict(p.w0), dict(p.s0)
-    w_chunk, s_chunk = w, s
     if p.granularity == "chunk":
-        coef = gamma.sum(-2) if p.optimizer == "muon" else (lr.unsqueeze(-1) * gamma).sum(-2)  # [B, H, nc, n_ext]
-        coef, keep_s, keep_w, mean_lr = (x.unbind(2) for x in (coef, mom.mean(-1), ret.mean(-1), lr.mean(-1)))
-        for j in range(n_chunks):
-            outs.append(memory_forward(p.spec, dense_apply(w), q[j]))
-            if j == n_chunks - 1 and last_len < b:
-                w_chunk, s_chunk = w, s
-                break
-            grads = token_gradients(p.spec, w, kx[j], vx[j], p.loss)
-            step = {m: _outer_sum(coef[j], *grads[m]) for m in w}
-            ks, kw = keep_s[j][..., None, None], keep_w[j][..., None, None]
-            if p.optimizer == "muon":
-                s = {m: ks * s[m] + step[m] for m in w}
-                w = {m: kw * w[m] - mean_lr[j][..., None, None] * newton_schulz(s[m], p.ns_steps) for m in w}
-            else:
-                s = {m: -step[m] for m in w} if p.optimizer == "gd" else {m: ks * s[m] - step[m] for m in w}
-                w = {m: kw * w[m] + s[m] for m in w}
-        if last_len == b:
-            w_chunk, s_chunk = w, s
-        return Result(torch.cat(outs, 2)[:, :, :n], w, s, w_chunk, s_chunk)
+        return _chunk_granularity(p, q, kx, vx, lr, mom, ret, gamma, n, b, last_len)
 
     d_a = _segprod(ret)  # [B, H, nc, b, b]
     a_cum = torch.cumprod(ret, dim=-1)  # [B, H, nc, b]
+    if p.optimizer == "muon":
+        return _muon_token(p, q, kx, vx, lr, mom, gamma, d_a, a_cum, n, b, last_len)
+
     if p.optimizer == "gd":
         s_coef = lr.unsqueeze(-1) * gamma  # S_t = -sum_i s_coef[t, i] delta_i a_i^T
-        c_coef = d_a @ s_coef
-        m_coef = e_cum = None
+        m_coef = torch.zeros_like(a_cum)
+        e_cum = torch.zeros_like(a_cum)
     else:
-        d_e = _segprod(mom)
+        s_coef = (_segprod(mom) * lr.unsqueeze(-2)) @ gamma
         e_cum = torch.cumprod(mom, dim=-1)
-        if p.optimizer == "momentum":
-            s_coef = (d_e * lr.unsqueeze(-2)) @ gamma
-            c_coef = d_a @ s_coef
-            m_coef = (d_a @ e_cum.unsqueeze(-1)).squeeze(-1)
-        else:
-            s_coef = d_e @ gamma  # muon: S_t = E_t S_s + sum_i s_coef[t, i] delta_i a_i^T
-            c_coef = d_a * lr.unsqueeze(-2)  # W_t = A_t W_s - sum_r c_coef[t, r] NS(S_r)
-            m_coef = None
-    a_cum, s_coef, c_coef = a_cum.unbind(2), s_coef.unbind(2), c_coef.unbind(2)
-    e_cum = None if e_cum is None else e_cum.unbind(2)
-    m_coef = None if m_coef is None else m_coef.unbind(2)
+        m_coef = (d_a @ e_cum.unsqueeze(-1)).squeeze(-1)
+    c_coef = d_a @ s_coef
 
+    # chunk-end rows (the last chunk may be short): the 2x2 map [[A, m], [0, E]] that carries
+    # (W_s, S_s) to the chunk end, and the coefficients of the outer products that follow
+    ends = torch.full((n_chunks,), b - 1, device=q[0].device)
+    ends[-1] = last_len - 1
+    pick = lambda x: x[:, :, torch.arange(n_chunks, device=ends.device), ends]  # noqa: E731
+    a_end, m_end, e_end = pick(a_cum), pick(m_coef), pick(e_cum)
+    mix = torch.stack([torch.stack([a_end, m_end], -1), torch.stack([torch.zeros_like(e_end), e_end], -1)], -2)
+    out_coef = torch.stack([pick(c_coef), pick(s_coef)], -2)  # [B, H, nc, 2, n_ext]
+    read_coef = torch.stack([a_cum, m_coef], -1)  # [B, H, nc, b, 2]
+    mix, out_coef, read_coef, c_coef = (x.unbind(2) for x in (mix, out_coef, read_coef, c_coef))
+    outs = []
+
+    # W and S travel stacked, [B, H, 2, rows, cols]: one product reads both and one 2x2 map moves
+    # both, where separate tensors would cost several state-sized elementwise ops per chunk
+    ws = {m: torch.stack([p.w0[m], p.s0[m]], 2) for m in p.w0}
+    ws_chunk = ws
+    for j in range(n_chunks):
+        if j == n_chunks - 1 and last_len < b:
+            ws_chunk = ws
+        grads = token_gradients(p.spec, {m: t[:, :, 0] for m, t in ws.items()}, kx[j], vx[j], p.loss)
+        c_j, r_j = c_coef[j], read_coef[j].unsqueeze(-1)
+
+        def dual_apply(name: str, x: Tensor) -> Tensor:
+            d, a = grads[name]
+            both = x @ ws[name].flatten(2, 3).transpose(-1, -2)  # [B, H, n, 2 * rows]: W x and S x
+            return (both.unflatten(-1, (2, -1)) * r_j).sum(-2) - (c_j * (x @ a.transpose(-1, -2))) @ d
+
+        outs.append(memory_forward(p.spec, dual_apply, q[j]))
+        ws = {
+            m: torch.einsum("bhkl,bhlrc->bhkrc", mix[j], t) - torch.einsum("bhki,bhir,bhic->bhkrc", out_coef[j], *grads[m])
+            for m, t in ws.items()
+        }
+    if last_len == b:
+        ws_chunk = ws
+    unstack = lambda st, i: {m: t[:, :, i] for m, t in st.items()}  # noqa: E731
+    return Result(torch.cat(outs, 2)[:, :, :n], unstack(ws, 0), unstack(ws, 1), unstack(ws_chunk, 0), unstack(ws_chunk, 1))
+
+
+def _muon_token(p: Problem, q, kx, vx, lr, mom, gamma, d_a, a_cum, n: int, b: int, last_len: int) -> Result:
+    """Muon at token granularity: ``S_t = E_t S_s + sum_i K(t, i) delta_i a_i^T`` with ``K = D_E Gamma``,
+    ``W_t = A_t W_s - sum_r D_A[t, r] lr_r NS(S_r)``; the chunk's ``S_t`` and ``W_t`` are materialised."""
+    n_chunks = len(q)
+    s_coef = (_segprod(mom) @ gamma).unbind(2)
+    w_coef = (d_a * lr.unsqueeze(-2)).unbind(2)
+    e_cum = torch.cumprod(mom, dim=-1).unbind(2)
+    a_cum = a_cum.unbind(2)
+    w, s = dict(p.w0), dict(p.s0)
+    w_chunk, s_chunk = w, s
+    outs = []
     for j in range(n_chunks):
         e = (b if j < n_chunks - 1 else last_len) - 1
         if e < b - 1:
             w_chunk, s_chunk = w, s
         grads = token_gradients(p.spec, w, kx[j], vx[j], p.loss)
-        a_j, c_j = a_cum[j], c_coef[j]
-        if p.optimizer == "muon":
-            e_j = e_cum[j][..., None, None]
-            s_all = {m: e_j * s[m].unsqueeze(2) + torch.einsum("bhti,bhir,bhic->bhtrc", s_coef[j], *grads[m]) for m in w}
-            w_all = {
-                m: a_j[..., None, None] * w[m].unsqueeze(2)
-                - torch.einsum("bhtr,bhrpc->bhtpc", c_j, newton_schulz(s_all[m], p.ns_steps))
-                for m in w
-            }
-            outs.append(memory_forward(p.spec, dense_apply(w_all), q[j]))
-            w = {m: w_all[m][:, :, e] for m in w}
-            s = {m: s_all[m][:, :, e] for m in w}
-            continue
-
-        m_j = None if m_coef is None else m_coef[j]
-
-        def dual_apply(name: str, x: Tensor) -> Tensor:
-            d, a = grads[name]
-            out = a_j.unsqueeze(-1) * (x @ w[name].transpose(-1, -2)) - (c_j * (x @ a.transpose(-1, -2))) @ d
-            if m_j is not None:
-                out = out + m_j.unsqueeze(-1) * (x @ s[name].transpose(-1, -2))
-            return out
-
-        outs.append(memory_forward(p.spec, dual_apply, q[j]))
-        a_e = a_j[:, :, e, None, None]
-        if m_j is None:
-            w_new = {m: a_e * w[m] - _outer_sum(c_j[:, :, e], *grads[m]) for m in w}
-            s = {m: -_outer_sum(s_coef[j][:, :, e], *grads[m]) for m in w}
-        else:
-            m_e = m_j[:, :, e, None, None]
-            e_e = e_cum[j][:, :, e, None, None]
-            w_new = {m: a_e * w[m] + m_e * s[m] - _outer_sum(c_j[:, :, e], *grads[m]) for m in w}
-            s = {m: e_e * s[m] - _outer_sum(s_coef[j][:, :, e], *grads[m]) for m in w}
-        w = w_new
+        e_j = e_cum[j][..., None, None]
+        s_all = {m: e_j * s[m].unsqueeze(2) + torch.einsum("bhti,bhir,bhic->bhtrc", s_coef[j], *grads[m]) for m in w}
+        w_all = {
+            m: a_cum[j][..., None, None] * w[m].unsqueeze(2)
+            - torch.einsum("bhtr,bhrpc->bhtpc", w_coef[j], newton_schulz(s_all[m], p.ns_steps))
+            for m in w
+        }
+        outs.append(memory_forward(p.spec, dense_apply(w_all), q[j]))
+        w = {m: w_all[m][:, :, e] for m in w}
+        s = {m: s_all[m][:, :, e] for m in w}
     if last_len == b:
         w_chunk, s_chunk = w, s
     return Result(torch.cat(outs, 2)[:, :, :n], w, s, w_chunk, s_chunk)
+
+
+def _chunk_granularity(p: Problem, q, kx, vx, lr, mom, ret, gamma, n: int, b: int, last_len: int) -> Result:
+    """One update per chunk with its gates averaged; the chunk's tokens read the previous chunk's memory.
+    A short last chunk is not applied: it stays pending in the state until the chunk completes."""
+    n_chunks = len(q)
+    coef = gamma.sum(-2) if p.optimizer == "muon" else (lr.unsqueeze(-1) * gamma).sum(-2)  # [B, H, nc, n_ext]
+    coef, keep_s, keep_w, mean_lr = (x.unbind(2) for x in (coef, mom.mean(-1), ret.mean(-1), lr.mean(-1)))
+    w, s = dict(p.w0), dict(p.s0)
+    outs = []
+    for j in range(n_chunks):
+        outs.append(memory_forward(p.spec, dense_apply(w), q[j]))
+        if j == n_chunks - 1 and last_len < b:
+            break
+        grads = token_gradients(p.spec, w, kx[j], vx[j], p.loss)
+        step = {m: _outer_sum(coef[j], *grads[m]) for m in w}
+        ks, kw = keep_s[j][..., None, None], keep_w[j][..., None, None]
+        if p.optimizer == "muon":
+            s = {m: ks * s[m] + step[m] for m in w}
+            w = {m: kw * w[m] - mean_lr[j][..., None, None] * newton_schulz(s[m], p.ns_steps) for m in w}
+        else:
+            s = {m: -step[m] for m in w} if p.optimizer == "gd" else {m: ks * s[m] - step[m] for m in w}
+            w = {m: kw * w[m] + s[m] for m in w}
+    # the chunk-start state equals the current one: chunk granularity only moves at chunk ends
+    return Result(torch.cat(outs, 2)[:, :, :n], w, s, w, s)
