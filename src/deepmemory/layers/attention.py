@@ -21,12 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+from ..checks import check_int
 
 
 def check_input(x, hidden_size: int) -> None:

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import Attention, AttentionState, check_input, check_int
+from ..checks import check_int
+from .attention import Attention, AttentionState, check_input
 from .common import RMSNorm, SwiGLU
 from .memory_layer import NeuralMemory
 

@@ -25,14 +25,9 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_int
+
 FEATURE_MAPS = ("identity", "polynomial")
-
-
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
 
 
 def symmetric_monomials(dim: int, degree: int) -> Tuple[Tensor, Tensor]:
@@ -50,7 +45,7 @@ class IdentityFeatureMap(nn.Module):
 
     def __init__(self, head_dim: int):
         super().__init__()
-        _check_int("head_dim", head_dim)
+        check_int("head_dim", head_dim)
         self.out_dim = head_dim
 
     def forward(self, x: Tensor) -> Tensor:
@@ -64,9 +59,9 @@ class PolynomialFeatureMap(nn.Module):
 
     def __init__(self, head_dim: int, degree: int, num_heads: int):
         super().__init__()
-        _check_int("head_dim", head_dim)
-        _check_int("degree", degree)
-        _check_int("num_heads", num_heads)
+        check_int("head_dim", head_dim)
+        check_int("degree", degree)
+        check_int("num_heads", num_heads)
         self.head_dim, self.degree, self.num_heads = head_dim, degree, num_heads
         init = torch.tensor([1.0 / math.sqrt(math.factorial(i)) for i in range(1, degree + 1)])
         self.coef = nn.Parameter(init.repeat(num_heads, 1))  # [H, degree]

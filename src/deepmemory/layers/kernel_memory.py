@@ -51,7 +51,8 @@ from torch import Tensor, nn
 from ..ops import ACTIVATIONS, LOSSES
 from ..ops.memory import activation as act_fn
 from ..ops.memory import activation_grad
-from .memory_layer import ConvStates, QKVMixer, check_bool, check_choice, check_int
+from ..checks import check_bool, check_choice, check_int
+from .memory_layer import ConvStates, QKVMixer
 
 
 @dataclass

@@ -11,29 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_bool, check_choice, check_int, check_positive
 from ..ops import ACTIVATIONS, GRANULARITIES, IMPLS, LOSSES, MEMORY_KINDS, OPTIMIZERS, MemorySpec, MemoryState
 from ..ops import memory_read, neural_memory
 from .common import RMSNorm, ShortConv
 from .feature_maps import FEATURE_MAPS, make_feature_map
 
 ConvStates = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
-
-
-def check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-
-
-def check_choice(name: str, value, options) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
-
-
-def check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
 
 
 def _logit(p: float) -> float:
@@ -172,8 +156,7 @@ class NeuralMemory(QKVMixer):
         check_choice("granularity", granularity, GRANULARITIES)
         check_choice("feature_map", feature_map, FEATURE_MAPS)
         check_int("poly_degree", poly_degree)
-        if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not max_lr > 0:
-            raise ValueError(f"max_lr must be a positive number; got {max_lr!r}")
+        check_positive("max_lr", max_lr)
         check_bool("use_decay", use_decay)
         check_choice("impl", impl, tuple(IMPLS))
 

@@ -6,6 +6,8 @@ import inspect
 
 from transformers import PretrainedConfig
 
+from ..checks import check_choice, check_positive
+
 from ..layers.feature_maps import FEATURE_MAPS
 from ..layers.kernel_memory import KernelMemory
 from ..layers.memory_layer import NeuralMemory
@@ -35,16 +37,6 @@ def _int(name: str, value, minimum: int = 1) -> None:
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
-
-
-def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number; got {value!r}")
-
-
-def _choice(name: str, value, options) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
 
 
 class DeepMemoryConfig(PretrainedConfig):
@@ -112,12 +104,12 @@ class DeepMemoryConfig(PretrainedConfig):
             _int(name, getattr(self, name))
         _int("num_persistent", self.num_persistent, minimum=0)
         for name in ("rms_norm_eps", "initializer_range", "rope_theta"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         pattern = self.layer_pattern
         if len(pattern) != self.num_hidden_layers:
             raise ValueError(f"layer_pattern must name {self.num_hidden_layers} blocks (num_hidden_layers); got {len(pattern)}: {pattern}")
         for name in pattern:
-            _choice("layer_pattern entries", name, BLOCK_TYPES)
+            check_choice("layer_pattern entries", name, BLOCK_TYPES)
         # settings are checked even where no block reads them: a typo should not pass silently
         _check_settings("memory", self.memory, MEMORY_SETTINGS)
         if self.memory.get("memory") == "linear" and self.memory.get("residual", False):
@@ -130,16 +122,16 @@ class DeepMemoryConfig(PretrainedConfig):
 def _check_settings(group: str, settings: dict, defaults: dict) -> None:
     """Every setting is a known keyword of the mixer, with the type of its default."""
     for key, value in settings.items():
-        _choice(f"{group} settings", key, tuple(defaults))
+        check_choice(f"{group} settings", key, tuple(defaults))
         name, default = f"{group}['{key}']", defaults[key]
         if key in CHOICES:
-            _choice(name, value, CHOICES[key])
+            check_choice(name, value, CHOICES[key])
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
         elif isinstance(default, int):
             _int(name, value, minimum=0 if key in NON_NEGATIVE else 1)
         elif isinstance(default, float):
-            _positive(name, value)
+            check_positive(name, value)
         elif default is None and value is not None:  # kernel window: None (global) or a length
             _int(name, value)

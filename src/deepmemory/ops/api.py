@@ -7,6 +7,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..checks import check_bool, check_choice, check_int
 from .chunk import chunk
 from .memory import ACTIVATIONS, LOSSES, MEMORY_KINDS, MemorySpec, dense_apply, memory_forward
 from .problem import Problem, Result
@@ -28,18 +29,6 @@ def _triton(p: Problem) -> Result:
 
 
 IMPLS = {"chunk": chunk, "reference": reference, "triton": _triton}
-
-
-def _choice(name: str, value, options) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
 
 
 def _tensor(name: str, x, rank: int, shape: Tuple, like: Tensor) -> None:
@@ -104,9 +93,9 @@ def memory_read(
 ) -> Tensor:
     """Read a memory without writing: ``M_W(q)`` for ``q [B, T, H, dk]`` and weights
     ``{name: [H, rows, cols] or [B, H, rows, cols]}`` (e.g. ``state.weights``) -> ``[B, T, H, dv]``."""
-    _choice("memory", memory, MEMORY_KINDS)
-    _choice("activation", activation, ACTIVATIONS)
-    _positive_int("depth", depth)
+    check_choice("memory", memory, MEMORY_KINDS)
+    check_choice("activation", activation, ACTIVATIONS)
+    check_int("depth", depth)
     if not isinstance(q, Tensor) or q.dim() != 4:
         raise ValueError(f"q must be a 4-dim tensor [B, T, H, dk]; got {getattr(q, 'shape', type(q).__name__)}")
     spec = MemorySpec(memory, depth, activation, residual)
@@ -166,18 +155,17 @@ def neural_memory(
     ``output_final_state``, a :class:`MemoryState` (float32 under lower precisions) that
     continues the sequence exactly from any split point.
     """
-    _choice("memory", memory, MEMORY_KINDS)
-    _choice("activation", activation, ACTIVATIONS)
-    _choice("loss", loss, LOSSES)
-    _choice("optimizer", optimizer, OPTIMIZERS)
-    _choice("granularity", granularity, GRANULARITIES)
-    _choice("impl", impl, tuple(IMPLS))
-    _positive_int("depth", depth)
-    _positive_int("window", window)
-    _positive_int("chunk_size", chunk_size)
-    _positive_int("ns_steps", ns_steps, minimum=0)
-    if not isinstance(residual, bool):
-        raise TypeError(f"residual must be a bool; got {type(residual).__name__}")
+    check_choice("memory", memory, MEMORY_KINDS)
+    check_choice("activation", activation, ACTIVATIONS)
+    check_choice("loss", loss, LOSSES)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_choice("granularity", granularity, GRANULARITIES)
+    check_choice("impl", impl, tuple(IMPLS))
+    check_int("depth", depth)
+    check_int("window", window)
+    check_int("chunk_size", chunk_size)
+    check_int("ns_steps", ns_steps, minimum=0)
+    check_bool("residual", residual)
     if not isinstance(q, Tensor):
         raise TypeError(f"q must be a torch.Tensor; got {type(q).__name__}")
     if q.dim() != 4:
