@@ -30,7 +30,7 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int = 16
     grad_accum: int = 1
-    steps: int = 300
+    steps: int = 800
     lr: float = 3e-3
     warmup_steps: Optional[int] = None  # None: 10% of lr_decay_steps, at most 100
     lr_decay_steps: Optional[int] = None  # None: steps (the cosine ends with the run)
@@ -45,7 +45,7 @@ class TrainConfig:
     threads: Optional[int] = None  # intra-op threads; None: OMP_NUM_THREADS if set, else 1 on CPU
     seed: int = 0
     out: Optional[str] = None
-    eval_every: int = 50
+    eval_every: int = 100
     eval_tokens: int = 32768
     keep_checkpoints: int = 2
 
