@@ -10,6 +10,8 @@ S = argparse.SUPPRESS  # absent flags stay absent: the config file, the resumed 
 
 
 def register(subparsers) -> None:
+    from ..train.config import TrainConfig as D
+
     p = subparsers.add_parser(
         "train", help="train a model; with no arguments, titans-mac (tiny) on the Python standard library",
         description="Train a model and write a run directory (config.json, metrics.jsonl, model.safetensors, "
@@ -23,11 +25,11 @@ def register(subparsers) -> None:
                    "hf:NAME (needs `datasets`); default: the Python standard library source")
     p.add_argument("--tokenizer", help="'bytes' (default) or a Hugging Face tokenizer.json")
     p.add_argument("--val-fraction", type=float, help="share of documents held out for validation; default 0.02")
-    p.add_argument("--seq-len", type=int, help="tokens per training sequence")
-    p.add_argument("--batch-size", type=int, help="global batch: sequences per optimizer step, over all processes")
+    p.add_argument("--seq-len", type=int, help=f"tokens per training sequence; default {D.seq_len}")
+    p.add_argument("--batch-size", type=int, help=f"global batch: sequences per optimizer step, over all processes; default {D.batch_size}")
     p.add_argument("--grad-accum", type=int, help="micro-steps the global batch is split into")
-    p.add_argument("--steps", type=int, help="optimizer steps (the total, also when resuming)")
-    p.add_argument("--lr", type=float, help="peak learning rate (AdamW, linear warmup, cosine)")
+    p.add_argument("--steps", type=int, help=f"optimizer steps (the total, also when resuming); default {D.steps}")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (AdamW, linear warmup, cosine); default {D.lr:g}")
     p.add_argument("--warmup-steps", type=int, help="default 10%% of the decay steps, at most 100")
     p.add_argument("--lr-decay-steps", type=int, help="length of the cosine; default --steps. Set it to the planned "
                    "total when a run is to be extended with --resume")
@@ -43,8 +45,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="run directory; default runs/MODEL-SIZE-DATE-TIME")
     p.add_argument("--resume", metavar="DIR", help="continue the run directory DIR from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory at --out")
-    p.add_argument("--eval-every", type=int, help="validate and checkpoint every N steps (and at the end)")
-    p.add_argument("--eval-tokens", type=int, help="validation tokens per evaluation")
+    p.add_argument("--eval-every", type=int, help=f"validate and checkpoint every N steps (and at the end); default {D.eval_every}")
+    p.add_argument("--eval-tokens", type=int, help=f"validation tokens per evaluation; default {D.eval_tokens}")
     p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (the newest); default 2")
     p.set_defaults(func=run)
 
