@@ -1,4 +1,5 @@
-"""Every ```python block of docs/**/*.md runs, in order, one namespace per page (examples cannot rot)."""
+"""Every ```python block of README.md and docs/**/*.md runs, in order, one namespace per page
+(examples cannot rot)."""
 
 import re
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
 BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 
 
@@ -16,12 +18,14 @@ def blocks(page: Path):
     return [(text[: m.start()].count("\n") + 1, m.group(1)) for m in BLOCK.finditer(text)]
 
 
-PAGES = sorted(p for p in DOCS.rglob("*.md") if blocks(p))
+PAGES = sorted(p for p in [ROOT / "README.md", *DOCS.rglob("*.md")] if blocks(p))
 
 
 def test_the_pages_with_examples_are_found():
-    names = {p.relative_to(DOCS).as_posix() for p in PAGES}
-    assert {"models/titans.md", "models/atlas.md", "models/deep-transformer.md", "models/baselines.md"} <= names
+    names = {p.relative_to(ROOT).as_posix() for p in PAGES}
+    assert {"README.md", "docs/ops.md"} <= names
+    assert {f"docs/{n}" for n in ("layers.md", "models/titans.md")} <= names
+    assert {"docs/models/titans.md", "docs/models/atlas.md", "docs/models/deep-transformer.md", "docs/models/baselines.md"} <= names
 
 
 def test_block_extraction():
@@ -30,7 +34,7 @@ def test_block_extraction():
     assert found == ["x = 1\n", "y = x + 1\n"]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(DOCS).as_posix())
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples that save files write them here
     torch.manual_seed(0)
@@ -41,5 +45,5 @@ def test_examples_run(page, tmp_path, monkeypatch):
         except Exception as err:
             hint = " (a listing that is not meant to run is fenced ``` or ```text)" if isinstance(err, SyntaxError) else ""
             raise AssertionError(
-                f"{page.relative_to(DOCS)} block at line {line} failed: {type(err).__name__}: {err}{hint}"
+                f"{page.relative_to(ROOT)} block at line {line} failed: {type(err).__name__}: {err}{hint}"
             ) from err
