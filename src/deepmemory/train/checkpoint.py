@@ -23,7 +23,6 @@ import re
 import shutil
 from typing import Dict, List, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 FORMAT = "deepmemory-run"
