@@ -18,7 +18,6 @@ from deepmemory.cli import main
 from deepmemory.train import TrainConfig, lr_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = ["--model", "transformer", "--config"]  # --config follows: tiny widths for speed
 TINY = {"model_overrides": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}}
 
 
