@@ -2,7 +2,7 @@ r"""Triton kernels for the chunked memory op (``impl="triton"``): the same compu
 
 Supported: token granularity, ``gd`` / ``momentum``, decay, any Omega window ``c`` with window
 gates, losses ``l2`` and ``dot``, for the ``linear`` memory and the ``mlp`` memory of depth 2 with
-GELU and a residual. Everything else raises ``ValueError``.
+GELU (with or without the residual). Everything else raises ``ValueError``.
 
 Split of the work. The gate coefficients of a chunk (``b`` local tokens, ``ne = c - 1 + b``
 keys reaching ``c - 1`` tokens back) do not depend on the memory; they are built for all chunks
@@ -58,13 +58,13 @@ def _block(n: int) -> int:
 def _check(p: Problem) -> None:
     spec = p.spec
     supported = spec.kind == "linear" or (
-        spec.kind == "mlp" and spec.depth == 2 and spec.activation == "gelu" and spec.residual
+        spec.kind == "mlp" and spec.depth == 2 and spec.activation == "gelu"
     )
     if not supported or p.granularity != "token" or p.optimizer not in ("gd", "momentum"):
         raise ValueError(
-            "impl='triton' supports memory='linear' or memory='mlp' with depth=2, activation='gelu', "
-            "residual=True, optimizer 'gd' or 'momentum' and granularity='token'; got "
-            f"memory={spec.kind!r}, depth={spec.depth}, activation={spec.activation!r}, residual={spec.residual}, "
+            "impl='triton' supports memory='linear' or memory='mlp' with depth=2 and activation='gelu', "
+            "optimizer 'gd' or 'momentum' and granularity='token'; got "
+            f"memory={spec.kind!r}, depth={spec.depth}, activation={spec.activation!r}, "
             f"optimizer={p.optimizer!r}, granularity={p.granularity!r}"
         )
     if p.q.device.type != "cuda" and not _INTERPRET:
@@ -262,23 +262,24 @@ class _LinearChunks(torch.autograd.Function):
 def _mlp_fwd_kernel(
     Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, U0, U1, S0, S1,  # inputs
     O, US0, US1, SS0, SS1, UF0, UF1, SF0, SF1,  # outputs
-    NC, B: tl.constexpr, NE: tl.constexpr, D: tl.constexpr, HD: tl.constexpr,
-    BB: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, L2: tl.constexpr,
+    NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HD: tl.constexpr,
+    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+    L2: tl.constexpr, RES: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
-    u0 = _tile(U0 + bh * HD * D, HD, D, BH, BD)
-    u1 = _tile(U1 + bh * D * HD, D, HD, BD, BH)
-    s0 = _tile(S0 + bh * HD * D, HD, D, BH, BD)
-    s1 = _tile(S1 + bh * D * HD, D, HD, BD, BH)
+    u0 = _tile(U0 + bh * HD * DK, HD, DK, BH, BK)
+    u1 = _tile(U1 + bh * DV * HD, DV, HD, BV, BH)
+    s0 = _tile(S0 + bh * HD * DK, HD, DK, BH, BK)
+    s1 = _tile(S1 + bh * DV * HD, DV, HD, BV, BH)
     for j in range(NC):
         cj = bh * NC + j
-        _put(US0 + cj * HD * D, u0, HD, D, BH, BD)
-        _put(US1 + cj * D * HD, u1, D, HD, BD, BH)
-        _put(SS0 + cj * HD * D, s0, HD, D, BH, BD)
-        _put(SS1 + cj * D * HD, s1, D, HD, BD, BH)
-        q = _tile(Q + cj * B * D, B, D, BB, BD)
-        kx = _tile(K + cj * NE * D, NE, D, BE, BD)
-        vx = _tile(V + cj * NE * D, NE, D, BE, BD)
+        _put(US0 + cj * HD * DK, u0, HD, DK, BH, BK)
+        _put(US1 + cj * DV * HD, u1, DV, HD, BV, BH)
+        _put(SS0 + cj * HD * DK, s0, HD, DK, BH, BK)
+        _put(SS1 + cj * DV * HD, s1, DV, HD, BV, BH)
+        q = _tile(Q + cj * B * DK, B, DK, BB, BK)
+        kx = _tile(K + cj * NE * DK, NE, DK, BE, BK)
+        vx = _tile(V + cj * NE * DV, NE, DV, BE, BV)
         c = _tile(C + cj * B * NE, B, NE, BB, BE)
         ce, pe = _vec(CE + cj * NE, NE, BE), _vec(PE + cj * NE, NE, BE)
         ar, mr = _vec(AR + cj * B, B, BB)[:, None], _vec(MR + cj * B, B, BB)[:, None]
@@ -288,49 +289,54 @@ def _mlp_fwd_kernel(
         z = _mm(kx, tl.trans(u0))
         h = _gelu(z)
         if L2:
-            d2 = _mm(h, tl.trans(u1)) + kx - vx
+            d2 = _mm(h, tl.trans(u1)) - vx
+            if RES:
+                d2 += kx
         else:
             d2 = -vx
         d1 = _mm(d2, u1) * _gelu_grad(z)
         # dual-form read, layer by layer
         zq = ar * _mm(q, tl.trans(u0)) + mr * _mm(q, tl.trans(s0)) - _mm(c * _mm(q, tl.trans(kx)), d1)
         hq = _gelu(zq)
-        o = q + ar * _mm(hq, tl.trans(u1)) + mr * _mm(hq, tl.trans(s1)) - _mm(c * _mm(hq, tl.trans(h)), d2)
-        _put(O + cj * B * D, o, B, D, BB, BD)
+        o = ar * _mm(hq, tl.trans(u1)) + mr * _mm(hq, tl.trans(s1)) - _mm(c * _mm(hq, tl.trans(h)), d2)
+        if RES:
+            o += q
+        _put(O + cj * B * DV, o, B, DV, BB, BV)
         u0_new = ae * u0 + m_e * s0 - _mm(tl.trans(d1 * ce[:, None]), kx)
         u1_new = ae * u1 + m_e * s1 - _mm(tl.trans(d2 * ce[:, None]), h)
         s0 = ee * s0 - _mm(tl.trans(d1 * pe[:, None]), kx)
         s1 = ee * s1 - _mm(tl.trans(d2 * pe[:, None]), h)
         u0, u1 = u0_new, u1_new
-    _put(UF0 + bh * HD * D, u0, HD, D, BH, BD)
-    _put(UF1 + bh * D * HD, u1, D, HD, BD, BH)
-    _put(SF0 + bh * HD * D, s0, HD, D, BH, BD)
-    _put(SF1 + bh * D * HD, s1, D, HD, BD, BH)
+    _put(UF0 + bh * HD * DK, u0, HD, DK, BH, BK)
+    _put(UF1 + bh * DV * HD, u1, DV, HD, BV, BH)
+    _put(SF0 + bh * HD * DK, s0, HD, DK, BH, BK)
+    _put(SF1 + bh * DV * HD, s1, DV, HD, BV, BH)
 
 
 @triton.jit
 def _mlp_bwd_kernel(
     Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, US0, US1, SS0, SS1, DO, DUF0, DUF1, DSF0, DSF1,  # inputs
-    DQ, DK, DV, DC, DCE, DPE, DAR, DMR, DAE, DME, DEE, DU0, DU1, DS0, DS1,  # outputs
-    NC, B: tl.constexpr, NE: tl.constexpr, D: tl.constexpr, HD: tl.constexpr,
-    BB: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, L2: tl.constexpr,
+    DQ, DK_, DV_, DC, DCE, DPE, DAR, DMR, DAE, DME, DEE, DU0, DU1, DS0, DS1,  # outputs
+    NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HD: tl.constexpr,
+    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+    L2: tl.constexpr, RES: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
-    du0 = _tile(DUF0 + bh * HD * D, HD, D, BH, BD)
-    du1 = _tile(DUF1 + bh * D * HD, D, HD, BD, BH)
-    ds0 = _tile(DSF0 + bh * HD * D, HD, D, BH, BD)
-    ds1 = _tile(DSF1 + bh * D * HD, D, HD, BD, BH)
+    du0 = _tile(DUF0 + bh * HD * DK, HD, DK, BH, BK)
+    du1 = _tile(DUF1 + bh * DV * HD, DV, HD, BV, BH)
+    ds0 = _tile(DSF0 + bh * HD * DK, HD, DK, BH, BK)
+    ds1 = _tile(DSF1 + bh * DV * HD, DV, HD, BV, BH)
     for jj in range(NC):
         cj = bh * NC + NC - 1 - jj
-        u0 = _tile(US0 + cj * HD * D, HD, D, BH, BD)
-        u1 = _tile(US1 + cj * D * HD, D, HD, BD, BH)
-        s0 = _tile(SS0 + cj * HD * D, HD, D, BH, BD)
-        s1 = _tile(SS1 + cj * D * HD, D, HD, BD, BH)
-        q = _tile(Q + cj * B * D, B, D, BB, BD)
-        kx = _tile(K + cj * NE * D, NE, D, BE, BD)
-        vx = _tile(V + cj * NE * D, NE, D, BE, BD)
+        u0 = _tile(US0 + cj * HD * DK, HD, DK, BH, BK)
+        u1 = _tile(US1 + cj * DV * HD, DV, HD, BV, BH)
+        s0 = _tile(SS0 + cj * HD * DK, HD, DK, BH, BK)
+        s1 = _tile(SS1 + cj * DV * HD, DV, HD, BV, BH)
+        q = _tile(Q + cj * B * DK, B, DK, BB, BK)
+        kx = _tile(K + cj * NE * DK, NE, DK, BE, BK)
+        vx = _tile(V + cj * NE * DV, NE, DV, BE, BV)
         c = _tile(C + cj * B * NE, B, NE, BB, BE)
-        do = _tile(DO + cj * B * D, B, D, BB, BD)
+        do = _tile(DO + cj * B * DV, B, DV, BB, BV)
         ce, pe = _vec(CE + cj * NE, NE, BE)[:, None], _vec(PE + cj * NE, NE, BE)[:, None]
         ar, mr = _vec(AR + cj * B, B, BB)[:, None], _vec(MR + cj * B, B, BB)[:, None]
         ae, m_e, ee = tl.load(AE + cj), tl.load(ME + cj), tl.load(EE + cj)
@@ -340,7 +346,9 @@ def _mlp_bwd_kernel(
         h = _gelu(z)
         gp = _gelu_grad(z)
         if L2:
-            d2 = _mm(h, tl.trans(u1)) + kx - vx
+            d2 = _mm(h, tl.trans(u1)) - vx
+            if RES:
+                d2 += kx
         else:
             d2 = -vx
         t = _mm(d2, u1)
@@ -351,7 +359,7 @@ def _mlp_bwd_kernel(
         hq = _gelu(zq)
         g2 = _mm(hq, tl.trans(h))
 
-        # read of layer 2: o = q + ar hq U1^T + mr hq S1^T - (C * hq h^T) d2
+        # read of layer 2: o = [q +] ar hq U1^T + mr hq S1^T - (C * hq h^T) d2
         dp2 = -_mm(do, tl.trans(d2))
         dc = dp2 * g2
         dg2 = dp2 * c
@@ -365,7 +373,9 @@ def _mlp_bwd_kernel(
         dp1 = -_mm(dzq, tl.trans(d1))
         dc += dp1 * g1
         dg1 = dp1 * c
-        dq = do + ar * _mm(dzq, u0) + mr * _mm(dzq, s0) + _mm(dg1, kx)
+        dq = ar * _mm(dzq, u0) + mr * _mm(dzq, s0) + _mm(dg1, kx)
+        if RES:
+            dq += do
         dkx = _mm(tl.trans(dg1), q)
         dd1 = -_mm(tl.trans(c * g1), dzq)
         dar += tl.sum(dzq * qu0, 1)
@@ -386,7 +396,7 @@ def _mlp_bwd_kernel(
         ndu1 = ae * du1 + _mm(tl.trans(ar * do), hq)
         ds0 = m_e * du0 + ee * ds0 + _mm(tl.trans(mr * dzq), q)
         ds1 = m_e * du1 + ee * ds1 + _mm(tl.trans(mr * do), hq)
-        # back through the keys' gradient factors: d1 = (d2 U1) * gelu'(z), d2 = h U1^T + kx - v (l2)
+        # back through the keys' gradient factors: d1 = (d2 U1) * gelu'(z), d2 = h U1^T [+ kx] - v (l2)
         dt = dd1 * gp
         dz = dd1 * t * _gelu_grad2(z)
         dd2 += _mm(dt, tl.trans(u1))
@@ -394,7 +404,8 @@ def _mlp_bwd_kernel(
         if L2:
             dh += _mm(dd2, u1)
             ndu1 += _mm(tl.trans(dd2), h)
-            dkx += dd2
+            if RES:
+                dkx += dd2
         dz += dh * gp
         dkx += _mm(dz, u0)
         ndu0 += _mm(tl.trans(dz), kx)
@@ -403,27 +414,28 @@ def _mlp_bwd_kernel(
         _put(DC + cj * B * NE, dc, B, NE, BB, BE)
         _put_vec(DAR + cj * B, dar, B, BB)
         _put_vec(DMR + cj * B, dmr, B, BB)
-        _put(DQ + cj * B * D, dq, B, D, BB, BD)
-        _put(DK + cj * NE * D, dkx, NE, D, BE, BD)
-        _put(DV + cj * NE * D, -dd2, NE, D, BE, BD)
-    _put(DU0 + bh * HD * D, du0, HD, D, BH, BD)
-    _put(DU1 + bh * D * HD, du1, D, HD, BD, BH)
-    _put(DS0 + bh * HD * D, ds0, HD, D, BH, BD)
-    _put(DS1 + bh * D * HD, ds1, D, HD, BD, BH)
+        _put(DQ + cj * B * DK, dq, B, DK, BB, BK)
+        _put(DK_ + cj * NE * DK, dkx, NE, DK, BE, BK)
+        _put(DV_ + cj * NE * DV, -dd2, NE, DV, BE, BV)
+    _put(DU0 + bh * HD * DK, du0, HD, DK, BH, BK)
+    _put(DU1 + bh * DV * HD, du1, DV, HD, BV, BH)
+    _put(DS0 + bh * HD * DK, ds0, HD, DK, BH, BK)
+    _put(DS1 + bh * DV * HD, ds1, DV, HD, BV, BH)
 
 
 class _MlpChunks(torch.autograd.Function):
-    """Chunks of the 2-layer residual GELU MLP memory: as :class:`_LinearChunks` with
-    ``u0, s0 [BH, hd, d]``, ``u1, s1 [BH, d, hd]`` -> ``o``, final ``u0, u1, s0, s1``."""
+    """Chunks of the 2-layer GELU MLP memory (``res``: with the residual): as :class:`_LinearChunks`
+    with ``u0, s0 [BH, hd, dk]``, ``u1, s1 [BH, dv, hd]`` -> ``o``, final ``u0, u1, s0, s1``."""
 
     @staticmethod
-    def forward(ctx, q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, u0, u1, s0, s1, l2: bool):
-        bh, nc, b, d = q.shape
-        ne, hd = kx.shape[2], u0.shape[1]
-        o = _empty(bh, nc, b, d, like=q)
+    def forward(ctx, q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, u0, u1, s0, s1, l2: bool, res: bool):
+        bh, nc, b, dk = q.shape
+        ne, dv, hd = kx.shape[2], vx.shape[3], u0.shape[1]
+        o = _empty(bh, nc, b, dv, like=q)
         saved = [_empty(bh, nc, *x.shape[1:], like=q) for x in (u0, u1, s0, s1)]
         final = [_empty(*x.shape, like=q) for x in (u0, u1, s0, s1)]
-        dims = dict(B=b, NE=ne, D=d, HD=hd, BB=_block(b), BE=_block(ne), BD=_block(d), BH=_block(hd), L2=l2)
+        dims = dict(B=b, NE=ne, DK=dk, DV=dv, HD=hd, BB=_block(b), BE=_block(ne), BK=_block(dk), BV=_block(dv),
+                    BH=_block(hd), L2=l2, RES=res)
         _mlp_fwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, u0, u1, s0, s1, o, *saved, *final, nc,
                                **dims, **_LAUNCH)
         ctx.save_for_backward(q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *saved)
@@ -433,13 +445,13 @@ class _MlpChunks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, *dfinal):
         q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *saved = ctx.saved_tensors
-        do = torch.zeros_like(q) if do is None else do.contiguous()
+        do = torch.zeros(*q.shape[:3], vx.shape[3], dtype=q.dtype, device=q.device) if do is None else do.contiguous()
         dfinal = [torch.zeros_like(x[:, 0]) if g is None else g.contiguous() for g, x in zip(dfinal, saved)]
         grads = [_empty(*x.shape, like=x) for x in (q, kx, vx, c, ce, pe, ar, mr, ae, me, ee)]
         dstart = [_empty(*x.shape, like=x) for x in dfinal]
         _mlp_bwd_kernel[(q.shape[0],)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *saved, do, *dfinal,
                                        *grads, *dstart, q.shape[1], **ctx.dims, **_LAUNCH)
-        return (*grads, *dstart, None)
+        return (*grads, *dstart, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,7 +512,7 @@ def triton_chunk(p: Problem) -> Result:
             o, wf, sf = _LinearChunks.apply(*args, w["w0"], s["w0"], l2)
             w, s = {"w0": wf}, {"w0": sf}
         else:
-            o, *state = _MlpChunks.apply(*args, w["w0"], w["w1"], s["w0"], s["w1"], l2)
+            o, *state = _MlpChunks.apply(*args, w["w0"], w["w1"], s["w0"], s["w1"], l2, p.spec.residual)
             w, s = {"w0": state[0], "w1": state[1]}, {"w0": state[2], "w1": state[3]}
         outs.append(o)
     if last_len == b:
