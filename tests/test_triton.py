@@ -170,3 +170,24 @@ def test_long_sequence_many_chunks(memory):
     ins, params = _inputs(1, 257, torch.float64, memory=memory)
     kw = dict(memory=memory, loss="l2", optimizer="momentum", window=3, chunk_size=16)
     _assert_close(_run("triton", ins, params, **kw), _run("chunk", ins, params, **kw), 1e-9)
+
+
+def test_layer_with_feature_map_matches_chunk():
+    """An OmegaNet-style layer (polynomial keys, window, momentum) trains the same through either impl."""
+    from deepmemory.layers import NeuralMemory
+
+    torch.manual_seed(0)
+    layer = NeuralMemory(32, 2, 8, chunk_size=4, memory="mlp", expansion=2, window=4, feature_map="polynomial",
+                         impl="triton").double().to(DEVICE)
+    x = torch.randn(2, 11, 32, dtype=torch.float64, device=DEVICE)
+    results = {}
+    for impl in ("triton", "chunk"):
+        layer.impl = impl
+        layer.zero_grad()
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=DEVICE).view_as(y)).sum().backward()
+        results[impl] = (y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None})
+    assert rel_err(results["triton"][0], results["chunk"][0]) <= 1e-10
+    assert results["triton"][1].keys() == results["chunk"][1].keys()
+    for n, g in results["chunk"][1].items():
+        assert rel_err(results["triton"][1][n], g) <= 1e-10, n
