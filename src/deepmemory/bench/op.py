@@ -50,27 +50,36 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--expansion", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--reference-max-seq", type=int, default=2048,
+                    help="longest T for the token-loop reference (its autograd graph grows by ~5 MiB a token)")
 
 
 def run_cli(args) -> None:
-    rows = []
+    rows, per_token = [], None
     for seq in args.seq:
         for chunk in args.chunk:
             res = {}
             for impl in args.impl:
+                if impl == "reference" and seq > args.reference_max_seq:
+                    need = "" if per_token is None else f": ~{per_token * args.batch * seq / 1024:.1f} GiB projected"
+                    rows.append({"T": seq, "chunk": chunk, "impl": impl, "tokens/s": f"skipped (memory{need})"})
+                    continue
                 case = dict(seq=seq, chunk=chunk, impl=impl, granularity=args.granularity, optimizer=args.optimizer,
                             batch=args.batch, heads=args.heads, head_dim=args.head_dim, expansion=args.expansion,
                             threads=args.threads, repeat=1 if impl == "reference" else args.repeat)
                 res[impl] = run_isolated("deepmemory.bench.op", case)
+                if impl == "reference":
+                    per_token = res[impl]["saved_mib"] / (args.batch * seq)
                 row = {"T": seq, "chunk": chunk, "impl": impl, "tokens/s": f"{res[impl]['tokens_per_s']:.0f}",
                        "peak MiB": f"{res[impl]['peak_mib']:.0f}", "saved MiB": f"{res[impl]['saved_mib']:.0f}"}
-                if impl != args.impl[0]:
+                if impl != args.impl[0] and args.impl[0] in res:
                     row["speedup of chunk"] = f"{res[args.impl[0]]['tokens_per_s'] / res[impl]['tokens_per_s']:.1f}x"
                 rows.append(row)
                 print(f"  measured T={seq} chunk={chunk} {impl}", flush=True)
     print(f"\nneural_memory fwd+bwd, B={args.batch} H={args.heads} dk=dv={args.head_dim} mlp depth 2 x{args.expansion}, "
           f"{args.granularity} granularity, {args.optimizer}, fp32, {args.threads} threads")
-    print("(peak MiB: growth of the process's peak RSS; saved MiB: what autograd keeps for the backward)")
+    print("(peak MiB: growth of the process's peak RSS; saved MiB: what autograd keeps for the backward. The reference "
+          "keeps a graph per token, so above --reference-max-seq it would not fit in memory)")
     print_table(rows, ["T", "chunk", "impl", "tokens/s", "peak MiB", "saved MiB", "speedup of chunk"])
 
 
