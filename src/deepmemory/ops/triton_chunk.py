@@ -33,6 +33,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 import triton
 import triton.language as tl
@@ -246,6 +247,7 @@ class _LinearChunks(torch.autograd.Function):
         return o, wf, sf
 
     @staticmethod
+    @once_differentiable  # first order only: the kernels' backward is not itself differentiable
     def backward(ctx, do, dwf, dsf):
         q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss = ctx.saved_tensors
         bh, nc = q.shape[:2]
@@ -443,6 +445,7 @@ class _MlpChunks(torch.autograd.Function):
         return (o, *final)
 
     @staticmethod
+    @once_differentiable  # first order only: the kernels' backward is not itself differentiable
     def backward(ctx, do, *dfinal):
         q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *saved = ctx.saved_tensors
         do = torch.zeros(*q.shape[:3], vx.shape[3], dtype=q.dtype, device=q.device) if do is None else do.contiguous()
