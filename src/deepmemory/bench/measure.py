@@ -13,7 +13,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -69,8 +69,9 @@ def run_isolated(module: str, case: Dict) -> Dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def saved_for_backward_mib(forward: Callable[[], torch.Tensor]) -> float:
-    """MiB of distinct tensor storage that autograd keeps for the backward of ``forward()``.
+def saved_for_backward_mib(forward: Callable[[], torch.Tensor]) -> Optional[float]:
+    """MiB of distinct tensor storage that autograd keeps for the backward of ``forward()``, or None
+    where it cannot be observed (``torch.func`` transforms refuse saved-tensor hooks).
 
     This is the training memory that grows with T (activations and saved states), measured
     exactly and independently of allocator caching or other processes.
@@ -82,10 +83,16 @@ def saved_for_backward_mib(forward: Callable[[], torch.Tensor]) -> float:
         storages[st.data_ptr()] = st.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    del out
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward()
+    except RuntimeError:
+        return None
     return sum(storages.values()) / 2**20
+
+
+def fmt_mib(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def count_flops(step: Callable[[], None]) -> int:

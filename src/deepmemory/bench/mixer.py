@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import torch
 
-from .measure import bench_main, count_flops, matmul_peak_flops, measure, print_table, run_isolated, save_plot, saved_for_backward_mib
+from .measure import fmt_mib, bench_main, count_flops, matmul_peak_flops, measure, print_table, run_isolated, save_plot, saved_for_backward_mib
 
 MIXERS = ("memory-token", "memory-chunk", "gated-deltanet", "attention", "titans-pytorch")
 
@@ -92,7 +92,7 @@ def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, thre
             for name, r in res.items():
                 row = {"mixer": name, "chunk": chunk if name != "attention" else "-", "T": seq,
                        "tokens/s": f"{r['tokens_per_s']:.0f}", "peak MiB": f"{r['peak_mib']:.0f}",
-                       "saved MiB": f"{r['saved_mib']:.0f}"}
+                       "saved MiB": fmt_mib(r["saved_mib"])}
                 if peer in res:
                     row[f"x {peer}"] = f"{r['tokens_per_s'] / res[peer]['tokens_per_s']:.2f}"
                 if flops:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from deepmemory.ops import neural_memory
 
-from .measure import bench_main, measure, print_table, run_isolated, saved_for_backward_mib
+from .measure import fmt_mib, bench_main, measure, print_table, run_isolated, saved_for_backward_mib
 
 
 def _case(c: dict) -> dict:
@@ -71,7 +71,7 @@ def run_cli(args) -> None:
                 if impl == "reference":
                     per_token = res[impl]["saved_mib"] / (args.batch * seq)
                 row = {"T": seq, "chunk": chunk, "impl": impl, "tokens/s": f"{res[impl]['tokens_per_s']:.0f}",
-                       "peak MiB": f"{res[impl]['peak_mib']:.0f}", "saved MiB": f"{res[impl]['saved_mib']:.0f}"}
+                       "peak MiB": f"{res[impl]['peak_mib']:.0f}", "saved MiB": fmt_mib(res[impl]["saved_mib"])}
                 if impl != args.impl[0] and args.impl[0] in res:
                     row["speedup of chunk"] = f"{res[args.impl[0]]['tokens_per_s'] / res[impl]['tokens_per_s']:.1f}x"
                 rows.append(row)
