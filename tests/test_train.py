@@ -287,3 +287,16 @@ def test_exit_code_of_the_command():
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "src")))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["deepmemory train: error: --data: /nonexistent/corpus does not exist"]
+
+
+@pytest.mark.slow
+def test_default_run_learns_within_ten_minutes(tmp_path):
+    import time
+
+    out = str(tmp_path / "default")
+    start = time.time()
+    assert main(["train", "--out", out]) == 0
+    assert time.time() - start < 600
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["model"]["preset"] == "titans-mac" and config["data"]["source"].endswith("standard library")
+    assert [r for r in metrics(out) if "val_bpb" in r][-1]["val_bpb"] < config["data"]["byte_entropy"] - 1.5
