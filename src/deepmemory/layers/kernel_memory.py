@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ..ops import ACTIVATIONS, LOSSES
 from ..ops.memory import activation as act_fn
-from ..ops.memory import activation_grad
+from ..ops.memory import activation_backward
 from ..checks import check_bool, check_choice, check_int
 from .memory_layer import ConvStates, QKVMixer
 
@@ -137,7 +137,7 @@ def _write(k, v, lr, keys, d0, weights, scale, loss, cfg):
     for l in reversed(range(1, depth)):
         signals.insert(0, coef * delta)
         inputs.insert(0, act_fn(act, z[l - 1]))
-        delta = (delta @ weights[l - 1]) * activation_grad(act, z[l - 1])
+        delta = activation_backward(act, delta @ weights[l - 1], z[l - 1])
     return coef * delta, signals, inputs
 
 
