@@ -298,3 +298,20 @@ def test_inputs_embeds_equal_token_ids():
         model(ids, inputs_embeds=embeds)
     with pytest.raises(ValueError, match="inputs_embeds must be"):
         model(inputs_embeds=embeds[..., :5])
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_presets_stay_finite_on_real_text(name):
+    """At initialisation every preset reads real text (bytes of this library's own source) over
+    several chunks and segments without its memory diverging."""
+    import pathlib
+
+    import deepmemory.ops.api as api
+
+    text = pathlib.Path(api.__file__).read_bytes()[: 2 * 200]
+    ids = torch.tensor(list(text)).view(2, 200)
+    torch.manual_seed(0)
+    model = build(name, "tiny")
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss), name

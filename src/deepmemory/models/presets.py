@@ -21,11 +21,19 @@ from .config import DeepMemoryConfig
 from .modeling import DeepMemoryForCausalLM
 
 # ---- families (SPEC §4 table) ---------------------------------------------------------------
-TITANS = dict(memory="mlp", depth=2, expansion=4, residual=True, loss="l2", optimizer="momentum", window=1, feature_map="identity")
+# The inner step of an l2 MLP memory moves its output by about lr * |a|^2 per token, where a is
+# the hidden activation (|a|^2 ~ 0.4 * hidden at initialisation) and a chunk applies up to
+# chunk_size (times window) gradients taken at its start weights; it must stay below ~2. With
+# max_lr 1.0 (gate init lr 0.1) the memory diverges on real text within the first segment
+# (OmegaNet's window of 16 even at 0.1); 0.02 keeps every tiny preset finite on real text and
+# trained the default run (docs/training.md) without diverging.
+TITANS = dict(memory="mlp", depth=2, expansion=4, residual=True, loss="l2", optimizer="momentum", window=1,
+              feature_map="identity", max_lr=0.02)
 OMEGA = dict(TITANS, window=16, feature_map="polynomial", poly_degree=2)
 # Muon at token granularity orthogonalises a momentum per token; one update per chunk costs one
-# Newton-Schulz per chunk instead, so the Atlas presets use granularity="chunk".
-ATLAS = dict(OMEGA, optimizer="muon", ns_steps=5, granularity="chunk")
+# Newton-Schulz per chunk instead, so the Atlas presets use granularity="chunk". Muon's step is
+# lr times an orthogonalised matrix (spectral norm ~1): bounded, so max_lr stays at 1.0.
+ATLAS = dict(OMEGA, optimizer="muon", ns_steps=5, granularity="chunk", max_lr=1.0)
 GATED_DELTANET = dict(memory="linear", residual=False, loss="l2", optimizer="gd", window=1, use_decay=True, feature_map="identity")
 DLA = dict(memory="mlp", depth=2, expansion=4, residual=True, loss="dot", optimizer="gd", window=1, use_decay=True, feature_map="polynomial", poly_degree=2)
 SWLA = dict(memory="linear", residual=False, loss="dot", optimizer="gd", window=16, use_decay=True, feature_map="identity")

@@ -23,11 +23,7 @@ class TrainConfig:
 
     model: str = "titans-mac"
     size: str = "tiny"
-    # With chunk_size 16 a memory step applies 16 gradients taken at the chunk's start weights;
-    # at max_lr 1.0 (gate init lr 0.1) that step diverges on real text within one 64-token
-    # segment, and at 0.1 once the lr gates open (NaN at step 255 of the default run); 0.02
-    # stays finite even with the lr gates saturated. Presets without a neural memory ignore it.
-    model_overrides: Dict[str, Any] = field(default_factory=lambda: {"memory": {"max_lr": 0.02}})
+    model_overrides: Dict[str, Any] = field(default_factory=dict)
     data: Optional[List[str]] = None  # None: the Python standard library
     tokenizer: str = "bytes"
     val_fraction: float = 0.02
