@@ -9,9 +9,10 @@ run() {  # run NAME COMMAND...: print the command and its output into $out/NAME.
     local name=$1; shift
     { echo "\$ $*"; echo "# $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, torch $(python -c 'import torch; print(torch.__version__)')"; "$@"; } 2>&1 | tee "$out/$name.txt"
 }
-run op deepmemory bench op --seq 1024 4096 --chunk 16 64
+
 run mixer_vs_titans deepmemory bench mixer --seq 1024 4096 --chunk 16 64 --plot "$out/mixer_vs_titans.png"
 run mixer_scaling deepmemory bench mixer --seq 1024 4096 16384 32768 --chunk 16 \
     --mixers memory-token memory-chunk gated-deltanet attention --repeat 1 --plot "$out/mixer_scaling.png"
 run model deepmemory bench model --size tiny --seq 1024
 run decode deepmemory bench decode --size tiny --context 1024 16384 131072 1048576 --plot "$out/decode.png"
+run op deepmemory bench op --seq 1024 4096 --chunk 16 64
