@@ -13,7 +13,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -134,10 +134,15 @@ def save_plot(path: str, series: Dict[str, Dict[int, float]], xlabel: str, ylabe
     plt.close(fig)
 
 
-def print_table(rows: List[Dict], columns: List[str]) -> str:
+def print_table(rows: List[Dict], columns: List[str], left: Sequence[str] = ()) -> str:
+    """Columns right-aligned, except those in ``left`` (text such as notes)."""
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    lines = ["  ".join(c.rjust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
-    lines += ["  ".join(str(r.get(c, "")).rjust(widths[c]) for c in columns) for r in rows]
-    text = "\n".join(lines)
+
+    def cell(c, value):
+        return str(value).ljust(widths[c]) if c in left else str(value).rjust(widths[c])
+
+    lines = ["  ".join(cell(c, c) for c in columns), "  ".join("-" * widths[c] for c in columns)]
+    lines += ["  ".join(cell(c, r.get(c, "")) for c in columns) for r in rows]
+    text = "\n".join(line.rstrip() for line in lines)
     print(text, flush=True)
     return text

@@ -1,4 +1,4 @@
-"""``deepmemory bench {op,mixer,model,decode}``: benchmark tables (and plots) printed to the terminal."""
+"""``deepmemory bench {op,mixer,kernel,model,decode}``: benchmark tables (and plots) printed to the terminal."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from . import CLIError
 
 
 def register(sub) -> None:
-    from ..bench import mixer, model, op
+    from ..bench import kernel, mixer, model, op
 
     p = sub.add_parser("bench", help="benchmarks: the op, token mixers, training steps, decoding")
     modes = p.add_subparsers(dest="mode", metavar="MODE", required=True)
@@ -18,6 +18,9 @@ def register(sub) -> None:
     mx = modes.add_parser("mixer", help="one token mixer forward+backward against its peers (T = 1K..64K)")
     mixer.add_arguments(mx)
     mx.set_defaults(func=_mixer)
+    kp = modes.add_parser("kernel", help="the Triton kernels' forward+backward against flash-linear-attention, SDPA")
+    kernel.add_arguments(kp)
+    kp.set_defaults(func=_kernel)
     for mode, decode, text in (("model", False, "a preset's full training step"),
                                ("decode", True, "per-token decoding latency and state size across contexts")):
         mp = modes.add_parser(mode, help=text)
@@ -37,6 +40,26 @@ def _mixer(args: argparse.Namespace) -> int:
     _check_positive("seq", args.seq)
     _check_positive("chunk", args.chunk)
     mixer.run_cli(args)
+    return 0
+
+
+def _kernel(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench import kernel
+
+    for name in ("seq", "batch", "heads", "head_dim", "threads", "repeat"):
+        _check_positive(name.replace("_", "-"), getattr(args, name))
+    device = args.device or kernel.default_device()
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise CLIError(f"bad --device {device!r}: {err}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device must be cpu or cuda; got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available (use --device cpu)")
+    kernel.run_cli(args)
     return 0
 
 

@@ -1,0 +1,74 @@
+"""``deepmemory bench kernel`` on a CPU: the smoke run (Triton kernels under the interpreter), its
+one-line argument errors, and how a failed case becomes a row."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deepmemory.bench.kernel import _why, default_impls
+from deepmemory.cli import main
+
+IMPLS = ["chunk-linear", "triton-linear", "sdpa", "chunk-mlp", "triton-mlp"]
+SMOKE = ["--device", "cpu", "--dtype", "float32", "--seq", "64", "--batch", "1", "--heads", "2", "--head-dim", "16",
+         "--impl", *IMPLS, "--repeat", "1"]
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRITON_INTERPRET="1")  # the kernels on CPU tensors
+    return subprocess.run([sys.executable, "-m", "deepmemory", "bench", "kernel", *args], capture_output=True,
+                          text=True, env=env, timeout=300, check=False)
+
+
+def test_smoke_run_prints_every_row():
+    pytest.importorskip("triton")
+    out = _bench(*SMOKE)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["T", "impl"])
+    rows = {ln.split()[1]: ln.split() for ln in lines[head + 2:] if ln.strip()}
+    assert list(rows) == IMPLS
+    for impl, cells in rows.items():
+        assert cells[0] == "64"
+        # the Triton kernels are being rewritten: a kernel error must show as a row, not end the run
+        assert cells[2].isdigit() or (impl.startswith("triton") and cells[2] == "failed:"), cells
+    assert "TFLOP/s" in lines[head] and "x chunk" in lines[head]
+    assert "cpu" in out.stdout and "float32" in out.stdout and "B=1 H=2 d=16" in out.stdout
+
+
+def test_bad_argument_exits_2_with_one_line():
+    out = _bench("--seq", "64", "0")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip() == "deepmemory bench: error: --seq must be >= 1; got 0"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--head-dim", "0"], "--head-dim must be >= 1; got 0"),
+    (["--repeat", "0"], "--repeat must be >= 1; got 0"),
+    (["--device", "tpu"], "bad --device 'tpu'"),
+    (["--device", "meta"], "--device must be cpu or cuda; got 'meta'"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device is available")]))
+def test_bad_arguments(args, message, capsys):
+    assert main(["bench", "kernel", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("deepmemory bench: error: ") and message in err
+
+
+def test_failed_case_reasons():
+    def failed(stderr):
+        return RuntimeError(f"benchmark case {{}} failed:\n{stderr}")
+
+    assert _why(failed("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB")) \
+        == "out of memory"
+    assert _why(failed("Traceback ...\nValueError: unsupported")) == "ValueError: unsupported"
+    assert _why(failed("")) == "the process died without a message"
+    assert len(_why(failed("x" * 500))) == 120
+
+
+def test_default_impls(monkeypatch):
+    assert default_impls("cuda") == ["triton-linear", "chunk-linear", "fla-gated-delta", "sdpa", "triton-mlp",
+                                     "chunk-mlp"]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert default_impls("cpu") == ["chunk-linear", "sdpa", "chunk-mlp"]
