@@ -4,6 +4,7 @@ Without CUDA the kernels run under the Triton interpreter (slow: tiny shapes onl
 """
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -76,6 +77,18 @@ def test_matches_chunk_float64(memory, seq, chunk, window, loss, optimizer):
     _assert_close(_run("triton", ins, params, **kw), _run("chunk", ins, params, **kw), 1e-10, live=seq > 1)
 
 
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+@pytest.mark.parametrize("seq,chunk,window,loss,optimizer", [(33, 4, 5, "l2", "momentum"), (19, 16, 1, "dot", "gd")])
+def test_state_split_into_blocks(memory, seq, chunk, window, loss, optimizer, monkeypatch):
+    """Rows of the linear state spread over programs, hidden units swept in blocks (the last ragged)."""
+    monkeypatch.setattr(tc, "V_BLOCK", 16)
+    monkeypatch.setattr(tc, "H_BLOCK", 16)
+    ins, params = _inputs(2, seq, torch.float64, d=24, dv=40 if memory == "linear" else 24, hidden=40,
+                          memory=memory, optimizer=optimizer)
+    kw = dict(memory=memory, loss=loss, optimizer=optimizer, window=window, chunk_size=chunk)
+    _assert_close(_run("triton", ins, params, **kw), _run("chunk", ins, params, **kw), 1e-10)
+
+
 @pytest.mark.parametrize("loss", ["l2", "dot"])
 def test_mlp_without_residual(loss):
     # what the layer runs under a feature map; the key and value widths differ
@@ -99,7 +112,8 @@ def test_half_precision_inputs_follow_chunk():
     o_c, st_c = neural_memory(*ins[:6], params, window_gate=ins[6], impl="chunk", output_final_state=True, **kw)
     assert o_t.dtype == torch.bfloat16 and st_t.weights["w0"].dtype == torch.float32
     assert rel_err(o_t.float(), o_c.float()) <= 1e-2
-    assert rel_err(st_t.weights["w1"], st_c.weights["w1"]) <= 1e-5
+    # half-precision callers get TF32 products on a GPU; the interpreter computes them in float32
+    assert rel_err(st_t.weights["w1"], st_c.weights["w1"]) <= (1e-5 if DEVICE == "cpu" else 5e-3)
 
 
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
@@ -191,3 +205,13 @@ def test_layer_with_feature_map_matches_chunk():
     assert results["triton"][1].keys() == results["chunk"][1].keys()
     for n, g in results["chunk"][1].items():
         assert rel_err(results["triton"][1][n], g) <= 1e-10, n
+
+
+def test_kernels_fit_an_h100():
+    """Compiled for sm_90 (no GPU needed), every kernel at d=64, hidden 256, chunk 16 fits in shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "deepmemory.bench.triton_resources", "--dtype", "bf16", "--chunk", "16"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("linear", "mlp"))]
+    assert len(rows) == 4 and all(int(row[4]) <= 227 for row in rows), r.stdout

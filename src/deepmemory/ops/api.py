@@ -235,7 +235,7 @@ def neural_memory(
         chunk_size=chunk_size, granularity=granularity, q=qq,
         k=torch.cat([hk, kk], 2), v=torch.cat([hv, vv], 2), gamma=torch.cat([hg, gam], 2),
         lr=gates["lr"], momentum=gates["momentum"], decay=gates["decay"],
-        n_hist=hk.shape[2], w0=w0, s0=s0,
+        n_hist=hk.shape[2], w0=w0, s0=s0, low_precision=q.dtype in (torch.float16, torch.bfloat16),
     )
     res: Result = IMPLS[impl](problem)
     o = res.o[:, :, pending:].transpose(1, 2).to(q.dtype)

@@ -20,6 +20,7 @@ class Problem:
     Omega window. Shapes: ``q [B, H, N, dk]``; ``k [B, H, n_hist + N, dk]``,
     ``v [B, H, n_hist + N, dv]``, ``gamma [B, H, n_hist + N]``; ``lr``, ``momentum``,
     ``decay [B, H, N]``; ``w0``, ``s0`` ``{name: [B, H, rows, cols]}`` at the start.
+    ``low_precision``: the caller's tensors are float16/bfloat16, so fast paths may use TF32 products.
     """
 
     spec: MemorySpec
@@ -39,6 +40,7 @@ class Problem:
     n_hist: int
     w0: Dict[str, Tensor]
     s0: Dict[str, Tensor]
+    low_precision: bool = False
 
     @property
     def dv(self) -> int:

@@ -15,12 +15,26 @@ at once in PyTorch, which also differentiates them back to ``lr``, ``momentum``,
     ae, me, ee    A_e, m_e, E_e
 
 (``gd`` is ``momentum = 0``: ``D_E = I`` and ``E = 0``.) The kernels do what depends on the
-memory: one program per (batch, head) walks the chunks in order, takes the keys' gradient
-factors ``(delta, a)`` at the chunk-start weights, reads the queries in the dual form
-``A_t W x + m_t S x - (C * X A^T) Delta`` layer by layer, and steps the state to the chunk end.
-Chunk-start states are stored (``T / b`` states, as the PyTorch path keeps); the backward kernel
-walks the chunks in reverse from them, recomputing the gradient factors. All products accumulate
-in float32 (float64 inputs stay float64).
+memory, walking the chunks of one (batch, head) in order: the keys' gradient factors
+``(delta, a)`` at the chunk-start weights, the dual-form read of the queries
+``A_t W x + m_t S x - (C * X A^T) Delta`` layer by layer, and the step of the state to the chunk
+end. Chunk-start states are stored (``T / b`` states, as the PyTorch path keeps); the backward
+kernels walk the chunks in reverse from them, recomputing the gradient factors.
+
+How the state is tiled, so that a head's state never has to sit in one program's registers:
+
+- linear: the rows of ``W, S [dv, dk]`` are independent (``delta = k W^T - v`` row by row), so
+  the grid is (batch * head, ``dv / BV``) and each program owns ``BV`` rows. Backward gradients
+  that sum over ``dv`` (of ``q``, ``k`` and the coefficients) are written per row block and added
+  in PyTorch.
+- mlp: the hidden units are coupled (``d2`` sums over all of them), so one program per
+  (batch, head) keeps the state in global memory (the buffer of chunk-start states it writes
+  anyway) and sweeps it in blocks of ``BH`` hidden units: a first sweep for ``d2``, a second for
+  the read and the step to the chunk end (backward: a third sweep for the terms that need the
+  complete gradient of ``d2``).
+
+Products accumulate in float32 (float64 inputs stay float64). Matrix products use TF32 when the
+caller's tensors are float16/bfloat16 (``Problem.low_precision``) and exact float32 otherwise.
 
 A ragged last chunk is a second launch started from the first one's final state, so that the
 state at its start (``chunk_weights`` of the op's final state) is an ordinary differentiable output.
@@ -45,6 +59,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # No software pipelining of the chunk loop: multi-buffered loads of whole chunk tiles overflow
 # shared memory (linear backward at d = b = 64 compiled for sm_90: 274 KiB with 3 stages, 128 KiB with 1).
 _LAUNCH = dict(num_warps=4, num_stages=1)
+# Largest tile of state rows (linear) and of hidden units (mlp) one program holds at a time.
+V_BLOCK = 32
+H_BLOCK = 32
 
 
 def _empty(*shape, like: Tensor) -> Tensor:
@@ -54,6 +71,22 @@ def _empty(*shape, like: Tensor) -> Tensor:
 
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+def linear_dims(b: int, ne: int, dk: int, dv: int, l2: bool, prec: str) -> dict:
+    """Compile-time sizes of the linear kernels (chunk ``b``, ``ne`` keys per chunk)."""
+    return dict(B=b, NE=ne, DK=dk, DV=dv, BB=_block(b), BE=_block(ne), BK=_block(dk),
+                BV=min(_block(dv), V_BLOCK), L2=l2, PREC=prec)
+
+
+def mlp_dims(b: int, ne: int, dk: int, dv: int, hd: int, l2: bool, res: bool, prec: str) -> dict:
+    """Compile-time sizes of the mlp kernels (``hd`` hidden units). Chunks of more than 32 keys
+    sweep half as many hidden units at a time: the backward at 64 keys then fits an H100's shared
+    memory (220 KiB at d = 64 instead of 296; ``python -m deepmemory.bench.triton_resources``)."""
+    be = _block(ne)
+    bh = H_BLOCK if be <= 32 else max(16, H_BLOCK // 2)
+    return dict(B=b, NE=ne, DK=dk, DV=dv, HD=hd, BB=_block(b), BE=be, BK=_block(dk), BV=_block(dv),
+                BH=min(_block(hd), bh), L2=l2, RES=res, PREC=prec)
 
 
 def _check(p: Problem) -> None:
@@ -80,19 +113,20 @@ def _check(p: Problem) -> None:
 
 
 @triton.jit
-def _mm(a, b):
-    return tl.dot(a, b, input_precision="ieee")
+def _mm(a, b, PREC: tl.constexpr):
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
-def _tile(ptr, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    r, c = tl.arange(0, BR), tl.arange(0, BC)
+def _ld(ptr, r0, c0, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """The ``[BR, BC]`` tile at ``(r0, c0)`` of a row-major ``[R, C]`` matrix, zero outside it."""
+    r, c = r0 + tl.arange(0, BR), c0 + tl.arange(0, BC)
     return tl.load(ptr + r[:, None] * C + c[None, :], mask=(r[:, None] < R) & (c[None, :] < C), other=0.0)
 
 
 @triton.jit
-def _put(ptr, x, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    r, c = tl.arange(0, BR), tl.arange(0, BC)
+def _st(ptr, x, r0, c0, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    r, c = r0 + tl.arange(0, BR), c0 + tl.arange(0, BC)
     tl.store(ptr + r[:, None] * C + c[None, :], x, mask=(r[:, None] < R) & (c[None, :] < C))
 
 
@@ -128,8 +162,20 @@ def _gelu_grad2(z):  # phi(z) (2 - z^2)
     return 0.3989422804014327 * tl.exp(-0.5 * z * z) * (2.0 - z * z)
 
 
+@triton.jit
+def _chunk_inputs(Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj, B: tl.constexpr, NE: tl.constexpr,
+                  DK: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+    """What every kernel reads of chunk ``cj``: queries, keys and the gate coefficients."""
+    q = _ld(Q + cj * B * DK, 0, 0, B, DK, BB, BK)
+    kx = _ld(K + cj * NE * DK, 0, 0, NE, DK, BE, BK)
+    c = _ld(C + cj * B * NE, 0, 0, B, NE, BB, BE)
+    ce, pe = _vec(CE + cj * NE, NE, BE)[:, None], _vec(PE + cj * NE, NE, BE)[:, None]
+    ar, mr = _vec(AR + cj * B, B, BB)[:, None], _vec(MR + cj * B, B, BB)[:, None]
+    return q, kx, c, ce, pe, ar, mr, tl.load(AE + cj), tl.load(ME + cj), tl.load(EE + cj)
+
+
 # ----------------------------------------------------------------------------------------------
-# linear memory: M(x) = W x, W [dv, dk]
+# linear memory: M(x) = W x, W [dv, dk]; program (bh, vb) owns the rows v0 = vb * BV ... of W and S
 
 
 @triton.jit
@@ -137,94 +183,88 @@ def _linear_fwd_kernel(
     Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, W0, S0,  # inputs
     O, WS, SS, WF, SF,  # outputs
     NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
+    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, PREC: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    w = _tile(W0 + bh * DV * DK, DV, DK, BV, BK)
-    s = _tile(S0 + bh * DV * DK, DV, DK, BV, BK)
+    bh, v0 = tl.program_id(0).to(tl.int64), tl.program_id(1) * BV
+    w = _ld(W0 + bh * DV * DK, v0, 0, DV, DK, BV, BK)
+    s = _ld(S0 + bh * DV * DK, v0, 0, DV, DK, BV, BK)
     for j in range(NC):
         cj = bh * NC + j
-        _put(WS + cj * DV * DK, w, DV, DK, BV, BK)
-        _put(SS + cj * DV * DK, s, DV, DK, BV, BK)
-        q = _tile(Q + cj * B * DK, B, DK, BB, BK)
-        kx = _tile(K + cj * NE * DK, NE, DK, BE, BK)
-        vx = _tile(V + cj * NE * DV, NE, DV, BE, BV)
-        c = _tile(C + cj * B * NE, B, NE, BB, BE)
-        ce, pe = _vec(CE + cj * NE, NE, BE)[:, None], _vec(PE + cj * NE, NE, BE)[:, None]
-        ar, mr = _vec(AR + cj * B, B, BB)[:, None], _vec(MR + cj * B, B, BB)[:, None]
-        ae, m_e, ee = tl.load(AE + cj), tl.load(ME + cj), tl.load(EE + cj)
-
+        _st(WS + cj * DV * DK, w, v0, 0, DV, DK, BV, BK)
+        _st(SS + cj * DV * DK, s, v0, 0, DV, DK, BV, BK)
+        q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj,
+                                                              B, NE, DK, BB, BE, BK)
+        vx = _ld(V + cj * NE * DV, 0, v0, NE, DV, BE, BV)
         if L2:
-            delta = _mm(kx, tl.trans(w)) - vx
+            delta = _mm(kx, tl.trans(w), PREC) - vx
         else:
             delta = -vx
-        o = ar * _mm(q, tl.trans(w)) + mr * _mm(q, tl.trans(s)) - _mm(c * _mm(q, tl.trans(kx)), delta)
-        _put(O + cj * B * DV, o, B, DV, BB, BV)
-        w_new = ae * w + m_e * s - _mm(tl.trans(delta * ce), kx)
-        s = ee * s - _mm(tl.trans(delta * pe), kx)
+        o = (ar * _mm(q, tl.trans(w), PREC) + mr * _mm(q, tl.trans(s), PREC)
+             - _mm(c * _mm(q, tl.trans(kx), PREC), delta, PREC))
+        _st(O + cj * B * DV, o, 0, v0, B, DV, BB, BV)
+        w_new = ae * w + m_e * s - _mm(tl.trans(delta * ce), kx, PREC)
+        s = ee * s - _mm(tl.trans(delta * pe), kx, PREC)
         w = w_new
-    _put(WF + bh * DV * DK, w, DV, DK, BV, BK)
-    _put(SF + bh * DV * DK, s, DV, DK, BV, BK)
+    _st(WF + bh * DV * DK, w, v0, 0, DV, DK, BV, BK)
+    _st(SF + bh * DV * DK, s, v0, 0, DV, DK, BV, BK)
 
 
 @triton.jit
 def _linear_bwd_kernel(
     Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, WS, SS, DO, DWF, DSF,  # inputs
-    DQ, DK_, DV_, DC, DCE, DPE, DAR, DMR, DAE, DME, DEE, DW0, DS0,  # outputs
+    DQ, DK_, DV_, DC, DCE, DPE, DAR, DMR, DAE, DME, DEE, DW0, DS0,  # outputs (DQ ... DEE: one per row block)
     NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
+    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, PREC: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    dw = _tile(DWF + bh * DV * DK, DV, DK, BV, BK)
-    ds = _tile(DSF + bh * DV * DK, DV, DK, BV, BK)
+    bh, v0 = tl.program_id(0).to(tl.int64), tl.program_id(1) * BV
+    part = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + bh  # this program's slot in the partial sums
+    dw = _ld(DWF + bh * DV * DK, v0, 0, DV, DK, BV, BK)
+    ds = _ld(DSF + bh * DV * DK, v0, 0, DV, DK, BV, BK)
     for jj in range(NC):
         cj = bh * NC + NC - 1 - jj
-        w = _tile(WS + cj * DV * DK, DV, DK, BV, BK)
-        s = _tile(SS + cj * DV * DK, DV, DK, BV, BK)
-        q = _tile(Q + cj * B * DK, B, DK, BB, BK)
-        kx = _tile(K + cj * NE * DK, NE, DK, BE, BK)
-        vx = _tile(V + cj * NE * DV, NE, DV, BE, BV)
-        c = _tile(C + cj * B * NE, B, NE, BB, BE)
-        do = _tile(DO + cj * B * DV, B, DV, BB, BV)
-        ce, pe = _vec(CE + cj * NE, NE, BE)[:, None], _vec(PE + cj * NE, NE, BE)[:, None]
-        ar, mr = _vec(AR + cj * B, B, BB)[:, None], _vec(MR + cj * B, B, BB)[:, None]
-        ae, m_e, ee = tl.load(AE + cj), tl.load(ME + cj), tl.load(EE + cj)
+        pj = part * NC + NC - 1 - jj
+        w = _ld(WS + cj * DV * DK, v0, 0, DV, DK, BV, BK)
+        s = _ld(SS + cj * DV * DK, v0, 0, DV, DK, BV, BK)
+        q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj,
+                                                              B, NE, DK, BB, BE, BK)
+        vx = _ld(V + cj * NE * DV, 0, v0, NE, DV, BE, BV)
+        do = _ld(DO + cj * B * DV, 0, v0, B, DV, BB, BV)
 
         if L2:
-            delta = _mm(kx, tl.trans(w)) - vx
+            delta = _mm(kx, tl.trans(w), PREC) - vx
         else:
             delta = -vx
-        g = _mm(q, tl.trans(kx))
+        g = _mm(q, tl.trans(kx), PREC)
         # read: o = ar q W^T + mr q S^T - (C * q kx^T) delta
-        dpm = -_mm(do, tl.trans(delta))
+        dpm = -_mm(do, tl.trans(delta), PREC)
         dg = dpm * c
-        d_delta = -_mm(tl.trans(c * g), do)
-        dq = ar * _mm(do, w) + mr * _mm(do, s) + _mm(dg, kx)
-        dk = _mm(tl.trans(dg), q)
+        d_delta = -_mm(tl.trans(c * g), do, PREC)
+        dq = ar * _mm(do, w, PREC) + mr * _mm(do, s, PREC) + _mm(dg, kx, PREC)
+        dk = _mm(tl.trans(dg), q, PREC)
         # step to the chunk end: W' = ae W + me S - sum_i ce_i delta_i kx_i^T, S' = ee S - sum_i pe_i ...
-        kdw, kds = _mm(kx, tl.trans(dw)), _mm(kx, tl.trans(ds))
+        kdw, kds = _mm(kx, tl.trans(dw), PREC), _mm(kx, tl.trans(ds), PREC)
         d_delta += -ce * kdw - pe * kds
-        dk += -ce * _mm(delta, dw) - pe * _mm(delta, ds)
-        _put(DC + cj * B * NE, dpm * g, B, NE, BB, BE)
-        _put_vec(DCE + cj * NE, -tl.sum(delta * kdw, 1), NE, BE)
-        _put_vec(DPE + cj * NE, -tl.sum(delta * kds, 1), NE, BE)
-        _put_vec(DAR + cj * B, tl.sum(do * _mm(q, tl.trans(w)), 1), B, BB)
-        _put_vec(DMR + cj * B, tl.sum(do * _mm(q, tl.trans(s)), 1), B, BB)
-        tl.store(DAE + cj, _dot_all(dw, w))
-        tl.store(DME + cj, _dot_all(dw, s))
-        tl.store(DEE + cj, _dot_all(ds, s))
-        dw_new = ae * dw + _mm(tl.trans(ar * do), q)
-        ds = m_e * dw + ee * ds + _mm(tl.trans(mr * do), q)
+        dk += -ce * _mm(delta, dw, PREC) - pe * _mm(delta, ds, PREC)
+        _st(DC + pj * B * NE, dpm * g, 0, 0, B, NE, BB, BE)
+        _put_vec(DCE + pj * NE, -tl.sum(delta * kdw, 1), NE, BE)
+        _put_vec(DPE + pj * NE, -tl.sum(delta * kds, 1), NE, BE)
+        _put_vec(DAR + pj * B, tl.sum(do * _mm(q, tl.trans(w), PREC), 1), B, BB)
+        _put_vec(DMR + pj * B, tl.sum(do * _mm(q, tl.trans(s), PREC), 1), B, BB)
+        tl.store(DAE + pj, _dot_all(dw, w))
+        tl.store(DME + pj, _dot_all(dw, s))
+        tl.store(DEE + pj, _dot_all(ds, s))
+        dw_new = ae * dw + _mm(tl.trans(ar * do), q, PREC)
+        ds = m_e * dw + ee * ds + _mm(tl.trans(mr * do), q, PREC)
         # back through delta = kx W^T - v (l2) or -v (dot)
         if L2:
-            dk += _mm(d_delta, w)
-            dw_new += _mm(tl.trans(d_delta), kx)
+            dk += _mm(d_delta, w, PREC)
+            dw_new += _mm(tl.trans(d_delta), kx, PREC)
         dw = dw_new
-        _put(DQ + cj * B * DK, dq, B, DK, BB, BK)
-        _put(DK_ + cj * NE * DK, dk, NE, DK, BE, BK)
-        _put(DV_ + cj * NE * DV, -d_delta, NE, DV, BE, BV)
-    _put(DW0 + bh * DV * DK, dw, DV, DK, BV, BK)
-    _put(DS0 + bh * DV * DK, ds, DV, DK, BV, BK)
+        _st(DQ + pj * B * DK, dq, 0, 0, B, DK, BB, BK)
+        _st(DK_ + pj * NE * DK, dk, 0, 0, NE, DK, BE, BK)
+        _st(DV_ + cj * NE * DV, -d_delta, 0, v0, NE, DV, BE, BV)
+    _st(DW0 + bh * DV * DK, dw, v0, 0, DV, DK, BV, BK)
+    _st(DS0 + bh * DV * DK, ds, v0, 0, DV, DK, BV, BK)
 
 
 class _LinearChunks(torch.autograd.Function):
@@ -233,196 +273,223 @@ class _LinearChunks(torch.autograd.Function):
     ``w0, s0 [BH, dv, dk]`` -> ``o [BH, nc, b, dv]``, final ``w``, ``s``."""
 
     @staticmethod
-    def forward(ctx, q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, l2: bool):
+    def forward(ctx, q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, l2: bool, prec: str):
         bh, nc, b, dk = q.shape
         ne, dv = kx.shape[2], vx.shape[3]
         o = _empty(bh, nc, b, dv, like=q)
         ws, ss = _empty(bh, nc, dv, dk, like=q), _empty(bh, nc, dv, dk, like=q)
         wf, sf = _empty(bh, dv, dk, like=q), _empty(bh, dv, dk, like=q)
-        dims = dict(B=b, NE=ne, DK=dk, DV=dv, BB=_block(b), BE=_block(ne), BK=_block(dk), BV=_block(dv), L2=l2)
-        _linear_fwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, o, ws, ss, wf, sf, nc,
-                                  **dims, **_LAUNCH)
+        dims = linear_dims(b, ne, dk, dv, l2, prec)
+        grid = (bh, triton.cdiv(dv, dims["BV"]))
+        _linear_fwd_kernel[grid](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, o, ws, ss, wf, sf, nc,
+                                 **dims, **_LAUNCH)
         ctx.save_for_backward(q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss)
-        ctx.dims = dims
+        ctx.dims, ctx.grid = dims, grid
         return o, wf, sf
 
     @staticmethod
     @once_differentiable  # first order only: the kernels' backward is not itself differentiable
     def backward(ctx, do, dwf, dsf):
         q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss = ctx.saved_tensors
-        bh, nc = q.shape[:2]
+        nv = ctx.grid[1]
         do = torch.zeros(*q.shape[:3], vx.shape[3], dtype=q.dtype, device=q.device) if do is None else do.contiguous()
         dwf = torch.zeros_like(ws[:, 0]) if dwf is None else dwf.contiguous()
         dsf = torch.zeros_like(ss[:, 0]) if dsf is None else dsf.contiguous()
-        grads = [_empty(*x.shape, like=x) for x in (q, kx, vx, c, ce, pe, ar, mr, ae, me, ee)]
-        dw0, ds0 = _empty(*dwf.shape, like=q), _empty(*dsf.shape, like=q)
-        _linear_bwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss, do, dwf, dsf,
-                                  *grads, dw0, ds0, nc, **ctx.dims, **_LAUNCH)
-        return (*grads, dw0, ds0, None)
+        summed = (q, kx, c, ce, pe, ar, mr, ae, me, ee)  # gradients that sum over the rows of W
+        parts = [_empty(nv, *x.shape, like=x) for x in summed]
+        dvx, dw0, ds0 = _empty(*vx.shape, like=vx), _empty(*dwf.shape, like=q), _empty(*dsf.shape, like=q)
+        dq, dkx, dc, dce, dpe, dar, dmr, dae, dme, dee = parts
+        _linear_bwd_kernel[ctx.grid](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss, do, dwf, dsf,
+                                     dq, dkx, dvx, dc, dce, dpe, dar, dmr, dae, dme, dee, dw0, ds0, q.shape[1],
+                                     **ctx.dims, **_LAUNCH)
+        dq, dkx, dc, dce, dpe, dar, dmr, dae, dme, dee = (x[0] if nv == 1 else x.sum(0) for x in parts)
+        return dq, dkx, dvx, dc, dce, dpe, dar, dmr, dae, dme, dee, dw0, ds0, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# mlp memory of depth 2: M(x) = U1 gelu(U0 x) [+ x], U0 [hd, dk], U1 [dv, hd]. One program per
+# (batch, head); the state lives in the buffers of chunk-start states (index j: start of chunk j,
+# NC: the end) and is swept in blocks of BH hidden units: rows h0.. of U0, S0, columns of U1, S1.
+
+
+@triton.jit
+def _mlp_d2(kx, vx, U0, U1, DK: tl.constexpr, DV: tl.constexpr, HD: tl.constexpr, BK: tl.constexpr,
+            BV: tl.constexpr, BH: tl.constexpr, L2: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr):
+    """Output-layer gradient factor of the keys: ``d2 = gelu(kx U0^T) U1^T [+ kx] - v`` (l2), ``-v`` (dot)."""
+    d2 = -vx
+    if L2:
+        if RES:
+            d2 += kx
+        for h0 in range(0, HD, BH):
+            z = _mm(kx, tl.trans(_ld(U0, h0, 0, HD, DK, BH, BK)), PREC)
+            d2 += _mm(_gelu(z), tl.trans(_ld(U1, 0, h0, DV, HD, BV, BH)), PREC)
+    return d2
+
 
 @triton.jit
 def _mlp_fwd_kernel(
-    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, U0, U1, S0, S1,  # inputs
-    O, US0, US1, SS0, SS1, UF0, UF1, SF0, SF1,  # outputs
+    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE,  # inputs
+    U0, U1, S0, S1,  # state buffers [BH, NC + 1, ...], entry 0 filled by the caller
+    O,  # output
     NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HD: tl.constexpr,
     BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-    L2: tl.constexpr, RES: tl.constexpr,
+    L2: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
-    u0 = _tile(U0 + bh * HD * DK, HD, DK, BH, BK)
-    u1 = _tile(U1 + bh * DV * HD, DV, HD, BV, BH)
-    s0 = _tile(S0 + bh * HD * DK, HD, DK, BH, BK)
-    s1 = _tile(S1 + bh * DV * HD, DV, HD, BV, BH)
     for j in range(NC):
         cj = bh * NC + j
-        _put(US0 + cj * HD * DK, u0, HD, DK, BH, BK)
-        _put(US1 + cj * DV * HD, u1, DV, HD, BV, BH)
-        _put(SS0 + cj * HD * DK, s0, HD, DK, BH, BK)
-        _put(SS1 + cj * DV * HD, s1, DV, HD, BV, BH)
-        q = _tile(Q + cj * B * DK, B, DK, BB, BK)
-        kx = _tile(K + cj * NE * DK, NE, DK, BE, BK)
-        vx = _tile(V + cj * NE * DV, NE, DV, BE, BV)
-        c = _tile(C + cj * B * NE, B, NE, BB, BE)
-        ce, pe = _vec(CE + cj * NE, NE, BE), _vec(PE + cj * NE, NE, BE)
-        ar, mr = _vec(AR + cj * B, B, BB)[:, None], _vec(MR + cj * B, B, BB)[:, None]
-        ae, m_e, ee = tl.load(AE + cj), tl.load(ME + cj), tl.load(EE + cj)
-
-        # gradient factors of the keys at the chunk-start weights: (d1, kx) for U0, (d2, h) for U1
-        z = _mm(kx, tl.trans(u0))
-        h = _gelu(z)
-        if L2:
-            d2 = _mm(h, tl.trans(u1)) - vx
-            if RES:
-                d2 += kx
-        else:
-            d2 = -vx
-        d1 = _mm(d2, u1) * _gelu_grad(z)
-        # dual-form read, layer by layer
-        zq = ar * _mm(q, tl.trans(u0)) + mr * _mm(q, tl.trans(s0)) - _mm(c * _mm(q, tl.trans(kx)), d1)
-        hq = _gelu(zq)
-        o = ar * _mm(hq, tl.trans(u1)) + mr * _mm(hq, tl.trans(s1)) - _mm(c * _mm(hq, tl.trans(h)), d2)
+        st = bh * (NC + 1) + j
+        u0p, s0p, u1p, s1p = U0 + st * HD * DK, S0 + st * HD * DK, U1 + st * DV * HD, S1 + st * DV * HD
+        q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj,
+                                                              B, NE, DK, BB, BE, BK)
+        vx = _ld(V + cj * NE * DV, 0, 0, NE, DV, BE, BV)
+        gk = c * _mm(q, tl.trans(kx), PREC)
+        d2 = _mlp_d2(kx, vx, u0p, u1p, DK, DV, HD, BK, BV, BH, L2, RES, PREC)
+        # dual-form read, layer by layer; the layer-2 term (C * hq h^T) d2 sums over all hidden units
+        o = tl.zeros((BB, BV), dtype=kx.dtype)
+        g2 = tl.zeros((BB, BE), dtype=kx.dtype)
+        for h0 in range(0, HD, BH):
+            u0, s0 = _ld(u0p, h0, 0, HD, DK, BH, BK), _ld(s0p, h0, 0, HD, DK, BH, BK)
+            u1, s1 = _ld(u1p, 0, h0, DV, HD, BV, BH), _ld(s1p, 0, h0, DV, HD, BV, BH)
+            z = _mm(kx, tl.trans(u0), PREC)
+            h = _gelu(z)
+            d1 = _mm(d2, u1, PREC) * _gelu_grad(z)
+            zq = ar * _mm(q, tl.trans(u0), PREC) + mr * _mm(q, tl.trans(s0), PREC) - _mm(gk, d1, PREC)
+            hq = _gelu(zq)
+            o += ar * _mm(hq, tl.trans(u1), PREC) + mr * _mm(hq, tl.trans(s1), PREC)
+            g2 += _mm(hq, tl.trans(h), PREC)
+            # step this block to the chunk end, into the next entry of the buffers
+            _st(u0p + HD * DK, ae * u0 + m_e * s0 - _mm(tl.trans(d1 * ce), kx, PREC), h0, 0, HD, DK, BH, BK)
+            _st(s0p + HD * DK, ee * s0 - _mm(tl.trans(d1 * pe), kx, PREC), h0, 0, HD, DK, BH, BK)
+            _st(u1p + DV * HD, ae * u1 + m_e * s1 - _mm(tl.trans(d2 * ce), h, PREC), 0, h0, DV, HD, BV, BH)
+            _st(s1p + DV * HD, ee * s1 - _mm(tl.trans(d2 * pe), h, PREC), 0, h0, DV, HD, BV, BH)
+        o -= _mm(c * g2, d2, PREC)
         if RES:
             o += q
-        _put(O + cj * B * DV, o, B, DV, BB, BV)
-        u0_new = ae * u0 + m_e * s0 - _mm(tl.trans(d1 * ce[:, None]), kx)
-        u1_new = ae * u1 + m_e * s1 - _mm(tl.trans(d2 * ce[:, None]), h)
-        s0 = ee * s0 - _mm(tl.trans(d1 * pe[:, None]), kx)
-        s1 = ee * s1 - _mm(tl.trans(d2 * pe[:, None]), h)
-        u0, u1 = u0_new, u1_new
-    _put(UF0 + bh * HD * DK, u0, HD, DK, BH, BK)
-    _put(UF1 + bh * DV * HD, u1, DV, HD, BV, BH)
-    _put(SF0 + bh * HD * DK, s0, HD, DK, BH, BK)
-    _put(SF1 + bh * DV * HD, s1, DV, HD, BV, BH)
+        _st(O + cj * B * DV, o, 0, 0, B, DV, BB, BV)
+        tl.debug_barrier()  # the next chunk reads what other threads of this program just stored
 
 
 @triton.jit
 def _mlp_bwd_kernel(
-    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, US0, US1, SS0, SS1, DO, DUF0, DUF1, DSF0, DSF1,  # inputs
-    DQ, DK_, DV_, DC, DCE, DPE, DAR, DMR, DAE, DME, DEE, DU0, DU1, DS0, DS1,  # outputs
+    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, U0, U1, S0, S1, DO,  # inputs (U0 ... S1: the state buffers)
+    GU0, GU1, GS0, GS1,  # in: gradient of the final state; out: of the initial state (updated in place)
+    DQ, DK_, DV_, DC, DCE, DPE, DAR, DMR, DAE, DME, DEE,  # outputs
     NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HD: tl.constexpr,
     BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-    L2: tl.constexpr, RES: tl.constexpr,
+    L2: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
-    du0 = _tile(DUF0 + bh * HD * DK, HD, DK, BH, BK)
-    du1 = _tile(DUF1 + bh * DV * HD, DV, HD, BV, BH)
-    ds0 = _tile(DSF0 + bh * HD * DK, HD, DK, BH, BK)
-    ds1 = _tile(DSF1 + bh * DV * HD, DV, HD, BV, BH)
+    gu0p, gs0p, gu1p, gs1p = GU0 + bh * HD * DK, GS0 + bh * HD * DK, GU1 + bh * DV * HD, GS1 + bh * DV * HD
     for jj in range(NC):
         cj = bh * NC + NC - 1 - jj
-        u0 = _tile(US0 + cj * HD * DK, HD, DK, BH, BK)
-        u1 = _tile(US1 + cj * DV * HD, DV, HD, BV, BH)
-        s0 = _tile(SS0 + cj * HD * DK, HD, DK, BH, BK)
-        s1 = _tile(SS1 + cj * DV * HD, DV, HD, BV, BH)
-        q = _tile(Q + cj * B * DK, B, DK, BB, BK)
-        kx = _tile(K + cj * NE * DK, NE, DK, BE, BK)
-        vx = _tile(V + cj * NE * DV, NE, DV, BE, BV)
-        c = _tile(C + cj * B * NE, B, NE, BB, BE)
-        do = _tile(DO + cj * B * DV, B, DV, BB, BV)
-        ce, pe = _vec(CE + cj * NE, NE, BE)[:, None], _vec(PE + cj * NE, NE, BE)[:, None]
-        ar, mr = _vec(AR + cj * B, B, BB)[:, None], _vec(MR + cj * B, B, BB)[:, None]
-        ae, m_e, ee = tl.load(AE + cj), tl.load(ME + cj), tl.load(EE + cj)
-
-        # recompute the forward of this chunk
-        z = _mm(kx, tl.trans(u0))
-        h = _gelu(z)
-        gp = _gelu_grad(z)
-        if L2:
-            d2 = _mm(h, tl.trans(u1)) - vx
-            if RES:
-                d2 += kx
-        else:
-            d2 = -vx
-        t = _mm(d2, u1)
-        d1 = t * gp
-        g1 = _mm(q, tl.trans(kx))
-        qu0, qs0 = _mm(q, tl.trans(u0)), _mm(q, tl.trans(s0))
-        zq = ar * qu0 + mr * qs0 - _mm(c * g1, d1)
-        hq = _gelu(zq)
-        g2 = _mm(hq, tl.trans(h))
-
-        # read of layer 2: o = [q +] ar hq U1^T + mr hq S1^T - (C * hq h^T) d2
-        dp2 = -_mm(do, tl.trans(d2))
-        dc = dp2 * g2
+        st = bh * (NC + 1) + NC - 1 - jj
+        u0p, s0p, u1p, s1p = U0 + st * HD * DK, S0 + st * HD * DK, U1 + st * DV * HD, S1 + st * DV * HD
+        q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj,
+                                                              B, NE, DK, BB, BE, BK)
+        vx = _ld(V + cj * NE * DV, 0, 0, NE, DV, BE, BV)
+        do = _ld(DO + cj * B * DV, 0, 0, B, DV, BB, BV)
+        g1 = _mm(q, tl.trans(kx), PREC)
+        gk = c * g1
+        d2 = _mlp_d2(kx, vx, u0p, u1p, DK, DV, HD, BK, BV, BH, L2, RES, PREC)
+        dp2 = -_mm(do, tl.trans(d2), PREC)
         dg2 = dp2 * c
-        dhq = ar * _mm(do, u1) + mr * _mm(do, s1) + _mm(dg2, h)
-        dh = _mm(tl.trans(dg2), hq)
-        dd2 = -_mm(tl.trans(c * g2), do)
-        dar = tl.sum(do * _mm(hq, tl.trans(u1)), 1)
-        dmr = tl.sum(do * _mm(hq, tl.trans(s1)), 1)
-        # read of layer 1: zq = ar q U0^T + mr q S0^T - (C * q kx^T) d1
-        dzq = dhq * _gelu_grad(zq)
-        dp1 = -_mm(dzq, tl.trans(d1))
-        dc += dp1 * g1
+
+        # sweep 1: everything that needs one block of hidden units at a time; the sums over blocks
+        # (g2, dp1, and parts of dq, dkx, dd2 and of the coefficient gradients) accumulate
+        g2 = tl.zeros((BB, BE), dtype=kx.dtype)
+        dp1 = tl.zeros((BB, BE), dtype=kx.dtype)
+        dq = tl.zeros((BB, BK), dtype=kx.dtype)
+        dkx = tl.zeros((BE, BK), dtype=kx.dtype)
+        dd2 = tl.zeros((BE, BV), dtype=kx.dtype)
+        dar = tl.zeros((BB,), dtype=kx.dtype)
+        dmr = tl.zeros((BB,), dtype=kx.dtype)
+        dce = tl.zeros((BE,), dtype=kx.dtype)
+        dpe = tl.zeros((BE,), dtype=kx.dtype)
+        dae = tl.sum(dce, 0)  # 0-d zeros of the compute dtype
+        dme, dee = dae, dae
+        for h0 in range(0, HD, BH):
+            u0, s0 = _ld(u0p, h0, 0, HD, DK, BH, BK), _ld(s0p, h0, 0, HD, DK, BH, BK)
+            u1, s1 = _ld(u1p, 0, h0, DV, HD, BV, BH), _ld(s1p, 0, h0, DV, HD, BV, BH)
+            gu0, gs0 = _ld(gu0p, h0, 0, HD, DK, BH, BK), _ld(gs0p, h0, 0, HD, DK, BH, BK)
+            gu1, gs1 = _ld(gu1p, 0, h0, DV, HD, BV, BH), _ld(gs1p, 0, h0, DV, HD, BV, BH)
+            # recompute the forward of this block
+            z = _mm(kx, tl.trans(u0), PREC)
+            h = _gelu(z)
+            gp = _gelu_grad(z)
+            t = _mm(d2, u1, PREC)
+            d1 = t * gp
+            qu0, qs0 = _mm(q, tl.trans(u0), PREC), _mm(q, tl.trans(s0), PREC)
+            zq = ar * qu0 + mr * qs0 - _mm(gk, d1, PREC)
+            hq = _gelu(zq)
+            g2 += _mm(hq, tl.trans(h), PREC)
+            # read of layer 2: o = [q +] ar hq U1^T + mr hq S1^T - (C * hq h^T) d2
+            dou1, dos1 = _mm(do, u1, PREC), _mm(do, s1, PREC)
+            dhq = ar * dou1 + mr * dos1 + _mm(dg2, h, PREC)
+            dh = _mm(tl.trans(dg2), hq, PREC)
+            dar += tl.sum(hq * dou1, 1)
+            dmr += tl.sum(hq * dos1, 1)
+            # read of layer 1: zq = ar q U0^T + mr q S0^T - (C * q kx^T) d1
+            dzq = dhq * _gelu_grad(zq)
+            dp1 -= _mm(dzq, tl.trans(d1), PREC)
+            dq += ar * _mm(dzq, u0, PREC) + mr * _mm(dzq, s0, PREC)
+            dd1 = -_mm(tl.trans(gk), dzq, PREC)
+            dar += tl.sum(dzq * qu0, 1)
+            dmr += tl.sum(dzq * qs0, 1)
+            # step to the chunk end: U0' = ae U0 + me S0 - sum_i ce_i d1_i kx_i^T, U1' likewise with (d2, h)
+            kgu0, kgs0 = _mm(kx, tl.trans(gu0), PREC), _mm(kx, tl.trans(gs0), PREC)
+            d2gu1, d2gs1 = _mm(d2, gu1, PREC), _mm(d2, gs1, PREC)
+            dd1 += -ce * kgu0 - pe * kgs0
+            dh += -ce * d2gu1 - pe * d2gs1
+            dce -= tl.sum(d1 * kgu0, 1) + tl.sum(h * d2gu1, 1)
+            dpe -= tl.sum(d1 * kgs0, 1) + tl.sum(h * d2gs1, 1)
+            dae += _dot_all(gu0, u0) + _dot_all(gu1, u1)
+            dme += _dot_all(gu0, s0) + _dot_all(gu1, s1)
+            dee += _dot_all(gs0, s0) + _dot_all(gs1, s1)
+            # back through the keys' gradient factors d1 = (d2 U1) * gelu'(z) and h = gelu(z); the
+            # l2 path through d2 = h U1^T [+ kx] - v waits for the complete dd2 (sweep 2)
+            dt = dd1 * gp
+            dz = dd1 * t * _gelu_grad2(z) + dh * gp
+            dd2 += _mm(dt, tl.trans(u1), PREC) - _mm(ce * h, tl.trans(gu1), PREC) - _mm(pe * h, tl.trans(gs1), PREC)
+            dkx += _mm(dz, u0, PREC) - ce * _mm(d1, gu0, PREC) - pe * _mm(d1, gs0, PREC)
+            _st(gu0p, ae * gu0 + _mm(tl.trans(ar * dzq), q, PREC) + _mm(tl.trans(dz), kx, PREC), h0, 0, HD, DK, BH, BK)
+            _st(gs0p, m_e * gu0 + ee * gs0 + _mm(tl.trans(mr * dzq), q, PREC), h0, 0, HD, DK, BH, BK)
+            _st(gu1p, ae * gu1 + _mm(tl.trans(ar * do), hq, PREC) + _mm(tl.trans(d2), dt, PREC), 0, h0, DV, HD, BV, BH)
+            _st(gs1p, m_e * gu1 + ee * gs1 + _mm(tl.trans(mr * do), hq, PREC), 0, h0, DV, HD, BV, BH)
+        tl.debug_barrier()
+
+        dd2 -= _mm(tl.trans(c * g2), do, PREC)
         dg1 = dp1 * c
-        dq = ar * _mm(dzq, u0) + mr * _mm(dzq, s0) + _mm(dg1, kx)
+        dq += _mm(dg1, kx, PREC)
+        dkx += _mm(tl.trans(dg1), q, PREC)
         if RES:
             dq += do
-        dkx = _mm(tl.trans(dg1), q)
-        dd1 = -_mm(tl.trans(c * g1), dzq)
-        dar += tl.sum(dzq * qu0, 1)
-        dmr += tl.sum(dzq * qs0, 1)
-        # step to the chunk end: U0' = ae U0 + me S0 - sum_i ce_i d1_i kx_i^T, U1' likewise with (d2, h)
-        kdu0, kds0 = _mm(kx, tl.trans(du0)), _mm(kx, tl.trans(ds0))
-        hdu1, hds1 = _mm(h, tl.trans(du1)), _mm(h, tl.trans(ds1))
-        dd1 += -ce * kdu0 - pe * kds0
-        dd2 += -ce * hdu1 - pe * hds1
-        dkx += -ce * _mm(d1, du0) - pe * _mm(d1, ds0)
-        dh += -ce * _mm(d2, du1) - pe * _mm(d2, ds1)
-        _put_vec(DCE + cj * NE, -tl.sum(d1 * kdu0, 1) - tl.sum(d2 * hdu1, 1), NE, BE)
-        _put_vec(DPE + cj * NE, -tl.sum(d1 * kds0, 1) - tl.sum(d2 * hds1, 1), NE, BE)
-        tl.store(DAE + cj, _dot_all(du0, u0) + _dot_all(du1, u1))
-        tl.store(DME + cj, _dot_all(du0, s0) + _dot_all(du1, s1))
-        tl.store(DEE + cj, _dot_all(ds0, s0) + _dot_all(ds1, s1))
-        ndu0 = ae * du0 + _mm(tl.trans(ar * dzq), q)
-        ndu1 = ae * du1 + _mm(tl.trans(ar * do), hq)
-        ds0 = m_e * du0 + ee * ds0 + _mm(tl.trans(mr * dzq), q)
-        ds1 = m_e * du1 + ee * ds1 + _mm(tl.trans(mr * do), hq)
-        # back through the keys' gradient factors: d1 = (d2 U1) * gelu'(z), d2 = h U1^T [+ kx] - v (l2)
-        dt = dd1 * gp
-        dz = dd1 * t * _gelu_grad2(z)
-        dd2 += _mm(dt, tl.trans(u1))
-        ndu1 += _mm(tl.trans(d2), dt)
         if L2:
-            dh += _mm(dd2, u1)
-            ndu1 += _mm(tl.trans(dd2), h)
             if RES:
                 dkx += dd2
-        dz += dh * gp
-        dkx += _mm(dz, u0)
-        ndu0 += _mm(tl.trans(dz), kx)
-        du0, du1 = ndu0, ndu1
+            # sweep 2: d2 = h U1^T [+ kx] - v sends dd2 U1 back into h and dd2^T h into U1
+            for h0 in range(0, HD, BH):
+                u0, u1 = _ld(u0p, h0, 0, HD, DK, BH, BK), _ld(u1p, 0, h0, DV, HD, BV, BH)
+                z = _mm(kx, tl.trans(u0), PREC)
+                dz = _mm(dd2, u1, PREC) * _gelu_grad(z)
+                dkx += _mm(dz, u0, PREC)
+                gu0 = _ld(gu0p, h0, 0, HD, DK, BH, BK) + _mm(tl.trans(dz), kx, PREC)
+                gu1 = _ld(gu1p, 0, h0, DV, HD, BV, BH) + _mm(tl.trans(dd2), _gelu(z), PREC)
+                _st(gu0p, gu0, h0, 0, HD, DK, BH, BK)
+                _st(gu1p, gu1, 0, h0, DV, HD, BV, BH)
+            tl.debug_barrier()
 
-        _put(DC + cj * B * NE, dc, B, NE, BB, BE)
+        _st(DC + cj * B * NE, dp2 * g2 + dp1 * g1, 0, 0, B, NE, BB, BE)
         _put_vec(DAR + cj * B, dar, B, BB)
         _put_vec(DMR + cj * B, dmr, B, BB)
-        _put(DQ + cj * B * DK, dq, B, DK, BB, BK)
-        _put(DK_ + cj * NE * DK, dkx, NE, DK, BE, BK)
-        _put(DV_ + cj * NE * DV, -dd2, NE, DV, BE, BV)
-    _put(DU0 + bh * HD * DK, du0, HD, DK, BH, BK)
-    _put(DU1 + bh * DV * HD, du1, DV, HD, BV, BH)
-    _put(DS0 + bh * HD * DK, ds0, HD, DK, BH, BK)
-    _put(DS1 + bh * DV * HD, ds1, DV, HD, BV, BH)
+        _put_vec(DCE + cj * NE, dce, NE, BE)
+        _put_vec(DPE + cj * NE, dpe, NE, BE)
+        tl.store(DAE + cj, dae)
+        tl.store(DME + cj, dme)
+        tl.store(DEE + cj, dee)
+        _st(DQ + cj * B * DK, dq, 0, 0, B, DK, BB, BK)
+        _st(DK_ + cj * NE * DK, dkx, 0, 0, NE, DK, BE, BK)
+        _st(DV_ + cj * NE * DV, -dd2, 0, 0, NE, DV, BE, BV)
 
 
 class _MlpChunks(torch.autograd.Function):
@@ -430,31 +497,32 @@ class _MlpChunks(torch.autograd.Function):
     with ``u0, s0 [BH, hd, dk]``, ``u1, s1 [BH, dv, hd]`` -> ``o``, final ``u0, u1, s0, s1``."""
 
     @staticmethod
-    def forward(ctx, q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, u0, u1, s0, s1, l2: bool, res: bool):
+    def forward(ctx, q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, u0, u1, s0, s1, l2: bool, res: bool, prec: str):
         bh, nc, b, dk = q.shape
         ne, dv, hd = kx.shape[2], vx.shape[3], u0.shape[1]
         o = _empty(bh, nc, b, dv, like=q)
-        saved = [_empty(bh, nc, *x.shape[1:], like=q) for x in (u0, u1, s0, s1)]
-        final = [_empty(*x.shape, like=q) for x in (u0, u1, s0, s1)]
-        dims = dict(B=b, NE=ne, DK=dk, DV=dv, HD=hd, BB=_block(b), BE=_block(ne), BK=_block(dk), BV=_block(dv),
-                    BH=_block(hd), L2=l2, RES=res)
-        _mlp_fwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, u0, u1, s0, s1, o, *saved, *final, nc,
-                               **dims, **_LAUNCH)
-        ctx.save_for_backward(q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *saved)
+        states = []
+        for x in (u0, u1, s0, s1):
+            buf = _empty(bh, nc + 1, *x.shape[1:], like=x)
+            buf[:, 0] = x
+            states.append(buf)
+        dims = mlp_dims(b, ne, dk, dv, hd, l2, res, prec)
+        _mlp_fwd_kernel[(bh,)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *states, o, nc, **dims, **_LAUNCH)
+        ctx.save_for_backward(q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *states)
         ctx.dims = dims
-        return (o, *final)
+        return (o, *(buf[:, nc].clone() for buf in states))
 
     @staticmethod
     @once_differentiable  # first order only: the kernels' backward is not itself differentiable
     def backward(ctx, do, *dfinal):
-        q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *saved = ctx.saved_tensors
+        q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *states = ctx.saved_tensors
         do = torch.zeros(*q.shape[:3], vx.shape[3], dtype=q.dtype, device=q.device) if do is None else do.contiguous()
-        dfinal = [torch.zeros_like(x[:, 0]) if g is None else g.contiguous() for g, x in zip(dfinal, saved)]
+        # the kernel turns these into the gradients of the initial state in place
+        grad_state = [torch.zeros_like(x[:, 0]) if g is None else g.contiguous().clone() for g, x in zip(dfinal, states)]
         grads = [_empty(*x.shape, like=x) for x in (q, kx, vx, c, ce, pe, ar, mr, ae, me, ee)]
-        dstart = [_empty(*x.shape, like=x) for x in dfinal]
-        _mlp_bwd_kernel[(q.shape[0],)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *saved, do, *dfinal,
-                                       *grads, *dstart, q.shape[1], **ctx.dims, **_LAUNCH)
-        return (*grads, *dstart, None, None)
+        _mlp_bwd_kernel[(q.shape[0],)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *states, do, *grad_state,
+                                       *grads, q.shape[1], **ctx.dims, **_LAUNCH)
+        return (*grads, *grad_state, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,6 +572,7 @@ def triton_chunk(p: Problem) -> Result:
     w, s = ({m: flat(t) for m, t in d.items()} for d in (p.w0, p.s0))
 
     l2 = p.loss == "l2"
+    prec = "tf32" if p.low_precision else "ieee"
     n_full = n_chunks if last_len == b else n_chunks - 1
     outs = []
     for lo, hi in ((0, n_full), (n_full, n_chunks)):
@@ -512,10 +581,10 @@ def triton_chunk(p: Problem) -> Result:
         w_chunk, s_chunk = w, s
         args = [x[:, lo:hi].contiguous() for x in (q, kx, vx, *coefs)]
         if p.spec.kind == "linear":
-            o, wf, sf = _LinearChunks.apply(*args, w["w0"], s["w0"], l2)
+            o, wf, sf = _LinearChunks.apply(*args, w["w0"], s["w0"], l2, prec)
             w, s = {"w0": wf}, {"w0": sf}
         else:
-            o, *state = _MlpChunks.apply(*args, w["w0"], w["w1"], s["w0"], s["w1"], l2, p.spec.residual)
+            o, *state = _MlpChunks.apply(*args, w["w0"], w["w1"], s["w0"], s["w1"], l2, p.spec.residual, prec)
             w, s = {"w0": state[0], "w1": state[1]}, {"w0": state[2], "w1": state[3]}
         outs.append(o)
     if last_len == b:
