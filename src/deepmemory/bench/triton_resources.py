@@ -5,7 +5,7 @@
 
 Triton ships ptxas, so every kernel compiles to a cubin on any machine. The table gives the shared
 memory a program takes (an H100 offers 227 KiB), registers per thread (at most 255) and the bytes
-ptxas spilled to local memory. ``--dtype bf16`` means bfloat16 inputs, i.e. TF32 products. Exits
+ptxas spilled to local memory. ``--dtype bf16`` means bfloat16 inputs, i.e. TF32 products (the kernels see float32). Exits
 with status 1 when a kernel needs more shared memory than an H100 has.
 """
 
@@ -31,9 +31,9 @@ from deepmemory.ops import triton_chunk as tc  # noqa: E402
 H100_SHARED_KIB = 227
 
 
-def compile_kernel(fn, dims: dict, arch: int, warps: int) -> dict:
+def compile_kernel(fn, dims: dict, arch: int, warps: int, pointer: str = "*fp32") -> dict:
     """Shared memory (KiB), registers and spilled bytes of ``fn`` compiled for ``sm_<arch>``."""
-    sig = {n: "constexpr" if n in dims else "i32" if n == "NC" else "*fp32" for n in fn.arg_names}
+    sig = {n: "constexpr" if n in dims else "i32" if n == "NC" else pointer for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in dims.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=warps, num_stages=tc._LAUNCH["num_stages"]))
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--window", type=int, default=1)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp64"])
     ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: H100)")
     ap.add_argument("--warps", type=int, default=tc._LAUNCH["num_warps"])
     ap.add_argument("--value-block", type=int, default=tc.V_BLOCK, help="rows of the linear state per program")
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
             dims = tc.mlp_dims(b, ne, d, d, args.hidden, True, True, prec)
             cases += [("mlp forward", tc._mlp_fwd_kernel, dims), ("mlp backward", tc._mlp_bwd_kernel, dims)]
         for name, fn, dims in cases:
-            r = compile_kernel(fn, dims, args.arch, args.warps)
+            r = compile_kernel(fn, dims, args.arch, args.warps, "*fp64" if args.dtype == "fp64" else "*fp32")
             flag = "  over an H100's shared memory" if r["shared KiB"] > H100_SHARED_KIB else ""
             too_large |= bool(flag)
             block = dims.get("BH", dims["BV"])  # hidden units (mlp) or state rows (linear) per tile
