@@ -70,29 +70,42 @@ def _case(c: Dict) -> Dict:
             "saved_mib": saved_for_backward_mib(lambda: mixer(x)), "flops_per_s": flops / r["seconds"]}
 
 
-def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, threads=2, repeat=2, device="cpu",
-        flops=True, plot=None, peer="titans-pytorch") -> List[Dict]:
+def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, threads=2, repeat=2, rounds=1,
+        device="cpu", flops=True, plot=None, peer="titans-pytorch") -> List[Dict]:
+    """``rounds`` > 1 measures every case that many times, round-robin over the cases, and reports
+    the median: on a shared machine, cases measured minutes apart otherwise see different loads."""
     mixers = available(list(mixers))
     peak = matmul_peak_flops(device) if flops else 0.0
+    cases = [(chunk, seq, name) for chunk in chunks for seq in seqs for name in mixers
+             if not (name == "attention" and len(chunks) > 1 and chunk != chunks[0])]  # attention has no chunk size
+    runs: Dict[tuple, List[Dict]] = {key: [] for key in cases}
+    for r in range(rounds):
+        for chunk, seq, name in cases:
+            case = dict(mixer=name, seq=seq, chunk=chunk, batch=batch, hidden=hidden, heads=heads,
+                        head_dim=head_dim, threads=threads, repeat=repeat, device=device, flops=flops and r == 0)
+            try:
+                runs[(chunk, seq, name)].append(run_isolated("deepmemory.bench.mixer", case))
+            except RuntimeError as err:
+                print(f"  {name} T={seq} chunk={chunk}: failed ({str(err).splitlines()[-1]})", flush=True)
+                continue
+            print(f"  measured {name} T={seq} chunk={chunk}" + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""),
+                  flush=True)
     rows, series = [], {}
     for chunk in chunks:
         for seq in seqs:
             res = {}
             for name in mixers:
-                if name == "attention" and len(chunks) > 1 and chunk != chunks[0]:
-                    continue  # attention has no chunk size: measured once per length
-                case = dict(mixer=name, seq=seq, chunk=chunk, batch=batch, hidden=hidden, heads=heads,
-                            head_dim=head_dim, threads=threads, repeat=repeat, device=device, flops=flops)
-                try:
-                    res[name] = run_isolated("deepmemory.bench.mixer", case)
-                except RuntimeError as err:
-                    print(f"  {name} T={seq} chunk={chunk}: failed ({str(err).splitlines()[-1]})", flush=True)
-                    continue
-                print(f"  measured {name} T={seq} chunk={chunk}", flush=True)
+                got = runs.get((chunk, seq, name))
+                if got:
+                    tps = sorted(g["tokens_per_s"] for g in got)
+                    res[name] = dict(got[0], tokens_per_s=tps[len(tps) // 2], spread=(tps[0], tps[-1]),
+                                     peak_mib=max(g["peak_mib"] for g in got))
             for name, r in res.items():
                 row = {"mixer": name, "chunk": chunk if name != "attention" else "-", "T": seq,
                        "tokens/s": f"{r['tokens_per_s']:.0f}", "peak MiB": f"{r['peak_mib']:.0f}",
                        "saved MiB": fmt_mib(r["saved_mib"])}
+                if rounds > 1:
+                    row["min-max"] = f"{r['spread'][0]:.0f}-{r['spread'][1]:.0f}"
                 if peer in res:
                     row[f"x {peer}"] = f"{r['tokens_per_s'] / res[peer]['tokens_per_s']:.2f}"
                 if flops:
@@ -105,7 +118,9 @@ def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, thre
           "saved MiB: what autograd keeps for the backward)")
     print(f"\nmixer forward+backward, B={batch} hidden={hidden} heads={heads}x{head_dim}, fp32, {threads} threads, {device}"
           + (f"; measured matmul peak {peak / 1e9:.1f} GFLOP/s" if flops else ""))
-    cols = ["mixer", "chunk", "T", "tokens/s", "peak MiB", "saved MiB", f"x {peer}"] + (["GFLOP/s", "% of matmul peak"] if flops else [])
+    if rounds > 1:
+        print(f"tokens/s: median of {rounds} rounds (each the best of {repeat} steps in a fresh process); min-max over rounds")
+    cols = ["mixer", "chunk", "T", "tokens/s"] + (["min-max"] if rounds > 1 else []) + ["peak MiB", "saved MiB", f"x {peer}"] + (["GFLOP/s", "% of matmul peak"] if flops else [])
     print_table(rows, cols)
     if plot:
         save_plot(plot, series, "sequence length T", "tokens/s (forward+backward)", "token mixers")
@@ -119,14 +134,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2, help="timed steps per case (the best counts), after one warm-up")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every case this many times, round-robin; report the median")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     ap.add_argument("--plot", default="bench_mixer.png", help="PNG path ('' for none)")
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    run(args.seq, args.chunk, args.mixers, batch=args.batch, threads=args.threads, repeat=args.repeat,
+    run(args.seq, args.chunk, args.mixers, batch=args.batch, threads=args.threads, repeat=args.repeat, rounds=args.rounds,
         device=args.device, flops=not args.no_flops, plot=args.plot or None)
 
 

@@ -39,6 +39,8 @@ def _mixer(args: argparse.Namespace) -> int:
 
     _check_positive("seq", args.seq)
     _check_positive("chunk", args.chunk)
+    _check_positive("repeat", args.repeat)
+    _check_positive("rounds", args.rounds)
     mixer.run_cli(args)
     return 0
 

@@ -1,0 +1,36 @@
+"""The CPU benchmark harness: tables come out with every case, rounds take medians, bad input exits 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from deepmemory.bench import mixer
+
+
+def test_mixer_rounds_report_the_median(capsys, monkeypatch):
+    calls = []
+
+    def fake(module, case):  # tokens/s 100, 300, 200 over three rounds: the median is 200
+        calls.append(case)
+        tps = (100.0, 300.0, 200.0)[sum(c["mixer"] == case["mixer"] for c in calls) - 1]
+        return {"tokens_per_s": tps, "peak_mib": 1.0, "saved_mib": 2.0, "flops_per_s": 0.0}
+
+    monkeypatch.setattr(mixer, "run_isolated", fake)
+    rows = mixer.run([32], [8], ["memory-token", "gated-deltanet"], rounds=3, flops=False)
+    assert [c["mixer"] for c in calls] == ["memory-token", "gated-deltanet"] * 3  # round-robin
+    assert [r["tokens/s"] for r in rows] == ["200", "200"] and rows[0]["min-max"] == "100-300"
+    assert "median of 3 rounds" in capsys.readouterr().out
+
+
+def test_mixer_table_from_real_cases():
+    rows = mixer.run([24], [8], ["memory-token", "gated-deltanet"], hidden=32, heads=2, head_dim=16, repeat=1,
+                     flops=False)
+    assert [r["mixer"] for r in rows] == ["memory-token", "gated-deltanet"]
+    assert all(float(r["tokens/s"]) > 0 and r["saved MiB"] != "n/a" for r in rows)
+
+
+@pytest.mark.parametrize("args", [["--rounds", "0"], ["--seq", "0"], ["--repeat", "-1"]])
+def test_bad_mixer_arguments_exit_2(args):
+    r = subprocess.run([sys.executable, "-m", "deepmemory", "bench", "mixer", *args], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "must be >= 1" in r.stderr
