@@ -11,8 +11,15 @@ run() {  # run NAME COMMAND...: print the command and its output into $out/NAME.
 }
 
 run mixer_vs_titans deepmemory bench mixer --seq 1024 4096 --chunk 16 64 --plot "$out/mixer_vs_titans.png"
+run mixer_vs_titans_rounds deepmemory bench mixer --seq 4096 --chunk 16 64 \
+    --mixers memory-token memory-chunk titans-pytorch --no-flops --plot "" --rounds 3
 run mixer_scaling deepmemory bench mixer --seq 1024 4096 16384 32768 --chunk 16 \
     --mixers memory-token memory-chunk gated-deltanet attention --repeat 1 --plot "$out/mixer_scaling.png"
 run model deepmemory bench model --size tiny --seq 1024
 run decode deepmemory bench decode --size tiny --context 1024 16384 131072 1048576 --plot "$out/decode.png"
 run op deepmemory bench op --seq 1024 4096 --chunk 16 64
+# flat scaling: round-robin rounds and medians, because this machine's throughput drifts within minutes
+run flat_scaling_rounds deepmemory bench mixer --seq 1024 32768 --chunk 16 64 --mixers memory-token --no-flops \
+    --plot "" --rounds 3
+# the Triton kernels compiled for an H100 (sm_90) without one: shared memory, registers, spills
+run triton_resources python -m deepmemory.bench.triton_resources --dtype bf16 --chunk 16 32 64
