@@ -71,14 +71,16 @@ def main(argv=None) -> None:
 
     d, prec = args.head_dim, "tf32" if args.dtype == "bf16" else "ieee"
     print(f"sm_{args.arch}, d={d}, hidden {args.hidden}, window {args.window}, {args.dtype} inputs, {args.warps} warps")
-    print(f"{'kernel':<18}{'chunk':>6}{'block':>6}{'shared KiB':>12}{'registers':>11}{'spilled B':>11}")
+    print(f"{'kernel':<26}{'chunk':>6}{'block':>6}{'shared KiB':>12}{'registers':>11}{'spilled B':>11}")
     too_large = False
     for b in args.chunk:
         ne = args.window - 1 + b
         cases = []
         if "linear" in args.kernels:
-            dims = tc.linear_dims(b, ne, d, d, True, prec)
-            cases += [("linear forward", tc._linear_fwd_kernel, dims), ("linear backward", tc._linear_bwd_kernel, dims)]
+            for opt, mom in (("momentum", True), ("gd", False)):
+                dims = tc.linear_dims(b, ne, d, d, True, mom, prec)
+                cases += [(f"linear {opt} forward", tc._linear_fwd_kernel, dims),
+                          (f"linear {opt} backward", tc._linear_bwd_kernel, dims)]
         if "mlp" in args.kernels:
             dims = tc.mlp_dims(b, ne, d, d, args.hidden, True, True, prec)
             cases += [("mlp forward", tc._mlp_fwd_kernel, dims), ("mlp backward", tc._mlp_bwd_kernel, dims)]
@@ -87,7 +89,7 @@ def main(argv=None) -> None:
             flag = "  over an H100's shared memory" if r["shared KiB"] > H100_SHARED_KIB else ""
             too_large |= bool(flag)
             block = dims.get("BH", dims["BV"])  # hidden units (mlp) or state rows (linear) per tile
-            print(f"{name:<18}{b:>6}{block:>6}{r['shared KiB']:>12.0f}{r['registers']:>11}{r['spilled B']:>11}"
+            print(f"{name:<26}{b:>6}{block:>6}{r['shared KiB']:>12.0f}{r['registers']:>11}{r['spilled B']:>11}"
                   f"{flag}", flush=True)
     sys.exit(1 if too_large else 0)
 

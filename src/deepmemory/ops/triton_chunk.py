@@ -73,10 +73,10 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def linear_dims(b: int, ne: int, dk: int, dv: int, l2: bool, prec: str) -> dict:
-    """Compile-time sizes of the linear kernels (chunk ``b``, ``ne`` keys per chunk)."""
+def linear_dims(b: int, ne: int, dk: int, dv: int, l2: bool, mom: bool, prec: str) -> dict:
+    """Compile-time sizes and switches of the linear kernels (chunk ``b``, ``ne`` keys per chunk)."""
     return dict(B=b, NE=ne, DK=dk, DV=dv, BB=_block(b), BE=_block(ne), BK=_block(dk),
-                BV=min(_block(dv), V_BLOCK), L2=l2, PREC=prec)
+                BV=min(_block(dv), V_BLOCK), L2=l2, MOM=mom, PREC=prec)
 
 
 def mlp_dims(b: int, ne: int, dk: int, dv: int, hd: int, l2: bool, res: bool, prec: str) -> dict:
@@ -179,42 +179,62 @@ def _chunk_inputs(Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj, B: tl.constexpr, NE: 
 
 
 @triton.jit
+def _linear_delta(kx, vx, w, L2: tl.constexpr, PREC: tl.constexpr):
+    """The keys' output-gradient factor at ``W``: ``kx W^T - v`` (l2) or ``-v`` (dot)."""
+    if L2:
+        return _mm(kx, tl.trans(w), PREC) - vx
+    else:
+        return -vx
+
+
+@triton.jit
 def _linear_fwd_kernel(
     Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, W0, S0,  # inputs
-    O, WS, SS, WF, SF,  # outputs
+    O, WS, SS, WF, SF,  # outputs (SS: only with MOM)
     NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, PREC: tl.constexpr,
+    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, MOM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     bh, v0 = tl.program_id(0).to(tl.int64), tl.program_id(1) * BV
     w = _ld(W0 + bh * DV * DK, v0, 0, DV, DK, BV, BK)
-    s = _ld(S0 + bh * DV * DK, v0, 0, DV, DK, BV, BK)
+    if MOM:
+        s = _ld(S0 + bh * DV * DK, v0, 0, DV, DK, BV, BK)
     for j in range(NC):
         cj = bh * NC + j
         _st(WS + cj * DV * DK, w, v0, 0, DV, DK, BV, BK)
-        _st(SS + cj * DV * DK, s, v0, 0, DV, DK, BV, BK)
         q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj,
                                                               B, NE, DK, BB, BE, BK)
-        vx = _ld(V + cj * NE * DV, 0, v0, NE, DV, BE, BV)
-        if L2:
-            delta = _mm(kx, tl.trans(w), PREC) - vx
-        else:
-            delta = -vx
-        o = (ar * _mm(q, tl.trans(w), PREC) + mr * _mm(q, tl.trans(s), PREC)
-             - _mm(c * _mm(q, tl.trans(kx), PREC), delta, PREC))
+        delta = _linear_delta(kx, _ld(V + cj * NE * DV, 0, v0, NE, DV, BE, BV), w, L2, PREC)
+        o = ar * _mm(q, tl.trans(w), PREC) - _mm(c * _mm(q, tl.trans(kx), PREC), delta, PREC)
+        w_new = ae * w - _mm(tl.trans(delta * ce), kx, PREC)
+        if MOM:
+            _st(SS + cj * DV * DK, s, v0, 0, DV, DK, BV, BK)
+            o += mr * _mm(q, tl.trans(s), PREC)
+            w_new += m_e * s
+            s = ee * s - _mm(tl.trans(delta * pe), kx, PREC)
         _st(O + cj * B * DV, o, 0, v0, B, DV, BB, BV)
-        w_new = ae * w + m_e * s - _mm(tl.trans(delta * ce), kx, PREC)
-        s = ee * s - _mm(tl.trans(delta * pe), kx, PREC)
         w = w_new
     _st(WF + bh * DV * DK, w, v0, 0, DV, DK, BV, BK)
-    _st(SF + bh * DV * DK, s, v0, 0, DV, DK, BV, BK)
+    if MOM:
+        _st(SF + bh * DV * DK, s, v0, 0, DV, DK, BV, BK)
+    else:
+        # gd (momentum 0): S never reaches W or a read, and the returned S is the last chunk's
+        # -sum_i pe_i delta_i kx_i^T alone, so it is computed for that chunk only
+        cj = bh * NC + NC - 1
+        kx = _ld(K + cj * NE * DK, 0, 0, NE, DK, BE, BK)
+        pe = _vec(PE + cj * NE, NE, BE)[:, None]
+        delta = _linear_delta(kx, _ld(V + cj * NE * DV, 0, v0, NE, DV, BE, BV),
+                              _ld(WS + cj * DV * DK, v0, 0, DV, DK, BV, BK), L2, PREC)
+        _st(SF + bh * DV * DK, -_mm(tl.trans(delta * pe), kx, PREC), v0, 0, DV, DK, BV, BK)
 
 
 @triton.jit
 def _linear_bwd_kernel(
-    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, WS, SS, DO, DWF, DSF,  # inputs
+    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, WS, SS, DO, DWF, DSF,  # inputs (SS: only with MOM)
     DQ, DK_, DV_, DC, DCE, DPE, DAR, DMR, DAE, DME, DEE, DW0, DS0,  # outputs (DQ ... DEE: one per row block)
     NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, PREC: tl.constexpr,
+    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, MOM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     bh, v0 = tl.program_id(0).to(tl.int64), tl.program_id(1) * BV
     part = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + bh  # this program's slot in the partial sums
@@ -224,37 +244,52 @@ def _linear_bwd_kernel(
         cj = bh * NC + NC - 1 - jj
         pj = part * NC + NC - 1 - jj
         w = _ld(WS + cj * DV * DK, v0, 0, DV, DK, BV, BK)
-        s = _ld(SS + cj * DV * DK, v0, 0, DV, DK, BV, BK)
         q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj,
                                                               B, NE, DK, BB, BE, BK)
-        vx = _ld(V + cj * NE * DV, 0, v0, NE, DV, BE, BV)
         do = _ld(DO + cj * B * DV, 0, v0, B, DV, BB, BV)
-
-        if L2:
-            delta = _mm(kx, tl.trans(w), PREC) - vx
-        else:
-            delta = -vx
+        delta = _linear_delta(kx, _ld(V + cj * NE * DV, 0, v0, NE, DV, BE, BV), w, L2, PREC)
         g = _mm(q, tl.trans(kx), PREC)
         # read: o = ar q W^T + mr q S^T - (C * q kx^T) delta
         dpm = -_mm(do, tl.trans(delta), PREC)
         dg = dpm * c
         d_delta = -_mm(tl.trans(c * g), do, PREC)
-        dq = ar * _mm(do, w, PREC) + mr * _mm(do, s, PREC) + _mm(dg, kx, PREC)
+        dq = ar * _mm(do, w, PREC) + _mm(dg, kx, PREC)
         dk = _mm(tl.trans(dg), q, PREC)
         # step to the chunk end: W' = ae W + me S - sum_i ce_i delta_i kx_i^T, S' = ee S - sum_i pe_i ...
-        kdw, kds = _mm(kx, tl.trans(dw), PREC), _mm(kx, tl.trans(ds), PREC)
-        d_delta += -ce * kdw - pe * kds
-        dk += -ce * _mm(delta, dw, PREC) - pe * _mm(delta, ds, PREC)
+        kdw = _mm(kx, tl.trans(dw), PREC)
+        d_delta -= ce * kdw
+        dk -= ce * _mm(delta, dw, PREC)
+        zero_b = tl.zeros((BB,), dtype=kx.dtype)
+        dmr, dme, dee = zero_b, tl.sum(zero_b, 0), tl.sum(zero_b, 0)
+        if MOM:
+            s = _ld(SS + cj * DV * DK, v0, 0, DV, DK, BV, BK)
+            dq += mr * _mm(do, s, PREC)
+            dmr = tl.sum(do * _mm(q, tl.trans(s), PREC), 1)
+            dme, dee = _dot_all(dw, s), _dot_all(ds, s)
+            kds = _mm(kx, tl.trans(ds), PREC)
+            d_delta -= pe * kds
+            dk -= pe * _mm(delta, ds, PREC)
+            dpe = -tl.sum(delta * kds, 1)
+            ds_new = m_e * dw + ee * ds + _mm(tl.trans(mr * do), q, PREC)
+        else:
+            # gd: only the returned S, the last chunk's, depends on pe
+            dpe = tl.zeros((BE,), dtype=kx.dtype)
+            if jj == 0:
+                kds = _mm(kx, tl.trans(ds), PREC)
+                d_delta -= pe * kds
+                dk -= pe * _mm(delta, ds, PREC)
+                dpe = -tl.sum(delta * kds, 1)
         _st(DC + pj * B * NE, dpm * g, 0, 0, B, NE, BB, BE)
         _put_vec(DCE + pj * NE, -tl.sum(delta * kdw, 1), NE, BE)
-        _put_vec(DPE + pj * NE, -tl.sum(delta * kds, 1), NE, BE)
+        _put_vec(DPE + pj * NE, dpe, NE, BE)
         _put_vec(DAR + pj * B, tl.sum(do * _mm(q, tl.trans(w), PREC), 1), B, BB)
-        _put_vec(DMR + pj * B, tl.sum(do * _mm(q, tl.trans(s), PREC), 1), B, BB)
+        _put_vec(DMR + pj * B, dmr, B, BB)
         tl.store(DAE + pj, _dot_all(dw, w))
-        tl.store(DME + pj, _dot_all(dw, s))
-        tl.store(DEE + pj, _dot_all(ds, s))
+        tl.store(DME + pj, dme)
+        tl.store(DEE + pj, dee)
         dw_new = ae * dw + _mm(tl.trans(ar * do), q, PREC)
-        ds = m_e * dw + ee * ds + _mm(tl.trans(mr * do), q, PREC)
+        if MOM:
+            ds = ds_new
         # back through delta = kx W^T - v (l2) or -v (dot)
         if L2:
             dk += _mm(d_delta, w, PREC)
@@ -264,22 +299,26 @@ def _linear_bwd_kernel(
         _st(DK_ + pj * NE * DK, dk, 0, 0, NE, DK, BE, BK)
         _st(DV_ + cj * NE * DV, -d_delta, 0, v0, NE, DV, BE, BV)
     _st(DW0 + bh * DV * DK, dw, v0, 0, DV, DK, BV, BK)
+    if not MOM:
+        ds = ds * 0.0  # the initial S only meets zero coefficients under gd
     _st(DS0 + bh * DV * DK, ds, v0, 0, DV, DK, BV, BK)
 
 
 class _LinearChunks(torch.autograd.Function):
     """Chunks of the linear memory. ``q [BH, nc, b, dk]``, ``kx [BH, nc, ne, dk]``,
     ``vx [BH, nc, ne, dv]``, coefficients as in the module docstring (``[BH, nc, ...]``),
-    ``w0, s0 [BH, dv, dk]`` -> ``o [BH, nc, b, dv]``, final ``w``, ``s``."""
+    ``w0, s0 [BH, dv, dk]`` -> ``o [BH, nc, b, dv]``, final ``w``, ``s``. ``mom``: momentum
+    (else gd, whose chunk-start ``S`` the backward does not need)."""
 
     @staticmethod
-    def forward(ctx, q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, l2: bool, prec: str):
+    def forward(ctx, q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, l2: bool, mom: bool, prec: str):
         bh, nc, b, dk = q.shape
         ne, dv = kx.shape[2], vx.shape[3]
         o = _empty(bh, nc, b, dv, like=q)
-        ws, ss = _empty(bh, nc, dv, dk, like=q), _empty(bh, nc, dv, dk, like=q)
+        ws = _empty(bh, nc, dv, dk, like=q)
+        ss = _empty(bh, nc, dv, dk, like=q) if mom else ws  # under gd a placeholder the kernels never touch
         wf, sf = _empty(bh, dv, dk, like=q), _empty(bh, dv, dk, like=q)
-        dims = linear_dims(b, ne, dk, dv, l2, prec)
+        dims = linear_dims(b, ne, dk, dv, l2, mom, prec)
         grid = (bh, triton.cdiv(dv, dims["BV"]))
         _linear_fwd_kernel[grid](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, o, ws, ss, wf, sf, nc,
                                  **dims, **_LAUNCH)
@@ -303,7 +342,7 @@ class _LinearChunks(torch.autograd.Function):
                                      dq, dkx, dvx, dc, dce, dpe, dar, dmr, dae, dme, dee, dw0, ds0, q.shape[1],
                                      **ctx.dims, **_LAUNCH)
         dq, dkx, dc, dce, dpe, dar, dmr, dae, dme, dee = (x[0] if nv == 1 else x.sum(0) for x in parts)
-        return dq, dkx, dvx, dc, dce, dpe, dar, dmr, dae, dme, dee, dw0, ds0, None, None
+        return dq, dkx, dvx, dc, dce, dpe, dar, dmr, dae, dme, dee, dw0, ds0, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,7 +620,7 @@ def triton_chunk(p: Problem) -> Result:
         w_chunk, s_chunk = w, s
         args = [x[:, lo:hi].contiguous() for x in (q, kx, vx, *coefs)]
         if p.spec.kind == "linear":
-            o, wf, sf = _LinearChunks.apply(*args, w["w0"], s["w0"], l2, prec)
+            o, wf, sf = _LinearChunks.apply(*args, w["w0"], s["w0"], l2, p.optimizer == "momentum", prec)
             w, s = {"w0": wf}, {"w0": sf}
         else:
             o, *state = _MlpChunks.apply(*args, w["w0"], w["w1"], s["w0"], s["w1"], l2, p.spec.residual, prec)
