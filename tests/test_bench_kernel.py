@@ -32,8 +32,7 @@ def test_smoke_run_prints_every_row():
     assert list(rows) == IMPLS
     for impl, cells in rows.items():
         assert cells[0] == "64"
-        # the Triton kernels are being rewritten: a kernel error must show as a row, not end the run
-        assert cells[2].isdigit() or (impl.startswith("triton") and cells[2] == "failed:"), cells
+        assert cells[2].isdigit(), cells  # every case measured, the Triton kernels under the interpreter
     assert "TFLOP/s" in lines[head] and "x chunk" in lines[head]
     assert "cpu" in out.stdout and "float32" in out.stdout and "B=1 H=2 d=16" in out.stdout
 
