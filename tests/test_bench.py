@@ -14,12 +14,15 @@ def test_mixer_rounds_report_the_median(capsys, monkeypatch):
     def fake(module, case):  # tokens/s 100, 300, 200 over three rounds: the median is 200
         calls.append(case)
         tps = (100.0, 300.0, 200.0)[sum(c["mixer"] == case["mixer"] for c in calls) - 1]
-        return {"tokens_per_s": tps, "peak_mib": 1.0, "saved_mib": 2.0, "flops_per_s": 0.0}
+        return {"tokens_per_s": tps, "peak_mib": 1.0, "saved_mib": 2.0, "flops_per_s": tps * 1e9 if case["flops"] else 0.0}
 
     monkeypatch.setattr(mixer, "run_isolated", fake)
-    rows = mixer.run([32], [8], ["memory-token", "gated-deltanet"], rounds=3, flops=False)
+    monkeypatch.setattr(mixer, "matmul_peak_flops", lambda device: 1e12)
+    rows = mixer.run([32], [8], ["memory-token", "gated-deltanet"], rounds=3)
     assert [c["mixer"] for c in calls] == ["memory-token", "gated-deltanet"] * 3  # round-robin
+    assert [c["flops"] for c in calls] == [True, True] + [False] * 4
     assert [r["tokens/s"] for r in rows] == ["200", "200"] and rows[0]["min-max"] == "100-300"
+    assert rows[0]["GFLOP/s"] == "200.0"  # counted in round 1 (100 GFLOP/s at 100 tokens/s), at the median rate
     assert "median of 3 rounds" in capsys.readouterr().out
 
 

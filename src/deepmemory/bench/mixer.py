@@ -98,7 +98,10 @@ def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, thre
                 got = runs.get((chunk, seq, name))
                 if got:
                     tps = sorted(g["tokens_per_s"] for g in got)
-                    res[name] = dict(got[0], tokens_per_s=tps[len(tps) // 2], spread=(tps[0], tps[-1]),
+                    median = tps[len(tps) // 2]
+                    # FLOPs are counted in the first round only; a step's FLOPs are fixed, so the rate scales with tokens/s
+                    res[name] = dict(got[0], tokens_per_s=median, spread=(tps[0], tps[-1]),
+                                     flops_per_s=got[0]["flops_per_s"] * median / got[0]["tokens_per_s"],
                                      peak_mib=max(g["peak_mib"] for g in got))
             for name, r in res.items():
                 row = {"mixer": name, "chunk": chunk if name != "attention" else "-", "T": seq,
