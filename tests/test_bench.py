@@ -26,6 +26,15 @@ def test_mixer_rounds_report_the_median(capsys, monkeypatch):
     assert "median of 3 rounds" in capsys.readouterr().out
 
 
+def test_keep_freed_memory_reaches_every_case(capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(mixer, "run_isolated", lambda module, case: calls.append(case) or
+                        {"tokens_per_s": 1.0, "peak_mib": 1.0, "saved_mib": 1.0, "flops_per_s": 0.0})
+    mixer.run([32, 64], [8], ["memory-token"], flops=False, keep_freed_memory=True)
+    assert len(calls) == 2 and all(c["keep_freed_memory"] for c in calls)
+    assert "freed memory kept for reuse" in capsys.readouterr().out
+
+
 def test_mixer_table_from_real_cases():
     rows = mixer.run([24], [8], ["memory-token", "gated-deltanet"], hidden=32, heads=2, head_dim=16, repeat=1,
                      flops=False)

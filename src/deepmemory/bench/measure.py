@@ -54,9 +54,25 @@ def bench_main(doc: str, add_arguments: Callable, case: Callable[[Dict], Dict], 
     add_arguments(ap)
     args = ap.parse_args(argv)
     if args.case:
-        print(json.dumps(case(json.loads(args.case))))
+        c = json.loads(args.case)
+        if c.get("keep_freed_memory"):
+            from deepmemory.allocator import keep_freed_memory
+
+            keep_freed_memory()
+        print(json.dumps(case(c)))
         return
     run_cli(args)
+
+
+def add_allocator_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="every case's process keeps freed memory for reuse instead of returning it to the OS "
+                         "(deepmemory.allocator.keep_freed_memory; glibc only)")
+
+
+def allocator_note(keep: bool) -> str:
+    return ("allocator: freed memory kept for reuse (deepmemory.allocator.keep_freed_memory)" if keep
+            else "allocator: the C library's default")
 
 
 def run_isolated(module: str, case: Dict) -> Dict:

@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import torch
 
-from .measure import fmt_mib, bench_main, count_flops, matmul_peak_flops, measure, print_table, run_isolated, save_plot, saved_for_backward_mib
+from .measure import add_allocator_argument, allocator_note, fmt_mib, bench_main, count_flops, matmul_peak_flops, measure, print_table, run_isolated, save_plot, saved_for_backward_mib
 
 MIXERS = ("memory-token", "memory-chunk", "gated-deltanet", "attention", "titans-pytorch")
 
@@ -71,7 +71,7 @@ def _case(c: Dict) -> Dict:
 
 
 def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, threads=2, repeat=2, rounds=1,
-        device="cpu", flops=True, plot=None, peer="titans-pytorch") -> List[Dict]:
+        device="cpu", flops=True, plot=None, peer="titans-pytorch", keep_freed_memory=False) -> List[Dict]:
     """``rounds`` > 1 measures every case that many times, round-robin over the cases, and reports
     the median: on a shared machine, cases measured minutes apart otherwise see different loads."""
     mixers = available(list(mixers))
@@ -82,7 +82,8 @@ def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, thre
     for r in range(rounds):
         for chunk, seq, name in cases:
             case = dict(mixer=name, seq=seq, chunk=chunk, batch=batch, hidden=hidden, heads=heads,
-                        head_dim=head_dim, threads=threads, repeat=repeat, device=device, flops=flops and r == 0)
+                        head_dim=head_dim, threads=threads, repeat=repeat, device=device, flops=flops and r == 0,
+                        keep_freed_memory=keep_freed_memory)
             try:
                 runs[(chunk, seq, name)].append(run_isolated("deepmemory.bench.mixer", case))
             except RuntimeError as err:
@@ -121,9 +122,11 @@ def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, thre
           "saved MiB: what autograd keeps for the backward)")
     print(f"\nmixer forward+backward, B={batch} hidden={hidden} heads={heads}x{head_dim}, fp32, {threads} threads, {device}"
           + (f"; measured matmul peak {peak / 1e9:.1f} GFLOP/s" if flops else ""))
+    print(allocator_note(keep_freed_memory))
     if rounds > 1:
         print(f"tokens/s: median of {rounds} rounds (each the best of {repeat} steps in a fresh process); min-max over rounds")
-    cols = ["mixer", "chunk", "T", "tokens/s"] + (["min-max"] if rounds > 1 else []) + ["peak MiB", "saved MiB", f"x {peer}"] + (["GFLOP/s", "% of matmul peak"] if flops else [])
+    cols = (["mixer", "chunk", "T", "tokens/s"] + (["min-max"] if rounds > 1 else []) + ["peak MiB", "saved MiB"]
+            + ([f"x {peer}"] if any(f"x {peer}" in r for r in rows) else []) + (["GFLOP/s", "% of matmul peak"] if flops else []))
     print_table(rows, cols)
     if plot:
         save_plot(plot, series, "sequence length T", "tokens/s (forward+backward)", "token mixers")
@@ -142,11 +145,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     ap.add_argument("--plot", default="bench_mixer.png", help="PNG path ('' for none)")
+    add_allocator_argument(ap)
 
 
 def run_cli(args: argparse.Namespace) -> None:
     run(args.seq, args.chunk, args.mixers, batch=args.batch, threads=args.threads, repeat=args.repeat, rounds=args.rounds,
-        device=args.device, flops=not args.no_flops, plot=args.plot or None)
+        device=args.device, flops=not args.no_flops, plot=args.plot or None, keep_freed_memory=args.keep_freed_memory)
 
 
 def main(argv=None) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from deepmemory.ops import neural_memory
 
-from .measure import fmt_mib, bench_main, measure, print_table, run_isolated, saved_for_backward_mib
+from .measure import add_allocator_argument, allocator_note, fmt_mib, bench_main, measure, print_table, run_isolated, saved_for_backward_mib
 
 
 def _case(c: dict) -> dict:
@@ -52,6 +52,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--reference-max-seq", type=int, default=2048,
                     help="longest T for the token-loop reference (its autograd graph grows by ~5 MiB a token)")
+    add_allocator_argument(ap)
 
 
 def run_cli(args) -> None:
@@ -66,7 +67,8 @@ def run_cli(args) -> None:
                     continue
                 case = dict(seq=seq, chunk=chunk, impl=impl, granularity=args.granularity, optimizer=args.optimizer,
                             batch=args.batch, heads=args.heads, head_dim=args.head_dim, expansion=args.expansion,
-                            threads=args.threads, repeat=1 if impl == "reference" else args.repeat)
+                            threads=args.threads, repeat=1 if impl == "reference" else args.repeat,
+                            keep_freed_memory=args.keep_freed_memory)
                 res[impl] = run_isolated("deepmemory.bench.op", case)
                 if impl == "reference":
                     per_token = res[impl]["saved_mib"] / (args.batch * seq)
@@ -78,6 +80,7 @@ def run_cli(args) -> None:
                 print(f"  measured T={seq} chunk={chunk} {impl}", flush=True)
     print(f"\nneural_memory fwd+bwd, B={args.batch} H={args.heads} dk=dv={args.head_dim} mlp depth 2 x{args.expansion}, "
           f"{args.granularity} granularity, {args.optimizer}, fp32, {args.threads} threads")
+    print(allocator_note(args.keep_freed_memory))
     print("(peak MiB: growth of the process's peak RSS; saved MiB: what autograd keeps for the backward. The reference "
           "keeps a graph per token, so above --reference-max-seq it would not fit in memory)")
     print_table(rows, ["T", "chunk", "impl", "tokens/s", "peak MiB", "saved MiB", "speedup of chunk"])

@@ -48,6 +48,35 @@ def _outer_sum(coef: Tensor, d: Tensor, a: Tensor) -> Tensor:
     return torch.einsum("bhi,bhir,bhic->bhrc", coef, d, a)
 
 
+def _stacked_outer_sum(coef: Tensor, d: Tensor, a: Tensor) -> Tensor:
+    """``sum_i coef[k, i] delta_i a_i^T`` for ``k = 0, 1``: ``coef [B, H, 2, n]`` -> ``[B, H, 2, rows, cols]``.
+
+    The coefficients scale the narrower of ``delta`` and ``a``, and ``k`` rides along with its
+    columns, so one product does it and autograd keeps only that small scaled copy besides
+    ``delta`` and ``a`` (which the reads keep anyway)."""
+    rows, cols = d.shape[-1], a.shape[-1]
+    coef = coef.transpose(-1, -2).unsqueeze(-1)  # [B, H, n, 2, 1]
+    if cols <= rows:
+        scaled = (coef * a.unsqueeze(-2)).flatten(-2)  # [B, H, n, 2 * cols]
+        return (d.transpose(-1, -2) @ scaled).unflatten(-1, (2, cols)).transpose(-2, -3)
+    scaled = (coef * d.unsqueeze(-2)).flatten(-2)  # [B, H, n, 2 * rows]
+    return (scaled.transpose(-1, -2) @ a).unflatten(-2, (2, rows))
+
+
+def _read_start(ws: Tensor, x: Tensor, coef: Tensor) -> Tensor:
+    """``coef[t, 0] W x_t + coef[t, 1] S x_t`` with ``ws = [W; S]`` ``[B, H, 2, rows, cols]``,
+    ``x [B, H, n, cols]``, ``coef [B, H, n, 2, 1]``.
+
+    Where the inputs are narrower than the outputs the coefficients scale the inputs (two
+    products), otherwise the outputs (one product of the stacked state): either way the tensor
+    autograd keeps besides ``x`` and the state is the narrower one."""
+    rows, cols = ws.shape[-2:]
+    if cols < rows:
+        return (coef[..., 0, :] * x) @ ws[:, :, 0].transpose(-1, -2) + (coef[..., 1, :] * x) @ ws[:, :, 1].transpose(-1, -2)
+    both = x @ ws.flatten(2, 3).transpose(-1, -2)  # [B, H, n, 2 * rows]: W x and S x
+    return (both.unflatten(-1, (2, -1)) * coef).sum(-2)
+
+
 def chunk(p: Problem) -> Result:
     bsz, nh, n, _ = p.q.shape
     b, c = p.chunk_size, p.window
@@ -116,14 +145,10 @@ def chunk(p: Problem) -> Result:
 
         def dual_apply(name: str, x: Tensor) -> Tensor:
             d, a = grads[name]
-            both = x @ ws[name].flatten(2, 3).transpose(-1, -2)  # [B, H, n, 2 * rows]: W x and S x
-            return (both.unflatten(-1, (2, -1)) * r_j).sum(-2) - (c_j * (x @ a.transpose(-1, -2))) @ d
+            return _read_start(ws[name], x, r_j) - (c_j * (x @ a.transpose(-1, -2))) @ d
 
         outs.append(memory_forward(p.spec, dual_apply, q[j]))
-        ws = {
-            m: torch.einsum("bhkl,bhlrc->bhkrc", mix[j], t) - torch.einsum("bhki,bhir,bhic->bhkrc", out_coef[j], *grads[m])
-            for m, t in ws.items()
-        }
+        ws = {m: torch.einsum("bhkl,bhlrc->bhkrc", mix[j], t) - _stacked_outer_sum(out_coef[j], *grads[m]) for m, t in ws.items()}
     if last_len == b:
         ws_chunk = ws
     unstack = lambda st, i: {m: t[:, :, i] for m, t in st.items()}  # noqa: E731
