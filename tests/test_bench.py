@@ -14,7 +14,8 @@ def test_mixer_rounds_report_the_median(capsys, monkeypatch):
     def fake(module, case):  # tokens/s 100, 300, 200 over three rounds: the median is 200
         calls.append(case)
         tps = (100.0, 300.0, 200.0)[sum(c["mixer"] == case["mixer"] for c in calls) - 1]
-        return {"tokens_per_s": tps, "peak_mib": 1.0, "saved_mib": 2.0, "flops_per_s": tps * 1e9 if case["flops"] else 0.0}
+        return {"tokens_per_s": tps, "peak_mib": 1.0, "saved_mib": 2.0, "flops_per_s": tps * 1e9 if case["flops"] else 0.0,
+                "user_us": 1e4 / tps, "sys_us": 0.0}
 
     monkeypatch.setattr(mixer, "run_isolated", fake)
     monkeypatch.setattr(mixer, "matmul_peak_flops", lambda device: 1e12)
@@ -22,6 +23,7 @@ def test_mixer_rounds_report_the_median(capsys, monkeypatch):
     assert [c["mixer"] for c in calls] == ["memory-token", "gated-deltanet"] * 3  # round-robin
     assert [c["flops"] for c in calls] == [True, True] + [False] * 4
     assert [r["tokens/s"] for r in rows] == ["200", "200"] and rows[0]["min-max"] == "100-300"
+    assert rows[0]["user us/tok"] == "50"  # the median round's CPU time
     assert rows[0]["GFLOP/s"] == "200.0"  # counted in round 1 (100 GFLOP/s at 100 tokens/s), at the median rate
     assert "median of 3 rounds" in capsys.readouterr().out
 
@@ -29,7 +31,7 @@ def test_mixer_rounds_report_the_median(capsys, monkeypatch):
 def test_keep_freed_memory_reaches_every_case(capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(mixer, "run_isolated", lambda module, case: calls.append(case) or
-                        {"tokens_per_s": 1.0, "peak_mib": 1.0, "saved_mib": 1.0, "flops_per_s": 0.0})
+                        {"tokens_per_s": 1.0, "peak_mib": 1.0, "saved_mib": 1.0, "flops_per_s": 0.0, "user_us": 1.0, "sys_us": 0.0})
     mixer.run([32, 64], [8], ["memory-token"], flops=False, keep_freed_memory=True)
     assert len(calls) == 2 and all(c["keep_freed_memory"] for c in calls)
     assert "freed memory kept for reuse" in capsys.readouterr().out
@@ -39,7 +41,7 @@ def test_mixer_table_from_real_cases():
     rows = mixer.run([24], [8], ["memory-token", "gated-deltanet"], hidden=32, heads=2, head_dim=16, repeat=1,
                      flops=False)
     assert [r["mixer"] for r in rows] == ["memory-token", "gated-deltanet"]
-    assert all(float(r["tokens/s"]) > 0 and r["saved MiB"] != "n/a" for r in rows)
+    assert all(float(r["tokens/s"]) > 0 and r["saved MiB"] != "n/a" and float(r["user us/tok"]) > 0 for r in rows)
 
 
 @pytest.mark.parametrize("args", [["--rounds", "0"], ["--seq", "0"], ["--repeat", "-1"]])

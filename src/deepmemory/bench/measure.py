@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -23,7 +24,8 @@ def _peak_rss_mib() -> float:
 
 
 def measure(step: Callable[[], None], *, warmup: int = 1, repeat: int = 3, device: str = "cpu") -> Dict[str, float]:
-    """Best-of-``repeat`` seconds of ``step()`` and the peak memory (MiB) it added."""
+    """Best-of-``repeat`` seconds of ``step()``, the process's CPU seconds in that step (user, and
+    system: the kernel's share, page faults above all) and the peak memory (MiB) it added."""
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -33,17 +35,19 @@ def measure(step: Callable[[], None], *, warmup: int = 1, repeat: int = 3, devic
         base = _peak_rss_mib()
     for _ in range(warmup):
         step()
-    times = []
+    steps = []
     for _ in range(repeat):
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), os.times()
         step()
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        c1 = os.times()
+        steps.append((time.perf_counter() - t0, c1.user - c0.user, c1.system - c0.system))
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _peak_rss_mib() - base
-    return {"seconds": min(times), "peak_mib": peak}
+    seconds, user, system = min(steps)
+    return {"seconds": seconds, "cpu_user_s": user, "cpu_sys_s": system, "peak_mib": peak}
 
 
 def bench_main(doc: str, add_arguments: Callable, case: Callable[[Dict], Dict], run_cli: Callable, argv=None) -> None:

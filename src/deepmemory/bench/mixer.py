@@ -66,7 +66,9 @@ def _case(c: Dict) -> Dict:
 
     r = measure(step, warmup=1, repeat=c["repeat"], device=device)
     flops = count_flops(step) if c["flops"] else 0
-    return {"tokens_per_s": c["batch"] * c["seq"] / r["seconds"], "peak_mib": r["peak_mib"],
+    tokens = c["batch"] * c["seq"]
+    return {"tokens_per_s": tokens / r["seconds"], "peak_mib": r["peak_mib"],
+            "user_us": 1e6 * r["cpu_user_s"] / tokens, "sys_us": 1e6 * r["cpu_sys_s"] / tokens,
             "saved_mib": saved_for_backward_mib(lambda: mixer(x)), "flops_per_s": flops / r["seconds"]}
 
 
@@ -98,11 +100,11 @@ def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, thre
             for name in mixers:
                 got = runs.get((chunk, seq, name))
                 if got:
-                    tps = sorted(g["tokens_per_s"] for g in got)
-                    median = tps[len(tps) // 2]
+                    by_rate = sorted(got, key=lambda g: g["tokens_per_s"])
+                    mid = by_rate[len(by_rate) // 2]  # the median round, with its CPU times
                     # FLOPs are counted in the first round only; a step's FLOPs are fixed, so the rate scales with tokens/s
-                    res[name] = dict(got[0], tokens_per_s=median, spread=(tps[0], tps[-1]),
-                                     flops_per_s=got[0]["flops_per_s"] * median / got[0]["tokens_per_s"],
+                    res[name] = dict(mid, spread=(by_rate[0]["tokens_per_s"], by_rate[-1]["tokens_per_s"]),
+                                     flops_per_s=got[0]["flops_per_s"] * mid["tokens_per_s"] / got[0]["tokens_per_s"],
                                      peak_mib=max(g["peak_mib"] for g in got))
             for name, r in res.items():
                 row = {"mixer": name, "chunk": chunk if name != "attention" else "-", "T": seq,
@@ -110,6 +112,8 @@ def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, thre
                        "saved MiB": fmt_mib(r["saved_mib"])}
                 if rounds > 1:
                     row["min-max"] = f"{r['spread'][0]:.0f}-{r['spread'][1]:.0f}"
+                if device == "cpu":
+                    row["user us/tok"], row["sys us/tok"] = f"{r['user_us']:.0f}", f"{r['sys_us']:.0f}"
                 if peer in res:
                     row[f"x {peer}"] = f"{r['tokens_per_s'] / res[peer]['tokens_per_s']:.2f}"
                 if flops:
@@ -119,13 +123,15 @@ def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, thre
                 label = name if name == "attention" else f"{name} (chunk {chunk})"
                 series.setdefault(label, {})[seq] = r["tokens_per_s"]
     print("(peak MiB: growth of the process's peak RSS (CPU) or max allocated (CUDA) during the step; "
-          "saved MiB: what autograd keeps for the backward)")
+          "saved MiB: what autograd keeps for the backward" + ("; user/sys us/tok: the process's CPU time per token "
+          "in its own code and in the kernel (page faults), summed over threads" if device == "cpu" else "") + ")")
     print(f"\nmixer forward+backward, B={batch} hidden={hidden} heads={heads}x{head_dim}, fp32, {threads} threads, {device}"
           + (f"; measured matmul peak {peak / 1e9:.1f} GFLOP/s" if flops else ""))
     print(allocator_note(keep_freed_memory))
     if rounds > 1:
         print(f"tokens/s: median of {rounds} rounds (each the best of {repeat} steps in a fresh process); min-max over rounds")
     cols = (["mixer", "chunk", "T", "tokens/s"] + (["min-max"] if rounds > 1 else []) + ["peak MiB", "saved MiB"]
+            + (["user us/tok", "sys us/tok"] if device == "cpu" else [])
             + ([f"x {peer}"] if any(f"x {peer}" in r for r in rows) else []) + (["GFLOP/s", "% of matmul peak"] if flops else []))
     print_table(rows, cols)
     if plot:
