@@ -21,5 +21,8 @@ run op deepmemory bench op --seq 1024 4096 --chunk 16 64
 # flat scaling: round-robin rounds and medians, because this machine's throughput drifts within minutes
 run flat_scaling_rounds deepmemory bench mixer --seq 1024 32768 --chunk 16 64 --mixers memory-token --no-flops \
     --plot "" --rounds 3
+# the same with freed memory kept in the process (no page faults after the warm-up step)
+run flat_scaling_kept deepmemory bench mixer --seq 1024 32768 --chunk 16 64 --mixers memory-token --no-flops \
+    --plot "" --rounds 3 --keep-freed-memory
 # the Triton kernels compiled for an H100 (sm_90) without one: shared memory, registers, spills
 run triton_resources python -m deepmemory.bench.triton_resources --dtype bf16 --chunk 16 32 64

@@ -4,9 +4,9 @@ A training step on a long sequence allocates gigabytes (the saved chunk states a
 and frees them all at the end of the backward. glibc's ``malloc`` hands such memory back to the
 operating system (large blocks are ``mmap``-ed and unmapped on ``free``, the heap top is
 trimmed), so the next step takes a page fault for every 4 KiB page again and the kernel zeroes
-it. On the 2-core virtual machine of ``docs/benchmarks.md`` that costs about 5 s of system time
-per step at T=32K (1.4 million faults), a quarter of the step; the arithmetic per token is the
-same as at T=1K.
+it. On the 2-core virtual machine of ``docs/benchmarks.md`` a memory layer's step at T=32K took
+1.4 million faults and up to a fifth of its time in the kernel; the arithmetic per token is
+the same as at T=1K.
 
 ``keep_freed_memory()`` tells glibc to serve every allocation from its heap and never to
 shrink it (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, -1)``, see ``man mallopt``):
