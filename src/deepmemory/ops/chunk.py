@@ -43,24 +43,20 @@ def _segprod(x: Tensor) -> Tensor:
     return torch.cumprod(factors, dim=-2).tril()
 
 
-def _outer_sum(coef: Tensor, d: Tensor, a: Tensor) -> Tensor:
-    """``sum_i coef_i delta_i a_i^T``: ``coef [B, H, n]``, ``d [B, H, n, rows]``, ``a [B, H, n, cols]``."""
-    return torch.einsum("bhi,bhir,bhic->bhrc", coef, d, a)
-
-
-def _stacked_outer_sum(coef: Tensor, d: Tensor, a: Tensor) -> Tensor:
-    """``sum_i coef[k, i] delta_i a_i^T`` for ``k = 0, 1``: ``coef [B, H, 2, n]`` -> ``[B, H, 2, rows, cols]``.
+def _outer_sums(coef: Tensor, d: Tensor, a: Tensor) -> Tensor:
+    """``sum_i coef[k, i] delta_i a_i^T`` for each ``k``: ``coef [B, H, K, n]``, ``d [B, H, n, rows]``,
+    ``a [B, H, n, cols]`` -> ``[B, H, K, rows, cols]``.
 
     The coefficients scale the narrower of ``delta`` and ``a``, and ``k`` rides along with its
     columns, so one product does it and autograd keeps only that small scaled copy besides
     ``delta`` and ``a`` (which the reads keep anyway)."""
-    rows, cols = d.shape[-1], a.shape[-1]
-    coef = coef.transpose(-1, -2).unsqueeze(-1)  # [B, H, n, 2, 1]
+    rows, cols, k = d.shape[-1], a.shape[-1], coef.shape[-2]
+    coef = coef.transpose(-1, -2).unsqueeze(-1)  # [B, H, n, K, 1]
     if cols <= rows:
-        scaled = (coef * a.unsqueeze(-2)).flatten(-2)  # [B, H, n, 2 * cols]
-        return (d.transpose(-1, -2) @ scaled).unflatten(-1, (2, cols)).transpose(-2, -3)
-    scaled = (coef * d.unsqueeze(-2)).flatten(-2)  # [B, H, n, 2 * rows]
-    return (scaled.transpose(-1, -2) @ a).unflatten(-2, (2, rows))
+        scaled = (coef * a.unsqueeze(-2)).flatten(-2)  # [B, H, n, K * cols]
+        return (d.transpose(-1, -2) @ scaled).unflatten(-1, (k, cols)).transpose(-2, -3)
+    scaled = (coef * d.unsqueeze(-2)).flatten(-2)  # [B, H, n, K * rows]
+    return (scaled.transpose(-1, -2) @ a).unflatten(-2, (k, rows))
 
 
 def _read_start(ws: Tensor, x: Tensor, coef: Tensor) -> Tensor:
@@ -148,7 +144,7 @@ def chunk(p: Problem) -> Result:
             return _read_start(ws[name], x, r_j) - (c_j * (x @ a.transpose(-1, -2))) @ d
 
         outs.append(memory_forward(p.spec, dual_apply, q[j]))
-        ws = {m: torch.einsum("bhkl,bhlrc->bhkrc", mix[j], t) - _stacked_outer_sum(out_coef[j], *grads[m]) for m, t in ws.items()}
+        ws = {m: torch.einsum("bhkl,bhlrc->bhkrc", mix[j], t) - _outer_sums(out_coef[j], *grads[m]) for m, t in ws.items()}
     if last_len == b:
         ws_chunk = ws
     unstack = lambda st, i: {m: t[:, :, i] for m, t in st.items()}  # noqa: E731
@@ -199,7 +195,7 @@ def _chunk_granularity(p: Problem, q, kx, vx, lr, mom, ret, gamma, n: int, b: in
         if j == n_chunks - 1 and last_len < b:
             break
         grads = token_gradients(p.spec, w, kx[j], vx[j], p.loss)
-        step = {m: _outer_sum(coef[j], *grads[m]) for m in w}
+        step = {m: _outer_sums(coef[j].unsqueeze(-2), *grads[m])[:, :, 0] for m in w}
         ks, kw = keep_s[j][..., None, None], keep_w[j][..., None, None]
         if p.optimizer == "muon":
             s = {m: ks * s[m] + step[m] for m in w}
