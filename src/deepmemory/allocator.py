@@ -10,7 +10,8 @@ the same as at T=1K.
 
 ``keep_freed_memory()`` tells glibc to serve every allocation from its heap and never to
 shrink it (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, -1)``, see ``man mallopt``):
-freed memory is reused by the next step, and the process's resident memory stays at its peak.
+freed memory is reused by later steps (the first one or two still fault while the heap settles),
+and the process's resident memory stays at its peak.
 It is the same trade as swapping in jemalloc or tcmalloc with ``LD_PRELOAD``, as PyTorch's own
 CPU launcher (``python -m torch.backends.xeon.run_cpu``) does, without a library to install.
 It changes the whole process, so it is never applied on import: call it once at the start of a
