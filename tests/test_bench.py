@@ -41,7 +41,9 @@ def test_mixer_table_from_real_cases():
     rows = mixer.run([24], [8], ["memory-token", "gated-deltanet"], hidden=32, heads=2, head_dim=16, repeat=1,
                      flops=False)
     assert [r["mixer"] for r in rows] == ["memory-token", "gated-deltanet"]
-    assert all(float(r["tokens/s"]) > 0 and r["saved MiB"] != "n/a" and float(r["user us/tok"]) > 0 for r in rows)
+    assert all(float(r["tokens/s"]) > 0 and r["saved MiB"] != "n/a" for r in rows)
+    # a step this small may take less CPU time than the clock resolves
+    assert all(float(r["user us/tok"]) >= 0 and float(r["sys us/tok"]) >= 0 for r in rows)
 
 
 @pytest.mark.parametrize("args", [["--rounds", "0"], ["--seq", "0"], ["--repeat", "-1"]])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -39,12 +38,12 @@ def measure(step: Callable[[], None], *, warmup: int = 1, repeat: int = 3, devic
     for _ in range(repeat):
         if cuda:
             torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), os.times()
+        t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         step()
         if cuda:
             torch.cuda.synchronize()
-        c1 = os.times()
-        steps.append((time.perf_counter() - t0, c1.user - c0.user, c1.system - c0.system))
+        c1 = resource.getrusage(resource.RUSAGE_SELF)
+        steps.append((time.perf_counter() - t0, c1.ru_utime - c0.ru_utime, c1.ru_stime - c0.ru_stime))
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _peak_rss_mib() - base
     seconds, user, system = min(steps)
     return {"seconds": seconds, "cpu_user_s": user, "cpu_sys_s": system, "peak_mib": peak}
