@@ -49,7 +49,7 @@ def _outer_sums(coef: Tensor, d: Tensor, a: Tensor) -> Tensor:
 
     The coefficients scale the narrower of ``delta`` and ``a``, and ``k`` rides along with its
     columns, so one product does it and autograd keeps only that small scaled copy besides
-    ``delta`` and ``a`` (which the reads keep anyway)."""
+    ``delta`` and ``a`` (which the token-granularity reads keep anyway)."""
     rows, cols, k = d.shape[-1], a.shape[-1], coef.shape[-2]
     coef = coef.transpose(-1, -2).unsqueeze(-1)  # [B, H, n, K, 1]
     if cols <= rows:
