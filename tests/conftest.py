@@ -13,13 +13,13 @@ torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+    parser.addoption("--runlong", action="store_true", default=False, help="also run the tests marked long")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    skip = pytest.mark.skip(reason="long: run with --runlong")
     for item in items:
-        if "slow" in item.keywords:
+        if "kernels" in item.keywords:  # the interpreter is slow: kernels leave the fast loop too
+            item.add_marker(pytest.mark.slow)
+        if "long" in item.keywords and not config.getoption("--runlong"):
             item.add_marker(skip)

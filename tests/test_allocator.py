@@ -31,6 +31,7 @@ def _faults(mode: str):
     return applied == "True", [int(f) for f in faults]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_kept_memory_is_reused_without_faults():
     applied, faults = _faults("keep")

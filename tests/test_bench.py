@@ -37,6 +37,7 @@ def test_keep_freed_memory_reaches_every_case(capsys, monkeypatch):
     assert "freed memory kept for reuse" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_mixer_table_from_real_cases():
     rows = mixer.run([24], [8], ["memory-token", "gated-deltanet"], hidden=32, heads=2, head_dim=16, repeat=1,
                      flops=False)
@@ -46,6 +47,7 @@ def test_mixer_table_from_real_cases():
     assert all(float(r["user us/tok"]) >= 0 and float(r["sys us/tok"]) >= 0 for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--rounds", "0"], ["--seq", "0"], ["--repeat", "-1"]])
 def test_bad_mixer_arguments_exit_2(args):
     r = subprocess.run([sys.executable, "-m", "deepmemory", "bench", "mixer", *args], capture_output=True, text=True)

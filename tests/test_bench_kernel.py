@@ -22,6 +22,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=300, check=False)
 
 
+@pytest.mark.kernels
 def test_smoke_run_prints_every_row():
     pytest.importorskip("triton")
     out = _bench(*SMOKE)
@@ -37,6 +38,7 @@ def test_smoke_run_prints_every_row():
     assert "cpu" in out.stdout and "float32" in out.stdout and "B=1 H=2 d=16" in out.stdout
 
 
+@pytest.mark.slow
 def test_bad_argument_exits_2_with_one_line():
     out = _bench("--seq", "64", "0")
     assert out.returncode == 2 and out.stdout == ""

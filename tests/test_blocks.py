@@ -77,7 +77,7 @@ def test_pieces_equal_one_pass(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["swa", "lmm", "mag", "mal", "mac", pytest.param("mac_atlas", marks=pytest.mark.slow)]
+    "name", ["swa", "lmm", "mag", "mal", "mac", pytest.param("mac_atlas", marks=pytest.mark.long)]
 )
 def test_token_by_token_equals_one_pass(name):
     block, x = make(name), data(17, bsz=1)

@@ -11,6 +11,8 @@ import torch
 from deepmemory.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # torchrun in subprocesses
+
 TINY = {"model_overrides": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}}
 
 
@@ -74,7 +76,7 @@ def test_ddp_two_processes_match_one(setup):
     assert "DDP" in proc.stderr + proc.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_fsdp_two_processes_match_one_and_resume(setup):
     root, common = setup
     out = root / "fsdp"

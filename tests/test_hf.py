@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from deepmemory.models import DeepMemoryCache, DeepMemoryConfig, DeepMemoryForCausalLM, build, list_presets, preset_config
+from tiers import every_preset
 
 PRESETS = list_presets()
 SMALL = dict(attention_window=5, segment_size=6)
@@ -22,7 +23,7 @@ def _fields(config):
     return {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "dtype", "transformers_version")}
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", every_preset())
 def test_save_load_round_trip(name, tmp_path):
     model = tiny(name)
     ids = torch.randint(0, 256, (2, 15), generator=torch.Generator().manual_seed(1))
@@ -60,7 +61,7 @@ def test_tied_embeddings_survive_loading(tmp_path):
     assert untied.lm_head.weight is not untied.get_input_embeddings().weight
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", every_preset())
 def test_generate_with_cache_equals_without(name):
     model = tiny(name, seed=3)
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(4))

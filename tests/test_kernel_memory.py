@@ -177,7 +177,7 @@ def test_layer_streaming_equals_one_call(cfg):
         torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("loss,window,normalized,depth", itertools.product(("dot", "l2"), (None, 3), (True, False), (1, 2)))
+@pytest.mark.parametrize("loss,window,normalized,depth", list(itertools.product(("dot", "l2"), (None, 3), (True, False), (1, 2))))
 def test_layer_forward_backward(loss, window, normalized, depth):
     layer = KernelMemory(32, 2, 8, loss=loss, window=window, normalized=normalized, depth=depth, chunk_size=4)
     x = torch.randn(2, 9, 32, requires_grad=True)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from deepmemory.models import DeepMemoryCache, DeepMemoryConfig, build, count_parameters, list_presets, preset_config
+from tiers import FAMILIES, every_preset
 
 PRESETS = list_presets()
 # small windows, segments and chunks so that a 23-token sequence crosses all of them
@@ -28,7 +29,7 @@ def test_presets_are_listed():
     assert len(PRESETS) == 17 and "titans-mac" in PRESETS and "atlas-pp" in PRESETS
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", every_preset())
 def test_forward_backward(name):
     torch.manual_seed(0)
     model = build(name).train()
@@ -43,7 +44,7 @@ def test_forward_backward(name):
     assert model.get_input_embeddings().weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", every_preset())
 def test_cached_decoding_matches_full_pass(name):
     model = tiny64(name)
     ids = torch.randint(0, model.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(1))
@@ -59,7 +60,7 @@ def test_cached_decoding_matches_full_pass(name):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", every_preset())
 def test_segments_with_cache_match_one_pass(name):
     model = tiny64(name, seed=2)
     ids = torch.randint(0, model.config.vocab_size, (1, 29), generator=torch.Generator().manual_seed(3))
@@ -88,7 +89,7 @@ def test_loss_is_shifted_cross_entropy_with_ignore_index():
 GLOBAL = ("transformer", "deep-transformer")  # state grows with the context, like a KV cache
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", every_preset())
 def test_state_is_bounded_except_for_global_attention(name):
     model = tiny64(name)
     cache, sizes = None, []
@@ -121,9 +122,9 @@ def _leaves(state):
     return _tensors(state)
 
 
-FAMILIES = ["transformer", "gated-deltanet", "titans-mac", "atlas", "deep-transformer"]  # one per family
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_overfits_a_fixed_batch(name):
     torch.manual_seed(0)
@@ -182,7 +183,7 @@ def test_other_bad_inputs_fail_clearly():
     ids = torch.tensor([[1, 2, 3]])
     with pytest.raises(ValueError, match="padding is not supported"):
         model(ids, attention_mask=torch.tensor([[0, 1, 1]]))
-    with pytest.raises(TypeError, match="past_key_values must be a DeepMemoryCache"):
+    with pytest.raises(TypeError, match="the cache must be a DeepMemoryCache"):
         model(ids, past_key_values=[None, None])
     with pytest.raises(ValueError, match="holds 3 layer states"):
         model(ids, past_key_values=DeepMemoryCache(3))
@@ -223,6 +224,7 @@ def test_invalid_configs_fail_at_construction(kwargs, match):
 PAPER_SIZES = {"170m": 170e6, "340m": 340e6, "760m": 760e6, "1.3b": 1.3e9}
 
 
+@pytest.mark.slow  # builds every preset at every paper size (on the meta device)
 @pytest.mark.parametrize("name", PRESETS)
 def test_paper_size_parameter_counts(name):
     for size, target in PAPER_SIZES.items():

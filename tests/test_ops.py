@@ -78,8 +78,8 @@ def test_chunk_matches_reference_every_combination(memory, loss, optimizer, gran
     "kw",
     [
         dict(memory="mlp", loss="l2", optimizer="momentum", granularity="token", window=1),
-        dict(memory="gated_mlp", loss="dot", optimizer="gd", granularity="token", window=70),
-        dict(memory="linear", loss="l2", optimizer="muon", granularity="chunk", window=5),
+        pytest.param(dict(memory="gated_mlp", loss="dot", optimizer="gd", granularity="token", window=70), marks=pytest.mark.slow),
+        pytest.param(dict(memory="linear", loss="l2", optimizer="muon", granularity="chunk", window=5), marks=pytest.mark.slow),
     ],
     ids=["titans", "omega-window70", "muon-chunk"],
 )
@@ -93,7 +93,7 @@ def test_grads_long_sequence_multiple_chunks():
 
 
 @pytest.mark.parametrize("memory,loss,optimizer,granularity", MATRIX)
-@pytest.mark.parametrize("impl", ["chunk", "reference"])
+@pytest.mark.parametrize("impl", ["chunk", pytest.param("reference", marks=pytest.mark.slow)])
 def test_streaming_equals_one_call(memory, loss, optimizer, granularity, impl):
     kw = dict(memory=memory, loss=loss, optimizer=optimizer, granularity=granularity, window=6, chunk_size=4, impl=impl)
     seq = 19
@@ -281,6 +281,7 @@ def test_state_from_other_settings_rejected():
         _call(chunk_size=8, initial_state=st)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,granularity", [("momentum", "token"), ("muon", "chunk")])
 def test_compiles_without_graph_breaks(optimizer, granularity):
     """torch.compile captures the whole chunked op (fullgraph: no graph breaks), forward and backward."""

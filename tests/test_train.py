@@ -130,7 +130,11 @@ def test_grad_checkpointing_changes_nothing(corpus, tmp_path):
     plain, ckpt = str(tmp_path / "plain"), str(tmp_path / "ckpt")
     assert main(args(corpus, "--steps", "3", "--out", plain)) == 0
     assert main(args(corpus, "--steps", "3", "--grad-checkpointing", "--out", ckpt)) == 0
-    assert [r.get("loss") for r in metrics(ckpt)] == pytest.approx([r.get("loss") for r in metrics(plain)], rel=1e-6)
+    # the same rows (training steps and evaluations), with the same losses
+    rows = lambda run: [(r["step"], "loss" in r) for r in metrics(run)]  # noqa: E731
+    assert rows(ckpt) == rows(plain)
+    losses = lambda run: [r["loss"] for r in metrics(run) if "loss" in r]  # noqa: E731
+    assert losses(ckpt) == pytest.approx(losses(plain), rel=1e-6)
     assert "model.layers.0.mlp.down.weight" in load_file(os.path.join(ckpt, "model.safetensors"))  # plain names
 
 
@@ -176,11 +180,12 @@ def killed_then_resumed(corpus, run_a, tmp_path, kill_at, nth, resumes_from):
     assert [r["step"] for r in metrics(b) if "loss" in r] == list(range(1, 41))
 
 
+@pytest.mark.slow
 def test_sigkill_inside_a_checkpoint_then_resume(corpus, run_a, tmp_path):
     killed_then_resumed(corpus, run_a, tmp_path, os.path.join(".tmp-step-00000020", "optimizer.safetensors"), 1, 10)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sigkill_refreshing_the_model_file_then_resume(corpus, run_a, tmp_path):
     # the second refresh of RUN/model.safetensors follows the complete step-20 checkpoint
     killed_then_resumed(corpus, run_a, tmp_path, os.path.join("B", "model.safetensors"), 2, 20)
@@ -282,6 +287,7 @@ def test_overwrite_replaces_a_run(corpus, tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
 
+@pytest.mark.slow
 def test_exit_code_of_the_command():
     proc = subprocess.run([sys.executable, "-m", "deepmemory", "train", "--data", "/nonexistent/corpus"],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "src")))
@@ -289,7 +295,7 @@ def test_exit_code_of_the_command():
     assert proc.stderr.strip().splitlines() == ["deepmemory train: error: --data: /nonexistent/corpus does not exist"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_default_run_learns_within_ten_minutes(tmp_path):
     import time
 

@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():  # must precede the first import of the kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
+pytestmark = pytest.mark.kernels
 
 from ops_cases import make_inputs, make_params, rel_err  # noqa: E402
 

@@ -7,12 +7,12 @@ model class serves every family: the recurrent cache is just the list of block s
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Cache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -47,6 +47,12 @@ def _return_dict(return_dict: Optional[bool], config: DeepMemoryConfig) -> bool:
     return config.return_dict if return_dict is None else return_dict
 
 
+# The name under which Hugging Face passes the cache to ``forward`` and returns it in outputs:
+# ``cache`` from transformers 5.24, ``past_key_values`` before. Read off the public output class, so
+# that the model speaks whichever contract the installed release has.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def map_state(state, fn: Callable[[Tensor], Tensor]):
     """Apply ``fn`` to every tensor of a (nested) block state: dataclasses, dicts, lists, tuples."""
     if isinstance(state, Tensor):
@@ -66,37 +72,126 @@ def _tensors(state) -> List[Tensor]:
     return found
 
 
-class DeepMemoryCache:
-    """The recurrent state of a model: one block state per layer and the number of tokens read.
+class DeepMemoryCacheLayer:
+    """The recurrent state of one block, as a layer of :class:`DeepMemoryCache`.
 
-    Memory blocks keep a constant-size state (memory weights, conv tails, the Omega window and the
-    unfinished chunk); attention keeps keys and values, limited to its window when it has one.
+    ``state`` is whatever the block returns (``None`` before the first token): memory weights and
+    momentum, conv tails, the Omega window and the unfinished chunk, or attention keys and values.
+    Every tensor in it is batch-first, which is all that the batch operations below rely on.
     """
 
     is_compileable = False
+    is_sliding = False
     is_croppable = False
+    supports_early_init = False
 
-    def __init__(self, num_layers: int):
-        self.states: List[object] = [None] * num_layers
+    def __init__(self) -> None:
+        self.state = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(empty={self.state is None})"
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> None:
+        self.state = map_state(self.state, fn)
+
+    def reset(self) -> None:
+        self.state = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices.to(t.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError("a DeepMemoryCache cannot be cropped: a recurrent state cannot forget the tokens it has read")
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:  # a layer state moves with the model's device on its next use
+        pass
+
+    def get_seq_length(self) -> int:
+        raise NotImplementedError("ask the DeepMemoryCache, which counts the tokens of every layer")
+
+    def get_max_length(self) -> int:
+        return -1
+
+    get_max_cache_shape = get_max_length  # the name before transformers 5.10
+
+
+class DeepMemoryCache(Cache):
+    """The recurrent state of a model, a Hugging Face :class:`~transformers.Cache`: one
+    :class:`DeepMemoryCacheLayer` per block and the number of tokens read (``seen``).
+
+    Memory blocks keep a constant-size state (memory weights, conv tails, the Omega window and the
+    unfinished chunk); attention keeps keys and values, limited to its window when it has one. A
+    forward pass given the cache (``cache=`` or ``past_key_values=``) updates it in place, so one
+    object carries a stream across calls; ``generate`` makes one by itself, or continues the one you
+    pass. Beam search and ``num_return_sequences`` select and repeat its batch rows. It cannot be
+    cropped (assisted decoding) or compiled.
+
+    Args:
+        config: the model's :class:`DeepMemoryConfig`, or the number of layers (an ``int >= 1``).
+
+    Raises:
+        TypeError: ``config`` is neither.
+    """
+
+    def __init__(self, config: Union[DeepMemoryConfig, int]):
+        if isinstance(config, PretrainedConfig):
+            num_layers = config.num_hidden_layers
+        elif isinstance(config, int) and not isinstance(config, bool) and config >= 1:
+            num_layers = config
+        else:
+            raise TypeError(f"DeepMemoryCache takes the model's config or a number of layers >= 1; got {config!r}")
+        super().__init__(layers=[DeepMemoryCacheLayer() for _ in range(num_layers)])
         self.seen = 0
 
+    @property
+    def states(self) -> List[object]:
+        """The block states, one per layer (read-only view; the layers own them)."""
+        return [layer.state for layer in self.layers]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens read so far (every layer has read all of them)."""
         return self.seen
+
+    def get_max_length(self, layer_idx: Optional[int] = None) -> int:
+        """``-1``: a recurrent state has no maximum length."""
+        return -1
+
+    get_max_cache_shape = get_max_length  # the name before transformers 5.10
+
+    def reset(self) -> None:
+        """Forget everything: the next forward starts a new sequence."""
+        super().reset()
+        self.seen = 0
 
     def detach(self) -> "DeepMemoryCache":
         """Cut the autograd graph (truncated backpropagation through time); in place."""
-        self.states = [map_state(s, torch.Tensor.detach) for s in self.states]
+        for layer in self.layers:
+            layer._map(torch.Tensor.detach)
         return self
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Select batch rows (beam search); every state tensor is batch-first."""
-        self.states = [map_state(s, lambda t: t.index_select(0, beam_idx.to(t.device))) for s in self.states]
-
     def nbytes(self) -> int:
+        """Bytes held by every state tensor."""
         return sum(t.numel() * t.element_size() for s in self.states for t in _tensors(s))
 
-    def __len__(self) -> int:
-        return len(self.states)
+
+def _one_cache(cache, past_key_values) -> Optional[DeepMemoryCache]:
+    """The cache, under either of its names; a one-line error for two different ones or a foreign one."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once: cache and past_key_values are the same argument")
+    cache = past_key_values if cache is None else cache
+    if cache is not None and not isinstance(cache, DeepMemoryCache):
+        raise TypeError(f"the cache must be a DeepMemoryCache (DeepMemoryCache(model.config), or one from a previous output); got {type(cache).__name__}")
+    return cache
 
 
 class DeepMemoryPreTrainedModel(PreTrainedModel):
@@ -165,24 +260,29 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[DeepMemoryCache] = None,
+        cache: Optional[DeepMemoryCache] = None,
         use_cache: Optional[bool] = None,
         inputs_embeds: Optional[Tensor] = None,
         attention_mask: Optional[Tensor] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        past_key_values: Optional[DeepMemoryCache] = None,
     ):
+        """``input_ids [B, T]`` (or ``inputs_embeds [B, T, hidden]``) -> ``last_hidden_state [B, T, hidden]``.
+
+        ``cache`` (``past_key_values`` is the same argument under its name before transformers 5.24)
+        continues a sequence: it is updated in place and returned when ``use_cache``. Raises
+        ``TypeError``/``ValueError`` (one line) for malformed inputs, a foreign cache, or padding.
+        """
         self._check_inputs(input_ids, inputs_embeds, attention_mask)
-        cache = past_key_values
-        if cache is not None and not isinstance(cache, DeepMemoryCache):
-            raise TypeError(f"past_key_values must be a DeepMemoryCache (from a previous output); got {type(cache).__name__}")
+        cache = _one_cache(cache, past_key_values)
         if use_cache is None:
             # a state costs memory; training steps that do not continue a sequence skip it
             use_cache = cache is not None or (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = DeepMemoryCache(len(self.layers))
         if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(f"past_key_values holds {len(cache)} layer states; this model has {len(self.layers)} layers")
+            raise ValueError(f"the cache holds {len(cache)} layer states; this model has {len(self.layers)} layers")
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         hidden = [x] if output_hidden_states else None
@@ -190,7 +290,8 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
             if cache is None:
                 x = block(x)
             else:
-                x, cache.states[i] = block(x, state=cache.states[i], return_state=True)
+                layer = cache.layers[i]
+                x, layer.state = block(x, state=layer.state, return_state=True)
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
@@ -200,8 +301,8 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
             hidden[-1] = x
         out = BaseModelOutputWithPast(
             last_hidden_state=x,
-            past_key_values=cache if use_cache else None,
             hidden_states=tuple(hidden) if hidden is not None else None,
+            **{CACHE_NAME: cache if use_cache else None},
         )
         return out if _return_dict(return_dict, self.config) else out.to_tuple()
 
@@ -235,23 +336,37 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
         self,
         input_ids: Optional[torch.LongTensor] = None,
         labels: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[DeepMemoryCache] = None,
+        cache: Optional[DeepMemoryCache] = None,
         use_cache: Optional[bool] = None,
         inputs_embeds: Optional[Tensor] = None,
         attention_mask: Optional[Tensor] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         logits_to_keep: int = 0,
+        past_key_values: Optional[DeepMemoryCache] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """``input_ids [B, T]`` -> ``logits [B, T, vocab]`` (float, the model's dtype), and ``loss``
+        (a scalar) when ``labels [B, T]`` are given.
+
+        ``cache`` / ``past_key_values``: a :class:`DeepMemoryCache` to continue (the two names are
+        one argument: ``cache`` from transformers 5.24, ``past_key_values`` before); it is updated
+        in place and returned in the output under the installed release's name when ``use_cache``.
+        ``logits_to_keep=n`` computes the logits of the last ``n`` positions only.
+
+        Raises:
+            TypeError: an unknown argument, non-integer ids, or a cache that is not a DeepMemoryCache.
+            ValueError: malformed shapes, ids outside the vocabulary, padding, ``output_attentions``.
+        """
         unknown = set(kwargs) - {"output_attentions"}
         if unknown:
             raise TypeError(f"forward() got unexpected argument(s) {sorted(unknown)}")
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: memory blocks have no attention matrix")
         out = self.model(
-            input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask, output_hidden_states=output_hidden_states, return_dict=True,
+            input_ids=input_ids, cache=_one_cache(cache, past_key_values), use_cache=use_cache,
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         h = out.last_hidden_state
         logits = self.lm_head(h if not logits_to_keep else h[:, -logits_to_keep:])
@@ -265,7 +380,7 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
             shifted = logits[:, :-1].flatten(0, 1)
             shifted = shifted if shifted.dtype in (torch.float32, torch.float64) else shifted.float()
             loss = F.cross_entropy(shifted, labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_NAME: getattr(out, CACHE_NAME)})
         return out if _return_dict(return_dict, self.config) else out.to_tuple()
 
     @classmethod
@@ -274,9 +389,10 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         # generate() gets our cache from the start so that chunked prefill (prefill_chunk_size)
-        # and decoding both continue one recurrent state
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = DeepMemoryCache(self.config.num_hidden_layers)
+        # and decoding both continue one recurrent state. Hugging Face has no public way for a model
+        # to name its own cache class, so this is the hook its recurrent models override too.
+        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_NAME] = DeepMemoryCache(self.config)
 
 
 AutoConfig.register(DeepMemoryConfig.model_type, DeepMemoryConfig, exist_ok=True)
