@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from deepmemory.layers import NeuralMemory, NeuralMemoryState
 from deepmemory.ops import MemoryState
+from deepmemory.tree import tensors
 
 HID, NH, HD = 32, 2, 8
 
@@ -181,7 +182,7 @@ def test_state_detach():
     _, state = layer(torch.randn(1, 6, HID), return_state=True)
     assert state.memory.weights["w0"].requires_grad
     d = state.detach()
-    assert not any(t.requires_grad for t in d.memory.tensors().values())
+    assert not any(t.requires_grad for t in tensors(d.memory))
     assert not any(c.requires_grad for c in d.conv)
 
 

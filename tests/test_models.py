@@ -117,9 +117,9 @@ def test_cache_detach_cuts_the_graph():
 
 
 def _leaves(state):
-    from deepmemory.models.modeling import _tensors
+    from deepmemory.tree import tensors
 
-    return _tensors(state)
+    return tensors(state)
 
 
 

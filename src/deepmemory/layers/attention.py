@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_int
+from ..tree import State
 
 
 def check_input(x, hidden_size: int) -> None:
@@ -44,7 +45,7 @@ def rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
 
 
 @dataclass
-class AttentionState:
+class AttentionState(State):
     """KV cache: RoPE'd keys and values ``[B, H, n, head_dim]`` of the last ``n`` tokens (all of
     them for full attention, at most ``window - 1`` for a sliding window) and ``pos``, the number
     of user tokens seen (the next token's position)."""
@@ -52,9 +53,6 @@ class AttentionState:
     k: Tensor
     v: Tensor
     pos: int
-
-    def detach(self) -> "AttentionState":
-        return AttentionState(self.k.detach(), self.v.detach(), self.pos)
 
 
 class Attention(nn.Module):

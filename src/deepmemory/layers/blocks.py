@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,8 @@ from torch import Tensor, nn
 from ..checks import check_int
 from .attention import Attention, AttentionState, check_input
 from .common import RMSNorm, SwiGLU
-from .memory_layer import NeuralMemory
-
-
-def _detach(state):
-    return None if state is None else state.detach()
+from ..tree import State
+from .memory_layer import NeuralMemory, NeuralMemoryState
 
 
 class _Block(nn.Module):
@@ -127,25 +124,23 @@ class MemoryBlock(_Block):
         super().__init__(hidden_size, mlp_ratio, intermediate_size, eps)
         self.mixer = mixer
 
-    def forward(self, x: Tensor, state: Any = None, return_state: bool = False):
+    def forward(self, x: Tensor, state: Optional[State] = None, return_state: bool = False):
         self.check(x)
         y, state = self.mixer(self.mixer_norm(x), state, return_state=True)
         return self.finish(x + y, state, return_state)
 
 
 @dataclass
-class HybridState:
+class HybridState(State):
     """State of MAG and MAL: the attention's KV cache and the neural memory's state."""
 
     attn: AttentionState
-    memory: Any
+    memory: NeuralMemoryState
 
     @property
     def pos(self) -> int:
+        """Tokens read so far (the next token's position)."""
         return self.attn.pos
-
-    def detach(self) -> "HybridState":
-        return HybridState(self.attn.detach(), self.memory.detach())
 
 
 class _Hybrid(_Block):
@@ -167,7 +162,7 @@ class _Hybrid(_Block):
 
     def memory_branch(
         self, h: Tensor, state: Optional[HybridState], p: Optional[Tensor]
-    ) -> Tuple[Optional[Tensor], Tensor, Any]:
+    ) -> Tuple[Optional[Tensor], Tensor, NeuralMemoryState]:
         """``M(x~)`` for ``x~ = [p | h]``: the memory's outputs at the persistent tokens (None unless
         the sequence starts here) and at the user's tokens, and its new state."""
         if state is not None or p is None:
@@ -264,7 +259,7 @@ class MALBlock(_Hybrid):
 
 
 @dataclass
-class MACState:
+class MACState(State):
     """State of MAC at absolute position ``pos`` (``n = pos % segment_size`` tokens into a segment):
 
     - ``memory``: the neural memory after the last token; ``memory_start``: at the start of the
@@ -272,14 +267,11 @@ class MACState:
     - ``k, v [B, H, 2n, D]``: attention keys/values of the segment so far, retrievals ``h`` first.
     """
 
-    memory: Any
-    memory_start: Any
+    memory: Optional[NeuralMemoryState]
+    memory_start: Optional[NeuralMemoryState]
     k: Tensor
     v: Tensor
     pos: int
-
-    def detach(self) -> "MACState":
-        return MACState(_detach(self.memory), _detach(self.memory_start), self.k.detach(), self.v.detach(), self.pos)
 
 
 class MACBlock(_Block):

@@ -42,7 +42,7 @@ deeper matrices; with a window, also each stored token's deeper signals and inpu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -52,11 +52,12 @@ from ..ops import ACTIVATIONS, LOSSES
 from ..ops.memory import activation as act_fn
 from ..ops.memory import activation_backward
 from ..checks import check_bool, check_choice, check_int
+from ..tree import State
 from .memory_layer import ConvStates, QKVMixer
 
 
 @dataclass
-class KernelCache:
+class KernelCache(State):
     """What continues a sequence exactly, as of the start of the unfinished chunk (whose gradients
     are all taken there, so its raw inputs are kept and replayed).
 
@@ -81,15 +82,6 @@ class KernelCache:
     seen: int
     config: Tuple = ()
 
-    def map(self, fn) -> "KernelCache":
-        return replace(
-            self, keys=fn(self.keys), signals=fn(self.signals), weights=tuple(map(fn, self.weights)),
-            evict_signals=tuple(map(fn, self.evict_signals)), evict_inputs=tuple(map(fn, self.evict_inputs)),
-            pending_k=fn(self.pending_k), pending_v=fn(self.pending_v), pending_lr=fn(self.pending_lr),
-        )
-
-    def detach(self) -> "KernelCache":
-        return self.map(torch.Tensor.detach)
 
 
 def _kernel_read(x: Tensor, keys: Tensor, d0: Tensor, scale: Tensor, mask: Optional[Tensor], normalized: bool) -> Tensor:
@@ -240,18 +232,12 @@ def kernel_memory(
 
 
 @dataclass
-class KernelMemoryState:
+class KernelMemoryState(State):
     """The kernel memory's :class:`KernelCache` plus the q, k, v conv states."""
 
     cache: KernelCache
     conv: ConvStates
 
-    def map(self, fn) -> "KernelMemoryState":
-        """A copy with ``fn`` applied to every tensor (detach, move, select batch rows)."""
-        return replace(self, cache=self.cache.map(fn), conv=tuple(None if c is None else fn(c) for c in self.conv))
-
-    def detach(self) -> "KernelMemoryState":
-        return self.map(torch.Tensor.detach)
 
 
 class KernelMemory(QKVMixer):

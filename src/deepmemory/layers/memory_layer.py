@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..checks import check_bool, check_choice, check_int, check_positive
 from ..ops import ACTIVATIONS, GRANULARITIES, IMPLS, LOSSES, MEMORY_KINDS, OPTIMIZERS, MemorySpec, MemoryState
 from ..ops import memory_read, neural_memory
+from ..tree import State
 from .common import RMSNorm, ShortConv
 from .feature_maps import FEATURE_MAPS, make_feature_map
 
@@ -76,19 +77,12 @@ class QKVMixer(nn.Module):
 
 
 @dataclass
-class NeuralMemoryState:
+class NeuralMemoryState(State):
     """The op's :class:`MemoryState` plus the q, k, v conv states ``[B, conv_size - 1, H*head_dim]``
     (None without convolution)."""
 
     memory: MemoryState
     conv: ConvStates
-
-    def map(self, fn) -> "NeuralMemoryState":
-        """A copy with ``fn`` applied to every tensor (detach, move, select batch rows)."""
-        return replace(self, memory=self.memory.map(fn), conv=tuple(None if c is None else fn(c) for c in self.conv))
-
-    def detach(self) -> "NeuralMemoryState":
-        return self.map(torch.Tensor.detach)
 
 
 class NeuralMemory(QKVMixer):

@@ -6,7 +6,6 @@ model class serves every family: the recurrent cache is just the list of block s
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, List, Optional, Union
 
 import torch
@@ -21,6 +20,7 @@ from ..layers.common import RMSNorm
 from ..layers.feature_maps import PolynomialFeatureMap, symmetric_monomials
 from ..layers.kernel_memory import KernelMemory
 from ..layers.memory_layer import NeuralMemory
+from ..tree import map_tensors, tensors
 from .config import DeepMemoryConfig
 
 
@@ -53,25 +53,6 @@ def _return_dict(return_dict: Optional[bool], config: DeepMemoryConfig) -> bool:
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def map_state(state, fn: Callable[[Tensor], Tensor]):
-    """Apply ``fn`` to every tensor of a (nested) block state: dataclasses, dicts, lists, tuples."""
-    if isinstance(state, Tensor):
-        return fn(state)
-    if isinstance(state, dict):
-        return {k: map_state(v, fn) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(map_state(v, fn) for v in state)
-    if dataclasses.is_dataclass(state) and not isinstance(state, type):
-        return dataclasses.replace(state, **{f.name: map_state(getattr(state, f.name), fn) for f in dataclasses.fields(state) if f.init})
-    return state
-
-
-def _tensors(state) -> List[Tensor]:
-    found: List[Tensor] = []
-    map_state(state, lambda t: found.append(t) or t)
-    return found
-
-
 class DeepMemoryCacheLayer:
     """The recurrent state of one block, as a layer of :class:`DeepMemoryCache`.
 
@@ -92,7 +73,7 @@ class DeepMemoryCacheLayer:
         return f"{type(self).__name__}(empty={self.state is None})"
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> None:
-        self.state = map_state(self.state, fn)
+        self.state = map_tensors(self.state, fn)
 
     def reset(self) -> None:
         self.state = None
@@ -181,7 +162,7 @@ class DeepMemoryCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes held by every state tensor."""
-        return sum(t.numel() * t.element_size() for s in self.states for t in _tensors(s))
+        return sum(t.numel() * t.element_size() for s in self.states for t in tensors(s))
 
 
 def _one_cache(cache, past_key_values) -> Optional[DeepMemoryCache]:

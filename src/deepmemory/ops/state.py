@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
-import torch
 from torch import Tensor
+
+from ..tree import State
 
 
 @dataclass
-class MemoryState:
+class MemoryState(State):
     """Everything needed to continue a sequence exactly, at any split point.
 
     - ``weights`` / ``momentum``: the memory ``W`` and its momentum ``S`` after the last token
@@ -40,29 +41,3 @@ class MemoryState:
     @property
     def pending(self) -> int:
         return self.gates["lr"].shape[-1]
-
-    def tensors(self) -> Dict[str, Tensor]:
-        """All tensors by a flat dotted name (for caches, checkpoints and ``detach``)."""
-        out = {}
-        for group in ("weights", "momentum", "chunk_weights", "chunk_momentum", "gates"):
-            for name, t in getattr(self, group).items():
-                out[f"{group}.{name}"] = t
-        out["keys"], out["values"], out["window_gate"] = self.keys, self.values, self.window_gate
-        return out
-
-    def map(self, fn) -> "MemoryState":
-        """A copy with ``fn`` applied to every tensor (e.g. ``lambda t: t.detach()``)."""
-        return replace(
-            self,
-            weights={n: fn(t) for n, t in self.weights.items()},
-            momentum={n: fn(t) for n, t in self.momentum.items()},
-            chunk_weights={n: fn(t) for n, t in self.chunk_weights.items()},
-            chunk_momentum={n: fn(t) for n, t in self.chunk_momentum.items()},
-            keys=fn(self.keys),
-            values=fn(self.values),
-            window_gate=fn(self.window_gate),
-            gates={n: fn(t) for n, t in self.gates.items()},
-        )
-
-    def detach(self) -> "MemoryState":
-        return self.map(torch.Tensor.detach)

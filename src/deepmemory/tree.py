@@ -1,0 +1,50 @@
+"""One walker for every recurrent state of the library.
+
+A state is a dataclass (a :class:`State`) whose fields are tensors, other states, dicts, lists or
+tuples of them, or plain values (ints, settings), which are kept as they are. ``map_tensors``
+applies a function to every tensor in it and returns a new state of the same structure; the
+layers' states, the model cache and the op's ``MemoryState`` all move, detach and select batch
+rows through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, List
+
+import torch
+from torch import Tensor
+
+
+class State:
+    """Mixin of a state dataclass: ``map(fn)`` and ``detach()`` through :func:`map_tensors`."""
+
+    def map(self, fn: Callable[[Tensor], Tensor]):
+        """A copy with ``fn`` applied to every tensor (detach, move, select batch rows)."""
+        return map_tensors(self, fn)
+
+    def detach(self):
+        """A copy cut from the autograd graph (truncated backpropagation through time)."""
+        return self.map(torch.Tensor.detach)
+
+
+def map_tensors(state: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``state`` with ``fn`` applied to every tensor in it: in :class:`State` dataclasses, dicts,
+    lists and tuples, recursively; anything else (None, ints, settings) is returned as it is."""
+    if isinstance(state, Tensor):
+        return fn(state)
+    if isinstance(state, dict):
+        return {k: map_tensors(v, fn) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(map_tensors(v, fn) for v in state)
+    if isinstance(state, State) and dataclasses.is_dataclass(state):
+        fields = [f.name for f in dataclasses.fields(state) if f.init]
+        return dataclasses.replace(state, **{name: map_tensors(getattr(state, name), fn) for name in fields})
+    return state
+
+
+def tensors(state: Any) -> List[Tensor]:
+    """Every tensor in ``state``, in the order :func:`map_tensors` visits them."""
+    found: List[Tensor] = []
+    map_tensors(state, lambda t: found.append(t) or t)
+    return found
