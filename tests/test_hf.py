@@ -93,3 +93,32 @@ def test_generate_continues_a_user_cache():
     seq = out.sequences
     step = model(seq[:, -1:], past_key_values=out.past_key_values).logits[:, -1]
     torch.testing.assert_close(step, model(seq).logits[:, -1], rtol=0, atol=1e-9)
+
+
+def test_gradient_checkpointing_enable_changes_nothing():
+    import warnings
+
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(9))
+
+    def loss_and_grads(checkpointing):
+        torch.manual_seed(0)
+        model = build("titans-mac").double().train()
+        assert model.supports_gradient_checkpointing
+        calls = []  # a pre-hook: the recompute stops early, before a forward hook would run
+        model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+        with warnings.catch_warnings():  # newer releases name it activation_checkpointing_enable and warn
+            warnings.simplefilter("ignore", FutureWarning)
+            if checkpointing:
+                model.gradient_checkpointing_enable()
+            assert model.is_gradient_checkpointing is checkpointing
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # the block ran again in the backward
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    loss, grads = loss_and_grads(False)
+    ckpt_loss, ckpt_grads = loss_and_grads(True)
+    assert ckpt_loss == loss
+    assert ckpt_grads.keys() == grads.keys() and all(g is not None for g in grads.values())
+    for name in grads:
+        torch.testing.assert_close(ckpt_grads[name], grads[name], rtol=1e-12, atol=1e-14, msg=name)

@@ -49,7 +49,7 @@ def test_only_used_gates_exist():
     assert NeuralMemory(HID, NH, HD, optimizer="gd").momentum_proj is None
     assert NeuralMemory(HID, NH, HD, use_decay=False).decay_proj is None
     assert NeuralMemory(HID, NH, HD, window=1).gamma_proj is None
-    assert NeuralMemory(HID, NH, HD, window=3, window_gate=False).gamma_proj is None
+    assert NeuralMemory(HID, NH, HD, window=3, learned_window_gate=False).gamma_proj is None
     full = NeuralMemory(HID, NH, HD, window=3, optimizer="muon")
     assert all(getattr(full, n) is not None for n in ("lr_proj", "momentum_proj", "decay_proj", "gamma_proj"))
 
@@ -87,7 +87,7 @@ CONFIGS = [
     dict(window=3, feature_map="polynomial"),
     dict(optimizer="muon", window=2, memory="gated_mlp"),
     dict(granularity="chunk", optimizer="muon", feature_map="polynomial"),
-    dict(memory="linear", use_decay=False, optimizer="gd", window=3, window_gate=False),
+    dict(memory="linear", use_decay=False, optimizer="gd", window=3, learned_window_gate=False),
     dict(depth=3, activation="silu", conv_size=0),
 ]
 
@@ -144,7 +144,7 @@ def test_feature_map_residual_equals_direct_computation(loss, optimizer, window,
     s = {n: torch.zeros_like(t) for n, t in w.items()}
     ys = []
     for t in range(seq):
-        if t % layer.chunk_size == 0:
+        if t % layer.rule.chunk_size == 0:
             w_start = {n: t_.detach().clone().requires_grad_() for n, t_ in w.items()}
         total = 0
         for i in range(max(0, t - window + 1), t + 1):
@@ -169,7 +169,7 @@ def test_read_equals_memory_applied_to_q(cfg):
     q = F.normalize(torch.randn(2, 6, NH, HD, dtype=torch.float64), dim=-1)
     fq = layer.phi(q).transpose(1, 2)  # [B, H, T, D]
     for weights, st in ((state.memory.weights, state), ({n: p.expand(2, *p.shape) for n, p in layer.memory_init.items()}, None)):
-        if layer.spec.kind == "linear":
+        if layer.rule.memory == "linear":
             want = torch.einsum("bhrc,bhtc->bhtr", weights["w0"], fq)
         else:
             z = torch.einsum("bhrc,bhtc->bhtr", weights["w0"], fq)

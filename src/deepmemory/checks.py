@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable, ClassVar, Dict, Tuple
+
 
 def check_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -23,3 +26,50 @@ def check_bool(name: str, value) -> None:
 def check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number; got {value!r}")
+
+
+# one check per setting: ``check(label, value)`` raises a one-line error naming ``label``
+Check = Callable[[str, Any], None]
+
+
+def check_settings(settings: Dict[str, Any], checks: Dict[str, Check], group: str, qualify: bool = True) -> None:
+    """Every key of ``settings`` is known to ``checks`` and its value passes. Errors name an
+    unknown key as one of ``group settings`` and a bad value as ``group['key']`` (``key`` alone
+    when not ``qualify``)."""
+    if not isinstance(settings, dict):
+        raise TypeError(f"{group} must be a dict of settings; got {type(settings).__name__}")
+    for key, value in settings.items():
+        check_choice(f"{group} settings", key, tuple(checks))
+        checks[key](f"{group}[{key!r}]" if qualify else key, value)
+
+
+class Settings:
+    """Base of the frozen settings dataclasses (the rule objects): each field is checked by
+    ``FIELD_CHECKS[name]`` when the object is made, with a one-line error naming it."""
+
+    FIELD_CHECKS: ClassVar[Dict[str, Check]] = {}
+
+    def __post_init__(self) -> None:
+        for name, check in self.FIELD_CHECKS.items():
+            check(name, getattr(self, name))
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **changes: Any):
+        """A copy with some fields changed (validated again)."""
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field(s) {unknown}; fields: {', '.join(self.field_names())}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The fields as a JSON-ready dict (``type(self)(**d)`` makes the object again)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_settings(cls, settings: Dict[str, Any]):
+        """The object from a dict that may hold other settings too (those are ignored)."""
+        names = cls.field_names()
+        return cls(**{k: v for k, v in settings.items() if k in names})

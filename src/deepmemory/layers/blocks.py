@@ -1,4 +1,4 @@
-r"""Residual blocks (SPEC §4): Transformer++, memory-only (LMM, Gated DeltaNet, DeepTransformer
+r"""Residual blocks (Titans §4; docs/blocks.md): Transformer++, memory-only (LMM, Gated DeltaNet, DeepTransformer
 family) and the Titans hybrids MAC, MAG and MAL.
 
 Every block is pre-norm: ``x = x + mixer(RMSNorm(x))`` then ``x = x + SwiGLU(RMSNorm(x))``, with

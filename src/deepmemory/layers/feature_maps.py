@@ -1,12 +1,13 @@
-r"""Feature maps applied to queries and keys before the memory (ATLAS §3, SPEC §2).
+r"""Feature maps applied to queries and keys before the memory (ATLAS §3.1, eq. 5; docs/layers.md).
 
 ``identity`` leaves the keys alone. ``polynomial`` of degree ``p`` is the truncated Taylor feature
-map of ``exp``::
+map of ``exp`` (ATLAS eq. 22's ``phi*`` cut at degree ``p``)::
 
     phi(x) = concat_{i=1..p} a_i x^{(i)},      <phi(x), phi(y)> = sum_i a_i^2 <x, y>^i
 
 with learnable per-head coefficients ``a_i`` initialised to ``1 / sqrt(i!)`` (so that at
-initialisation the kernel is the degree-``p`` Taylor polynomial of ``exp(<x, y>) - 1``).
+initialisation the kernel is the degree-``p`` Taylor polynomial of ``exp(<x, y>) - 1``: ATLAS eq. 5
+with its coefficients at their initial ``1 / i!``, less the constant term).
 
 ``x^{(i)}`` is the *symmetric* form of the tensor power ``x^{⊗i}``: one feature per multiset
 ``j_1 <= ... <= j_i`` of coordinates, ``sqrt(i! / prod_r m_r!) * x_{j_1} ... x_{j_i}`` (``m_r`` the

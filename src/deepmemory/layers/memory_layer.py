@@ -1,19 +1,19 @@
-r"""The neural memory layer (SPEC §3; Titans §4.4, ATLAS App. E): projections, gates and output
+r"""The neural memory layer (Titans §4.4, ATLAS App. E): projections, gates and output
 around the memory op ``deepmemory.ops.neural_memory``."""
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass, replace
-from typing import Dict, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_bool, check_choice, check_int, check_positive
-from ..ops import ACTIVATIONS, GRANULARITIES, IMPLS, LOSSES, MEMORY_KINDS, OPTIMIZERS, MemorySpec, MemoryState
-from ..ops import memory_read, neural_memory
+from ..checks import check_bool, check_choice, check_int, check_positive, check_settings
+from ..ops import IMPLS, MemoryState, UpdateRule, memory_read, neural_memory
 from ..tree import State
 from .common import RMSNorm, ShortConv
 from .feature_maps import FEATURE_MAPS, make_feature_map
@@ -86,7 +86,7 @@ class NeuralMemoryState(State):
 
 
 class NeuralMemory(QKVMixer):
-    r"""A multi-head neural memory trained while reading (SPEC §3).
+    r"""A multi-head neural memory trained while reading (Titans §3–4.4, ATLAS App. E).
 
     Per head, with ``phi`` the feature map (identity or polynomial) and the gates
     ``lr = max_lr * sigmoid(x W_lr)``, ``momentum = sigmoid(x W_mom)``, ``decay = sigmoid(x W_dec)``,
@@ -97,7 +97,7 @@ class NeuralMemory(QKVMixer):
 
     x ``[B, T, hidden_size]`` -> ``[B, T, hidden_size]``.
 
-    Residual memory with a feature map: ``M(x) = x + h(phi(x))`` (SPEC §2: the residual adds the
+    Residual memory with a feature map: ``M(x) = x + h(phi(x))`` (docs/layers.md: the residual adds the
     un-featured input, whatever the width of ``phi(x)``). The op runs the residual-free network
     ``h`` on ``phi(k)`` with targets ``v - k`` for ``loss="l2"`` (``0.5||k + h(phi(k)) - v||^2``
     is the same loss), with targets ``v`` for ``loss="dot"`` (``<k, v>`` does not depend on the
@@ -116,53 +116,35 @@ class NeuralMemory(QKVMixer):
         num_heads: int,
         head_dim: int,
         *,
-        chunk_size: int = 16,
-        memory: str = "mlp",
-        depth: int = 2,
+        rule: Optional[UpdateRule] = None,
         expansion: int = 4,
-        activation: str = "gelu",
-        residual: bool = True,
-        loss: str = "l2",
-        optimizer: str = "momentum",
-        ns_steps: int = 5,
-        window: int = 1,
-        window_gate: bool = True,
-        granularity: str = "token",
         feature_map: str = "identity",
         poly_degree: int = 2,
         max_lr: float = 1.0,
         conv_size: int = 4,
         use_decay: bool = True,
+        learned_window_gate: bool = True,
         impl: str = "chunk",
+        **rule_settings,
     ):
         super().__init__(hidden_size, num_heads, head_dim, conv_size)
-        check_int("chunk_size", chunk_size)
-        check_choice("memory", memory, MEMORY_KINDS)
-        check_int("depth", depth)
-        check_int("expansion", expansion)
-        check_choice("activation", activation, ACTIVATIONS)
-        check_bool("residual", residual)
-        check_choice("loss", loss, LOSSES)
-        check_choice("optimizer", optimizer, OPTIMIZERS)
-        check_int("ns_steps", ns_steps, minimum=0)
-        check_int("window", window)
-        check_bool("window_gate", window_gate)
-        check_choice("granularity", granularity, GRANULARITIES)
-        check_choice("feature_map", feature_map, FEATURE_MAPS)
-        check_int("poly_degree", poly_degree)
-        check_positive("max_lr", max_lr)
-        check_bool("use_decay", use_decay)
-        check_choice("impl", impl, tuple(IMPLS))
-
-        self.spec = MemorySpec(memory, depth, activation, residual)
-        self.loss, self.optimizer, self.ns_steps = loss, optimizer, ns_steps
-        self.window, self.chunk_size, self.granularity, self.impl = window, chunk_size, granularity, impl
-        self.max_lr = float(max_lr)
+        layer = dict(expansion=expansion, feature_map=feature_map, poly_degree=poly_degree, max_lr=max_lr,
+                     conv_size=conv_size, use_decay=use_decay, learned_window_gate=learned_window_gate, impl=impl)
+        self.check_settings(dict(layer, **rule_settings))
+        if rule is None:
+            rule = UpdateRule(**dict(LAYER_RULE_DEFAULTS, **rule_settings))
+        elif not isinstance(rule, UpdateRule):
+            raise TypeError(f"rule must be an UpdateRule; got {type(rule).__name__}")
+        elif rule_settings:
+            raise ValueError(f"pass the rule's settings in rule=, or as keywords, not both; got rule= and {sorted(rule_settings)}")
         self.phi = make_feature_map(feature_map, head_dim, num_heads, poly_degree)
         key_dim = self.phi.out_dim
         # the op's residual would add phi(k); the un-featured input is added outside the op instead
-        self.outer_residual = self.spec.uses_residual and feature_map != "identity"
-        self.op_spec = replace(self.spec, residual=False) if self.outer_residual else self.spec
+        self.outer_residual = rule.spec.uses_residual and feature_map != "identity"
+        self.rule = rule.replace(residual=False) if self.outer_residual else rule
+        self.impl = impl
+        self.max_lr = float(max_lr)
+        optimizer, window = rule.optimizer, rule.window
 
         def gate(p0: float) -> nn.Linear:
             lin = nn.Linear(hidden_size, num_heads)
@@ -173,25 +155,29 @@ class NeuralMemory(QKVMixer):
         self.lr_proj = gate(0.1)
         self.momentum_proj = gate(0.9) if optimizer != "gd" else None
         self.decay_proj = gate(0.01) if use_decay else None
-        self.gamma_proj = gate(0.95) if window > 1 and window_gate else None
+        self.gamma_proj = gate(0.95) if window > 1 and learned_window_gate else None
 
-        shapes = self.op_spec.shapes(key_dim, head_dim, expansion * head_dim)
-        names = self.op_spec.names()
+        spec = self.rule.spec
+        shapes = spec.shapes(key_dim, head_dim, expansion * head_dim)
+        names = spec.names()
         self.memory_init = nn.ParameterDict()
         for name in names:
             rows, cols = shapes[name]
             w = torch.empty(num_heads, rows, cols)
-            if name == names[-1] and self.spec.kind == "linear":
+            if name == names[-1] and spec.kind == "linear":
                 nn.init.zeros_(w)
-            elif name == names[-1] and self.spec.uses_residual:
+            elif name == names[-1] and rule.spec.uses_residual:
                 nn.init.normal_(w, std=0.1 / math.sqrt(cols))
             else:
                 nn.init.normal_(w, std=1.0 / math.sqrt(cols))
             self.memory_init[name] = nn.Parameter(w)
 
-    def _op_kwargs(self) -> Dict:
-        spec = self.op_spec
-        return dict(memory=spec.kind, depth=spec.depth, activation=spec.activation, residual=spec.residual)
+    @staticmethod
+    def check_settings(settings: dict, group: Optional[str] = None) -> None:
+        """Validate keyword settings of the layer without building it: a one-line ``TypeError`` /
+        ``ValueError`` naming the setting (as ``group['name']`` when ``group`` is given). The rule's
+        fields are checked by :class:`UpdateRule`'s own checks, the layer's here."""
+        check_settings(settings, SETTING_CHECKS, group or "NeuralMemory", qualify=group is not None)
 
     def forward(
         self, x: Tensor, state: Optional[NeuralMemoryState] = None, return_state: bool = False
@@ -202,21 +188,15 @@ class NeuralMemory(QKVMixer):
             raise TypeError(f"state must be a NeuralMemoryState; got {type(state).__name__}")
         q, k, v, conv = self.qkv(x, None if state is None else state.conv)
         fq, fk = self.phi(q), self.phi(k)
-        target = v - k if self.outer_residual and self.loss == "l2" else v
+        target = v - k if self.outer_residual and self.rule.loss == "l2" else v
         y, mem = neural_memory(
             fq, fk, target,
             self.max_lr * torch.sigmoid(self.lr_proj(x)),
             None if self.momentum_proj is None else torch.sigmoid(self.momentum_proj(x)),
             None if self.decay_proj is None else torch.sigmoid(self.decay_proj(x)),
             dict(self.memory_init),
-            **self._op_kwargs(),
-            loss=self.loss,
-            window=self.window,
+            rule=self.rule,
             window_gate=None if self.gamma_proj is None else torch.sigmoid(self.gamma_proj(x)),
-            optimizer=self.optimizer,
-            ns_steps=self.ns_steps,
-            chunk_size=self.chunk_size,
-            granularity=self.granularity,
             initial_state=None if state is None else state.memory,
             output_final_state=return_state,
             impl=self.impl,
@@ -235,12 +215,35 @@ class NeuralMemory(QKVMixer):
         if state is not None and not isinstance(state, NeuralMemoryState):
             raise TypeError(f"state must be a NeuralMemoryState or None; got {type(state).__name__}")
         weights = dict(self.memory_init) if state is None else state.memory.weights
-        y = memory_read(self.phi(q), weights, **self._op_kwargs())
+        y = memory_read(self.phi(q), weights, rule=self.rule)
         return y + q if self.outer_residual else y
 
     def extra_repr(self) -> str:
-        s = self.spec
+        r = self.rule
         return (
-            f"memory={s.kind}, depth={s.depth}, residual={s.residual}, loss={self.loss}, optimizer={self.optimizer}, "
-            f"window={self.window}, chunk_size={self.chunk_size}, granularity={self.granularity}"
+            f"memory={r.memory}, depth={r.depth}, residual={r.residual}, loss={r.loss}, optimizer={r.optimizer}, "
+            f"window={r.window}, chunk_size={r.chunk_size}, granularity={r.granularity}"
         )
+
+
+def _keyword_defaults(cls) -> dict:
+    params = inspect.signature(cls).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+# the layer's defaults for fields of the rule (small models: chunks of 16 tokens)
+LAYER_RULE_DEFAULTS = dict(chunk_size=16)
+# the keyword settings of the layer and their defaults: the rule's fields and the layer's own
+LAYER_SETTINGS = {k: v for k, v in _keyword_defaults(NeuralMemory).items() if k != "rule"}
+SETTINGS = dict(LAYER_SETTINGS, **dict(UpdateRule().to_dict(), **LAYER_RULE_DEFAULTS))
+LAYER_CHECKS = {
+    "expansion": check_int,
+    "poly_degree": check_int,
+    "conv_size": lambda label, v: check_int(label, v, minimum=0),
+    "learned_window_gate": check_bool,
+    "use_decay": check_bool,
+    "feature_map": lambda label, v: check_choice(label, v, FEATURE_MAPS),
+    "max_lr": check_positive,
+    "impl": lambda label, v: check_choice(label, v, tuple(IMPLS)),
+}
+SETTING_CHECKS = {name: (LAYER_CHECKS.get(name) or UpdateRule.FIELD_CHECKS[name]) for name in SETTINGS}

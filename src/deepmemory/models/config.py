@@ -2,41 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
-
 from transformers import PretrainedConfig
 
-from ..checks import check_choice, check_positive
-
-from ..layers.feature_maps import FEATURE_MAPS
+from ..checks import check_choice, check_int, check_positive
 from ..layers.kernel_memory import KernelMemory
+from ..layers.memory_layer import SETTINGS as MEMORY_SETTINGS
 from ..layers.memory_layer import NeuralMemory
-from ..ops import ACTIVATIONS, GRANULARITIES, IMPLS, LOSSES, MEMORY_KINDS, OPTIMIZERS
+from ..ops import UpdateRule
 
 BLOCK_TYPES = ("attn", "swa", "memory", "kernel", "mac", "mag", "mal")
 ATTENTION_BLOCKS = ("attn", "swa", "mac", "mag", "mal")
-CHOICES = dict(
-    memory=MEMORY_KINDS, loss=LOSSES, optimizer=OPTIMIZERS, granularity=GRANULARITIES,
-    feature_map=FEATURE_MAPS, activation=ACTIVATIONS, impl=tuple(IMPLS),
-)
-NON_NEGATIVE = ("ns_steps", "conv_size")
-
-
-def _settings(cls) -> dict:
-    """The keyword settings of a mixer and their defaults (the widths come from the config)."""
-    params = inspect.signature(cls).parameters.values()
-    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
-
-
-MEMORY_SETTINGS = _settings(NeuralMemory)
-KERNEL_SETTINGS = _settings(KernelMemory)
-
-
-def _int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
 
 
 class DeepMemoryConfig(PretrainedConfig):
@@ -97,12 +72,18 @@ class DeepMemoryConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         self.check()
 
+    @property
+    def rule(self) -> UpdateRule:
+        """The memory update rule of the ``memory``/``mac``/``mag``/``mal`` blocks: the layer's
+        defaults updated by ``memory`` (before a feature map moves the residual out of the op)."""
+        return UpdateRule.from_settings(dict(MEMORY_SETTINGS, **self.memory))
+
     def check(self) -> None:
         """Raise a one-line ``ValueError``/``TypeError`` for an inconsistent configuration."""
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                      "intermediate_size", "attention_window", "segment_size"):
-            _int(name, getattr(self, name))
-        _int("num_persistent", self.num_persistent, minimum=0)
+            check_int(name, getattr(self, name))
+        check_int("num_persistent", self.num_persistent, minimum=0)
         for name in ("rms_norm_eps", "initializer_range", "rope_theta"):
             check_positive(name, getattr(self, name))
         pattern = self.layer_pattern
@@ -111,27 +92,9 @@ class DeepMemoryConfig(PretrainedConfig):
         for name in pattern:
             check_choice("layer_pattern entries", name, BLOCK_TYPES)
         # settings are checked even where no block reads them: a typo should not pass silently
-        _check_settings("memory", self.memory, MEMORY_SETTINGS)
+        NeuralMemory.check_settings(self.memory, group="memory")
         if self.memory.get("memory") == "linear" and self.memory.get("residual", False):
             raise ValueError("memory['residual']=True needs an mlp or gated_mlp memory; a linear memory has no residual")
-        _check_settings("kernel", self.kernel, KERNEL_SETTINGS)
+        KernelMemory.check_settings(self.kernel, group="kernel")
         if set(pattern) & set(ATTENTION_BLOCKS) and self.head_dim % 2:
             raise ValueError(f"head_dim must be even: attention rotates pairs of channels (RoPE); got {self.head_dim}")
-
-
-def _check_settings(group: str, settings: dict, defaults: dict) -> None:
-    """Every setting is a known keyword of the mixer, with the type of its default."""
-    for key, value in settings.items():
-        check_choice(f"{group} settings", key, tuple(defaults))
-        name, default = f"{group}['{key}']", defaults[key]
-        if key in CHOICES:
-            check_choice(name, value, CHOICES[key])
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
-        elif isinstance(default, int):
-            _int(name, value, minimum=0 if key in NON_NEGATIVE else 1)
-        elif isinstance(default, float):
-            check_positive(name, value)
-        elif default is None and value is not None:  # kernel window: None (global) or a length
-            _int(name, value)

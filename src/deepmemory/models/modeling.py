@@ -176,11 +176,32 @@ def _one_cache(cache, past_key_values) -> Optional[DeepMemoryCache]:
 
 
 class DeepMemoryPreTrainedModel(PreTrainedModel):
+    """The Hugging Face base class of the models: config class, weight init, gradient checkpointing.
+
+    Gradient (activation) checkpointing goes through Hugging Face's public switch,
+    ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`` (or its newer name
+    ``activation_checkpointing_enable``, where the installed release has it). It sets
+    ``gradient_checkpointing`` and ``_gradient_checkpointing_func`` on every module carrying the
+    flag; while training with gradients on, :class:`DeepMemoryModel` then runs each block under that
+    function, which keeps the block's inputs and recomputes its activations in the backward. The
+    default (non-reentrant) checkpoint is the one that also carries gradients through a
+    recurrent state passed in a cache; ``use_reentrant=True`` does not.
+    """
+
     config_class = DeepMemoryConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
+    gradient_checkpointing = False  # set per instance by gradient_checkpointing_enable()/_disable()
     _no_split_modules = []
     _is_stateful = True
+
+    def _call_block(self, block: nn.Module, x: Tensor, **kwargs):
+        """``block(x, **kwargs)``, under the gradient checkpointing function when it is on, the
+        module is training and autograd records (without a backward there is nothing to recompute).
+        The block is called through ``__call__``, hooks included (FSDP2's expect that)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(lambda h: block(h, **kwargs), x)
+        return block(x, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Blocks initialise their own parameters (gates, initial memories, feature-map
@@ -269,10 +290,10 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
         hidden = [x] if output_hidden_states else None
         for i, block in enumerate(self.layers):
             if cache is None:
-                x = block(x)
+                x = self._call_block(block, x)
             else:
                 layer = cache.layers[i]
-                x, layer.state = block(x, state=layer.state, return_state=True)
+                x, layer.state = self._call_block(block, x, state=layer.state, return_state=True)
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)

@@ -1,7 +1,8 @@
 """Named presets of both papers at five sizes: ``build(name, size="tiny", **overrides)``.
 
-Every preset is a configuration of :class:`DeepMemoryConfig` (a block pattern plus memory
-settings, SPEC §4); sizes follow ATLAS Table 7. At the paper sizes the SwiGLU width is solved so
+Every preset is a configuration of :class:`DeepMemoryConfig`: a block pattern plus, for the
+memory models, an :class:`~deepmemory.ops.UpdateRule` and the memory layer's own settings (the
+families of Titans §4 and ATLAS §5; docs/models/index.md); sizes follow ATLAS Table 7. At the paper sizes the SwiGLU width is solved so
 that the parameter count (tied 32000-token embeddings included) lands on the size's name, the way
 the papers match parameter budgets across architectures: blocks with more mixing parameters (the
 hybrids) get narrower MLPs.
@@ -11,38 +12,49 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from transformers.initialization import no_init_weights
 
 from ..layers.common import SwiGLU
+from ..ops import UpdateRule
 from .config import DeepMemoryConfig
 from .modeling import DeepMemoryForCausalLM
 
-# ---- families (SPEC §4 table) ---------------------------------------------------------------
+# ---- families (Titans §4, ATLAS §5; docs/models/index.md) -------------------------------------
+# Each memory family is an UpdateRule (the rule its memory trains by) and the layer's own settings
+# (feature map, expansion, gate scale). The chunk size comes from the model size.
+#
 # The inner step of an l2 MLP memory moves its output by about lr * |a|^2 per token, where a is
 # the hidden activation (|a|^2 ~ 0.4 * hidden at initialisation) and a chunk applies up to
 # chunk_size (times window) gradients taken at its start weights; it must stay below ~2. With
 # max_lr 1.0 (gate init lr 0.1) the memory diverges on real text within the first segment
 # (OmegaNet's window of 16 even at 0.1); 0.02 keeps every tiny preset finite on real text and
 # trained the default run (docs/training.md) without diverging.
-TITANS = dict(memory="mlp", depth=2, expansion=4, residual=True, loss="l2", optimizer="momentum", window=1,
-              feature_map="identity", max_lr=0.02)
-OMEGA = dict(TITANS, window=16, feature_map="polynomial", poly_degree=2)
+TITANS_RULE = UpdateRule(memory="mlp", depth=2, residual=True, loss="l2", optimizer="momentum", window=1)
+TITANS = (TITANS_RULE, dict(expansion=4, feature_map="identity", max_lr=0.02))
+OMEGA = (TITANS_RULE.replace(window=16), dict(TITANS[1], feature_map="polynomial", poly_degree=2))
 # Muon at token granularity orthogonalises a momentum per token; one update per chunk costs one
 # Newton-Schulz per chunk instead, so the Atlas presets use granularity="chunk". Muon's step is
 # lr times an orthogonalised matrix (spectral norm ~1): bounded, so max_lr stays at 1.0.
-ATLAS = dict(OMEGA, optimizer="muon", ns_steps=5, granularity="chunk", max_lr=1.0)
-GATED_DELTANET = dict(memory="linear", residual=False, loss="l2", optimizer="gd", window=1, use_decay=True, feature_map="identity")
-DLA = dict(memory="mlp", depth=2, expansion=4, residual=True, loss="dot", optimizer="gd", window=1, use_decay=True, feature_map="polynomial", poly_degree=2)
-SWLA = dict(memory="linear", residual=False, loss="dot", optimizer="gd", window=16, use_decay=True, feature_map="identity")
+ATLAS_RULE = OMEGA[0].replace(optimizer="muon", ns_steps=5, granularity="chunk")
+ATLAS = (ATLAS_RULE, dict(OMEGA[1], max_lr=1.0))
+ATLAS_PP = (ATLAS_RULE.replace(memory="gated_mlp"), ATLAS[1])
+GATED_DELTANET = (UpdateRule(memory="linear", residual=False, loss="l2", optimizer="gd", window=1),
+                  dict(use_decay=True, feature_map="identity"))
+DLA = (UpdateRule(memory="mlp", depth=2, residual=True, loss="dot", optimizer="gd", window=1),
+       dict(expansion=4, use_decay=True, feature_map="polynomial", poly_degree=2))
+SWLA = (UpdateRule(memory="linear", residual=False, loss="dot", optimizer="gd", window=16),
+        dict(use_decay=True, feature_map="identity"))
+NO_MEMORY = None
 
-# name -> (block of every layer, memory settings, kernel settings); the kernel window None is
-# global (DeepTransformer), "attention" borrows the size's sliding window (SWDT, Dot).
-PRESETS: Dict[str, Tuple[str, dict, dict]] = {
-    "transformer": ("attn", {}, {}),
-    "swa": ("swa", {}, {}),
+# name -> (block of every layer, (rule, layer settings) or None, kernel settings); the kernel window
+# None is global (DeepTransformer), "attention" borrows the size's sliding window (SWDT, Dot).
+Memory = Optional[Tuple[UpdateRule, dict]]
+PRESETS: Dict[str, Tuple[str, Memory, dict]] = {
+    "transformer": ("attn", NO_MEMORY, {}),
+    "swa": ("swa", NO_MEMORY, {}),
     "gated-deltanet": ("memory", GATED_DELTANET, {}),
     "titans-lmm": ("memory", TITANS, {}),
     "titans-mac": ("mac", TITANS, {}),
@@ -50,18 +62,19 @@ PRESETS: Dict[str, Tuple[str, dict, dict]] = {
     "titans-mal": ("mal", TITANS, {}),
     "omeganet": ("memory", OMEGA, {}),
     "atlas": ("memory", ATLAS, {}),
-    "atlas-pp": ("memory", dict(ATLAS, memory="gated_mlp"), {}),
+    "atlas-pp": ("memory", ATLAS_PP, {}),
     "atlas-mag": ("mag", ATLAS, {}),
     "atlas-mal": ("mal", ATLAS, {}),
     "dla": ("memory", DLA, {}),
     "swla": ("memory", SWLA, {}),
-    "deep-transformer": ("kernel", {}, dict(loss="dot", window=None)),
-    "swdt": ("kernel", {}, dict(loss="dot", window="attention")),
-    "dot": ("kernel", {}, dict(loss="l2", window="attention")),
+    "deep-transformer": ("kernel", NO_MEMORY, dict(loss="dot", window=None)),
+    "swdt": ("kernel", NO_MEMORY, dict(loss="dot", window="attention")),
+    "dot": ("kernel", NO_MEMORY, dict(loss="l2", window="attention")),
 }
 
 # size -> (config fields, parameter target or None). Tiny runs forward+backward on a CPU in
-# seconds; the others are ATLAS Table 7 with SPEC §4's defaults for windows and segments.
+# seconds; the others are ATLAS Table 7 with the library's paper-size defaults for windows and
+# segments (docs/models/index.md).
 SIZES: Dict[str, Tuple[dict, float | None]] = {
     "tiny": (dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                   attention_window=64, segment_size=64, num_persistent=4, chunk_size=16), None),
@@ -101,8 +114,11 @@ def _family_fields(name: str, size: str) -> dict:
     hybrid = block in ("mac", "mag", "mal")
     if not hybrid:
         fields["num_persistent"] = 0
-    if memory:
-        memory = dict(memory, chunk_size=chunk_size)
+    if memory is not None:
+        rule, layer = memory
+        memory = dict(rule.replace(chunk_size=chunk_size).to_dict(), **layer)
+    else:
+        memory = {}
     if kernel:
         kernel = dict(kernel, chunk_size=chunk_size)
     if memory.get("feature_map") == "polynomial" and size != "tiny":

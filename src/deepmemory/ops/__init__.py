@@ -1,11 +1,15 @@
-"""The functional memory op: ``neural_memory`` (reference token loop and chunk-parallel form)."""
+"""The functional memory op: ``neural_memory`` under an :class:`UpdateRule` (reference token loop,
+chunk-parallel form, Triton kernels)."""
 
-from .api import GRANULARITIES, IMPLS, OPTIMIZERS, memory_read, neural_memory
+from .api import IMPLS, memory_read, neural_memory
 from .memory import ACTIVATIONS, LOSSES, MEMORY_KINDS, MemorySpec, newton_schulz
+from .rule import GRANULARITIES, OPTIMIZERS, UpdateRule
 from .state import MemoryState
+from .kernel import KERNEL_IMPLS, KernelRule, KernelState, kernel_memory
 
 __all__ = [
     "neural_memory",
+    "UpdateRule",
     "memory_read",
     "MemoryState",
     "MemorySpec",
@@ -16,4 +20,8 @@ __all__ = [
     "OPTIMIZERS",
     "GRANULARITIES",
     "IMPLS",
+    "kernel_memory",
+    "KernelRule",
+    "KernelState",
+    "KERNEL_IMPLS",
 ]

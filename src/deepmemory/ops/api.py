@@ -1,21 +1,21 @@
-"""``neural_memory``: the one general test-time memory update rule (SPEC §2)."""
+"""``neural_memory``: the one general test-time memory update rule (:class:`UpdateRule`; Titans
+eq. 13–14 with ATLAS's Omega window and Muon), and ``memory_read``."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..checks import check_bool, check_choice, check_int
+from ..checks import check_choice
 from .chunk import chunk
-from .memory import ACTIVATIONS, LOSSES, MEMORY_KINDS, MemorySpec, dense_apply, memory_forward
+from .inputs import check_query, check_tensor, check_weight_shapes, check_weights, compute_dtype, rule_mismatch
+from .memory import MemorySpec, dense_apply, memory_forward
 from .problem import Problem, Result
 from .reference import reference
+from .rule import UpdateRule
 from .state import MemoryState
-
-OPTIMIZERS = ("gd", "momentum", "muon")
-GRANULARITIES = ("token", "chunk")
 
 
 def _triton(p: Problem) -> Result:
@@ -31,79 +31,55 @@ def _triton(p: Problem) -> Result:
 IMPLS = {"chunk": chunk, "reference": reference, "triton": _triton}
 
 
-def _tensor(name: str, x, rank: int, shape: Tuple, like: Tensor) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-    if x.dim() != rank:
-        raise ValueError(f"{name} must have {rank} dims {list(shape)}; got shape {list(x.shape)}")
-    if x.device != like.device:
-        raise ValueError(f"{name} is on {x.device} but q is on {like.device}")
-    if x.dtype != like.dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but q has {like.dtype}")
-    for i, (got, want) in enumerate(zip(x.shape, shape)):
-        if want is not None and got != want:
-            raise ValueError(f"{name} must have shape {list(shape)} (None = any); got {list(x.shape)} (dim {i})")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_params(params, spec: MemorySpec, bsz: int, nh: int, dk: int, dv: int, q: Tensor) -> Dict[str, Tensor]:
-    if not isinstance(params, dict):
-        raise TypeError(f"params must be a dict of tensors; got {type(params).__name__}")
     names = spec.names()
-    missing = [n for n in names if n not in params]
-    extra = [n for n in params if n not in names]
-    if missing or extra:
-        raise ValueError(
-            f"params for memory={spec.kind!r}" + (f" depth={spec.depth}" if spec.kind == "mlp" else "")
-            + f" must be exactly {list(names)}; missing {missing}, unexpected {extra}"
-        )
-    for n in names:
-        w = params[n]
-        if not isinstance(w, Tensor):
-            raise TypeError(f"params[{n!r}] must be a torch.Tensor; got {type(w).__name__}")
-        if w.dim() not in (3, 4):
-            raise ValueError(f"params[{n!r}] must be [H, rows, cols] or [B, H, rows, cols]; got shape {list(w.shape)}")
-        if w.device != q.device:
-            raise ValueError(f"params[{n!r}] is on {w.device} but q is on {q.device}")
-        if not w.is_floating_point():
-            raise TypeError(f"params[{n!r}] must be floating point; got {w.dtype}")
-        if w.shape[-3] != nh or (w.dim() == 4 and w.shape[0] != bsz):
-            raise ValueError(f"params[{n!r}] has shape {list(w.shape)}; expected leading dims [{nh}] or [{bsz}, {nh}]")
+    check_weights(params, names, f"memory={spec.kind!r}" + (f" depth={spec.depth}" if spec.kind == "mlp" else ""), bsz, nh, q)
     hidden = spec.hidden_of(params)
-    for n, (rows, cols) in spec.shapes(dk, dv, hidden).items():
-        if tuple(params[n].shape[-2:]) != (rows, cols):
-            raise ValueError(f"params[{n!r}] must be [..., {rows}, {cols}] for dk={dk}, dv={dv}, hidden={hidden}; got {list(params[n].shape)}")
+    check_weight_shapes(params, spec.shapes(dk, dv, hidden), f"dk={dk}, dv={dv}, hidden={hidden}")
     if spec.uses_residual and dk != dv:
         raise ValueError(f"a residual {spec.kind} memory needs dk == dv; got dk={dk}, dv={dv} (pass residual=False)")
-    cd = _compute_dtype(q.dtype)
+    cd = compute_dtype(q.dtype)
     return {n: params[n].to(cd).expand(bsz, nh, *params[n].shape[-2:]) for n in names}
 
 
-def memory_read(
-    q: Tensor,
-    weights: Dict[str, Tensor],
-    *,
-    memory: str = "mlp",
-    depth: int = 2,
-    activation: str = "gelu",
-    residual: bool = True,
-) -> Tensor:
-    """Read a memory without writing: ``M_W(q)`` for ``q [B, T, H, dk]`` and weights
-    ``{name: [H, rows, cols] or [B, H, rows, cols]}`` (e.g. ``state.weights``) -> ``[B, T, H, dv]``."""
-    check_choice("memory", memory, MEMORY_KINDS)
-    check_choice("activation", activation, ACTIVATIONS)
-    check_int("depth", depth)
+def memory_read(q: Tensor, weights: Dict[str, Tensor], *, rule: Optional[UpdateRule] = None, **settings: Any) -> Tensor:
+    """Read a memory without writing: ``M_W(q)``.
+
+    ``q [B, T, H, dk]`` (float) and ``weights {name: [H, rows, cols] or [B, H, rows, cols]}``
+    (e.g. ``state.weights``) -> ``[B, T, H, dv]`` in q's dtype. The memory network is the rule's
+    (``rule=``, or the keywords ``memory``, ``depth``, ``activation``, ``residual`` of
+    :class:`UpdateRule`). Raises ``TypeError``/``ValueError`` (one line) for a bad rule, a
+    malformed ``q`` or weights that do not fit the memory.
+    """
+    rule = _rule(rule, settings)
     if not isinstance(q, Tensor) or q.dim() != 4:
         raise ValueError(f"q must be a 4-dim tensor [B, T, H, dk]; got {getattr(q, 'shape', type(q).__name__)}")
-    spec = MemorySpec(memory, depth, activation, residual)
+    spec = rule.spec
     bsz, _, nh, dk = q.shape
-    dv = weights[spec.names()[-1]].shape[-2] if spec.names()[-1] in weights else dk
+    dv = weights[spec.names()[-1]].shape[-2] if isinstance(weights, dict) and spec.names()[-1] in weights else dk
     w = _check_params(weights, spec, bsz, nh, dk, dv, q)
-    cd = _compute_dtype(q.dtype)
+    cd = compute_dtype(q.dtype)
     return memory_forward(spec, dense_apply(w), _heads_first(q, cd)).transpose(1, 2).to(q.dtype)
+
+
+def _rule(rule: Optional[UpdateRule], settings: Dict[str, Any]) -> UpdateRule:
+    """The rule of a call: ``rule=`` or the keyword settings (a thin convenience), not both."""
+    if rule is None:
+        return UpdateRule(**_known(settings))
+    if not isinstance(rule, UpdateRule):
+        raise TypeError(f"rule must be an UpdateRule; got {type(rule).__name__}")
+    if settings:
+        raise ValueError(f"pass the rule's settings in rule=, or as keywords, not both; got rule= and {sorted(settings)}")
+    return rule
+
+
+def _known(settings: Dict[str, Any]) -> Dict[str, Any]:
+    from .rule import FIELDS
+
+    unknown = sorted(set(settings) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the rule's settings are {', '.join(FIELDS)}")
+    return settings
 
 
 def _heads_first(x: Tensor, cd: torch.dtype) -> Tensor:
@@ -119,20 +95,12 @@ def neural_memory(
     decay: Optional[Tensor],
     params: Dict[str, Tensor],
     *,
-    memory: str = "mlp",
-    depth: int = 2,
-    activation: str = "gelu",
-    residual: bool = True,
-    loss: str = "l2",
-    window: int = 1,
+    rule: Optional[UpdateRule] = None,
     window_gate: Optional[Tensor] = None,
-    optimizer: str = "momentum",
-    ns_steps: int = 5,
-    chunk_size: int = 64,
-    granularity: str = "token",
     initial_state: Optional[MemoryState] = None,
     output_final_state: bool = False,
     impl: str = "chunk",
+    **settings: Any,
 ) -> Tuple[Tensor, Optional[MemoryState]]:
     r"""Read and train a neural memory over a sequence, per batch element and head.
 
@@ -146,57 +114,54 @@ def neural_memory(
     ``granularity="chunk"`` makes one update per chunk with gates averaged over it, and tokens
     read the previous chunk's memory.
 
-    Shapes: ``q, k [B, T, H, dk]``, ``v [B, T, H, dv]``; ``lr, momentum, decay, window_gate
-    [B, T, H]`` (``momentum`` may be None for ``gd``, ``decay`` None for no forgetting,
-    ``window_gate`` None for all ones); ``params``: the initial memory, ``{name: [H, rows, cols]
-    or [B, H, rows, cols]}`` (linear ``w0 [H, dv, dk]``; mlp ``w0 [H, hidden, dk] .. w{depth-1}
-    [H, dv, hidden]``; gated_mlp ``w_gate, w_up [H, hidden, dk]``, ``w_out [H, dv, hidden]``),
-    replaced by ``initial_state`` when given. Returns ``o [B, T, H, dv]`` in q's dtype and, if
-    ``output_final_state``, a :class:`MemoryState` (float32 under lower precisions) that
-    continues the sequence exactly from any split point.
-    """
-    check_choice("memory", memory, MEMORY_KINDS)
-    check_choice("activation", activation, ACTIVATIONS)
-    check_choice("loss", loss, LOSSES)
-    check_choice("optimizer", optimizer, OPTIMIZERS)
-    check_choice("granularity", granularity, GRANULARITIES)
-    check_choice("impl", impl, tuple(IMPLS))
-    check_int("depth", depth)
-    check_int("window", window)
-    check_int("chunk_size", chunk_size)
-    check_int("ns_steps", ns_steps, minimum=0)
-    check_bool("residual", residual)
-    if not isinstance(q, Tensor):
-        raise TypeError(f"q must be a torch.Tensor; got {type(q).__name__}")
-    if q.dim() != 4:
-        raise ValueError(f"q must have 4 dims [B, T, H, dk]; got shape {list(q.shape)}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64; got {q.dtype}")
-    bsz, seq, nh, dk = q.shape
-    if seq < 1:
-        raise ValueError("q must hold at least one token (T >= 1)")
-    _tensor("k", k, 4, (bsz, seq, nh, dk), q)
-    _tensor("v", v, 4, (bsz, seq, nh, None), q)
-    dv = v.shape[-1]
-    _tensor("lr", lr, 3, (bsz, seq, nh), q)
-    if momentum is None:
-        if optimizer != "gd":
-            raise ValueError(f"momentum gates are required for optimizer={optimizer!r} (only 'gd' takes None)")
-    else:
-        _tensor("momentum", momentum, 3, (bsz, seq, nh), q)
-    if decay is not None:
-        _tensor("decay", decay, 3, (bsz, seq, nh), q)
-    if window_gate is not None:
-        _tensor("window_gate", window_gate, 3, (bsz, seq, nh), q)
-    spec = MemorySpec(memory, depth, activation, residual)
-    w0 = _check_params(params, spec, bsz, nh, dk, dv, q)
-    config = (memory, depth if memory == "mlp" else None, activation, residual, loss, optimizer, window, chunk_size, granularity)
+    The rule (memory, loss, optimizer, Newton–Schulz steps, window ``c``, chunk size ``b``,
+    granularity) is ``rule=UpdateRule(...)``; its fields may instead be passed as keywords
+    (``memory="mlp", chunk_size=16, ...``), a convenience that builds the same rule.
 
-    cd = _compute_dtype(q.dtype)
+    Shapes and ranges: ``q, k [B, T, H, dk]``, ``v [B, T, H, dv]`` (float16, bfloat16, float32 or
+    float64, all alike, on one device); ``lr, momentum, decay, window_gate [B, T, H]`` in q's dtype
+    (``lr >= 0``; ``momentum``, ``decay``, ``window_gate`` in [0, 1]; ``momentum`` may be None for
+    ``gd``, ``decay`` None for no forgetting, ``window_gate`` None for all ones); ``params``: the
+    initial memory, ``{name: [H, rows, cols] or [B, H, rows, cols]}`` (linear ``w0 [H, dv, dk]``;
+    mlp ``w0 [H, hidden, dk] .. w{depth-1} [H, dv, hidden]``; gated_mlp ``w_gate, w_up [H,
+    hidden, dk]``, ``w_out [H, dv, hidden]``), replaced by ``initial_state`` when given.
+    ``impl``: ``"chunk"`` (default), ``"reference"`` (the token loop) or ``"triton"``.
+
+    Returns ``o [B, T, H, dv]`` in q's dtype and, if ``output_final_state``, a
+    :class:`MemoryState` (float32 under lower precisions) that continues the sequence exactly from
+    any split point.
+
+    Raises:
+        TypeError: a tensor of the wrong type or dtype, an unknown keyword, a rule that is not an
+            :class:`UpdateRule`, an ``initial_state`` that is not a :class:`MemoryState`.
+        ValueError: bad settings, shapes, devices, missing momentum gates, both ``rule=`` and
+            keywords, or an ``initial_state`` made with another rule or shape.
+        ImportError: ``impl="triton"`` without the triton package.
+    """
+    rule = _rule(rule, settings)
+    check_choice("impl", impl, tuple(IMPLS))
+    check_query(q)
+    bsz, seq, nh, dk = q.shape
+    check_tensor("k", k, (bsz, seq, nh, dk), q)
+    check_tensor("v", v, (bsz, seq, nh, None), q)
+    dv = v.shape[-1]
+    check_tensor("lr", lr, (bsz, seq, nh), q)
+    if momentum is None:
+        if rule.optimizer != "gd":
+            raise ValueError(f"momentum gates are required for optimizer={rule.optimizer!r} (only 'gd' takes None)")
+    else:
+        check_tensor("momentum", momentum, (bsz, seq, nh), q)
+    if decay is not None:
+        check_tensor("decay", decay, (bsz, seq, nh), q)
+    if window_gate is not None:
+        check_tensor("window_gate", window_gate, (bsz, seq, nh), q)
+    w0 = _check_params(params, rule.spec, bsz, nh, dk, dv, q)
+
+    cd = compute_dtype(q.dtype)
     zeros = q.new_zeros(bsz, seq, nh)
     gates = {
         "lr": _heads_first(lr, cd),
-        "momentum": _heads_first(zeros if optimizer == "gd" else momentum, cd),
+        "momentum": _heads_first(zeros if rule.optimizer == "gd" else momentum, cd),
         "decay": _heads_first(zeros if decay is None else decay, cd),
     }
     gam = _heads_first(zeros + 1 if window_gate is None else window_gate, cd)
@@ -210,8 +175,8 @@ def neural_memory(
     else:
         if not isinstance(initial_state, MemoryState):
             raise TypeError(f"initial_state must be a MemoryState (the op's final_state); got {type(initial_state).__name__}")
-        if initial_state.config != config:
-            raise ValueError(f"initial_state was made with settings {initial_state.config}, not {config}")
+        if initial_state.rule != rule:
+            raise ValueError(rule_mismatch(initial_state.rule, rule))
         st = initial_state
         for n, w in w0.items():
             if st.weights[n].shape != w.shape:
@@ -231,8 +196,7 @@ def neural_memory(
         gates = {n: torch.cat([st.gates[n].to(cd), g], 2) for n, g in gates.items()}
 
     problem = Problem(
-        spec=spec, loss=loss, optimizer=optimizer, ns_steps=ns_steps, window=window,
-        chunk_size=chunk_size, granularity=granularity, q=qq,
+        rule=rule, q=qq,
         k=torch.cat([hk, kk], 2), v=torch.cat([hv, vv], 2), gamma=torch.cat([hg, gam], 2),
         lr=gates["lr"], momentum=gates["momentum"], decay=gates["decay"],
         n_hist=hk.shape[2], w0=w0, s0=s0, low_precision=q.dtype in (torch.float16, torch.bfloat16),
@@ -243,8 +207,8 @@ def neural_memory(
         return o, None
 
     total = seen + seq
-    new_pending = total % chunk_size
-    keep = min(total, window - 1 + new_pending)
+    new_pending = total % rule.chunk_size
+    keep = min(total, rule.window - 1 + new_pending)
     return o, MemoryState(
         weights=res.weights,
         momentum=res.momentum,
@@ -255,5 +219,5 @@ def neural_memory(
         window_gate=problem.gamma[:, :, problem.gamma.shape[2] - keep :],
         gates={n: g[:, :, g.shape[2] - new_pending :] for n, g in gates.items()},
         seen=total,
-        config=config,
+        rule=rule,
     )

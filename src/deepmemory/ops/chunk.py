@@ -28,19 +28,11 @@ built for all chunks at once; only the gradients and the reads walk the chunks i
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .coefficients import chunk_layout, gate_coefficients, segprod
 from .memory import dense_apply, memory_forward, newton_schulz, token_gradients
 from .problem import Problem, Result
-
-
-def _segprod(x: Tensor) -> Tensor:
-    """``D[..., t, r] = prod_{j=r+1}^{t} x[..., j]`` for ``r <= t``, 0 above the diagonal."""
-    n = x.shape[-1]
-    strictly_lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
-    factors = torch.where(strictly_lower, x.unsqueeze(-1), torch.ones((), dtype=x.dtype, device=x.device))
-    return torch.cumprod(factors, dim=-2).tril()
 
 
 def _outer_sums(coef: Tensor, d: Tensor, a: Tensor) -> Tensor:
@@ -74,58 +66,26 @@ def _read_start(ws: Tensor, x: Tensor, coef: Tensor) -> Tensor:
 
 
 def chunk(p: Problem) -> Result:
-    bsz, nh, n, _ = p.q.shape
-    b, c = p.chunk_size, p.window
-    n_chunks = -(-n // b)
-    pad = n_chunks * b - n
-    last_len = n - (n_chunks - 1) * b
-    n_ext = c - 1 + b
-
-    # every chunk sees exactly c - 1 tokens before it: missing history is a zero token with gamma 0
-    lead = c - 1 - p.n_hist
-    kx = F.pad(p.k, (0, 0, lead, pad)).unfold(2, n_ext, b).transpose(-1, -2)  # [B, H, nc, n_ext, dk]
-    vx = F.pad(p.v, (0, 0, lead, pad)).unfold(2, n_ext, b).transpose(-1, -2)
-    gx = F.pad(p.gamma, (lead, pad)).unfold(2, n_ext, b)  # [B, H, nc, n_ext]
-    q = F.pad(p.q, (0, 0, 0, pad)).unflatten(2, (n_chunks, b))
-    lr = F.pad(p.lr, (0, pad)).unflatten(2, (n_chunks, b))
-    mom = F.pad(p.momentum, (0, pad)).unflatten(2, (n_chunks, b))
-    ret = 1.0 - F.pad(p.decay, (0, pad)).unflatten(2, (n_chunks, b))
-
-    t_idx = torch.arange(b, device=q.device)[:, None]
-    i_idx = torch.arange(n_ext, device=q.device)[None, :]
-    band = (i_idx >= t_idx) & (i_idx <= t_idx + c - 1)  # token t (ext index t + c - 1) sees i in [t, t + c - 1]
-    gamma = band * gx.unsqueeze(-2)  # [B, H, nc, b, n_ext]
-
+    """The chunk-parallel form of the rule (``impl="chunk"``): exact against :func:`reference`."""
+    lay = chunk_layout(p)
+    n, b, n_chunks, last_len = p.q.shape[2], lay.b, lay.n_chunks, lay.last_len
     # per-chunk views via unbind: indexing one chunk out of the whole tensor would make every
     # backward step materialise a gradient of the whole sequence (quadratic in T)
-    kx, vx, q = kx.unbind(2), vx.unbind(2), q.unbind(2)
-    if p.granularity == "chunk":
-        return _chunk_granularity(p, q, kx, vx, lr, mom, ret, gamma, n, b, last_len)
+    kx, vx, q = lay.kx.unbind(2), lay.vx.unbind(2), lay.q.unbind(2)
+    if p.rule.granularity == "chunk":
+        return _chunk_granularity(p, q, kx, vx, lay.lr, lay.momentum, lay.retention, lay.gamma, n, b, last_len)
+    if p.rule.optimizer == "muon":
+        d_a = segprod(lay.retention)
+        return _muon_token(p, q, kx, vx, lay.lr, lay.momentum, lay.gamma, d_a, torch.cumprod(lay.retention, -1), n, b, last_len)
 
-    d_a = _segprod(ret)  # [B, H, nc, b, b]
-    a_cum = torch.cumprod(ret, dim=-1)  # [B, H, nc, b]
-    if p.optimizer == "muon":
-        return _muon_token(p, q, kx, vx, lr, mom, gamma, d_a, a_cum, n, b, last_len)
-
-    if p.optimizer == "gd":
-        s_coef = lr.unsqueeze(-1) * gamma  # S_t = -sum_i s_coef[t, i] delta_i a_i^T
-        m_coef = torch.zeros_like(a_cum)
-        e_cum = torch.zeros_like(a_cum)
-    else:
-        s_coef = (_segprod(mom) * lr.unsqueeze(-2)) @ gamma
-        e_cum = torch.cumprod(mom, dim=-1)
-        m_coef = (d_a @ e_cum.unsqueeze(-1)).squeeze(-1)
-    c_coef = d_a @ s_coef
-
+    g = gate_coefficients(lay, p.rule.optimizer)
     # chunk-end rows (the last chunk may be short): the 2x2 map [[A, m], [0, E]] that carries
     # (W_s, S_s) to the chunk end, and the coefficients of the outer products that follow
-    ends = torch.full((n_chunks,), b - 1, device=q[0].device)
-    ends[-1] = last_len - 1
-    pick = lambda x: x[:, :, torch.arange(n_chunks, device=ends.device), ends]  # noqa: E731
-    a_end, m_end, e_end = pick(a_cum), pick(m_coef), pick(e_cum)
+    a_end, m_end, e_end = lay.ends(g.a_cum), lay.ends(g.m_coef), lay.ends(g.e_cum)
     mix = torch.stack([torch.stack([a_end, m_end], -1), torch.stack([torch.zeros_like(e_end), e_end], -1)], -2)
-    out_coef = torch.stack([pick(c_coef), pick(s_coef)], -2)  # [B, H, nc, 2, n_ext]
-    read_coef = torch.stack([a_cum, m_coef], -1)  # [B, H, nc, b, 2]
+    out_coef = torch.stack([lay.ends(g.c_coef), lay.ends(g.s_coef)], -2)  # [B, H, nc, 2, n_ext]
+    read_coef = torch.stack([g.a_cum, g.m_coef], -1)  # [B, H, nc, b, 2]
+    c_coef = g.c_coef
     mix, out_coef, read_coef, c_coef = (x.unbind(2) for x in (mix, out_coef, read_coef, c_coef))
     outs = []
 
@@ -136,7 +96,7 @@ def chunk(p: Problem) -> Result:
     for j in range(n_chunks):
         if j == n_chunks - 1 and last_len < b:
             ws_chunk = ws
-        grads = token_gradients(p.spec, {m: t[:, :, 0] for m, t in ws.items()}, kx[j], vx[j], p.loss)
+        grads = token_gradients(p.spec, {m: t[:, :, 0] for m, t in ws.items()}, kx[j], vx[j], p.rule.loss)
         c_j, r_j = c_coef[j], read_coef[j].unsqueeze(-1)
 
         def dual_apply(name: str, x: Tensor) -> Tensor:
@@ -155,7 +115,7 @@ def _muon_token(p: Problem, q, kx, vx, lr, mom, gamma, d_a, a_cum, n: int, b: in
     """Muon at token granularity: ``S_t = E_t S_s + sum_i K(t, i) delta_i a_i^T`` with ``K = D_E Gamma``,
     ``W_t = A_t W_s - sum_r D_A[t, r] lr_r NS(S_r)``; the chunk's ``S_t`` and ``W_t`` are materialised."""
     n_chunks = len(q)
-    s_coef = (_segprod(mom) @ gamma).unbind(2)
+    s_coef = (segprod(mom) @ gamma).unbind(2)
     w_coef = (d_a * lr.unsqueeze(-2)).unbind(2)
     e_cum = torch.cumprod(mom, dim=-1).unbind(2)
     a_cum = a_cum.unbind(2)
@@ -166,12 +126,12 @@ def _muon_token(p: Problem, q, kx, vx, lr, mom, gamma, d_a, a_cum, n: int, b: in
         e = (b if j < n_chunks - 1 else last_len) - 1
         if e < b - 1:
             w_chunk, s_chunk = w, s
-        grads = token_gradients(p.spec, w, kx[j], vx[j], p.loss)
+        grads = token_gradients(p.spec, w, kx[j], vx[j], p.rule.loss)
         e_j = e_cum[j][..., None, None]
         s_all = {m: e_j * s[m].unsqueeze(2) + torch.einsum("bhti,bhir,bhic->bhtrc", s_coef[j], *grads[m]) for m in w}
         w_all = {
             m: a_cum[j][..., None, None] * w[m].unsqueeze(2)
-            - torch.einsum("bhtr,bhrpc->bhtpc", w_coef[j], newton_schulz(s_all[m], p.ns_steps))
+            - torch.einsum("bhtr,bhrpc->bhtpc", w_coef[j], newton_schulz(s_all[m], p.rule.ns_steps))
             for m in w
         }
         outs.append(memory_forward(p.spec, dense_apply(w_all), q[j]))
@@ -186,7 +146,7 @@ def _chunk_granularity(p: Problem, q, kx, vx, lr, mom, ret, gamma, n: int, b: in
     """One update per chunk with its gates averaged; the chunk's tokens read the previous chunk's memory.
     A short last chunk is not applied: it stays pending in the state until the chunk completes."""
     n_chunks = len(q)
-    coef = gamma.sum(-2) if p.optimizer == "muon" else (lr.unsqueeze(-1) * gamma).sum(-2)  # [B, H, nc, n_ext]
+    coef = gamma.sum(-2) if p.rule.optimizer == "muon" else (lr.unsqueeze(-1) * gamma).sum(-2)  # [B, H, nc, n_ext]
     coef, keep_s, keep_w, mean_lr = (x.unbind(2) for x in (coef, mom.mean(-1), ret.mean(-1), lr.mean(-1)))
     w, s = dict(p.w0), dict(p.s0)
     outs = []
@@ -194,14 +154,14 @@ def _chunk_granularity(p: Problem, q, kx, vx, lr, mom, ret, gamma, n: int, b: in
         outs.append(memory_forward(p.spec, dense_apply(w), q[j]))
         if j == n_chunks - 1 and last_len < b:
             break
-        grads = token_gradients(p.spec, w, kx[j], vx[j], p.loss)
+        grads = token_gradients(p.spec, w, kx[j], vx[j], p.rule.loss)
         step = {m: _outer_sums(coef[j].unsqueeze(-2), *grads[m])[:, :, 0] for m in w}
         ks, kw = keep_s[j][..., None, None], keep_w[j][..., None, None]
-        if p.optimizer == "muon":
+        if p.rule.optimizer == "muon":
             s = {m: ks * s[m] + step[m] for m in w}
-            w = {m: kw * w[m] - mean_lr[j][..., None, None] * newton_schulz(s[m], p.ns_steps) for m in w}
+            w = {m: kw * w[m] - mean_lr[j][..., None, None] * newton_schulz(s[m], p.rule.ns_steps) for m in w}
         else:
-            s = {m: -step[m] for m in w} if p.optimizer == "gd" else {m: ks * s[m] - step[m] for m in w}
+            s = {m: -step[m] for m in w} if p.rule.optimizer == "gd" else {m: ks * s[m] - step[m] for m in w}
             w = {m: kw * w[m] + s[m] for m in w}
     # the chunk-start state equals the current one: chunk granularity only moves at chunk ends
     return Result(torch.cat(outs, 2)[:, :, :n], w, s, w, s)

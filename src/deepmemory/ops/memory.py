@@ -54,13 +54,16 @@ class MemorySpec:
 
     ``depth`` counts matrices of an mlp; ``residual`` adds the input to the output of an
     mlp / gated_mlp (``M(x) = x + h``), which needs ``dk == dv``. A linear memory is
-    ``M(x) = W0 x`` and ignores both.
+    ``M(x) = W0 x`` and ignores both. ``layer_norm`` normalises the network's output before the
+    residual, ``M(x) = x + LN(h(x))`` (ATLAS App. E; LayerNorm without gain or bias, eps 1e-5,
+    part of the function the inner loop trains through).
     """
 
     kind: str = "mlp"
     depth: int = 2
     activation: str = "gelu"
     residual: bool = True
+    layer_norm: bool = False
 
     @property
     def uses_residual(self) -> bool:
@@ -108,10 +111,29 @@ def dense_apply(weights: Dict[str, Tensor]) -> Apply:
     return apply
 
 
+LN_EPS = 1e-5
+
+
+def layer_norm(h: Tensor) -> Tensor:
+    """``(h - mean) / sqrt(var + eps)`` over the last dim (no gain, no bias)."""
+    return torch.nn.functional.layer_norm(h, h.shape[-1:], eps=LN_EPS)
+
+
+def layer_norm_backward(grad: Tensor, h: Tensor) -> Tensor:
+    """``d loss / d h`` from ``grad = d loss / d layer_norm(h)``, written out so that it stays
+    differentiable (the outer loop trains through it):
+    ``(grad - mean(grad) - y mean(grad y)) / sqrt(var + eps)`` with ``y = layer_norm(h)``."""
+    centred = h - h.mean(-1, keepdim=True)
+    inv_std = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + LN_EPS)
+    y = centred * inv_std
+    return inv_std * (grad - grad.mean(-1, keepdim=True) - y * (grad * y).mean(-1, keepdim=True))
+
+
 def memory_forward(spec: MemorySpec, apply: Apply, x: Tensor) -> Tensor:
     """``M(x)`` for ``x [B, H, N, dk]`` -> ``[B, H, N, dv]``."""
     if spec.kind == "linear":
-        return apply("w0", x)
+        h = apply("w0", x)
+        return layer_norm(h) if spec.layer_norm else h
     if spec.kind == "mlp":
         h = x
         for i in range(spec.depth):
@@ -119,6 +141,8 @@ def memory_forward(spec: MemorySpec, apply: Apply, x: Tensor) -> Tensor:
             h = activation(spec.activation, z) if i < spec.depth - 1 else z
     else:
         h = apply("w_out", activation(spec.activation, apply("w_gate", x)) * apply("w_up", x))
+    if spec.layer_norm:
+        h = layer_norm(h)
     return x + h if spec.residual else h
 
 
@@ -145,10 +169,13 @@ def token_gradients(
         u = k @ wu.transpose(-1, -2)
         sg = activation(act, g)
         h = sg * u
-        pred = h @ wo.transpose(-1, -2)
+        net = h @ wo.transpose(-1, -2)
+        pred = layer_norm(net) if spec.layer_norm else net
         if spec.residual:
             pred = pred + k
         d_out = loss_grad(loss, pred, v)
+        if spec.layer_norm:
+            d_out = layer_norm_backward(d_out, net)
         dh = d_out @ wo
         out["w_out"] = (d_out, h)
         out["w_gate"] = (activation_backward(act, dh * u, g), k)
@@ -163,8 +190,12 @@ def token_gradients(
         pre.append(z)
         if i < depth - 1:
             inputs.append(activation(act, z))
-    pred = pre[-1] + k if spec.uses_residual else pre[-1]
+    net = pre[-1]
+    pred = layer_norm(net) if spec.layer_norm else net
+    pred = pred + k if spec.uses_residual else pred
     delta = loss_grad(loss, pred, v)
+    if spec.layer_norm:
+        delta = layer_norm_backward(delta, net)
     for i in reversed(range(depth)):
         out[names[i]] = (delta, inputs[i])
         if i > 0:

@@ -8,11 +8,12 @@ from typing import Dict, NamedTuple
 from torch import Tensor
 
 from .memory import MemorySpec
+from .rule import UpdateRule
 
 
 @dataclass
 class Problem:
-    """One call of the op, in heads-first layout and compute precision.
+    """One call of the op, in heads-first layout and compute precision, with its :class:`UpdateRule`.
 
     The sequence starts on a chunk boundary: tokens of an unfinished chunk carried in the state
     are replayed first (their queries are zero and their outputs dropped by the caller).
@@ -23,13 +24,7 @@ class Problem:
     ``low_precision``: the caller's tensors are float16/bfloat16, so fast paths may use TF32 products.
     """
 
-    spec: MemorySpec
-    loss: str
-    optimizer: str
-    ns_steps: int
-    window: int
-    chunk_size: int
-    granularity: str
+    rule: UpdateRule
     q: Tensor
     k: Tensor
     v: Tensor
@@ -45,6 +40,11 @@ class Problem:
     @property
     def dv(self) -> int:
         return self.v.shape[-1]
+
+    @property
+    def spec(self) -> MemorySpec:
+        """The memory network the op trains (the rule's, with the caller's residual handling)."""
+        return self.rule.spec
 
 
 class Result(NamedTuple):

@@ -1,4 +1,4 @@
-"""The update rule token by token, straight from the equations (SPEC §2). Slow; the ground truth.
+"""The update rule token by token, straight from the equations (Titans eq. 13–14 with ATLAS's Omega rule and Muon). Slow; the ground truth.
 
 Per-token gradients come from autograd here (the chunked form uses a hand-written backward),
 so the two implementations share nothing but the memory's forward pass.
@@ -18,7 +18,7 @@ from .problem import Problem, Result
 def _loss(p: Problem, weights: Dict[str, Tensor], k: Tensor, v: Tensor, gamma: Tensor) -> Tensor:
     """sum_i gamma_i loss_i(W) over the window (and over batch and heads, which do not interact)."""
     pred = memory_forward(p.spec, dense_apply(weights), k)
-    if p.loss == "l2":
+    if p.rule.loss == "l2":
         per_token = 0.5 * (pred - v).pow(2).sum(-1)
     else:
         per_token = -(pred * v).sum(-1)
@@ -27,7 +27,7 @@ def _loss(p: Problem, weights: Dict[str, Tensor], k: Tensor, v: Tensor, gamma: T
 
 def _surprise(p: Problem, w_grad: Dict[str, Tensor], x: int) -> Dict[str, Tensor]:
     """u_t = sum_{i=t-c+1}^{t} gamma_i grad_W loss_i(W_{t'}) for the token at extended index x."""
-    lo = max(0, x - p.window + 1)
+    lo = max(0, x - p.rule.window + 1)
     names = list(w_grad)
     leaves = [w if w.requires_grad else w.detach().requires_grad_() for w in w_grad.values()]
     loss = _loss(p, dict(zip(names, leaves)), p.k[:, :, lo : x + 1], p.v[:, :, lo : x + 1], p.gamma[:, :, lo : x + 1])
@@ -40,7 +40,7 @@ def _col(t: Tensor) -> Tensor:
 
 
 def reference(p: Problem) -> Result:
-    n, b = p.q.shape[2], p.chunk_size
+    n, b = p.q.shape[2], p.rule.chunk_size
     w, s = dict(p.w0), dict(p.s0)
     w_chunk, s_chunk = w, s
     outs = []
@@ -50,17 +50,17 @@ def reference(p: Problem) -> Result:
             lr, mom, ret = p.lr[:, :, t], p.momentum[:, :, t], 1.0 - p.decay[:, :, t]
             if t % b == 0:
                 w_chunk, s_chunk = w, s
-            if p.granularity == "token":
+            if p.rule.granularity == "token":
                 u = _surprise(p, w_chunk, x)
-                if p.optimizer == "gd":
+                if p.rule.optimizer == "gd":
                     s = {m: -_col(lr) * u[m] for m in w}
                     w = {m: _col(ret) * w[m] + s[m] for m in w}
-                elif p.optimizer == "momentum":
+                elif p.rule.optimizer == "momentum":
                     s = {m: _col(mom) * s[m] - _col(lr) * u[m] for m in w}
                     w = {m: _col(ret) * w[m] + s[m] for m in w}
                 else:
                     s = {m: _col(mom) * s[m] + u[m] for m in w}
-                    w = {m: _col(ret) * w[m] - _col(lr) * newton_schulz(s[m], p.ns_steps) for m in w}
+                    w = {m: _col(ret) * w[m] - _col(lr) * newton_schulz(s[m], p.rule.ns_steps) for m in w}
                 outs.append(memory_forward(p.spec, dense_apply(w), p.q[:, :, t : t + 1]))
             else:
                 # tokens of chunk J read W_{J-1}; the chunk's single update lands after its last token
@@ -70,13 +70,13 @@ def reference(p: Problem) -> Result:
                     us = [_surprise(p, w_chunk, p.n_hist + i) for i in range(start, t + 1)]
                     mean_mom = p.momentum[:, :, start : t + 1].mean(-1)
                     mean_ret = 1.0 - p.decay[:, :, start : t + 1].mean(-1)
-                    if p.optimizer == "muon":
+                    if p.rule.optimizer == "muon":
                         mean_lr = p.lr[:, :, start : t + 1].mean(-1)
                         s = {m: _col(mean_mom) * s[m] + sum(u[m] for u in us) for m in w}
-                        w = {m: _col(mean_ret) * w[m] - _col(mean_lr) * newton_schulz(s[m], p.ns_steps) for m in w}
+                        w = {m: _col(mean_ret) * w[m] - _col(mean_lr) * newton_schulz(s[m], p.rule.ns_steps) for m in w}
                     else:
                         step = {m: sum(_col(p.lr[:, :, start + j]) * u[m] for j, u in enumerate(us)) for m in w}
-                        keep = 0.0 if p.optimizer == "gd" else _col(mean_mom)
+                        keep = 0.0 if p.rule.optimizer == "gd" else _col(mean_mom)
                         s = {m: keep * s[m] - step[m] for m in w}
                         w = {m: _col(mean_ret) * w[m] + s[m] for m in w}
     if n % b == 0:

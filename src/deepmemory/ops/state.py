@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from dataclasses import dataclass
+from typing import Dict
 
 from torch import Tensor
 
 from ..tree import State
+from .rule import UpdateRule
 
 
 @dataclass
@@ -24,7 +25,7 @@ class MemoryState(State):
       ``n = min(seen, window - 1 + pending)`` tokens: the Omega window reaches ``window - 1``
       tokens before the unfinished chunk, whose ``pending`` tokens are replayed on resume.
     - ``gates``: ``lr``, ``momentum``, ``decay`` ``[B, H, pending]`` of the pending tokens.
-    - ``seen``: how many tokens the memory has read; ``config``: the op settings it was made with.
+    - ``seen``: how many tokens the memory has read; ``rule``: the :class:`UpdateRule` it was made with.
     """
 
     weights: Dict[str, Tensor]
@@ -36,7 +37,7 @@ class MemoryState(State):
     window_gate: Tensor
     gates: Dict[str, Tensor]
     seen: int
-    config: Tuple = field(default=())
+    rule: UpdateRule
 
     @property
     def pending(self) -> int:

@@ -45,14 +45,13 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 import triton
 import triton.language as tl
 
-from .chunk import _segprod
+from .coefficients import chunk_layout, gate_coefficients
 from .problem import Problem, Result
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -94,12 +93,12 @@ def _check(p: Problem) -> None:
     supported = spec.kind == "linear" or (
         spec.kind == "mlp" and spec.depth == 2 and spec.activation == "gelu"
     )
-    if not supported or p.granularity != "token" or p.optimizer not in ("gd", "momentum"):
+    if not supported or p.rule.granularity != "token" or p.rule.optimizer not in ("gd", "momentum") or spec.layer_norm:
         raise ValueError(
             "impl='triton' supports memory='linear' or memory='mlp' with depth=2 and activation='gelu', "
-            "optimizer 'gd' or 'momentum' and granularity='token'; got "
-            f"memory={spec.kind!r}, depth={spec.depth}, activation={spec.activation!r}, "
-            f"optimizer={p.optimizer!r}, granularity={p.granularity!r}"
+            "no layer_norm, optimizer 'gd' or 'momentum' and granularity='token'; got "
+            f"memory={spec.kind!r}, depth={spec.depth}, activation={spec.activation!r}, layer_norm={spec.layer_norm}, "
+            f"optimizer={p.rule.optimizer!r}, granularity={p.rule.granularity!r}"
         )
     if p.q.device.type != "cuda" and not _INTERPRET:
         raise ValueError(
@@ -568,49 +567,21 @@ class _MlpChunks(torch.autograd.Function):
 # the op
 
 
-def _coefficients(p: Problem, n_chunks: int, b: int, last_len: int):
-    """Gate coefficients per chunk (see the module docstring), all ``[B, H, nc, ...]``."""
-    c = p.window
-    pad, ne = n_chunks * b - p.q.shape[2], c - 1 + b
-    lr = F.pad(p.lr, (0, pad)).unflatten(2, (n_chunks, b))
-    mom = F.pad(p.momentum, (0, pad)).unflatten(2, (n_chunks, b))
-    ret = 1.0 - F.pad(p.decay, (0, pad)).unflatten(2, (n_chunks, b))
-    gx = F.pad(p.gamma, (c - 1 - p.n_hist, pad)).unfold(2, ne, b)  # [B, H, nc, ne]
-    t_idx = torch.arange(b, device=lr.device)[:, None]
-    i_idx = torch.arange(ne, device=lr.device)[None, :]
-    gamma = ((i_idx >= t_idx) & (i_idx <= t_idx + c - 1)) * gx.unsqueeze(-2)  # [B, H, nc, b, ne]
-
-    d_a = _segprod(ret)
-    a_cum, e_cum = torch.cumprod(ret, -1), torch.cumprod(mom, -1)
-    p_coef = (_segprod(mom) * lr.unsqueeze(-2)) @ gamma
-    c_coef = d_a @ p_coef
-    m_cum = (d_a @ e_cum.unsqueeze(-1)).squeeze(-1)
-    # the state steps to the chunk's last token: b - 1, or last_len - 1 for a ragged last chunk
-    ends = torch.full((n_chunks,), b - 1, device=lr.device)
-    ends[-1] = last_len - 1
-    rows = torch.arange(n_chunks, device=lr.device)
-    end = lambda x: x[:, :, rows, ends]  # noqa: E731
-    return c_coef, end(c_coef), end(p_coef), a_cum, m_cum, end(a_cum), end(m_cum), end(e_cum)
-
-
 def triton_chunk(p: Problem) -> Result:
     _check(p)
     bsz, nh, n, dk = p.q.shape
-    dv, b, c = p.dv, p.chunk_size, p.window
-    n_chunks = -(-n // b)
-    pad = n_chunks * b - n
-    last_len = n - (n_chunks - 1) * b
-    ne = c - 1 + b
-    lead = c - 1 - p.n_hist
+    dv = p.dv
+    lay = chunk_layout(p)
+    g = gate_coefficients(lay, p.rule.optimizer)
+    b, n_chunks, last_len = lay.b, lay.n_chunks, lay.last_len
 
     flat = lambda x: x.flatten(0, 1).contiguous()  # noqa: E731  [B, H, ...] -> [BH, ...]
-    kx = flat(F.pad(p.k, (0, 0, lead, pad)).unfold(2, ne, b).transpose(-1, -2))  # [BH, nc, ne, dk]
-    vx = flat(F.pad(p.v, (0, 0, lead, pad)).unfold(2, ne, b).transpose(-1, -2))
-    q = flat(F.pad(p.q, (0, 0, 0, pad)).unflatten(2, (n_chunks, b)))
-    coefs = [flat(x) for x in _coefficients(p, n_chunks, b, last_len)]
+    kx, vx, q = flat(lay.kx), flat(lay.vx), flat(lay.q)  # [BH, nc, n_ext | b, d]
+    coefs = [flat(x) for x in (g.c_coef, lay.ends(g.c_coef), lay.ends(g.s_coef), g.a_cum, g.m_coef,
+                               lay.ends(g.a_cum), lay.ends(g.m_coef), lay.ends(g.e_cum))]
     w, s = ({m: flat(t) for m, t in d.items()} for d in (p.w0, p.s0))
 
-    l2 = p.loss == "l2"
+    l2 = p.rule.loss == "l2"
     prec = "tf32" if p.low_precision else "ieee"
     n_full = n_chunks if last_len == b else n_chunks - 1
     outs = []
@@ -620,7 +591,7 @@ def triton_chunk(p: Problem) -> Result:
         w_chunk, s_chunk = w, s
         args = [x[:, lo:hi].contiguous() for x in (q, kx, vx, *coefs)]
         if p.spec.kind == "linear":
-            o, wf, sf = _LinearChunks.apply(*args, w["w0"], s["w0"], l2, p.optimizer == "momentum", prec)
+            o, wf, sf = _LinearChunks.apply(*args, w["w0"], s["w0"], l2, p.rule.optimizer == "momentum", prec)
             w, s = {"w0": wf}, {"w0": sf}
         else:
             o, *state = _MlpChunks.apply(*args, w["w0"], w["w1"], s["w0"], s["w1"], l2, p.spec.residual, prec)

@@ -1,5 +1,9 @@
 """The training loop behind ``deepmemory train`` and ``torchrun -m deepmemory.train``.
 
+``train(settings)`` resolves the settings, joins the process group and hands the run to a
+:class:`Trainer`: ``restore()`` (a fresh start or the latest checkpoint), then ``fit()``, which
+drives ``train_step()``, ``evaluate()`` and ``save()`` up to the last step.
+
 One optimizer step consumes a global batch of ``batch_size`` windows of ``seq_len + 1`` tokens:
 ``grad_accum`` micro-steps, each split evenly over the ranks. The loss is the mean next-token
 cross entropy, so the step is the same computation for any (ranks, grad_accum) split.
@@ -22,8 +26,8 @@ from torch import nn
 from ..data import DataError, WindowSampler, bits_per_byte, build_corpus, eval_windows, load_tokenizer, tokenizer_from_info
 from . import checkpoint as ck
 from .config import ConfigError, TrainConfig, new_config, resume_config
-from .distributed import (Env, all_sum, barrier, blocks, broadcast_str, first_error, gather_model_state,
-                          gather_optimizer_state, grad_norm_clip, load_optimizer_state, setup, teardown, unwrap, wrap)
+from .distributed import (Env, all_sum, barrier, broadcast_str, first_error, gather_model_state, gather_optimizer_state,
+                          grad_norm_clip, load_optimizer_state, setup, teardown, unwrap, wrap)
 
 FSDP_MIN_PARAMETERS = 300_000_000  # the 340m size and up: full replicas stop fitting comfortably
 
@@ -96,8 +100,20 @@ def next_token_loss(model: nn.Module, rows: torch.Tensor, reduction: str = "mean
     return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction=reduction)
 
 
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward, through Hugging Face's public switch
+    (``activation_checkpointing_enable``, or ``gradient_checkpointing_enable`` in releases that
+    predate that name), with the non-reentrant checkpoint."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, windows: torch.Tensor, micro: int, env: Env, precision: str) -> float:
+def validation_loss(model: nn.Module, windows: torch.Tensor, micro: int, env: Env, precision: str) -> float:
     """Mean next-token loss (nats) over ``windows``, split over ranks, each rank taking the same
     number of forward calls (FSDP needs them in step)."""
     was_training = model.training
@@ -209,189 +225,359 @@ def train(settings: Dict, resume: Optional[str] = None, overwrite: bool = False,
         # and on a machine shared with other jobs every op then waits for a descheduled thread
         torch.set_num_threads(1)
     try:
-        return _run(cfg, env, stored, resume, overwrite, started, quiet)
+        with Trainer(cfg, env, stored=stored, resume=resume, overwrite=overwrite, quiet=quiet, started=started) as trainer:
+            return trainer.fit()
     finally:
         teardown(env)
 
 
-def _run(cfg: TrainConfig, env: Env, stored: Optional[Dict], resume: Optional[str], overwrite: bool,
-         started: float, quiet: bool) -> Dict:
-    from tqdm.auto import tqdm
+class Trainer:
+    """One training run on one rank (every rank of a ``torchrun`` job builds its own).
 
-    say = (lambda *a: None) if quiet or not env.is_main else tqdm.write
-    micro_global = cfg.batch_size // cfg.grad_accum
-    if micro_global % env.world:
-        raise ConfigError(f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} = {micro_global} sequences "
-                          f"per micro-step does not split over {env.world} processes")
-    micro = micro_global // env.world
+    ``Trainer(cfg, env)`` builds the tokenizer, the model (seeded with ``cfg.seed``) and the data;
+    :meth:`restore` opens the run directory and sets the state, fresh or from the latest checkpoint;
+    :meth:`fit` drives :meth:`train_step`, :meth:`evaluate` and :meth:`save` up to ``cfg.steps``
+    with the progress bar, the log lines and ``metrics.jsonl``. Used as a context manager it closes
+    ``metrics.jsonl`` on the way out (:meth:`close`).
 
-    tokenizer = tokenizer_from_info(stored["tokenizer"], resume) if resume else load_tokenizer(cfg.tokenizer)
-    torch.manual_seed(cfg.seed)
-    model = model_from_config(stored["model"]["config"]) if resume else build_model(cfg, tokenizer.vocab_size)
-    n_params = sum(p.numel() for p in model.parameters())
-    use_fsdp = env.distributed and (cfg.fsdp or n_params >= FSDP_MIN_PARAMETERS)
-    corpus = build_corpus(cfg.data, tokenizer, cfg.val_fraction)
-    sampler = WindowSampler(corpus.train, cfg.seq_len, cfg.seed)
-    val = eval_windows(corpus.val, cfg.seq_len, max(1, cfg.eval_tokens // cfg.seq_len))
-    if val.shape[0] < env.world:
-        raise DataError(f"the validation data holds {val.shape[0]} windows of --seq-len {cfg.seq_len}, fewer than {env.world} processes")
-    val = val[: val.shape[0] // env.world * env.world]  # every rank evaluates as many windows
-    tpb_val, tpb_train = corpus.tokens_per_byte("val"), corpus.tokens_per_byte("train")
+    Args:
+        cfg: the resolved settings (``new_config`` or ``resume_config``).
+        env: the process group, from :func:`~deepmemory.train.distributed.setup`.
+        stored: the run directory's ``config.json`` when resuming (read from ``resume`` if omitted).
+        resume: the run directory to continue; ``None`` starts the one at ``cfg.out``.
+        overwrite: replace an existing run directory at ``cfg.out``.
+        quiet: print nothing (rank 0 alone prints in any case).
+        started: the run's start (``time.time()``), for the wall time; default now.
 
-    # ---- run directory (rank 0 writes; every rank learns the outcome)
-    run_dir, error, ckpt = resume, None, None
-    if env.is_main:
-        try:
-            if resume:
-                ck.remove_partial(resume)
-                ckpt = ck.latest_checkpoint(resume)
-                if ckpt is None:
-                    raise ck.CheckpointError(f"{resume} has no complete checkpoint to resume from")
-            else:
-                run_dir = cfg.out or _default_out(cfg)
-                record = {"format": ck.FORMAT, "version": ck.VERSION, "train": dict(cfg.to_dict(), out=os.path.abspath(run_dir)),
-                          "model": {"preset": cfg.model, "size": cfg.size, "parameters": n_params, "config": model.config.to_dict()},
-                          "tokenizer": tokenizer.info(),
-                          "data": {"source": corpus.source, "train_tokens": corpus.train.numel(), "val_tokens": corpus.val.numel(),
-                                   "train_bytes": corpus.train_bytes, "val_bytes": corpus.val_bytes,
-                                   "train_documents": corpus.train_docs, "val_documents": corpus.val_docs,
-                                   "byte_entropy": corpus.byte_entropy}}
+    Raises:
+        ConfigError: the batch does not split over the ranks; a bad ``--model``/``--size``.
+        DataError: the corpus or the tokenizer cannot be read, or the validation data is too short.
+        CheckpointError: the resumed run's stored tokenizer or model config cannot be built.
 
-                def write(tmp: str) -> None:
-                    ck.write_json(os.path.join(tmp, ck.CONFIG), record)
-                    tokenizer.save(tmp)
+    Attributes: ``model`` (the bare model), ``optimizer``, ``step`` (optimizer steps done),
+    ``run_dir``, ``train_loss`` and ``val_loss`` (the latest, or ``None``), ``corpus``, ``sampler``.
+    """
 
-                _create_run_dir(run_dir, overwrite, write)
-        except USER_ERRORS + (OSError,) as err:
-            error = str(err) if not isinstance(err, OSError) else f"{type(err).__name__}: {err}"
-    error = first_error(env, error)
-    if error:
-        raise TrainError(error)
-    run_dir = broadcast_str(env, run_dir)
-    ckpt = broadcast_str(env, ckpt)
+    def __init__(self, cfg: TrainConfig, env: Env, *, stored: Optional[Dict] = None, resume: Optional[str] = None,
+                 overwrite: bool = False, quiet: bool = False, started: Optional[float] = None):
+        from tqdm.auto import tqdm
 
-    # ---- state: fresh or from the checkpoint
-    step, elapsed_before, state = 0, 0.0, None
-    if resume:
-        model_sd, optim_sd, rng, state = ck.load_checkpoint(ckpt)
-        try:
-            model.load_state_dict(model_sd, strict=True)
-        except RuntimeError as err:
-            raise ck.CheckpointError(f"{ckpt} does not fit the run's model: {str(err).splitlines()[0]}") from err
-        sampler.load_state_dict(state["data"])
-        step, elapsed_before = state["step"], state.get("elapsed", 0.0)
-        if cfg.steps <= step:
-            raise ConfigError(f"--resume {resume}: the run is at step {step} already; pass --steps greater than {step}")
-    model.to(env.device)
-    if cfg.grad_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+        if resume and stored is None:
+            stored = ck.read_run_config(resume)
+        self.cfg, self.env, self.stored, self.resume, self.overwrite, self.quiet = cfg, env, stored, resume, overwrite, quiet
+        self.started = time.time() if started is None else started
+        self._say = (lambda *a: None) if quiet or not env.is_main else tqdm.write
+        self.micro_global = cfg.batch_size // cfg.grad_accum
+        if self.micro_global % env.world:
+            raise ConfigError(f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} = {self.micro_global} sequences "
+                              f"per micro-step does not split over {env.world} processes")
+        self.micro = self.micro_global // env.world
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len
 
-        repeated = set(blocks(model))
-        apply_activation_checkpointing(model, check_fn=lambda m: m in repeated)
-    wrapped = wrap(model, env, use_fsdp)
-    optimizer = make_optimizer(model, cfg)
-    if resume:
-        load_optimizer_state(model, optimizer, optim_sd)
-        torch.set_rng_state(rng["torch"])
-        if env.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"])
-    step_model = torch.compile(wrapped) if cfg.compile else wrapped
-    eval_model = unwrap(wrapped)  # DDP's forward would sync buffers; the bare module does not
+        self.tokenizer = tokenizer_from_info(stored["tokenizer"], resume) if resume else load_tokenizer(cfg.tokenizer)
+        torch.manual_seed(cfg.seed)
+        self.model = model_from_config(stored["model"]["config"]) if resume else build_model(cfg, self.tokenizer.vocab_size)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.use_fsdp = env.distributed and (cfg.fsdp or self.n_params >= FSDP_MIN_PARAMETERS)
+        self.corpus = build_corpus(cfg.data, self.tokenizer, cfg.val_fraction)
+        self.sampler = WindowSampler(self.corpus.train, cfg.seq_len, cfg.seed)
+        val = eval_windows(self.corpus.val, cfg.seq_len, max(1, cfg.eval_tokens // cfg.seq_len))
+        if val.shape[0] < env.world:
+            raise DataError(f"the validation data holds {val.shape[0]} windows of --seq-len {cfg.seq_len}, fewer than {env.world} processes")
+        self.val_windows = val[: val.shape[0] // env.world * env.world]  # every rank evaluates as many windows
+        self.tpb_val, self.tpb_train = self.corpus.tokens_per_byte("val"), self.corpus.tokens_per_byte("train")
 
-    if env.is_main:
-        metrics = [r for r in _read_metrics(run_dir) if r.get("step", 0) <= step]
-        ck.write_text(os.path.join(run_dir, ck.METRICS), "".join(json.dumps(r) + "\n" for r in metrics))
-        if resume:
-            ck.write_json(os.path.join(run_dir, ck.CONFIG), dict(stored, train=dict(cfg.to_dict(), out=os.path.abspath(run_dir))))
-    barrier(env)
-    metrics_file = open(os.path.join(run_dir, ck.METRICS), "a") if env.is_main else None
+        self.run_dir: Optional[str] = resume
+        self.checkpoint_path: Optional[str] = None  # the checkpoint resumed from
+        self.step, self.elapsed_before = 0, 0.0
+        self.train_loss: Optional[float] = None
+        self.val_loss: Optional[float] = None
+        self.wrapped: Optional[nn.Module] = None  # DDP's wrapper, or the (FSDP-sharded) model itself
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._step_model: Optional[nn.Module] = None  # the wrapped model, compiled with --compile
+        self._eval_model: Optional[nn.Module] = None  # DDP's forward would sync buffers; the bare module does not
+        self._metrics_file = None
 
-    def log(row: Dict) -> None:
-        if metrics_file:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+    # ------------------------------------------------------------ state
+    def restore(self) -> int:
+        """Open the run directory and set the training state.
 
-    say(f"data: {corpus.source}: {corpus.train_docs} train / {corpus.val_docs} validation documents, "
-        f"{corpus.train.numel():,} / {corpus.val.numel():,} tokens; unigram byte entropy {corpus.byte_entropy:.3f} bits/byte")
-    say(f"model: {cfg.model} ({cfg.size}), {n_params:,} parameters; {env.world} process(es) on {env.device.type}"
-        + (", FSDP" if use_fsdp else ", DDP" if env.distributed else ""))
-    say(f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g}, "
-        f"{'resuming from ' + os.path.basename(ckpt) + ' in ' if resume else 'directory '}{run_dir}")
+        A fresh run (no ``resume``) gets its directory at ``cfg.out`` (default ``runs/MODEL-SIZE-DATE-TIME``)
+        with ``config.json`` and the tokenizer, built beside it and renamed in. A resumed run drops
+        any half-written checkpoint and loads the latest complete one: weights, optimizer moments,
+        the RNG state, the data order and the step. Then the model goes to the device (gradient
+        checkpointing and DDP/FSDP applied), ``metrics.jsonl`` is cut back to the restored step and
+        opened for appending. Rank 0 writes; every rank learns the outcome. Call it once.
 
-    last_val: Optional[float] = state.get("val_loss") if state else None
-    last_loss: Optional[float] = state.get("train_loss") if state else None
+        Returns:
+            the step the run continues from (``0`` for a fresh run).
 
-    def validate() -> float:
-        loss = evaluate(eval_model, val, micro, env, cfg.precision)
-        log({"step": step, "val_loss": loss, "val_bpb": bits_per_byte(loss, tpb_val)})
-        say(f"step {step:>6} | validation loss {loss:.4f} | {bits_per_byte(loss, tpb_val):.3f} bits/byte")
-        return loss
+        Raises:
+            TrainError: the run directory cannot be created (it exists without ``overwrite``, it is
+                not a run directory, an ``OSError``), or the resumed one has no complete checkpoint;
+                raised on every rank.
+            CheckpointError: the checkpoint cannot be read or does not fit the model.
+            ConfigError: the resumed run is at ``cfg.steps`` already.
+            RuntimeError: ``restore`` ran before.
+        """
+        if self.optimizer is not None:
+            raise RuntimeError("Trainer.restore() runs once")
+        cfg, env, model = self.cfg, self.env, self.model
+        self._open_run_dir()
 
-    def save() -> None:
-        model_state = gather_model_state(model)
-        optim_state = gather_optimizer_state(model, optimizer)
+        optim_sd = rng = None
+        if self.resume:
+            model_sd, optim_sd, rng, state = ck.load_checkpoint(self.checkpoint_path)
+            try:
+                model.load_state_dict(model_sd, strict=True)
+            except RuntimeError as err:
+                raise ck.CheckpointError(f"{self.checkpoint_path} does not fit the run's model: {str(err).splitlines()[0]}") from err
+            self.sampler.load_state_dict(state["data"])
+            self.step, self.elapsed_before = state["step"], state.get("elapsed", 0.0)
+            if cfg.steps <= self.step:
+                raise ConfigError(f"--resume {self.resume}: the run is at step {self.step} already; pass --steps greater than {self.step}")
+            self.train_loss, self.val_loss = state.get("train_loss"), state.get("val_loss")
+        model.to(env.device)
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(model)
+        self.wrapped = wrap(model, env, self.use_fsdp)
+        self.optimizer = make_optimizer(model, cfg)
+        if self.resume:
+            load_optimizer_state(model, self.optimizer, optim_sd)
+            torch.set_rng_state(rng["torch"])
+            if env.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"])
+        self._step_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self._eval_model = unwrap(self.wrapped)
+
+        if env.is_main:
+            metrics = [r for r in _read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
+            ck.write_text(os.path.join(self.run_dir, ck.METRICS), "".join(json.dumps(r) + "\n" for r in metrics))
+            if self.resume:
+                ck.write_json(os.path.join(self.run_dir, ck.CONFIG),
+                              dict(self.stored, train=dict(cfg.to_dict(), out=os.path.abspath(self.run_dir))))
+        barrier(env)
+        self._metrics_file = open(os.path.join(self.run_dir, ck.METRICS), "a") if env.is_main else None
+        return self.step
+
+    def _open_run_dir(self) -> None:
+        """Create the fresh run's directory, or find the resumed run's checkpoint (rank 0), and
+        share the outcome: ``run_dir`` and ``checkpoint_path`` on every rank, or one error."""
+        cfg, env = self.cfg, self.env
+        run_dir, error, ckpt = self.resume, None, None
+        if env.is_main:
+            try:
+                if self.resume:
+                    ck.remove_partial(self.resume)
+                    ckpt = ck.latest_checkpoint(self.resume)
+                    if ckpt is None:
+                        raise ck.CheckpointError(f"{self.resume} has no complete checkpoint to resume from")
+                else:
+                    run_dir = cfg.out or _default_out(cfg)
+                    _create_run_dir(run_dir, self.overwrite, self._new_run_files(run_dir))
+            except USER_ERRORS + (OSError,) as err:
+                error = str(err) if not isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+        error = first_error(env, error)
+        if error:
+            raise TrainError(error)
+        self.run_dir = broadcast_str(env, run_dir)
+        self.checkpoint_path = broadcast_str(env, ckpt)
+
+    def _new_run_files(self, run_dir: str) -> Callable[[str], None]:
+        """What a fresh run directory starts with: ``config.json`` (settings, model, tokenizer, data) and the tokenizer."""
+        cfg, corpus = self.cfg, self.corpus
+        record = {"format": ck.FORMAT, "version": ck.VERSION, "train": dict(cfg.to_dict(), out=os.path.abspath(run_dir)),
+                  "model": {"preset": cfg.model, "size": cfg.size, "parameters": self.n_params, "config": self.model.config.to_dict()},
+                  "tokenizer": self.tokenizer.info(),
+                  "data": {"source": corpus.source, "train_tokens": corpus.train.numel(), "val_tokens": corpus.val.numel(),
+                           "train_bytes": corpus.train_bytes, "val_bytes": corpus.val_bytes,
+                           "train_documents": corpus.train_docs, "val_documents": corpus.val_docs,
+                           "byte_entropy": corpus.byte_entropy}}
+
+        def write(tmp: str) -> None:
+            ck.write_json(os.path.join(tmp, ck.CONFIG), record)
+            self.tokenizer.save(tmp)
+
+        return write
+
+    def _require_restored(self, name: str) -> None:
+        if self.optimizer is None:
+            raise RuntimeError(f"Trainer.{name}() needs the state: call restore() first")
+
+    # ------------------------------------------------------------ steps
+    def train_step(self, batch: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """One optimizer step at learning rate ``lr_at(step)``: the global batch in ``grad_accum``
+        micro-steps (each split over the ranks, gradients synchronised on the last), the global
+        gradient norm clipped to ``grad_clip`` (``0``: measured only), AdamW, ``step += 1``.
+
+        Args:
+            batch: the global batch ``[batch_size, seq_len + 1]`` of token ids, the same on every
+                rank; default the sampler's next one (what makes a resumed run exact).
+
+        Returns:
+            ``{"step", "loss", "lr", "grad_norm"}``: the step just done, its mean next-token loss over
+            the global batch (nats, also in ``train_loss``), its learning rate and the gradient norm
+            before clipping.
+
+        Raises:
+            TrainError: the loss is not finite (on every rank).
+            ValueError: ``batch`` is not ``[batch_size, seq_len + 1]``.
+            RuntimeError: :meth:`restore` has not run.
+        """
+        self._require_restored("train_step")
+        cfg, env = self.cfg, self.env
+        if batch is None:
+            batch = self.sampler.next_batch(cfg.batch_size)
+        elif tuple(batch.shape) != (cfg.batch_size, cfg.seq_len + 1):
+            raise ValueError(f"the batch must be [batch_size, seq_len + 1] = [{cfg.batch_size}, {cfg.seq_len + 1}]; got {list(batch.shape)}")
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._step_model.train()
+        loss_sum = torch.zeros((), device=env.device)
+        for m in range(cfg.grad_accum):
+            start = m * self.micro_global + env.rank * self.micro
+            rows = batch[start:start + self.micro].to(env.device)
+            with grad_sync(self.wrapped, m == cfg.grad_accum - 1):
+                with autocast(env, cfg.precision):
+                    loss = next_token_loss(self._step_model, rows)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        norm = grad_norm_clip(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.train_loss = all_sum(env, [float(loss_sum) / cfg.grad_accum])[0] / env.world
+        if not math.isfinite(self.train_loss):
+            raise TrainError(f"the training loss is {self.train_loss} at step {self.step} (run directory {self.run_dir}); "
+                             "try a lower --lr or check the model's settings")
+        return {"step": self.step, "loss": self.train_loss, "lr": lr, "grad_norm": float(norm)}
+
+    def evaluate(self) -> Dict[str, float]:
+        """The mean next-token loss over the validation windows (split over the ranks; a collective:
+        every rank calls it), in eval mode and without gradients; the train/eval mode is restored.
+
+        Returns:
+            ``{"step", "val_loss", "val_bpb"}``: the current step, the loss in nats (also in
+            ``val_loss``) and in bits per byte of the validation text.
+
+        Raises:
+            RuntimeError: :meth:`restore` has not run.
+        """
+        self._require_restored("evaluate")
+        loss = validation_loss(self._eval_model, self.val_windows, self.micro, self.env, self.cfg.precision)
+        self.val_loss = loss
+        return {"step": self.step, "val_loss": loss, "val_bpb": bits_per_byte(loss, self.tpb_val)}
+
+    def save(self) -> None:
+        """Checkpoint the current step: ``checkpoints/step-N/`` (weights, optimizer, RNG, and
+        ``state.json`` with the data order, schedule, latest losses and elapsed time), written
+        atomically; ``model.safetensors`` of the run directory refreshed; only the newest
+        ``keep_checkpoints`` kept. Full tensors are gathered from every rank (a collective: every
+        rank calls it); rank 0 writes, and all ranks leave together.
+
+        Raises:
+            OSError: writing failed (the previous checkpoints stay complete).
+            RuntimeError: :meth:`restore` has not run.
+        """
+        self._require_restored("save")
+        cfg, env = self.cfg, self.env
+        model_state = gather_model_state(self.model)
+        optim_state = gather_optimizer_state(self.model, self.optimizer)
         if env.is_main:
             rng = {"torch": torch.get_rng_state()}
             if env.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state()
-            ck.save_checkpoint(run_dir, step, model_state, optim_state, rng,
-                               {"data": sampler.state_dict(), "scheduler": {"step": step, "lr": lr_at(step, cfg)},
-                                "train_loss": last_loss, "val_loss": last_val,
-                                "elapsed": elapsed_before + time.time() - started}, cfg.keep_checkpoints)
+            ck.save_checkpoint(self.run_dir, self.step, model_state, optim_state, rng,
+                               {"data": self.sampler.state_dict(), "scheduler": {"step": self.step, "lr": lr_at(self.step, cfg)},
+                                "train_loss": self.train_loss, "val_loss": self.val_loss,
+                                "elapsed": self.elapsed_before + time.time() - self.started}, cfg.keep_checkpoints)
         barrier(env)
 
-    if step == 0:
-        last_val = validate()
-    bar = tqdm(total=cfg.steps, initial=step, disable=quiet or not env.is_main, unit="step", dynamic_ncols=True)
-    loop_start, first_step, tokens_per_step = time.time(), step, cfg.batch_size * cfg.seq_len
-    try:
-        step_model.train()
-        while step < cfg.steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = sampler.next_batch(cfg.batch_size)
-            loss_sum = torch.zeros((), device=env.device)
-            for m in range(cfg.grad_accum):
-                start = m * micro_global + env.rank * micro
-                rows = batch[start:start + micro].to(env.device)
-                with grad_sync(wrapped, m == cfg.grad_accum - 1):
-                    with autocast(env, cfg.precision):
-                        loss = next_token_loss(step_model, rows)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
-            norm = grad_norm_clip(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = all_sum(env, [float(loss_sum) / cfg.grad_accum])[0] / env.world
-            if not math.isfinite(last_loss):
-                raise TrainError(f"the training loss is {last_loss} at step {step} (run directory {run_dir}); "
-                                 "try a lower --lr or check the model's settings")
-            done = time.time() - loop_start
-            tok_s = (step - first_step) * tokens_per_step / max(done, 1e-9)
-            log({"step": step, "loss": last_loss, "lr": lr, "grad_norm": float(norm), "tokens": step * tokens_per_step,
-                 "tok_per_s": tok_s})
-            bar.set_postfix_str(f"loss {last_loss:.3f} | {tok_s:,.0f} tok/s", refresh=False)
-            bar.update(1)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                last_val = validate()
-                save()
-    finally:
-        bar.close()
-        if metrics_file:
-            metrics_file.close()
+    # ------------------------------------------------------------ the loop
+    def fit(self) -> Dict:
+        """Run to ``cfg.steps``: :meth:`restore` (unless done), a validation at step 0, then
+        :meth:`train_step` with the progress bar and a ``metrics.jsonl`` row per step, and every
+        ``eval_every`` steps and at the last, :meth:`evaluate` and :meth:`save`. Rank 0 prints the
+        run's lines, ends with ``loss.png`` and the summary, and closes ``metrics.jsonl``.
 
-    wall = time.time() - started
-    summary = {"run_dir": run_dir, "steps": step, "tokens": step * tokens_per_step, "wall_time_s": wall,
-               "train_loss": last_loss, "val_loss": last_val, "val_bpb": bits_per_byte(last_val, tpb_val),
-               "train_bpb": bits_per_byte(last_loss, tpb_train) if last_loss is not None else None,
-               "byte_entropy": corpus.byte_entropy, "parameters": n_params}
-    if env.is_main:
-        plot_losses(run_dir, tpb_train, corpus.byte_entropy)
-        say(f"done: {step} steps, {step * tokens_per_step:,} tokens in {_fmt_time(wall)} "
-            f"({(step - first_step) * tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} tokens/s)")
-        say(f"validation: {bits_per_byte(last_val, tpb_val):.3f} bits/byte (loss {last_val:.4f}) vs unigram byte entropy "
-            f"{corpus.byte_entropy:.3f} bits/byte" + (f"; train {summary['train_bpb']:.3f} bits/byte" if last_loss is not None else ""))
-        say(f"run directory: {run_dir}")
-    return summary
+        Returns:
+            the summary (on every rank): ``run_dir``, ``steps``, ``tokens``, ``wall_time_s``,
+            ``train_loss``, ``val_loss``, ``val_bpb``, ``train_bpb``, ``byte_entropy``, ``parameters``.
+
+        Raises:
+            what :meth:`restore`, :meth:`train_step` and :meth:`save` raise (``TrainError``,
+            ``CheckpointError``, ``ConfigError``, ``OSError``).
+        """
+        from tqdm.auto import tqdm
+
+        cfg, env, corpus, say = self.cfg, self.env, self.corpus, self._say
+        try:
+            if self.optimizer is None:
+                self.restore()
+            say(f"data: {corpus.source}: {corpus.train_docs} train / {corpus.val_docs} validation documents, "
+                f"{corpus.train.numel():,} / {corpus.val.numel():,} tokens; unigram byte entropy {corpus.byte_entropy:.3f} bits/byte")
+            say(f"model: {cfg.model} ({cfg.size}), {self.n_params:,} parameters; {env.world} process(es) on {env.device.type}"
+                + (", FSDP" if self.use_fsdp else ", DDP" if env.distributed else ""))
+            say(f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g}, "
+                f"{'resuming from ' + os.path.basename(self.checkpoint_path) + ' in ' if self.resume else 'directory '}{self.run_dir}")
+
+            if self.step == 0:
+                self._validate()
+            bar = tqdm(total=cfg.steps, initial=self.step, disable=self.quiet or not env.is_main, unit="step", dynamic_ncols=True)
+            loop_start, first_step = time.time(), self.step
+            try:
+                while self.step < cfg.steps:
+                    row = self.train_step()
+                    tok_s = (self.step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9)
+                    self._log(dict(row, tokens=self.step * self.tokens_per_step, tok_per_s=tok_s))
+                    bar.set_postfix_str(f"loss {self.train_loss:.3f} | {tok_s:,.0f} tok/s", refresh=False)
+                    bar.update(1)
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                        self._validate()
+                        self.save()
+            finally:
+                bar.close()
+        finally:
+            self.close()
+        return self._finish(loop_start, first_step)
+
+    def close(self) -> None:
+        """Close ``metrics.jsonl`` (rank 0); safe to call again."""
+        if self._metrics_file:
+            self._metrics_file.close()
+        self._metrics_file = None
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _log(self, row: Dict) -> None:
+        if self._metrics_file:
+            self._metrics_file.write(json.dumps(row) + "\n")
+            self._metrics_file.flush()
+
+    def _validate(self) -> None:
+        row = self.evaluate()
+        self._log(row)
+        self._say(f"step {self.step:>6} | validation loss {row['val_loss']:.4f} | {row['val_bpb']:.3f} bits/byte")
+
+    def _finish(self, loop_start: float, first_step: int) -> Dict:
+        corpus, step, last_loss, last_val = self.corpus, self.step, self.train_loss, self.val_loss
+        tokens = step * self.tokens_per_step
+        wall = time.time() - self.started
+        summary = {"run_dir": self.run_dir, "steps": step, "tokens": tokens, "wall_time_s": wall,
+                   "train_loss": last_loss, "val_loss": last_val, "val_bpb": bits_per_byte(last_val, self.tpb_val),
+                   "train_bpb": bits_per_byte(last_loss, self.tpb_train) if last_loss is not None else None,
+                   "byte_entropy": corpus.byte_entropy, "parameters": self.n_params}
+        if self.env.is_main:
+            say = self._say
+            plot_losses(self.run_dir, self.tpb_train, corpus.byte_entropy)
+            say(f"done: {step} steps, {tokens:,} tokens in {_fmt_time(wall)} "
+                f"({(step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} tokens/s)")
+            say(f"validation: {bits_per_byte(last_val, self.tpb_val):.3f} bits/byte (loss {last_val:.4f}) vs unigram byte entropy "
+                f"{corpus.byte_entropy:.3f} bits/byte" + (f"; train {summary['train_bpb']:.3f} bits/byte" if last_loss is not None else ""))
+            say(f"run directory: {self.run_dir}")
+        return summary

@@ -1,0 +1,117 @@
+r"""The chunk layout and gate coefficients shared by the chunk-parallel implementations.
+
+Both ``impl="chunk"`` (PyTorch) and ``impl="triton"`` cut a :class:`Problem` into chunks the same
+way and build the same coefficient matrices; they differ only in how they apply them. With
+chunk-local indices ``t = 1..b``, ``A_t = prod_{j<=t} (1 - decay_j)``, ``E_t = prod_{j<=t}
+momentum_j`` and the Omega band ``Gamma[s, i] = gamma_i`` for the ``window`` tokens ``i`` ending at
+``s`` (the momentum/forgetting update of Titans eq. 13–14 with the window of the ATLAS Omega rule)::
+
+    S_t = E_t S_s - sum_i P(t, i) delta_i a_i^T          P = D_E diag(lr) Gamma
+    W_t = A_t W_s + m_t S_s - sum_i C(t, i) delta_i a_i^T   C = D_A P,   m_t = sum_r D_A[t, r] E_r
+
+with ``D_A[t, r] = prod_{j=r+1}^{t} (1 - decay_j)`` and ``D_E`` likewise of the momenta (see
+docs/ops.md for the derivation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .problem import Problem
+
+
+def segprod(x: Tensor) -> Tensor:
+    """``D[..., t, r] = prod_{j=r+1}^{t} x[..., j]`` for ``r <= t``, 0 above the diagonal.
+
+    Built by a masked ``cumprod`` rather than ratios of cumulative products, so a gate of exactly
+    0 is harmless. ``x [..., n]`` -> ``[..., n, n]``."""
+    n = x.shape[-1]
+    strictly_lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
+    factors = torch.where(strictly_lower, x.unsqueeze(-1), torch.ones((), dtype=x.dtype, device=x.device))
+    return torch.cumprod(factors, dim=-2).tril()
+
+
+@dataclass
+class ChunkLayout:
+    """One problem cut into ``n_chunks`` chunks of ``b`` tokens (the last has ``last_len``).
+
+    Every chunk sees exactly ``window - 1`` tokens before it (missing history is a zero token
+    with gamma 0), so its keys and values span ``n_ext = window - 1 + b`` tokens. Shapes:
+    ``q [B, H, nc, b, dk]``, ``kx [B, H, nc, n_ext, dk]``, ``vx [B, H, nc, n_ext, dv]``; ``lr``,
+    ``momentum``, ``retention`` (``1 - decay``) ``[B, H, nc, b]``; ``gamma [B, H, nc, b, n_ext]``
+    (the Omega band times the window gates).
+    """
+
+    n_chunks: int
+    b: int
+    last_len: int
+    n_ext: int
+    q: Tensor
+    kx: Tensor
+    vx: Tensor
+    lr: Tensor
+    momentum: Tensor
+    retention: Tensor
+    gamma: Tensor
+
+    def ends(self, x: Tensor) -> Tensor:
+        """The rows of ``x [B, H, nc, b, ...]`` at each chunk's last token -> ``[B, H, nc, ...]``."""
+        ends = torch.full((self.n_chunks,), self.b - 1, device=x.device)
+        ends[-1] = self.last_len - 1
+        return x[:, :, torch.arange(self.n_chunks, device=x.device), ends]
+
+
+def chunk_layout(p: Problem) -> ChunkLayout:
+    """Pad and cut ``p`` into chunks (the inputs are not copied more than padding needs)."""
+    n, b, c = p.q.shape[2], p.rule.chunk_size, p.rule.window
+    n_chunks = -(-n // b)
+    pad = n_chunks * b - n
+    n_ext = c - 1 + b
+    lead = c - 1 - p.n_hist
+    chunks = lambda x: F.pad(x, (0, pad)).unflatten(2, (n_chunks, b))  # noqa: E731
+    gx = F.pad(p.gamma, (lead, pad)).unfold(2, n_ext, b)  # [B, H, nc, n_ext]
+    t_idx = torch.arange(b, device=p.q.device)[:, None]
+    i_idx = torch.arange(n_ext, device=p.q.device)[None, :]
+    band = (i_idx >= t_idx) & (i_idx <= t_idx + c - 1)  # token t (ext index t + c - 1) sees i in [t, t + c - 1]
+    return ChunkLayout(
+        n_chunks=n_chunks, b=b, last_len=n - (n_chunks - 1) * b, n_ext=n_ext,
+        q=F.pad(p.q, (0, 0, 0, pad)).unflatten(2, (n_chunks, b)),
+        kx=F.pad(p.k, (0, 0, lead, pad)).unfold(2, n_ext, b).transpose(-1, -2),
+        vx=F.pad(p.v, (0, 0, lead, pad)).unfold(2, n_ext, b).transpose(-1, -2),
+        lr=chunks(p.lr), momentum=chunks(p.momentum), retention=1.0 - chunks(p.decay),
+        gamma=band * gx.unsqueeze(-2),
+    )
+
+
+@dataclass
+class GateCoefficients:
+    """The coefficient matrices of one layout, all ``[B, H, nc, ...]``: ``d_a [b, b]``; ``a_cum``,
+    ``e_cum``, ``m_coef [b]`` (``A_t``, ``E_t``, ``m_t``); ``s_coef`` (``P``) and ``c_coef``
+    (``C``) ``[b, n_ext]``. Under plain gradient descent ``E = m = 0`` and ``P = diag(lr) Gamma``."""
+
+    d_a: Tensor
+    a_cum: Tensor
+    e_cum: Tensor
+    m_coef: Tensor
+    s_coef: Tensor
+    c_coef: Tensor
+
+
+def gate_coefficients(layout: ChunkLayout, optimizer: str) -> GateCoefficients:
+    """The coefficients of the gd/momentum update for every chunk at once (they do not depend on
+    the memory). Muon at token granularity uses ``d_a``, ``a_cum`` and :func:`segprod` itself."""
+    lr, mom, ret, gamma = layout.lr, layout.momentum, layout.retention, layout.gamma
+    d_a = segprod(ret)
+    a_cum = torch.cumprod(ret, dim=-1)
+    if optimizer == "gd":
+        s_coef = lr.unsqueeze(-1) * gamma
+        e_cum = m_coef = torch.zeros_like(a_cum)
+    else:
+        s_coef = (segprod(mom) * lr.unsqueeze(-2)) @ gamma
+        e_cum = torch.cumprod(mom, dim=-1)
+        m_coef = (d_a @ e_cum.unsqueeze(-1)).squeeze(-1)
+    return GateCoefficients(d_a=d_a, a_cum=a_cum, e_cum=e_cum, m_coef=m_coef, s_coef=s_coef, c_coef=d_a @ s_coef)
+

@@ -1,0 +1,78 @@
+"""The input checks every op of ``deepmemory.ops`` shares: one-line errors naming the argument."""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision the ops compute in: float64 stays, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_query(q) -> None:
+    """``q`` a 4-dim floating tensor ``[B, T, H, dk]`` with ``T >= 1``."""
+    if not isinstance(q, Tensor):
+        raise TypeError(f"q must be a torch.Tensor; got {type(q).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must have 4 dims [B, T, H, dk]; got shape {list(q.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64; got {q.dtype}")
+    if q.shape[1] < 1:
+        raise ValueError("q must hold at least one token (T >= 1)")
+
+
+def check_tensor(name: str, x, shape: Tuple, like: Tensor) -> None:
+    """``x`` a tensor of ``len(shape)`` dims, ``shape`` (None = any), on q's device, in q's dtype."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() != len(shape):
+        raise ValueError(f"{name} must have {len(shape)} dims {list(shape)} (None = any); got shape {list(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but q is on {like.device}")
+    if x.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but q has {like.dtype}")
+    for i, (got, want) in enumerate(zip(x.shape, shape)):
+        if want is not None and got != want:
+            raise ValueError(f"{name} must have shape {list(shape)} (None = any); got {list(x.shape)} (dim {i})")
+
+
+def check_weights(params, names: Sequence[str], what: str, bsz: int, nh: int, q: Tensor) -> None:
+    """``params`` a dict holding exactly ``names``, each a floating ``[H, rows, cols]`` or
+    ``[B, H, rows, cols]`` tensor on q's device (``what`` names the memory in the error)."""
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict of tensors; got {type(params).__name__}")
+    missing = [n for n in names if n not in params]
+    extra = [n for n in params if n not in names]
+    if missing or extra:
+        raise ValueError(f"params for {what} must be exactly {list(names)}; missing {missing}, unexpected {extra}")
+    for n in names:
+        w = params[n]
+        if not isinstance(w, Tensor):
+            raise TypeError(f"params[{n!r}] must be a torch.Tensor; got {type(w).__name__}")
+        if w.dim() not in (3, 4):
+            raise ValueError(f"params[{n!r}] must be [H, rows, cols] or [B, H, rows, cols]; got shape {list(w.shape)}")
+        if w.device != q.device:
+            raise ValueError(f"params[{n!r}] is on {w.device} but q is on {q.device}")
+        if not w.is_floating_point():
+            raise TypeError(f"params[{n!r}] must be floating point; got {w.dtype}")
+        if w.shape[-3] != nh or (w.dim() == 4 and w.shape[0] != bsz):
+            raise ValueError(f"params[{n!r}] has shape {list(w.shape)}; expected leading dims [{nh}] or [{bsz}, {nh}]")
+
+
+def check_weight_shapes(params: Dict[str, Tensor], shapes: Dict[str, Tuple[int, int]], sizes: str) -> None:
+    """Each ``params[name]`` ends in ``shapes[name]`` (``sizes`` says which widths they follow)."""
+    for n, (rows, cols) in shapes.items():
+        if tuple(params[n].shape[-2:]) != (rows, cols):
+            raise ValueError(f"params[{n!r}] must be [..., {rows}, {cols}] for {sizes}; got {list(params[n].shape)}")
+
+
+def rule_mismatch(was, now) -> str:
+    """The one-line error for a state made under another rule: the fields that differ."""
+    a, b = was.to_dict(), now.to_dict()
+    diff = [k for k in b if a[k] != b[k]]
+    return ("initial_state was made with settings " + ", ".join(f"{k}={a[k]!r}" for k in diff)
+            + ", not " + ", ".join(f"{k}={b[k]!r}" for k in diff))

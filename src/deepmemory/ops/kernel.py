@@ -1,0 +1,415 @@
+r"""``kernel_memory``: the DeepTransformer family in kernel form (ATLAS §4, eq. 22–31).
+
+A memory ``M(x) = x + W_{L-1} σ(… σ(W_0 φ*(x)))`` whose first matrix acts on the infinite feature
+map of ``exp`` (ATLAS eq. 22–23: ``φ*(k)·φ*(x) = exp(k·x)``) can never be stored, but it never has
+to be: it starts at ``W_0 = 0`` and only ever grows by gradient outer products ``δ_i φ*(k_i)^T``, so
+
+    W_0 φ*(x) = Σ_i D_i exp(τ k_i·x)           (D_i = -lr_i δ_i, the stored "value" of token i)
+
+is an attention read over the stored keys (ATLAS eq. 24). What the op computes, per batch element
+and head (``t' = t - mod(t, b)`` the start of ``t``'s chunk of ``b = chunk_size`` tokens, as in
+ATLAS eq. 16; ``I_t = {t-c+1, …, t}`` the window, every token so far when ``window=None``)::
+
+    M_t = M_init - Σ_{i ∈ I_t} lr_i ∇ loss_i(M_{t'(i)-1})    loss_i = -<M(k_i), v_i> | 0.5||M(k_i) - v_i||^2
+    y_t = M_t(q_t)                                          (read after write)
+
+i.e. gradient descent on the Omega objective ``Σ_{i∈I_t} loss_i`` where each token's gradient is
+taken once, at the memory just before its chunk (``chunk_size=1``: the memory just before the
+token, the online rules of ATLAS eq. 25 and eq. 30), and leaves the memory when the token leaves
+the window. The other matrices (``W_1 … W_{L-1}``, learned initial values) follow the same rule.
+
+Special cases (tested):
+
+- linear memory (``depth=1``, ``residual=False``), dot loss, ``lr = 1``, ``normalized=False``:
+  ``y_t = Σ_{i∈I_t} v_i exp(τ q_t·k_i)``, unnormalised causal attention (ATLAS eq. 26) for
+  ``window=None``; with ``normalized=True`` softmax attention (ATLAS eq. 1 / eq. 17) and, with
+  ``window=c``, sliding-window attention (ATLAS eq. 18). DeepTransformer and SWDT contain
+  Transformers and SWA.
+- l2 loss, ``chunk_size=1``, ``window=None``, linear memory: the delta-rule Transformer of ATLAS
+  eq. 30–31 (Dot, online case): ``M_t = M_{t-1} + lr_t (v_t - M_{t-1}φ*(k_t)) φ*(k_t)^T``.
+- ``window=None``, any depth: the main op's rule (``neural_memory`` with gd, Omega window 1, no
+  decay) with ``φ*`` keys.
+
+A finite window retires a token's whole contribution at once, which is what makes sliding-window
+attention a special case; the paper's per-position weights ``γ_i^{(t)}`` (ATLAS eq. 27) reduce to
+``lr_i`` here, and each gradient is taken once at its chunk's start rather than re-taken at every
+step of the window.
+
+``normalized=True`` divides the implicit read by its own normaliser,
+``Σ_{i∈I} D_i e^{s_i} / Σ_{i∈I} e^{s_i}`` (Nadaraya–Watson, ATLAS eq. 17): the linear case becomes
+softmax attention, and the exponentials stay bounded. Writes are unchanged; an empty token set
+reads 0.
+
+Two implementations, chosen by ``impl``: ``"chunk"`` (the fast form: per chunk, the deeper matrices
+are materialised at its start and read in dual form inside it, ``W_l(t) a = W_l(t'-1) a +
+Σ_i sign(t, i) D_{l,i} (a_{l,i}·a)`` with ``+1`` for the chunk's tokens in ``I_t`` and ``-1`` for
+earlier tokens that have left ``I_t`` by ``t``; gradients by a hand-written backward) and
+``"reference"`` (``deepmemory.ops.kernel_reference``: token by token, every matrix materialised,
+every gradient from autograd). Both accept and return the same :class:`KernelState`.
+
+Cost: the first layer reads the stored tokens, O(T^2) like attention (O(T·c) with a window). The
+state is what attention's cache is (per token a key and a first-layer signal, its "value") plus the
+deeper matrices; with a window, also each stored token's deeper signals and inputs, to retire them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..checks import Settings, check_bool, check_choice, check_int
+from ..tree import State
+from .inputs import check_query, check_tensor, check_weight_shapes, check_weights, compute_dtype, rule_mismatch
+from .memory import ACTIVATIONS, LOSSES
+from .memory import activation as act_fn
+from .memory import activation_backward
+
+KERNEL_IMPLS = ("chunk", "reference")
+
+
+@dataclass(frozen=True)
+class KernelRule(Settings):
+    """The settings of the kernel-form memory rule (all validated when the rule is made).
+
+    Args:
+        depth: matrices of the memory, the implicit first one included (int >= 1; 1 is the
+            linear memory ``W_0 φ*(x)``, i.e. attention when ``residual=False``).
+        activation: between the matrices: ``"gelu"``, ``"silu"``, ``"relu"`` or ``"tanh"``.
+        residual: ``M(x) = x + h(x)`` (needs ``dk == dv``).
+        loss: the inner loss: ``"dot"`` (``-<M(k), v>``, Hebbian: DeepTransformer, SWDT,
+            ATLAS eq. 25) or ``"l2"`` (``0.5||M(k) - v||^2``: Dot, ATLAS eq. 27).
+        window: the window ``c`` (int >= 1) a token's gradient stays in the memory for, or None
+            for every token so far (DeepTransformer).
+        normalized: divide the first layer's read by its normaliser (softmax, ATLAS eq. 17)
+            instead of the paper's unnormalised form (ATLAS eq. 26).
+        chunk_size: tokens whose gradients are taken at the same memory (int >= 1; 1 is fully
+            online). It changes the rule, not only its speed.
+
+    Raises:
+        TypeError / ValueError: a one-line message naming the first bad field.
+    """
+
+    depth: int = 2
+    activation: str = "gelu"
+    residual: bool = True
+    loss: str = "dot"
+    window: Optional[int] = None
+    normalized: bool = True
+    chunk_size: int = 16
+
+    def names(self) -> Tuple[str, ...]:
+        """The explicit (deeper) matrices, ``w1 .. w{depth-1}`` (none for ``depth=1``)."""
+        return tuple(f"w{l}" for l in range(1, self.depth))
+
+    def shapes(self, dv: int, hidden: int) -> Dict[str, Tuple[int, int]]:
+        """``(rows, cols)`` of each deeper matrix: ``w1 .. w{depth-2}`` are ``[hidden, hidden]``,
+        ``w{depth-1}`` is ``[dv, hidden]`` (the implicit ``W_0`` maps ``φ*(x)`` to ``hidden``)."""
+        return {n: (dv if l == self.depth - 1 else hidden, hidden) for l, n in enumerate(self.names(), 1)}
+
+
+KernelRule.FIELD_CHECKS = {
+    "depth": check_int,
+    "activation": lambda label, v: check_choice(label, v, ACTIVATIONS),
+    "residual": check_bool,
+    "loss": lambda label, v: check_choice(label, v, LOSSES),
+    "window": lambda label, v: v is None or check_int(label, v),
+    "normalized": check_bool,
+    "chunk_size": check_int,
+}
+KERNEL_FIELDS = KernelRule.field_names()
+assert tuple(KernelRule.FIELD_CHECKS) == KERNEL_FIELDS
+
+
+@dataclass
+class KernelState(State):
+    """What continues a sequence exactly, as of the start of the unfinished chunk (whose gradients
+    are all taken there, so its raw inputs are kept and replayed). Heads first, in the compute
+    dtype (float32 under lower precisions).
+
+    - ``keys [B, H, n, dk]``, ``signals [B, H, n, w0]``: the first layer's stored tokens (the last
+      ``window`` ones, all of them for ``window=None``) and their signals ``D_{0,i}``.
+    - ``weights``: the deeper matrices ``W_l [B, H, rows, cols]`` (l = 1 .. depth-1) at that point.
+    - ``evict_signals`` / ``evict_inputs``: per deeper matrix, ``D_{l,i} [B, H, n_e, rows]`` and
+      ``a_{l,i} [B, H, n_e, cols]`` of the tokens still in the window (their contribution is
+      subtracted when they leave it; ``n_e = 0`` for ``window=None``).
+    - ``pending_k [B, H, p, dk]``, ``pending_v [B, H, p, dv]``, ``pending_lr [B, H, p]``: the
+      unfinished chunk (``p = seen % chunk_size``); ``seen``: tokens read so far; ``rule``: the
+      :class:`KernelRule` it was made with (a state continues only the same rule).
+    """
+
+    keys: Tensor
+    signals: Tensor
+    weights: Tuple[Tensor, ...]
+    evict_signals: Tuple[Tensor, ...]
+    evict_inputs: Tuple[Tensor, ...]
+    pending_k: Tensor
+    pending_v: Tensor
+    pending_lr: Tensor
+    seen: int
+    rule: KernelRule
+
+    @property
+    def pending(self) -> int:
+        """Tokens of the unfinished chunk."""
+        return self.pending_k.shape[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_params(params, rule: KernelRule, bsz: int, nh: int, dv: int, q: Tensor) -> Dict[str, Tensor]:
+    check_weights(params, rule.names(), f"depth={rule.depth}", bsz, nh, q)
+    hidden = params["w1"].shape[-1] if rule.depth > 1 else dv
+    check_weight_shapes(params, rule.shapes(dv, hidden), f"dv={dv}, hidden={hidden}")
+    return params
+
+
+def _check_state(st, rule: KernelRule, shapes: Dict[str, Tuple[int, ...]], q: Tensor) -> None:
+    """``st`` a :class:`KernelState` of the same rule whose tensors fit ``shapes`` (None = any)."""
+    if not isinstance(st, KernelState):
+        raise TypeError(f"initial_state must be a KernelState (the op's final_state); got {type(st).__name__}")
+    if st.rule != rule:
+        raise ValueError(rule_mismatch(st.rule, rule))
+    if st.keys.device != q.device:
+        raise ValueError(f"initial_state is on {st.keys.device} but q is on {q.device}")
+    n_w = len(rule.names())
+    for name in ("weights", "evict_signals", "evict_inputs"):
+        if not isinstance(getattr(st, name), tuple) or len(getattr(st, name)) != n_w:
+            raise ValueError(f"initial_state.{name} must be a tuple of {n_w} tensors for depth={rule.depth}")
+    for name, want in shapes.items():
+        field, _, idx = name.partition("[")
+        t = getattr(st, field)[int(idx[:-1])] if idx else getattr(st, field)
+        got = tuple(t.shape)
+        if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+            shown = ", ".join("n" if w is None else str(w) for w in want)
+            raise ValueError(f"initial_state.{name} has shape {list(got)}; expected [{shown}] (n = any)")
+    if st.pending != st.seen % rule.chunk_size:
+        raise ValueError(f"initial_state holds {st.pending} pending tokens but seen={st.seen} with chunk_size={rule.chunk_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast (chunk) form
+
+
+def _kernel_read(x: Tensor, keys: Tensor, d0: Tensor, scale: Tensor, mask: Optional[Tensor], normalized: bool) -> Tensor:
+    """``Σ_i D_i exp(scale k_i·x)`` (divided by ``Σ_i exp(scale k_i·x)`` when ``normalized``) over
+    the stored tokens ``mask [m, n]`` allows (None: all)."""
+    if keys.shape[-2] == 0:  # nothing stored yet: W_0 = 0
+        return x.new_zeros(*x.shape[:-1], d0.shape[-1])
+    s = scale * (x @ keys.transpose(-1, -2))  # [B, H, m, n]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    if normalized:
+        m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min).detach()  # all masked -> finite
+        w = torch.exp(s - m)
+        den = w.sum(-1, keepdim=True)
+        w = w / torch.where(den > 0, den, torch.ones_like(den))
+    else:
+        w = torch.exp(s)
+    return w @ d0
+
+
+def _read(x, keys, d0, mask, weights, dual, scale, rule: KernelRule):
+    """``M(x)`` and its pre-activations ``z_l``. The deeper matrices are ``weights`` plus, in dual
+    form, ``Σ_i sign[t, i] D_{l,i} a_{l,i}^T`` for ``dual = (sign [m, n], signals, inputs)``."""
+    z = [_kernel_read(x, keys, d0, scale, mask, rule.normalized)]
+    for l in range(1, rule.depth):
+        a = act_fn(rule.activation, z[-1])
+        out = a @ weights[l - 1].transpose(-1, -2)
+        if dual is not None:
+            sign, sig, inp = dual
+            out = out + ((a @ inp[l - 1].transpose(-1, -2)) * sign) @ sig[l - 1]
+        z.append(out)
+    return (z[-1] + x if rule.residual else z[-1]), z
+
+
+def _write(k, v, lr, keys, d0, weights, scale, rule: KernelRule):
+    """Signals ``D_l = -lr δ_l`` (first layer, then deeper) and inputs ``a_l`` of a chunk's tokens:
+    one forward and a hand-written backward of its keys at the chunk-start memory (every stored
+    token is in the window of the chunk start)."""
+    pred, z = _read(k, keys, d0, None, weights, None, scale, rule)
+    delta = pred - v if rule.loss == "l2" else -v
+    coef = -lr.unsqueeze(-1)
+    signals, inputs = [], []
+    for l in reversed(range(1, rule.depth)):
+        signals.insert(0, coef * delta)
+        inputs.insert(0, act_fn(rule.activation, z[l - 1]))
+        delta = activation_backward(rule.activation, delta @ weights[l - 1], z[l - 1])
+    return coef * delta, signals, inputs
+
+
+def kernel_chunk(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, scale: Tensor, st: KernelState, output_final_state: bool
+) -> Tuple[Tensor, Optional[KernelState]]:
+    """The fast form, heads first and validated (see :func:`kernel_memory`): ``q, k [B, H, T, dk]``,
+    ``v [B, H, T, dv]``, ``lr [B, H, T]``, ``scale [H]``, the state to start from ->
+    ``y [B, H, T, dv]`` and the final state.
+
+    Per chunk, the deeper matrices are materialised at its start; a query at ``t`` adds the
+    chunk's tokens up to ``t`` and subtracts the stored tokens that left the window by ``t``."""
+    rule = st.rule
+    window = rule.window
+    bsz, nh, seq, dk = q.shape
+    sc = scale.reshape(1, nh, 1, 1)
+    pend = st.pending_k.shape[2]
+    kk = torch.cat([st.pending_k, k], 2)
+    vv = torch.cat([st.pending_v, v], 2)
+    ll = torch.cat([st.pending_lr, lr], 2)
+    qq = torch.cat([q.new_zeros(bsz, nh, pend, dk), q], 2)
+    keys, d0, mats = st.keys, st.signals, list(st.weights)
+    ev_sig, ev_inp = list(st.evict_signals), list(st.evict_inputs)
+    n, b = kk.shape[2], rule.chunk_size
+    outs = []
+    for s in range(0, n, b):
+        e = min(s + b, n)
+        new_d0, new_sig, new_inp = _write(kk[:, :, s:e], vv[:, :, s:e], ll[:, :, s:e], keys, d0, mats, sc, rule)
+        all_keys, all_d0 = torch.cat([keys, kk[:, :, s:e]], 2), torch.cat([d0, new_d0], 2)
+        all_sig = [torch.cat(p, 2) for p in zip(ev_sig, new_sig)]
+        all_inp = [torch.cat(p, 2) for p in zip(ev_inp, new_inp)]
+        # stored tokens sit at s-n0 .. s-1, the chunk at s .. e-1; query t sees i in (t-c, t]
+        pos_t = torch.arange(s, e, device=q.device)[:, None]
+        pos_i = torch.arange(s - keys.shape[2], e, device=q.device)
+        mask = pos_i <= pos_t
+        if window is not None:
+            mask = mask & (pos_i > pos_t - window)
+        # deeper matrices: + the chunk's tokens in t's window, - the stored ones gone from it by t
+        n_e = ev_sig[0].shape[2] if ev_sig else 0
+        if window is None:
+            gone = mask.new_zeros(e - s, n_e)
+        else:
+            gone = torch.arange(s - n_e, s, device=q.device) <= pos_t - window
+        sign = torch.cat([-gone.to(q.dtype), mask[:, keys.shape[2] :].to(q.dtype)], 1)
+        if e > pend:
+            lo = max(s, pend)
+            y, _ = _read(qq[:, :, lo:e], all_keys, all_d0, mask[lo - s :], mats, (sign[lo - s :], all_sig, all_inp), sc, rule)
+            outs.append(y)
+        if e - s < b:  # unfinished chunk: its raw inputs are kept instead
+            break
+        mats = [w + torch.einsum("bhi,bhir,bhic->bhrc", sign[-1].expand(bsz, nh, -1), d, a)
+                for w, d, a in zip(mats, all_sig, all_inp)]
+        keep = all_keys.shape[2] if window is None else min(window, all_keys.shape[2])
+        keys, d0 = all_keys[:, :, -keep:], all_d0[:, :, -keep:]
+        keep_e = 0 if window is None else min(window, all_keys.shape[2])
+        ev_sig = [t[:, :, t.shape[2] - keep_e :] for t in all_sig]
+        ev_inp = [t[:, :, t.shape[2] - keep_e :] for t in all_inp]
+    y = torch.cat(outs, 2)
+    if not output_final_state:
+        return y, None
+    p = (st.seen + seq) % b
+    return y, KernelState(
+        keys=keys, signals=d0, weights=tuple(mats), evict_signals=tuple(ev_sig), evict_inputs=tuple(ev_inp),
+        pending_k=kk[:, :, n - p :], pending_v=vv[:, :, n - p :], pending_lr=ll[:, :, n - p :],
+        seen=st.seen + seq, rule=rule,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the op
+
+
+def kernel_memory(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    params: Dict[str, Tensor],
+    scale: Tensor,
+    *,
+    rule: KernelRule = KernelRule(),
+    initial_state: Optional[KernelState] = None,
+    output_final_state: bool = False,
+    impl: str = "chunk",
+) -> Tuple[Tensor, Optional[KernelState]]:
+    r"""Read and train a kernel-form deep memory over a sequence, per batch element and head.
+
+    For tokens ``t`` (``t'`` the start of ``t``'s chunk, ATLAS eq. 16; ``I_t`` the last
+    ``rule.window`` tokens up to ``t``, every token so far for ``window=None``)::
+
+        M_t = M_init - Σ_{i ∈ I_t} lr_i ∇ loss_i(M_{t'(i)-1})    loss_i = -<M(k_i), v_i> | 0.5||M(k_i) - v_i||^2
+        M(x) = x + W_{L-1} σ(… σ(W_0 φ*(x)))                    W_0 φ*(x) = Σ_i D_i exp(scale · k_i·x)
+        y_t = M_t(q_t)
+
+    with ``W_0`` kept implicit (ATLAS eq. 22–24: it starts at 0 and only gains outer products
+    ``D_i φ*(k_i)^T``). ``loss="dot"`` is DeepTransformer (ATLAS eq. 25; linear memory: eq. 26) and
+    SWDT with a window; ``loss="l2"`` is Dot (ATLAS eq. 27; linear, online: eq. 30–31).
+    ``rule.normalized`` divides the first layer's read by ``Σ_i exp(scale · k_i·x)`` (softmax,
+    ATLAS eq. 17–18). See the module docstring for the exact rule and its special cases.
+
+    Shapes: ``q, k [B, T, H, dk]``, ``v [B, T, H, dv]``, ``lr [B, T, H]`` (the learning rate of
+    each token, any real; the layer's is in ``(0, max_lr)``), all of one floating dtype and
+    device, ``T >= 1``. ``params``: the initial deeper matrices ``{"w1" .. "w{depth-1}":
+    [H, rows, cols] or [B, H, rows, cols]}`` (``[hidden, hidden]``, the last ``[dv, hidden]``;
+    ``{}`` for ``depth=1``), any floating dtype, ignored when ``initial_state`` is given (the
+    state holds the current ones). ``scale [H]``: the kernel temperature ``τ`` (floating; the
+    kernel is ``exp(scale · k·x)``). ``rule``: a :class:`KernelRule`. ``impl``: ``"chunk"`` (fast)
+    or ``"reference"`` (token loop, ``deepmemory.ops.kernel_reference``); they agree and accept
+    each other's states. Computation is in float64 for float64 inputs, float32 otherwise.
+
+    Returns ``y [B, T, H, dv]`` in q's dtype and, if ``output_final_state``, a
+    :class:`KernelState` (compute dtype) that continues the sequence exactly from this point,
+    else None.
+
+    Raises:
+        TypeError: a non-tensor input, a dtype other than q's (or a non-floating q, params or
+            scale), ``rule`` not a :class:`KernelRule`, ``initial_state`` not a :class:`KernelState`.
+        ValueError: a wrong rank or shape (``k``, ``v``, ``lr``, ``params``, ``scale``), a
+            different device, ``T = 0``, ``residual`` with ``dk != dv``, an unknown ``impl``, an
+            ``initial_state`` made with another rule or for other shapes.
+        All messages are one line naming the argument.
+    """
+    if not isinstance(rule, KernelRule):
+        raise TypeError(f"rule must be a KernelRule; got {type(rule).__name__}")
+    check_choice("impl", impl, KERNEL_IMPLS)
+    check_bool("output_final_state", output_final_state)
+    check_query(q)
+    bsz, seq, nh, dk = q.shape
+    check_tensor("k", k, (bsz, seq, nh, dk), q)
+    check_tensor("v", v, (bsz, seq, nh, None), q)
+    dv = v.shape[-1]
+    check_tensor("lr", lr, (bsz, seq, nh), q)
+    if not isinstance(scale, Tensor):
+        raise TypeError(f"scale must be a torch.Tensor [H]; got {type(scale).__name__}")
+    if tuple(scale.shape) != (nh,):
+        raise ValueError(f"scale must have shape [{nh}] (one temperature per head); got {list(scale.shape)}")
+    if scale.device != q.device:
+        raise ValueError(f"scale is on {scale.device} but q is on {q.device}")
+    if not scale.is_floating_point():
+        raise TypeError(f"scale must be floating point; got {scale.dtype}")
+    if rule.residual and dk != dv:
+        raise ValueError(f"a residual kernel memory needs dk == dv; got dk={dk}, dv={dv} (use residual=False)")
+    params = _check_params(params, rule, bsz, nh, dv, q)
+
+    cd = compute_dtype(q.dtype)
+    qq, kk, vv, ll = (t.transpose(1, 2).to(cd) for t in (q, k, v, lr))
+    names = rule.names()
+    hidden = params["w1"].shape[-1] if rule.depth > 1 else dv
+    shapes = rule.shapes(dv, hidden)
+    if initial_state is None:
+        weights = tuple(params[n].to(cd).expand(bsz, nh, *shapes[n]) for n in names)
+        st = KernelState(
+            keys=kk.new_zeros(bsz, nh, 0, dk), signals=kk.new_zeros(bsz, nh, 0, hidden),
+            weights=weights,
+            evict_signals=tuple(kk.new_zeros(bsz, nh, 0, shapes[n][0]) for n in names),
+            evict_inputs=tuple(kk.new_zeros(bsz, nh, 0, shapes[n][1]) for n in names),
+            pending_k=kk[:, :, :0], pending_v=vv[:, :, :0], pending_lr=ll[:, :, :0], seen=0, rule=rule,
+        )
+    else:
+        want = {"keys": (bsz, nh, None, dk), "signals": (bsz, nh, None, hidden), "pending_k": (bsz, nh, None, dk),
+                "pending_v": (bsz, nh, None, dv), "pending_lr": (bsz, nh, None)}
+        for l, n in enumerate(names):
+            want[f"weights[{l}]"] = (bsz, nh, *shapes[n])
+            want[f"evict_signals[{l}]"] = (bsz, nh, None, shapes[n][0])
+            want[f"evict_inputs[{l}]"] = (bsz, nh, None, shapes[n][1])
+        _check_state(initial_state, rule, want, q)
+        st = initial_state.map(lambda t: t.to(cd))
+    if impl == "chunk":
+        y, final = kernel_chunk(qq, kk, vv, ll, scale.to(cd), st, output_final_state)
+    else:
+        from .kernel_reference import kernel_reference
+
+        y, final = kernel_reference(qq, kk, vv, ll, scale.to(cd), st, output_final_state)
+    return y.transpose(1, 2).to(q.dtype), final

@@ -1,0 +1,89 @@
+r"""``UpdateRule``: the memory update rule as one frozen, self-validating value.
+
+Every memory model of the library is a configuration of one rule (Titans eq. 13–14 with the
+Omega window and Muon of ATLAS, see docs/ops.md)::
+
+    u_t = sum_{i=t-c+1}^{t} gamma_i grad_W loss_i(W_{t'})       loss_i = 0.5||M_W(k_i) - v_i||^2 | -<M_W(k_i), v_i>
+    gd/momentum: S_t = momentum_t S_{t-1} - lr_t u_t;  W_t = (1 - decay_t) W_{t-1} + S_t
+    muon:        S_t = momentum_t S_{t-1} + u_t;       W_t = (1 - decay_t) W_{t-1} - lr_t NS(S_t)
+    o_t = M_{W_t}(q_t)
+
+An :class:`UpdateRule` fixes everything in it but the data and the gates: which memory ``M``,
+the inner loss, the optimizer, Newton–Schulz steps, the window ``c``, the chunk size and the
+granularity. The op (``neural_memory(..., rule=rule)``), every implementation, the op's
+``MemoryState``, the layer ``NeuralMemory`` and the model config all carry the same object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..checks import Settings, check_bool, check_choice, check_int
+from .memory import ACTIVATIONS, LOSSES, MEMORY_KINDS, MemorySpec
+
+OPTIMIZERS = ("gd", "momentum", "muon")
+GRANULARITIES = ("token", "chunk")
+
+
+@dataclass(frozen=True)
+class UpdateRule(Settings):
+    """The settings of the memory update rule (all validated when the rule is made).
+
+    Args:
+        memory: the memory network ``M``: ``"linear"`` (``W0 x``), ``"mlp"`` (``depth`` matrices,
+            ``activation`` between them) or ``"gated_mlp"`` (ATLAS eq. 43, Atlas++).
+        depth: matrices of an ``mlp`` memory (int >= 1; ignored by the other kinds).
+        activation: ``"gelu"``, ``"silu"``, ``"relu"`` or ``"tanh"``.
+        residual: ``M(x) = x + h(x)`` for ``mlp`` / ``gated_mlp`` (needs ``dk == dv``; ignored by
+            ``linear``).
+        layer_norm: normalise the network's output, ``M(x) = x + LN(h(x))`` (ATLAS App. E;
+            LayerNorm without gain or bias; for ``linear``, ``M(x) = LN(W0 x)``).
+        loss: the inner loss: ``"l2"`` (``0.5||M(k) - v||^2``, Titans) or ``"dot"``
+            (``-<M(k), v>``, Hebbian: DLA, DeepTransformer).
+        optimizer: ``"gd"``, ``"momentum"`` (Titans eq. 13–14) or ``"muon"`` (Atlas: momentum
+            orthogonalised by Newton–Schulz, the learning rate applied after it).
+        ns_steps: Newton–Schulz iterations of Muon (int >= 0).
+        window: the Omega window ``c`` (int >= 1; 1 is Titans' online rule).
+        chunk_size: tokens whose gradients are taken at the same weights (int >= 1; 1 is fully
+            online). It changes the rule, not only its speed.
+        granularity: ``"token"`` (one update per token, the papers' rule) or ``"chunk"`` (one
+            update per chunk with averaged gates; tokens read the previous chunk's memory).
+
+    Raises:
+        TypeError / ValueError: a one-line message naming the first bad field.
+    """
+
+    memory: str = "mlp"
+    depth: int = 2
+    activation: str = "gelu"
+    residual: bool = True
+    layer_norm: bool = False
+    loss: str = "l2"
+    optimizer: str = "momentum"
+    ns_steps: int = 5
+    window: int = 1
+    chunk_size: int = 64
+    granularity: str = "token"
+
+    @property
+    def spec(self) -> MemorySpec:
+        """The memory network alone (what a read needs)."""
+        return MemorySpec(self.memory, self.depth, self.activation, self.residual, self.layer_norm)
+
+
+# one check per field: ``check(label, value)`` raises a one-line error naming ``label``
+UpdateRule.FIELD_CHECKS = {
+    "memory": lambda label, v: check_choice(label, v, MEMORY_KINDS),
+    "depth": check_int,
+    "activation": lambda label, v: check_choice(label, v, ACTIVATIONS),
+    "residual": check_bool,
+    "layer_norm": check_bool,
+    "loss": lambda label, v: check_choice(label, v, LOSSES),
+    "optimizer": lambda label, v: check_choice(label, v, OPTIMIZERS),
+    "ns_steps": lambda label, v: check_int(label, v, minimum=0),
+    "window": check_int,
+    "chunk_size": check_int,
+    "granularity": lambda label, v: check_choice(label, v, GRANULARITIES),
+}
+FIELDS = UpdateRule.field_names()
+assert tuple(UpdateRule.FIELD_CHECKS) == FIELDS

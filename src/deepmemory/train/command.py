@@ -1,0 +1,101 @@
+"""The options of ``deepmemory train``, and the command itself for ``python -m deepmemory.train``
+(what ``torchrun -m deepmemory.train`` starts on every rank).
+
+The ``deepmemory`` command line (``deepmemory.cli``) adds these options to its ``train``
+subcommand; this module imports nothing from it, so ``train`` stays below ``cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Dict, List, Optional
+
+from .config import TrainConfig as D
+from .config import load_config_file
+
+PROG = "deepmemory train"
+HELP = "train a model; with no arguments, titans-mac (tiny) on the Python standard library"
+DESCRIPTION = ("Train a model and write a run directory (config.json, metrics.jsonl, model.safetensors, "
+               "checkpoints/, loss.png). Under torchrun the global batch is split across processes.")
+S = argparse.SUPPRESS  # absent flags stay absent: the config file, the resumed run or the defaults decide
+NOT_SETTINGS = ("func", "command", "config", "resume", "overwrite")  # the parsed names that are not TrainConfig fields
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``deepmemory train`` options to ``p``; an option not given stays out of the parsed namespace."""
+    def add(*names, **kwargs):
+        p.add_argument(*names, default=S, **kwargs)
+
+    add("--config", help="a .yaml or .json file of the settings below (flags override it)")
+    add("--model", help="preset name (see `deepmemory models`); default titans-mac")
+    add("--size", help="preset size; default tiny")
+    add("--data", nargs="+", metavar="PATH", help="text files, folders, .jsonl files with a 'text' field, or "
+        "hf:NAME (needs `datasets`); default: the Python standard library source")
+    add("--tokenizer", help="'bytes' (default) or a Hugging Face tokenizer.json")
+    add("--val-fraction", type=float, help="share of documents held out for validation; default 0.02")
+    add("--seq-len", type=int, help=f"tokens per training sequence; default {D.seq_len}")
+    add("--batch-size", type=int, help=f"global batch: sequences per optimizer step, over all processes; default {D.batch_size}")
+    add("--grad-accum", type=int, help="micro-steps the global batch is split into")
+    add("--steps", type=int, help=f"optimizer steps (the total, also when resuming); default {D.steps}")
+    add("--lr", type=float, help=f"peak learning rate (AdamW, linear warmup, cosine); default {D.lr:g}")
+    add("--warmup-steps", type=int, help="default 10%% of the decay steps, at most 100")
+    add("--lr-decay-steps", type=int, help="length of the cosine; default --steps. Set it to the planned "
+        "total when a run is to be extended with --resume")
+    add("--weight-decay", type=float, help="AdamW weight decay of matrices; default 0.1")
+    add("--grad-clip", type=float, help="clip the global gradient norm (0: off); default 1.0")
+    add("--precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU")
+    add("--device", choices=("auto", "cpu", "cuda"), help="default auto (CUDA when present)")
+    add("--threads", type=int, help="intra-op threads per process (default: OMP_NUM_THREADS if set, else 1 on CPU)")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--grad-checkpointing", action="store_true", help="recompute each block's activations in backward")
+    add("--fsdp", action="store_true", help="under torchrun, shard with FSDP2 (automatic for >= 300M parameters)")
+    add("--seed", type=int, help="seed of the model init and data order; default 0")
+    add("--out", help="run directory; default runs/MODEL-SIZE-DATE-TIME")
+    add("--resume", metavar="DIR", help="continue the run directory DIR from its latest checkpoint")
+    add("--overwrite", action="store_true", help="replace an existing run directory at --out")
+    add("--eval-every", type=int, help=f"validate and checkpoint every N steps (and at the end); default {D.eval_every}")
+    add("--eval-tokens", type=int, help=f"validation tokens per evaluation; default {D.eval_tokens}")
+    add("--keep-checkpoints", type=int, help="checkpoints kept (the newest); default 2")
+
+
+def settings_from_args(args: argparse.Namespace) -> Dict:
+    """The ``TrainConfig`` settings of parsed options: the ``--config`` file's, overridden by the
+    flags given. Raises ``ConfigError`` for an unreadable config file."""
+    given = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    file_settings = load_config_file(args.config) if getattr(args, "config", None) else {}
+    return {**file_settings, **given}
+
+
+def run_from_args(args: argparse.Namespace) -> Dict:
+    """Train (or resume) as the parsed options say; returns the run's summary.
+
+    Raises:
+        TrainError: ``--resume`` with ``--overwrite``.
+        ConfigError, DataError, CheckpointError, TrainError: the user errors of the run
+            (``deepmemory.train.USER_ERRORS``, each one line).
+    """
+    from .trainer import TrainError, train
+
+    resume = getattr(args, "resume", None)
+    overwrite = getattr(args, "overwrite", False)
+    if resume and overwrite:
+        raise TrainError("--resume and --overwrite exclude each other")
+    return train(settings_from_args(args), resume=resume, overwrite=overwrite)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``deepmemory train`` on its own (``python -m deepmemory.train [options]``): ``0`` when the
+    run completes, ``2`` after a user error, printed as ``deepmemory train: error: ...`` on stderr;
+    a malformed command line exits with argparse's ``2``."""
+    from .trainer import USER_ERRORS
+
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run_from_args(args)
+    except USER_ERRORS as err:
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
