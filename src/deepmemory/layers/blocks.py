@@ -12,7 +12,6 @@ a sequence (``state=None``), before the user's tokens; a continued sequence does
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 
 from ..checks import check_int
 from .attention import Attention, AttentionState, check_input
-from .common import RMSNorm, SwiGLU
+from .common import RMSNorm, SwiGLU, default_intermediate_size
 from ..tree import State
 from .memory_layer import NeuralMemory, NeuralMemoryState
 
@@ -39,7 +38,7 @@ class _Block(nn.Module):
         if intermediate_size is None:
             if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
                 raise ValueError(f"mlp_ratio must be a positive number; got {mlp_ratio!r}")
-            intermediate_size = 32 * math.ceil(2 * mlp_ratio * hidden_size / 3 / 32)
+            intermediate_size = default_intermediate_size(hidden_size, mlp_ratio)
         else:
             check_int("intermediate_size", intermediate_size, 1)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
@@ -144,14 +143,31 @@ class HybridState(State):
 
 
 class _Hybrid(_Block):
-    """Sliding-window attention with persistent tokens and a neural memory that reads ``[P | x]``."""
+    """Attention with persistent tokens and a neural memory (the Titans hybrids): sliding-window
+    attention (``window``; None for MAC's, bounded by its segments) and a memory that reads
+    ``[P | x]`` (MAG, MAL) or the attention's output (MAC)."""
+
+    # whether the attention holds the persistent tokens (MAG, MAC) or the memory's output does (MAL)
+    attn_persistent: bool
 
     def __init__(
-        self, hidden_size, num_heads, head_dim, intermediate_size, window, num_persistent, mlp_ratio, rope_theta,
-        eps, memory_kwargs, attn_persistent: bool,
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        intermediate_size: Optional[int] = None,
+        *,
+        window: Optional[int] = 2048,
+        num_persistent: int = 16,
+        mlp_ratio: float = 4.0,
+        rope_theta: float = 10000.0,
+        eps: float = 1e-6,
+        memory_kwargs: Optional[dict] = None,
     ):
+        attn_persistent = self.attn_persistent
         super().__init__(hidden_size, mlp_ratio, intermediate_size, eps)
-        check_int("window", window, 1)
+        if window is not None:
+            check_int("window", window, 1)
         check_int("num_persistent", num_persistent, 0)
         self.num_persistent = num_persistent
         self.attn = Attention(
@@ -182,24 +198,10 @@ class MAGBlock(_Hybrid):
     Outputs at the persistent positions are dropped. ``memory_kwargs`` go to :class:`NeuralMemory`.
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        head_dim: int,
-        intermediate_size: Optional[int] = None,
-        *,
-        window: int = 2048,
-        num_persistent: int = 16,
-        mlp_ratio: float = 4.0,
-        rope_theta: float = 10000.0,
-        eps: float = 1e-6,
-        memory_kwargs: Optional[dict] = None,
-    ):
-        super().__init__(
-            hidden_size, num_heads, head_dim, intermediate_size, window, num_persistent, mlp_ratio, rope_theta,
-            eps, memory_kwargs, attn_persistent=True,
-        )
+    attn_persistent = True
+
+    def __init__(self, hidden_size: int, *args, eps: float = 1e-6, **kwargs):
+        super().__init__(hidden_size, *args, eps=eps, **kwargs)
         self.attn_out_norm = RMSNorm(hidden_size, eps)
         self.memory_out_norm = RMSNorm(hidden_size, eps)
 
@@ -226,24 +228,10 @@ class MALBlock(_Hybrid):
     a ``MemoryBlock`` followed by a ``TransformerBlock(window=...)``.
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        head_dim: int,
-        intermediate_size: Optional[int] = None,
-        *,
-        window: int = 2048,
-        num_persistent: int = 16,
-        mlp_ratio: float = 4.0,
-        rope_theta: float = 10000.0,
-        eps: float = 1e-6,
-        memory_kwargs: Optional[dict] = None,
-    ):
-        super().__init__(
-            hidden_size, num_heads, head_dim, intermediate_size, window, num_persistent, mlp_ratio, rope_theta,
-            eps, memory_kwargs, attn_persistent=False,
-        )
+    attn_persistent = False
+
+    def __init__(self, hidden_size: int, *args, num_persistent: int = 16, **kwargs):
+        super().__init__(hidden_size, *args, num_persistent=num_persistent, **kwargs)
         self.persistent = nn.Parameter(torch.randn(num_persistent, hidden_size) * 0.02) if num_persistent else None
 
     def forward(
@@ -274,7 +262,7 @@ class MACState(State):
     pos: int
 
 
-class MACBlock(_Block):
+class MACBlock(_Hybrid):
     r"""Memory as a context (Titans §4.1). Segments of ``C = segment_size`` tokens at absolute
     positions ``[sC, (s+1)C)``; for segment ``S`` with ``x = RMSNorm(input)``::
 
@@ -290,31 +278,17 @@ class MACBlock(_Block):
     memory from its start. ``memory_kwargs`` go to :class:`NeuralMemory`.
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        head_dim: int,
-        intermediate_size: Optional[int] = None,
-        *,
-        segment_size: int = 512,
-        num_persistent: int = 16,
-        mlp_ratio: float = 4.0,
-        rope_theta: float = 10000.0,
-        eps: float = 1e-6,
-        memory_kwargs: Optional[dict] = None,
-    ):
-        super().__init__(hidden_size, mlp_ratio, intermediate_size, eps)
+    attn_persistent = True
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, *args, segment_size: int = 512, **kwargs):
+        super().__init__(hidden_size, num_heads, head_dim, *args, window=None, **kwargs)
         check_int("segment_size", segment_size, 1)
-        check_int("num_persistent", num_persistent, 0)
         self.segment_size = segment_size
-        self.attn = Attention(hidden_size, num_heads, head_dim, num_persistent=num_persistent, rope_theta=rope_theta)
-        self.memory = NeuralMemory(hidden_size, num_heads, head_dim, **_memory_kwargs(memory_kwargs))
         width = num_heads * head_dim
         self.retrieve_q = nn.Linear(hidden_size, width, bias=False)
         self.retrieve_o = nn.Linear(width, hidden_size, bias=False)
-        self.attn_out_norm = RMSNorm(hidden_size, eps)
-        self.memory_out_norm = RMSNorm(hidden_size, eps)
+        self.attn_out_norm = RMSNorm(hidden_size, self.eps)
+        self.memory_out_norm = RMSNorm(hidden_size, self.eps)
 
     def retrieve(self, x: Tensor, memory_state) -> Tensor:
         """``h = W_h M*(normalize(W_q x))`` at the memory of ``memory_state``: ``[B, n, hidden]``."""

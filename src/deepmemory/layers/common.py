@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -22,6 +23,13 @@ class RMSNorm(nn.Module):
         x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
         y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.to(y.dtype)).to(dtype)
+
+
+def default_intermediate_size(hidden_size: int, mlp_ratio: float = 4.0) -> int:
+    """The SwiGLU width when none is given: ``2/3 * mlp_ratio * hidden_size`` rounded up to a
+    multiple of 32, the parameter count of a GELU MLP of width ``mlp_ratio * hidden_size``
+    (Transformer++'s 8/3 expansion at the default ratio 4)."""
+    return 32 * math.ceil(2 * mlp_ratio * hidden_size / 3 / 32)
 
 
 class SwiGLU(nn.Module):

@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_int, check_positive, check_settings
+from ..checks import check_int, check_positive
 from ..ops.kernel import KernelRule, KernelState, kernel_memory
 from ..tree import State
 from .memory_layer import ConvStates, QKVMixer
@@ -86,21 +86,11 @@ class KernelMemory(QKVMixer):
             rows = head_dim if l == depth - 1 else hidden
             self.memory_init[f"w{l}"] = nn.Parameter(torch.randn(num_heads, rows, hidden) / math.sqrt(hidden))
 
-    @staticmethod
-    def check_settings(settings: dict, group: Optional[str] = None) -> None:
-        """Validate keyword settings without building the layer (one-line errors naming the
-        setting, as ``group['name']`` when ``group`` is given): the rule's by
-        :class:`~deepmemory.ops.KernelRule`'s checks, the layer's here."""
-        check_settings(settings, SETTING_CHECKS, group or "KernelMemory", qualify=group is not None)
-
     def forward(
         self, x: Tensor, state: Optional[KernelMemoryState] = None, return_state: bool = False
     ) -> Union[Tensor, Tuple[Tensor, KernelMemoryState]]:
         """``x [B, T, hidden_size]`` -> ``y [B, T, hidden_size]`` (and the state to continue from)."""
-        self.check_input(x)
-        if state is not None and not isinstance(state, KernelMemoryState):
-            raise TypeError(f"state must be a KernelMemoryState; got {type(state).__name__}")
-        q, k, v, conv = self.qkv(x, None if state is None else state.conv)
+        q, k, v, conv = self.read_input(x, state, KernelMemoryState)
         lr = self.max_lr * torch.sigmoid(self.lr_proj(x))
         # the op computes in float32 under lower precisions; casting here also lets q, k, v and lr
         # come in different dtypes (autocast) and keeps the output in x's dtype
@@ -128,7 +118,7 @@ class KernelMemory(QKVMixer):
         )
 
 
-SETTING_CHECKS = dict(
+KernelMemory.SETTING_CHECKS = dict(
     KernelRule.FIELD_CHECKS,
     expansion=check_int,
     max_lr=check_positive,

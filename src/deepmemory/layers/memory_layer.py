@@ -6,13 +6,13 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import ClassVar, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_bool, check_choice, check_int, check_positive, check_settings
+from ..checks import Check, check_bool, check_choice, check_int, check_positive, check_settings
 from ..ops import IMPLS, MemoryState, UpdateRule, memory_read, neural_memory
 from ..tree import State
 from .common import RMSNorm, ShortConv
@@ -50,6 +50,23 @@ class QKVMixer(nn.Module):
         self.g_proj = nn.Linear(hidden_size, width, bias=False)
         self.o_norm = RMSNorm(head_dim)
         self.o_proj = nn.Linear(width, hidden_size, bias=False)
+
+    # one check per keyword setting of the mixer, filled in by each subclass
+    SETTING_CHECKS: ClassVar[Dict[str, Check]] = {}
+
+    @classmethod
+    def check_settings(cls, settings: dict, group: Optional[str] = None) -> None:
+        """Validate keyword settings of the mixer without building it: a one-line ``TypeError`` /
+        ``ValueError`` naming the setting (as ``group['name']`` when ``group`` is given). The
+        rule's fields are checked by the rule object's own checks, the layer's by its own."""
+        check_settings(settings, cls.SETTING_CHECKS, group or cls.__name__, qualify=group is not None)
+
+    def read_input(self, x: Tensor, state, state_type: type) -> Tuple[Tensor, Tensor, Tensor, ConvStates]:
+        """Check ``x`` and ``state`` (None or a ``state_type``); ``q, k, v`` and the new conv states."""
+        self.check_input(x)
+        if state is not None and not isinstance(state, state_type):
+            raise TypeError(f"state must be a {state_type.__name__}; got {type(state).__name__}")
+        return self.qkv(x, None if state is None else state.conv)
 
     def check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
@@ -172,21 +189,11 @@ class NeuralMemory(QKVMixer):
                 nn.init.normal_(w, std=1.0 / math.sqrt(cols))
             self.memory_init[name] = nn.Parameter(w)
 
-    @staticmethod
-    def check_settings(settings: dict, group: Optional[str] = None) -> None:
-        """Validate keyword settings of the layer without building it: a one-line ``TypeError`` /
-        ``ValueError`` naming the setting (as ``group['name']`` when ``group`` is given). The rule's
-        fields are checked by :class:`UpdateRule`'s own checks, the layer's here."""
-        check_settings(settings, SETTING_CHECKS, group or "NeuralMemory", qualify=group is not None)
-
     def forward(
         self, x: Tensor, state: Optional[NeuralMemoryState] = None, return_state: bool = False
     ) -> Union[Tensor, Tuple[Tensor, NeuralMemoryState]]:
         """``x [B, T, hidden_size]`` -> ``y [B, T, hidden_size]`` (and the state to continue from)."""
-        self.check_input(x)
-        if state is not None and not isinstance(state, NeuralMemoryState):
-            raise TypeError(f"state must be a NeuralMemoryState; got {type(state).__name__}")
-        q, k, v, conv = self.qkv(x, None if state is None else state.conv)
+        q, k, v, conv = self.read_input(x, state, NeuralMemoryState)
         fq, fk = self.phi(q), self.phi(k)
         target = v - k if self.outer_residual and self.rule.loss == "l2" else v
         y, mem = neural_memory(
@@ -246,4 +253,4 @@ LAYER_CHECKS = {
     "max_lr": check_positive,
     "impl": lambda label, v: check_choice(label, v, tuple(IMPLS)),
 }
-SETTING_CHECKS = {name: (LAYER_CHECKS.get(name) or UpdateRule.FIELD_CHECKS[name]) for name in SETTINGS}
+NeuralMemory.SETTING_CHECKS = {name: (LAYER_CHECKS.get(name) or UpdateRule.FIELD_CHECKS[name]) for name in SETTINGS}

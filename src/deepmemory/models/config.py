@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from ..checks import check_choice, check_int, check_positive
+from ..layers.common import default_intermediate_size
 from ..layers.kernel_memory import KernelMemory
 from ..layers.memory_layer import SETTINGS as MEMORY_SETTINGS
 from ..layers.memory_layer import NeuralMemory
@@ -25,7 +26,8 @@ class DeepMemoryConfig(PretrainedConfig):
     ``KernelMemory``; the widths come from here); ``segment_size`` is MAC's segment length,
     ``attention_window`` the window of ``swa``/``mag``/``mal`` and ``num_persistent`` the learned
     persistent tokens of every attention. ``head_dim`` defaults to ``hidden_size // num_heads``,
-    ``intermediate_size`` (the SwiGLU width) to ``4 * hidden_size``. ``num_layers`` / ``num_heads``
+    ``intermediate_size`` (the SwiGLU width) to the blocks' default, ``2/3 * 4 * hidden_size``
+    rounded up to a multiple of 32 (Transformer++'s 8/3 expansion). ``num_layers`` / ``num_heads``
     are aliases of ``num_hidden_layers`` / ``num_attention_heads``. Every field is checked when the
     config is made: a bad one raises a one-line ``ValueError``/``TypeError`` naming it.
     """
@@ -62,7 +64,7 @@ class DeepMemoryConfig(PretrainedConfig):
         if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.intermediate_size is None and isinstance(self.hidden_size, int):
-            self.intermediate_size = 4 * self.hidden_size
+            self.intermediate_size = default_intermediate_size(self.hidden_size)
         if isinstance(self.layer_pattern, str):
             self.layer_pattern = [self.layer_pattern] * self.num_hidden_layers
         else:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..checks import check_choice
 from .chunk import chunk
-from .inputs import check_query, check_tensor, check_weight_shapes, check_weights, compute_dtype, rule_mismatch
+from .inputs import check_sequence, check_tensor, check_weight_shapes, check_weights, compute_dtype, rule_mismatch
 from .memory import MemorySpec, dense_apply, memory_forward
 from .problem import Problem, Result
 from .reference import reference
@@ -140,12 +140,7 @@ def neural_memory(
     """
     rule = _rule(rule, settings)
     check_choice("impl", impl, tuple(IMPLS))
-    check_query(q)
-    bsz, seq, nh, dk = q.shape
-    check_tensor("k", k, (bsz, seq, nh, dk), q)
-    check_tensor("v", v, (bsz, seq, nh, None), q)
-    dv = v.shape[-1]
-    check_tensor("lr", lr, (bsz, seq, nh), q)
+    bsz, seq, nh, dk, dv = check_sequence(q, k, v, lr)
     if momentum is None:
         if rule.optimizer != "gd":
             raise ValueError(f"momentum gates are required for optimizer={rule.optimizer!r} (only 'gd' takes None)")

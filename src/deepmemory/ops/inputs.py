@@ -13,6 +13,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_sequence(q, k, v, lr) -> Tuple[int, int, int, int, int]:
+    """``q, k [B, T, H, dk]``, ``v [B, T, H, dv]``, ``lr [B, T, H]``, all alike (see
+    :func:`check_query`); returns ``(B, T, H, dk, dv)``."""
+    check_query(q)
+    bsz, seq, nh, dk = q.shape
+    check_tensor("k", k, (bsz, seq, nh, dk), q)
+    check_tensor("v", v, (bsz, seq, nh, None), q)
+    check_tensor("lr", lr, (bsz, seq, nh), q)
+    return bsz, seq, nh, dk, v.shape[-1]
+
+
 def check_query(q) -> None:
     """``q`` a 4-dim floating tensor ``[B, T, H, dk]`` with ``T >= 1``."""
     if not isinstance(q, Tensor):

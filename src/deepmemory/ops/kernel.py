@@ -62,7 +62,7 @@ from torch import Tensor
 
 from ..checks import Settings, check_bool, check_choice, check_int
 from ..tree import State
-from .inputs import check_query, check_tensor, check_weight_shapes, check_weights, compute_dtype, rule_mismatch
+from .inputs import check_sequence, check_weight_shapes, check_weights, compute_dtype, rule_mismatch
 from .memory import ACTIVATIONS, LOSSES
 from .memory import activation as act_fn
 from .memory import activation_backward
@@ -365,12 +365,7 @@ def kernel_memory(
         raise TypeError(f"rule must be a KernelRule; got {type(rule).__name__}")
     check_choice("impl", impl, KERNEL_IMPLS)
     check_bool("output_final_state", output_final_state)
-    check_query(q)
-    bsz, seq, nh, dk = q.shape
-    check_tensor("k", k, (bsz, seq, nh, dk), q)
-    check_tensor("v", v, (bsz, seq, nh, None), q)
-    dv = v.shape[-1]
-    check_tensor("lr", lr, (bsz, seq, nh), q)
+    bsz, seq, nh, dk, dv = check_sequence(q, k, v, lr)
     if not isinstance(scale, Tensor):
         raise TypeError(f"scale must be a torch.Tensor [H]; got {type(scale).__name__}")
     if tuple(scale.shape) != (nh,):
