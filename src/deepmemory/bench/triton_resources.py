@@ -12,6 +12,7 @@ with status 1 when a kernel needs more shared memory than an H100 has.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -35,6 +36,13 @@ warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 H100_SHARED_KIB = 227
 
 
+def _ptxas(arch: int) -> str:
+    """The path of the ptxas Triton bundles: newer Triton picks it per arch (``get_ptxas(arch)``),
+    Triton 3.5 has one for every arch (``get_ptxas()``)."""
+    params = inspect.signature(get_ptxas).parameters
+    return (get_ptxas(arch) if params else get_ptxas()).path
+
+
 def compile_kernel(fn, dims: dict, arch: int, warps: int, pointer: str = "*fp32") -> dict:
     """Shared memory (KiB), registers and spilled bytes of ``fn`` compiled for ``sm_<arch>``."""
     sig = {n: "constexpr" if n in dims else "i32" if n == "NC" else pointer for n in fn.arg_names}
@@ -47,7 +55,7 @@ def compile_kernel(fn, dims: dict, arch: int, warps: int, pointer: str = "*fp32"
             f.write(kernel.asm["ptx"])
         suffix = "a" if arch >= 90 else ""
         # the options Triton itself passes to ptxas
-        log = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}", ptx, "-o", os.devnull],
+        log = subprocess.run([_ptxas(arch), "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}", ptx, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
     return {"shared KiB": kernel.metadata.shared / 1024, "registers": int(re.search(r"Used (\d+) registers", log)[1]),
             "spilled B": int(re.search(r"(\d+) bytes spill stores", log)[1])}
