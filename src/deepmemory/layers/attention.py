@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_int
+from ..checks import check_int, check_positive
 from ..tree import State
 
 
@@ -82,8 +82,7 @@ class Attention(nn.Module):
         if window is not None:
             check_int("window", window, 1)
         check_int("num_persistent", num_persistent, 0)
-        if not isinstance(rope_theta, (int, float)) or isinstance(rope_theta, bool) or rope_theta <= 0:
-            raise ValueError(f"rope_theta must be a positive number; got {rope_theta!r}")
+        check_positive("rope_theta", rope_theta)
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.window, self.num_persistent, self.rope_theta = window, num_persistent, float(rope_theta)
         width = num_heads * head_dim

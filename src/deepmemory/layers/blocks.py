@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_int
+from ..checks import check_int, check_positive
 from .attention import Attention, AttentionState, check_input
 from .common import RMSNorm, SwiGLU, default_intermediate_size
 from ..tree import State
@@ -36,13 +36,11 @@ class _Block(nn.Module):
         super().__init__()
         check_int("hidden_size", hidden_size, 1)
         if intermediate_size is None:
-            if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
-                raise ValueError(f"mlp_ratio must be a positive number; got {mlp_ratio!r}")
+            check_positive("mlp_ratio", mlp_ratio)
             intermediate_size = default_intermediate_size(hidden_size, mlp_ratio)
         else:
             check_int("intermediate_size", intermediate_size, 1)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a positive number; got {eps!r}")
+        check_positive("eps", eps)
         self.hidden_size, self.eps = hidden_size, float(eps)
         self.mixer_norm = RMSNorm(hidden_size, eps)
         self.mlp_norm = RMSNorm(hidden_size, eps)

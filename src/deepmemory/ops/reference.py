@@ -40,6 +40,10 @@ def _col(t: Tensor) -> Tensor:
 
 
 def reference(p: Problem) -> Result:
+    """The rule token by token (``impl="reference"``): per-token gradients by autograd at the chunk
+    start, then the optimizer step of ``p.rule``; the ground truth the fast forms are tested against.
+    Returns the outputs ``[B, H, N, dv]`` and the states after the last token and at the start of
+    the unfinished chunk (see :class:`Result`)."""
     n, b = p.q.shape[2], p.rule.chunk_size
     w, s = dict(p.w0), dict(p.s0)
     w_chunk, s_chunk = w, s

@@ -568,6 +568,10 @@ class _MlpChunks(torch.autograd.Function):
 
 
 def triton_chunk(p: Problem) -> Result:
+    """The chunk-parallel form in Triton kernels (``impl="triton"``): the same layout and gate
+    coefficients as ``impl="chunk"`` (ops/coefficients.py), one program per (batch, head) walking
+    its chunks. Raises ``ValueError`` (one line) for a rule the kernels do not cover, or for CPU
+    tensors without ``TRITON_INTERPRET=1``."""
     _check(p)
     bsz, nh, n, dk = p.q.shape
     dv = p.dv
