@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from deepmemory.models.modeling import CACHE_NAME
 from deepmemory.models import DeepMemoryCache, DeepMemoryConfig, DeepMemoryForCausalLM, build, list_presets, preset_config
 from tiers import every_preset
 
@@ -122,3 +123,20 @@ def test_gradient_checkpointing_enable_changes_nothing():
     assert ckpt_grads.keys() == grads.keys() and all(g is not None for g in grads.values())
     for name in grads:
         torch.testing.assert_close(ckpt_grads[name], grads[name], rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_a_cache_is_left_alone_without_use_cache_and_misuse_is_one_line():
+    model = tiny("titans-mac", seed=9)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(10))
+    plain = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    cache = DeepMemoryCache(model.config)
+    with_cache = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False, cache=cache)
+    assert torch.equal(plain, with_cache) and cache.get_seq_length() == 0 and cache.batch_size == -1
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    used = out[CACHE_NAME]
+    assert used.batch_size == 1
+    for prompt in (out.sequences[:, : used.get_seq_length()], ids[:, :3]):  # nothing new to read
+        with pytest.raises(ValueError, match="the cache has already read 14 tokens"):
+            model.generate(prompt, max_new_tokens=2, cache=used)
+    with pytest.raises(ValueError, match="the cache holds 1 sequence\\(s\\) but the input has a batch of 2"):
+        model(torch.randint(0, 256, (2, 1)), cache=used)

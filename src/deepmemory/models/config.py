@@ -61,9 +61,18 @@ class DeepMemoryConfig(PretrainedConfig):
         for alias, name in self.attribute_map.items():
             if alias in kwargs:
                 setattr(self, name, kwargs.pop(alias))
-        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+        # the fields later ones are derived from are checked first, so that a bad one is named
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+            check_int(name, getattr(self, name))
+        for name in ("memory", "kernel"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"{name} must be a dict of settings (or None); got {type(value).__name__}")
+        if not isinstance(self.layer_pattern, (str, list, tuple)):
+            raise TypeError(f"layer_pattern must be a block name or a list of them; got {type(self.layer_pattern).__name__}")
+        if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.intermediate_size is None and isinstance(self.hidden_size, int):
+        if self.intermediate_size is None:
             self.intermediate_size = default_intermediate_size(self.hidden_size)
         if isinstance(self.layer_pattern, str):
             self.layer_pattern = [self.layer_pattern] * self.num_hidden_layers

@@ -114,8 +114,11 @@ class DeepMemoryCache(Cache):
     unfinished chunk); attention keeps keys and values, limited to its window when it has one. A
     forward pass given the cache (``cache=`` or ``past_key_values=``) updates it in place, so one
     object carries a stream across calls; ``generate`` makes one by itself, or continues the one you
-    pass. Beam search and ``num_return_sequences`` select and repeat its batch rows. It cannot be
-    cropped (assisted decoding) or compiled.
+    pass (which must hold the batch the generation runs with, and fewer tokens than the prompt:
+    with a cache, the prompt is the whole sequence so far). Beam search and
+    ``num_return_sequences`` select and repeat the rows of the cache ``generate`` makes. A call with
+    ``use_cache=False`` neither reads nor writes a cache. It cannot be cropped (assisted decoding)
+    or compiled.
 
     Args:
         config: the model's :class:`DeepMemoryConfig`, or the number of layers (an ``int >= 1``).
@@ -142,6 +145,15 @@ class DeepMemoryCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens read so far (every layer has read all of them)."""
         return self.seen
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences the cache holds, or ``-1`` before the first token."""
+        for layer in self.layers:
+            found = tensors(layer.state)
+            if found:
+                return found[0].shape[0]
+        return -1
 
     def get_max_length(self, layer_idx: Optional[int] = None) -> int:
         """``-1``: a recurrent state has no maximum length."""
@@ -278,6 +290,8 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
         """
         self._check_inputs(input_ids, inputs_embeds, attention_mask)
         cache = _one_cache(cache, past_key_values)
+        if use_cache is False:  # a cache is neither read nor written: the call stands alone
+            cache = None
         if use_cache is None:
             # a state costs memory; training steps that do not continue a sequence skip it
             use_cache = cache is not None or (self.config.use_cache and not self.training)
@@ -285,6 +299,10 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
             cache = DeepMemoryCache(len(self.layers))
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"the cache holds {len(cache)} layer states; this model has {len(self.layers)} layers")
+        batch = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
+        if cache is not None and cache.batch_size not in (-1, batch):
+            raise ValueError(f"the cache holds {cache.batch_size} sequence(s) but the input has a batch of {batch}; "
+                             "continue a cache with the batch it was made with")
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         hidden = [x] if output_hidden_states else None
@@ -388,6 +406,20 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False
+
+    def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
+        """Hugging Face's ``generate``. With a cache passed in (``cache=``, ``past_key_values=``
+        before transformers 5.24), ``inputs`` is the whole sequence so far and the model reads
+        what the cache has not: a recurrent state cannot read a token twice, so a prompt no longer
+        than what the cache has read is a one-line ``ValueError``."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if isinstance(cache, DeepMemoryCache) and isinstance(ids, Tensor) and cache.seen >= ids.shape[-1]:
+            raise ValueError(
+                f"the cache has already read {cache.seen} tokens but the input holds {ids.shape[-1]}; "
+                "pass the whole sequence so far plus at least one new token"
+            )
+        return super().generate(inputs, *args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         # generate() gets our cache from the start so that chunked prefill (prefill_chunk_size)
