@@ -136,3 +136,16 @@ def test_layer_norm_changes_the_output_and_triton_refuses_it():
     with pytest.raises(ValueError, match="no layer_norm"):
         neural_memory(q.float(), k.float(), v.float(), lr.float(), mom.float(), dec.float(),
                       {n: p.float() for n, p in params.items()}, chunk_size=4, layer_norm=True, impl="triton")
+
+
+def test_reads_and_layers_name_their_bad_inputs():
+    rule = UpdateRule(memory="mlp")
+    w = make_params("mlp", 2, DK, DV, HIDDEN)
+    q = torch.randn(1, 3, 2, DK, dtype=torch.float64)
+    with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64; got torch.int64"):
+        memory_read(q.long(), w, rule=rule)
+    with pytest.raises(TypeError, match="weights must be a dict of tensors; got list"):
+        memory_read(q, [w["w0"]], rule=rule)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor; got torch.int64"):
+        NeuralMemory(32, 2, 16)(torch.zeros(1, 3, 32, dtype=torch.long))
+    assert preset_config("transformer").rule is None and preset_config("deep-transformer").rule is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from transformers import PretrainedConfig
 
 from ..checks import check_choice, check_int, check_positive
@@ -13,6 +15,7 @@ from ..ops import UpdateRule
 
 BLOCK_TYPES = ("attn", "swa", "memory", "kernel", "mac", "mag", "mal")
 ATTENTION_BLOCKS = ("attn", "swa", "mac", "mag", "mal")
+MEMORY_BLOCKS = ("memory", "mac", "mag", "mal")  # the blocks with a NeuralMemory
 
 
 class DeepMemoryConfig(PretrainedConfig):
@@ -84,9 +87,12 @@ class DeepMemoryConfig(PretrainedConfig):
         self.check()
 
     @property
-    def rule(self) -> UpdateRule:
+    def rule(self) -> Optional[UpdateRule]:
         """The memory update rule of the ``memory``/``mac``/``mag``/``mal`` blocks: the layer's
-        defaults updated by ``memory`` (before a feature map moves the residual out of the op)."""
+        defaults updated by ``memory`` (before a feature map moves the residual out of the op);
+        None when the layer pattern has none of them."""
+        if not set(self.layer_pattern) & set(MEMORY_BLOCKS):
+            return None
         return UpdateRule.from_settings(dict(MEMORY_SETTINGS, **self.memory))
 
     def check(self) -> None:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..checks import check_choice
 from .chunk import chunk
-from .inputs import check_sequence, check_tensor, check_weight_shapes, check_weights, compute_dtype, rule_mismatch
+from .inputs import check_query, check_sequence, check_tensor, check_weight_shapes, check_weights, compute_dtype, rule_mismatch
 from .memory import MemorySpec, dense_apply, memory_forward
 from .problem import Problem, Result
 from .reference import reference
@@ -31,11 +31,12 @@ def _triton(p: Problem) -> Result:
 IMPLS = {"chunk": chunk, "reference": reference, "triton": _triton}
 
 
-def _check_params(params, spec: MemorySpec, bsz: int, nh: int, dk: int, dv: int, q: Tensor) -> Dict[str, Tensor]:
+def _check_params(params, spec: MemorySpec, bsz: int, nh: int, dk: int, dv: int, q: Tensor, arg: str = "params") -> Dict[str, Tensor]:
     names = spec.names()
-    check_weights(params, names, f"memory={spec.kind!r}" + (f" depth={spec.depth}" if spec.kind == "mlp" else ""), bsz, nh, q)
+    what = f"memory={spec.kind!r}" + (f" depth={spec.depth}" if spec.kind == "mlp" else "")
+    check_weights(params, names, what, bsz, nh, q, arg)
     hidden = spec.hidden_of(params)
-    check_weight_shapes(params, spec.shapes(dk, dv, hidden), f"dk={dk}, dv={dv}, hidden={hidden}")
+    check_weight_shapes(params, spec.shapes(dk, dv, hidden), f"dk={dk}, dv={dv}, hidden={hidden}", arg)
     if spec.uses_residual and dk != dv:
         raise ValueError(f"a residual {spec.kind} memory needs dk == dv; got dk={dk}, dv={dv} (pass residual=False)")
     cd = compute_dtype(q.dtype)
@@ -52,12 +53,12 @@ def memory_read(q: Tensor, weights: Dict[str, Tensor], *, rule: Optional[UpdateR
     malformed ``q`` or weights that do not fit the memory.
     """
     rule = _rule(rule, settings)
-    if not isinstance(q, Tensor) or q.dim() != 4:
-        raise ValueError(f"q must be a 4-dim tensor [B, T, H, dk]; got {getattr(q, 'shape', type(q).__name__)}")
+    check_query(q)
     spec = rule.spec
     bsz, _, nh, dk = q.shape
-    dv = weights[spec.names()[-1]].shape[-2] if isinstance(weights, dict) and spec.names()[-1] in weights else dk
-    w = _check_params(weights, spec, bsz, nh, dk, dv, q)
+    last = weights.get(spec.names()[-1]) if isinstance(weights, dict) else None
+    dv = last.shape[-2] if isinstance(last, Tensor) and last.dim() >= 2 else dk
+    w = _check_params(weights, spec, bsz, nh, dk, dv, q, arg="weights")
     cd = compute_dtype(q.dtype)
     return memory_forward(spec, dense_apply(w), _heads_first(q, cd)).transpose(1, 2).to(q.dtype)
 

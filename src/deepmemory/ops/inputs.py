@@ -51,34 +51,35 @@ def check_tensor(name: str, x, shape: Tuple, like: Tensor) -> None:
             raise ValueError(f"{name} must have shape {list(shape)} (None = any); got {list(x.shape)} (dim {i})")
 
 
-def check_weights(params, names: Sequence[str], what: str, bsz: int, nh: int, q: Tensor) -> None:
+def check_weights(params, names: Sequence[str], what: str, bsz: int, nh: int, q: Tensor, arg: str = "params") -> None:
     """``params`` a dict holding exactly ``names``, each a floating ``[H, rows, cols]`` or
-    ``[B, H, rows, cols]`` tensor on q's device (``what`` names the memory in the error)."""
+    ``[B, H, rows, cols]`` tensor on q's device (``what`` names the memory in the error, ``arg``
+    the argument)."""
     if not isinstance(params, dict):
-        raise TypeError(f"params must be a dict of tensors; got {type(params).__name__}")
+        raise TypeError(f"{arg} must be a dict of tensors; got {type(params).__name__}")
     missing = [n for n in names if n not in params]
     extra = [n for n in params if n not in names]
     if missing or extra:
-        raise ValueError(f"params for {what} must be exactly {list(names)}; missing {missing}, unexpected {extra}")
+        raise ValueError(f"{arg} for {what} must be exactly {list(names)}; missing {missing}, unexpected {extra}")
     for n in names:
         w = params[n]
         if not isinstance(w, Tensor):
-            raise TypeError(f"params[{n!r}] must be a torch.Tensor; got {type(w).__name__}")
+            raise TypeError(f"{arg}[{n!r}] must be a torch.Tensor; got {type(w).__name__}")
         if w.dim() not in (3, 4):
-            raise ValueError(f"params[{n!r}] must be [H, rows, cols] or [B, H, rows, cols]; got shape {list(w.shape)}")
+            raise ValueError(f"{arg}[{n!r}] must be [H, rows, cols] or [B, H, rows, cols]; got shape {list(w.shape)}")
         if w.device != q.device:
-            raise ValueError(f"params[{n!r}] is on {w.device} but q is on {q.device}")
+            raise ValueError(f"{arg}[{n!r}] is on {w.device} but q is on {q.device}")
         if not w.is_floating_point():
-            raise TypeError(f"params[{n!r}] must be floating point; got {w.dtype}")
+            raise TypeError(f"{arg}[{n!r}] must be floating point; got {w.dtype}")
         if w.shape[-3] != nh or (w.dim() == 4 and w.shape[0] != bsz):
-            raise ValueError(f"params[{n!r}] has shape {list(w.shape)}; expected leading dims [{nh}] or [{bsz}, {nh}]")
+            raise ValueError(f"{arg}[{n!r}] has shape {list(w.shape)}; expected leading dims [{nh}] or [{bsz}, {nh}]")
 
 
-def check_weight_shapes(params: Dict[str, Tensor], shapes: Dict[str, Tuple[int, int]], sizes: str) -> None:
+def check_weight_shapes(params: Dict[str, Tensor], shapes: Dict[str, Tuple[int, int]], sizes: str, arg: str = "params") -> None:
     """Each ``params[name]`` ends in ``shapes[name]`` (``sizes`` says which widths they follow)."""
     for n, (rows, cols) in shapes.items():
         if tuple(params[n].shape[-2:]) != (rows, cols):
-            raise ValueError(f"params[{n!r}] must be [..., {rows}, {cols}] for {sizes}; got {list(params[n].shape)}")
+            raise ValueError(f"{arg}[{n!r}] must be [..., {rows}, {cols}] for {sizes}; got {list(params[n].shape)}")
 
 
 def rule_mismatch(was, now) -> str:
