@@ -17,7 +17,6 @@ from ..ops.kernel import KernelRule, KernelState, kernel_memory
 from ..tree import State
 from .memory_layer import ConvStates, QKVMixer
 
-KernelCache = KernelState  # the state's former name
 
 
 @dataclass
