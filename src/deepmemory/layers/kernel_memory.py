@@ -18,7 +18,6 @@ from ..tree import State
 from .memory_layer import ConvStates, QKVMixer
 
 
-
 @dataclass
 class KernelMemoryState(State):
     """The kernel memory's :class:`~deepmemory.ops.KernelState` (``cache``) plus the q, k, v conv
