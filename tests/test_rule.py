@@ -149,3 +149,13 @@ def test_reads_and_layers_name_their_bad_inputs():
     with pytest.raises(TypeError, match="x must be a floating-point tensor; got torch.int64"):
         NeuralMemory(32, 2, 16)(torch.zeros(1, 3, 32, dtype=torch.long))
     assert preset_config("transformer").rule is None and preset_config("deep-transformer").rule is None
+
+
+def test_check_messages_show_the_value_and_refuse_inf():
+    with pytest.raises(TypeError, match="depth must be an int; got float 2.0"):
+        UpdateRule(depth=2.0)
+    with pytest.raises(TypeError, match="residual must be a bool; got str 'yes'"):
+        UpdateRule(residual="yes")
+    for bad in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match=r"max_lr'\] must be a positive number"):
+            DeepMemoryConfig(layer_pattern="memory", memory={"max_lr": bad})

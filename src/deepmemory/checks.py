@@ -3,29 +3,40 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, ClassVar, Dict, Tuple
 
 
+def _shown(value) -> str:
+    """``type value`` for an error message, the value cut short."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
 def check_int(name: str, value, minimum: int = 1) -> None:
+    """An int (not a bool) >= ``minimum``; ``TypeError`` / ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int; got {_shown(value)}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
 
 
 def check_choice(name: str, value, options) -> None:
+    """One of ``options``; ``ValueError`` listing them."""
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
 
 
 def check_bool(name: str, value) -> None:
+    """A bool; ``TypeError`` naming ``name``."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+        raise TypeError(f"{name} must be a bool; got {_shown(value)}")
 
 
 def check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number; got {value!r}")
+    """A finite number > 0 (NaN and inf refused); ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive number (finite); got {value!r}")
 
 
 # one check per setting: ``check(label, value)`` raises a one-line error naming ``label``
