@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..checks import Check, check_bool, check_choice, check_int, check_positive, check_settings
 from ..ops import IMPLS, MemoryState, UpdateRule, memory_read, neural_memory
+from ..ops.rule import resolve_rule
 from ..tree import State
 from .common import RMSNorm, ShortConv
 from .feature_maps import FEATURE_MAPS, make_feature_map
@@ -150,12 +151,7 @@ class NeuralMemory(QKVMixer):
         layer = dict(expansion=expansion, feature_map=feature_map, poly_degree=poly_degree, max_lr=max_lr,
                      conv_size=conv_size, use_decay=use_decay, learned_window_gate=learned_window_gate, impl=impl)
         self.check_settings(dict(layer, **rule_settings))
-        if rule is None:
-            rule = UpdateRule(**dict(LAYER_RULE_DEFAULTS, **rule_settings))
-        elif not isinstance(rule, UpdateRule):
-            raise TypeError(f"rule must be an UpdateRule; got {type(rule).__name__}")
-        elif rule_settings:
-            raise ValueError(f"pass the rule's settings in rule=, or as keywords, not both; got rule= and {sorted(rule_settings)}")
+        rule = resolve_rule(rule, rule_settings, LAYER_RULE_DEFAULTS)
         self.phi = make_feature_map(feature_map, head_dim, num_heads, poly_degree)
         key_dim = self.phi.out_dim
         # the op's residual would add phi(k); the un-featured input is added outside the op instead

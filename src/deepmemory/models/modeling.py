@@ -384,7 +384,7 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: memory blocks have no attention matrix")
         out = self.model(
-            input_ids=input_ids, cache=_one_cache(cache, past_key_values), use_cache=use_cache,
+            input_ids=input_ids, cache=cache, past_key_values=past_key_values, use_cache=use_cache,
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
             return_dict=True,
         )

@@ -14,7 +14,7 @@ from .inputs import check_query, check_sequence, check_tensor, check_weight_shap
 from .memory import MemorySpec, dense_apply, memory_forward
 from .problem import Problem, Result
 from .reference import reference
-from .rule import UpdateRule
+from .rule import UpdateRule, resolve_rule
 from .state import MemoryState
 
 
@@ -52,7 +52,7 @@ def memory_read(q: Tensor, weights: Dict[str, Tensor], *, rule: Optional[UpdateR
     :class:`UpdateRule`). Raises ``TypeError``/``ValueError`` (one line) for a bad rule, a
     malformed ``q`` or weights that do not fit the memory.
     """
-    rule = _rule(rule, settings)
+    rule = resolve_rule(rule, settings)
     check_query(q)
     spec = rule.spec
     bsz, _, nh, dk = q.shape
@@ -61,26 +61,6 @@ def memory_read(q: Tensor, weights: Dict[str, Tensor], *, rule: Optional[UpdateR
     w = _check_params(weights, spec, bsz, nh, dk, dv, q, arg="weights")
     cd = compute_dtype(q.dtype)
     return memory_forward(spec, dense_apply(w), _heads_first(q, cd)).transpose(1, 2).to(q.dtype)
-
-
-def _rule(rule: Optional[UpdateRule], settings: Dict[str, Any]) -> UpdateRule:
-    """The rule of a call: ``rule=`` or the keyword settings (a thin convenience), not both."""
-    if rule is None:
-        return UpdateRule(**_known(settings))
-    if not isinstance(rule, UpdateRule):
-        raise TypeError(f"rule must be an UpdateRule; got {type(rule).__name__}")
-    if settings:
-        raise ValueError(f"pass the rule's settings in rule=, or as keywords, not both; got rule= and {sorted(settings)}")
-    return rule
-
-
-def _known(settings: Dict[str, Any]) -> Dict[str, Any]:
-    from .rule import FIELDS
-
-    unknown = sorted(set(settings) - set(FIELDS))
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}; the rule's settings are {', '.join(FIELDS)}")
-    return settings
 
 
 def _heads_first(x: Tensor, cd: torch.dtype) -> Tensor:
@@ -139,7 +119,7 @@ def neural_memory(
             keywords, or an ``initial_state`` made with another rule or shape.
         ImportError: ``impl="triton"`` without the triton package.
     """
-    rule = _rule(rule, settings)
+    rule = resolve_rule(rule, settings)
     check_choice("impl", impl, tuple(IMPLS))
     bsz, seq, nh, dk, dv = check_sequence(q, k, v, lr)
     if momentum is None:

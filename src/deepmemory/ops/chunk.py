@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .coefficients import chunk_layout, gate_coefficients, segprod
+from .coefficients import chunk_layout, gate_coefficients, retention_products, segprod
 from .memory import dense_apply, memory_forward, newton_schulz, token_gradients
 from .problem import Problem, Result
 
@@ -75,8 +75,8 @@ def chunk(p: Problem) -> Result:
     if p.rule.granularity == "chunk":
         return _chunk_granularity(p, q, kx, vx, lay.lr, lay.momentum, lay.retention, lay.gamma, n, b, last_len)
     if p.rule.optimizer == "muon":
-        d_a = segprod(lay.retention)
-        return _muon_token(p, q, kx, vx, lay.lr, lay.momentum, lay.gamma, d_a, torch.cumprod(lay.retention, -1), n, b, last_len)
+        d_a, a_cum = retention_products(lay)
+        return _muon_token(p, q, kx, vx, lay.lr, lay.momentum, lay.gamma, d_a, a_cum, n, b, last_len)
 
     g = gate_coefficients(lay, p.rule.optimizer)
     # chunk-end rows (the last chunk may be short): the 2x2 map [[A, m], [0, E]] that carries

@@ -16,6 +16,7 @@ docs/ops.md for the derivation).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -100,12 +101,17 @@ class GateCoefficients:
     c_coef: Tensor
 
 
+def retention_products(layout: ChunkLayout) -> Tuple[Tensor, Tensor]:
+    """``D_A [B, H, nc, b, b]`` and ``A [B, H, nc, b]``: the products of ``1 - decay`` inside each
+    chunk, which every optimizer needs."""
+    return segprod(layout.retention), torch.cumprod(layout.retention, dim=-1)
+
+
 def gate_coefficients(layout: ChunkLayout, optimizer: str) -> GateCoefficients:
     """The coefficients of the gd/momentum update for every chunk at once (they do not depend on
-    the memory). Muon at token granularity uses ``d_a``, ``a_cum`` and :func:`segprod` itself."""
-    lr, mom, ret, gamma = layout.lr, layout.momentum, layout.retention, layout.gamma
-    d_a = segprod(ret)
-    a_cum = torch.cumprod(ret, dim=-1)
+    the memory). Muon at token granularity needs only :func:`retention_products`."""
+    lr, mom, gamma = layout.lr, layout.momentum, layout.gamma
+    d_a, a_cum = retention_products(layout)
     if optimizer == "gd":
         s_coef = lr.unsqueeze(-1) * gamma
         e_cum = m_coef = torch.zeros_like(a_cum)

@@ -17,6 +17,7 @@ granularity. The op (``neural_memory(..., rule=rule)``), every implementation, t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Dict, Optional
 
 from ..checks import Settings, check_bool, check_choice, check_int
 from .memory import ACTIVATIONS, LOSSES, MEMORY_KINDS, MemorySpec
@@ -87,3 +88,19 @@ UpdateRule.FIELD_CHECKS = {
 }
 FIELDS = UpdateRule.field_names()
 assert tuple(UpdateRule.FIELD_CHECKS) == FIELDS
+
+
+def resolve_rule(rule: Optional[UpdateRule], settings: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None) -> UpdateRule:
+    """The rule of a call that takes ``rule=`` or the rule's fields as keywords (``settings``,
+    over ``defaults``), not both. One-line ``TypeError`` for a rule that is not an
+    :class:`UpdateRule` or an unknown keyword, ``ValueError`` for both forms at once."""
+    if rule is None:
+        unknown = sorted(set(settings) - set(FIELDS))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {unknown}; the rule's settings are {', '.join(FIELDS)}")
+        return UpdateRule(**dict(defaults or {}, **settings))
+    if not isinstance(rule, UpdateRule):
+        raise TypeError(f"rule must be an UpdateRule; got {type(rule).__name__}")
+    if settings:
+        raise ValueError(f"pass the rule's settings in rule=, or as keywords, not both; got rule= and {sorted(settings)}")
+    return rule
