@@ -11,14 +11,14 @@ from deepmemory.layers.blocks import MACBlock, MAGBlock, MALBlock, MemoryBlock, 
 
 HID, NH, HD = 32, 2, 16
 MEM = dict(chunk_size=4)
-ATLAS = dict(chunk_size=4, window=3, optimizer="muon", memory="gated_mlp", feature_map="polynomial", granularity="chunk")
+ATLAS = dict(chunk_size=4, window=3, optimizer="muon", architecture="gated_mlp", feature_map="polynomial", granularity="chunk")
 
 BUILDERS = {
     "transformer": lambda: TransformerBlock(HID, NH, HD),
     "swa": lambda: TransformerBlock(HID, NH, HD, window=5, num_persistent=2),
     "lmm": lambda: MemoryBlock(NeuralMemory(HID, NH, HD, **MEM)),
     "gated_deltanet": lambda: MemoryBlock(
-        NeuralMemory(HID, NH, HD, memory="linear", residual=False, optimizer="gd", loss="l2", window=1, chunk_size=4)
+        NeuralMemory(HID, NH, HD, architecture="linear", residual=False, optimizer="gd", loss="l2", window=1, chunk_size=4)
     ),
     "swdt": lambda: MemoryBlock(KernelMemory(HID, NH, HD, window=5, loss="dot", chunk_size=4)),
     "mag": lambda: MAGBlock(HID, NH, HD, window=5, num_persistent=3, memory_kwargs=MEM),
@@ -191,7 +191,7 @@ def test_mac_reads_memory_before_segment():
     block, x = make("mac"), data(14)
     y = block(x)
     with torch.no_grad():  # the first segment's retrievals read the initial memory
-        for w in block.memory.memory_init.values():
+        for w in block.memory.initial_weights.values():
             w.mul_(1.5)
     y2 = block(x)
     assert (y2[:, :6] - y[:, :6]).abs().max() > 1e-6
@@ -221,8 +221,8 @@ def test_bad_arguments():
         TransformerBlock(HID, NH, HD, eps=0.0)
     with pytest.raises(TypeError, match="memory_kwargs"):
         MAGBlock(HID, NH, HD, memory_kwargs="mlp")
-    with pytest.raises(ValueError, match="memory"):
-        MACBlock(HID, NH, HD, memory_kwargs=dict(memory="conv"))
+    with pytest.raises(ValueError, match="architecture"):
+        MACBlock(HID, NH, HD, memory_kwargs=dict(architecture="conv"))
     with pytest.raises(TypeError, match="mixer"):
         MemoryBlock(lambda x: x, HID)
     with pytest.raises(ValueError, match="hidden_size"):

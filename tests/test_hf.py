@@ -140,3 +140,24 @@ def test_a_cache_is_left_alone_without_use_cache_and_misuse_is_one_line():
             model.generate(prompt, max_new_tokens=2, cache=used)
     with pytest.raises(ValueError, match="the cache holds 1 sequence\\(s\\) but the input has a batch of 2"):
         model(torch.randint(0, 256, (2, 1)), cache=used)
+
+
+def test_checkpoint_saved_before_the_renames_loads(tmp_path):
+    """A run saved when the rule field was ``memory`` and ``W_0`` was ``memory_init`` still loads
+    (CHANGELOG.md): the config by itself, the weights with ``key_mapping``."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny("titans-mac")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["memory"]["memory"] = config["memory"].pop("architecture")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = load_file(tmp_path / "model.safetensors")
+    assert any("initial_weights" in k for k in weights)
+    save_file({k.replace("initial_weights", "memory_init"): t.contiguous() for k, t in weights.items()},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64,
+                                                  key_mapping={"memory_init": "initial_weights"}).eval()
+    assert loaded.config.memory == model.config.memory
+    want, got = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -178,15 +178,15 @@ def test_layer_linear_is_attention_on_its_projections():
 def test_state_detach_and_sizes():
     layer = KernelMemory(32, 2, 8, window=5, chunk_size=4)
     _, state = layer(torch.randn(1, 18, 32), return_state=True)
-    c = state.cache
+    c = state.recurrent_state
     assert c.keys.shape[2] == 5 and c.signals.shape[2] == 5 and c.evict_signals[0].shape[2] == 5
     assert c.pending_k.shape[2] == 2 and c.weights[0].shape == (1, 2, 8, 32)
     d = state.detach()
-    assert not d.cache.signals.requires_grad and not d.cache.weights[0].requires_grad
+    assert not d.recurrent_state.signals.requires_grad and not d.recurrent_state.weights[0].requires_grad
     assert not any(t.requires_grad for t in d.conv)
     # without a window the deeper matrices need no per-token data: the state is keys, signals, matrices
     _, state = KernelMemory(32, 2, 8, chunk_size=4)(torch.randn(1, 18, 32), return_state=True)
-    assert state.cache.keys.shape[2] == 16 and state.cache.evict_signals[0].shape[2] == 0
+    assert state.recurrent_state.keys.shape[2] == 16 and state.recurrent_state.evict_signals[0].shape[2] == 0
 
 
 def test_state_from_other_settings_is_rejected():
@@ -365,7 +365,7 @@ def test_rule_errors(kw, exc, match):
 def _bad(name):
     """Op arguments with one thing wrong, and the error it must raise."""
     (q, k, v, lr, w, scale), _ = _inputs(5)
-    args = dict(q=q, k=k, v=v, lr=lr, params=w, scale=scale)
+    args = dict(q=q, k=k, v=v, lr=lr, weights=w, scale=scale)
     kw = {}
     if name == "q list":
         args["q"], want = q.tolist(), (TypeError, "q must be a torch.Tensor; got list")
@@ -388,9 +388,9 @@ def _bad(name):
     elif name == "scale shape":
         args["scale"], want = scale[:1], (ValueError, r"scale must have shape \[2\] \(one temperature per head\); got \[1\]")
     elif name == "params names":
-        args["params"], want = {"w0": w["w1"]}, (ValueError, r"params for depth=2 must be exactly \['w1'\]; missing \['w1'\], unexpected \['w0'\]")
+        args["weights"], want = {"w0": w["w1"]}, (ValueError, r"weights for depth=2 must be exactly \['w1'\]; missing \['w1'\], unexpected \['w0'\]")
     elif name == "params shape":
-        args["params"], want = {"w1": w["w1"][:, :2]}, (ValueError, r"params\['w1'\] must be \[\.\.\., 3, 4\] for dv=3, hidden=4; got \[2, 2, 4\]")
+        args["weights"], want = {"w1": w["w1"][:, :2]}, (ValueError, r"weights\['w1'\] must be \[\.\.\., 3, 4\] for dv=3, hidden=4; got \[2, 2, 4\]")
     elif name == "residual dims":
         args["v"] = torch.cat([v, v], -1)
         want = (ValueError, "a residual kernel memory needs dk == dv; got dk=3, dv=6")
@@ -425,7 +425,7 @@ def test_layer_carries_its_rule():
     assert layer.rule == KernelRule(window=3, loss="l2", chunk_size=5)
     assert (layer.window, layer.loss, layer.chunk_size, layer.depth) == (3, "l2", 5, 2)
     _, state = layer(torch.randn(1, 7, 32), return_state=True)
-    assert state.cache.rule == layer.rule
+    assert state.recurrent_state.rule == layer.rule
 
 
 @pytest.mark.xfail(raises=RuntimeError, strict=False,
@@ -434,4 +434,4 @@ def test_layer_carries_its_rule():
 def test_silu_layer_backward():
     layer = KernelMemory(32, 2, 8, activation="silu", chunk_size=4)
     layer(torch.randn(1, 6, 32)).pow(2).mean().backward()
-    assert torch.isfinite(layer.memory_init["w1"].grad).all()
+    assert torch.isfinite(layer.initial_weights["w1"].grad).all()

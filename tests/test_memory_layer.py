@@ -22,7 +22,7 @@ def _layer(seed=0, **kw):
             if lin is not None:
                 lin.weight.normal_(std=0.3)
                 lin.bias.uniform_(-1.5, 1.5)
-        for w in layer.memory_init.values():
+        for w in layer.initial_weights.values():
             w.normal_(std=0.7 / w.shape[-1] ** 0.5)
         if hasattr(layer.phi, "coef"):
             layer.phi.coef.mul_(torch.empty_like(layer.phi.coef).uniform_(0.5, 1.5))
@@ -35,13 +35,13 @@ def _x(t=19, b=2, seed=1):
 
 
 def test_benchmark_constructor_shapes():
-    layer = NeuralMemory(hidden_size=256, num_heads=4, head_dim=64, chunk_size=16, memory="mlp", depth=2,
+    layer = NeuralMemory(hidden_size=256, num_heads=4, head_dim=64, chunk_size=16, architecture="mlp", depth=2,
                          expansion=4, optimizer="momentum", granularity="token")
     x = torch.randn(1, 5, 256)
     y, state = layer(x, return_state=True)
     assert y.shape == x.shape and y.dtype == x.dtype
-    assert isinstance(state, NeuralMemoryState) and isinstance(state.memory, MemoryState)
-    assert layer.memory_init["w0"].shape == (4, 256, 64) and layer.memory_init["w1"].shape == (4, 64, 256)
+    assert isinstance(state, NeuralMemoryState) and isinstance(state.recurrent_state, MemoryState)
+    assert layer.initial_weights["w0"].shape == (4, 256, 64) and layer.initial_weights["w1"].shape == (4, 64, 256)
     assert all(c.shape == (1, 3, 256) for c in state.conv)
 
 
@@ -69,7 +69,7 @@ COMBOS = list(itertools.product(("linear", "mlp", "gated_mlp"), ("gd", "momentum
 
 @pytest.mark.parametrize("memory,optimizer,granularity,feature_map", COMBOS)
 def test_every_combination_forward_backward(memory, optimizer, granularity, feature_map):
-    layer = NeuralMemory(HID, NH, HD, chunk_size=4, memory=memory, optimizer=optimizer, granularity=granularity,
+    layer = NeuralMemory(HID, NH, HD, chunk_size=4, architecture=memory, optimizer=optimizer, granularity=granularity,
                          feature_map=feature_map, window=2)
     x = torch.randn(2, 9, HID, requires_grad=True)
     y = layer(x)
@@ -78,16 +78,16 @@ def test_every_combination_forward_backward(memory, optimizer, granularity, feat
     assert torch.isfinite(x.grad).all()
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert any(p.grad.abs().sum() > 0 for n, p in layer.named_parameters() if n.startswith("memory_init"))
+    assert any(p.grad.abs().sum() > 0 for n, p in layer.named_parameters() if n.startswith("initial_weights"))
 
 
 CONFIGS = [
     dict(),
     dict(loss="dot", optimizer="gd", feature_map="polynomial"),
     dict(window=3, feature_map="polynomial"),
-    dict(optimizer="muon", window=2, memory="gated_mlp"),
+    dict(optimizer="muon", window=2, architecture="gated_mlp"),
     dict(granularity="chunk", optimizer="muon", feature_map="polynomial"),
-    dict(memory="linear", use_decay=False, optimizer="gd", window=3, learned_window_gate=False),
+    dict(architecture="linear", use_decay=False, optimizer="gd", window=3, learned_window_gate=False),
     dict(depth=3, activation="silu", conv_size=0),
 ]
 
@@ -100,8 +100,8 @@ def test_chunk_equals_reference_through_layer(cfg):
     y_fast, s_fast = fast(x, return_state=True)
     y_slow, s_slow = slow(x, return_state=True)
     torch.testing.assert_close(y_fast, y_slow, rtol=1e-9, atol=1e-10)
-    for n in s_fast.memory.weights:
-        torch.testing.assert_close(s_fast.memory.weights[n], s_slow.memory.weights[n], rtol=1e-9, atol=1e-10)
+    for n in s_fast.recurrent_state.weights:
+        torch.testing.assert_close(s_fast.recurrent_state.weights[n], s_slow.recurrent_state.weights[n], rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -140,7 +140,7 @@ def test_feature_map_residual_equals_direct_computation(loss, optimizer, window,
         mom = torch.sigmoid(layer.momentum_proj(x)) if layer.momentum_proj is not None else torch.zeros_like(lr)
         dec = torch.sigmoid(layer.decay_proj(x))
         gam = torch.sigmoid(layer.gamma_proj(x)) if layer.gamma_proj is not None else torch.ones_like(lr)
-    w = {n: p.detach().expand(bsz, *p.shape).clone() for n, p in layer.memory_init.items()}
+    w = {n: p.detach().expand(bsz, *p.shape).clone() for n, p in layer.initial_weights.items()}
     s = {n: torch.zeros_like(t) for n, t in w.items()}
     ys = []
     for t in range(seq):
@@ -160,7 +160,7 @@ def test_feature_map_residual_equals_direct_computation(loss, optimizer, window,
     torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(feature_map="polynomial"), dict(memory="linear", feature_map="polynomial")])
+@pytest.mark.parametrize("cfg", [dict(), dict(feature_map="polynomial"), dict(architecture="linear", feature_map="polynomial")])
 def test_read_equals_memory_applied_to_q(cfg):
     layer = _layer(**cfg)
     x = _x(t=9)
@@ -168,8 +168,8 @@ def test_read_equals_memory_applied_to_q(cfg):
     torch.manual_seed(5)
     q = F.normalize(torch.randn(2, 6, NH, HD, dtype=torch.float64), dim=-1)
     fq = layer.phi(q).transpose(1, 2)  # [B, H, T, D]
-    for weights, st in ((state.memory.weights, state), ({n: p.expand(2, *p.shape) for n, p in layer.memory_init.items()}, None)):
-        if layer.rule.memory == "linear":
+    for weights, st in ((state.recurrent_state.weights, state), ({n: p.expand(2, *p.shape) for n, p in layer.initial_weights.items()}, None)):
+        if layer.rule.architecture == "linear":
             want = torch.einsum("bhrc,bhtc->bhtr", weights["w0"], fq)
         else:
             z = torch.einsum("bhrc,bhtc->bhtr", weights["w0"], fq)
@@ -180,16 +180,16 @@ def test_read_equals_memory_applied_to_q(cfg):
 def test_state_detach():
     layer = NeuralMemory(HID, NH, HD, chunk_size=4)
     _, state = layer(torch.randn(1, 6, HID), return_state=True)
-    assert state.memory.weights["w0"].requires_grad
+    assert state.recurrent_state.weights["w0"].requires_grad
     d = state.detach()
-    assert not any(t.requires_grad for t in tensors(d.memory))
+    assert not any(t.requires_grad for t in tensors(d.recurrent_state))
     assert not any(c.requires_grad for c in d.conv)
 
 
 @pytest.mark.parametrize(
     "kw,exc,match",
     [
-        (dict(memory="tree"), ValueError, "memory"),
+        (dict(architecture="tree"), ValueError, "architecture"),
         (dict(depth=0), ValueError, "depth"),
         (dict(window=0), ValueError, "window"),
         (dict(chunk_size=0), ValueError, "chunk_size"),

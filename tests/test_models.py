@@ -200,8 +200,8 @@ def test_other_bad_inputs_fail_clearly():
         (dict(layer_pattern=["attn"] * 3), "layer_pattern must name 2 blocks"),
         (dict(hidden_size=0), "hidden_size must be >= 1"),
         (dict(num_heads=4, head_dim=15, layer_pattern="attn"), "head_dim must be even"),
-        (dict(layer_pattern="memory", memory={"memory": "conv"}), "memory\\['memory'\\] must be one of"),
-        (dict(layer_pattern="memory", memory={"memory": "linear", "residual": True}), "linear memory has no residual"),
+        (dict(layer_pattern="memory", memory={"architecture": "conv"}), "memory\\['architecture'\\] must be one of"),
+        (dict(layer_pattern="memory", memory={"architecture": "linear", "residual": True}), "linear memory has no residual"),
         (dict(layer_pattern="memory", memory={"optimizer": "adam"}), "optimizer"),
         (dict(layer_pattern="memory", memory={"window": 0}), "window'\\] must be >= 1"),
         (dict(layer_pattern="kernel", kernel={"window": 0}), "window'\\] must be >= 1"),
@@ -256,7 +256,7 @@ def test_atlas_family_rows():
     }
     for name, row in rows.items():
         m = preset_config(name).memory
-        assert (m["loss"], m["window"], m["optimizer"], m["memory"], m["feature_map"]) == row, name
+        assert (m["loss"], m["window"], m["optimizer"], m["architecture"], m["feature_map"]) == row, name
     assert preset_config("atlas").memory["granularity"] == "chunk"
     assert preset_config("deep-transformer").kernel["window"] is None
     assert preset_config("swdt").kernel["loss"] == "dot" and preset_config("dot").kernel["loss"] == "l2"

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from deepmemory.ops import MEMORY_KINDS, MemoryState, memory_read, neural_memory, newton_schulz
+from deepmemory.ops import ARCHITECTURES, MemoryState, memory_read, neural_memory, newton_schulz
 from ops_cases import make_inputs, make_params, rel_err
 
 TOL = 1e-8
@@ -43,7 +43,7 @@ def _compare(kw, bsz=2, seq=13, nh=2, per_sequence=False, grad=True, seed=0, lr_
     # a long window sums many gradients per step: keep the step moderate so the memory stays bounded
     inputs = make_inputs(bsz, seq, nh, DK, DV, optimizer=kw.get("optimizer", "momentum"), seed=seed,
                          lr_scale=lr_scale * min(1.0, 2.0 / kw.get("window", 1)))
-    params = make_params(kw.get("memory", "mlp"), nh, DK, DV, HIDDEN, batch=bsz if per_sequence else None,
+    params = make_params(kw.get("architecture", "mlp"), nh, DK, DV, HIDDEN, batch=bsz if per_sequence else None,
                          gen=torch.Generator().manual_seed(seed + 1))
     o_ref, st_ref, g_ref = _run("reference", inputs, params, grad=grad, **kw)
     o_chk, st_chk, g_chk = _run("chunk", inputs, params, grad=grad, **kw)
@@ -62,13 +62,13 @@ def _compare(kw, bsz=2, seq=13, nh=2, per_sequence=False, grad=True, seed=0, lr_
             assert rel_err(g_chk[n], g) <= TOL, f"grad {n}"
 
 
-MATRIX = list(itertools.product(MEMORY_KINDS, ("l2", "dot"), ("gd", "momentum", "muon"), ("token", "chunk")))
+MATRIX = list(itertools.product(ARCHITECTURES, ("l2", "dot"), ("gd", "momentum", "muon"), ("token", "chunk")))
 
 
 @pytest.mark.parametrize("memory,loss,optimizer,granularity", MATRIX)
 @pytest.mark.parametrize("window", [1, 7])
 def test_chunk_matches_reference_every_combination(memory, loss, optimizer, granularity, window):
-    kw = dict(memory=memory, loss=loss, optimizer=optimizer, granularity=granularity, window=window, chunk_size=4)
+    kw = dict(architecture=memory, loss=loss, optimizer=optimizer, granularity=granularity, window=window, chunk_size=4)
     _compare(kw, per_sequence=(window == 7), all_grads_live=True)
 
 
@@ -77,9 +77,9 @@ def test_chunk_matches_reference_every_combination(memory, loss, optimizer, gran
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(memory="mlp", loss="l2", optimizer="momentum", granularity="token", window=1),
-        pytest.param(dict(memory="gated_mlp", loss="dot", optimizer="gd", granularity="token", window=70), marks=pytest.mark.slow),
-        pytest.param(dict(memory="linear", loss="l2", optimizer="muon", granularity="chunk", window=5), marks=pytest.mark.slow),
+        dict(architecture="mlp", loss="l2", optimizer="momentum", granularity="token", window=1),
+        pytest.param(dict(architecture="gated_mlp", loss="dot", optimizer="gd", granularity="token", window=70), marks=pytest.mark.slow),
+        pytest.param(dict(architecture="linear", loss="l2", optimizer="muon", granularity="chunk", window=5), marks=pytest.mark.slow),
     ],
     ids=["titans", "omega-window70", "muon-chunk"],
 )
@@ -88,14 +88,14 @@ def test_lengths_and_chunk_sizes(seq, chunk_size, kw):
 
 
 def test_grads_long_sequence_multiple_chunks():
-    kw = dict(memory="mlp", loss="l2", optimizer="momentum", granularity="token", window=3, chunk_size=16)
+    kw = dict(architecture="mlp", loss="l2", optimizer="momentum", granularity="token", window=3, chunk_size=16)
     _compare(kw, bsz=1, seq=257, nh=1, grad=True, lr_scale=0.3, all_grads_live=True)
 
 
 @pytest.mark.parametrize("memory,loss,optimizer,granularity", MATRIX)
 @pytest.mark.parametrize("impl", ["chunk", pytest.param("reference", marks=pytest.mark.slow)])
 def test_streaming_equals_one_call(memory, loss, optimizer, granularity, impl):
-    kw = dict(memory=memory, loss=loss, optimizer=optimizer, granularity=granularity, window=6, chunk_size=4, impl=impl)
+    kw = dict(architecture=memory, loss=loss, optimizer=optimizer, granularity=granularity, window=6, chunk_size=4, impl=impl)
     seq = 19
     q, k, v, lr, mom, dec, gamma = make_inputs(2, seq, 2, DK, DV, optimizer=optimizer)
     params = make_params(memory, 2, DK, DV, HIDDEN)
@@ -116,7 +116,7 @@ def test_streaming_equals_one_call(memory, loss, optimizer, granularity, impl):
 
 
 def test_state_is_shared_between_implementations():
-    kw = dict(memory="mlp", optimizer="momentum", window=5, chunk_size=4)
+    kw = dict(architecture="mlp", optimizer="momentum", window=5, chunk_size=4)
     q, k, v, lr, mom, dec, gamma = make_inputs(2, 17, 2, DK, DV)
     params = make_params("mlp", 2, DK, DV, HIDDEN)
     o, _ = neural_memory(q, k, v, lr, mom, dec, params, window_gate=gamma, impl="chunk", **kw)
@@ -130,7 +130,7 @@ def test_state_is_shared_between_implementations():
 
 
 def test_gradient_flows_through_carried_state():
-    kw = dict(memory="mlp", optimizer="momentum", window=3, chunk_size=4)
+    kw = dict(architecture="mlp", optimizer="momentum", window=3, chunk_size=4)
     q, k, v, lr, mom, dec, gamma = make_inputs(1, 10, 1, DK, DV)
     params = {n: p.requires_grad_() for n, p in make_params("mlp", 1, DK, DV, HIDDEN).items()}
     _, st = neural_memory(q[:, :6], k[:, :6], v[:, :6], lr[:, :6], mom[:, :6], dec[:, :6], params,
@@ -158,7 +158,7 @@ def test_delta_rule_by_hand():
     """linear memory, l2 loss, gd, window 1, chunk 1: W_t = (1-a_t) W_{t-1} - lr_t (W_{t-1} k_t - v_t) k_t^T."""
     q, k, v, lr, _, dec, _ = make_inputs(1, 9, 1, DK, DV)
     w0 = make_params("linear", 1, DK, DV, HIDDEN)["w0"]
-    o, st = neural_memory(q, k, v, lr, None, dec, {"w0": w0}, memory="linear", optimizer="gd", chunk_size=1,
+    o, st = neural_memory(q, k, v, lr, None, dec, {"w0": w0}, architecture="linear", optimizer="gd", chunk_size=1,
                           output_final_state=True)
     w = w0[0]
     for t in range(9):
@@ -172,7 +172,7 @@ def test_hebbian_by_hand():
     """dot loss, momentum, window 2: S_t = eta S - lr (-(v_t k_t^T) - g_{t-1} v_{t-1} k_{t-1}^T) ... read after write."""
     q, k, v, lr, mom, dec, gamma = make_inputs(1, 8, 1, DK, DV)
     w0 = make_params("linear", 1, DK, DV, HIDDEN)["w0"]
-    o, _ = neural_memory(q, k, v, lr, mom, dec, {"w0": w0}, memory="linear", loss="dot", window=2,
+    o, _ = neural_memory(q, k, v, lr, mom, dec, {"w0": w0}, architecture="linear", loss="dot", window=2,
                          window_gate=gamma, chunk_size=3)
     w, s = w0[0], torch.zeros_like(w0[0])
     for t in range(8):
@@ -213,9 +213,9 @@ def test_low_precision_inputs(dtype):
 def test_memory_read_matches_state():
     q, k, v, lr, mom, dec, gamma = make_inputs(2, 12, 2, DK, DV)
     params = make_params("gated_mlp", 2, DK, DV, HIDDEN)
-    o, st = neural_memory(q, k, v, lr, mom, dec, params, memory="gated_mlp", chunk_size=4, output_final_state=True)
+    o, st = neural_memory(q, k, v, lr, mom, dec, params, architecture="gated_mlp", chunk_size=4, output_final_state=True)
     # the last token reads the memory after its own write: the state's weights
-    last = memory_read(q[:, -1:], st.weights, memory="gated_mlp")
+    last = memory_read(q[:, -1:], st.weights, architecture="gated_mlp")
     assert rel_err(last, o[:, -1:]) <= 1e-12
 
 
@@ -245,7 +245,7 @@ def _call(**over):
         (dict(v=torch.randn(2, 5, 2, DV, dtype=torch.float32)), TypeError, "v has dtype"),
         (dict(decay=torch.rand(2, 5, 2, dtype=torch.float32)), TypeError, "decay has dtype"),
         (dict(q=torch.randn(2, 0, 2, DK, dtype=torch.float64)), ValueError, "at least one token"),
-        (dict(memory="conv"), ValueError, "memory must be one of"),
+        (dict(architecture="conv"), ValueError, "architecture must be one of"),
         (dict(loss="l1"), ValueError, "loss must be one of"),
         (dict(optimizer="adam"), ValueError, "optimizer must be one of"),
         (dict(granularity="segment"), ValueError, "granularity must be one of"),
@@ -258,9 +258,9 @@ def _call(**over):
         (dict(params={"w0": torch.randn(2, HIDDEN, DK, dtype=torch.float64)}), ValueError, "missing ['w1']"),
         (dict(params={"w0": torch.randn(2, HIDDEN, DK), "w1": torch.randn(2, DV, HIDDEN), "w2": torch.randn(2, 3, 3)}),
          ValueError, "unexpected ['w2']"),
-        (dict(params={"w0": torch.randn(2, HIDDEN, DK + 1), "w1": torch.randn(2, DV, HIDDEN)}), ValueError, "params['w0'] must be"),
+        (dict(params={"w0": torch.randn(2, HIDDEN, DK + 1), "w1": torch.randn(2, DV, HIDDEN)}), ValueError, "weights['w0'] must be"),
         (dict(params={"w0": torch.randn(3, HIDDEN, DK), "w1": torch.randn(3, DV, HIDDEN)}), ValueError, "leading dims"),
-        (dict(params=[torch.randn(2, HIDDEN, DK)]), TypeError, "params must be a dict"),
+        (dict(params=[torch.randn(2, HIDDEN, DK)]), TypeError, "weights must be a dict"),
         (dict(v=torch.randn(2, 5, 2, DV + 1, dtype=torch.float64), params=make_params("mlp", 2, DK, DV + 1, HIDDEN)),
          ValueError, "needs dk == dv"),
         (dict(window_gate=torch.rand(2, 5, 1, dtype=torch.float64)), ValueError, "window_gate must have shape"),

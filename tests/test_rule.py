@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from deepmemory.layers import NeuralMemory
 from deepmemory.models import DeepMemoryConfig, preset_config
-from deepmemory.ops import MEMORY_KINDS, MemorySpec, UpdateRule, memory_read, neural_memory
+from deepmemory.ops import ARCHITECTURES, MemorySpec, UpdateRule, memory_read, neural_memory
 from deepmemory.ops.memory import dense_apply, memory_forward
 from ops_cases import make_inputs, make_params, rel_err
 from test_ops import DK, DV, HIDDEN, _compare
@@ -26,7 +26,7 @@ def test_rule_validates_at_construction():
         UpdateRule(layer_norm=1)
     with pytest.raises(TypeError, match="has no field"):
         UpdateRule().replace(windw=3)
-    rule = UpdateRule(memory="gated_mlp", window=4, layer_norm=True)
+    rule = UpdateRule(architecture="gated_mlp", window=4, layer_norm=True)
     with pytest.raises(dataclasses_frozen_error()):
         rule.window = 5  # frozen
     assert UpdateRule(**json.loads(json.dumps(rule.to_dict()))) == rule
@@ -40,11 +40,11 @@ def dataclasses_frozen_error():
 
 
 def test_op_takes_a_rule_or_its_keywords():
-    rule = UpdateRule(memory="mlp", optimizer="muon", window=3, chunk_size=4)
+    rule = UpdateRule(architecture="mlp", optimizer="muon", window=3, chunk_size=4)
     q, k, v, lr, mom, dec, gamma = make_inputs(1, 9, 2, DK, DV, optimizer="muon")
     params = make_params("mlp", 2, DK, DV, HIDDEN)
     a, sa = neural_memory(q, k, v, lr, mom, dec, params, rule=rule, window_gate=gamma, output_final_state=True)
-    b, sb = neural_memory(q, k, v, lr, mom, dec, params, memory="mlp", optimizer="muon", window=3, chunk_size=4,
+    b, sb = neural_memory(q, k, v, lr, mom, dec, params, architecture="mlp", optimizer="muon", window=3, chunk_size=4,
                           window_gate=gamma, output_final_state=True)
     assert torch.equal(a, b) and sa.rule == sb.rule == rule
     with pytest.raises(ValueError, match="not both"):
@@ -73,7 +73,7 @@ def test_layer_config_and_presets_share_the_rule():
         DeepMemoryConfig(layer_pattern="memory", memory={"layer_norm": "yes"})
 
 
-@pytest.mark.parametrize("memory", MEMORY_KINDS)
+@pytest.mark.parametrize("memory", ARCHITECTURES)
 def test_layer_norm_read_is_the_papers_function(memory):
     # an independent check: M(x) = x + LN(h(x)) with torch's own layer_norm, written out per kind
     g = torch.Generator().manual_seed(3)
@@ -88,30 +88,30 @@ def test_layer_norm_read_is_the_papers_function(memory):
     else:
         gate = F.gelu(torch.einsum("bhrc,bhnc->bhnr", w["w_gate"], x)) * torch.einsum("bhrc,bhnc->bhnr", w["w_up"], x)
         want = x + F.layer_norm(torch.einsum("bhrc,bhnc->bhnr", w["w_out"], gate), (DV,), eps=1e-5)
-    rule = UpdateRule(memory=memory, layer_norm=True)
+    rule = UpdateRule(architecture=memory, layer_norm=True)
     got = memory_forward(rule.spec, dense_apply(w), x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     read = memory_read(x.transpose(1, 2), w, rule=rule)
     torch.testing.assert_close(read, want.transpose(1, 2), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("memory", MEMORY_KINDS)
+@pytest.mark.parametrize("memory", ARCHITECTURES)
 @pytest.mark.parametrize("optimizer,granularity", [("gd", "token"), ("momentum", "token"), ("muon", "token"),
                                                    ("momentum", "chunk"), ("muon", "chunk")])
 def test_layer_norm_chunk_equals_reference(memory, optimizer, granularity):
-    kw = dict(memory=memory, loss="l2", optimizer=optimizer, granularity=granularity, window=3, chunk_size=4,
+    kw = dict(architecture=memory, loss="l2", optimizer=optimizer, granularity=granularity, window=3, chunk_size=4,
               layer_norm=True)
     _compare(kw, seq=11, all_grads_live=True)
 
 
 @pytest.mark.parametrize("seq,chunk_size", [(1, 4), (7, 1), (63, 16), (100, 16)])
 def test_layer_norm_odd_lengths_dot_loss(seq, chunk_size):
-    kw = dict(memory="mlp", loss="dot", optimizer="momentum", window=2, chunk_size=chunk_size, layer_norm=True)
+    kw = dict(architecture="mlp", loss="dot", optimizer="momentum", window=2, chunk_size=chunk_size, layer_norm=True)
     _compare(kw, bsz=1, seq=seq, nh=1, grad=seq <= 63, seed=seq)
 
 
 def test_layer_norm_streams_at_any_split():
-    rule = UpdateRule(memory="mlp", optimizer="momentum", window=3, chunk_size=4, layer_norm=True)
+    rule = UpdateRule(architecture="mlp", optimizer="momentum", window=3, chunk_size=4, layer_norm=True)
     seq = 15
     q, k, v, lr, mom, dec, gamma = make_inputs(2, seq, 2, DK, DV)
     params = make_params("mlp", 2, DK, DV, HIDDEN)
@@ -139,7 +139,7 @@ def test_layer_norm_changes_the_output_and_triton_refuses_it():
 
 
 def test_reads_and_layers_name_their_bad_inputs():
-    rule = UpdateRule(memory="mlp")
+    rule = UpdateRule(architecture="mlp")
     w = make_params("mlp", 2, DK, DV, HIDDEN)
     q = torch.randn(1, 3, 2, DK, dtype=torch.float64)
     with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64; got torch.int64"):

@@ -24,13 +24,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NH, D, HIDDEN = 2, 16, 32
 
 
-def _inputs(bsz, seq, dtype, *, d=D, dv=None, hidden=HIDDEN, memory="linear", optimizer="momentum", seed=0,
+def _inputs(bsz, seq, dtype, *, d=D, dv=None, hidden=HIDDEN, architecture="linear", optimizer="momentum", seed=0,
             batched=False):
     dv = d if dv is None else dv
     # lr_scale 0.5 keeps a window of 5 summed gradients stable (the memory stays O(1))
     ins = [x.to(DEVICE, dtype) for x in make_inputs(bsz, seq, NH, d, dv, optimizer=optimizer, seed=seed, lr_scale=0.5)]
     gen = torch.Generator().manual_seed(seed + 1)
-    params = make_params(memory, NH, d, dv, hidden, batch=bsz if batched else None, gen=gen)
+    params = make_params(architecture, NH, d, dv, hidden, batch=bsz if batched else None, gen=gen)
     return ins, {n: t.to(DEVICE, dtype) for n, t in params.items()}
 
 
@@ -73,8 +73,8 @@ CASES = [  # (seq, chunk, window, loss, optimizer)
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
 @pytest.mark.parametrize("seq,chunk,window,loss,optimizer", CASES)
 def test_matches_chunk_float64(memory, seq, chunk, window, loss, optimizer):
-    ins, params = _inputs(2, seq, torch.float64, memory=memory, optimizer=optimizer)
-    kw = dict(memory=memory, loss=loss, optimizer=optimizer, window=window, chunk_size=chunk)
+    ins, params = _inputs(2, seq, torch.float64, architecture=memory, optimizer=optimizer)
+    kw = dict(architecture=memory, loss=loss, optimizer=optimizer, window=window, chunk_size=chunk)
     _assert_close(_run("triton", ins, params, **kw), _run("chunk", ins, params, **kw), 1e-10, live=seq > 1)
 
 
@@ -85,30 +85,30 @@ def test_state_split_into_blocks(memory, seq, chunk, window, loss, optimizer, mo
     monkeypatch.setattr(tc, "V_BLOCK", 16)
     monkeypatch.setattr(tc, "H_BLOCK", 16)
     ins, params = _inputs(2, seq, torch.float64, d=24, dv=40 if memory == "linear" else 24, hidden=40,
-                          memory=memory, optimizer=optimizer)
-    kw = dict(memory=memory, loss=loss, optimizer=optimizer, window=window, chunk_size=chunk)
+                          architecture=memory, optimizer=optimizer)
+    kw = dict(architecture=memory, loss=loss, optimizer=optimizer, window=window, chunk_size=chunk)
     _assert_close(_run("triton", ins, params, **kw), _run("chunk", ins, params, **kw), 1e-10)
 
 
 @pytest.mark.parametrize("loss", ["l2", "dot"])
 def test_mlp_without_residual(loss):
     # what the layer runs under a feature map; the key and value widths differ
-    ins, params = _inputs(2, 33, torch.float64, d=16, dv=12, memory="mlp")
-    kw = dict(memory="mlp", residual=False, loss=loss, optimizer="momentum", window=5, chunk_size=4)
+    ins, params = _inputs(2, 33, torch.float64, d=16, dv=12, architecture="mlp")
+    kw = dict(architecture="mlp", residual=False, loss=loss, optimizer="momentum", window=5, chunk_size=4)
     _assert_close(_run("triton", ins, params, **kw), _run("chunk", ins, params, **kw), 1e-10)
 
 
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
 def test_matches_chunk_float32_ragged_dims(memory):
     # widths that are not powers of two exercise the masked tiles; per-sequence initial memory
-    ins, params = _inputs(1, 33, torch.float32, d=12, hidden=20, memory=memory, batched=True)
-    kw = dict(memory=memory, loss="l2", optimizer="momentum", window=5, chunk_size=4)
+    ins, params = _inputs(1, 33, torch.float32, d=12, hidden=20, architecture=memory, batched=True)
+    kw = dict(architecture=memory, loss="l2", optimizer="momentum", window=5, chunk_size=4)
     _assert_close(_run("triton", ins, params, **kw), _run("chunk", ins, params, **kw), 2e-5)
 
 
 def test_half_precision_inputs_follow_chunk():
-    ins, params = _inputs(1, 7, torch.bfloat16, memory="mlp")
-    kw = dict(memory="mlp", window=5, chunk_size=4)
+    ins, params = _inputs(1, 7, torch.bfloat16, architecture="mlp")
+    kw = dict(architecture="mlp", window=5, chunk_size=4)
     o_t, st_t = neural_memory(*ins[:6], params, window_gate=ins[6], impl="triton", output_final_state=True, **kw)
     o_c, st_c = neural_memory(*ins[:6], params, window_gate=ins[6], impl="chunk", output_final_state=True, **kw)
     assert o_t.dtype == torch.bfloat16 and st_t.weights["w0"].dtype == torch.float32
@@ -121,8 +121,8 @@ def test_half_precision_inputs_follow_chunk():
 def test_streaming_through_triton(memory):
     """Split calls carrying the state equal one call, and gradients flow through the state."""
     seq, cut = 19, 6
-    ins, params = _inputs(1, seq, torch.float64, memory=memory)
-    kw = dict(memory=memory, window=5, chunk_size=4)
+    ins, params = _inputs(1, seq, torch.float64, architecture=memory)
+    kw = dict(architecture=memory, window=5, chunk_size=4)
     o, st = neural_memory(*ins[:6], params, window_gate=ins[6], impl="triton", output_final_state=True, **kw)
     head = [x[:, :cut] for x in ins]
     tail = [x[:, cut:] for x in ins]
@@ -150,8 +150,8 @@ def test_every_output_is_written(memory, monkeypatch):
     monkeypatch.setattr(tc, "_empty", lambda *shape, like: torch.full(shape, float("nan"), dtype=like.dtype,
                                                                       device=like.device))
     for seq, chunk, window in ((7, 4, 5), (33, 16, 1)):
-        ins, params = _inputs(2, seq, torch.float64, d=12, hidden=20, memory=memory)
-        kw = dict(memory=memory, window=window, chunk_size=chunk)
+        ins, params = _inputs(2, seq, torch.float64, d=12, hidden=20, architecture=memory)
+        kw = dict(architecture=memory, window=window, chunk_size=chunk)
         outs, grads = _run("triton", ins, params, **kw)
         assert all(torch.isfinite(x).all() for x in (*outs, *grads))
         _assert_close((outs, grads), _run("chunk", ins, params, **kw), 1e-10)
@@ -160,16 +160,16 @@ def test_every_output_is_written(memory, monkeypatch):
 @pytest.mark.parametrize("bad", [
     dict(optimizer="muon"),
     dict(granularity="chunk"),
-    dict(memory="gated_mlp"),
-    dict(memory="mlp", depth=3),
-    dict(memory="mlp", activation="silu"),
+    dict(architecture="gated_mlp"),
+    dict(architecture="mlp", depth=3),
+    dict(architecture="mlp", activation="silu"),
 ])
 def test_unsupported_settings_raise(bad):
-    memory, depth = bad.get("memory", "linear"), bad.get("depth", 2)
+    memory, depth = bad.get("architecture", "linear"), bad.get("depth", 2)
     ins, _ = _inputs(1, 3, torch.float64)
     params = {n: t.to(DEVICE) for n, t in make_params(memory, NH, D, D, HIDDEN, depth=depth).items()}
     with pytest.raises(ValueError, match="impl='triton' supports"):
-        neural_memory(*ins[:6], params, impl="triton", **{"memory": memory, **bad})
+        neural_memory(*ins[:6], params, impl="triton", **{"architecture": memory, **bad})
 
 
 def test_missing_triton_is_a_clear_error(monkeypatch):
@@ -177,13 +177,13 @@ def test_missing_triton_is_a_clear_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "deepmemory.ops.triton_chunk")
     ins, params = _inputs(1, 3, torch.float64)
     with pytest.raises(ImportError, match="needs the triton package"):
-        neural_memory(*ins[:6], params, memory="linear", impl="triton")
+        neural_memory(*ins[:6], params, architecture="linear", impl="triton")
 
 
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
 def test_long_sequence_many_chunks(memory):
-    ins, params = _inputs(1, 257, torch.float64, memory=memory)
-    kw = dict(memory=memory, loss="l2", optimizer="momentum", window=3, chunk_size=16)
+    ins, params = _inputs(1, 257, torch.float64, architecture=memory)
+    kw = dict(architecture=memory, loss="l2", optimizer="momentum", window=3, chunk_size=16)
     _assert_close(_run("triton", ins, params, **kw), _run("chunk", ins, params, **kw), 1e-9)
 
 
@@ -192,7 +192,7 @@ def test_layer_with_feature_map_matches_chunk():
     from deepmemory.layers import NeuralMemory
 
     torch.manual_seed(0)
-    layer = NeuralMemory(32, 2, 8, chunk_size=4, memory="mlp", expansion=2, window=4, feature_map="polynomial",
+    layer = NeuralMemory(32, 2, 8, chunk_size=4, architecture="mlp", expansion=2, window=4, feature_map="polynomial",
                          impl="triton").double().to(DEVICE)
     x = torch.randn(2, 11, 32, dtype=torch.float64, device=DEVICE)
     results = {}

@@ -6,12 +6,12 @@
 
 Implementations (``--impl``), inputs ``[B, T, H, d]`` (SDPA: ``[B, H, T, d]``):
 
-  triton-linear    neural_memory(memory="linear", optimizer="gd", loss="l2", chunk 64, impl="triton"),
+  triton-linear    neural_memory(architecture="linear", optimizer="gd", loss="l2", chunk 64, impl="triton"),
                    per-token lr (beta) and decay (1 - exp(g)): the Gated DeltaNet configuration
   chunk-linear     the same with impl="chunk" (PyTorch)
   fla-gated-delta  flash-linear-attention's chunk_gated_delta_rule (pip install fla-core)
   sdpa             causal scaled_dot_product_attention, flash attention where it is available
-  triton-mlp       neural_memory(memory="mlp", depth 2, expansion 4, momentum, chunk 16, impl="triton"):
+  triton-mlp       neural_memory(architecture="mlp", depth 2, expansion 4, momentum, chunk 16, impl="triton"):
                    the Titans LMM configuration
   chunk-mlp        the same with impl="chunk"
 
@@ -92,7 +92,7 @@ def _step(impl: str, bsz: int, seq: int, nh: int, d: int, device: str,
         leaves = (q, k, v, lr, mom, dec, *params.values())
 
         def forward():
-            return neural_memory(q, k, v, lr, mom, dec, params, memory="mlp", depth=2, optimizer="momentum",
+            return neural_memory(q, k, v, lr, mom, dec, params, architecture="mlp", depth=2, optimizer="momentum",
                                  granularity="token", chunk_size=MLP_CHUNK, impl=impl.split("-")[0])[0]
     else:
         beta = torch.sigmoid(rand(bsz, seq, nh))
@@ -111,7 +111,7 @@ def _step(impl: str, bsz: int, seq: int, nh: int, d: int, device: str,
             leaves = (q, k, v, lr, decay)
 
             def forward():
-                return neural_memory(q, k, v, lr, None, decay, {"w0": w0}, memory="linear", optimizer="gd", loss="l2",
+                return neural_memory(q, k, v, lr, None, decay, {"w0": w0}, architecture="linear", optimizer="gd", loss="l2",
                                      granularity="token", chunk_size=LINEAR_CHUNK, impl=impl.split("-")[0])[0]
 
     return lambda: torch.autograd.grad(forward().sum(), leaves), ""

@@ -26,13 +26,13 @@ MIXERS = ("memory-token", "memory-chunk", "gated-deltanet", "attention", "titans
 def make_mixer(name: str, hidden: int, heads: int, head_dim: int, chunk: int) -> torch.nn.Module:
     from deepmemory.layers import Attention, NeuralMemory
 
-    mem = dict(chunk_size=chunk, memory="mlp", depth=2, expansion=4, optimizer="momentum")
+    mem = dict(chunk_size=chunk, architecture="mlp", depth=2, expansion=4, optimizer="momentum")
     if name == "memory-token":
         return NeuralMemory(hidden, heads, head_dim, granularity="token", **mem)
     if name == "memory-chunk":
         return NeuralMemory(hidden, heads, head_dim, granularity="chunk", **mem)
     if name == "gated-deltanet":
-        return NeuralMemory(hidden, heads, head_dim, chunk_size=chunk, memory="linear", optimizer="gd", loss="l2")
+        return NeuralMemory(hidden, heads, head_dim, chunk_size=chunk, architecture="linear", optimizer="gd", loss="l2")
     if name == "attention":
         return Attention(hidden, heads, head_dim)
     from titans_pytorch import NeuralMemory as TitansMemory

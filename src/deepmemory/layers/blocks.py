@@ -98,7 +98,7 @@ class TransformerBlock(_Block):
 
 class MemoryBlock(_Block):
     """``x + mixer(RMSNorm(x))``, ``x + SwiGLU(RMSNorm(x))`` around a constructed mixer: LMM
-    (``NeuralMemory()``), Gated DeltaNet (``NeuralMemory(memory="linear", optimizer="gd",
+    (``NeuralMemory()``), Gated DeltaNet (``NeuralMemory(architecture="linear", optimizer="gd",
     loss="l2", window=1)``), the DeepTransformer family (``KernelMemory``). State: the mixer's.
 
     ``hidden_size`` defaults to ``mixer.hidden_size``."""

@@ -20,10 +20,10 @@ from .memory_layer import ConvStates, QKVMixer
 
 @dataclass
 class KernelMemoryState(State):
-    """The kernel memory's :class:`~deepmemory.ops.KernelState` (``cache``) plus the q, k, v conv
-    states."""
+    """The kernel memory's :class:`~deepmemory.ops.KernelState` (``recurrent_state``) plus the q,
+    k, v conv states."""
 
-    cache: KernelState
+    recurrent_state: KernelState
     conv: ConvStates
 
 
@@ -79,10 +79,10 @@ class KernelMemory(QKVMixer):
         nn.init.zeros_(self.lr_proj.bias)
         self.log_temp = nn.Parameter(torch.full((num_heads,), 0.5 * math.log(head_dim)))
         hidden = expansion * head_dim
-        self.memory_init = nn.ParameterDict()
+        self.initial_weights = nn.ParameterDict()
         for l in range(1, depth):
             rows = head_dim if l == depth - 1 else hidden
-            self.memory_init[f"w{l}"] = nn.Parameter(torch.randn(num_heads, rows, hidden) / math.sqrt(hidden))
+            self.initial_weights[f"w{l}"] = nn.Parameter(torch.randn(num_heads, rows, hidden) / math.sqrt(hidden))
 
     def forward(
         self, x: Tensor, state: Optional[KernelMemoryState] = None, return_state: bool = False
@@ -94,8 +94,8 @@ class KernelMemory(QKVMixer):
         # come in different dtypes (autocast) and keeps the output in x's dtype
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
         y, cache = kernel_memory(
-            *(t.to(cd) for t in (q, k, v, lr)), dict(self.memory_init), self.log_temp.exp(),
-            rule=self.rule, initial_state=None if state is None else state.cache, output_final_state=return_state,
+            *(t.to(cd) for t in (q, k, v, lr)), dict(self.initial_weights), self.log_temp.exp(),
+            rule=self.rule, initial_state=None if state is None else state.recurrent_state, output_final_state=return_state,
         )
         out = self.output(x, y.to(x.dtype))
         return (out, KernelMemoryState(cache, conv)) if return_state else out

@@ -98,10 +98,10 @@ class QKVMixer(nn.Module):
 
 @dataclass
 class NeuralMemoryState(State):
-    """The op's :class:`MemoryState` plus the q, k, v conv states ``[B, conv_size - 1, H*head_dim]``
-    (None without convolution)."""
+    """The op's :class:`MemoryState` (``recurrent_state``) plus the q, k, v conv states
+    ``[B, conv_size - 1, H*head_dim]`` (None without convolution)."""
 
-    memory: MemoryState
+    recurrent_state: MemoryState
     conv: ConvStates
 
 
@@ -175,17 +175,17 @@ class NeuralMemory(QKVMixer):
         spec = self.rule.spec
         shapes = spec.shapes(key_dim, head_dim, expansion * head_dim)
         names = spec.names()
-        self.memory_init = nn.ParameterDict()
+        self.initial_weights = nn.ParameterDict()
         for name in names:
             rows, cols = shapes[name]
             w = torch.empty(num_heads, rows, cols)
-            if name == names[-1] and spec.kind == "linear":
+            if name == names[-1] and spec.architecture == "linear":
                 nn.init.zeros_(w)
             elif name == names[-1] and rule.spec.uses_residual:
                 nn.init.normal_(w, std=0.1 / math.sqrt(cols))
             else:
                 nn.init.normal_(w, std=1.0 / math.sqrt(cols))
-            self.memory_init[name] = nn.Parameter(w)
+            self.initial_weights[name] = nn.Parameter(w)
 
     def forward(
         self, x: Tensor, state: Optional[NeuralMemoryState] = None, return_state: bool = False
@@ -199,10 +199,10 @@ class NeuralMemory(QKVMixer):
             self.max_lr * torch.sigmoid(self.lr_proj(x)),
             None if self.momentum_proj is None else torch.sigmoid(self.momentum_proj(x)),
             None if self.decay_proj is None else torch.sigmoid(self.decay_proj(x)),
-            dict(self.memory_init),
+            dict(self.initial_weights),
             rule=self.rule,
             window_gate=None if self.gamma_proj is None else torch.sigmoid(self.gamma_proj(x)),
-            initial_state=None if state is None else state.memory,
+            initial_state=None if state is None else state.recurrent_state,
             output_final_state=return_state,
             impl=self.impl,
         )
@@ -219,14 +219,14 @@ class NeuralMemory(QKVMixer):
             raise ValueError(f"q must be [B, T, {self.num_heads}, {self.head_dim}]; got {getattr(q, 'shape', type(q).__name__)}")
         if state is not None and not isinstance(state, NeuralMemoryState):
             raise TypeError(f"state must be a NeuralMemoryState or None; got {type(state).__name__}")
-        weights = dict(self.memory_init) if state is None else state.memory.weights
+        weights = dict(self.initial_weights) if state is None else state.recurrent_state.weights
         y = memory_read(self.phi(q), weights, rule=self.rule)
         return y + q if self.outer_residual else y
 
     def extra_repr(self) -> str:
         r = self.rule
         return (
-            f"memory={r.memory}, depth={r.depth}, residual={r.residual}, loss={r.loss}, optimizer={r.optimizer}, "
+            f"architecture={r.architecture}, depth={r.depth}, residual={r.residual}, loss={r.loss}, optimizer={r.optimizer}, "
             f"window={r.window}, chunk_size={r.chunk_size}, granularity={r.granularity}"
         )
 

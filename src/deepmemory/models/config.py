@@ -82,6 +82,9 @@ class DeepMemoryConfig(PretrainedConfig):
         else:
             self.layer_pattern = list(self.layer_pattern)
         self.memory = dict(self.memory or {})
+        if "memory" in self.memory and "architecture" not in self.memory:
+            # configs saved before the rule field was named ``architecture`` still load
+            self.memory["architecture"] = self.memory.pop("memory")
         self.kernel = dict(self.kernel or {})
         super().__post_init__(**kwargs)
         self.check()
@@ -110,7 +113,7 @@ class DeepMemoryConfig(PretrainedConfig):
             check_choice("layer_pattern entries", name, BLOCK_TYPES)
         # settings are checked even where no block reads them: a typo should not pass silently
         NeuralMemory.check_settings(self.memory, group="memory")
-        if self.memory.get("memory") == "linear" and self.memory.get("residual", False):
+        if self.memory.get("architecture") == "linear" and self.memory.get("residual", False):
             raise ValueError("memory['residual']=True needs an mlp or gated_mlp memory; a linear memory has no residual")
         KernelMemory.check_settings(self.kernel, group="kernel")
         if set(pattern) & set(ATTENTION_BLOCKS) and self.head_dim % 2:

@@ -32,7 +32,7 @@ from .modeling import DeepMemoryForCausalLM
 # max_lr 1.0 (gate init lr 0.1) the memory diverges on real text within the first segment
 # (OmegaNet's window of 16 even at 0.1); 0.02 keeps every tiny preset finite on real text and
 # trained the default run (docs/training.md) without diverging.
-TITANS_RULE = UpdateRule(memory="mlp", depth=2, residual=True, loss="l2", optimizer="momentum", window=1)
+TITANS_RULE = UpdateRule(architecture="mlp", depth=2, residual=True, loss="l2", optimizer="momentum", window=1)
 TITANS = (TITANS_RULE, dict(expansion=4, feature_map="identity", max_lr=0.02))
 OMEGA = (TITANS_RULE.replace(window=16), dict(TITANS[1], feature_map="polynomial", poly_degree=2))
 # Muon at token granularity orthogonalises a momentum per token; one update per chunk costs one
@@ -40,12 +40,12 @@ OMEGA = (TITANS_RULE.replace(window=16), dict(TITANS[1], feature_map="polynomial
 # lr times an orthogonalised matrix (spectral norm ~1): bounded, so max_lr stays at 1.0.
 ATLAS_RULE = OMEGA[0].replace(optimizer="muon", ns_steps=5, granularity="chunk")
 ATLAS = (ATLAS_RULE, dict(OMEGA[1], max_lr=1.0))
-ATLAS_PP = (ATLAS_RULE.replace(memory="gated_mlp"), ATLAS[1])
-GATED_DELTANET = (UpdateRule(memory="linear", residual=False, loss="l2", optimizer="gd", window=1),
+ATLAS_PP = (ATLAS_RULE.replace(architecture="gated_mlp"), ATLAS[1])
+GATED_DELTANET = (UpdateRule(architecture="linear", residual=False, loss="l2", optimizer="gd", window=1),
                   dict(use_decay=True, feature_map="identity"))
-DLA = (UpdateRule(memory="mlp", depth=2, residual=True, loss="dot", optimizer="gd", window=1),
+DLA = (UpdateRule(architecture="mlp", depth=2, residual=True, loss="dot", optimizer="gd", window=1),
        dict(expansion=4, use_decay=True, feature_map="polynomial", poly_degree=2))
-SWLA = (UpdateRule(memory="linear", residual=False, loss="dot", optimizer="gd", window=16),
+SWLA = (UpdateRule(architecture="linear", residual=False, loss="dot", optimizer="gd", window=16),
         dict(use_decay=True, feature_map="identity"))
 NO_MEMORY = None
 
@@ -69,6 +69,7 @@ PRESETS: Dict[str, Tuple[str, Memory, dict]] = {
     "swla": ("memory", SWLA, {}),
     "deep-transformer": ("kernel", NO_MEMORY, dict(loss="dot", window=None)),
     "swdt": ("kernel", NO_MEMORY, dict(loss="dot", window="attention")),
+    # Dot is ATLAS's Deep Omega Transformer (eq. 27): the l2 loss, not the dot-product one
     "dot": ("kernel", NO_MEMORY, dict(loss="l2", window="attention")),
 }
 

@@ -2,7 +2,7 @@
 chunk-parallel form, Triton kernels)."""
 
 from .api import IMPLS, memory_read, neural_memory
-from .memory import ACTIVATIONS, LOSSES, MEMORY_KINDS, MemorySpec, newton_schulz
+from .memory import ACTIVATIONS, LOSSES, ARCHITECTURES, MemorySpec, newton_schulz
 from .rule import GRANULARITIES, OPTIMIZERS, UpdateRule
 from .state import MemoryState
 from .kernel import KERNEL_IMPLS, KernelRule, KernelState, kernel_memory
@@ -14,7 +14,7 @@ __all__ = [
     "MemoryState",
     "MemorySpec",
     "newton_schulz",
-    "MEMORY_KINDS",
+    "ARCHITECTURES",
     "LOSSES",
     "ACTIVATIONS",
     "OPTIMIZERS",

@@ -31,16 +31,16 @@ def _triton(p: Problem) -> Result:
 IMPLS = {"chunk": chunk, "reference": reference, "triton": _triton}
 
 
-def _check_params(params, spec: MemorySpec, bsz: int, nh: int, dk: int, dv: int, q: Tensor, arg: str = "params") -> Dict[str, Tensor]:
+def _initial_weights(weights, spec: MemorySpec, bsz: int, nh: int, dk: int, dv: int, q: Tensor, arg: str = "weights") -> Dict[str, Tensor]:
     names = spec.names()
-    what = f"memory={spec.kind!r}" + (f" depth={spec.depth}" if spec.kind == "mlp" else "")
-    check_weights(params, names, what, bsz, nh, q, arg)
-    hidden = spec.hidden_of(params)
-    check_weight_shapes(params, spec.shapes(dk, dv, hidden), f"dk={dk}, dv={dv}, hidden={hidden}", arg)
+    what = f"architecture={spec.architecture!r}" + (f" depth={spec.depth}" if spec.architecture == "mlp" else "")
+    check_weights(weights, names, what, bsz, nh, q, arg)
+    hidden = spec.hidden_of(weights)
+    check_weight_shapes(weights, spec.shapes(dk, dv, hidden), f"dk={dk}, dv={dv}, hidden={hidden}", arg)
     if spec.uses_residual and dk != dv:
-        raise ValueError(f"a residual {spec.kind} memory needs dk == dv; got dk={dk}, dv={dv} (pass residual=False)")
+        raise ValueError(f"a residual {spec.architecture} memory needs dk == dv; got dk={dk}, dv={dv} (pass residual=False)")
     cd = compute_dtype(q.dtype)
-    return {n: params[n].to(cd).expand(bsz, nh, *params[n].shape[-2:]) for n in names}
+    return {n: weights[n].to(cd).expand(bsz, nh, *weights[n].shape[-2:]) for n in names}
 
 
 def memory_read(q: Tensor, weights: Dict[str, Tensor], *, rule: Optional[UpdateRule] = None, **settings: Any) -> Tensor:
@@ -48,7 +48,7 @@ def memory_read(q: Tensor, weights: Dict[str, Tensor], *, rule: Optional[UpdateR
 
     ``q [B, T, H, dk]`` (float) and ``weights {name: [H, rows, cols] or [B, H, rows, cols]}``
     (e.g. ``state.weights``) -> ``[B, T, H, dv]`` in q's dtype. The memory network is the rule's
-    (``rule=``, or the keywords ``memory``, ``depth``, ``activation``, ``residual`` of
+    (``rule=``, or the keywords ``architecture``, ``depth``, ``activation``, ``residual`` of
     :class:`UpdateRule`). Raises ``TypeError``/``ValueError`` (one line) for a bad rule, a
     malformed ``q`` or weights that do not fit the memory.
     """
@@ -58,7 +58,7 @@ def memory_read(q: Tensor, weights: Dict[str, Tensor], *, rule: Optional[UpdateR
     bsz, _, nh, dk = q.shape
     last = weights.get(spec.names()[-1]) if isinstance(weights, dict) else None
     dv = last.shape[-2] if isinstance(last, Tensor) and last.dim() >= 2 else dk
-    w = _check_params(weights, spec, bsz, nh, dk, dv, q, arg="weights")
+    w = _initial_weights(weights, spec, bsz, nh, dk, dv, q, arg="weights")
     cd = compute_dtype(q.dtype)
     return memory_forward(spec, dense_apply(w), _heads_first(q, cd)).transpose(1, 2).to(q.dtype)
 
@@ -74,7 +74,7 @@ def neural_memory(
     lr: Tensor,
     momentum: Optional[Tensor],
     decay: Optional[Tensor],
-    params: Dict[str, Tensor],
+    weights: Dict[str, Tensor],
     *,
     rule: Optional[UpdateRule] = None,
     window_gate: Optional[Tensor] = None,
@@ -97,12 +97,12 @@ def neural_memory(
 
     The rule (memory, loss, optimizer, Newton–Schulz steps, window ``c``, chunk size ``b``,
     granularity) is ``rule=UpdateRule(...)``; its fields may instead be passed as keywords
-    (``memory="mlp", chunk_size=16, ...``), a convenience that builds the same rule.
+    (``architecture="mlp", chunk_size=16, ...``), a convenience that builds the same rule.
 
     Shapes and ranges: ``q, k [B, T, H, dk]``, ``v [B, T, H, dv]`` (float16, bfloat16, float32 or
     float64, all alike, on one device); ``lr, momentum, decay, window_gate [B, T, H]`` in q's dtype
     (``lr >= 0``; ``momentum``, ``decay``, ``window_gate`` in [0, 1]; ``momentum`` may be None for
-    ``gd``, ``decay`` None for no forgetting, ``window_gate`` None for all ones); ``params``: the
+    ``gd``, ``decay`` None for no forgetting, ``window_gate`` None for all ones); ``weights``: the
     initial memory, ``{name: [H, rows, cols] or [B, H, rows, cols]}`` (linear ``w0 [H, dv, dk]``;
     mlp ``w0 [H, hidden, dk] .. w{depth-1} [H, dv, hidden]``; gated_mlp ``w_gate, w_up [H,
     hidden, dk]``, ``w_out [H, dv, hidden]``), replaced by ``initial_state`` when given.
@@ -131,7 +131,7 @@ def neural_memory(
         check_tensor("decay", decay, (bsz, seq, nh), q)
     if window_gate is not None:
         check_tensor("window_gate", window_gate, (bsz, seq, nh), q)
-    w0 = _check_params(params, rule.spec, bsz, nh, dk, dv, q)
+    w0 = _initial_weights(weights, rule.spec, bsz, nh, dk, dv, q)
 
     cd = compute_dtype(q.dtype)
     zeros = q.new_zeros(bsz, seq, nh)

@@ -51,18 +51,18 @@ def check_tensor(name: str, x, shape: Tuple, like: Tensor) -> None:
             raise ValueError(f"{name} must have shape {list(shape)} (None = any); got {list(x.shape)} (dim {i})")
 
 
-def check_weights(params, names: Sequence[str], what: str, bsz: int, nh: int, q: Tensor, arg: str = "params") -> None:
-    """``params`` a dict holding exactly ``names``, each a floating ``[H, rows, cols]`` or
+def check_weights(weights, names: Sequence[str], what: str, bsz: int, nh: int, q: Tensor, arg: str = "weights") -> None:
+    """``weights`` a dict holding exactly ``names``, each a floating ``[H, rows, cols]`` or
     ``[B, H, rows, cols]`` tensor on q's device (``what`` names the memory in the error, ``arg``
     the argument)."""
-    if not isinstance(params, dict):
-        raise TypeError(f"{arg} must be a dict of tensors; got {type(params).__name__}")
-    missing = [n for n in names if n not in params]
-    extra = [n for n in params if n not in names]
+    if not isinstance(weights, dict):
+        raise TypeError(f"{arg} must be a dict of tensors; got {type(weights).__name__}")
+    missing = [n for n in names if n not in weights]
+    extra = [n for n in weights if n not in names]
     if missing or extra:
         raise ValueError(f"{arg} for {what} must be exactly {list(names)}; missing {missing}, unexpected {extra}")
     for n in names:
-        w = params[n]
+        w = weights[n]
         if not isinstance(w, Tensor):
             raise TypeError(f"{arg}[{n!r}] must be a torch.Tensor; got {type(w).__name__}")
         if w.dim() not in (3, 4):
@@ -75,11 +75,11 @@ def check_weights(params, names: Sequence[str], what: str, bsz: int, nh: int, q:
             raise ValueError(f"{arg}[{n!r}] has shape {list(w.shape)}; expected leading dims [{nh}] or [{bsz}, {nh}]")
 
 
-def check_weight_shapes(params: Dict[str, Tensor], shapes: Dict[str, Tuple[int, int]], sizes: str, arg: str = "params") -> None:
-    """Each ``params[name]`` ends in ``shapes[name]`` (``sizes`` says which widths they follow)."""
+def check_weight_shapes(weights: Dict[str, Tensor], shapes: Dict[str, Tuple[int, int]], sizes: str, arg: str = "weights") -> None:
+    """Each ``weights[name]`` ends in ``shapes[name]`` (``sizes`` says which widths they follow)."""
     for n, (rows, cols) in shapes.items():
-        if tuple(params[n].shape[-2:]) != (rows, cols):
-            raise ValueError(f"{arg}[{n!r}] must be [..., {rows}, {cols}] for {sizes}; got {list(params[n].shape)}")
+        if tuple(weights[n].shape[-2:]) != (rows, cols):
+            raise ValueError(f"{arg}[{n!r}] must be [..., {rows}, {cols}] for {sizes}; got {list(weights[n].shape)}")
 
 
 def rule_mismatch(was, now) -> str:

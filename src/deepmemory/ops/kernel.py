@@ -161,11 +161,11 @@ class KernelState(State):
 # validation
 
 
-def _check_params(params, rule: KernelRule, bsz: int, nh: int, dv: int, q: Tensor) -> Dict[str, Tensor]:
-    check_weights(params, rule.names(), f"depth={rule.depth}", bsz, nh, q)
-    hidden = params["w1"].shape[-1] if rule.depth > 1 else dv
-    check_weight_shapes(params, rule.shapes(dv, hidden), f"dv={dv}, hidden={hidden}")
-    return params
+def _check_weights(weights, rule: KernelRule, bsz: int, nh: int, dv: int, q: Tensor) -> Dict[str, Tensor]:
+    check_weights(weights, rule.names(), f"depth={rule.depth}", bsz, nh, q)
+    hidden = weights["w1"].shape[-1] if rule.depth > 1 else dv
+    check_weight_shapes(weights, rule.shapes(dv, hidden), f"dv={dv}, hidden={hidden}")
+    return weights
 
 
 def _check_state(st, rule: KernelRule, shapes: Dict[str, Tuple[int, ...]], q: Tensor) -> None:
@@ -316,7 +316,7 @@ def kernel_memory(
     k: Tensor,
     v: Tensor,
     lr: Tensor,
-    params: Dict[str, Tensor],
+    weights: Dict[str, Tensor],
     scale: Tensor,
     *,
     rule: KernelRule = KernelRule(),
@@ -341,7 +341,7 @@ def kernel_memory(
 
     Shapes: ``q, k [B, T, H, dk]``, ``v [B, T, H, dv]``, ``lr [B, T, H]`` (the learning rate of
     each token, any real; the layer's is in ``(0, max_lr)``), all of one floating dtype and
-    device, ``T >= 1``. ``params``: the initial deeper matrices ``{"w1" .. "w{depth-1}":
+    device, ``T >= 1``. ``weights``: the initial deeper matrices ``{"w1" .. "w{depth-1}":
     [H, rows, cols] or [B, H, rows, cols]}`` (``[hidden, hidden]``, the last ``[dv, hidden]``;
     ``{}`` for ``depth=1``), any floating dtype, ignored when ``initial_state`` is given (the
     state holds the current ones). ``scale [H]``: the kernel temperature ``τ`` (floating; the
@@ -354,9 +354,9 @@ def kernel_memory(
     else None.
 
     Raises:
-        TypeError: a non-tensor input, a dtype other than q's (or a non-floating q, params or
+        TypeError: a non-tensor input, a dtype other than q's (or a non-floating q, weights or
             scale), ``rule`` not a :class:`KernelRule`, ``initial_state`` not a :class:`KernelState`.
-        ValueError: a wrong rank or shape (``k``, ``v``, ``lr``, ``params``, ``scale``), a
+        ValueError: a wrong rank or shape (``k``, ``v``, ``lr``, ``weights``, ``scale``), a
             different device, ``T = 0``, ``residual`` with ``dk != dv``, an unknown ``impl``, an
             ``initial_state`` made with another rule or for other shapes.
         All messages are one line naming the argument.
@@ -376,18 +376,18 @@ def kernel_memory(
         raise TypeError(f"scale must be floating point; got {scale.dtype}")
     if rule.residual and dk != dv:
         raise ValueError(f"a residual kernel memory needs dk == dv; got dk={dk}, dv={dv} (use residual=False)")
-    params = _check_params(params, rule, bsz, nh, dv, q)
+    weights = _check_weights(weights, rule, bsz, nh, dv, q)
 
     cd = compute_dtype(q.dtype)
     qq, kk, vv, ll = (t.transpose(1, 2).to(cd) for t in (q, k, v, lr))
     names = rule.names()
-    hidden = params["w1"].shape[-1] if rule.depth > 1 else dv
+    hidden = weights["w1"].shape[-1] if rule.depth > 1 else dv
     shapes = rule.shapes(dv, hidden)
     if initial_state is None:
-        weights = tuple(params[n].to(cd).expand(bsz, nh, *shapes[n]) for n in names)
+        start = tuple(weights[n].to(cd).expand(bsz, nh, *shapes[n]) for n in names)
         st = KernelState(
             keys=kk.new_zeros(bsz, nh, 0, dk), signals=kk.new_zeros(bsz, nh, 0, hidden),
-            weights=weights,
+            weights=start,
             evict_signals=tuple(kk.new_zeros(bsz, nh, 0, shapes[n][0]) for n in names),
             evict_inputs=tuple(kk.new_zeros(bsz, nh, 0, shapes[n][1]) for n in names),
             pending_k=kk[:, :, :0], pending_v=vv[:, :, :0], pending_lr=ll[:, :, :0], seen=0, rule=rule,

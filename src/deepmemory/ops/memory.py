@@ -20,7 +20,7 @@ from typing import Callable, Dict, Tuple
 import torch
 from torch import Tensor
 
-MEMORY_KINDS = ("linear", "mlp", "gated_mlp")
+ARCHITECTURES = ("linear", "mlp", "gated_mlp")
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh")
 LOSSES = ("l2", "dot")
 
@@ -50,7 +50,7 @@ def activation_backward(name: str, grad: Tensor, z: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class MemorySpec:
-    """Which memory network: ``kind`` in linear | mlp | gated_mlp.
+    """Which memory network: ``architecture`` in linear | mlp | gated_mlp.
 
     ``depth`` counts matrices of an mlp; ``residual`` adds the input to the output of an
     mlp / gated_mlp (``M(x) = x + h``), which needs ``dk == dv``. A linear memory is
@@ -59,7 +59,7 @@ class MemorySpec:
     part of the function the inner loop trains through).
     """
 
-    kind: str = "mlp"
+    architecture: str = "mlp"
     depth: int = 2
     activation: str = "gelu"
     residual: bool = True
@@ -67,20 +67,20 @@ class MemorySpec:
 
     @property
     def uses_residual(self) -> bool:
-        return self.kind != "linear" and self.residual
+        return self.architecture != "linear" and self.residual
 
     def names(self) -> Tuple[str, ...]:
-        if self.kind == "linear":
+        if self.architecture == "linear":
             return ("w0",)
-        if self.kind == "mlp":
+        if self.architecture == "mlp":
             return tuple(f"w{i}" for i in range(self.depth))
         return ("w_gate", "w_up", "w_out")
 
     def shapes(self, dk: int, dv: int, hidden: int) -> Dict[str, Tuple[int, int]]:
         """Expected (rows, cols) of each matrix."""
-        if self.kind == "linear":
+        if self.architecture == "linear":
             return {"w0": (dv, dk)}
-        if self.kind == "mlp":
+        if self.architecture == "mlp":
             if self.depth == 1:
                 return {"w0": (dv, dk)}
             out = {"w0": (hidden, dk)}
@@ -90,12 +90,12 @@ class MemorySpec:
             return out
         return {"w_gate": (hidden, dk), "w_up": (hidden, dk), "w_out": (dv, hidden)}
 
-    def hidden_of(self, params: Dict[str, Tensor]) -> int:
+    def hidden_of(self, weights: Dict[str, Tensor]) -> int:
         """The hidden width implied by the parameters (0 when there is none)."""
-        if self.kind == "gated_mlp":
-            return params["w_gate"].shape[-2]
-        if self.kind == "mlp" and self.depth > 1:
-            return params["w0"].shape[-2]
+        if self.architecture == "gated_mlp":
+            return weights["w_gate"].shape[-2]
+        if self.architecture == "mlp" and self.depth > 1:
+            return weights["w0"].shape[-2]
         return 0
 
 
@@ -131,10 +131,10 @@ def layer_norm_backward(grad: Tensor, h: Tensor) -> Tensor:
 
 def memory_forward(spec: MemorySpec, apply: Apply, x: Tensor) -> Tensor:
     """``M(x)`` for ``x [B, H, N, dk]`` -> ``[B, H, N, dv]``."""
-    if spec.kind == "linear":
+    if spec.architecture == "linear":
         h = apply("w0", x)
         return layer_norm(h) if spec.layer_norm else h
-    if spec.kind == "mlp":
+    if spec.architecture == "mlp":
         h = x
         for i in range(spec.depth):
             z = apply(f"w{i}", h)
@@ -163,7 +163,7 @@ def token_gradients(
     """
     act = spec.activation
     out: Dict[str, Tuple[Tensor, Tensor]] = {}
-    if spec.kind == "gated_mlp":
+    if spec.architecture == "gated_mlp":
         wg, wu, wo = weights["w_gate"], weights["w_up"], weights["w_out"]
         g = k @ wg.transpose(-1, -2)
         u = k @ wu.transpose(-1, -2)
@@ -182,7 +182,7 @@ def token_gradients(
         out["w_up"] = (dh * sg, k)
         return out
 
-    depth = 1 if spec.kind == "linear" else spec.depth
+    depth = 1 if spec.architecture == "linear" else spec.depth
     names = spec.names()
     inputs, pre = [k], []
     for i in range(depth):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from ..checks import Settings, check_bool, check_choice, check_int
-from .memory import ACTIVATIONS, LOSSES, MEMORY_KINDS, MemorySpec
+from .memory import ACTIVATIONS, LOSSES, ARCHITECTURES, MemorySpec
 
 OPTIMIZERS = ("gd", "momentum", "muon")
 GRANULARITIES = ("token", "chunk")
@@ -31,7 +31,7 @@ class UpdateRule(Settings):
     """The settings of the memory update rule (all validated when the rule is made).
 
     Args:
-        memory: the memory network ``M``: ``"linear"`` (``W0 x``), ``"mlp"`` (``depth`` matrices,
+        architecture: the memory network ``M``: ``"linear"`` (``W0 x``), ``"mlp"`` (``depth`` matrices,
             ``activation`` between them) or ``"gated_mlp"`` (ATLAS eq. 43, Atlas++).
         depth: matrices of an ``mlp`` memory (int >= 1; ignored by the other kinds).
         activation: ``"gelu"``, ``"silu"``, ``"relu"`` or ``"tanh"``.
@@ -54,7 +54,7 @@ class UpdateRule(Settings):
         TypeError / ValueError: a one-line message naming the first bad field.
     """
 
-    memory: str = "mlp"
+    architecture: str = "mlp"
     depth: int = 2
     activation: str = "gelu"
     residual: bool = True
@@ -69,12 +69,12 @@ class UpdateRule(Settings):
     @property
     def spec(self) -> MemorySpec:
         """The memory network alone (what a read needs)."""
-        return MemorySpec(self.memory, self.depth, self.activation, self.residual, self.layer_norm)
+        return MemorySpec(self.architecture, self.depth, self.activation, self.residual, self.layer_norm)
 
 
 # one check per field: ``check(label, value)`` raises a one-line error naming ``label``
 UpdateRule.FIELD_CHECKS = {
-    "memory": lambda label, v: check_choice(label, v, MEMORY_KINDS),
+    "architecture": lambda label, v: check_choice(label, v, ARCHITECTURES),
     "depth": check_int,
     "activation": lambda label, v: check_choice(label, v, ACTIVATIONS),
     "residual": check_bool,

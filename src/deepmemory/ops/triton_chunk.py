@@ -90,14 +90,14 @@ def mlp_dims(b: int, ne: int, dk: int, dv: int, hd: int, l2: bool, res: bool, pr
 
 def _check(p: Problem) -> None:
     spec = p.spec
-    supported = spec.kind == "linear" or (
-        spec.kind == "mlp" and spec.depth == 2 and spec.activation == "gelu"
+    supported = spec.architecture == "linear" or (
+        spec.architecture == "mlp" and spec.depth == 2 and spec.activation == "gelu"
     )
     if not supported or p.rule.granularity != "token" or p.rule.optimizer not in ("gd", "momentum") or spec.layer_norm:
         raise ValueError(
-            "impl='triton' supports memory='linear' or memory='mlp' with depth=2 and activation='gelu', "
+            "impl='triton' supports architecture='linear' or architecture='mlp' with depth=2 and activation='gelu', "
             "no layer_norm, optimizer 'gd' or 'momentum' and granularity='token'; got "
-            f"memory={spec.kind!r}, depth={spec.depth}, activation={spec.activation!r}, layer_norm={spec.layer_norm}, "
+            f"memory={spec.architecture!r}, depth={spec.depth}, activation={spec.activation!r}, layer_norm={spec.layer_norm}, "
             f"optimizer={p.rule.optimizer!r}, granularity={p.rule.granularity!r}"
         )
     if p.q.device.type != "cuda" and not _INTERPRET:
@@ -594,7 +594,7 @@ def triton_chunk(p: Problem) -> Result:
             continue
         w_chunk, s_chunk = w, s
         args = [x[:, lo:hi].contiguous() for x in (q, kx, vx, *coefs)]
-        if p.spec.kind == "linear":
+        if p.spec.architecture == "linear":
             o, wf, sf = _LinearChunks.apply(*args, w["w0"], s["w0"], l2, p.rule.optimizer == "momentum", prec)
             w, s = {"w0": wf}, {"w0": sf}
         else:
