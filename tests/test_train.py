@@ -4,7 +4,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -120,10 +119,12 @@ def test_resume_is_exact(corpus, run_a, tmp_path):
     b = str(tmp_path / "B")
     assert main(args(corpus, "--steps", "20", "--lr-decay-steps", "40", "--out", b)) == 0
     assert main(["train", "--resume", b, "--steps", "40"]) == 0
-    assert final_val(b) == pytest.approx(final_val(run_a), rel=1e-6)
+    # bitwise on CPU with the same thread count (docs/training.md, "Determinism")
+    assert final_val(b) == final_val(run_a)
     la = [r["loss"] for r in metrics(run_a) if "loss" in r]
     lb = [r["loss"] for r in metrics(b) if "loss" in r]
-    assert lb == pytest.approx(la, rel=1e-6)
+    assert lb == la
+    assert open(os.path.join(b, "model.safetensors"), "rb").read() == open(os.path.join(run_a, "model.safetensors"), "rb").read()
 
 
 def test_grad_checkpointing_changes_nothing(corpus, tmp_path):
@@ -271,12 +272,6 @@ def test_user_errors(corpus, run_a, tmp_path, capsys):
     one_error_line(capsys, ["train", "--resume", broken, "--steps", "50"], "cannot read")
     one_error_line(capsys, ["generate", "--checkpoint", os.path.join(broken, "checkpoints", "step-00000040"), "--prompt", "x"],
                    "cannot read")
-
-
-def test_a_diverging_run_stops_with_one_line(corpus, tmp_path, capsys):
-    assert main(args(corpus, "--steps", "5", "--lr", "1e30", "--grad-clip", "0", "--out", str(tmp_path / "N"))) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
-    assert re.search(r"deepmemory train: error: the training loss is (nan|inf) at step \d \(run directory", last), last
 
 
 def test_overwrite_replaces_a_run(corpus, tmp_path):

@@ -12,7 +12,7 @@ COMMANDS: tuple = ("models", "train", "generate", "bench")
 
 
 class CLIError(Exception):
-    """A user error: printed as one line, exit code 2."""
+    """A user error: printed as one line, exit code 2 (a diverged training run exits 3 instead)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

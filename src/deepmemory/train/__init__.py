@@ -3,7 +3,7 @@
 
 from .checkpoint import CheckpointError, read_run_config
 from .config import ConfigError, TrainConfig
-from .trainer import USER_ERRORS, Trainer, TrainError, lr_at, model_from_config, train
+from .trainer import USER_ERRORS, DivergenceError, Trainer, TrainError, lr_at, model_from_config, train
 
-__all__ = ["CheckpointError", "ConfigError", "TrainConfig", "TrainError", "Trainer", "USER_ERRORS", "lr_at",
-           "model_from_config", "read_run_config", "train"]
+__all__ = ["CheckpointError", "ConfigError", "DivergenceError", "TrainConfig", "TrainError", "Trainer", "USER_ERRORS",
+           "lr_at", "model_from_config", "read_run_config", "train"]

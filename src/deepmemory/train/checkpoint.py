@@ -18,10 +18,11 @@ Layout::
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from torch import Tensor
 
@@ -53,12 +54,24 @@ def _replace(tmp: str, path: str) -> None:
     fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
+def strict_json(obj, **kwargs) -> str:
+    """``obj`` as strict JSON (RFC 8259, what every parser reads): ``json.dumps`` with
+    ``allow_nan=False``, so a NaN or infinity raises ``ValueError`` instead of becoming a bare
+    ``NaN``/``Infinity`` token. Values that may be non-finite go through :func:`finite_or_none` first."""
+    return json.dumps(obj, allow_nan=False, **kwargs)
+
+
+def finite_or_none(row: Dict[str, Any]) -> Dict[str, Any]:
+    """``row`` with every non-finite float replaced by ``None`` (JSON ``null``): how a metrics row
+    records a diverged loss or gradient norm."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
 def write_json(path: str, obj) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    _replace(tmp, path)
+    """Write ``obj`` as strict JSON (:func:`strict_json`; raises ``ValueError`` on a non-finite
+    float, before anything is written), atomically."""
+    text = strict_json(obj, indent=2, sort_keys=True) + "\n"
+    write_text(path, text)
 
 
 def write_text(path: str, text: str) -> None:

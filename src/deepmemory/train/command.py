@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import Dict, List, Optional
 
 from .config import TrainConfig as D
@@ -19,7 +20,9 @@ HELP = "train a model; with no arguments, titans-mac (tiny) on the Python standa
 DESCRIPTION = ("Train a model and write a run directory (config.json, metrics.jsonl, model.safetensors, "
                "checkpoints/, loss.png). Under torchrun the global batch is split across processes.")
 S = argparse.SUPPRESS  # absent flags stay absent: the config file, the resumed run or the defaults decide
-NOT_SETTINGS = ("func", "command", "config", "resume", "overwrite")  # the parsed names that are not TrainConfig fields
+NOT_SETTINGS = ("func", "command", "config", "resume", "overwrite", "debug")  # the parsed names that are not TrainConfig fields
+EXIT_USER_ERROR = 2  # a user error (ConfigError, DataError, CheckpointError, TrainError)
+EXIT_DIVERGED = 3  # the run diverged (DivergenceError): nothing of the diverged state was written
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--eval-every", type=int, help=f"validate and checkpoint every N steps (and at the end); default {D.eval_every}")
     add("--eval-tokens", type=int, help=f"validation tokens per evaluation; default {D.eval_tokens}")
     add("--keep-checkpoints", type=int, help="checkpoints kept (the newest); default 2")
+    add("--debug", action="store_true", help="print the traceback of an error before its one-line message")
 
 
 def settings_from_args(args: argparse.Namespace) -> Dict:
@@ -72,6 +76,7 @@ def run_from_args(args: argparse.Namespace) -> Dict:
 
     Raises:
         TrainError: ``--resume`` with ``--overwrite``.
+        DivergenceError: the run diverged (a ``TrainError``; exit code 3 on the command line).
         ConfigError, DataError, CheckpointError, TrainError: the user errors of the run
             (``deepmemory.train.USER_ERRORS``, each one line).
     """
@@ -84,10 +89,29 @@ def run_from_args(args: argparse.Namespace) -> Dict:
     return train(settings_from_args(args), resume=resume, overwrite=overwrite)
 
 
+def error_line(err: BaseException) -> str:
+    """The one line ``deepmemory train`` prints for a user error (without the ``PROG: error:`` prefix)."""
+    return " ".join(str(err).split())
+
+
+def exit_code(err: BaseException) -> int:
+    """``EXIT_DIVERGED`` (3) for a ``DivergenceError``, ``EXIT_USER_ERROR`` (2) for the other user errors."""
+    from .trainer import DivergenceError
+
+    return EXIT_DIVERGED if isinstance(err, DivergenceError) else EXIT_USER_ERROR
+
+
+def print_traceback(args: argparse.Namespace) -> None:
+    """With ``--debug``, print the traceback of the error being handled on stderr."""
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``deepmemory train`` on its own (``python -m deepmemory.train [options]``): ``0`` when the
-    run completes, ``2`` after a user error, printed as ``deepmemory train: error: ...`` on stderr;
-    a malformed command line exits with argparse's ``2``."""
+    run completes, ``2`` after a user error and ``3`` when the run diverged, printed as one line
+    ``deepmemory train: error: ...`` on stderr (after the traceback with ``--debug``); a malformed
+    command line exits with argparse's ``2``."""
     from .trainer import USER_ERRORS
 
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
@@ -96,6 +120,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         run_from_args(args)
     except USER_ERRORS as err:
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        print_traceback(args)
+        print(f"{PROG}: error: {error_line(err)}", file=sys.stderr)
+        return exit_code(err)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -75,6 +76,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{_flag(name)} must be a number; got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{_flag(name)} must be a finite number; got {value}")
             if value < low or (high is not None and value > high) or (name in ("lr", "val_fraction") and value == low):
                 raise ConfigError(f"{_flag(name)} must be in {'(' if name in ('lr', 'val_fraction') else '['}{low}, {high if high is not None else 'inf'}]; got {value}")
         for name, options in (("precision", ("auto", "fp32", "bf16")), ("device", ("auto", "cpu", "cuda"))):

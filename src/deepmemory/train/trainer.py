@@ -36,6 +36,25 @@ class TrainError(Exception):
     """A user error of a training run: one line, no traceback."""
 
 
+class DivergenceError(TrainError):
+    """The run diverged: the training loss, the gradient norm or the validation loss is not finite
+    (or the weights about to be saved are not). Raised on every rank together, before anything of
+    the diverged state is written: the optimizer has not stepped on it, and the last good
+    checkpoint stays on disk as it was. ``deepmemory train`` exits with code 3 on it.
+
+    Attributes: ``step`` (the step that diverged; 0 for the validation before the first step),
+    ``reason``, ``run_dir``, ``checkpoint_step`` (the step of the last good checkpoint, ``None``
+    when there is none) and ``metrics`` (the diverged ``metrics.jsonl`` row, or ``None``).
+    """
+
+    def __init__(self, step: int, reason: str, run_dir: Optional[str], checkpoint_step: Optional[int],
+                 metrics: Optional[Dict] = None):
+        kept = (f"the last good checkpoint (step {checkpoint_step}) is kept in {run_dir}" if checkpoint_step is not None
+                else f"no checkpoint was written (run directory {run_dir})")
+        super().__init__(f"training diverged at step {step}: {reason}; {kept}")
+        self.step, self.reason, self.run_dir, self.checkpoint_step, self.metrics = step, reason, run_dir, checkpoint_step, metrics
+
+
 USER_ERRORS = (ConfigError, DataError, ck.CheckpointError, TrainError)
 
 
@@ -182,9 +201,9 @@ def plot_losses(run_dir: str, tokens_per_byte: float, byte_entropy: float) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _read_metrics(run_dir)
-    train = [(r["step"], bits_per_byte(r["loss"], tokens_per_byte)) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_bpb"]) for r in rows if "val_bpb" in r]
+    rows = _read_metrics(run_dir)  # a diverged row holds null: left out
+    train = [(r["step"], bits_per_byte(r["loss"], tokens_per_byte)) for r in rows if r.get("loss") is not None]
+    val = [(r["step"], r["val_bpb"]) for r in rows if r.get("val_bpb") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), lw=0.8, alpha=0.8, label="train")
@@ -202,6 +221,11 @@ def plot_losses(run_dir: str, tokens_per_byte: float, byte_entropy: float) -> No
     os.replace(tmp, os.path.join(run_dir, "loss.png"))
 
 
+def _metrics_line(row: Dict) -> str:
+    """A ``metrics.jsonl`` line: strict JSON, a non-finite value (a diverged loss) written as ``null``."""
+    return ck.strict_json(ck.finite_or_none(row)) + "\n"
+
+
 def _fmt_time(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
@@ -210,7 +234,12 @@ def _fmt_time(seconds: float) -> str:
 # ---------------------------------------------------------------- the run
 def train(settings: Dict, resume: Optional[str] = None, overwrite: bool = False, quiet: bool = False) -> Dict:
     """Train from ``settings`` (``TrainConfig`` fields), or continue the run directory ``resume``.
-    Returns the summary (on every rank)."""
+    Returns the summary (on every rank).
+
+    Raises:
+        DivergenceError: the run diverged (see :class:`DivergenceError`).
+        ConfigError, DataError, CheckpointError, TrainError: the other user errors (``USER_ERRORS``).
+    """
     started = time.time()
     stored = ck.read_run_config(resume) if resume else None
     cfg = resume_config(stored["train"], settings, resume) if resume else new_config(settings)
@@ -255,7 +284,8 @@ class Trainer:
         CheckpointError: the resumed run's stored tokenizer or model config cannot be built.
 
     Attributes: ``model`` (the bare model), ``optimizer``, ``step`` (optimizer steps done),
-    ``run_dir``, ``train_loss`` and ``val_loss`` (the latest, or ``None``), ``corpus``, ``sampler``.
+    ``run_dir``, ``train_loss`` and ``val_loss`` (the latest finite ones, or ``None``),
+    ``checkpoint_step`` (the step of the newest checkpoint on disk, or ``None``), ``corpus``, ``sampler``.
     """
 
     def __init__(self, cfg: TrainConfig, env: Env, *, stored: Optional[Dict] = None, resume: Optional[str] = None,
@@ -289,6 +319,7 @@ class Trainer:
 
         self.run_dir: Optional[str] = resume
         self.checkpoint_path: Optional[str] = None  # the checkpoint resumed from
+        self.checkpoint_step: Optional[int] = None  # the newest checkpoint on disk: what a divergence leaves
         self.step, self.elapsed_before = 0, 0.0
         self.train_loss: Optional[float] = None
         self.val_loss: Optional[float] = None
@@ -334,9 +365,12 @@ class Trainer:
                 raise ck.CheckpointError(f"{self.checkpoint_path} does not fit the run's model: {str(err).splitlines()[0]}") from err
             self.sampler.load_state_dict(state["data"])
             self.step, self.elapsed_before = state["step"], state.get("elapsed", 0.0)
+            self.checkpoint_step = self.step
             if cfg.steps <= self.step:
                 raise ConfigError(f"--resume {self.resume}: the run is at step {self.step} already; pass --steps greater than {self.step}")
-            self.train_loss, self.val_loss = state.get("train_loss"), state.get("val_loss")
+            # (a run directory of an older deepmemory may hold a NaN here, which strict JSON cannot write back)
+            losses = ck.finite_or_none({"train": state.get("train_loss"), "val": state.get("val_loss")})
+            self.train_loss, self.val_loss = losses["train"], losses["val"]
         model.to(env.device)
         if cfg.grad_checkpointing:
             enable_grad_checkpointing(model)
@@ -352,7 +386,7 @@ class Trainer:
 
         if env.is_main:
             metrics = [r for r in _read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
-            ck.write_text(os.path.join(self.run_dir, ck.METRICS), "".join(json.dumps(r) + "\n" for r in metrics))
+            ck.write_text(os.path.join(self.run_dir, ck.METRICS), "".join(_metrics_line(r) for r in metrics))
             if self.resume:
                 ck.write_json(os.path.join(self.run_dir, ck.CONFIG),
                               dict(self.stored, train=dict(cfg.to_dict(), out=os.path.abspath(self.run_dir))))
@@ -420,7 +454,9 @@ class Trainer:
             before clipping.
 
         Raises:
-            TrainError: the loss is not finite (on every rank).
+            DivergenceError: the loss or the gradient norm is not finite; decided on values reduced
+                over the ranks, so every rank raises. The optimizer has not stepped, the gradients
+                are cleared and ``step`` is unchanged.
             ValueError: ``batch`` is not ``[batch_size, seq_len + 1]``.
             RuntimeError: :meth:`restore` has not run.
         """
@@ -443,15 +479,21 @@ class Trainer:
                     loss = next_token_loss(self._step_model, rows)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
-        norm = grad_norm_clip(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        norm = float(grad_norm_clip(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        # the norm is global already; summing it with the loss makes one value every rank decides on
+        loss, norm_sum = all_sum(env, [float(loss_sum) / cfg.grad_accum, norm])
+        loss /= env.world
+        row = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": norm}
+        if not (math.isfinite(loss) and math.isfinite(norm_sum)):
+            self.optimizer.zero_grad(set_to_none=True)  # (clipping by a NaN norm made them NaN too)
+            reasons = ([f"the training loss is {loss}"] if not math.isfinite(loss) else []) + \
+                      ([f"the gradient norm is {norm_sum / env.world}"] if not math.isfinite(norm_sum) else [])
+            raise self._diverged(self.step + 1, " and ".join(reasons), row)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.train_loss = all_sum(env, [float(loss_sum) / cfg.grad_accum])[0] / env.world
-        if not math.isfinite(self.train_loss):
-            raise TrainError(f"the training loss is {self.train_loss} at step {self.step} (run directory {self.run_dir}); "
-                             "try a lower --lr or check the model's settings")
-        return {"step": self.step, "loss": self.train_loss, "lr": lr, "grad_norm": float(norm)}
+        self.train_loss = loss
+        return row
 
     def evaluate(self) -> Dict[str, float]:
         """The mean next-token loss over the validation windows (split over the ranks; a collective:
@@ -462,12 +504,16 @@ class Trainer:
             ``val_loss``) and in bits per byte of the validation text.
 
         Raises:
+            DivergenceError: the validation loss is not finite (reduced over the ranks: every rank raises).
             RuntimeError: :meth:`restore` has not run.
         """
         self._require_restored("evaluate")
         loss = validation_loss(self._eval_model, self.val_windows, self.micro, self.env, self.cfg.precision)
+        row = {"step": self.step, "val_loss": loss, "val_bpb": bits_per_byte(loss, self.tpb_val)}
+        if not math.isfinite(loss):
+            raise self._diverged(self.step, f"the validation loss is {loss}", row)
         self.val_loss = loss
-        return {"step": self.step, "val_loss": loss, "val_bpb": bits_per_byte(loss, self.tpb_val)}
+        return row
 
     def save(self) -> None:
         """Checkpoint the current step: ``checkpoints/step-N/`` (weights, optimizer, RNG, and
@@ -477,12 +523,20 @@ class Trainer:
         rank calls it); rank 0 writes, and all ranks leave together.
 
         Raises:
+            DivergenceError: a weight is not finite (checked by rank 0, raised on every rank);
+                nothing is written.
             OSError: writing failed (the previous checkpoints stay complete).
             RuntimeError: :meth:`restore` has not run.
         """
         self._require_restored("save")
         cfg, env = self.cfg, self.env
         model_state = gather_model_state(self.model)
+        bad = None
+        if env.is_main:
+            bad = next((name for name, t in model_state.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+        bad = broadcast_str(env, bad)
+        if bad:
+            raise self._diverged(self.step, f"the weight {bad} holds non-finite values")
         optim_state = gather_optimizer_state(self.model, self.optimizer)
         if env.is_main:
             rng = {"torch": torch.get_rng_state()}
@@ -492,6 +546,7 @@ class Trainer:
                                {"data": self.sampler.state_dict(), "scheduler": {"step": self.step, "lr": lr_at(self.step, cfg)},
                                 "train_loss": self.train_loss, "val_loss": self.val_loss,
                                 "elapsed": self.elapsed_before + time.time() - self.started}, cfg.keep_checkpoints)
+        self.checkpoint_step = self.step
         barrier(env)
 
     # ------------------------------------------------------------ the loop
@@ -506,7 +561,8 @@ class Trainer:
             ``train_loss``, ``val_loss``, ``val_bpb``, ``train_bpb``, ``byte_entropy``, ``parameters``.
 
         Raises:
-            what :meth:`restore`, :meth:`train_step` and :meth:`save` raise (``TrainError``,
+            what :meth:`restore`, :meth:`train_step`, :meth:`evaluate` and :meth:`save` raise
+            (``DivergenceError``, with its row written to ``metrics.jsonl``; ``TrainError``,
             ``CheckpointError``, ``ConfigError``, ``OSError``).
         """
         from tqdm.auto import tqdm
@@ -538,6 +594,10 @@ class Trainer:
                         self.save()
             finally:
                 bar.close()
+        except DivergenceError as err:
+            if err.metrics:
+                self._log(err.metrics)
+            raise
         finally:
             self.close()
         return self._finish(loop_start, first_step)
@@ -556,8 +616,11 @@ class Trainer:
 
     def _log(self, row: Dict) -> None:
         if self._metrics_file:
-            self._metrics_file.write(json.dumps(row) + "\n")
+            self._metrics_file.write(_metrics_line(row))
             self._metrics_file.flush()
+
+    def _diverged(self, step: int, reason: str, row: Optional[Dict] = None) -> DivergenceError:
+        return DivergenceError(step, reason, self.run_dir, self.checkpoint_step, row)
 
     def _validate(self) -> None:
         row = self.evaluate()
