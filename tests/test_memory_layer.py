@@ -140,6 +140,8 @@ def test_feature_map_residual_equals_direct_computation(loss, optimizer, window,
         mom = torch.sigmoid(layer.momentum_proj(x)) if layer.momentum_proj is not None else torch.zeros_like(lr)
         dec = torch.sigmoid(layer.decay_proj(x))
         gam = torch.sigmoid(layer.gamma_proj(x)) if layer.gamma_proj is not None else torch.ones_like(lr)
+        if optimizer == "momentum":  # damped momentum (the default): theta_t = lr_t (1 - momentum_t)
+            lr = lr * (1 - mom)
     w = {n: p.detach().expand(bsz, *p.shape).clone() for n, p in layer.initial_weights.items()}
     s = {n: torch.zeros_like(t) for n, t in w.items()}
     ys = []
@@ -175,6 +177,39 @@ def test_read_equals_memory_applied_to_q(cfg):
             z = torch.einsum("bhrc,bhtc->bhtr", weights["w0"], fq)
             want = torch.einsum("bhrc,bhtc->bhtr", weights["w1"], F.gelu(z)) + q.transpose(1, 2)
         torch.testing.assert_close(layer.read(q, st), want.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.float64, False), (torch.float32, True)],
+                         ids=["float32", "float64", "autocast-bfloat16"])
+def test_gates_in_the_op_ranges_by_construction(monkeypatch, dtype, autocast):
+    """The layer's gates are sigmoids (``lr = max_lr * sigmoid``): inside the op's ranges (lr >= 0;
+    momentum, decay, window_gate in [0, 1]) for any input, however large: they saturate at exactly
+    0 and 1 (max_lr) and never pass them, so the op's range check never fires from the layer."""
+    from deepmemory.layers import memory_layer
+
+    seen = []
+    op = memory_layer.neural_memory
+
+    def spy(q, k, v, lr, momentum, decay, weights, **kw):
+        seen.append(dict(lr=lr, momentum=momentum, decay=decay, window_gate=kw["window_gate"]))
+        return op(q, k, v, lr, momentum, decay, weights, **kw)
+
+    monkeypatch.setattr(memory_layer, "neural_memory", spy)
+    torch.manual_seed(0)
+    layer = NeuralMemory(HID, NH, HD, chunk_size=4, window=3, optimizer="momentum", max_lr=0.5).to(dtype)
+    with torch.no_grad():
+        for name in ("lr_proj", "momentum_proj", "decay_proj", "gamma_proj"):
+            getattr(layer, name).weight.normal_(std=10.0)
+            getattr(layer, name).bias.uniform_(-50.0, 50.0)
+    x = 1e6 * torch.randn(2, 64, HID, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        layer(x)  # the op checks the ranges: a gate outside them would raise here
+    (gates,) = seen
+    for name, g in gates.items():
+        high = 0.5 if name == "lr" else 1.0
+        assert g is not None and not g.isnan().any(), name
+        assert ((g >= 0) & (g <= high)).all(), name
+        assert (g == 0).any() and (g == high).any(), f"{name} did not saturate: the test inputs are not large enough"
 
 
 def test_state_detach():

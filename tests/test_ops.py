@@ -227,6 +227,14 @@ def _good():
     return dict(q=q, k=k, v=v, lr=lr, momentum=mom, decay=dec, params=make_params("mlp", 2, DK, DV, HIDDEN))
 
 
+def _gate(index, value, at=(1, 3, 0)):
+    """Gate ``index`` of :func:`make_inputs` (3 lr, 4 momentum, 5 decay, 6 window_gate) with
+    ``value`` at ``at`` = (batch, token, head)."""
+    x = make_inputs(2, 5, 2, DK, DV)[index].clone()
+    x[at] = value
+    return x
+
+
 def _call(**over):
     args = _good()
     kw = {n: over.pop(n) for n in list(over) if n not in args}
@@ -265,11 +273,42 @@ def _call(**over):
          ValueError, "needs dk == dv"),
         (dict(window_gate=torch.rand(2, 5, 1, dtype=torch.float64)), ValueError, "window_gate must have shape"),
         (dict(initial_state="state"), TypeError, "initial_state must be a MemoryState"),
+        # gate ranges: one line naming the gate, the range, the value and its [batch, token, head]
+        (dict(lr=_gate(3, -0.3)), ValueError, "lr must be >= 0; got -0.3 at [batch 1, token 3, head 0]"),
+        (dict(lr=_gate(3, -float("inf"), at=(0, 0, 1))), ValueError, "lr must be >= 0; got -inf at [batch 0, token 0, head 1]"),
+        (dict(momentum=_gate(4, 1.5)), ValueError, "momentum must be in [0, 1]; got 1.5 at [batch 1, token 3, head 0]"),
+        (dict(momentum=_gate(4, -0.25, at=(0, 4, 1))), ValueError, "momentum must be in [0, 1]; got -0.25 at [batch 0, token 4, head 1]"),
+        (dict(decay=_gate(5, -0.5)), ValueError, "decay must be in [0, 1]; got -0.5 at [batch 1, token 3, head 0]"),
+        (dict(decay=_gate(5, 1.0 + 2**-40)), ValueError, "decay must be in [0, 1]; got 1.0000000000009095 at [batch 1, token 3, head 0]"),
+        (dict(window_gate=_gate(6, 2.0)), ValueError, "window_gate must be in [0, 1]; got 2 at [batch 1, token 3, head 0]"),
+        (dict(window_gate=_gate(6, -1e-9, at=(0, 1, 0))), ValueError, "window_gate must be in [0, 1]; got -1e-09 at [batch 0, token 1, head 0]"),
+        (dict(momentum=_gate(4, float("inf")), optimizer="gd"), ValueError, "momentum must be in [0, 1]; got inf"),
+        (dict(lr=_gate(3, -1.0), decay=_gate(5, 2.0)), ValueError, "lr must be >= 0; got -1 at"),  # the first gate named
+        (dict(lr=_gate(3, -1.0, at=(1, 4, 1)), decay=_gate(5, 2.0, at=(0, 2, 0))), ValueError, "lr must be >= 0; got -1 at [batch 1, token 4"),
     ],
 )
 def test_bad_input(over, exc, words):
     with pytest.raises(exc, match=__import__("re").escape(words)):
         _call(**over)
+
+
+@pytest.mark.parametrize("name,index", [("lr", 3), ("momentum", 4), ("decay", 5), ("window_gate", 6)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nan_gate_passes_the_range_check(name, index, dtype):
+    """NaN is not out of range ((x < low) | (x > high) is False for it): a NaN gate reaches the op,
+    which runs; the other sequence of the batch is untouched. So does an lr far above 1 (no upper
+    bound in the op) and the bounds themselves."""
+    args = {n: (x.to(dtype) if isinstance(x, torch.Tensor) else {m: w.to(dtype) for m, w in x.items()})
+            for n, x in _good().items()}
+    gate = _gate(index, float("nan"), at=(0, 2, 1)).to(dtype)
+    args["window_gate" if name == "window_gate" else name] = gate
+    kw = {"window_gate": args.pop("window_gate")} if name == "window_gate" else {}
+    o, _ = neural_memory(args["q"], args["k"], args["v"], args["lr"], args["momentum"], args["decay"], args["params"],
+                         window=2, **kw)
+    assert torch.isfinite(o[1]).all()
+    edges = {n: _gate(i, b, at=(1, 1, 1)).to(dtype) for n, i, b in (("lr", 3, 50.0), ("momentum", 4, 1.0), ("decay", 5, 1.0))}
+    neural_memory(args["q"], args["k"], args["v"], edges["lr"], edges["momentum"], edges["decay"], args["params"],
+                  window=2, window_gate=_gate(6, 0.0, at=(0, 0, 0)).to(dtype))
 
 
 def test_state_from_other_settings_rejected():

@@ -55,8 +55,8 @@ class IdentityFeatureMap(nn.Module):
 
 class PolynomialFeatureMap(nn.Module):
     """``phi(x) = concat_{i=1..degree} a_{h,i} x^{(i)}`` per head ``h`` (symmetric monomials, see
-    the module docstring): ``x [..., H, head_dim]`` -> ``[..., H, out_dim]`` with
-    ``out_dim = sum_i C(head_dim + i - 1, i)``."""
+    the module docstring): ``x [..., H, head_dim]`` -> ``[..., H, out_dim]`` in x's dtype (also
+    under autocast) with ``out_dim = sum_i C(head_dim + i - 1, i)``."""
 
     def __init__(self, head_dim: int, degree: int, num_heads: int):
         super().__init__()
@@ -82,7 +82,8 @@ class PolynomialFeatureMap(nn.Module):
         parts = []
         for i in range(1, self.degree + 1):
             idx = getattr(self, f"idx{i}")
-            mono = x[..., idx].prod(-1) if i > 1 else x  # [..., H, C(d+i-1, i)]
+            # [..., H, C(d+i-1, i)]; autocast runs prod in float32: the features keep x's dtype
+            mono = x[..., idx].prod(-1).to(x.dtype) if i > 1 else x
             scale = self.coef[:, i - 1, None].to(x.dtype) * getattr(self, f"mult{i}").to(x.dtype)
             parts.append(mono * scale)
         return torch.cat(parts, dim=-1)
@@ -91,7 +92,8 @@ class PolynomialFeatureMap(nn.Module):
         """``<phi(x), phi(y)> = sum_i a_{h,i}^2 <x, y>^i`` without the features: ``[..., H]``."""
         dot = (x * y).sum(-1)
         powers = torch.stack([dot**i for i in range(1, self.degree + 1)], dim=-1)
-        return (powers * self.coef.to(dot.dtype) ** 2).sum(-1)
+        # in the inputs' dtype, also where autocast runs the sums and powers in float32
+        return (powers * self.coef.to(dot.dtype) ** 2).sum(-1).to(torch.promote_types(x.dtype, y.dtype))
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, degree={self.degree}, num_heads={self.num_heads}, out_dim={self.out_dim}"

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..checks import check_int, check_positive
 from ..ops.kernel import KernelRule, KernelState, kernel_memory
 from ..tree import State
-from .memory_layer import ConvStates, QKVMixer
+from .memory_layer import ConvStates, QKVMixer, op_precision
 
 
 @dataclass
@@ -37,7 +37,8 @@ class KernelMemory(QKVMixer):
     kernel ``exp(τ k·x)`` (``τ = exp(log_temp)``, per head, init ``sqrt(head_dim)``), output
     ``W_o(RMSNorm(y) * silu(x W_g))``. ``depth=1`` is the linear memory (attention when
     ``residual=False``). x ``[B, T, hidden_size]`` (any floating dtype; the memory computes in
-    float32, float64 for float64 x) -> ``[B, T, hidden_size]`` in x's dtype.
+    float32, float64 for float64 x, also under autocast) -> ``[B, T, hidden_size]`` in x's dtype
+    (autocast's under autocast).
 
     The settings ``window, loss, depth, activation, residual, normalized, chunk_size`` make the
     layer's :class:`~deepmemory.ops.KernelRule` (``self.rule``; each also readable as an
@@ -90,14 +91,14 @@ class KernelMemory(QKVMixer):
         """``x [B, T, hidden_size]`` -> ``y [B, T, hidden_size]`` (and the state to continue from)."""
         q, k, v, conv = self.read_input(x, state, KernelMemoryState)
         lr = self.max_lr * torch.sigmoid(self.lr_proj(x))
-        # the op computes in float32 under lower precisions; casting here also lets q, k, v and lr
-        # come in different dtypes (autocast) and keeps the output in x's dtype
-        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-        y, cache = kernel_memory(
-            *(t.to(cd) for t in (q, k, v, lr)), dict(self.initial_weights), self.log_temp.exp(),
-            rule=self.rule, initial_state=None if state is None else state.recurrent_state, output_final_state=return_state,
-        )
-        out = self.output(x, y.to(x.dtype))
+        # one dtype for the op's inputs, which autocast leaves in different ones; the op computes
+        # in float32 under lower precisions (float64 for float64) and answers in its inputs' dtype
+        with op_precision(x) as cd:
+            y, cache = kernel_memory(
+                *(t.to(cd) for t in (q, k, v, lr)), dict(self.initial_weights), self.log_temp.exp(),
+                rule=self.rule, initial_state=None if state is None else state.recurrent_state, output_final_state=return_state,
+            )
+        out = self.output(x, y)
         return (out, KernelMemoryState(cache, conv)) if return_state else out
 
     # the rule's fields, read-only (the rule is fixed when the layer is made)

@@ -3,10 +3,11 @@ around the memory op ``deepmemory.ops.neural_memory``."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Optional, Tuple, Union
+from typing import ClassVar, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,30 @@ ConvStates = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
 
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
+
+
+@contextlib.contextmanager
+def op_precision(x: Tensor) -> Iterator[torch.dtype]:
+    """Run a mixer's memory op: yields the one dtype its q, k, v and gates are cast to, with
+    autocast off inside.
+
+    Autocast picks each operation's dtype from per-device lists (``prod`` runs in float32, on CUDA
+    ``norm``, ``pow`` and ``exp`` too), so q, k and v can leave their projections and feature
+    maps in different dtypes, while the ops take them alike and set their own precision (float32
+    state and accumulations under float16/bfloat16 inputs, docs/ops.md), which autocast would
+    otherwise override inside them. Under autocast on x's device the dtype is autocast's (float64
+    x stays float64, as autocast leaves it); otherwise x's, so nothing changes without autocast.
+    """
+    dev = x.device.type
+    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        yield x.dtype
+        return
+    with torch.autocast(dev, enabled=False):
+        yield x.dtype if x.dtype == torch.float64 else torch.get_autocast_dtype(dev)
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
 
 
 class QKVMixer(nn.Module):
@@ -110,7 +135,8 @@ class NeuralMemory(QKVMixer):
 
     Per head, with ``phi`` the feature map (identity or polynomial) and the gates
     ``lr = max_lr * sigmoid(x W_lr)``, ``momentum = sigmoid(x W_mom)``, ``decay = sigmoid(x W_dec)``,
-    ``gamma = sigmoid(x W_gamma)`` (``[B, T, H]``)::
+    ``gamma = sigmoid(x W_gamma)`` (``[B, T, H]``); with ``optimizer="momentum"`` and
+    ``damped_momentum`` (the default) the op's learning rate is ``lr * (1 - momentum)``::
 
         W_t = update(W_{t-1}; phi(k), v, gates)       (the op's rule: loss, optimizer, window c)
         y_t = M_{W_t}(phi(q_t))                        o_t = W_o(RMSNorm(y_t) * silu(x_t W_g))
@@ -144,12 +170,14 @@ class NeuralMemory(QKVMixer):
         conv_size: int = 4,
         use_decay: bool = True,
         learned_window_gate: bool = True,
+        damped_momentum: bool = True,
         impl: str = "chunk",
         **rule_settings,
     ):
         super().__init__(hidden_size, num_heads, head_dim, conv_size)
         layer = dict(expansion=expansion, feature_map=feature_map, poly_degree=poly_degree, max_lr=max_lr,
-                     conv_size=conv_size, use_decay=use_decay, learned_window_gate=learned_window_gate, impl=impl)
+                     conv_size=conv_size, use_decay=use_decay, learned_window_gate=learned_window_gate,
+                     damped_momentum=damped_momentum, impl=impl)
         self.check_settings(dict(layer, **rule_settings))
         rule = resolve_rule(rule, rule_settings, LAYER_RULE_DEFAULTS)
         self.phi = make_feature_map(feature_map, head_dim, num_heads, poly_degree)
@@ -159,6 +187,7 @@ class NeuralMemory(QKVMixer):
         self.rule = rule.replace(residual=False) if self.outer_residual else rule
         self.impl = impl
         self.max_lr = float(max_lr)
+        self.damped_momentum = damped_momentum and rule.optimizer == "momentum"
         optimizer, window = rule.optimizer, rule.window
 
         def gate(p0: float) -> nn.Linear:
@@ -194,18 +223,25 @@ class NeuralMemory(QKVMixer):
         q, k, v, conv = self.read_input(x, state, NeuralMemoryState)
         fq, fk = self.phi(q), self.phi(k)
         target = v - k if self.outer_residual and self.rule.loss == "l2" else v
-        y, mem = neural_memory(
-            fq, fk, target,
-            self.max_lr * torch.sigmoid(self.lr_proj(x)),
-            None if self.momentum_proj is None else torch.sigmoid(self.momentum_proj(x)),
-            None if self.decay_proj is None else torch.sigmoid(self.decay_proj(x)),
-            dict(self.initial_weights),
-            rule=self.rule,
-            window_gate=None if self.gamma_proj is None else torch.sigmoid(self.gamma_proj(x)),
-            initial_state=None if state is None else state.recurrent_state,
-            output_final_state=return_state,
-            impl=self.impl,
-        )
+        lr = self.max_lr * torch.sigmoid(self.lr_proj(x))
+        momentum = None if self.momentum_proj is None else torch.sigmoid(self.momentum_proj(x))
+        if self.damped_momentum:
+            # S_t = m_t S_{t-1} - (1 - m_t) lr_t u_t: a momentum that averages gradients instead of
+            # summing up to 1/(1 - m) of them keeps the chunk's step in the stable range of plain
+            # gd for any m and chunk size (docs/numerics.md); Titans eq. 13-14 with theta_t = lr_t (1 - m_t)
+            lr = lr * (1 - momentum)
+        decay = None if self.decay_proj is None else torch.sigmoid(self.decay_proj(x))
+        window_gate = None if self.gamma_proj is None else torch.sigmoid(self.gamma_proj(x))
+        with op_precision(x) as cd:  # one dtype for the op's inputs (they differ under autocast)
+            y, mem = neural_memory(
+                *(_cast(t, cd) for t in (fq, fk, target, lr, momentum, decay)),
+                dict(self.initial_weights),
+                rule=self.rule,
+                window_gate=_cast(window_gate, cd),
+                initial_state=None if state is None else state.recurrent_state,
+                output_final_state=return_state,
+                impl=self.impl,
+            )
         if self.outer_residual:
             y = y + q
         out = self.output(x, y)
@@ -220,7 +256,8 @@ class NeuralMemory(QKVMixer):
         if state is not None and not isinstance(state, NeuralMemoryState):
             raise TypeError(f"state must be a NeuralMemoryState or None; got {type(state).__name__}")
         weights = dict(self.initial_weights) if state is None else state.recurrent_state.weights
-        y = memory_read(self.phi(q), weights, rule=self.rule)
+        with op_precision(q) as cd:
+            y = memory_read(self.phi(q).to(cd), weights, rule=self.rule)
         return y + q if self.outer_residual else y
 
     def extra_repr(self) -> str:
@@ -246,6 +283,7 @@ LAYER_CHECKS = {
     "poly_degree": check_int,
     "conv_size": lambda label, v: check_int(label, v, minimum=0),
     "learned_window_gate": check_bool,
+    "damped_momentum": check_bool,
     "use_decay": check_bool,
     "feature_map": lambda label, v: check_choice(label, v, FEATURE_MAPS),
     "max_lr": check_positive,

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from ..checks import check_choice
 from .chunk import chunk
-from .inputs import check_query, check_sequence, check_tensor, check_weight_shapes, check_weights, compute_dtype, rule_mismatch
+from .inputs import (check_query, check_ranges, check_sequence, check_tensor, check_weight_shapes, check_weights,
+                     compute_dtype, rule_mismatch)
 from .memory import MemorySpec, dense_apply, memory_forward
 from .problem import Problem, Result
 from .reference import reference
@@ -108,6 +109,14 @@ def neural_memory(
     hidden, dk]``, ``w_out [H, dv, hidden]``), replaced by ``initial_state`` when given.
     ``impl``: ``"chunk"`` (default), ``"reference"`` (the token loop) or ``"triton"``.
 
+    The gate ranges are checked, with a one-line ``ValueError`` (outside them the memory grows
+    geometrically, e.g. momentum 1.5 overflows it, or turns NaN): one fused reduction over all
+    gates, so one device sync per call on GPU; skipped while ``torch.compile`` traces (compiled
+    code runs unchecked). NaN passes the check (``(x < low) | (x > high)`` is False for it): a NaN
+    gate is not an error here, it propagates to the outputs from its token on. ``lr`` has no upper
+    bound in the op (how large a step stays stable depends on the keys, the memory and the loss;
+    the layers bound it by ``max_lr``).
+
     Returns ``o [B, T, H, dv]`` in q's dtype and, if ``output_final_state``, a
     :class:`MemoryState` (float32 under lower precisions) that continues the sequence exactly from
     any split point.
@@ -115,8 +124,9 @@ def neural_memory(
     Raises:
         TypeError: a tensor of the wrong type or dtype, an unknown keyword, a rule that is not an
             :class:`UpdateRule`, an ``initial_state`` that is not a :class:`MemoryState`.
-        ValueError: bad settings, shapes, devices, missing momentum gates, both ``rule=`` and
-            keywords, or an ``initial_state`` made with another rule or shape.
+        ValueError: bad settings, shapes, devices, missing momentum gates, a gate out of its range
+            (naming the gate, the range, the value and its ``[batch, token, head]``), both
+            ``rule=`` and keywords, or an ``initial_state`` made with another rule or shape.
         ImportError: ``impl="triton"`` without the triton package.
     """
     rule = resolve_rule(rule, settings)
@@ -132,6 +142,9 @@ def neural_memory(
     if window_gate is not None:
         check_tensor("window_gate", window_gate, (bsz, seq, nh), q)
     w0 = _initial_weights(weights, rule.spec, bsz, nh, dk, dv, q)
+    # the gates' ranges, last (one device sync): lr unbounded above, the layers bound it by max_lr
+    check_ranges([("lr", lr, 0.0, None), ("momentum", momentum, 0.0, 1.0), ("decay", decay, 0.0, 1.0),
+                  ("window_gate", window_gate, 0.0, 1.0)])
 
     cd = compute_dtype(q.dtype)
     zeros = q.new_zeros(bsz, seq, nh)

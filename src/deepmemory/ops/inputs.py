@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -80,6 +80,75 @@ def check_weight_shapes(weights: Dict[str, Tensor], shapes: Dict[str, Tuple[int,
     for n, (rows, cols) in shapes.items():
         if tuple(weights[n].shape[-2:]) != (rows, cols):
             raise ValueError(f"{arg}[{n!r}] must be [..., {rows}, {cols}] for {sizes}; got {list(weights[n].shape)}")
+
+
+# ``(name, tensor, low, high)``: ``tensor`` must lie in ``[low, high]`` (``None``: unbounded that side)
+Range = Tuple[str, Optional[Tensor], Optional[float], Optional[float]]
+GATE_DIMS = ("batch", "token", "head")
+
+
+def check_range(name: str, x: Optional[Tensor], low: Optional[float], high: Optional[float],
+                dims: Sequence[str] = GATE_DIMS) -> None:
+    """``x`` in ``[low, high]`` (``None``: unbounded that side); see :func:`check_ranges`."""
+    check_ranges([(name, x, low, high)], dims)
+
+
+def check_ranges(ranges: Sequence[Range], dims: Sequence[str] = GATE_DIMS) -> None:
+    """Each ``(name, x, low, high)`` of ``ranges`` (``x`` None: skipped; ``low``/``high`` None:
+    unbounded that side) has every element in ``[low, high]``, else a one-line ``ValueError``
+    naming the first offender, its value and position, e.g. ``lr must be >= 0; got -0.3 at
+    [batch 0, token 5, head 1]`` (``dims`` names the dimensions).
+
+    - NaN passes: the test is ``(x < low) | (x > high)``, False for NaN, so a NaN gate is not a
+      range error: it reaches the op, which is to propagate it causally (to the outputs at and
+      after its token) rather than fail the whole call. ``inf`` passes where the side is unbounded.
+    - Cost: one fused reduction and one host sync per call (a device sync on GPU), whatever the
+      number of tensors: the out-of-range masks of tensors of one shape are or-ed together
+      (others are reduced each and stacked) and ``.any()`` is read once; only when it is True is
+      the culprit located.
+    - Skipped while ``torch.compile`` traces (``torch.compiler.is_compiling()``: a data-dependent
+      branch would break the graph) and on the meta device (no values): compiled and traced code
+      runs unchecked.
+    """
+    live = [(n, x, lo, hi) for n, x, lo, hi in ranges if x is not None and (lo is not None or hi is not None)]
+    if not live or torch.compiler.is_compiling() or any(x.device.type == "meta" for _, x, _, _ in live):
+        return
+    masks = [_outside(x, lo, hi) for _, x, lo, hi in live]
+    if all(m.shape == masks[0].shape for m in masks):
+        fused = masks[0]
+        for m in masks[1:]:
+            fused = fused | m
+        bad = fused.any()
+    else:
+        bad = torch.stack([m.any() for m in masks]).any()
+    if not bad.item():
+        return
+    for (name, x, lo, hi), m in zip(live, masks):
+        hits = m.nonzero()
+        if hits.shape[0]:
+            idx = tuple(hits[0].tolist())
+            at = ", ".join(f"{d} {i}" for d, i in zip(dims, idx)) if len(dims) == len(idx) else ", ".join(map(str, idx))
+            if lo is not None and hi is not None:
+                want = f"in [{lo:g}, {hi:g}]"
+            else:
+                want = f">= {lo:g}" if lo is not None else f"<= {hi:g}"
+            raise ValueError(f"{name} must be {want}; got {_shortest(x[idx].item(), x.dtype)} at [{at}]")
+
+
+def _outside(x: Tensor, low: Optional[float], high: Optional[float]) -> Tensor:
+    if low is not None and high is not None:
+        return (x < low) | (x > high)
+    return x < low if low is not None else x > high
+
+
+def _shortest(value: float, dtype: torch.dtype) -> str:
+    """``value`` with the fewest digits that give it back in ``dtype`` (``-0.3``, not float32's
+    ``-0.30000001192092896``)."""
+    for digits in range(1, 18):
+        text = f"{value:.{digits}g}"
+        if torch.tensor(float(text), dtype=dtype).item() == value:
+            return text
+    return repr(value)
 
 
 def rule_mismatch(was, now) -> str:
