@@ -101,10 +101,12 @@ def test_lr_schedule():
 def test_run_directory(run_a):
     names = set(os.listdir(run_a))
     assert {"config.json", "metrics.jsonl", "model.safetensors", "loss.png", "checkpoints"} <= names
+    assert {"run.json", "generation_config.json"} <= names  # the run record; config.json is the Hugging Face config
+    assert json.load(open(os.path.join(run_a, "config.json")))["model_type"] == "deepmemory"
     assert sorted(os.listdir(os.path.join(run_a, "checkpoints"))) == ["step-00000030", "step-00000040"]  # keep 2
     for rel in tree(run_a):  # safetensors, JSON and the plot: nothing pickled
         assert rel.endswith((".json", ".jsonl", ".safetensors", ".png")), rel
-    config = json.load(open(os.path.join(run_a, "config.json")))
+    config = json.load(open(os.path.join(run_a, "run.json")))
     assert config["format"] == "deepmemory-run" and config["train"]["steps"] == 40
     assert config["model"]["config"]["hidden_size"] == 32 and config["tokenizer"]["kind"] == "bytes"
     rows = metrics(run_a)
@@ -222,7 +224,7 @@ def test_hugging_face_tokenizer_run(corpus, tmp_path, capsys):
     tok.save(str(tmp_path / "tokenizer.json"))
     out = str(tmp_path / "H")
     assert main(args(corpus, "--steps", "2", "--tokenizer", str(tmp_path / "tokenizer.json"), "--out", out)) == 0
-    config = json.load(open(os.path.join(out, "config.json")))
+    config = json.load(open(os.path.join(out, "run.json")))
     assert config["tokenizer"] == {"kind": "hf", "vocab_size": 16, "eos_id": 1, "file": "tokenizer.json"}
     assert config["model"]["config"]["vocab_size"] == 16 and os.path.isfile(os.path.join(out, "tokenizer.json"))
     capsys.readouterr()
@@ -236,7 +238,7 @@ def test_config_file_and_flags(corpus, tmp_path):
                    f"data: {corpus['data']}\nval_fraction: 0.25\nbatch_size: 2\neval_tokens: 64\n")
     out = str(tmp_path / "C")
     assert main(["train", "--config", str(cfg), "--steps", "2", "--out", out]) == 0
-    stored = json.load(open(os.path.join(out, "config.json")))["train"]
+    stored = json.load(open(os.path.join(out, "run.json")))["train"]
     assert stored["seq_len"] == 8 and stored["steps"] == 2 and stored["model_overrides"]["hidden_size"] == 16
 
 
@@ -278,7 +280,7 @@ def test_overwrite_replaces_a_run(corpus, tmp_path):
     out = str(tmp_path / "R")
     assert main(args(corpus, "--steps", "2", "--out", out)) == 0
     assert main(args(corpus, "--steps", "3", "--out", out, "--overwrite")) == 0
-    assert json.load(open(os.path.join(out, "config.json")))["train"]["steps"] == 3
+    assert json.load(open(os.path.join(out, "run.json")))["train"]["steps"] == 3
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
 
@@ -298,6 +300,6 @@ def test_default_run_learns_within_ten_minutes(tmp_path):
     start = time.time()
     assert main(["train", "--out", out]) == 0
     assert time.time() - start < 600
-    config = json.load(open(os.path.join(out, "config.json")))
+    config = json.load(open(os.path.join(out, "run.json")))
     assert config["model"]["preset"] == "titans-mac" and config["data"]["source"].endswith("standard library")
     assert [r for r in metrics(out) if "val_bpb" in r][-1]["val_bpb"] < config["data"]["byte_entropy"] - 1.5

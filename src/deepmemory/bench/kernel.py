@@ -246,18 +246,19 @@ def run_cli(args: argparse.Namespace) -> None:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
+    ap.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536],
+                    help="sequence lengths T to measure; default 2048 ... 65536")
     ap.add_argument("--impl", nargs="+", choices=IMPLS,
                     help="default: every one that runs on the device (Triton on CPU only with TRITON_INTERPRET=1)")
     ap.add_argument("--device", help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on cuda, float32 on cpu")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads per case")
+    ap.add_argument("--batch", type=int, default=2, help="batch size B; default 2")
+    ap.add_argument("--heads", type=int, default=16, help="heads H; default 16")
+    ap.add_argument("--head-dim", type=int, default=64, help="key/value width per head; default 64")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared machine stays usable; raise it to measure multi-core scaling)")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per case (the best counts), after one warm-up")
-    ap.add_argument("--plot", help="PNG path for tokens/s vs T")
+    ap.add_argument("--plot", metavar="PNG", help="also draw tokens/s against T into this PNG file; default: no plot")
 
 
 def main(argv=None) -> None:

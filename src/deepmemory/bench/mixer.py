@@ -72,7 +72,7 @@ def _case(c: Dict) -> Dict:
             "saved_mib": saved_for_backward_mib(lambda: mixer(x)), "flops_per_s": flops / r["seconds"]}
 
 
-def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, threads=2, repeat=2, rounds=1,
+def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, threads=1, repeat=2, rounds=1,
         device="cpu", flops=True, plot=None, peer="titans-pytorch", keep_freed_memory=False) -> List[Dict]:
     """``rounds`` > 1 measures every case that many times, round-robin over the cases, and reports
     the median: on a shared machine, cases measured minutes apart otherwise see different loads."""
@@ -141,16 +141,16 @@ def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, thre
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--seq", type=int, nargs="+", default=[1024, 4096])
-    ap.add_argument("--chunk", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq", type=int, nargs="+", default=[1024, 4096], help="sequence lengths T; default 1024 4096")
+    ap.add_argument("--chunk", type=int, nargs="+", default=[16, 64], help="memory chunk sizes; default 16 64")
+    ap.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS, help="token mixers to compare; default all")
+    ap.add_argument("--batch", type=int, default=2, help="batch size; default 2")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared machine stays usable; raise it to measure multi-core scaling)")
     ap.add_argument("--repeat", type=int, default=2, help="timed steps per case (the best counts), after one warm-up")
     ap.add_argument("--rounds", type=int, default=1, help="measure every case this many times, round-robin; report the median")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda; default cpu")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
-    ap.add_argument("--plot", default="bench_mixer.png", help="PNG path ('' for none)")
+    ap.add_argument("--plot", metavar="PNG", default=None, help="also draw tokens/s against T into this PNG file; default: no plot")
     add_allocator_argument(ap)
 
 

@@ -70,7 +70,7 @@ def _decode_case(c: Dict) -> Dict:
             "prefill_tokens_per_s": c["context"] / prefill}
 
 
-def run_train(models: List[str], size: str, *, seq=1024, batch=2, threads=2, repeat=2, device="cpu") -> List[Dict]:
+def run_train(models: List[str], size: str, *, seq=1024, batch=2, threads=1, repeat=2, device="cpu") -> List[Dict]:
     rows, res = [], {}
     for name in models:
         case = dict(model=name, size=size, seq=seq, batch=batch, threads=threads, repeat=repeat, device=device)
@@ -85,7 +85,7 @@ def run_train(models: List[str], size: str, *, seq=1024, batch=2, threads=2, rep
     return rows
 
 
-def run_decode(models: List[str], size: str, contexts: List[int], *, steps=64, threads=2, device="cpu",
+def run_decode(models: List[str], size: str, contexts: List[int], *, steps=64, threads=1, device="cpu",
                prefill_chunk=4096, max_attention_context=65536, plot=None) -> List[Dict]:
     rows, series = [], {}
     for name in models:
@@ -113,16 +113,17 @@ def run_decode(models: List[str], size: str, contexts: List[int], *, steps=64, t
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--models", nargs="+", default=None, help="presets (default depends on the mode)")
-    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--size", default="tiny", help="preset size (see `deepmemory models`); default tiny")
     ap.add_argument("--seq", type=int, default=1024, help="training: sequence length")
     ap.add_argument("--batch", type=int, default=2, help="training: batch size")
     ap.add_argument("--context", type=int, nargs="+", default=[1024, 16384, 131072, 1048576], help="decoding: contexts")
     ap.add_argument("--steps", type=int, default=64, help="decoding: tokens decoded per context")
-    ap.add_argument("--max-attention-context", type=int, default=65536)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--plot", default="bench_decode.png", help="decoding: PNG path ('' for none)")
+    ap.add_argument("--max-attention-context", type=int, default=65536,
+                    help="decoding: longest context for full attention (its cache grows with it); default 65536")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared machine stays usable; raise it to measure multi-core scaling)")
+    ap.add_argument("--repeat", type=int, default=2, help="training: timed steps per model (the best counts), after one warm-up; default 2")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda; default cpu")
+    ap.add_argument("--plot", metavar="PNG", default=None, help="decoding: also draw ms/token against the context into this PNG file; default: no plot")
 
 
 def _case(c: Dict) -> Dict:

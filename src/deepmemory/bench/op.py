@@ -39,17 +39,18 @@ def _case(c: dict) -> dict:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--seq", type=int, nargs="+", default=[1024, 4096])
-    ap.add_argument("--chunk", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--impl", nargs="+", default=["chunk", "reference"], choices=["chunk", "reference"])
-    ap.add_argument("--granularity", default="token", choices=["token", "chunk"])
-    ap.add_argument("--optimizer", default="momentum", choices=["gd", "momentum", "muon"])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--expansion", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--seq", type=int, nargs="+", default=[1024, 4096], help="sequence lengths T; default 1024 4096")
+    ap.add_argument("--chunk", type=int, nargs="+", default=[16, 64], help="chunk sizes; default 16 64")
+    ap.add_argument("--impl", nargs="+", default=["chunk", "reference"], choices=["chunk", "reference"],
+                    help="implementations to compare; default chunk reference")
+    ap.add_argument("--granularity", default="token", choices=["token", "chunk"], help="memory update per token or per chunk; default token")
+    ap.add_argument("--optimizer", default="momentum", choices=["gd", "momentum", "muon"], help="the memory's inner optimizer; default momentum")
+    ap.add_argument("--batch", type=int, default=2, help="batch size B; default 2")
+    ap.add_argument("--heads", type=int, default=4, help="heads H; default 4")
+    ap.add_argument("--head-dim", type=int, default=64, help="key/value width per head; default 64")
+    ap.add_argument("--expansion", type=int, default=4, help="hidden width of the MLP memory over the head width; default 4")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared machine stays usable; raise it to measure multi-core scaling)")
+    ap.add_argument("--repeat", type=int, default=2, help="timed runs per case (the best counts), after one warm-up; default 2")
     ap.add_argument("--reference-max-seq", type=int, default=2048,
                     help="longest T for the token-loop reference (its autograd graph grows by ~5 MiB a token)")
     add_allocator_argument(ap)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from . import CLIError
+from . import CLIError, add_version
+
+HELP = "benchmarks: the op, token mixers, training steps, decoding"
 
 
 def register(sub) -> None:
     from ..bench import kernel, mixer, model, op
 
-    p = sub.add_parser("bench", help="benchmarks: the op, token mixers, training steps, decoding")
+    p = sub.add_parser("bench", help=HELP)
+    add_version(p)
     modes = p.add_subparsers(dest="mode", metavar="MODE", required=True)
     op_p = modes.add_parser("op", help="neural_memory forward+backward: chunk vs reference")
     op.add_arguments(op_p)

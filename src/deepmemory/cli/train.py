@@ -11,11 +11,12 @@ import argparse
 import sys
 
 from ..train.command import settings_from_args  # noqa: F401 (re-exported: the name this module has always offered)
+from ..train.command import HELP  # noqa: F401 (the stub's help line)
 from . import CLIError
 
 
 def register(subparsers) -> None:
-    from ..train.command import DESCRIPTION, HELP, S, add_arguments
+    from ..train.command import DESCRIPTION, S, add_arguments
 
     p = subparsers.add_parser("train", help=HELP, description=DESCRIPTION, argument_default=S)
     add_arguments(p)

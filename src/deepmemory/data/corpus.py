@@ -2,7 +2,9 @@
 
 The default corpus is the Python standard library source of the running interpreter: every
 machine with Python has it. Documents are split by a hash of their name (a relative path), so
-the split does not depend on the file system's listing order or on the tokenizer.
+the split does not depend on the file system's listing order; the share of validation *tokens* is
+then kept between ``VAL_MIN_RATIO`` and ``VAL_MAX_RATIO`` times ``val_fraction`` (see
+:func:`build_corpus`), so that a few large documents cannot make it lumpy.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ Document = Tuple[str, bytes]  # (name, UTF-8 text)
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib-dynload"}
 HF_PREFIX = "hf:"
 HF_MAX_BYTES = 256 * 2**20
+# the validation split holds between these multiples of val_fraction of the tokens (build_corpus)
+VAL_MIN_RATIO, VAL_MAX_RATIO = 0.5, 2.0
 
 
 @dataclass
@@ -110,7 +114,13 @@ def local_documents(paths: Sequence[str]) -> List[Document]:
         else:
             found = []
             base = os.path.basename(os.path.normpath(path))
-            for directory, dirs, files in os.walk(path):
+            seen = set()  # symbolic links to folders are followed, each real folder read once
+            for directory, dirs, files in os.walk(path, followlinks=True):
+                real = os.path.realpath(directory)
+                if real in seen:
+                    dirs[:] = []
+                    continue
+                seen.add(real)
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
                 for fname in sorted(files):
                     if not fname.startswith("."):
@@ -150,10 +160,39 @@ def hf_documents(name: str, max_bytes: int = HF_MAX_BYTES) -> List[Document]:
     return docs
 
 
+def _name_hash(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
+
+
 def is_validation(name: str, val_fraction: float) -> bool:
     """Deterministic split: the first 8 bytes of ``sha256(name)`` as a fraction of 2^64."""
-    h = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
-    return h < val_fraction * 2**64
+    return _name_hash(name) < val_fraction * 2**64
+
+
+def split_documents(names: Sequence[str], sizes: Sequence[int], val_fraction: float) -> Optional[List[bool]]:
+    """Which documents are validation, or ``None`` when no choice of whole documents works.
+
+    First the hash split (:func:`is_validation`). When its share of the tokens (``sizes``) falls
+    outside ``[VAL_MIN_RATIO, VAL_MAX_RATIO] * val_fraction``, or it leaves a side empty, the
+    documents are taken instead in the order of their hashes (the hash split's order), each one
+    that keeps the share at most the maximum, until the share reaches ``val_fraction``. ``None``
+    when the share stays below the minimum or no document is left for training.
+    """
+    total = sum(sizes)
+    low, high = VAL_MIN_RATIO * val_fraction * total, VAL_MAX_RATIO * val_fraction * total
+    chosen = [is_validation(n, val_fraction) for n in names]
+    share = sum(s for s, c in zip(sizes, chosen) if c)
+    if low <= share <= high and 0 < sum(chosen) < len(names):
+        return chosen
+    chosen, share = [False] * len(names), 0
+    for i in sorted(range(len(names)), key=lambda i: (_name_hash(names[i]), names[i])):
+        if share >= val_fraction * total:
+            break
+        if share + sizes[i] <= high:
+            chosen[i], share = True, share + sizes[i]
+    if share < low or share == 0 or all(chosen):
+        return None
+    return chosen
 
 
 def byte_entropy(counts: Tensor) -> float:
@@ -165,6 +204,12 @@ def byte_entropy(counts: Tensor) -> float:
 
 def _encode(docs: List[Document], tokenizer: Tokenizer) -> Tensor:
     """Concatenate the documents' tokens, each followed by the end-of-document id if any."""
+    pieces = _pieces(docs, tokenizer)
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32)
+
+
+def _pieces(docs: List[Document], tokenizer: Tokenizer) -> List[Tensor]:
+    """Each document's tokens followed by the end-of-document id if any."""
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     if isinstance(tokenizer, ByteTokenizer):
         pieces = [tokenizer.encode(data).int() for _, data in docs]
@@ -174,15 +219,19 @@ def _encode(docs: List[Document], tokenizer: Tokenizer) -> Tensor:
                   for ids in tokenizer.encode_batch([d.decode("utf-8", errors="replace") for _, d in docs[i:i + 1024]])]
     if eos:
         sep = torch.tensor(eos, dtype=torch.int32)
-        pieces = [t for piece in pieces for t in (piece, sep)]
-    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32)
+        pieces = [torch.cat([piece, sep]) for piece in pieces]
+    return pieces
 
 
 def build_corpus(data: Optional[Sequence[str]], tokenizer: Tokenizer, val_fraction: float = 0.02) -> Corpus:
     """Load ``data`` (``None`` = the standard library; paths; or ``hf:NAME``), split, tokenize.
 
-    A document goes to validation when ``is_validation(name)``. When that leaves one side empty
-    (say, a single file), the token stream is cut instead: the last ``val_fraction`` is validation.
+    Validation is whole documents (:func:`split_documents`): those with ``is_validation(name)``,
+    unless their share of the tokens falls outside ``VAL_MIN_RATIO``..``VAL_MAX_RATIO`` times
+    ``val_fraction`` (half to twice it) or leaves a side empty; then documents in hash order up to
+    ``val_fraction`` of the tokens, none pushing the share past the maximum. When no set of whole
+    documents fits (say, a single file, or a few large ones), the token stream is cut instead: the
+    last ``val_fraction`` of it is validation.
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be in (0, 1); got {val_fraction}")
@@ -192,14 +241,18 @@ def build_corpus(data: Optional[Sequence[str]], tokenizer: Tokenizer, val_fracti
         docs, source = hf_documents(data[0][len(HF_PREFIX):]), data[0]
     else:
         docs, source = local_documents(data), ", ".join(data)
-    val_docs = [d for d in docs if is_validation(d[0], val_fraction)]
-    train_docs = [d for d in docs if not is_validation(d[0], val_fraction)]
-    if val_docs and train_docs:
-        train, val = _encode(train_docs, tokenizer), _encode(val_docs, tokenizer)
+    pieces = _pieces(docs, tokenizer)
+    chosen = split_documents([n for n, _ in docs], [p.numel() for p in pieces], val_fraction)
+    if chosen is not None:
+        val_docs = [d for d, c in zip(docs, chosen) if c]
+        train_docs = [d for d, c in zip(docs, chosen) if not c]
+        cat = lambda ps: torch.cat(ps) if ps else torch.empty(0, dtype=torch.int32)  # noqa: E731
+        train = cat([p for p, c in zip(pieces, chosen) if not c])
+        val = cat([p for p, c in zip(pieces, chosen) if c])
         train_bytes, val_bytes = sum(len(d) for _, d in train_docs), sum(len(d) for _, d in val_docs)
         counts = sum(torch.bincount(torch.frombuffer(bytearray(d), dtype=torch.uint8).long(), minlength=256) for _, d in train_docs)
     else:
-        stream = _encode(docs, tokenizer)
+        stream = torch.cat(pieces)
         cut = int(stream.numel() * (1 - val_fraction))
         train, val = stream[:cut], stream[cut:]
         total = sum(len(d) for _, d in docs)

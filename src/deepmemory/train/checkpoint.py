@@ -5,14 +5,20 @@ written as the directory ``checkpoints/.tmp-step-N``, fsynced, then renamed to
 ``checkpoints/step-N``. A crash therefore leaves either the old file or the new one, and a
 checkpoint directory without the ``.tmp-`` prefix is always complete.
 
-Layout::
+Layout (the run directory, and every checkpoint in it, is also a Hugging Face model folder:
+``AutoModelForCausalLM.from_pretrained(path)`` loads it once ``deepmemory.models`` is imported)::
 
-    RUN/config.json            run format, model config, train settings, tokenizer info
-    RUN/metrics.jsonl          one JSON object per step / evaluation
-    RUN/model.safetensors      the latest weights (what ``deepmemory generate`` reads)
-    RUN/tokenizer.json         for Hugging Face tokenizers only
-    RUN/loss.png
-    RUN/checkpoints/step-N/    model.safetensors, optimizer.safetensors, rng.safetensors, state.json
+    RUN/run.json                 run format, model config, train settings, tokenizer info, resolved settings
+    RUN/config.json              the Hugging Face config (model_type "deepmemory")
+    RUN/generation_config.json   end-of-document / padding ids
+    RUN/model.safetensors        the latest weights (what ``deepmemory generate`` reads)
+    RUN/tokenizer.json           for Hugging Face tokenizers only (with tokenizer_config.json)
+    RUN/metrics.jsonl            one JSON object per step / evaluation
+    RUN/loss.png                 refreshed at every evaluation
+    RUN/checkpoints/step-N/      the model files above, optimizer.safetensors, rng.safetensors, state.json
+
+Run directories of format version 1 kept the run record in ``config.json``; they are read as
+they are, and a resumed one is rewritten in the current layout.
 """
 
 from __future__ import annotations
@@ -22,13 +28,17 @@ import math
 import os
 import re
 import shutil
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-from torch import Tensor
+if TYPE_CHECKING:  # (torch stays unimported until tensors are written: the CLI starts fast)
+    from torch import Tensor
 
 FORMAT = "deepmemory-run"
-VERSION = 1
-CONFIG = "config.json"
+VERSION = 2
+LEGACY_VERSION = 1  # the run record in config.json, no Hugging Face files
+RUN = "run.json"
+CONFIG = "config.json"  # the Hugging Face model config
+GENERATION_CONFIG = "generation_config.json"
 METRICS = "metrics.jsonl"
 MODEL = "model.safetensors"
 CHECKPOINTS = "checkpoints"
@@ -48,7 +58,16 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _replace(tmp: str, path: str) -> None:
+    # every file gets the mode a plain open() gives (0644 under the usual umask): safetensors
+    # creates its files 0600
+    os.chmod(tmp, 0o666 & ~_umask())
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(os.path.dirname(os.path.abspath(path)))
@@ -92,11 +111,11 @@ def plain_tensors(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-def write_tensors(path: str, tensors: Dict[str, Tensor]) -> None:
+def write_tensors(path: str, tensors: Dict[str, Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
     from safetensors.torch import save_file
 
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    save_file(plain_tensors(tensors), tmp)
+    save_file(plain_tensors(tensors), tmp, metadata=metadata)
     _replace(tmp, path)
 
 
@@ -128,6 +147,8 @@ def _one_line(err: BaseException) -> str:
 # ---------------------------------------------------------------- optimizer state
 def flatten_optimizer(state: Dict) -> Tuple[Dict[str, Tensor], Dict]:
     """Split an optimizer state dict keyed by parameter name into tensors and JSON."""
+    from torch import Tensor
+
     tensors, scalars = {}, {}
     for pname, slots in state["state"].items():
         for slot, value in slots.items():
@@ -147,18 +168,28 @@ def unflatten_optimizer(tensors: Dict[str, Tensor], meta: Dict) -> Dict:
 
 
 # ---------------------------------------------------------------- run directory
+MODEL_METADATA = {"format": "pt"}  # what Hugging Face's loader expects of a safetensors file
+
+
 def read_run_config(run_dir: str) -> Dict:
-    """The ``config.json`` of a run directory; a clear error for anything else."""
+    """The run record of a run directory (``run.json``, or ``config.json`` of a format-1 run
+    directory); a clear error for anything else."""
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"{run_dir} is not a directory")
-    path = os.path.join(run_dir, CONFIG)
+    path = os.path.join(run_dir, RUN)
+    expected = (VERSION,)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{run_dir} is not a deepmemory run directory (no {CONFIG})")
+        path, expected = os.path.join(run_dir, CONFIG), (LEGACY_VERSION,)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{run_dir} is not a deepmemory run directory (no {RUN})")
     config = read_json(path)
+    name = os.path.basename(path)
     if config.get("format") != FORMAT:
-        raise CheckpointError(f"{run_dir} was not written by `deepmemory train` ({CONFIG} has no format {FORMAT!r})")
-    if config.get("version") != VERSION:
-        raise CheckpointError(f"{run_dir} has run format version {config.get('version')}; this deepmemory reads {VERSION}")
+        missing = f"no {RUN}, and its {CONFIG}" if name == CONFIG else name
+        raise CheckpointError(f"{run_dir} was not written by `deepmemory train` ({missing} has no format {FORMAT!r})")
+    if config.get("version") not in expected:
+        raise CheckpointError(f"{run_dir} has run format version {config.get('version')}; this deepmemory reads "
+                              f"{LEGACY_VERSION} and {VERSION}")
     return config
 
 
@@ -192,8 +223,9 @@ def remove_partial(run_dir: str) -> None:
 
 
 def save_checkpoint(run_dir: str, step: int, model: Dict[str, Tensor], optimizer: Dict, rng: Dict[str, Tensor],
-                    state: Dict, keep: int) -> str:
-    """Write ``checkpoints/step-N`` atomically, refresh ``model.safetensors``, keep the newest ``keep``."""
+                    state: Dict, keep: int, model_files: Optional[Callable[[str], None]] = None) -> str:
+    """Write ``checkpoints/step-N`` atomically, refresh ``model.safetensors``, keep the newest ``keep``.
+    ``model_files(directory)`` writes the rest of a Hugging Face folder (config, tokenizer) into the checkpoint."""
     root = os.path.join(run_dir, CHECKPOINTS)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:08d}")
@@ -202,7 +234,9 @@ def save_checkpoint(run_dir: str, step: int, model: Dict[str, Tensor], optimizer
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     opt_tensors, opt_meta = flatten_optimizer(optimizer)
-    write_tensors(os.path.join(tmp, MODEL), model)
+    write_tensors(os.path.join(tmp, MODEL), model, MODEL_METADATA)
+    if model_files is not None:
+        model_files(tmp)
     write_tensors(os.path.join(tmp, "optimizer.safetensors"), opt_tensors)
     write_tensors(os.path.join(tmp, "rng.safetensors"), rng)
     write_json(os.path.join(tmp, "state.json"), {"format": FORMAT, "version": VERSION, "step": step, "optimizer": opt_meta, **state})
@@ -211,7 +245,7 @@ def save_checkpoint(run_dir: str, step: int, model: Dict[str, Tensor], optimizer
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_path(root)
-    write_tensors(os.path.join(run_dir, MODEL), model)
+    write_tensors(os.path.join(run_dir, MODEL), model, MODEL_METADATA)
     for _, old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final

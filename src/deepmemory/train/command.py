@@ -12,17 +12,25 @@ import sys
 import traceback
 from typing import Dict, List, Optional
 
+from .config import REPORTERS, load_config_file, parse_duration
 from .config import TrainConfig as D
-from .config import load_config_file
 
 PROG = "deepmemory train"
 HELP = "train a model; with no arguments, titans-mac (tiny) on the Python standard library"
-DESCRIPTION = ("Train a model and write a run directory (config.json, metrics.jsonl, model.safetensors, "
-               "checkpoints/, loss.png). Under torchrun the global batch is split across processes.")
+DESCRIPTION = ("Train a model and write a run directory: a Hugging Face model folder (config.json, model.safetensors, "
+               "generation_config.json, tokenizer) with run.json, metrics.jsonl, checkpoints/ and loss.png. Under "
+               "torchrun the global batch is split across processes.")
 S = argparse.SUPPRESS  # absent flags stay absent: the config file, the resumed run or the defaults decide
 NOT_SETTINGS = ("func", "command", "config", "resume", "overwrite", "debug")  # the parsed names that are not TrainConfig fields
 EXIT_USER_ERROR = 2  # a user error (ConfigError, DataError, CheckpointError, TrainError)
 EXIT_DIVERGED = 3  # the run diverged (DivergenceError): nothing of the diverged state was written
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or a duration such as 90s, 45m, 2h; got {text!r}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     def add(*names, **kwargs):
         p.add_argument(*names, default=S, **kwargs)
 
-    add("--config", help="a .yaml or .json file of the settings below (flags override it)")
+    add("--config", help="a .yaml or .json file of the settings below (flags override it); relative paths in it "
+        "are relative to the file")
     add("--model", help="preset name (see `deepmemory models`); default titans-mac")
     add("--size", help="preset size; default tiny")
     add("--data", nargs="+", metavar="PATH", help="text files, folders, .jsonl files with a 'text' field, or "
@@ -57,10 +66,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--out", help="run directory; default runs/MODEL-SIZE-DATE-TIME")
     add("--resume", metavar="DIR", help="continue the run directory DIR from its latest checkpoint")
     add("--overwrite", action="store_true", help="replace an existing run directory at --out")
-    add("--eval-every", type=int, help=f"validate and checkpoint every N steps (and at the end); default {D.eval_every}")
+    add("--eval-every", type=int, help=f"validate (and redraw loss.png) every N steps and at the end; default {D.eval_every}")
+    add("--save-every", type=int, help="checkpoint every N steps and at the end; default --eval-every")
+    add("--log-every", type=int, help=f"print a log line and report the train scalars every N steps; default {D.log_every}")
+    add("--time-limit", type=_duration, metavar="DURATION", help="stop (evaluated and checkpointed, resumable) after the "
+        "first step past this much time: seconds, or 90s, 45m, 2h; default none")
+    add("--report-to", nargs="+", choices=REPORTERS, metavar="LOGGER", help="also log to: tensorboard (RUN/tensorboard/, "
+        "needs `tensorboard`), wandb (needs `wandb`), jsonl (RUN/log.jsonl), none (default; metrics.jsonl is always written)")
     add("--eval-tokens", type=int, help=f"validation tokens per evaluation; default {D.eval_tokens}")
     add("--keep-checkpoints", type=int, help="checkpoints kept (the newest); default 2")
     add("--debug", action="store_true", help="print the traceback of an error before its one-line message")
+    from .. import __version__
+
+    p.add_argument("--version", action="version", version=f"deepmemory {__version__}", help="print the version and exit")
 
 
 def settings_from_args(args: argparse.Namespace) -> Dict:

@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional
 
 from .checkpoint import CheckpointError
 
+REPORTERS = ("none", "tensorboard", "wandb", "jsonl")  # --report-to (deepmemory.train.loggers)
+
 
 class ConfigError(ValueError):
     """An invalid training setting; the message is one line for the user."""
@@ -49,6 +51,10 @@ class TrainConfig:
     eval_every: int = 100
     eval_tokens: int = 32768
     keep_checkpoints: int = 2
+    save_every: Optional[int] = None  # None: eval_every
+    log_every: int = 50
+    time_limit: Optional[float] = None  # seconds of this process; None: no limit
+    report_to: List[str] = field(default_factory=list)  # of REPORTERS; [] and ["none"]: metrics.jsonl only
 
     def resolved(self) -> "TrainConfig":
         """Fill the settings whose default depends on others (stored resolved, so a resumed run
@@ -61,8 +67,20 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> "TrainConfig":
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_tokens", "keep_checkpoints"):
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_tokens", "keep_checkpoints", "log_every"):
             _int(name, getattr(self, name), 1)
+        if self.save_every is not None:
+            _int("save_every", self.save_every, 1)
+        if self.time_limit is not None:
+            if isinstance(self.time_limit, bool) or not isinstance(self.time_limit, (int, float)) or not self.time_limit > 0 \
+                    or not math.isfinite(self.time_limit):
+                raise ConfigError(f"--time-limit must be a positive duration; got {self.time_limit!r}")
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        if not isinstance(self.report_to, list) or any(r not in REPORTERS for r in self.report_to):
+            raise ConfigError(f"--report-to must be among {', '.join(REPORTERS)}; got {self.report_to!r}")
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ConfigError(f"--report-to none excludes the other loggers; got {' '.join(self.report_to)}")
         _int("seed", self.seed, 0)
         for name in ("warmup_steps",):
             if getattr(self, name) is not None:
@@ -104,7 +122,7 @@ class TrainConfig:
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # may differ between a run and its resumption: they change how, not what, is computed
 RESUMABLE = {"steps", "grad_accum", "precision", "compile", "grad_checkpointing", "fsdp", "device", "threads", "out",
-             "eval_every", "eval_tokens", "keep_checkpoints"}
+             "eval_every", "eval_tokens", "keep_checkpoints", "save_every", "log_every", "time_limit", "report_to"}
 
 
 def _flag(name: str) -> str:
@@ -118,8 +136,43 @@ def _int(name: str, value, low: int) -> None:
         raise ConfigError(f"{_flag(name)} must be >= {low}; got {value}")
 
 
+def parse_duration(text) -> float:
+    """Seconds of ``90``, ``90s``, ``45m``, ``2h``, ``1.5h``; ``ValueError`` otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"not a duration: {text!r}")
+    text = text.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1])
+    value = float(text[:-1] if scale else text) * (scale or 1)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"not a positive duration: {text!r}")
+    return value
+
+
+def _relative_to(base: str, settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The config file's relative paths (``data``, ``tokenizer``, ``out``) joined to its folder."""
+    def join(p):
+        if not isinstance(p, str) or not p or os.path.isabs(p) or p.startswith("~"):
+            return os.path.expanduser(p) if isinstance(p, str) else p
+        if p.startswith("hf:") and not os.path.exists(os.path.join(base, p)):  # a dataset name
+            return p
+        return os.path.join(base, p)
+
+    out = dict(settings)
+    if isinstance(out.get("data"), list):
+        out["data"] = [join(p) for p in out["data"]]
+    if isinstance(out.get("tokenizer"), str) and out["tokenizer"] != "bytes":
+        out["tokenizer"] = join(out["tokenizer"])
+    if isinstance(out.get("out"), str):
+        out["out"] = join(out["out"])
+    return out
+
+
 def load_config_file(path: str) -> Dict[str, Any]:
-    """Settings from a ``.yaml``/``.yml``/``.json`` file; keys are the flag names (``-`` or ``_``)."""
+    """Settings from a ``.yaml``/``.yml``/``.json`` file; keys are the flag names (``-`` or ``_``).
+    Relative paths in it (``data``, ``tokenizer``, ``out``) are relative to the file's folder, not
+    to the working directory; ``time_limit`` may be a duration such as ``45m``."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config: {path} does not exist")
     try:
@@ -145,7 +198,12 @@ def load_config_file(path: str) -> Dict[str, Any]:
         raise ConfigError(f"--config: unknown settings {', '.join(unknown)} in {path}")
     if isinstance(settings.get("data"), str):
         settings["data"] = [settings["data"]]
-    return settings
+    if settings.get("time_limit") is not None:
+        try:
+            settings["time_limit"] = parse_duration(settings["time_limit"])
+        except ValueError as err:
+            raise ConfigError(f"--config: time_limit in {path}: {err}") from err
+    return _relative_to(os.path.dirname(os.path.abspath(path)), settings)
 
 
 def _absolute(settings: Dict[str, Any]) -> Dict[str, Any]:

@@ -26,6 +26,7 @@ from torch import nn
 from ..data import DataError, WindowSampler, bits_per_byte, build_corpus, eval_windows, load_tokenizer, tokenizer_from_info
 from . import checkpoint as ck
 from .config import ConfigError, TrainConfig, new_config, resume_config
+from .loggers import check_reporters, cut_log
 from .distributed import (Env, all_sum, barrier, broadcast_str, first_error, gather_model_state, gather_optimizer_state,
                           grad_norm_clip, load_optimizer_state, setup, teardown, unwrap, wrap)
 
@@ -98,8 +99,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def autocast(env: Env, precision: str):
+def resolved_precision(env: Env, precision: str) -> str:
+    """The precision ``precision`` means on ``env``'s device: ``"bf16"`` or ``"fp32"``."""
     use_bf16 = precision == "bf16" or (precision == "auto" and env.device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return "bf16" if use_bf16 else "fp32"
+
+
+def autocast(env: Env, precision: str):
+    use_bf16 = resolved_precision(env, precision) == "bf16"
     return torch.autocast(env.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
@@ -226,6 +233,33 @@ def _metrics_line(row: Dict) -> str:
     return ck.strict_json(ck.finite_or_none(row)) + "\n"
 
 
+def model_files(model_config, tokenizer) -> Callable[[str], None]:
+    """A writer of the files that make a folder beside ``model.safetensors`` a Hugging Face model
+    folder: ``config.json`` (``model_type`` "deepmemory"), ``generation_config.json`` and the
+    tokenizer (``tokenizer.json`` + ``tokenizer_config.json`` for a Hugging Face tokenizer)."""
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_id
+    config_text = model_config.to_json_string(use_diff=True)
+    generation_text = GenerationConfig(eos_token_id=eos, pad_token_id=eos, bos_token_id=model_config.bos_token_id,
+                                       ).to_json_string(use_diff=True)
+    tokenizer_config = None
+    backend = getattr(tokenizer, "tokenizer", None)  # a Hugging Face `tokenizers` model
+    if backend is not None:
+        eos_token = backend.id_to_token(eos) if eos is not None else None
+        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                            "eos_token": eos_token, "pad_token": eos_token, "model_max_length": 1_000_000_000}
+
+    def write(directory: str) -> None:
+        ck.write_text(os.path.join(directory, ck.CONFIG), config_text)
+        ck.write_text(os.path.join(directory, ck.GENERATION_CONFIG), generation_text)
+        tokenizer.save(directory)
+        if tokenizer_config is not None:
+            ck.write_json(os.path.join(directory, "tokenizer_config.json"), tokenizer_config)
+
+    return write
+
+
 def _fmt_time(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
@@ -307,8 +341,13 @@ class Trainer:
         self.tokenizer = tokenizer_from_info(stored["tokenizer"], resume) if resume else load_tokenizer(cfg.tokenizer)
         torch.manual_seed(cfg.seed)
         self.model = model_from_config(stored["model"]["config"]) if resume else build_model(cfg, self.tokenizer.vocab_size)
+        # what a Hugging Face loader of the run directory needs: the architecture and the token ids
+        self.model.config.architectures = [type(self.model).__name__]
+        self.model.config.eos_token_id = self.model.config.pad_token_id = self.tokenizer.eos_id
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.use_fsdp = env.distributed and (cfg.fsdp or self.n_params >= FSDP_MIN_PARAMETERS)
+        if env.is_main:
+            check_reporters(cfg.report_to)  # a missing tensorboard/wandb fails before anything is written
         self.corpus = build_corpus(cfg.data, self.tokenizer, cfg.val_fraction)
         self.sampler = WindowSampler(self.corpus.train, cfg.seq_len, cfg.seed)
         val = eval_windows(self.corpus.val, cfg.seq_len, max(1, cfg.eval_tokens // cfg.seq_len))
@@ -328,6 +367,20 @@ class Trainer:
         self._step_model: Optional[nn.Module] = None  # the wrapped model, compiled with --compile
         self._eval_model: Optional[nn.Module] = None  # DDP's forward would sync buffers; the bare module does not
         self._metrics_file = None
+        self._reporters: List = []
+        self._interval: List[Dict] = []  # the train rows since the last report
+        self.stopped: Optional[str] = None  # why fit() ended before cfg.steps ("time limit")
+        self._write_model_files = model_files(self.model.config, self.tokenizer)
+
+    def resolved(self) -> Dict:
+        """What ``auto`` and the defaults became on this machine (stored in ``run.json``)."""
+        return {"device": str(self.env.device), "precision": resolved_precision(self.env, self.cfg.precision),
+                "processes": self.env.world, "threads": torch.get_num_threads(), "fsdp": self.use_fsdp,
+                "save_every": self.save_every, "torch": torch.__version__}
+
+    @property
+    def save_every(self) -> int:
+        return self.cfg.save_every or self.cfg.eval_every
 
     # ------------------------------------------------------------ state
     def restore(self) -> int:
@@ -388,8 +441,12 @@ class Trainer:
             metrics = [r for r in _read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
             ck.write_text(os.path.join(self.run_dir, ck.METRICS), "".join(_metrics_line(r) for r in metrics))
             if self.resume:
-                ck.write_json(os.path.join(self.run_dir, ck.CONFIG),
-                              dict(self.stored, train=dict(cfg.to_dict(), out=os.path.abspath(self.run_dir))))
+                record = dict(self.stored, version=ck.VERSION, train=dict(cfg.to_dict(), out=os.path.abspath(self.run_dir)),
+                              resolved=self.resolved())
+                record["model"] = dict(record["model"], config=self.model.config.to_dict())
+                ck.write_json(os.path.join(self.run_dir, ck.RUN), record)
+                self._write_model_files(self.run_dir)  # (a format-1 run directory gains its Hugging Face files)
+                cut_log(self.run_dir, self.step)
         barrier(env)
         self._metrics_file = open(os.path.join(self.run_dir, ck.METRICS), "a") if env.is_main else None
         return self.step
@@ -420,7 +477,8 @@ class Trainer:
     def _new_run_files(self, run_dir: str) -> Callable[[str], None]:
         """What a fresh run directory starts with: ``config.json`` (settings, model, tokenizer, data) and the tokenizer."""
         cfg, corpus = self.cfg, self.corpus
-        record = {"format": ck.FORMAT, "version": ck.VERSION, "train": dict(cfg.to_dict(), out=os.path.abspath(run_dir)),
+        record = {"format": ck.FORMAT, "version": ck.VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "train": dict(cfg.to_dict(), out=os.path.abspath(run_dir)), "resolved": self.resolved(),
                   "model": {"preset": cfg.model, "size": cfg.size, "parameters": self.n_params, "config": self.model.config.to_dict()},
                   "tokenizer": self.tokenizer.info(),
                   "data": {"source": corpus.source, "train_tokens": corpus.train.numel(), "val_tokens": corpus.val.numel(),
@@ -429,8 +487,8 @@ class Trainer:
                            "byte_entropy": corpus.byte_entropy}}
 
         def write(tmp: str) -> None:
-            ck.write_json(os.path.join(tmp, ck.CONFIG), record)
-            self.tokenizer.save(tmp)
+            ck.write_json(os.path.join(tmp, ck.RUN), record)
+            self._write_model_files(tmp)
 
         return write
 
@@ -545,20 +603,27 @@ class Trainer:
             ck.save_checkpoint(self.run_dir, self.step, model_state, optim_state, rng,
                                {"data": self.sampler.state_dict(), "scheduler": {"step": self.step, "lr": lr_at(self.step, cfg)},
                                 "train_loss": self.train_loss, "val_loss": self.val_loss,
-                                "elapsed": self.elapsed_before + time.time() - self.started}, cfg.keep_checkpoints)
+                                "elapsed": self.elapsed_before + time.time() - self.started}, cfg.keep_checkpoints,
+                               model_files=self._write_model_files)
         self.checkpoint_step = self.step
         barrier(env)
 
     # ------------------------------------------------------------ the loop
     def fit(self) -> Dict:
         """Run to ``cfg.steps``: :meth:`restore` (unless done), a validation at step 0, then
-        :meth:`train_step` with the progress bar and a ``metrics.jsonl`` row per step, and every
-        ``eval_every`` steps and at the last, :meth:`evaluate` and :meth:`save`. Rank 0 prints the
-        run's lines, ends with ``loss.png`` and the summary, and closes ``metrics.jsonl``.
+        :meth:`train_step` with the progress bar and a ``metrics.jsonl`` row per step; every
+        ``log_every`` steps a log line and the ``report_to`` loggers; every ``eval_every`` steps
+        :meth:`evaluate` (and ``loss.png`` redrawn), every ``save_every`` steps (default
+        ``eval_every``) :meth:`save`, and both at the last step. With ``time_limit`` the run stops
+        after the first step that ends past it (this process's time since it started), evaluated
+        and saved, so ``--resume`` continues it. Rank 0 prints the run's lines, ends with the
+        summary and closes ``metrics.jsonl`` and the loggers.
 
         Returns:
-            the summary (on every rank): ``run_dir``, ``steps``, ``tokens``, ``wall_time_s``,
-            ``train_loss``, ``val_loss``, ``val_bpb``, ``train_bpb``, ``byte_entropy``, ``parameters``.
+            the summary (on every rank): ``run_dir``, ``steps``, ``tokens``, ``wall_time_s`` (the
+            whole run, resumed parts included), ``session_time_s`` (this process), ``stopped``
+            (``"time limit"`` or ``None``), ``train_loss``, ``val_loss``, ``val_bpb``,
+            ``train_bpb``, ``byte_entropy``, ``parameters``.
 
         Raises:
             what :meth:`restore`, :meth:`train_step`, :meth:`evaluate` and :meth:`save` raise
@@ -578,20 +643,36 @@ class Trainer:
             say(f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g}, "
                 f"{'resuming from ' + os.path.basename(self.checkpoint_path) + ' in ' if self.resume else 'directory '}{self.run_dir}")
 
+            if env.is_main:
+                from .loggers import make_reporters
+
+                self._reporters = make_reporters(cfg.report_to, self.run_dir, self.stored or {}, cfg.to_dict(), self.step)
             if self.step == 0:
                 self._validate()
             bar = tqdm(total=cfg.steps, initial=self.step, disable=self.quiet or not env.is_main, unit="step", dynamic_ncols=True)
             loop_start, first_step = time.time(), self.step
+            deadline = self.started + cfg.time_limit if cfg.time_limit else None
             try:
                 while self.step < cfg.steps:
                     row = self.train_step()
                     tok_s = (self.step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9)
-                    self._log(dict(row, tokens=self.step * self.tokens_per_step, tok_per_s=tok_s))
+                    row = dict(row, tokens=self.step * self.tokens_per_step, tok_per_s=tok_s)
+                    self._log(row)
+                    self._interval.append(row)
                     bar.set_postfix_str(f"loss {self.train_loss:.3f} | {tok_s:,.0f} tok/s", refresh=False)
                     bar.update(1)
-                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    if self.step % cfg.log_every == 0:
+                        self._report_train()
+                    # every rank stops at the same step: the slowest one's clock decides
+                    late = deadline is not None and all_sum(env, [float(time.time() >= deadline)])[0] > 0
+                    last = self.step == cfg.steps or late
+                    if self.step % cfg.eval_every == 0 or last:
                         self._validate()
+                    if self.step % self.save_every == 0 or last:
                         self.save()
+                    if late and self.step < cfg.steps:
+                        self.stopped = "time limit"
+                        break
             finally:
                 bar.close()
         except DivergenceError as err:
@@ -603,10 +684,13 @@ class Trainer:
         return self._finish(loop_start, first_step)
 
     def close(self) -> None:
-        """Close ``metrics.jsonl`` (rank 0); safe to call again."""
+        """Close ``metrics.jsonl`` and the loggers (rank 0); safe to call again."""
         if self._metrics_file:
             self._metrics_file.close()
         self._metrics_file = None
+        reporters, self._reporters = self._reporters, []
+        for reporter in reporters:
+            reporter.close()
 
     def __enter__(self) -> "Trainer":
         return self
@@ -622,24 +706,49 @@ class Trainer:
     def _diverged(self, step: int, reason: str, row: Optional[Dict] = None) -> DivergenceError:
         return DivergenceError(step, reason, self.run_dir, self.checkpoint_step, row)
 
+    def _report(self, scalars: Dict[str, float]) -> None:
+        for reporter in self._reporters:
+            reporter.log(scalars, self.step)
+
+    def _report_train(self) -> None:
+        """The log line and the loggers' train scalars: the mean loss since the last report, the
+        latest learning rate, gradient norm and throughput."""
+        rows, self._interval = self._interval, []
+        if not rows:
+            return
+        loss = sum(r["loss"] for r in rows) / len(rows)
+        last = rows[-1]
+        bpb = bits_per_byte(loss, self.tpb_train)
+        self._report({"train/loss": loss, "train/bpb": bpb, "train/lr": last["lr"], "train/grad_norm": last["grad_norm"],
+                      "train/tokens_per_s": last["tok_per_s"], "train/tokens": float(last["tokens"])})
+        self._say(f"step {self.step:>6} | loss {loss:.4f} | {bpb:.3f} bits/byte | lr {last['lr']:.2e} | "
+                  f"grad norm {last['grad_norm']:.3f} | {last['tok_per_s']:,.0f} tok/s")
+
     def _validate(self) -> None:
         row = self.evaluate()
         self._log(row)
+        self._report({"eval/loss": row["val_loss"], "eval/bpb": row["val_bpb"]})
         self._say(f"step {self.step:>6} | validation loss {row['val_loss']:.4f} | {row['val_bpb']:.3f} bits/byte")
+        if self.env.is_main:  # a run killed at any point keeps a current plot
+            plot_losses(self.run_dir, self.tpb_train, self.corpus.byte_entropy)
 
     def _finish(self, loop_start: float, first_step: int) -> Dict:
         corpus, step, last_loss, last_val = self.corpus, self.step, self.train_loss, self.val_loss
         tokens = step * self.tokens_per_step
-        wall = time.time() - self.started
+        session = time.time() - self.started
+        wall = self.elapsed_before + session  # the whole run: the resumed checkpoint's time plus this process's
         summary = {"run_dir": self.run_dir, "steps": step, "tokens": tokens, "wall_time_s": wall,
+                   "session_time_s": session, "stopped": self.stopped,
                    "train_loss": last_loss, "val_loss": last_val, "val_bpb": bits_per_byte(last_val, self.tpb_val),
                    "train_bpb": bits_per_byte(last_loss, self.tpb_train) if last_loss is not None else None,
                    "byte_entropy": corpus.byte_entropy, "parameters": self.n_params}
         if self.env.is_main:
             say = self._say
             plot_losses(self.run_dir, self.tpb_train, corpus.byte_entropy)
-            say(f"done: {step} steps, {tokens:,} tokens in {_fmt_time(wall)} "
-                f"({(step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} tokens/s)")
+            resumed = f"; this session {step - first_step} steps in {_fmt_time(session)}" if self.resume else ""
+            stopped = f" (stopped by --time-limit; --resume {self.run_dir} continues to step {self.cfg.steps})" if self.stopped else ""
+            say(f"done: {step} steps, {tokens:,} tokens in {_fmt_time(wall)}{resumed} "
+                f"({(step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} tokens/s){stopped}")
             say(f"validation: {bits_per_byte(last_val, self.tpb_val):.3f} bits/byte (loss {last_val:.4f}) vs unigram byte entropy "
                 f"{corpus.byte_entropy:.3f} bits/byte" + (f"; train {summary['train_bpb']:.3f} bits/byte" if last_loss is not None else ""))
             say(f"run directory: {self.run_dir}")
