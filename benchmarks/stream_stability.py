@@ -5,8 +5,9 @@ state norm and the process's memory as the stream grows.
 
 The stream is the Python standard library's source as bytes (real text, wrapping around), fed
 in pieces of ``--piece`` tokens with the model's cache carried from piece to piece (the same
-state a token-by-token decode carries; pieces only make it faster). Random-weight models, as
-built (``size="tiny"``), in float32, no gradients, one thread. Columns at each checkpoint:
+state a token-by-token decode carries; pieces only make it faster). A preset name means random
+weights as built (``size="tiny"``); a run directory of ``deepmemory train`` means its trained
+weights. Float32, no gradients, one thread. Columns at each checkpoint:
 tokens read, whether every logit so far was finite, the largest Frobenius norm of a memory
 matrix in the cache, the resident set size now and its peak (MiB, from /proc/self/status).
 """
@@ -14,11 +15,14 @@ matrix in the cache, the resident set size now and its peak (MiB, from /proc/sel
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 
 from deepmemory.data import build_corpus, load_tokenizer
+from transformers import AutoModelForCausalLM
+
 from deepmemory.models import DeepMemoryCache, build
 from deepmemory.tree import tensors
 
@@ -44,8 +48,12 @@ def state_norm(cache) -> float:
 
 
 def stream(name: str, text: torch.Tensor, vocab: int, total: int, piece: int, marks, seed: int):
+    """``name``: a preset (random weights, ``size="tiny"``) or a run directory (trained weights)."""
     torch.manual_seed(seed)
-    model = build(name, size="tiny", vocab_size=vocab).eval()
+    if os.path.isdir(name):
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
+    else:
+        model = build(name, size="tiny", vocab_size=vocab).eval()
     cache = DeepMemoryCache(model.config)
     finite, seen, rows, t0 = True, 0, [], time.time()
     marks = sorted(marks)
@@ -67,10 +75,11 @@ def stream(name: str, text: torch.Tensor, vocab: int, total: int, piece: int, ma
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["titans-lmm", "titans-mac", "atlas"])
-    p.add_argument("--tokens", type=int, default=1_000_000)
-    p.add_argument("--piece", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", nargs="+", default=["titans-lmm", "titans-mac", "atlas"],
+                   help="presets (random weights, tiny) or run directories of deepmemory train (trained weights)")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="tokens to stream per model")
+    p.add_argument("--piece", type=int, default=1024, help="tokens per forward call (the cache carries the rest)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-weight models")
     args = p.parse_args()
     torch.set_num_threads(1)
     tok = load_tokenizer("bytes")

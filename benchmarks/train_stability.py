@@ -99,14 +99,15 @@ def run(name: str, task: str, steps: int, batch: int, seq_len: int, log_every: i
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["titans-lmm", "titans-mac", "omeganet", "atlas"])
-    p.add_argument("--task", choices=["mqar", "bytes"], nargs="+", default=["mqar", "bytes"])
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", nargs="+", default=["titans-lmm", "titans-mac", "omeganet", "atlas"], help="presets (tiny)")
+    p.add_argument("--task", choices=["mqar", "bytes"], nargs="+", default=["mqar", "bytes"],
+                   help="MQAR (128 tokens, 8 pairs) and/or the standard library's bytes")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps per run")
+    p.add_argument("--batch", type=int, default=32, help="rows per step")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per row")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW's peak learning rate (100 warm-up steps)")
+    p.add_argument("--log-every", type=int, default=100, help="steps between logged lines and state-norm probes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
     args = p.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}; {args.steps} steps, batch {args.batch} x {args.seq_len}, lr {args.lr}, clip 1.0", flush=True)

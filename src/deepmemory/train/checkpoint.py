@@ -58,6 +58,30 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def write_dir(out: str, write: Callable[[str], None]) -> None:
+    """Build a folder with ``write(tmp)`` beside ``out`` and rename it to ``out``, replacing what is
+    there only once it is complete: an error in ``write`` leaves ``out`` as it was."""
+    parent, name = os.path.split(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        fsync_path(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+    if os.path.exists(out):
+        os.rename(out, old)
+    os.rename(tmp, out)
+    fsync_path(parent)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

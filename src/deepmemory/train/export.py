@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Dict, Optional, Tuple
 
 from . import checkpoint as ck
@@ -188,33 +187,22 @@ def export_run(src: str, out: str, overwrite: bool = False) -> str:
             raise ExportError(f"{out} already exists; pass --overwrite to replace it")
         if not os.path.isdir(out) or ck.is_run_dir(out):
             raise ExportError(f"--overwrite refuses to replace {out}: it is not a folder written by `deepmemory export`")
-    parent, name = os.path.split(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    try:
-        from .trainer import model_files
+    from .trainer import model_files
 
+    folder = os.path.basename(os.path.abspath(out))
+
+    def write(tmp: str) -> None:
         model.config.architectures = [type(model).__name__]
         model_files(model.config, tokenizer)(tmp)  # config.json, generation_config.json, the tokenizer
         weights = model.state_dict()
         if model.config.tie_word_embeddings:  # stored once, as save_pretrained does
-            for name in getattr(model, "_tied_weights_keys", None) or ():
-                weights.pop(name, None)
+            for key in getattr(model, "_tied_weights_keys", None) or ():
+                weights.pop(key, None)
         ck.write_tensors(os.path.join(tmp, ck.MODEL), weights, ck.MODEL_METADATA)
-        ck.write_text(os.path.join(tmp, "README.md"), model_card(name, info["record"], info["state"], tokenizer.kind))
+        ck.write_text(os.path.join(tmp, "README.md"), model_card(folder, info["record"], info["state"], tokenizer.kind))
         for root, _, files in os.walk(tmp):
             for f in files:
                 os.chmod(os.path.join(root, f), 0o666 & ~ck._umask())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = os.path.join(parent, f".{name}.old-{os.getpid()}")
-    if os.path.exists(out):
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if os.path.exists(old):
-        shutil.rmtree(old)
+
+    ck.write_dir(out, write)
     return out

@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -170,21 +169,7 @@ def _create_run_dir(out: str, overwrite: bool, write: Callable[[str], None]) -> 
             raise TrainError(f"{out} already exists; pass --overwrite to replace it or --resume {out} to continue it")
         if not os.path.isdir(out) or (os.listdir(out) and not ck.is_run_dir(out)):
             raise TrainError(f"--overwrite refuses to replace {out}: it is not a deepmemory run directory")
-    parent, name = os.path.split(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    write(tmp)
-    ck.fsync_path(tmp)
-    old = os.path.join(parent, f".{name}.old-{os.getpid()}")
-    if os.path.exists(out):
-        os.rename(out, old)
-    os.rename(tmp, out)
-    ck.fsync_path(parent)
-    if os.path.exists(old):
-        shutil.rmtree(old)
+    ck.write_dir(out, write)
 
 
 def _read_metrics(run_dir: str) -> List[Dict]:
