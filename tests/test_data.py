@@ -159,3 +159,8 @@ def test_eval_windows_are_spread_and_disjoint():
     starts = w[:, 0].tolist()
     assert starts == sorted(starts) and all(b - a >= 10 for a, b in zip(starts, starts[1:])) and starts[-1] > 800
     assert torch.equal(w[:, 1:], w[:, :-1] + 1)
+
+
+def test_decode_takes_one_id_as_text_streamer_passes_it():
+    tok = ByteTokenizer()
+    assert tok.decode(10) == "\n" and tok.decode([104, 105]) == tok.decode(torch.tensor([104, 105])) == "hi"

@@ -82,8 +82,12 @@ def test_threads(run, monkeypatch):
 
 @pytest.mark.parametrize("extra, match", [
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
-    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0"),
+    (["--repetition-penalty", "inf"], "--repetition-penalty must be a finite number > 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+    (["--num-samples", "0"], "--num-samples must be in [1, 1024]"),
+    (["--num-samples", "100000000000"], "--num-samples must be in [1, 1024]"),
+    (["--seed", "99999999999999999999999"], "--seed must be in [0, 2**63)"),
     (["--num-samples", "2", "--stream"], "--stream shows one sequence"),
     (["--threads", "0"], "--threads must be >= 1"),
     ([], "give a prompt"),
@@ -93,3 +97,16 @@ def test_errors_are_one_line(run, capsys, extra, match):
     assert main(gen(run, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("deepmemory generate: error: ") and match in err[0], err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["generate", "--checkpoint", "x", "--top-p", "abc"], "argument --top-p: invalid float value: 'abc'"),
+    (["train", "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
+])
+def test_argparse_errors_are_one_line(capsys, argv, match):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deepmemory") and match in err[0] and "--help" in err[0], err

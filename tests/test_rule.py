@@ -159,3 +159,11 @@ def test_check_messages_show_the_value_and_refuse_inf():
     for bad in (float("inf"), float("nan"), 0.0):
         with pytest.raises(ValueError, match=r"max_lr'\] must be a positive number"):
             DeepMemoryConfig(layer_pattern="memory", memory={"max_lr": bad})
+
+
+def test_renamed_settings_say_their_new_name():
+    q = torch.randn(1, 3, 2, 4)
+    with pytest.raises(TypeError, match="'memory' was renamed 'architecture'"):
+        neural_memory(q, q, q, torch.rand(1, 3, 2), torch.rand(1, 3, 2), None, {}, memory="mlp")
+    with pytest.raises(ValueError, match="'memory' was renamed 'architecture'"):
+        NeuralMemory(16, 2, 8, memory="linear")

@@ -43,6 +43,10 @@ def check_positive(name: str, value) -> None:
 Check = Callable[[str, Any], None]
 
 
+# settings renamed without an alias (CHANGELOG.md): an old name gets a hint, not just "unknown"
+RENAMED = {"memory": "architecture", "params": "weights", "memory_init": "initial_weights"}
+
+
 def check_settings(settings: Dict[str, Any], checks: Dict[str, Check], group: str, qualify: bool = True) -> None:
     """Every key of ``settings`` is known to ``checks`` and its value passes. Errors name an
     unknown key as one of ``group settings`` and a bad value as ``group['key']`` (``key`` alone
@@ -50,6 +54,8 @@ def check_settings(settings: Dict[str, Any], checks: Dict[str, Check], group: st
     if not isinstance(settings, dict):
         raise TypeError(f"{group} must be a dict of settings; got {type(settings).__name__}")
     for key, value in settings.items():
+        if key in RENAMED and key not in checks:
+            raise ValueError(f"{group} setting {key!r} was renamed {RENAMED[key]!r} (CHANGELOG.md)")
         check_choice(f"{group} settings", key, tuple(checks))
         checks[key](f"{group}[{key!r}]" if qualify else key, value)
 

@@ -88,11 +88,11 @@ def _step(impl: str, bsz: int, seq: int, nh: int, d: int, device: str,
     if impl.endswith("-mlp"):
         hidden = EXPANSION * d
         lr, mom, dec = (leaf(torch.rand(bsz, seq, nh, device=device) * s) for s in (0.1, 1.0, 0.1))
-        params = {"w0": leaf(rand(nh, hidden, d, scale=d**-0.5)), "w1": leaf(rand(nh, d, hidden, scale=hidden**-0.5))}
-        leaves = (q, k, v, lr, mom, dec, *params.values())
+        weights = {"w0": leaf(rand(nh, hidden, d, scale=d**-0.5)), "w1": leaf(rand(nh, d, hidden, scale=hidden**-0.5))}
+        leaves = (q, k, v, lr, mom, dec, *weights.values())
 
         def forward():
-            return neural_memory(q, k, v, lr, mom, dec, params, architecture="mlp", depth=2, optimizer="momentum",
+            return neural_memory(q, k, v, lr, mom, dec, weights, architecture="mlp", depth=2, optimizer="momentum",
                                  granularity="token", chunk_size=MLP_CHUNK, impl=impl.split("-")[0])[0]
     else:
         beta = torch.sigmoid(rand(bsz, seq, nh))

@@ -27,10 +27,10 @@ def _case(c: dict) -> dict:
     k = leaf(F.normalize(torch.randn(bsz, seq, nh, d), dim=-1))
     v = leaf(torch.randn(bsz, seq, nh, d))
     lr, mom, dec = (leaf(torch.rand(bsz, seq, nh) * s) for s in (0.1, 1.0, 0.1))
-    params = {"w0": leaf(torch.randn(nh, hidden, d) / d**0.5), "w1": leaf(torch.randn(nh, d, hidden) / hidden**0.5)}
+    weights = {"w0": leaf(torch.randn(nh, hidden, d) / d**0.5), "w1": leaf(torch.randn(nh, d, hidden) / hidden**0.5)}
 
     def forward():
-        return neural_memory(q, k, v, lr, mom, dec, params, architecture="mlp", depth=2, chunk_size=c["chunk"],
+        return neural_memory(q, k, v, lr, mom, dec, weights, architecture="mlp", depth=2, chunk_size=c["chunk"],
                              granularity=c["granularity"], optimizer=c["optimizer"], impl=c["impl"])[0]
 
     r = measure(lambda: forward().sum().backward(), warmup=0 if c["impl"] == "reference" else 1, repeat=c["repeat"])

@@ -20,6 +20,14 @@ class CLIError(Exception):
     """A user error: printed as one line, exit code 2 (a diverged training run exits 3 instead)."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``deepmemory train: error: ... (see --help)``, exit 2,
+    instead of the usage block first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def version_text() -> str:
     from .. import __version__
 
@@ -34,9 +42,9 @@ def add_version(parser: argparse.ArgumentParser) -> None:
 def build_parser(only: Optional[str] = "*") -> argparse.ArgumentParser:
     """The parser; ``only`` names the subcommand whose options are built (``"*"``: all; ``None``:
     none, every subcommand a stub with its help line)."""
-    parser = argparse.ArgumentParser(prog="deepmemory", description="Test-time memorization models: Titans and ATLAS.")
+    parser = Parser(prog="deepmemory", description="Test-time memorization models: Titans and ATLAS.")
     add_version(parser)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMANDS:
         module = importlib.import_module(f"{__name__}.{name}")
         if only in ("*", name):

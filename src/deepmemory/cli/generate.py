@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import List
@@ -10,6 +11,7 @@ from typing import List
 from . import CLIError, add_version
 
 HELP = "sample text from a trained run directory or an exported model"
+MAX_SAMPLES = 1024  # one batch: more would exhaust memory before the first token
 
 
 def register(subparsers) -> None:
@@ -28,8 +30,10 @@ def register(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling: from the smallest set of tokens whose probability reaches p (1: off); default 1")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="divide the logits of tokens already in the text by this (> 1 discourages repeats; 1: off); default 1")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (drawn as one batch); default 1")
+                   help="penalise tokens already in the text: positive logits divided by it, negative ones multiplied "
+                        "(> 1 discourages repeats; 1: off); default 1")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help=f"samples per prompt (drawn as one batch, at most {MAX_SAMPLES}); default 1")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling; default 0")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: OMP_NUM_THREADS if set, "
                    "else 1: decoding runs many small ops, and extra threads mostly wait on each other)")
@@ -79,16 +83,18 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
 def _check(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        raise CLIError(f"--temperature must be >= 0; got {args.temperature}")
+    if not 0 <= args.temperature < math.inf:
+        raise CLIError(f"--temperature must be a finite number >= 0; got {args.temperature}")
     if args.top_k < 0:
         raise CLIError(f"--top-k must be >= 0; got {args.top_k}")
     if not 0 < args.top_p <= 1:
         raise CLIError(f"--top-p must be in (0, 1]; got {args.top_p}")
-    if not args.repetition_penalty > 0:
-        raise CLIError(f"--repetition-penalty must be > 0; got {args.repetition_penalty}")
-    if args.num_samples < 1:
-        raise CLIError(f"--num-samples must be >= 1; got {args.num_samples}")
+    if not 0 < args.repetition_penalty < math.inf:
+        raise CLIError(f"--repetition-penalty must be a finite number > 0; got {args.repetition_penalty}")
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise CLIError(f"--num-samples must be in [1, {MAX_SAMPLES}]; got {args.num_samples}")
+    if not 0 <= args.seed < 2**63:
+        raise CLIError(f"--seed must be in [0, 2**63); got {args.seed}")
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads must be >= 1; got {args.threads}")
     if args.stream and args.num_samples > 1:

@@ -14,6 +14,14 @@ from .errors import DataError
 TOKENIZER_FILE = "tokenizer.json"
 
 
+
+def _id_list(ids: Union[Tensor, Sequence[int], int]) -> list:
+    """Token ids as a list: a tensor (any shape with one row of ids), a sequence, or one id (what
+    Hugging Face's ``TextStreamer`` passes for a single token)."""
+    if isinstance(ids, Tensor):
+        ids = ids.tolist()
+    return [ids] if isinstance(ids, int) else list(ids)
+
 class ByteTokenizer:
     """UTF-8 bytes ``0..255`` plus one end-of-document id ``256`` (vocabulary 257)."""
 
@@ -27,8 +35,8 @@ class ByteTokenizer:
             return torch.empty(0, dtype=torch.long)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
-    def decode(self, ids: Union[Tensor, Sequence[int]]) -> str:
-        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+    def decode(self, ids: Union[Tensor, Sequence[int], int]) -> str:
+        ids = _id_list(ids)
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
     def info(self) -> Dict:
@@ -70,8 +78,8 @@ class HFTokenizer:
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids: Union[Tensor, Sequence[int]]) -> str:
-        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+    def decode(self, ids: Union[Tensor, Sequence[int], int]) -> str:
+        ids = _id_list(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def info(self) -> Dict:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from ..checks import Settings, check_bool, check_choice, check_int
+from ..checks import RENAMED, Settings, check_bool, check_choice, check_int
 from .memory import ACTIVATIONS, LOSSES, ARCHITECTURES, MemorySpec
 
 OPTIMIZERS = ("gd", "momentum", "muon")
@@ -96,6 +96,9 @@ def resolve_rule(rule: Optional[UpdateRule], settings: Dict[str, Any], defaults:
     :class:`UpdateRule` or an unknown keyword, ``ValueError`` for both forms at once."""
     if rule is None:
         unknown = sorted(set(settings) - set(FIELDS))
+        renamed = [k for k in unknown if k in RENAMED]
+        if renamed:
+            raise TypeError(f"keyword {renamed[0]!r} was renamed {RENAMED[renamed[0]]!r} (CHANGELOG.md)")
         if unknown:
             raise TypeError(f"unexpected keyword argument(s) {unknown}; the rule's settings are {', '.join(FIELDS)}")
         return UpdateRule(**dict(defaults or {}, **settings))
