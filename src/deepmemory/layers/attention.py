@@ -10,6 +10,18 @@ output and take no position: the user's tokens keep positions ``0, 1, ...``.
 One SDPA call scores both kinds of keys: queries are widened to ``[RoPE(q) | q]``, user keys to
 ``[RoPE(k) | 0]`` and persistent keys to ``[0 | k_p]``, which gives ``RoPE(q).RoPE(k)`` and
 ``q.k_p`` in the same softmax.
+
+Causality for any input. A masked key gets probability exactly 0, but ``0 * NaN`` is NaN in
+``P @ V``, and with a mask tensor the score ``q.k`` of a NaN key is NaN before the mask is added.
+Measured with PyTorch 2.13's CPU kernels (float32 and float64): one NaN in the key or value of
+token ``j`` made every earlier row NaN with a boolean or additive mask; with ``is_causal=True`` a
+NaN key was harmless but a NaN value reached the earlier rows of ``j``'s 512-token block. So the
+keys and values of a token holding a non-finite value are replaced by zeros before the call, and
+afterwards the rows that see such a token (causally, within the window) are set to NaN by
+selection: rows that do not see it are bitwise those of the clean input, rows that do read NaN as
+they would have, and a sliding window forgets the token again. Cost: a few elementwise passes over
+``k`` and ``v``, and with a mask a ``[B, H, S] @ [S, T]`` product of 0/1 counts (``1 / head_dim``
+of the scores' work); without a mask a running maximum (docs/models/index.md).
 """
 
 from __future__ import annotations
@@ -42,6 +54,15 @@ def rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     cos, sin = ang.cos().to(cd), ang.sin().to(cd)
     x1, x2 = x[..., :half].to(cd), x[..., half:].to(cd)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def sees_marked(bad: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Whether each query sees a marked key: ``bad [B, H, S]``, ``mask [T, S]`` (True = visible;
+    None = causal with ``T == S``) -> ``[B, H, T]``. A running maximum without a mask, else a
+    product of 0/1 counts (nothing of size ``B H T S`` is made)."""
+    if mask is None:
+        return torch.cummax(bad, dim=-1).values
+    return (bad.to(torch.float32) @ mask.transpose(0, 1).to(torch.float32)) > 0
 
 
 @dataclass
@@ -108,6 +129,15 @@ class Attention(nn.Module):
         the persistent tokens and the always-visible ``prefix [B or 1, N, hidden]``."""
         q = self.heads(self.q_proj(x))
         qr = rope(q, pos, self.rope_theta)
+        # a user token holding a NaN or an infinity is read as zeros here and poisons, by selection,
+        # exactly the rows that see it (module docstring)
+        # (a NaN or an infinity shows in the sum, one reading pass: x - x is NaN exactly there;
+        # half precisions sum in float32, where a finite vector cannot overflow)
+        acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+        total = k.sum(-1, dtype=acc) + v.sum(-1, dtype=acc)
+        bad = torch.isnan(total - total)  # [B, H, S]
+        zero = torch.zeros((), dtype=k.dtype, device=k.device)
+        k, v = torch.where(bad[..., None], zero, k), torch.where(bad[..., None], zero, v)
         fixed = [f if f.dim() == 3 else f[None] for f in (self.persistent, prefix) if f is not None]
         scale = self.head_dim**-0.5
         if not fixed:
@@ -118,10 +148,10 @@ class Attention(nn.Module):
             vp = torch.cat([self.heads(self.v_proj(f)).expand(bsz, -1, -1, -1) for f in fixed], 2)
             q2 = torch.cat([qr, q], dim=-1)
             k2 = torch.cat([torch.cat([torch.zeros_like(kp), kp], -1), torch.cat([k, torch.zeros_like(k)], -1)], 2)
-            if mask is None:
-                mask = torch.ones(n_q, n_k, dtype=torch.bool, device=x.device).tril()
-            mask = torch.cat([mask.new_ones(n_q, kp.shape[2]), mask], dim=1)
-            y = F.scaled_dot_product_attention(q2, k2, torch.cat([vp, v], 2), attn_mask=mask, scale=scale)
+            visible = torch.ones(n_q, n_k, dtype=torch.bool, device=x.device).tril() if mask is None else mask
+            visible = torch.cat([visible.new_ones(n_q, kp.shape[2]), visible], dim=1)
+            y = F.scaled_dot_product_attention(q2, k2, torch.cat([vp, v], 2), attn_mask=visible, scale=scale)
+        y = torch.where(sees_marked(bad, mask)[..., None], torch.nan, y)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
     def forward(

@@ -5,6 +5,7 @@ registers the ``deepmemory`` model type with ``AutoConfig`` and ``AutoModelForCa
 """
 
 from .config import BLOCK_TYPES, DeepMemoryConfig
+from .debug import nan_check
 from .modeling import DeepMemoryCache, DeepMemoryForCausalLM, DeepMemoryModel
 from .presets import build, count_parameters, list_presets, list_sizes, preset_config
 
@@ -18,5 +19,6 @@ __all__ = [
     "count_parameters",
     "list_presets",
     "list_sizes",
+    "nan_check",
     "preset_config",
 ]

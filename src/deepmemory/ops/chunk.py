@@ -23,14 +23,31 @@ an attention-like ``b x b`` product per chunk (the dual form). Muon orthogonalis
 
 The gate products and the coefficient matrices do not depend on the memory, so they are
 built for all chunks at once; only the gradients and the reads walk the chunks in order.
+
+Causality for any input (token granularity; one update per chunk is causal as it stands, its reads
+never meet the chunk's own tokens). A NaN or infinity at token ``i`` must not reach the rows
+``t < i`` of its chunk, where its coefficients are exact zeros, yet ``0 * NaN`` is NaN inside the
+products over the chunk. So nothing non-finite enters them: the gates, keys and values of a token
+holding a non-finite value are replaced by zeros when the chunks are laid out
+(:func:`~.coefficients.chunk_layout`), and the rows at or after such a token read NaN through
+their coefficients of the chunk-start state, as does the state after its chunk (what the
+token-by-token reference gives there). All of it is done once for all chunks, by selection
+(``torch.where``), with no host synchronisation; rows before the token are bitwise those of the
+clean input. A finite key can still overflow inside its own gradient factors where they hold a
+product of two of its projections (``gated_mlp``) or a square (``layer_norm``), and so can Muon's
+outer products: those memories also replace, chunk by chunk, the factors of a token that are not
+finite (one reading pass and one selection per factor). Elsewhere an overflow needs a finite input
+so large that one matrix product with it overflows the compute dtype (about ``3e38 / |W|`` in
+float32), which is not guarded.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .coefficients import chunk_layout, gate_coefficients, retention_products, segprod
+from .coefficients import chunk_layout, gate_coefficients, nonfinite, poison_rows, retention_products, segprod, zero_rows
 from .memory import dense_apply, memory_forward, newton_schulz, token_gradients
 from .problem import Problem, Result
 
@@ -67,16 +84,17 @@ def _read_start(ws: Tensor, x: Tensor, coef: Tensor) -> Tensor:
 
 def chunk(p: Problem) -> Result:
     """The chunk-parallel form of the rule (``impl="chunk"``): exact against :func:`reference`."""
-    lay = chunk_layout(p)
+    token = p.rule.granularity == "token"
+    lay = chunk_layout(p, sanitize=token, keys_values=token)
     n, b, n_chunks, last_len = p.q.shape[2], lay.b, lay.n_chunks, lay.last_len
     # per-chunk views via unbind: indexing one chunk out of the whole tensor would make every
     # backward step materialise a gradient of the whole sequence (quadratic in T)
     kx, vx, q = lay.kx.unbind(2), lay.vx.unbind(2), lay.q.unbind(2)
-    if p.rule.granularity == "chunk":
+    if not token:
         return _chunk_granularity(p, q, kx, vx, lay.lr, lay.momentum, lay.retention, lay.gamma, n, b, last_len)
     if p.rule.optimizer == "muon":
         d_a, a_cum = retention_products(lay)
-        return _muon_token(p, q, kx, vx, lay.lr, lay.momentum, lay.gamma, d_a, a_cum, n, b, last_len)
+        return _muon_token(p, lay, q, kx, vx, d_a, a_cum, n, b, last_len)
 
     g = gate_coefficients(lay, p.rule.optimizer)
     # chunk-end rows (the last chunk may be short): the 2x2 map [[A, m], [0, E]] that carries
@@ -85,8 +103,15 @@ def chunk(p: Problem) -> Result:
     mix = torch.stack([torch.stack([a_end, m_end], -1), torch.stack([torch.zeros_like(e_end), e_end], -1)], -2)
     out_coef = torch.stack([lay.ends(g.c_coef), lay.ends(g.s_coef)], -2)  # [B, H, nc, 2, n_ext]
     read_coef = torch.stack([g.a_cum, g.m_coef], -1)  # [B, H, nc, b, 2]
+    # a token whose inputs were replaced by zeros: the rows from it on read NaN (through their
+    # coefficients of the chunk-start state), and so does the state after its chunk
+    read_coef = poison_rows(lay.rows_after_bad(lay.bad), read_coef)
+    mix = poison_rows(lay.bad.any(-1), mix)
     c_coef = g.c_coef
     mix, out_coef, read_coef, c_coef = (x.unbind(2) for x in (mix, out_coef, read_coef, c_coef))
+    # a memory whose gradient factors are products of two projections of the key (gated_mlp) or
+    # hold its square (layer norm) can overflow on a finite key: guard those chunk by chunk
+    guard = p.spec.architecture == "gated_mlp" or p.spec.layer_norm
     outs = []
 
     # W and S travel stacked, [B, H, 2, rows, cols]: one product reads both and one 2x2 map moves
@@ -97,28 +122,46 @@ def chunk(p: Problem) -> Result:
         if j == n_chunks - 1 and last_len < b:
             ws_chunk = ws
         grads = token_gradients(p.spec, {m: t[:, :, 0] for m, t in ws.items()}, kx[j], vx[j], p.rule.loss)
-        c_j, r_j = c_coef[j], read_coef[j].unsqueeze(-1)
+        c_j, r_j, mix_j = c_coef[j], read_coef[j].unsqueeze(-1), mix[j]
+        if guard:
+            grads, rows = _guard(grads, lay)
+            r_j = poison_rows(rows, r_j)
+            mix_j = poison_rows(rows[..., -1], mix_j)
 
         def dual_apply(name: str, x: Tensor) -> Tensor:
             d, a = grads[name]
             return _read_start(ws[name], x, r_j) - (c_j * (x @ a.transpose(-1, -2))) @ d
 
         outs.append(memory_forward(p.spec, dual_apply, q[j]))
-        ws = {m: torch.einsum("bhkl,bhlrc->bhkrc", mix[j], t) - _outer_sums(out_coef[j], *grads[m]) for m, t in ws.items()}
+        ws = {m: torch.einsum("bhkl,bhlrc->bhkrc", mix_j, t) - _outer_sums(out_coef[j], *grads[m]) for m, t in ws.items()}
     if last_len == b:
         ws_chunk = ws
     unstack = lambda st, i: {m: t[:, :, i] for m, t in st.items()}  # noqa: E731
     return Result(torch.cat(outs, 2)[:, :, :n], unstack(ws, 0), unstack(ws, 1), unstack(ws_chunk, 0), unstack(ws_chunk, 1))
 
 
-def _muon_token(p: Problem, q, kx, vx, lr, mom, gamma, d_a, a_cum, n: int, b: int, last_len: int) -> Result:
+def _guard(grads, lay):
+    """The chunk's gradient factors with those of every token holding a non-finite one (an
+    overflow) replaced by zeros, and the rows at or after such a token ``[B, H, b]``."""
+    total = sum(d.sum(-1) + a.sum(-1) for d, a in grads.values())  # one reading pass per factor
+    bad = torch.isnan(total - total)  # NaN exactly where the sum is NaN or infinite
+    return {m: (zero_rows(bad, d), zero_rows(bad, a)) for m, (d, a) in grads.items()}, lay.rows_after_bad(bad)
+
+
+def _muon_token(p: Problem, lay, q, kx, vx, d_a, a_cum, n: int, b: int, last_len: int) -> Result:
     """Muon at token granularity: ``S_t = E_t S_s + sum_i K(t, i) delta_i a_i^T`` with ``K = D_E Gamma``,
-    ``W_t = A_t W_s - sum_r D_A[t, r] lr_r NS(S_r)``; the chunk's ``S_t`` and ``W_t`` are materialised."""
+    ``W_t = A_t W_s - sum_r D_A[t, r] lr_r NS(S_r)``; the chunk's ``S_t`` and ``W_t`` are materialised.
+
+    Both products run over the chunk's tokens with zero coefficients above the diagonal, so the
+    factors ``delta_i, a_i`` of a token with a non-finite one and the orthogonalised ``NS(S_r)``
+    of a row that is not finite are zeroed before them, and the rows from such a token on are NaN."""
     n_chunks = len(q)
+    lr, mom, gamma = lay.lr, lay.momentum, lay.gamma
     s_coef = (segprod(mom) @ gamma).unbind(2)
     w_coef = (d_a * lr.unsqueeze(-2)).unbind(2)
     e_cum = torch.cumprod(mom, dim=-1).unbind(2)
-    a_cum = a_cum.unbind(2)
+    a_cum, bad = a_cum.unbind(2), lay.bad.unbind(2)
+    lead = lay.n_ext - b  # the window's tokens before the chunk
     w, s = dict(p.w0), dict(p.s0)
     w_chunk, s_chunk = w, s
     outs = []
@@ -126,17 +169,22 @@ def _muon_token(p: Problem, q, kx, vx, lr, mom, gamma, d_a, a_cum, n: int, b: in
         e = (b if j < n_chunks - 1 else last_len) - 1
         if e < b - 1:
             w_chunk, s_chunk = w, s
-        grads = token_gradients(p.spec, w, kx[j], vx[j], p.rule.loss)
+        grads, rows = _guard(token_gradients(p.spec, w, kx[j], vx[j], p.rule.loss), lay)
         e_j = e_cum[j][..., None, None]
         s_all = {m: e_j * s[m].unsqueeze(2) + torch.einsum("bhti,bhir,bhic->bhtrc", s_coef[j], *grads[m]) for m in w}
+        ortho = {m: newton_schulz(s_all[m], p.rule.ns_steps) for m in w}
+        for o in ortho.values():  # S_r of huge but finite factors may overflow
+            rows = rows | lay.rows_after_bad(F.pad(nonfinite(o, 2), (lead, 0)))
+        rows = rows | lay.rows_after_bad(bad[j])
         w_all = {
             m: a_cum[j][..., None, None] * w[m].unsqueeze(2)
-            - torch.einsum("bhtr,bhrpc->bhtpc", w_coef[j], newton_schulz(s_all[m], p.rule.ns_steps))
+            - torch.einsum("bhtr,bhrpc->bhtpc", w_coef[j], zero_rows(rows, ortho[m]))
             for m in w
         }
-        outs.append(memory_forward(p.spec, dense_apply(w_all), q[j]))
-        w = {m: w_all[m][:, :, e] for m in w}
-        s = {m: s_all[m][:, :, e] for m in w}
+        outs.append(poison_rows(rows, memory_forward(p.spec, dense_apply(w_all), q[j])))
+        end_bad = rows[..., e]  # a marked token up to the state's row leaves a NaN state
+        w = {m: poison_rows(end_bad, w_all[m][:, :, e]) for m in w}
+        s = {m: poison_rows(end_bad, s_all[m][:, :, e]) for m in w}
     if last_len == b:
         w_chunk, s_chunk = w, s
     return Result(torch.cat(outs, 2)[:, :, :n], w, s, w_chunk, s_chunk)

@@ -11,12 +11,22 @@ momentum_j`` and the Omega band ``Gamma[s, i] = gamma_i`` for the ``window`` tok
 
 with ``D_A[t, r] = prod_{j=r+1}^{t} (1 - decay_j)`` and ``D_E`` likewise of the momenta (see
 docs/ops.md for the derivation).
+
+Causality for any input. Every coefficient of a token ``i`` in a row ``t < i`` is an exact zero,
+but a product ``0 * NaN`` (or ``0 * inf``) is NaN, so one non-finite value at token ``i`` would
+reach every earlier row of its chunk through the masked products and the matrix products over
+the chunk. The layout therefore *selects* rather than multiplies: ``chunk_layout(p,
+sanitize=True)`` replaces the gates (with ``keys_values=True`` also the keys and values) of every
+token holding a non-finite value by zeros and marks it in ``ChunkLayout.bad``; the implementations
+then set what depends on a marked token to NaN by selection (``torch.where``), so that its rows
+and every later state read NaN, as the token-by-token reference does, while earlier rows are
+bitwise those of the clean input. The cost is a few passes over the inputs, once per call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Tuple
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,6 +45,30 @@ def segprod(x: Tensor) -> Tensor:
     return torch.cumprod(factors, dim=-2).tril()
 
 
+def nonfinite(x: Tensor, event_dims: int = 0) -> Tensor:
+    """True where ``x`` holds a NaN or an infinity, reduced over its last ``event_dims`` dims: for
+    ``x [B, H, N, d]`` and ``event_dims=1``, whether each token's vector is not all finite.
+
+    Over a vector it tests the sum (one reading pass, some 25 times cheaper on a CPU than
+    ``isfinite(x).all(-1)``): NaN and infinities always make it non-finite, and so does a finite
+    vector whose sum overflows the dtype, whose products would overflow as well. ``s - s`` is NaN
+    exactly where ``s`` is NaN or infinite."""
+    s = x.sum(tuple(range(-event_dims, 0))) if event_dims else x
+    return torch.isnan(s - s)
+
+
+def zero_rows(bad: Tensor, x: Tensor) -> Tensor:
+    """``x`` with the entries (``bad`` of ``x``'s leading shape: the rows) that ``bad`` marks
+    replaced by zeros: a selection, so NaN and infinities there do not survive."""
+    return torch.where(bad.reshape(*bad.shape, *(1,) * (x.dim() - bad.dim())), 0.0, x)
+
+
+def poison_rows(bad: Tensor, x: Tensor) -> Tensor:
+    """``x`` with the rows ``bad`` marks set to NaN (by selection): what depends on a token whose
+    inputs were replaced by :func:`zero_rows` reads NaN, as it would have without the replacement."""
+    return torch.where(bad.reshape(*bad.shape, *(1,) * (x.dim() - bad.dim())), torch.nan, x)
+
+
 @dataclass
 class ChunkLayout:
     """One problem cut into ``n_chunks`` chunks of ``b`` tokens (the last has ``last_len``).
@@ -44,6 +78,12 @@ class ChunkLayout:
     ``q [B, H, nc, b, dk]``, ``kx [B, H, nc, n_ext, dk]``, ``vx [B, H, nc, n_ext, dv]``; ``lr``,
     ``momentum``, ``retention`` (``1 - decay``) ``[B, H, nc, b]``; ``gamma [B, H, nc, b, n_ext]``
     (the Omega band times the window gates).
+
+    ``bad [B, H, nc, n_ext]`` (bool, only when the layout was made with ``sanitize=True``, else
+    None): the tokens of each chunk's span whose gates (and keys or values, with
+    ``keys_values=True``) held a non-finite value and were replaced by zeros; a row ``t`` of a
+    chunk depends on such a token when it is marked at an extended index ``<= t + window - 1``
+    (:meth:`rows_after_bad`).
     """
 
     n_chunks: int
@@ -57,6 +97,12 @@ class ChunkLayout:
     momentum: Tensor
     retention: Tensor
     gamma: Tensor
+    bad: Optional[Tensor] = None
+
+    def rows_after_bad(self, bad: Tensor) -> Tensor:
+        """``bad [..., n_ext]`` (the marked tokens of a chunk's span) -> ``[..., b]``: the rows of
+        the chunk at or after a marked token (the window reaches ``window - 1`` tokens back)."""
+        return torch.cummax(bad, dim=-1).values[..., self.n_ext - self.b :]
 
     def ends(self, x: Tensor) -> Tensor:
         """The rows of ``x [B, H, nc, b, ...]`` at each chunk's last token -> ``[B, H, nc, ...]``."""
@@ -65,9 +111,26 @@ class ChunkLayout:
         return x[:, :, torch.arange(self.n_chunks, device=x.device), ends]
 
 
-def chunk_layout(p: Problem) -> ChunkLayout:
-    """Pad and cut ``p`` into chunks (the inputs are not copied more than padding needs)."""
+def chunk_layout(p: Problem, sanitize: bool = False, keys_values: bool = False) -> ChunkLayout:
+    """Pad and cut ``p`` into chunks (the inputs are not copied more than padding needs).
+
+    ``sanitize``: replace the gates of each token that holds a non-finite gate (``keys_values``:
+    or key or value) by zeros, and mark it in ``bad`` (see the module docstring). Queries are left
+    alone: a query reaches only its own row."""
     n, b, c = p.q.shape[2], p.rule.chunk_size, p.rule.window
+    bad = None
+    if sanitize:
+        # one number per token (extended index) that is NaN or infinite when any of its values is
+        # (or, harmlessly, when their sum overflows): a few reading passes, no isfinite per tensor
+        total = p.gamma + F.pad(p.lr + p.momentum + p.decay, (p.n_hist, 0))  # [B, H, n_hist + N]
+        if keys_values:
+            total = total + p.k.sum(-1) + p.v.sum(-1)
+        bad = torch.isnan(total - total)
+        if keys_values:
+            p = replace(p, k=zero_rows(bad, p.k), v=zero_rows(bad, p.v))
+        tok = bad[:, :, p.n_hist :]
+        p = replace(p, gamma=zero_rows(bad, p.gamma), lr=zero_rows(tok, p.lr), momentum=zero_rows(tok, p.momentum),
+                    decay=zero_rows(tok, p.decay))
     n_chunks = -(-n // b)
     pad = n_chunks * b - n
     n_ext = c - 1 + b
@@ -83,7 +146,10 @@ def chunk_layout(p: Problem) -> ChunkLayout:
         kx=F.pad(p.k, (0, 0, lead, pad)).unfold(2, n_ext, b).transpose(-1, -2),
         vx=F.pad(p.v, (0, 0, lead, pad)).unfold(2, n_ext, b).transpose(-1, -2),
         lr=chunks(p.lr), momentum=chunks(p.momentum), retention=1.0 - chunks(p.decay),
+        # (sanitized, the gates are finite and the band's zeros exact; else a NaN gate stays in its own
+        # chunk's update, which one update per chunk applies after all of its tokens)
         gamma=band * gx.unsqueeze(-2),
+        bad=None if bad is None else F.pad(bad, (lead, pad)).unfold(2, n_ext, b),
     )
 
 

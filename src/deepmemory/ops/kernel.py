@@ -62,6 +62,7 @@ from torch import Tensor
 
 from ..checks import Settings, check_bool, check_choice, check_int
 from ..tree import State
+from .coefficients import nonfinite, poison_rows, zero_rows
 from .inputs import check_sequence, check_weight_shapes, check_weights, compute_dtype, rule_mismatch
 from .memory import ACTIVATIONS, LOSSES
 from .memory import activation as act_fn
@@ -215,14 +216,15 @@ def _kernel_read(x: Tensor, keys: Tensor, d0: Tensor, scale: Tensor, mask: Optio
 
 def _read(x, keys, d0, mask, weights, dual, scale, rule: KernelRule):
     """``M(x)`` and its pre-activations ``z_l``. The deeper matrices are ``weights`` plus, in dual
-    form, ``Σ_i sign[t, i] D_{l,i} a_{l,i}^T`` for ``dual = (sign [m, n], signals, inputs)``."""
+    form, ``Σ_i sign[t, i] D_{l,i} a_{l,i}^T`` for ``dual = (sign [m, n], signals, inputs)``; the
+    terms where ``sign`` is 0 are left out by selection (a NaN input there stays out)."""
     z = [_kernel_read(x, keys, d0, scale, mask, rule.normalized)]
     for l in range(1, rule.depth):
         a = act_fn(rule.activation, z[-1])
         out = a @ weights[l - 1].transpose(-1, -2)
         if dual is not None:
             sign, sig, inp = dual
-            out = out + ((a @ inp[l - 1].transpose(-1, -2)) * sign) @ sig[l - 1]
+            out = out + torch.where(sign != 0, (a @ inp[l - 1].transpose(-1, -2)) * sign, 0.0) @ sig[l - 1]
         z.append(out)
     return (z[-1] + x if rule.residual else z[-1]), z
 
@@ -242,6 +244,12 @@ def _write(k, v, lr, keys, d0, weights, scale, rule: KernelRule):
     return coef * delta, signals, inputs
 
 
+def _sees(visible: Tensor, bad: Tensor) -> Tensor:
+    """Whether each query row sees a marked token: ``visible [m, n]``, ``bad [B, H, n]`` -> ``[B, H, m]``
+    (a product of counts, so nothing of size ``B H m n`` is made)."""
+    return (bad.to(visible.device, torch.float32) @ visible.transpose(0, 1).to(torch.float32)) > 0
+
+
 def kernel_chunk(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, scale: Tensor, st: KernelState, output_final_state: bool
 ) -> Tuple[Tensor, Optional[KernelState]]:
@@ -250,7 +258,16 @@ def kernel_chunk(
     ``y [B, H, T, dv]`` and the final state.
 
     Per chunk, the deeper matrices are materialised at its start; a query at ``t`` adds the
-    chunk's tokens up to ``t`` and subtracts the stored tokens that left the window by ``t``."""
+    chunk's tokens up to ``t`` and subtracts the stored tokens that left the window by ``t``.
+
+    Causality for any input: a query meets the stored tokens it must not see only through exact
+    zeros, and ``0 * NaN`` is NaN. So the reads take the signals ``D_i`` of a token whose signal is
+    not finite (a non-finite or overflowing ``k``, ``v`` or ``lr``) as zeros, the masked terms are
+    selected (``masked_fill``, ``torch.where``) rather than multiplied, and the rows that see such a
+    token are set to NaN by selection. The stored first-layer signals are kept zeroed, with a flag
+    per token, so that each chunk checks only its own (the state gets NaN rows back for the
+    flagged tokens); the deeper matrices, which gather every token of a chunk, turn NaN as in the
+    reference."""
     rule = st.rule
     window = rule.window
     bsz, nh, seq, dk = q.shape
@@ -260,16 +277,21 @@ def kernel_chunk(
     vv = torch.cat([st.pending_v, v], 2)
     ll = torch.cat([st.pending_lr, lr], 2)
     qq = torch.cat([q.new_zeros(bsz, nh, pend, dk), q], 2)
-    keys, d0, mats = st.keys, st.signals, list(st.weights)
+    bad0 = nonfinite(st.signals, 1)  # [B, H, n]: stored tokens whose signal must not enter a product
+    keys, d0, mats = st.keys, zero_rows(bad0, st.signals), list(st.weights)
     ev_sig, ev_inp = list(st.evict_signals), list(st.evict_inputs)
     n, b = kk.shape[2], rule.chunk_size
     outs = []
     for s in range(0, n, b):
         e = min(s + b, n)
         new_d0, new_sig, new_inp = _write(kk[:, :, s:e], vv[:, :, s:e], ll[:, :, s:e], keys, d0, mats, sc, rule)
-        all_keys, all_d0 = torch.cat([keys, kk[:, :, s:e]], 2), torch.cat([d0, new_d0], 2)
+        # every chunk token's write reads every stored token: a flagged one flags them all
+        new_bad = nonfinite(new_d0, 1) | bad0.any(-1, keepdim=True)
+        all_keys, all_d0 = torch.cat([keys, kk[:, :, s:e]], 2), torch.cat([d0, zero_rows(new_bad, new_d0)], 2)
+        all_bad0 = torch.cat([bad0, new_bad], 2)
         all_sig = [torch.cat(p, 2) for p in zip(ev_sig, new_sig)]
         all_inp = [torch.cat(p, 2) for p in zip(ev_inp, new_inp)]
+        bad_sig = [nonfinite(t, 1) for t in all_sig]  # the window's tokens and the chunk's: bounded
         # stored tokens sit at s-n0 .. s-1, the chunk at s .. e-1; query t sees i in (t-c, t]
         pos_t = torch.arange(s, e, device=q.device)[:, None]
         pos_i = torch.arange(s - keys.shape[2], e, device=q.device)
@@ -285,14 +307,19 @@ def kernel_chunk(
         sign = torch.cat([-gone.to(q.dtype), mask[:, keys.shape[2] :].to(q.dtype)], 1)
         if e > pend:
             lo = max(s, pend)
-            y, _ = _read(qq[:, :, lo:e], all_keys, all_d0, mask[lo - s :], mats, (sign[lo - s :], all_sig, all_inp), sc, rule)
-            outs.append(y)
+            read_sig = [zero_rows(bd, t) for bd, t in zip(bad_sig, all_sig)]
+            y, _ = _read(qq[:, :, lo:e], all_keys, all_d0, mask[lo - s :], mats, (sign[lo - s :], read_sig, all_inp), sc, rule)
+            # the rows that see a flagged token (in the first layer or a deeper one)
+            seen = _sees(mask[lo - s :], all_bad0)
+            for bd in bad_sig:
+                seen = seen | _sees(sign[lo - s :] != 0, bd)
+            outs.append(poison_rows(seen, y))
         if e - s < b:  # unfinished chunk: its raw inputs are kept instead
             break
         mats = [w + torch.einsum("bhi,bhir,bhic->bhrc", sign[-1].expand(bsz, nh, -1), d, a)
                 for w, d, a in zip(mats, all_sig, all_inp)]
         keep = all_keys.shape[2] if window is None else min(window, all_keys.shape[2])
-        keys, d0 = all_keys[:, :, -keep:], all_d0[:, :, -keep:]
+        keys, d0, bad0 = all_keys[:, :, -keep:], all_d0[:, :, -keep:], all_bad0[:, :, -keep:]
         keep_e = 0 if window is None else min(window, all_keys.shape[2])
         ev_sig = [t[:, :, t.shape[2] - keep_e :] for t in all_sig]
         ev_inp = [t[:, :, t.shape[2] - keep_e :] for t in all_inp]
@@ -301,7 +328,7 @@ def kernel_chunk(
         return y, None
     p = (st.seen + seq) % b
     return y, KernelState(
-        keys=keys, signals=d0, weights=tuple(mats), evict_signals=tuple(ev_sig), evict_inputs=tuple(ev_inp),
+        keys=keys, signals=poison_rows(bad0, d0), weights=tuple(mats), evict_signals=tuple(ev_sig), evict_inputs=tuple(ev_inp),
         pending_k=kk[:, :, n - p :], pending_v=vv[:, :, n - p :], pending_lr=ll[:, :, n - p :],
         seen=st.seen + seq, rule=rule,
     )

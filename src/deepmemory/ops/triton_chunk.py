@@ -38,6 +38,16 @@ caller's tensors are float16/bfloat16 (``Problem.low_precision``) and exact floa
 
 A ragged last chunk is a second launch started from the first one's final state, so that the
 state at its start (``chunk_weights`` of the op's final state) is an ordinary differentiable output.
+
+Causality for any input: inside a chunk a later token meets the earlier rows only through exact
+zero coefficients, and ``0 * NaN`` is NaN. So the kernels never see a non-finite key, value or
+gate: :func:`~.coefficients.chunk_layout` (``sanitize=True, keys_values=True``) replaces them by
+zeros at their token and marks it, and afterwards every output row from the first marked token
+on, and every state after it, is set to NaN by selection (what the token-by-token reference gives
+there; rows before it are bitwise those of the clean input). Queries are left alone: each reaches
+only its own row. The supported memories hold no product of two projections of a key (nor a
+square) inside a token's own gradient factors, so a finite key or value overflows there only when
+one matrix product with it does (about ``3e38 / |W|`` in float32); that is not guarded.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from .coefficients import chunk_layout, gate_coefficients
+from .coefficients import chunk_layout, gate_coefficients, poison_rows
 from .problem import Problem, Result
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -575,9 +585,13 @@ def triton_chunk(p: Problem) -> Result:
     _check(p)
     bsz, nh, n, dk = p.q.shape
     dv = p.dv
-    lay = chunk_layout(p)
+    lay = chunk_layout(p, sanitize=True, keys_values=True)
     g = gate_coefficients(lay, p.rule.optimizer)
     b, n_chunks, last_len = lay.b, lay.n_chunks, lay.last_len
+    # the kernels carry the state from chunk to chunk, so a marked token reaches every later row
+    marked = lay.bad.any(-1)  # [B, H, nc]
+    before = torch.cumsum(marked, -1) - marked.long() > 0  # a marked token in an earlier chunk
+    rows_bad = lay.rows_after_bad(lay.bad) | before.unsqueeze(-1)  # [B, H, nc, b]
 
     flat = lambda x: x.flatten(0, 1).contiguous()  # noqa: E731  [B, H, ...] -> [BH, ...]
     kx, vx, q = flat(lay.kx), flat(lay.vx), flat(lay.q)  # [BH, nc, n_ext | b, d]
@@ -604,5 +618,9 @@ def triton_chunk(p: Problem) -> Result:
     if last_len == b:
         w_chunk, s_chunk = w, s
     o = torch.cat(outs, 1).reshape(bsz, nh, n_chunks * b, dv)[:, :, :n]
-    unflat = lambda d: {m: t.unflatten(0, (bsz, nh)) for m, t in d.items()}  # noqa: E731
-    return Result(o, unflat(w), unflat(s), unflat(w_chunk), unflat(s_chunk))
+    o = poison_rows(rows_bad.flatten(2)[:, :, :n], o)
+    # the final state follows every token; the state at the start of the unfinished chunk, those before it
+    chunk_bad = before[:, :, -1] if last_len < b else marked.any(-1)
+    unflat = lambda d, bad: {m: poison_rows(bad, t.unflatten(0, (bsz, nh))) for m, t in d.items()}  # noqa: E731
+    end_bad = marked.any(-1)
+    return Result(o, unflat(w, end_bad), unflat(s, end_bad), unflat(w_chunk, chunk_bad), unflat(s_chunk, chunk_bad))
