@@ -20,9 +20,10 @@ import time
 
 import torch
 
-from deepmemory.data import build_corpus, load_tokenizer
 from transformers import AutoModelForCausalLM
 
+from deepmemory.bench.measure import print_table
+from deepmemory.data import build_corpus, load_tokenizer
 from deepmemory.models import DeepMemoryCache, build
 from deepmemory.tree import tensors
 
@@ -90,10 +91,8 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows += stream(name, text, tok.vocab_size, args.tokens, args.piece, marks, args.seed)
-    cols = list(rows[0])
-    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    print()
+    print_table(rows, list(rows[0]), left=("model", "task"))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from deepmemory.bench.measure import print_table
 from deepmemory.data import bits_per_byte, build_corpus, load_tokenizer
 from deepmemory.data.tasks import IGNORE_INDEX, MQAR, recall_accuracy
 from deepmemory.models import DeepMemoryCache, build
@@ -121,10 +122,8 @@ def main() -> None:
             for step, loss, grad, state in log:
                 print(f"  {name} {task} step {step:5d} loss {loss:.4f} grad {grad:.3g} max|W| {state:.3g}", flush=True)
             print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
-    cols = list(rows[0])
-    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    print()
+    print_table(rows, list(rows[0]), left=("model", "task"))
 
 
 if __name__ == "__main__":
