@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_int, check_positive
+from ..ops.coefficients import nonfinite, zero_rows
 from ..tree import State
 
 
@@ -135,9 +136,8 @@ class Attention(nn.Module):
         # half precisions sum in float32, where a finite vector cannot overflow)
         acc = torch.float64 if k.dtype == torch.float64 else torch.float32
         total = k.sum(-1, dtype=acc) + v.sum(-1, dtype=acc)
-        bad = torch.isnan(total - total)  # [B, H, S]
-        zero = torch.zeros((), dtype=k.dtype, device=k.device)
-        k, v = torch.where(bad[..., None], zero, k), torch.where(bad[..., None], zero, v)
+        bad = nonfinite(total)  # [B, H, S]
+        k, v = zero_rows(bad, k), zero_rows(bad, v)
         fixed = [f if f.dim() == 3 else f[None] for f in (self.persistent, prefix) if f is not None]
         scale = self.head_dim**-0.5
         if not fixed:

@@ -144,7 +144,7 @@ def _guard(grads, lay):
     """The chunk's gradient factors with those of every token holding a non-finite one (an
     overflow) replaced by zeros, and the rows at or after such a token ``[B, H, b]``."""
     total = sum(d.sum(-1) + a.sum(-1) for d, a in grads.values())  # one reading pass per factor
-    bad = torch.isnan(total - total)  # NaN exactly where the sum is NaN or infinite
+    bad = nonfinite(total)
     return {m: (zero_rows(bad, d), zero_rows(bad, a)) for m, (d, a) in grads.items()}, lay.rows_after_bad(bad)
 
 

@@ -125,7 +125,7 @@ def chunk_layout(p: Problem, sanitize: bool = False, keys_values: bool = False) 
         total = p.gamma + F.pad(p.lr + p.momentum + p.decay, (p.n_hist, 0))  # [B, H, n_hist + N]
         if keys_values:
             total = total + p.k.sum(-1) + p.v.sum(-1)
-        bad = torch.isnan(total - total)
+        bad = nonfinite(total)
         if keys_values:
             p = replace(p, k=zero_rows(bad, p.k), v=zero_rows(bad, p.v))
         tok = bad[:, :, p.n_hist :]
