@@ -9,7 +9,7 @@ import stat
 import pytest
 import torch
 
-import deepmemory.models  # noqa: F401 (registers model_type "deepmemory" with the Auto classes)
+import deepmemory  # noqa: F401 (registers model_type "deepmemory" with the Auto classes)
 from deepmemory.cli import main
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
@@ -75,6 +75,32 @@ def test_run_directory_and_checkpoints_load_with_from_pretrained(trained):
     step = os.path.join(run, "checkpoints", "step-00000004")
     assert MODEL_FILES <= set(os.listdir(step))
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(step).eval(), ids), want)
+
+
+SCRIPT = """
+import sys
+{first}
+from transformers import AutoModelForCausalLM
+{second}
+print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deepmemory_first", [True, False], ids=["deepmemory-first", "transformers-first"])
+def test_bare_import_deepmemory_registers_the_auto_classes(trained, deepmemory_first):
+    # a fresh interpreter: `import deepmemory` alone (no torch) is enough, before or after transformers
+    import subprocess
+    import sys
+
+    first, second = ("import deepmemory", "") if deepmemory_first else ("", "import deepmemory")
+    code = SCRIPT.format(first=first, second=second)
+    out = subprocess.run([sys.executable, "-c", code, trained[1]], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "DeepMemoryForCausalLM"
+    light = subprocess.run([sys.executable, "-c", "import sys, deepmemory; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, timeout=300)
+    assert light.stdout.strip() == "False"  # the command line's fast start-up depends on it
 
 
 def test_export_is_a_clean_hugging_face_folder(trained, capsys):
