@@ -20,6 +20,7 @@ BUILDERS = {
     "gated_deltanet": lambda: MemoryBlock(
         NeuralMemory(HID, NH, HD, architecture="linear", residual=False, optimizer="gd", loss="l2", window=1, chunk_size=4)
     ),
+    "lmm_persistent": lambda: MemoryBlock(NeuralMemory(HID, NH, HD, **MEM), num_persistent=3),
     "swdt": lambda: MemoryBlock(KernelMemory(HID, NH, HD, window=5, loss="dot", chunk_size=4)),
     "mag": lambda: MAGBlock(HID, NH, HD, window=5, num_persistent=3, memory_kwargs=MEM),
     "mal": lambda: MALBlock(HID, NH, HD, window=5, num_persistent=3, memory_kwargs=MEM),
@@ -171,6 +172,22 @@ def test_mag_matches_naive():
     ref = x + block.attn_out_norm(y) * torch.sigmoid(block.memory_out_norm(m))
     ref = ref + block.mlp(block.mlp_norm(ref))
     torch.testing.assert_close(block(x), ref, rtol=0, atol=1e-10)
+
+
+def test_lmm_persistent_tokens_are_read_before_the_sequence():
+    block, x = make("lmm_persistent"), data(13)
+    p, n_p = block.persistent, block.num_persistent
+    # the memory reads P token by token (the op's reference loop), then the sequence
+    mixer = block.mixer
+    mixer.impl = "reference"
+    m = mixer(torch.cat([p.expand(2, -1, -1), block.mixer_norm(x)], 1))[:, n_p:]
+    mixer.impl = "chunk"
+    ref = x + m
+    ref = ref + block.mlp(block.mlp_norm(ref))
+    torch.testing.assert_close(block(x), ref, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        p.add_(1.0)
+    assert (block(x) - ref).abs().max() > 1e-6  # P is read
 
 
 def test_mal_matches_naive():

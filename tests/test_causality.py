@@ -251,7 +251,7 @@ PRESET_AT = 14  # inside a chunk (12..15) and a MAC segment (12..17) of the smal
 def _small(name):
     """Small windows, segments and chunks, so that 23 tokens cross all of them (as tests/test_models.py)."""
     kw = dict(attention_window=5, segment_size=6)
-    if preset_config(name).memory:
+    if preset_config(name).memory and not preset_config(name).rule.decay_first:  # forgetting first is online: chunk 1
         kw["memory"] = dict(chunk_size=4)
     if preset_config(name).kernel:
         kw["kernel"] = dict(chunk_size=4)

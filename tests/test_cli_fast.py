@@ -22,7 +22,8 @@ print("HEAVY", heavy)
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["models"], ["models", "atlas", "--sizes", "tiny"],
-                                  ["train", "--help"], ["generate", "--help"], ["export", "--help"]])
+                                  ["train", "--help"], ["generate", "--help"], ["export", "--help"],
+                                  ["eval", "--help"]])
 def test_no_heavy_imports(argv):
     proc = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -31,7 +32,7 @@ def test_no_heavy_imports(argv):
 
 def test_version_everywhere(capsys):
     for argv in (["--version"], ["models", "--version"], ["train", "--version"], ["generate", "--version"],
-                 ["export", "--version"], ["bench", "--version"]):
+                 ["export", "--version"], ["eval", "--version"], ["bench", "--version"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 0
@@ -42,7 +43,7 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for name in ("models", "train", "generate", "export", "bench"):
+    for name in ("models", "train", "generate", "export", "eval", "bench"):
         assert name in out
 
 

@@ -84,3 +84,28 @@ def test_errors():
         PolynomialFeatureMap(4, 2, True)
     with pytest.raises(ValueError, match=r"x must be \[\.\.\., 2, 4\]"):
         PolynomialFeatureMap(4, 2, 2)(torch.randn(3, 3, 4))
+
+
+@pytest.mark.parametrize("d,p", [(5, 2), (3, 3)])
+def test_degree_zero_term_completes_the_taylor_kernel(d, p):
+    # ATLAS eq. 5 with its degree-0 term: <phi(x), phi(y)> = a_0^2 + sum_i a_i^2 <x, y>^i, which at
+    # initialisation is the degree-p Taylor polynomial of exp(<x, y>)
+    torch.manual_seed(2)
+    h = 2
+    phi = PolynomialFeatureMap(d, p, num_heads=h, constant=True).double()
+    assert phi.out_dim == 1 + PolynomialFeatureMap(d, p, num_heads=h).out_dim
+    x = torch.randn(4, h, d, dtype=torch.float64)
+    y = torch.randn(4, h, d, dtype=torch.float64)
+    dot = (x * y).sum(-1)
+    taylor = sum(dot**i / math.factorial(i) for i in range(p + 1))
+    # (the coefficients are initialised in float32)
+    torch.testing.assert_close((phi(x) * phi(y)).sum(-1), taylor, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        phi.coef0.copy_(torch.tensor([0.5, -2.0], dtype=torch.float64))
+    closed = phi.coef0**2 + sum(phi.coef[:, i - 1] ** 2 * dot**i for i in range(1, p + 1))
+    torch.testing.assert_close((phi(x) * phi(y)).sum(-1), closed, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(phi.kernel(x, y), closed, rtol=1e-12, atol=1e-12)
+    phi(x)[:, 1].sum().backward()
+    assert phi.coef0.grad[1] != 0 and phi.coef0.grad[0] == 0
+    with pytest.raises(TypeError, match="constant"):
+        PolynomialFeatureMap(d, p, num_heads=h, constant=1)

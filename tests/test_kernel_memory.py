@@ -46,10 +46,11 @@ def _band(t, window):
 
 @pytest.mark.parametrize("window,chunk", [(None, 1), (None, 4), (3, 4), (6, 16)])
 def test_linear_dot_is_unnormalised_attention(window, chunk):
+    """window=None: causal attention without its normaliser (ATLAS eq. 26); "swa": its sliding window."""
     q, k, v, _ = _qkv(13)
     scale = torch.tensor([0.7, 1.3], dtype=torch.float64)
     y, _ = _op(q, k, v, torch.ones(B, H, 13, dtype=torch.float64), {}, scale, depth=1, residual=False,
-                         loss="dot", window=window, normalized=False, chunk_size=chunk)
+                         loss="dot", window=window, window_rule="swa", normalized=False, chunk_size=chunk)
     s = torch.exp(scale[:, None, None] * (q @ k.transpose(-1, -2))) * _band(13, window)
     torch.testing.assert_close(y, s @ v, rtol=1e-12, atol=1e-12)
 
@@ -58,7 +59,8 @@ def test_linear_dot_is_unnormalised_attention(window, chunk):
 def test_linear_dot_normalised_is_softmax_attention(window, chunk):
     q, k, v, _ = _qkv(17, seed=2)
     y, _ = _op(q, k, v, torch.ones(B, H, 17, dtype=torch.float64), {}, torch.full((H,), 0.8, dtype=torch.float64),
-                         depth=1, residual=False, loss="dot", window=window, normalized=True, chunk_size=chunk)
+                         depth=1, residual=False, loss="dot", window=window, window_rule="swa", normalized=True,
+                         chunk_size=chunk)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=_band(17, window), scale=0.8)
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
 
@@ -87,10 +89,12 @@ def _reference(q, k, v, lr, weights, scale, **cfg):
 
 DEEP = [
     dict(loss="dot", window=None, normalized=True, depth=2, activation="gelu", residual=True, chunk_size=3),
-    dict(loss="l2", window=3, normalized=True, depth=2, activation="silu", residual=True, chunk_size=4),
-    dict(loss="dot", window=4, normalized=False, depth=3, activation="tanh", residual=True, chunk_size=2),
+    dict(loss="l2", window=3, window_rule="swa", normalized=True, depth=2, activation="silu", residual=True, chunk_size=4),
+    dict(loss="dot", window=4, window_rule="swa", normalized=False, depth=3, activation="tanh", residual=True, chunk_size=2),
     dict(loss="l2", window=None, normalized=False, depth=2, activation="gelu", residual=False, chunk_size=1),
-    dict(loss="l2", window=2, normalized=True, depth=1, activation="gelu", residual=True, chunk_size=3),
+    dict(loss="l2", window=2, window_rule="swa", normalized=True, depth=1, activation="gelu", residual=True, chunk_size=3),
+    dict(loss="l2", window=3, window_rule="omega", normalized=True, depth=2, activation="silu", residual=True, chunk_size=4),
+    dict(loss="dot", window=4, window_rule="omega", normalized=False, depth=3, activation="tanh", residual=True, chunk_size=2),
 ]
 
 
@@ -115,7 +119,7 @@ def test_functional_streaming(cfg):
                               initial_state=st, output_final_state=True)
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-12, atol=1e-12)
-    if cfg["window"] is not None:
+    if cfg["window"] is not None and cfg["window_rule"] == "swa":  # "omega" keeps every key
         assert st.keys.shape[2] <= cfg["window"]
 
 
@@ -130,7 +134,8 @@ def _layer(seed=0, **kw):
 
 
 LAYER_CFGS = [dict(), dict(window=3), dict(loss="l2", window=5), dict(depth=1, residual=False, normalized=False),
-              dict(depth=3, conv_size=0), dict(loss="l2", normalized=False)]
+              dict(depth=3, conv_size=0), dict(loss="l2", normalized=False), dict(window=3, window_rule="swa"),
+              dict(loss="l2", window=4, normalized=False)]
 
 
 @pytest.mark.parametrize("cfg", LAYER_CFGS)
@@ -176,11 +181,16 @@ def test_layer_linear_is_attention_on_its_projections():
 
 
 def test_state_detach_and_sizes():
-    layer = KernelMemory(32, 2, 8, window=5, chunk_size=4)
+    layer = KernelMemory(32, 2, 8, window=5, window_rule="swa", chunk_size=4)
     _, state = layer(torch.randn(1, 18, 32), return_state=True)
     c = state.recurrent_state
     assert c.keys.shape[2] == 5 and c.signals.shape[2] == 5 and c.evict_signals[0].shape[2] == 5
-    assert c.pending_k.shape[2] == 2 and c.weights[0].shape == (1, 2, 8, 32)
+    assert c.pending_k.shape[2] == 2 and c.weights[0].shape == (1, 2, 8, 32) and c.window_values.shape[2] == 0
+    # "omega" keeps every finished token's key and signal, and the values of the last window - 1
+    _, state = KernelMemory(32, 2, 8, window=5, chunk_size=4)(torch.randn(1, 18, 32), return_state=True)
+    c = state.recurrent_state
+    assert c.keys.shape[2] == 16 and c.signals.shape[2] == 16 and c.window_values.shape == (1, 2, 4, 8)
+    assert c.evict_signals[0].shape[2] == 0 and c.pending_k.shape[2] == 2
     d = state.detach()
     assert not d.recurrent_state.signals.requires_grad and not d.recurrent_state.weights[0].requires_grad
     assert not any(t.requires_grad for t in d.conv)
@@ -237,9 +247,11 @@ def test_state_map_selects_batch_rows():
 
 RULES = [
     KernelRule(loss="dot", window=None, normalized=True, depth=2, activation="gelu"),
-    KernelRule(loss="l2", window=5, normalized=True, depth=2, activation="gelu"),
-    KernelRule(loss="dot", window=3, normalized=False, depth=3, activation="tanh"),
+    KernelRule(loss="l2", window=5, window_rule="swa", normalized=True, depth=2, activation="gelu"),
+    KernelRule(loss="dot", window=3, window_rule="swa", normalized=False, depth=3, activation="tanh"),
     KernelRule(loss="l2", window=None, normalized=False, depth=1, residual=False),
+    KernelRule(loss="l2", window=5, window_rule="omega", normalized=False, depth=2, activation="gelu"),
+    KernelRule(loss="dot", window=3, window_rule="omega", normalized=True, depth=3, activation="tanh"),
 ]
 
 
@@ -261,7 +273,7 @@ def _inputs(t, seed=0, depth=2, hidden=4, b=1, h=2, d=3, requires_grad=False):
 
 
 @pytest.mark.parametrize("t,chunk,r", [(1, 4, 0), (7, 1, 1), (7, 3, 2), (7, 16, 3), (63, 8, 0), (63, 5, 2),
-                                       (100, 16, 1), (100, 7, 3)])
+                                       (100, 16, 1), (100, 7, 3), (7, 2, 4), (63, 5, 5)])
 def test_fast_form_equals_reference_forward_backward(t, chunk, r):
     rule = RULES[r].replace(chunk_size=chunk)
     args, leaves = _inputs(t, seed=t + chunk, depth=rule.depth, requires_grad=True)
@@ -352,6 +364,7 @@ def test_rule_is_frozen_and_validated():
         (dict(loss="huber"), ValueError, "loss must be one of 'l2', 'dot'; got 'huber'"),
         (dict(window=0), ValueError, "window must be >= 1; got 0"),
         (dict(window=2.5), TypeError, "window must be an int; got float"),
+        (dict(window_rule="sliding"), ValueError, "window_rule must be one of 'omega', 'swa'; got 'sliding'"),
         (dict(normalized="yes"), TypeError, "normalized must be a bool; got str"),
         (dict(chunk_size=0), ValueError, "chunk_size must be >= 1; got 0"),
     ],

@@ -85,6 +85,7 @@ CONFIGS = [
     dict(),
     dict(loss="dot", optimizer="gd", feature_map="polynomial"),
     dict(window=3, feature_map="polynomial"),
+    dict(window=2, feature_map="polynomial", poly_constant=True, layer_norm=True),
     dict(optimizer="muon", window=2, architecture="gated_mlp"),
     dict(granularity="chunk", optimizer="muon", feature_map="polynomial"),
     dict(architecture="linear", use_decay=False, optimizer="gd", window=3, learned_window_gate=False),

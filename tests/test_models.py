@@ -13,7 +13,7 @@ SMALL = dict(attention_window=5, segment_size=6)
 
 def small(name, **overrides):
     kw = dict(SMALL, **overrides)
-    if preset_config(name).memory:
+    if preset_config(name).memory and not preset_config(name).rule.decay_first:  # forgetting first is online: chunk 1
         kw["memory"] = dict(chunk_size=4, **kw.get("memory", {}))
     if preset_config(name).kernel:
         kw["kernel"] = dict(chunk_size=4, **kw.get("kernel", {}))
@@ -42,6 +42,22 @@ def test_forward_backward(name):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", every_preset())
+def test_last_position_sees_every_earlier_position(name):
+    """No blind spots: at the tiny size, the logits at the last position of a two-chunk input (32
+    tokens, chunks of 16) have a non-zero gradient with respect to every earlier position's input
+    embedding. (One memory update per chunk leaves the chunk's own positions out of its reads: the
+    memory-only Atlas at granularity="chunk" did not see positions 16-24 from position 31.)"""
+    torch.manual_seed(0)
+    model = build(name).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+    x = model.get_input_embeddings()(ids).detach().requires_grad_()
+    logits = model(inputs_embeds=x).logits[0, -1]
+    (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+    blind = (x.grad[0].abs().sum(-1) == 0).nonzero().flatten().tolist()
+    assert not blind, f"{name}: the last position's logits do not depend on positions {blind}"
 
 
 @pytest.mark.parametrize("name", every_preset())
@@ -86,7 +102,8 @@ def test_loss_is_shifted_cross_entropy_with_ignore_index():
     torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=1e-12)
 
 
-GLOBAL = ("transformer", "deep-transformer")  # state grows with the context, like a KV cache
+# state grows with the context, like a KV cache (SWDT and Dot: the Omega rule keeps every token, ATLAS eq. 27)
+GLOBAL = ("transformer", "deep-transformer", "swdt", "dot")
 
 
 @pytest.mark.parametrize("name", every_preset())
@@ -159,7 +176,7 @@ def test_overrides_merge_memory_settings():
     assert config.memory["window"] == 4 and config.memory["optimizer"] == "muon"
     assert config.memory["feature_map"] == "polynomial" and config.num_hidden_layers == 3
     assert config.layer_pattern == ["memory"] * 3
-    assert preset_config("swdt", attention_window=7).kernel["window"] == 7
+    assert preset_config("swdt", attention_window=7, kernel={"window": "attention"}).kernel["window"] == 7
 
 
 @pytest.mark.parametrize(
@@ -227,10 +244,14 @@ PAPER_SIZES = {"170m": 170e6, "340m": 340e6, "760m": 760e6, "1.3b": 1.3e9}
 @pytest.mark.slow  # builds every preset at every paper size (on the meta device)
 @pytest.mark.parametrize("name", PRESETS)
 def test_paper_size_parameter_counts(name):
+    # docs/models/index.md: Transformer++ lands on the size's count, every family keeps its MLP width
     for size, target in PAPER_SIZES.items():
         config = preset_config(name, size)
-        total, _ = count_parameters(config)
-        assert abs(total - target) <= 0.01 * target, f"{name} {size}: {total:,}"  # docs/models/index.md
+        baseline = preset_config("transformer", size)
+        total, _ = count_parameters(baseline)
+        assert abs(total - target) <= 0.01 * target, f"transformer {size}: {total:,}"
+        assert config.intermediate_size == baseline.intermediate_size, f"{name} {size}"
+        assert count_parameters(config)[0] >= 0.99 * target, f"{name} {size}"
         assert config.vocab_size == 32000
     table7 = {"170m": (12, 768), "340m": (24, 1024), "760m": (24, 1536), "1.3b": (18, 2048)}
     for size, (layers, hidden) in table7.items():
@@ -257,9 +278,14 @@ def test_atlas_family_rows():
     for name, row in rows.items():
         m = preset_config(name).memory
         assert (m["loss"], m["window"], m["optimizer"], m["architecture"], m["feature_map"]) == row, name
-    assert preset_config("atlas").memory["granularity"] == "chunk"
+    # Muon per token (ATLAS §5.1); the "w/o Muon" ablation changes the optimizer, not the granularity
+    assert preset_config("atlas").memory["granularity"] == "token"
+    assert preset_config("atlas", memory={"optimizer": "momentum"}).memory["granularity"] == "token"
     assert preset_config("deep-transformer").kernel["window"] is None
     assert preset_config("swdt").kernel["loss"] == "dot" and preset_config("dot").kernel["loss"] == "l2"
+    for name in ("swdt", "dot"):  # the Omega rule of ATLAS eq. 27, unnormalised, c = 16 at every size
+        k = preset_config(name, "340m").kernel
+        assert (k["window"], k["window_rule"], k["normalized"]) == (16, "omega", False), name
     for name in ("atlas-mag", "atlas-mal"):
         assert preset_config(name).memory == preset_config("atlas").memory
 

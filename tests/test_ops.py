@@ -321,7 +321,8 @@ def test_state_from_other_settings_rejected():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer,granularity", [("momentum", "token"), ("muon", "chunk")])
+@pytest.mark.parametrize("optimizer,granularity", [("momentum", "token"), ("muon", "chunk"),
+                                                   pytest.param("muon", "token", marks=pytest.mark.long)])  # ~1 min
 def test_compiles_without_graph_breaks(optimizer, granularity):
     """torch.compile captures the whole chunked op (fullgraph: no graph breaks), forward and backward."""
     inputs = [x.requires_grad_() for x in make_inputs(1, 21, 2, DK, DV)]
@@ -337,3 +338,122 @@ def test_compiles_without_graph_breaks(optimizer, granularity):
     (g_comp,) = torch.autograd.grad(compiled.sum(), inputs[1])
     assert rel_err(compiled, eager) <= 1e-12
     assert rel_err(g_comp, g_eager) <= 1e-12
+
+
+# ---- Muon at token granularity (ATLAS eq. 32-33 per token) ------------------------------------------
+
+MUON_FAST = {(63, 16, "mlp", 3), (7, 4, "gated_mlp", 1)}
+# a length shorter than a chunk, one token per chunk (a window reaching back 2 chunks), ragged ends
+MUON_SLOW = {(1, 16, "mlp", 3), (7, 16, "gated_mlp", 3), (63, 1, "mlp", 3), (100, 1, "gated_mlp", 3),
+             (100, 4, "mlp", 1), (100, 16, "gated_mlp", 1)}
+
+
+def _muon_tier(*case):
+    """Two cases in the fast loop, six in the slow tier, the rest of the sweep opt-in (--runlong;
+    257 tokens through the reference's token loop with autograd take a minute each)."""
+    return () if case in MUON_FAST else (pytest.mark.slow,) if case in MUON_SLOW else (pytest.mark.long,)
+
+
+@pytest.mark.parametrize(
+    "seq,chunk_size,memory,window",
+    [pytest.param(*case, marks=_muon_tier(*case))
+     for case in itertools.product([1, 7, 63, 100, 257], [1, 4, 16], ["mlp", "gated_mlp"], [1, 3])
+     if case[0] < 257 or case[2] == "mlp"],
+)
+def test_muon_token_lengths_and_chunk_sizes(seq, chunk_size, memory, window):
+    """The chunk form of token-granularity Muon against the token loop (float64, 1e-8): outputs,
+    final states, and gradients with respect to every input and the initial weights. The steps are
+    a quarter of the other tests': a hundred orthogonalised steps in a row at the full step length
+    amplify rounding by up to 1e8 in the gated memory, in either implementation (a property of
+    the recurrence, not of its evaluation; at a quarter, by about 1e6). Over 257 steps the gated
+    memory's recurrence amplifies it past 1e-8 at any step length tried (outputs 1e-5, gradients
+    O(1) apart between the token loop and either chunk form, the one before this one included), so
+    that length runs the mlp memory only."""
+    kw = dict(architecture=memory, loss="l2", optimizer="muon", granularity="token", window=window, chunk_size=chunk_size)
+    _compare(kw, bsz=1, seq=seq, nh=2, per_sequence=seq % 2 == 1, seed=seq, lr_scale=0.25)
+
+
+@pytest.mark.parametrize("memory", ["mlp", "gated_mlp"])
+def test_muon_token_streamed_gradients_equal_one_call(memory):
+    """Streaming resumes a carried state after its pending tokens (ops/chunk.py: only the new rows
+    are orthogonalised): outputs, final state and every gradient equal one call's (float64)."""
+    kw = dict(architecture=memory, optimizer="muon", granularity="token", window=3, chunk_size=4)
+    inputs = make_inputs(2, 15, 2, DK, DV, optimizer="muon")
+    params = make_params(memory, 2, DK, DV, HIDDEN)
+
+    def run(cuts):
+        leaves = [x.detach().requires_grad_() for x in inputs]
+        weights = {n: p.detach().requires_grad_() for n, p in params.items()}
+        q, k, v, lr, mom, dec, gamma = leaves
+        outs, state, prev = [], None, 0
+        for cut in cuts + [15]:
+            sl = slice(prev, cut)
+            o, state = neural_memory(q[:, sl], k[:, sl], v[:, sl], lr[:, sl], mom[:, sl], dec[:, sl], weights,
+                                     window_gate=gamma[:, sl], initial_state=state, output_final_state=True, **kw)
+            outs.append(o)
+            prev = cut
+        o = torch.cat(outs, 1)
+        g = torch.Generator().manual_seed(3)
+        loss = (o * torch.randn(o.shape, dtype=o.dtype, generator=g)).sum()
+        for n in sorted(state.weights):
+            loss = loss + (state.weights[n] * torch.randn(state.weights[n].shape, dtype=o.dtype, generator=g)).sum()
+        loss.backward()
+        return o.detach(), [x.grad for x in leaves] + [weights[n].grad for n in sorted(weights)]
+
+    o, grads = run([])
+    for cuts in ([5], [1, 2, 3, 9], [6, 7, 13, 14]):
+        o_s, grads_s = run(cuts)
+        assert rel_err(o_s, o) <= 1e-10, cuts
+        for g_s, g in zip(grads_s, grads):
+            assert rel_err(g_s, g) <= 1e-10, cuts
+
+
+def _saved_bytes(seq, chunk_size):
+    """Bytes of distinct storage that autograd keeps for the backward of one token-granularity Muon
+    call (d = 16, hidden 64), and the bytes of one copy of the memory's matrices."""
+    inputs = [x.requires_grad_() for x in make_inputs(1, seq, 1, 16, 16, optimizer="muon")]
+    params = {n: p.requires_grad_() for n, p in make_params("mlp", 1, 16, 16, 64).items()}
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        neural_memory(*inputs[:6], params, window_gate=inputs[6], optimizer="muon", granularity="token", window=3,
+                      chunk_size=chunk_size, output_final_state=True)
+    return sum(storages.values()), sum(p.numel() * p.element_size() for p in params.values())
+
+
+def test_muon_token_keeps_no_per_token_matrices_for_the_backward():
+    """What the backward keeps grows linearly in T (the same per token from 64 to 128 tokens as from
+    128 to 256) by the chunk-start states (2 copies of the memory's matrices per chunk) and less than
+    0.15 of a copy per token besides (inputs, gates, coefficient rows): each chunk's b momenta,
+    their orthogonalised copies and the Newton-Schulz intermediates are recomputed in the backward,
+    not kept (kept, they were about 13 copies per token). Per token it falls with the chunk size."""
+    per_token = {}
+    for chunk_size in (4, 16):
+        (s64, copy), (s128, _), (s256, _) = (_saved_bytes(seq, chunk_size) for seq in (64, 128, 256))
+        growth = [(s128 - s64) / 64, (s256 - s128) / 128]
+        assert abs(growth[1] - growth[0]) <= 0.02 * growth[0], (chunk_size, growth)
+        assert growth[1] <= (2 / chunk_size + 0.15) * copy, (chunk_size, growth, copy)
+        per_token[chunk_size] = growth[1]
+    assert per_token[16] <= per_token[4], per_token
+
+
+def test_newton_schulz_batched_matches_the_iteration():
+    """The chunk form's batched Newton-Schulz (the Gram-space iteration for wide matrices, the fused
+    one for nearly square ones) is Muon's iteration: values and gradients (float64)."""
+    from deepmemory.ops.chunk import newton_schulz_batched
+
+    g = torch.Generator().manual_seed(5)
+    for shape in [(3, 4, 9), (3, 9, 4), (3, 6, 6), (3, 5, 7), (3, 7, 5), (2, 3, 1, 12)]:
+        for steps in (0, 1, 5):
+            x = torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+            proj = torch.randn(shape, dtype=torch.float64, generator=g)
+            ref = newton_schulz(x, steps)
+            (g_ref,) = torch.autograd.grad((ref * proj).sum(), x)
+            out = newton_schulz_batched(x, steps)
+            (g_out,) = torch.autograd.grad((out * proj).sum(), x)
+            assert out.shape == ref.shape and rel_err(out, ref) <= 1e-12, (shape, steps)
+            assert rel_err(g_out, g_ref) <= 1e-10, (shape, steps)

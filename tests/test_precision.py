@@ -42,7 +42,7 @@ def autocast_bf16():
 def tiny(name, seed=0):
     """The tiny preset with windows, segments and chunks that 32 tokens cross several times."""
     kw = dict(attention_window=5, segment_size=6)
-    if preset_config(name).memory:
+    if preset_config(name).memory and not preset_config(name).rule.decay_first:  # forgetting first is online: chunk 1
         kw["memory"] = dict(chunk_size=4)
     if preset_config(name).kernel:
         kw["kernel"] = dict(chunk_size=4)

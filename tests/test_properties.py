@@ -261,7 +261,7 @@ def model_cases(draw):
         attention_window=draw(st.integers(1, 6)),
         segment_size=draw(st.integers(1, 6)),
     )
-    if preset_config(name).memory:
+    if preset_config(name).memory and not preset_config(name).rule.decay_first:  # forgetting first is online: chunk 1
         overrides["memory"] = dict(chunk_size=draw(st.integers(1, 5)))
     if preset_config(name).kernel:
         overrides["kernel"] = dict(chunk_size=draw(st.integers(1, 5)))

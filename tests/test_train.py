@@ -225,7 +225,8 @@ def test_hugging_face_tokenizer_run(corpus, tmp_path, capsys):
     out = str(tmp_path / "H")
     assert main(args(corpus, "--steps", "2", "--tokenizer", str(tmp_path / "tokenizer.json"), "--out", out)) == 0
     config = json.load(open(os.path.join(out, "run.json")))
-    assert config["tokenizer"] == {"kind": "hf", "vocab_size": 16, "eos_id": 1, "file": "tokenizer.json"}
+    fingerprint = hashlib.sha256(open(tmp_path / "tokenizer.json", "rb").read()).hexdigest()
+    assert config["tokenizer"] == {"kind": "hf", "vocab_size": 16, "eos_id": 1, "file": "tokenizer.json", "sha256": fingerprint}
     assert config["model"]["config"]["vocab_size"] == 16 and os.path.isfile(os.path.join(out, "tokenizer.json"))
     capsys.readouterr()
     assert main(["generate", "--checkpoint", out, "--prompt", "the memory", "--max-new-tokens", "3"]) == 0

@@ -160,8 +160,13 @@ def test_json_is_strict(tmp_path):
 
 
 def test_non_finite_settings_are_user_errors(corpus, capsys):
+    # refused by the parser: one line, exit 2 (tests/test_bad_input.py holds the whole table)
     for flag, value in (("--lr", "inf"), ("--lr", "nan"), ("--weight-decay", "inf"), ("--grad-clip", "nan")):
-        one_error_line(capsys, args(corpus, flag, value), f"{flag} must be a finite number")
+        with pytest.raises(SystemExit) as exit_info:
+            main(args(corpus, flag, value))
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and f"argument {flag}: expected a finite number" in lines[0], lines
 
 
 def test_two_runs_with_one_seed_are_bitwise_equal(corpus, tmp_path):

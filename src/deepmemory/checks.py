@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from typing import Any, Callable, ClassVar, Dict, Tuple
+
+
+INT64_MAX = 2**63 - 1  # the largest count, size or seed a tensor (and torch's generators) can hold
+MAX_THREADS = 1024  # the most intra-op threads a command accepts (torch's own limit overflows far above)
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an ``OSError`` of a file operation: ``PATH: reason`` (``PATH -> PATH2: reason``
+    for a rename), e.g. ``/data/run/metrics.jsonl: Read-only file system``; the bare message when
+    no path is attached. Never raises."""
+    reason = err.strerror or " ".join(str(err).split()) or type(err).__name__
+    paths = [p if isinstance(p, str) else repr(p) for p in (err.filename, err.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is the process running out of memory: ``MemoryError`` (Python),
+    ``torch.OutOfMemoryError`` (an accelerator; recognised by name, without importing torch) or the
+    ``RuntimeError`` of torch's CPU allocator (``DefaultCPUAllocator: can't allocate memory``)."""
+    if isinstance(err, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(err).__mro__):
+        return True
+    return isinstance(err, RuntimeError) and "DefaultCPUAllocator" in str(err)
 
 
 def _shown(value) -> str:
@@ -13,12 +36,69 @@ def _shown(value) -> str:
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
-def check_int(name: str, value, minimum: int = 1) -> None:
-    """An int (not a bool) >= ``minimum``; ``TypeError`` / ``ValueError`` naming ``name``."""
+def check_int(name: str, value, minimum: int = 1, maximum: int = INT64_MAX) -> None:
+    """An int (not a bool) in ``[minimum, maximum]`` (by default up to ``INT64_MAX``: a larger one
+    overflows the tensor or the generator it goes into); ``TypeError`` / ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int; got {_shown(value)}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}; got {_shown(value).split(' ', 1)[1]}")
+
+
+def int_argument(minimum: int = 1, maximum: int = INT64_MAX) -> Callable[[str], int]:
+    """An ``argparse`` ``type=``: the option's text as an int in ``[minimum, maximum]``, else
+    ``argparse.ArgumentTypeError`` with a one-line reason (which the parser reports as
+    ``argument --seq: must be >= 1; got 0``, exit code 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+        if not minimum <= value <= maximum:
+            shown = text if len(text) <= 30 else text[:27] + "..."
+            bound = f">= {minimum}" if value < minimum else f"<= {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}; got {shown}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its own messages
+    return parse
+
+
+def _int_option(text: str) -> int:
+    """An option's int, within the int64 range (a larger one overflows the tensor or generator it goes into)."""
+    value = int(text)
+    if not -2**63 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer below 2**63; got {text[:30]}{'...' if len(text) > 30 else ''}")
+    return value
+
+
+def _float_option(text: str) -> float:
+    """An option's float, finite (NaN would pass every later ``value < low`` check)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number; got {text!r}")
+    return value
+
+
+_int_option.__name__, _float_option.__name__ = "int", "float"  # argparse names the type in "invalid int value: ..."
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with a one-line error, ``PROG: error: ... (see PROG --help)``,
+    exit code 2, instead of the usage block first. Options of ``type=int`` are kept within the
+    int64 range and options of ``type=float`` must be finite (each command checks its own ranges
+    after that). The parser of ``deepmemory`` and of every subcommand, and of ``python -m deepmemory.train``."""
+
+    def add_argument(self, *args, **kwargs):
+        kind = kwargs.get("type")
+        if kind is int or kind is float:
+            kwargs["type"] = _int_option if kind is int else _float_option
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def check_choice(name: str, value, options) -> None:

@@ -43,6 +43,19 @@ def map_tensors(state: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return state
 
 
+def check_state_fits(state: Any, x: Tensor, name: str = "state") -> None:
+    """Raise a one-line ``ValueError`` unless every tensor in ``state`` (all batch-first) has the
+    batch size ``x.shape[0]`` and the device of the input ``x``: a state continues the sequences it
+    was made with, on their device (``state.map(lambda t: t.to(device))`` moves one)."""
+    for t in tensors(state):
+        if t.device != x.device:
+            raise ValueError(f"the {name} is on {t.device} but the input is on {x.device}; move it with "
+                             f"{name}.map(lambda t: t.to(device)) or start a new one")
+        if t.dim() == 0 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"the {name} holds {t.shape[0] if t.dim() else 0} sequence(s) but the input has a batch of "
+                             f"{x.shape[0]}; continue a {name} with the batch it was made with")
+
+
 def tensors(state: Any) -> List[Tensor]:
     """Every tensor in ``state``, in the order :func:`map_tensors` visits them."""
     found: List[Tensor] = []

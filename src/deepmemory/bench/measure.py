@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -78,13 +79,25 @@ def allocator_note(keep: bool) -> str:
             else "allocator: the C library's default")
 
 
+class CaseError(RuntimeError):
+    """A benchmark case whose process failed. The message holds the tail of its stderr; ``line``
+    is one line for the user: the case and the last line of that stderr (its exception)."""
+
+    def __init__(self, case: Dict, stderr: str):
+        super().__init__(f"benchmark case {case} failed:\n{stderr.strip()[-2000:]}")
+        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+        why = lines[-1][:300] if lines else "the process died without a message"
+        self.line = f"benchmark case {json.dumps(case)} failed: {why}"
+
+
 def run_isolated(module: str, case: Dict) -> Dict:
-    """Run ``python -m module --case JSON`` and parse the JSON line it prints last."""
+    """Run ``python -m module --case JSON`` and parse the JSON line it prints last; ``CaseError``
+    (a ``RuntimeError``) when the process fails."""
     out = subprocess.run(
         [sys.executable, "-m", module, "--case", json.dumps(case)], capture_output=True, text=True, check=False
     )
     if out.returncode != 0:
-        raise RuntimeError(f"benchmark case {case} failed:\n{out.stderr.strip()[-2000:]}")
+        raise CaseError(case, out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -132,7 +145,8 @@ def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, n
 
 
 def save_plot(path: str, series: Dict[str, Dict[int, float]], xlabel: str, ylabel: str, title: str) -> None:
-    """A log-x line plot, one line per series ``{label: {x: y}}`` (matplotlib, Agg)."""
+    """A log-x line plot, one line per series ``{label: {x: y}}`` (matplotlib, Agg), written
+    atomically: drawn into a hidden file beside ``path`` and renamed over it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,8 +163,15 @@ def save_plot(path: str, series: Dict[str, Dict[int, float]], xlabel: str, ylabe
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format=os.path.splitext(name)[1].lstrip(".").lower() or "png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def print_table(rows: List[Dict], columns: List[str], left: Sequence[str] = ()) -> str:

@@ -4,7 +4,15 @@
 
 Competitors, each ``[B, T, hidden] -> [B, T, hidden]`` with the same width (hidden 256, 4 heads x 64,
 MLP memory depth 2 expansion 4 by default): this library's ``NeuralMemory`` at token and chunk
-granularity, its Gated DeltaNet configuration (linear memory, gd, l2), SDPA attention, and
+granularity; its Gated DeltaNet (the ``gated-deltanet`` preset's layer: the gated delta rule exactly
+online, in the WY form; no chunk size), the same delta rule with gradients at each chunk's start and
+the decay after them (``delta-chunk-start``, the preset before it was exact) and the token loop of
+Gated DeltaNet (``gated-deltanet-loop``, ``impl="reference"``; not in the default list, it is slow);
+SDPA attention; the ``swdt`` preset's ``KernelMemory`` (the Omega rule of ATLAS eq. 27, window 16)
+and the same with tokens retired when they leave the window (``swdt-swa``); the ``atlas`` preset's
+memory rule (Muon, Omega window 16, memory LayerNorm) on the same MLP memory with identity features,
+at token granularity (``atlas-token``, the preset's: a Newton-Schulz run per token; not in the
+default list, it is slow) and at chunk granularity (``atlas-chunk``, the ablation); and
 ``titans_pytorch.NeuralMemory`` when that package is installed (``pip install "deepmemory[bench]"``),
 configured with ``batch_size = chunk_size`` so its gradients, like ours, are taken at each chunk's
 start weights. Every case runs in a fresh process (clean peak-memory reading).
@@ -20,21 +28,42 @@ import torch
 
 from .measure import add_allocator_argument, allocator_note, fmt_mib, bench_main, count_flops, matmul_peak_flops, measure, print_table, run_isolated, save_plot, saved_for_backward_mib
 
-MIXERS = ("memory-token", "memory-chunk", "gated-deltanet", "attention", "titans-pytorch")
+MIXERS = ("memory-token", "memory-chunk", "gated-deltanet", "delta-chunk-start", "gated-deltanet-loop", "attention",
+          "swdt", "swdt-swa", "atlas-token", "atlas-chunk", "titans-pytorch")
+SLOW_MIXERS = ("gated-deltanet-loop", "atlas-token")  # not in the default list
+# the mixers without a chunk size: measured once per length, whatever --chunk lists
+CHUNKLESS = ("attention", "gated-deltanet", "gated-deltanet-loop")
 
 
 def make_mixer(name: str, hidden: int, heads: int, head_dim: int, chunk: int) -> torch.nn.Module:
     from deepmemory.layers import Attention, NeuralMemory
+    from deepmemory.models.presets import GATED_DELTANET
 
     mem = dict(chunk_size=chunk, architecture="mlp", depth=2, expansion=4, optimizer="momentum")
     if name == "memory-token":
         return NeuralMemory(hidden, heads, head_dim, granularity="token", **mem)
     if name == "memory-chunk":
         return NeuralMemory(hidden, heads, head_dim, granularity="chunk", **mem)
-    if name == "gated-deltanet":
+    if name in ("gated-deltanet", "gated-deltanet-loop"):
+        rule, layer = GATED_DELTANET
+        return NeuralMemory(hidden, heads, head_dim, rule=rule, impl="chunk" if name == "gated-deltanet" else "reference",
+                            **layer)
+    if name == "delta-chunk-start":
         return NeuralMemory(hidden, heads, head_dim, chunk_size=chunk, architecture="linear", optimizer="gd", loss="l2")
     if name == "attention":
         return Attention(hidden, heads, head_dim)
+    if name in ("atlas-token", "atlas-chunk"):  # the atlas preset's rule; identity features at this width
+        from deepmemory.models.presets import ATLAS
+
+        rule, layer = ATLAS
+        layer = {k: v for k, v in layer.items() if not k.startswith("poly")}
+        return NeuralMemory(hidden, heads, head_dim, rule=rule.replace(chunk_size=chunk, granularity=name[len("atlas-"):]),
+                            **dict(layer, feature_map="identity"))
+    if name in ("swdt", "swdt-swa"):  # the swdt preset's kernel memory, and the same retiring tokens
+        from deepmemory.layers import KernelMemory
+        from deepmemory.models.presets import SWDT
+
+        return KernelMemory(hidden, heads, head_dim, **dict(SWDT, chunk_size=chunk, window_rule="omega" if name == "swdt" else "swa"))
     from titans_pytorch import NeuralMemory as TitansMemory
 
     class _Titans(torch.nn.Module):
@@ -79,7 +108,7 @@ def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, thre
     mixers = available(list(mixers))
     peak = matmul_peak_flops(device) if flops else 0.0
     cases = [(chunk, seq, name) for chunk in chunks for seq in seqs for name in mixers
-             if not (name == "attention" and len(chunks) > 1 and chunk != chunks[0])]  # attention has no chunk size
+             if not (name in CHUNKLESS and len(chunks) > 1 and chunk != chunks[0])]
     runs: Dict[tuple, List[Dict]] = {key: [] for key in cases}
     for r in range(rounds):
         for chunk, seq, name in cases:
@@ -107,7 +136,7 @@ def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, thre
                                      flops_per_s=got[0]["flops_per_s"] * mid["tokens_per_s"] / got[0]["tokens_per_s"],
                                      peak_mib=max(g["peak_mib"] for g in got))
             for name, r in res.items():
-                row = {"mixer": name, "chunk": chunk if name != "attention" else "-", "T": seq,
+                row = {"mixer": name, "chunk": chunk if name not in CHUNKLESS else "-", "T": seq,
                        "tokens/s": f"{r['tokens_per_s']:.0f}", "peak MiB": f"{r['peak_mib']:.0f}",
                        "saved MiB": fmt_mib(r["saved_mib"])}
                 if rounds > 1:
@@ -120,7 +149,7 @@ def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, thre
                     row["GFLOP/s"] = f"{r['flops_per_s'] / 1e9:.1f}"
                     row["% of matmul peak"] = f"{100 * r['flops_per_s'] / peak:.1f}"
                 rows.append(row)
-                label = name if name == "attention" else f"{name} (chunk {chunk})"
+                label = name if name in CHUNKLESS else f"{name} (chunk {chunk})"
                 series.setdefault(label, {})[seq] = r["tokens_per_s"]
     print("(peak MiB: growth of the process's peak RSS (CPU) or max allocated (CUDA) during the step; "
           "saved MiB: what autograd keeps for the backward" + ("; user/sys us/tok: the process's CPU time per token "
@@ -143,7 +172,9 @@ def run(seqs, chunks, mixers, *, batch=2, hidden=256, heads=4, head_dim=64, thre
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seq", type=int, nargs="+", default=[1024, 4096], help="sequence lengths T; default 1024 4096")
     ap.add_argument("--chunk", type=int, nargs="+", default=[16, 64], help="memory chunk sizes; default 16 64")
-    ap.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS, help="token mixers to compare; default all")
+    ap.add_argument("--mixers", nargs="+", default=[m for m in MIXERS if m not in SLOW_MIXERS], choices=MIXERS,
+                    help="token mixers to compare; default all but gated-deltanet-loop (the token loop) and atlas-token "
+                    "(a Newton-Schulz run per token), which are slow")
     ap.add_argument("--batch", type=int, default=2, help="batch size; default 2")
     ap.add_argument("--threads", type=int, default=1, help="intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared machine stays usable; raise it to measure multi-core scaling)")
     ap.add_argument("--repeat", type=int, default=2, help="timed steps per case (the best counts), after one warm-up")

@@ -4,7 +4,12 @@ with ``HELP`` (its one-line help) and ``register(subparsers)`` (adds its parser 
 
 Start-up stays fast: ``main`` builds the full parser of the one subcommand named on the command
 line and a stub (name and help) for the others, and no module here imports torch before a
-command runs (``deepmemory --help`` and ``deepmemory models`` do not import it at all)."""
+command runs (``deepmemory --help`` and ``deepmemory models`` do not import it at all).
+
+Errors (docs/security.md): a user error (``CLIError``, a malformed option, a file that cannot be
+read or written) prints one line ``deepmemory COMMAND: error: ...`` on stderr and exits with
+``EXIT_USER_ERROR`` (2); running out of memory exits with ``EXIT_OUT_OF_MEMORY`` (4); a diverged
+training run with 3. Every subcommand has ``--debug``, which prints the traceback first."""
 
 from __future__ import annotations
 
@@ -13,19 +18,20 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMANDS: tuple = ("models", "train", "generate", "export", "bench")
+from ..checks import OneLineParser
+
+COMMANDS: tuple = ("models", "train", "generate", "export", "eval", "bench")
+
+EXIT_USER_ERROR = 2  # a user error: a bad option or file, a request that cannot fit
+EXIT_OUT_OF_MEMORY = 4  # the machine ran out of memory while the command ran
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit code 2 (a diverged training run exits 3 instead)."""
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error: ``deepmemory train: error: ... (see --help)``, exit 2,
-    instead of the usage block first."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+# argparse with one-line errors, int options within int64 and finite float options (deepmemory.checks)
+Parser = OneLineParser
 
 
 def version_text() -> str:
@@ -37,6 +43,12 @@ def version_text() -> str:
 def add_version(parser: argparse.ArgumentParser) -> None:
     """``--version`` on ``parser`` (every subcommand has it, as the top level does)."""
     parser.add_argument("--version", action="version", version=version_text(), help="print the version and exit")
+
+
+def add_debug(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on ``parser``: an error prints its traceback before its one-line message (every
+    subcommand has it; ``main`` prints it)."""
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error before its one-line message")
 
 
 def build_parser(only: Optional[str] = "*") -> argparse.ArgumentParser:
@@ -62,7 +74,23 @@ def _command(argv: List[str]) -> Optional[str]:
     return None
 
 
+def error_exit(args: argparse.Namespace, line: str, code: int = EXIT_USER_ERROR) -> int:
+    """Print ``deepmemory COMMAND: error: LINE`` (whitespace collapsed to one line) on stderr, after
+    the traceback of the error being handled when ``--debug`` was given; return ``code``."""
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exc()
+    command = " ".join(str(w) for w in (args.command, getattr(args, "mode", None)) if w)  # "bench op"
+    print(f"deepmemory {command}: error: {' '.join(str(line).split())}", file=sys.stderr)
+    return code
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return its exit code: 0, or
+    ``EXIT_USER_ERROR`` (2) after a ``CLIError`` or an ``OSError`` (one line naming the path),
+    ``EXIT_OUT_OF_MEMORY`` (4) when memory ran out, 3 for a diverged training run. A malformed
+    option exits through ``SystemExit(2)`` with argparse's one line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=_command(argv))
     args = parser.parse_args(argv)
@@ -72,8 +100,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CLIError as err:
-        print(f"deepmemory {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(args, str(err))
+    except OSError as err:  # a file that cannot be read or written: the user's to fix
+        from ..checks import os_error_line
+
+        return error_exit(args, os_error_line(err))
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        from ..checks import out_of_memory
+
+        if not out_of_memory(err):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        return error_exit(args, f"out of memory ({type(err).__name__}{': ' + first if first else ''}); a smaller "
+                                "--batch-size, --seq-len or model needs less", EXIT_OUT_OF_MEMORY)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""``deepmemory bench {op,mixer,kernel,model,decode}``: benchmark tables (and plots) printed to the terminal."""
+"""``deepmemory bench {op,mixer,kernel,model,decode}``: benchmark tables (and plots) printed to the terminal.
+
+Every mode's options are checked before anything is measured: each integer option is >= 1
+(``--threads`` at most ``MAX_THREADS``), ``--device`` names an available device and ``--plot`` a
+writable image file; a case that fails in its process ends the command with one line."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import CLIError, add_version
+from . import CLIError, add_debug, add_version
 
 HELP = "benchmarks: the op, token mixers, training steps, decoding"
 
@@ -17,7 +21,7 @@ def register(sub) -> None:
     modes = p.add_subparsers(dest="mode", metavar="MODE", required=True)
     op_p = modes.add_parser("op", help="neural_memory forward+backward: chunk vs reference")
     op.add_arguments(op_p)
-    op_p.set_defaults(func=lambda a: op.run_cli(a))
+    op_p.set_defaults(func=lambda a: _measured(op.run_cli, a))
     mx = modes.add_parser("mixer", help="one token mixer forward+backward against its peers (T = 1K..64K)")
     mixer.add_arguments(mx)
     mx.set_defaults(func=_mixer)
@@ -29,43 +33,85 @@ def register(sub) -> None:
         mp = modes.add_parser(mode, help=text)
         model.add_arguments(mp)
         mp.set_defaults(func=lambda a, d=decode: _model(a, d))
+    for mode_parser in (op_p, mx, kp, *(modes.choices[m] for m in ("model", "decode"))):
+        _counts_are_positive(mode_parser)
+        add_debug(mode_parser)
 
 
-def _check_positive(name: str, values) -> None:
-    for v in values if isinstance(values, list) else [values]:
-        if v < 1:
-            raise CLIError(f"--{name} must be >= 1; got {v}")
+def _counts_are_positive(parser: argparse.ArgumentParser) -> None:
+    """Every integer option of ``parser`` (sizes, counts, repeats) must be >= 1 (``--threads`` at
+    most ``MAX_THREADS``), refused by the parser itself with one line; the defaults are left as they are."""
+    from ..checks import INT64_MAX, MAX_THREADS, int_argument
+
+    for action in parser._actions:
+        if getattr(action.type, "__name__", None) == "int" and action.option_strings:
+            action.type = int_argument(1, MAX_THREADS if action.dest == "threads" else INT64_MAX)
+
+
+def _check_device(device: str) -> None:
+    """``--device`` is ``cpu`` or an available ``cuda`` device; ``CLIError`` otherwise."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CLIError(f"--device must be cpu, cuda or cuda:N; got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device must be cpu or cuda; got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: no CUDA device is available (use --device cpu)")
+
+
+def _check_plot(path) -> None:
+    """``--plot`` names an image file matplotlib writes (by its extension) in an existing, writable
+    folder: checked before anything is measured, so that no result is lost at the end."""
+    import os
+
+    if path is None:
+        return
+    if not path:
+        raise CLIError("--plot must name an image file such as tokens.png; got ''")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext not in formats:
+        raise CLIError(f"--plot {path}: the extension must name an image format ({', '.join(sorted(formats))}); got {ext!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CLIError(f"--plot {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise CLIError(f"--plot {path} is a folder; name an image file")
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"--plot {path}: the folder {folder} is not writable")
+
+
+def _measured(run_cli, args: argparse.Namespace, *extra) -> int:
+    """Check ``--device`` and ``--plot`` (where the mode has them), then ``run_cli(args, *extra)``;
+    a case whose process failed ends the command with its one line."""
+    from ..bench.measure import CaseError
+
+    if getattr(args, "device", None) is not None:
+        _check_device(args.device)
+    _check_plot(getattr(args, "plot", None))
+    try:
+        run_cli(args, *extra)
+    except CaseError as err:
+        raise CLIError(err.line) from err
+    return 0
 
 
 def _mixer(args: argparse.Namespace) -> int:
     from ..bench import mixer
 
-    _check_positive("seq", args.seq)
-    _check_positive("chunk", args.chunk)
-    _check_positive("repeat", args.repeat)
-    _check_positive("rounds", args.rounds)
-    mixer.run_cli(args)
-    return 0
+    return _measured(mixer.run_cli, args)
 
 
 def _kernel(args: argparse.Namespace) -> int:
-    import torch
-
     from ..bench import kernel
 
-    for name in ("seq", "batch", "heads", "head_dim", "threads", "repeat"):
-        _check_positive(name.replace("_", "-"), getattr(args, name))
-    device = args.device or kernel.default_device()
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise CLIError(f"bad --device {device!r}: {err}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise CLIError(f"--device must be cpu or cuda; got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available (use --device cpu)")
-    kernel.run_cli(args)
-    return 0
+    _check_device(args.device or kernel.default_device())
+    return _measured(kernel.run_cli, args)
 
 
 def _model(args: argparse.Namespace, decode: bool) -> int:
@@ -77,7 +123,4 @@ def _model(args: argparse.Namespace, decode: bool) -> int:
             raise CLIError(f"unknown model {name!r}; valid: {', '.join(list_presets())}")
     if args.size not in list_sizes():
         raise CLIError(f"unknown size {args.size!r}; valid: {', '.join(list_sizes())}")
-    _check_positive("context", args.context)
-    _check_positive("seq", args.seq)
-    model.run_cli(args, decode)
-    return 0
+    return _measured(model.run_cli, args, decode)

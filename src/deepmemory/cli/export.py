@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import CLIError, add_version
+from . import CLIError, add_debug, add_version
 
 HELP = "write a run's model as a clean Hugging Face folder (with a model card), ready for push_to_hub"
 
@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("run", metavar="RUN", help="a run directory, or one of its checkpoints/step-N")
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder written by `deepmemory export`")
-    p.add_argument("--debug", action="store_true", help="print the traceback of an error before its one-line message")
+    add_debug(p)
     p.set_defaults(func=run)
 
 
@@ -28,11 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         export_run(args.run, args.out, overwrite=args.overwrite)
-    except (ValueError, OSError) as err:  # CheckpointError and the other user errors are ValueErrors
-        if args.debug:
-            import traceback
-
-            traceback.print_exc()
-        raise CLIError(" ".join(str(err).split()) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}") from err
+    except ValueError as err:  # CheckpointError and the other user errors are ValueErrors; OSErrors: main's line
+        raise CLIError(" ".join(str(err).split())) from err
     print(f"exported {args.run} to {args.out}")
     return 0

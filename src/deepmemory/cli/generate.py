@@ -8,7 +8,7 @@ import os
 import sys
 from typing import List
 
-from . import CLIError, add_version
+from . import CLIError, add_debug, add_version
 
 HELP = "sample text from a trained run directory or an exported model"
 MAX_SAMPLES = 1024  # one batch: more would exhaust memory before the first token
@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     stream.add_argument("--stream", dest="stream", action="store_true", default=None,
                         help="print tokens as they are generated (the default for a single sequence)")
     stream.add_argument("--no-stream", dest="stream", action="store_false", help="print each text when it is complete")
-    p.add_argument("--debug", action="store_true", help="print the traceback of an error before its one-line message")
+    add_debug(p)
     p.set_defaults(func=run)
 
 
@@ -95,20 +95,47 @@ def _check(args: argparse.Namespace) -> None:
         raise CLIError(f"--num-samples must be in [1, {MAX_SAMPLES}]; got {args.num_samples}")
     if not 0 <= args.seed < 2**63:
         raise CLIError(f"--seed must be in [0, 2**63); got {args.seed}")
-    if args.threads is not None and args.threads < 1:
-        raise CLIError(f"--threads must be >= 1; got {args.threads}")
+    check_threads(args.threads)
     if args.stream and args.num_samples > 1:
         raise CLIError("--stream shows one sequence at a time; it needs --num-samples 1")
 
 
+def check_threads(threads) -> None:
+    """``CLIError`` unless ``threads`` is ``None`` or in ``[1, MAX_THREADS]`` (a larger count
+    overflows torch's thread pool)."""
+    from ..checks import MAX_THREADS
+
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise CLIError(f"--threads must be in [1, {MAX_THREADS}]; got {threads}")
+
+
 def set_threads(threads) -> None:
-    """``threads`` intra-op threads; by default ``OMP_NUM_THREADS`` if set, else 1."""
+    """``threads`` intra-op threads; by default ``OMP_NUM_THREADS`` if set, else 1. Raises
+    ``CLIError`` for a count outside ``[1, MAX_THREADS]``."""
     import torch
 
+    check_threads(threads)
     if threads is not None:
         torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
+
+
+def finite_scores():
+    """A ``LogitsProcessorList`` whose processor raises ``CLIError`` when the next-token scores
+    hold NaN or +inf, or a row is all -inf: the weights are damaged (a run never saves non-finite
+    ones, but finite garbage can overflow), and sampling would fail inside ``generate``."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FiniteScores(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if bool(torch.isnan(scores).any() or torch.isposinf(scores).any() or torch.isneginf(scores).all(-1).any()):
+                raise CLIError(f"the model's next-token scores are not finite after {input_ids.shape[1]} tokens: "
+                               "its weights are damaged")
+            return scores
+
+    return LogitsProcessorList([FiniteScores()])
 
 
 def make_streamer(tokenizer, out=None):
@@ -152,17 +179,7 @@ def make_streamer(tokenizer, out=None):
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CLIError:
-        if args.debug:
-            import traceback
-
-            traceback.print_exc()
-        raise
-
-
-def _run(args: argparse.Namespace) -> int:
+    """Generate as ``args`` say; ``CLIError`` (one line, exit code 2) for a user error."""
     _check(args)
     prompts = read_prompts(args)
     import torch
@@ -179,7 +196,8 @@ def _run(args: argparse.Namespace) -> int:
                    temperature=args.temperature if sample else None, top_k=(args.top_k or None) if sample else None,
                    top_p=args.top_p if sample and args.top_p < 1 else None,
                    repetition_penalty=args.repetition_penalty if args.repetition_penalty != 1 else None,
-                   num_return_sequences=args.num_samples, pad_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+                   num_return_sequences=args.num_samples, pad_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
+                   logits_processor=finite_scores())
     many = len(prompts) * args.num_samples > 1
     torch.manual_seed(args.seed)
     for i, prompt in enumerate(prompts):

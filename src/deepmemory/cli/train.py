@@ -25,15 +25,16 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train as ``args`` say: ``0`` when the run completes, ``3`` when it diverged (one line on
-    stderr); other user errors raise ``CLIError`` (exit code 2). ``--debug`` prints the traceback first."""
+    stderr); other user errors raise ``CLIError`` (exit code 2; ``main`` prints the line, after the
+    traceback with ``--debug``)."""
     from ..train import USER_ERRORS
     from ..train.command import EXIT_DIVERGED, error_line, exit_code, print_traceback, run_from_args
 
     try:
         run_from_args(args)
     except USER_ERRORS as err:
-        print_traceback(args)
         if exit_code(err) == EXIT_DIVERGED:
+            print_traceback(args)
             print(f"deepmemory {args.command}: error: {error_line(err)}", file=sys.stderr)
             return EXIT_DIVERGED
         raise CLIError(error_line(err)) from err

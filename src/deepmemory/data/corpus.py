@@ -75,20 +75,34 @@ def stdlib_documents() -> List[Document]:
 
 
 def _jsonl_documents(path: str, name: str, field: str = "text") -> List[Document]:
+    """The ``field`` strings of a JSON Lines file, one document per line. Every line must be UTF-8
+    (RFC 8259's encoding of JSON text; ``json.loads`` would guess UTF-16 or UTF-32 from bytes) and
+    its text encodable as UTF-8 (no lone surrogate escapes such as ``\\ud800``); ``DataError``
+    naming ``path:line`` otherwise."""
     docs = []
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise DataError(f"--data: {path}:{lineno} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                                f"column {err.start + 1}); a .jsonl file must be UTF-8") from err
             except json.JSONDecodeError as err:
                 raise DataError(f"--data: {path}:{lineno} is not valid JSON ({err.msg})") from err
+            except RecursionError as err:
+                raise DataError(f"--data: {path}:{lineno} nests JSON too deeply to read") from err
             text = record.get(field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise DataError(f"--data: {path}:{lineno} has no string field {field!r}")
-            if text:
-                docs.append((f"{name}:{lineno}", text.encode("utf-8")))
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise DataError(f"--data: {path}:{lineno}: its {field!r} holds the lone surrogate escape "
+                                f"{text[err.start]!r}, which is no character and cannot be encoded as UTF-8") from err
+            if data:
+                docs.append((f"{name}:{lineno}", data))
     return docs
 
 

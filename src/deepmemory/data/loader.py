@@ -53,9 +53,15 @@ class WindowSampler:
         return {"epoch": self.epoch, "cursor": self.cursor, "num_windows": self.num_windows, "seq_len": self.seq_len}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        if state.get("num_windows") != self.num_windows or state.get("seq_len") != self.seq_len:
-            raise DataError(f"the data position {state} does not fit this data ({self.num_windows} windows of {self.seq_len})")
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        """Continue at the position ``state_dict()`` returned; ``DataError`` when it is not a
+        position in this data (another data set or ``seq_len``, or a damaged record)."""
+        if not isinstance(state, dict) or state.get("num_windows") != self.num_windows or state.get("seq_len") != self.seq_len:
+            raise DataError(f"the data position {state!r:.100} does not fit this data ({self.num_windows} windows of {self.seq_len})")
+        epoch, cursor = state.get("epoch"), state.get("cursor")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, cursor)) \
+                or not (0 <= epoch < 2**62 and 0 <= cursor < self.num_windows):
+            raise DataError(f"the data position {state!r:.100} is damaged: expected an epoch >= 0 and a cursor in [0, {self.num_windows})")
+        self.epoch, self.cursor = epoch, cursor
 
 
 def eval_windows(tokens: Tensor, seq_len: int, max_windows: int) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from typing import Dict, List, Optional, Sequence, Union
@@ -83,13 +84,32 @@ class HFTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def info(self) -> Dict:
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id, "file": TOKENIZER_FILE}
+        """What a run records of the tokenizer: its kind, size, end-of-document id, file name and
+        the file's fingerprint (``sha256``), which :func:`tokenizer_from_info` checks."""
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id, "file": TOKENIZER_FILE,
+                "sha256": file_sha256(self.path)}
 
     def save(self, directory: str) -> None:
-        shutil.copyfile(self.path, os.path.join(directory, TOKENIZER_FILE))
+        """Copy the ``tokenizer.json`` into ``directory``, atomically: into a hidden file beside
+        it, then renamed over it (a crash leaves the old file or the new one)."""
+        path = os.path.join(directory, TOKENIZER_FILE)
+        if os.path.abspath(path) == os.path.abspath(self.path):
+            return
+        tmp = os.path.join(directory, f".{TOKENIZER_FILE}.tmp")
+        shutil.copyfile(self.path, tmp)
+        os.replace(tmp, path)
 
 
 Tokenizer = Union[ByteTokenizer, HFTokenizer]
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes, as 64 hex digits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
@@ -100,10 +120,26 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 
 def tokenizer_from_info(info: Dict, directory: str) -> Tokenizer:
-    """Rebuild the tokenizer recorded by ``info()`` in a run directory."""
+    """Rebuild the tokenizer recorded by ``info()`` in a run directory.
+
+    Raises:
+        DataError: (one line) an unknown record; a recorded file name that is not a plain name in
+            ``directory``; a tokenizer file whose SHA-256 differs from the recorded one (the file
+            was replaced after training: ids would mean other text); a file that cannot be read.
+    """
     kind = info.get("kind") if isinstance(info, dict) else None
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "hf":
-        return HFTokenizer(os.path.join(directory, info.get("file", TOKENIZER_FILE)))
-    raise DataError(f"unknown tokenizer record {info!r} in {directory}")
+        name = info.get("file", TOKENIZER_FILE)
+        if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+            raise DataError(f"the tokenizer record in {directory} names the file {name!r}; expected a file name in the run directory")
+        tokenizer = HFTokenizer(os.path.join(directory, name))
+        recorded = info.get("sha256")
+        if recorded is not None and recorded != file_sha256(tokenizer.path):
+            raise DataError(f"{tokenizer.path} is not the tokenizer the run was trained with (its sha256 "
+                            f"{file_sha256(tokenizer.path)[:12]}... differs from the recorded {str(recorded)[:12]}...); "
+                            "restore the original file")
+        return tokenizer
+    shown = repr(info)
+    raise DataError(f"unknown tokenizer record {shown if len(shown) <= 80 else shown[:77] + '...'} in {directory}")

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..checks import check_int, check_positive
 from ..ops.coefficients import nonfinite, zero_rows
-from ..tree import State
+from ..tree import State, check_state_fits
 
 
 def check_input(x, hidden_size: int) -> None:
@@ -168,6 +168,8 @@ class Attention(nn.Module):
         check_input(x, self.hidden_size)
         if state is not None and not isinstance(state, AttentionState):
             raise TypeError(f"state must be an AttentionState; got {type(state).__name__}")
+        if state is not None:
+            check_state_fits(state, x)
         if prefix is not None and (not isinstance(prefix, Tensor) or prefix.dim() != 3 or prefix.shape[-1] != self.hidden_size):
             raise ValueError(f"prefix must be a [B, N, {self.hidden_size}] tensor; got {getattr(prefix, 'shape', prefix)!r}")
         start = 0 if state is None else state.pos

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..checks import check_int, check_positive
 from .attention import Attention, AttentionState, check_input
 from .common import RMSNorm, SwiGLU, default_intermediate_size
-from ..tree import State
+from ..tree import State, check_state_fits
 from .memory_layer import NeuralMemory, NeuralMemoryState
 
 
@@ -52,6 +52,8 @@ class _Block(nn.Module):
             raise ValueError("x must hold at least one token (T >= 1)")
         if state is not None and state_type is not None and not isinstance(state, state_type):
             raise TypeError(f"state must be a {state_type.__name__}; got {type(state).__name__}")
+        if state is not None:
+            check_state_fits(state, x)
 
     def finish(self, x: Tensor, state, return_state: bool):
         x = x + self.mlp(self.mlp_norm(x))
@@ -101,7 +103,11 @@ class MemoryBlock(_Block):
     (``NeuralMemory()``), Gated DeltaNet (``NeuralMemory(architecture="linear", optimizer="gd",
     loss="l2", window=1)``), the DeepTransformer family (``KernelMemory``). State: the mixer's.
 
-    ``hidden_size`` defaults to ``mixer.hidden_size``."""
+    ``hidden_size`` defaults to ``mixer.hidden_size``. ``num_persistent`` (int >= 0) learned
+    persistent tokens ``P [N_p, hidden]`` (Titans eq. 19; the LMM of Titans' ablations has them):
+    the mixer reads ``[P | RMSNorm(x)]`` at the start of a sequence (``state=None``) and their
+    outputs are dropped, so ``P`` is what the memory holds before the first user token; a
+    continued sequence does not see them again."""
 
     def __init__(
         self,
@@ -109,6 +115,7 @@ class MemoryBlock(_Block):
         hidden_size: Optional[int] = None,
         intermediate_size: Optional[int] = None,
         *,
+        num_persistent: int = 0,
         mlp_ratio: float = 4.0,
         eps: float = 1e-6,
     ):
@@ -119,11 +126,20 @@ class MemoryBlock(_Block):
             if hidden_size is None:
                 raise ValueError("hidden_size is required when the mixer has no hidden_size attribute")
         super().__init__(hidden_size, mlp_ratio, intermediate_size, eps)
+        check_int("num_persistent", num_persistent, 0)
         self.mixer = mixer
+        self.num_persistent = num_persistent
+        self.persistent = nn.Parameter(torch.randn(num_persistent, hidden_size) * 0.02) if num_persistent else None
 
     def forward(self, x: Tensor, state: Optional[State] = None, return_state: bool = False):
         self.check(x)
-        y, state = self.mixer(self.mixer_norm(x), state, return_state=True)
+        h = self.mixer_norm(x)
+        if state is None and self.persistent is not None:
+            p = self.persistent[None].expand(h.shape[0], -1, -1).to(h.dtype)
+            y, state = self.mixer(torch.cat([p, h], 1), None, return_state=True)
+            y = y[:, self.num_persistent :]
+        else:
+            y, state = self.mixer(h, state, return_state=True)
         return self.finish(x + y, state, return_state)
 
 

@@ -7,7 +7,11 @@ map of ``exp`` (ATLAS eq. 22's ``phi*`` cut at degree ``p``)::
 
 with learnable per-head coefficients ``a_i`` initialised to ``1 / sqrt(i!)`` (so that at
 initialisation the kernel is the degree-``p`` Taylor polynomial of ``exp(<x, y>) - 1``: ATLAS eq. 5
-with its coefficients at their initial ``1 / i!``, less the constant term).
+with its coefficients at their initial ``1 / i!``, less the constant term). With ``constant=True``
+the degree-0 term of ATLAS eq. 5 is there too: one more feature ``a_0`` (per head, initialised to
+1), so ``<phi(x), phi(y)> = a_0^2 + sum_i a_i^2 <x, y>^i``, the whole Taylor polynomial of
+``exp(<x, y>)`` at initialisation. For a memory it is a bias input: ``W_0 phi(x)`` gains a learned
+per-token-independent column.
 
 ``x^{(i)}`` is the *symmetric* form of the tensor power ``x^{⊗i}``: one feature per multiset
 ``j_1 <= ... <= j_i`` of coordinates, ``sqrt(i! / prod_r m_r!) * x_{j_1} ... x_{j_i}`` (``m_r`` the
@@ -26,7 +30,7 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_int
+from ..checks import check_bool, check_int
 
 FEATURE_MAPS = ("identity", "polynomial")
 
@@ -54,19 +58,24 @@ class IdentityFeatureMap(nn.Module):
 
 
 class PolynomialFeatureMap(nn.Module):
-    """``phi(x) = concat_{i=1..degree} a_{h,i} x^{(i)}`` per head ``h`` (symmetric monomials, see
-    the module docstring): ``x [..., H, head_dim]`` -> ``[..., H, out_dim]`` in x's dtype (also
-    under autocast) with ``out_dim = sum_i C(head_dim + i - 1, i)``."""
+    """``phi(x) = concat_{i=i0..degree} a_{h,i} x^{(i)}`` per head ``h`` (ATLAS eq. 5, symmetric
+    monomials, see the module docstring), ``i0 = 0`` with ``constant`` (the degree-0 feature
+    ``a_{h,0}``), else 1: ``x [..., H, head_dim]`` -> ``[..., H, out_dim]`` in x's dtype (also under
+    autocast) with ``out_dim = constant + sum_{i>=1} C(head_dim + i - 1, i)``. Raises a one-line
+    ``TypeError``/``ValueError`` for a bad argument or input shape."""
 
-    def __init__(self, head_dim: int, degree: int, num_heads: int):
+    def __init__(self, head_dim: int, degree: int, num_heads: int, constant: bool = False):
         super().__init__()
         check_int("head_dim", head_dim)
         check_int("degree", degree)
         check_int("num_heads", num_heads)
-        self.head_dim, self.degree, self.num_heads = head_dim, degree, num_heads
+        check_bool("constant", constant)
+        self.head_dim, self.degree, self.num_heads, self.constant = head_dim, degree, num_heads, constant
         init = torch.tensor([1.0 / math.sqrt(math.factorial(i)) for i in range(1, degree + 1)])
         self.coef = nn.Parameter(init.repeat(num_heads, 1))  # [H, degree]
-        widths = []
+        # a_0 [H], initialised to 1 / sqrt(0!) = 1
+        self.coef0 = nn.Parameter(torch.ones(num_heads)) if constant else None
+        widths = [1] if constant else []
         for i in range(1, degree + 1):
             idx, w = symmetric_monomials(head_dim, i)
             # buffers are derived from the constructor arguments, so they stay out of checkpoints
@@ -80,6 +89,8 @@ class PolynomialFeatureMap(nn.Module):
         if x.dim() < 2 or x.shape[-2:] != (self.num_heads, self.head_dim):
             raise ValueError(f"x must be [..., {self.num_heads}, {self.head_dim}]; got {list(x.shape)}")
         parts = []
+        if self.coef0 is not None:
+            parts.append(self.coef0.to(x.dtype)[:, None].expand(x.shape[:-1] + (1,)))
         for i in range(1, self.degree + 1):
             idx = getattr(self, f"idx{i}")
             # [..., H, C(d+i-1, i)]; autocast runs prod in float32: the features keep x's dtype
@@ -93,16 +104,21 @@ class PolynomialFeatureMap(nn.Module):
         dot = (x * y).sum(-1)
         powers = torch.stack([dot**i for i in range(1, self.degree + 1)], dim=-1)
         # in the inputs' dtype, also where autocast runs the sums and powers in float32
-        return (powers * self.coef.to(dot.dtype) ** 2).sum(-1).to(torch.promote_types(x.dtype, y.dtype))
+        out = (powers * self.coef.to(dot.dtype) ** 2).sum(-1)
+        if self.coef0 is not None:
+            out = out + self.coef0.to(dot.dtype) ** 2
+        return out.to(torch.promote_types(x.dtype, y.dtype))
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, degree={self.degree}, num_heads={self.num_heads}, out_dim={self.out_dim}"
+        return (f"head_dim={self.head_dim}, degree={self.degree}, num_heads={self.num_heads}, constant={self.constant}, "
+                f"out_dim={self.out_dim}")
 
 
-def make_feature_map(name: str, head_dim: int, num_heads: int, degree: int) -> nn.Module:
-    """The feature map ``name`` (one of ``FEATURE_MAPS``); its width is ``.out_dim``."""
+def make_feature_map(name: str, head_dim: int, num_heads: int, degree: int, constant: bool = False) -> nn.Module:
+    """The feature map ``name`` (one of ``FEATURE_MAPS``); its width is ``.out_dim``. ``degree`` and
+    ``constant`` (the degree-0 feature) shape the polynomial map only."""
     if name == "identity":
         return IdentityFeatureMap(head_dim)
     if name == "polynomial":
-        return PolynomialFeatureMap(head_dim, degree, num_heads)
+        return PolynomialFeatureMap(head_dim, degree, num_heads, constant)
     raise ValueError(f"feature_map must be one of {', '.join(map(repr, FEATURE_MAPS))}; got {name!r}")

@@ -29,8 +29,11 @@ class KernelMemoryState(State):
 
 class KernelMemory(QKVMixer):
     r"""DeepTransformer (``window=None``, ``loss="dot"``), SWDT (``window=c``) and Dot
-    (``loss="l2"``): a deep memory whose first layer is kept implicit (``deepmemory.ops.kernel_memory``,
-    ATLAS eq. 22–31).
+    (``loss="l2"``, ``window=c``): a deep memory whose first layer is kept implicit
+    (``deepmemory.ops.kernel_memory``, ATLAS eq. 22–31). With a window, ``window_rule="omega"``
+    (the default) is the paper's Omega rule (ATLAS eq. 27: the window's gradients are taken and
+    applied again at every step, and tokens stay in the memory) and ``"swa"`` retires each token's
+    write when it leaves the window (the deep form of sliding-window attention).
 
     Per head: ``q, k, v`` as in :class:`NeuralMemory` (unit q, k), ``lr = max_lr * sigmoid(x W_lr)``
     in ``(0, max_lr)`` (bias 0: ``lr = max_lr / 2`` at ``x = 0``), ``y_t = M_t(q_t)`` with the
@@ -40,7 +43,7 @@ class KernelMemory(QKVMixer):
     float32, float64 for float64 x, also under autocast) -> ``[B, T, hidden_size]`` in x's dtype
     (autocast's under autocast).
 
-    The settings ``window, loss, depth, activation, residual, normalized, chunk_size`` make the
+    The settings ``window, window_rule, loss, depth, activation, residual, normalized, chunk_size`` make the
     layer's :class:`~deepmemory.ops.KernelRule` (``self.rule``; each also readable as an
     attribute); ``expansion`` sets the hidden width ``expansion * head_dim`` of the deeper
     matrices; ``conv_size=0`` drops the short convolution.
@@ -60,6 +63,7 @@ class KernelMemory(QKVMixer):
         head_dim: int,
         *,
         window: Optional[int] = None,
+        window_rule: str = "omega",
         loss: str = "dot",
         depth: int = 2,
         expansion: int = 4,
@@ -73,7 +77,7 @@ class KernelMemory(QKVMixer):
         super().__init__(hidden_size, num_heads, head_dim, conv_size)
         self.check_settings(dict(expansion=expansion, max_lr=max_lr, conv_size=conv_size))
         self.rule = KernelRule(depth=depth, activation=activation, residual=residual, loss=loss, window=window,
-                               normalized=normalized, chunk_size=chunk_size)
+                               window_rule=window_rule, normalized=normalized, chunk_size=chunk_size)
         self.max_lr = float(max_lr)
         self.lr_proj = nn.Linear(hidden_size, num_heads)
         nn.init.normal_(self.lr_proj.weight, std=0.02)
@@ -103,6 +107,7 @@ class KernelMemory(QKVMixer):
 
     # the rule's fields, read-only (the rule is fixed when the layer is made)
     window = property(lambda self: self.rule.window)
+    window_rule = property(lambda self: self.rule.window_rule)
     loss = property(lambda self: self.rule.loss)
     depth = property(lambda self: self.rule.depth)
     activation = property(lambda self: self.rule.activation)
@@ -112,7 +117,7 @@ class KernelMemory(QKVMixer):
 
     def extra_repr(self) -> str:
         return (
-            f"window={self.window}, loss={self.loss}, depth={self.depth}, residual={self.residual}, "
+            f"window={self.window}, window_rule={self.window_rule}, loss={self.loss}, depth={self.depth}, residual={self.residual}, "
             f"normalized={self.normalized}, chunk_size={self.chunk_size}"
         )
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..checks import Check, check_bool, check_choice, check_int, check_positive, check_settings
 from ..ops import IMPLS, MemoryState, UpdateRule, memory_read, neural_memory
 from ..ops.rule import resolve_rule
-from ..tree import State
+from ..tree import State, check_state_fits
 from .common import RMSNorm, ShortConv
 from .feature_maps import FEATURE_MAPS, make_feature_map
 
@@ -92,6 +92,8 @@ class QKVMixer(nn.Module):
         self.check_input(x)
         if state is not None and not isinstance(state, state_type):
             raise TypeError(f"state must be a {state_type.__name__}; got {type(state).__name__}")
+        if state is not None:
+            check_state_fits(state, x)
         return self.qkv(x, None if state is None else state.conv)
 
     def check_input(self, x: Tensor) -> None:
@@ -136,7 +138,12 @@ class NeuralMemory(QKVMixer):
     Per head, with ``phi`` the feature map (identity or polynomial) and the gates
     ``lr = max_lr * sigmoid(x W_lr)``, ``momentum = sigmoid(x W_mom)``, ``decay = sigmoid(x W_dec)``,
     ``gamma = sigmoid(x W_gamma)`` (``[B, T, H]``); with ``optimizer="momentum"`` and
-    ``damped_momentum`` (the default) the op's learning rate is ``lr * (1 - momentum)``::
+    ``damped_momentum`` (the default) the op's learning rate is ``lr * (1 - momentum)``.
+    ``decay_gate="mamba2"`` parametrises the forgetting as Mamba-2 and Gated DeltaNet do, through
+    its logarithm ``g = log(1 - decay) = -exp(A_log) * softplus(x W_a + dt_bias)`` per head
+    (``W_a`` and ``dt_bias`` are ``decay_proj``'s weight and bias, ``A_log [H]`` a parameter), so
+    the op's ``decay = 1 - exp(g)`` (``-expm1(g)``: exact for tiny ``g``). With ``max_lr=1`` the
+    learning rate is Gated DeltaNet's ``beta = sigmoid(x W_beta)``::
 
         W_t = update(W_{t-1}; phi(k), v, gates)       (the op's rule: loss, optimizer, window c)
         y_t = M_{W_t}(phi(q_t))                        o_t = W_o(RMSNorm(y_t) * silu(x_t W_g))
@@ -151,6 +158,8 @@ class NeuralMemory(QKVMixer):
 
     Initialisation (why training starts sane): gate weights ``N(0, 0.02^2)``; gate biases give
     ``lr = 0.1 max_lr``, ``momentum = 0.9``, ``decay = 0.01`` and ``gamma = 0.95`` at
+    ``x = 0``; under ``decay_gate="mamba2"`` Mamba-2's: ``exp(A_log)`` uniform in [1, 16],
+    ``softplus(dt_bias)`` log-uniform in [1e-3, 0.1], so ``1 - decay`` lies in about [0.2, 1) at
     ``x = 0``. The initial memory: hidden matrices ``N(0, 1/cols)``; the output matrix of a
     residual memory ``N(0, 0.01/cols)`` so ``M`` starts near the identity; a linear memory (no
     residual) starts at zero, an empty memory like linear attention's.
@@ -166,21 +175,23 @@ class NeuralMemory(QKVMixer):
         expansion: int = 4,
         feature_map: str = "identity",
         poly_degree: int = 2,
+        poly_constant: bool = False,
         max_lr: float = 1.0,
         conv_size: int = 4,
         use_decay: bool = True,
+        decay_gate: str = "sigmoid",
         learned_window_gate: bool = True,
         damped_momentum: bool = True,
         impl: str = "chunk",
         **rule_settings,
     ):
         super().__init__(hidden_size, num_heads, head_dim, conv_size)
-        layer = dict(expansion=expansion, feature_map=feature_map, poly_degree=poly_degree, max_lr=max_lr,
-                     conv_size=conv_size, use_decay=use_decay, learned_window_gate=learned_window_gate,
+        layer = dict(expansion=expansion, feature_map=feature_map, poly_degree=poly_degree, poly_constant=poly_constant, max_lr=max_lr,
+                     conv_size=conv_size, use_decay=use_decay, decay_gate=decay_gate, learned_window_gate=learned_window_gate,
                      damped_momentum=damped_momentum, impl=impl)
         self.check_settings(dict(layer, **rule_settings))
         rule = resolve_rule(rule, rule_settings, LAYER_RULE_DEFAULTS)
-        self.phi = make_feature_map(feature_map, head_dim, num_heads, poly_degree)
+        self.phi = make_feature_map(feature_map, head_dim, num_heads, poly_degree, poly_constant)
         key_dim = self.phi.out_dim
         # the op's residual would add phi(k); the un-featured input is added outside the op instead
         self.outer_residual = rule.spec.uses_residual and feature_map != "identity"
@@ -199,6 +210,14 @@ class NeuralMemory(QKVMixer):
         self.lr_proj = gate(0.1)
         self.momentum_proj = gate(0.9) if optimizer != "gd" else None
         self.decay_proj = gate(0.01) if use_decay else None
+        self.A_log = None
+        if use_decay and decay_gate == "mamba2":
+            # Mamba-2's initialisation: A uniform in [1, 16], the step dt log-uniform in [1e-3, 0.1]
+            # with dt_bias its inverse softplus (dt + log(1 - exp(-dt)))
+            with torch.no_grad():
+                dt = torch.exp(torch.empty(num_heads).uniform_(math.log(1e-3), math.log(0.1)))
+                self.decay_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1.0, 16.0).log())
         self.gamma_proj = gate(0.95) if window > 1 and learned_window_gate else None
 
         spec = self.rule.spec
@@ -216,6 +235,18 @@ class NeuralMemory(QKVMixer):
                 nn.init.normal_(w, std=1.0 / math.sqrt(cols))
             self.initial_weights[name] = nn.Parameter(w)
 
+    @classmethod
+    def check_settings(cls, settings: dict, group: Optional[str] = None) -> None:
+        """Each setting as :meth:`QKVMixer.check_settings` does, then those that only hold together
+        (over the defaults): the rule's (``decay_first`` needs ``chunk_size=1`` and token
+        granularity) and ``decay_gate="mamba2"``, which needs ``use_decay=True``. One-line
+        ``TypeError`` / ``ValueError``."""
+        super().check_settings(settings, group)
+        merged = dict(SETTINGS, **settings)
+        UpdateRule.from_settings(merged)
+        if merged["decay_gate"] != "sigmoid" and not merged["use_decay"]:
+            raise ValueError(f"decay_gate={merged['decay_gate']!r} shapes the forget gate: it needs use_decay=True")
+
     def forward(
         self, x: Tensor, state: Optional[NeuralMemoryState] = None, return_state: bool = False
     ) -> Union[Tensor, Tuple[Tensor, NeuralMemoryState]]:
@@ -230,7 +261,10 @@ class NeuralMemory(QKVMixer):
             # summing up to 1/(1 - m) of them keeps the chunk's step in the stable range of plain
             # gd for any m and chunk size (docs/numerics.md); Titans eq. 13-14 with theta_t = lr_t (1 - m_t)
             lr = lr * (1 - momentum)
-        decay = None if self.decay_proj is None else torch.sigmoid(self.decay_proj(x))
+        if self.A_log is not None:  # decay = 1 - exp(g), g = -exp(A_log) softplus(x W_a + dt_bias)
+            decay = -torch.expm1(-self.A_log.exp() * F.softplus(self.decay_proj(x)))
+        else:
+            decay = None if self.decay_proj is None else torch.sigmoid(self.decay_proj(x))
         window_gate = None if self.gamma_proj is None else torch.sigmoid(self.gamma_proj(x))
         with op_precision(x) as cd:  # one dtype for the op's inputs (they differ under autocast)
             y, mem = neural_memory(
@@ -264,7 +298,7 @@ class NeuralMemory(QKVMixer):
         r = self.rule
         return (
             f"architecture={r.architecture}, depth={r.depth}, residual={r.residual}, loss={r.loss}, optimizer={r.optimizer}, "
-            f"window={r.window}, chunk_size={r.chunk_size}, granularity={r.granularity}"
+            f"window={r.window}, chunk_size={r.chunk_size}, granularity={r.granularity}, decay_first={r.decay_first}"
         )
 
 
@@ -273,6 +307,8 @@ def _keyword_defaults(cls) -> dict:
     return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
 
 
+# how the forget gate is made from x: Titans' sigmoid, or Mamba-2's (Gated DeltaNet's) log-decay
+DECAY_GATES = ("sigmoid", "mamba2")
 # the layer's defaults for fields of the rule (small models: chunks of 16 tokens)
 LAYER_RULE_DEFAULTS = dict(chunk_size=16)
 # the keyword settings of the layer and their defaults: the rule's fields and the layer's own
@@ -281,10 +317,12 @@ SETTINGS = dict(LAYER_SETTINGS, **dict(UpdateRule().to_dict(), **LAYER_RULE_DEFA
 LAYER_CHECKS = {
     "expansion": check_int,
     "poly_degree": check_int,
+    "poly_constant": check_bool,
     "conv_size": lambda label, v: check_int(label, v, minimum=0),
     "learned_window_gate": check_bool,
     "damped_momentum": check_bool,
     "use_decay": check_bool,
+    "decay_gate": lambda label, v: check_choice(label, v, DECAY_GATES),
     "feature_map": lambda label, v: check_choice(label, v, FEATURE_MAPS),
     "max_lr": check_positive,
     "impl": lambda label, v: check_choice(label, v, tuple(IMPLS)),

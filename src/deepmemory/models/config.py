@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 from transformers import PretrainedConfig
 
@@ -28,7 +28,8 @@ class DeepMemoryConfig(PretrainedConfig):
     ``memory`` and ``kernel`` are keyword settings of the two memory mixers (``NeuralMemory`` /
     ``KernelMemory``; the widths come from here); ``segment_size`` is MAC's segment length,
     ``attention_window`` the window of ``swa``/``mag``/``mal`` and ``num_persistent`` the learned
-    persistent tokens of every attention. ``head_dim`` defaults to ``hidden_size // num_heads``,
+    persistent tokens of every block (attention's always-visible prefix; what a ``memory`` or
+    ``kernel`` block's mixer reads before the sequence, Titans eq. 19). ``head_dim`` defaults to ``hidden_size // num_heads``,
     ``intermediate_size`` (the SwiGLU width) to the blocks' default, ``2/3 * 4 * hidden_size``
     rounded up to a multiple of 32 (Transformer++'s 8/3 expansion). ``num_layers`` / ``num_heads``
     are aliases of ``num_hidden_layers`` / ``num_attention_heads``. Every field is checked when the
@@ -97,6 +98,14 @@ class DeepMemoryConfig(PretrainedConfig):
         if not set(self.layer_pattern) & set(MEMORY_BLOCKS):
             return None
         return UpdateRule.from_settings(dict(MEMORY_SETTINGS, **self.memory))
+
+    @classmethod
+    def own_fields(cls) -> Tuple[str, ...]:
+        """The fields :class:`DeepMemoryConfig` declares, and their aliases (``num_layers``,
+        ``num_heads``), sorted: what a preset's overrides may set and what their errors list.
+        Hugging Face's base fields (``chunk_size_feed_forward``, ``id2label``, ...) are left out:
+        no model of the library reads them."""
+        return tuple(sorted(set(DeepMemoryConfig.__annotations__) | set(cls.attribute_map)))
 
     def check(self) -> None:
         """Raise a one-line ``ValueError``/``TypeError`` for an inconsistent configuration."""

@@ -20,7 +20,7 @@ from ..layers.common import RMSNorm
 from ..layers.feature_maps import PolynomialFeatureMap, symmetric_monomials
 from ..layers.kernel_memory import KernelMemory
 from ..layers.memory_layer import NeuralMemory
-from ..tree import map_tensors, tensors
+from ..tree import check_state_fits, map_tensors, tensors
 from .config import DeepMemoryConfig
 
 
@@ -33,9 +33,9 @@ def _build_block(config: DeepMemoryConfig, kind: str) -> nn.Module:
             h, nh, hd, mlp, window=window, num_persistent=config.num_persistent, rope_theta=config.rope_theta, eps=eps
         )
     if kind == "memory":
-        return MemoryBlock(NeuralMemory(h, nh, hd, **config.memory), h, mlp, eps=eps)
+        return MemoryBlock(NeuralMemory(h, nh, hd, **config.memory), h, mlp, num_persistent=config.num_persistent, eps=eps)
     if kind == "kernel":
-        return MemoryBlock(KernelMemory(h, nh, hd, **config.kernel), h, mlp, eps=eps)
+        return MemoryBlock(KernelMemory(h, nh, hd, **config.kernel), h, mlp, num_persistent=config.num_persistent, eps=eps)
     hybrid = dict(num_persistent=config.num_persistent, memory_kwargs=config.memory, rope_theta=config.rope_theta, eps=eps)
     if kind == "mac":
         return MACBlock(h, nh, hd, mlp, segment_size=config.segment_size, **hybrid)
@@ -177,6 +177,23 @@ class DeepMemoryCache(Cache):
         return sum(t.numel() * t.element_size() for s in self.states for t in tensors(s))
 
 
+def _check_attention_mask(mask, batch: int, tokens: int, seen: int) -> None:
+    """``attention_mask`` may be None or a ``[batch, tokens]`` tensor (``[batch, seen + tokens]``
+    when a cache has read ``seen`` tokens, as ``generate`` passes it) of ones: the models read
+    sequences left to right and have no padding. A one-line ``TypeError``/``ValueError`` otherwise."""
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor; got {type(mask).__name__}")
+    lengths = (tokens,) if seen == 0 else (tokens, seen + tokens)
+    if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] not in lengths:
+        expected = " or ".join(f"[{batch}, {n}]" for n in lengths)
+        raise ValueError(f"attention_mask must be {expected} (batch, tokens{' with the cache' if seen else ''}); "
+                         f"got shape {list(mask.shape)}")
+    if not bool(mask.bool().all()):
+        raise ValueError("attention_mask with padding is not supported: the models read sequences left to right; pass unpadded sequences")
+
+
 def _one_cache(cache, past_key_values) -> Optional[DeepMemoryCache]:
     """The cache, under either of its names; a one-line error for two different ones or a foreign one."""
     if cache is not None and past_key_values is not None and cache is not past_key_values:
@@ -268,8 +285,6 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
                 raise ValueError(f"inputs_embeds must be [batch, seq, {self.config.hidden_size}]; got {getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}")
             if inputs_embeds.shape[0] * inputs_embeds.shape[1] == 0:
                 raise ValueError(f"inputs_embeds is empty (shape {list(inputs_embeds.shape)}); pass at least one token per sequence")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("attention_mask with padding is not supported: the models read sequences left to right; pass unpadded sequences")
 
     def forward(
         self,
@@ -299,10 +314,14 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
             cache = DeepMemoryCache(len(self.layers))
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"the cache holds {len(cache)} layer states; this model has {len(self.layers)} layers")
-        batch = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
+        inputs = input_ids if inputs_embeds is None else inputs_embeds
+        batch = inputs.shape[0]
         if cache is not None and cache.batch_size not in (-1, batch):
             raise ValueError(f"the cache holds {cache.batch_size} sequence(s) but the input has a batch of {batch}; "
                              "continue a cache with the batch it was made with")
+        if cache is not None:
+            check_state_fits(cache.states, inputs, "cache")
+        _check_attention_mask(attention_mask, batch, inputs.shape[1], cache.seen if cache is not None else 0)
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         hidden = [x] if output_hidden_states else None

@@ -2,15 +2,16 @@
 
 Every preset is a configuration of :class:`DeepMemoryConfig`: a block pattern plus, for the
 memory models, an :class:`~deepmemory.ops.UpdateRule` and the memory layer's own settings (the
-families of Titans §4 and ATLAS §5; docs/models/index.md); sizes follow ATLAS Table 7. At the paper sizes the SwiGLU width is solved so
-that the parameter count (tied 32000-token embeddings included) lands on the size's name, the way
-the papers match parameter budgets across architectures: blocks with more mixing parameters (the
-hybrids) get narrower MLPs.
+families of Titans §4 and ATLAS §5; docs/models/index.md); sizes follow ATLAS Table 7. At the
+paper sizes the SwiGLU width is Transformer++'s, solved so that its parameter count (tied
+32000-token embeddings included) lands on the size's name, and every family keeps that width:
+the papers' budgets are approximate, and shrinking a hybrid's MLP to match a count would compare
+mostly the missing MLP. The other families' counts are then what they are (``deepmemory models``
+shows them; docs/models/index.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Dict, Optional, Tuple
 
@@ -24,7 +25,8 @@ from .modeling import DeepMemoryForCausalLM
 
 # ---- families (Titans §4, ATLAS §5; docs/models/index.md) -------------------------------------
 # Each memory family is an UpdateRule (the rule its memory trains by) and the layer's own settings
-# (feature map, expansion, gate scale). The chunk size comes from the model size.
+# (feature map, expansion, gate scale). The chunk size comes from the model size (Gated DeltaNet's
+# is 1 at every size).
 #
 # The inner step of an l2 MLP memory moves its output by about lr * |a|^2 per token, where a is
 # the hidden activation (|a|^2 ~ 0.4 * hidden at initialisation) and a chunk applies up to
@@ -34,23 +36,45 @@ from .modeling import DeepMemoryForCausalLM
 # trained the default run (docs/training.md) without diverging.
 TITANS_RULE = UpdateRule(architecture="mlp", depth=2, residual=True, loss="l2", optimizer="momentum", window=1)
 TITANS = (TITANS_RULE, dict(expansion=4, feature_map="identity", max_lr=0.02))
-OMEGA = (TITANS_RULE.replace(window=16), dict(TITANS[1], feature_map="polynomial", poly_degree=2))
-# Muon at token granularity orthogonalises a momentum per token; one update per chunk costs one
-# Newton-Schulz per chunk instead, so the Atlas presets use granularity="chunk". Muon's step is
-# lr times an orthogonalised matrix (spectral norm ~1): bounded, so max_lr stays at 1.0.
-ATLAS_RULE = OMEGA[0].replace(optimizer="muon", ns_steps=5, granularity="chunk")
+# ATLAS's memories (App. E, after Miras) normalise the MLP's output, M(x) = x + LN(h(x)), and its
+# polynomial map keeps the degree-0 term of eq. 5 (poly_constant); Titans' memory is a plain MLP.
+OMEGA = (TITANS_RULE.replace(window=16, layer_norm=True),
+         dict(TITANS[1], feature_map="polynomial", poly_degree=2, poly_constant=True))
+# Muon per token, as ATLAS §5.1 (eq. 40-41) trains it: every token's momentum orthogonalised and
+# read by the tokens after it in its chunk (granularity="chunk", one update per chunk, is the cheaper
+# ablation; docs/models/atlas.md). Muon's step is lr times an orthogonalised matrix (spectral norm
+# ~1): bounded, so max_lr stays at 1.0.
+ATLAS_RULE = OMEGA[0].replace(optimizer="muon", ns_steps=5, granularity="token")
 ATLAS = (ATLAS_RULE, dict(OMEGA[1], max_lr=1.0))
 ATLAS_PP = (ATLAS_RULE.replace(architecture="gated_mlp"), ATLAS[1])
-GATED_DELTANET = (UpdateRule(architecture="linear", residual=False, loss="l2", optimizer="gd", window=1),
-                  dict(use_decay=True, feature_map="identity"))
-DLA = (UpdateRule(architecture="mlp", depth=2, residual=True, loss="dot", optimizer="gd", window=1),
-       dict(expansion=4, use_decay=True, feature_map="polynomial", poly_degree=2))
+# Gated DeltaNet: the gated delta rule exactly online (forget, then the delta step, at every token;
+# chunk_size 1 in the WY form of ops/delta.py) with Mamba-2's log-decay gate and beta = sigmoid (max_lr 1)
+GATED_DELTANET = (UpdateRule(architecture="linear", residual=False, loss="l2", optimizer="gd", window=1, chunk_size=1,
+                             decay_first=True),
+                  dict(use_decay=True, decay_gate="mamba2", feature_map="identity"))
+DLA = (UpdateRule(architecture="mlp", depth=2, residual=True, layer_norm=True, loss="dot", optimizer="gd", window=1),
+       dict(expansion=4, use_decay=True, feature_map="polynomial", poly_degree=2, poly_constant=True))
 SWLA = (UpdateRule(architecture="linear", residual=False, loss="dot", optimizer="gd", window=16),
         dict(use_decay=True, feature_map="identity"))
 NO_MEMORY = None
 
-# name -> (block of every layer, (rule, layer settings) or None, kernel settings); the kernel window
-# None is global (DeepTransformer), "attention" borrows the size's sliding window (SWDT, Dot).
+# SWDT and Dot: the Omega rule of ATLAS eq. 27-28 in kernel form (window_rule="omega", the paper's
+# unnormalised read), with the Omega window c = 16 of OmegaNet and Atlas: every step re-applies the
+# window's gradients and tokens never leave the memory, so c is the rule's context, not the reach
+# (kernel={"window": "attention", "window_rule": "swa"} gives the deep sliding-window attention).
+# Both inner rates are sized on real text at tiny (docs/models/deep-transformer.md). Dot: a chunk
+# applies a token's l2 gradient with the summed rate min(chunk, c) * lr, and the step it makes on
+# the token's own output is that rate times exp(tau) (the first layer's read of its own key; tau =
+# sqrt(head_dim) at init) plus |a|^2 ~ 0.4 * hidden (the deeper matrix): it must stay below ~2.
+# max_lr 0.001 gives 16 * 0.0005 * (e^4 + 26) = 0.6, trained 300 steps and stays bounded on 2048
+# tokens (4096 at init); 0.01 is non-finite at init. SWDT: the Hebbian loss has no such correction, and a deep
+# memory's read grows with the context at a rate set by c * lr: max_lr 0.1 trained 300 steps of 128
+# tokens but is NaN at 512; 1e-4 trained (better) and stays finite at 2048 tokens, though growing.
+SWDT = dict(loss="dot", window=16, window_rule="omega", normalized=False, max_lr=1e-4)
+DOT = dict(loss="l2", window=16, window_rule="omega", normalized=False, max_lr=0.001)
+
+# name -> (block of every layer, (rule, layer settings) or None, kernel settings); a kernel window of
+# None is global (DeepTransformer); "attention" would borrow the size's sliding window.
 Memory = Optional[Tuple[UpdateRule, dict]]
 PRESETS: Dict[str, Tuple[str, Memory, dict]] = {
     "transformer": ("attn", NO_MEMORY, {}),
@@ -68,10 +92,14 @@ PRESETS: Dict[str, Tuple[str, Memory, dict]] = {
     "dla": ("memory", DLA, {}),
     "swla": ("memory", SWLA, {}),
     "deep-transformer": ("kernel", NO_MEMORY, dict(loss="dot", window=None)),
-    "swdt": ("kernel", NO_MEMORY, dict(loss="dot", window="attention")),
+    "swdt": ("kernel", NO_MEMORY, SWDT),
     # Dot is ATLAS's Deep Omega Transformer (eq. 27): the l2 loss, not the dot-product one
-    "dot": ("kernel", NO_MEMORY, dict(loss="l2", window="attention")),
+    "dot": ("kernel", NO_MEMORY, DOT),
 }
+
+# the memory-only presets whose paper model has persistent tokens (the hybrids all do): Titans'
+# LMM, the base of its ablations (Titans §5.9, Table 5), reads them before the sequence
+PERSISTENT_MEMORY = ("titans-lmm",)
 
 # size -> (config fields, parameter target or None). Tiny runs forward+backward on a CPU in
 # seconds; the others are ATLAS Table 7 with the library's paper-size defaults for windows and
@@ -101,8 +129,7 @@ def list_sizes() -> Tuple[str, ...]:
 
 
 def _config_fields() -> Tuple[str, ...]:
-    names = {f.name for f in dataclasses.fields(DeepMemoryConfig)}
-    return tuple(sorted(names | set(DeepMemoryConfig.attribute_map)))
+    return DeepMemoryConfig.own_fields()  # (Hugging Face's base fields are no preset's to set)
 
 
 def _family_fields(name: str, size: str) -> dict:
@@ -112,12 +139,13 @@ def _family_fields(name: str, size: str) -> dict:
     if size != "tiny":
         fields = dict(PAPER_DEFAULTS, **fields)
     chunk_size = fields.pop("chunk_size")
-    hybrid = block in ("mac", "mag", "mal")
-    if not hybrid:
+    if block not in ("mac", "mag", "mal") and name not in PERSISTENT_MEMORY:
         fields["num_persistent"] = 0
     if memory is not None:
         rule, layer = memory
-        memory = dict(rule.replace(chunk_size=chunk_size).to_dict(), **layer)
+        # the size's chunk size, except for a rule that forgets first: that is online by definition
+        # (chunk_size 1), and fast without chunks
+        memory = dict((rule if rule.decay_first else rule.replace(chunk_size=chunk_size)).to_dict(), **layer)
     else:
         memory = {}
     if kernel:
@@ -153,7 +181,10 @@ def preset_config(name: str, size: str = "tiny", **overrides) -> DeepMemoryConfi
         fields["kernel"]["window"] = fields["attention_window"]
     target = SIZES[size][1]
     if target is not None and "intermediate_size" not in overrides:
-        fields["intermediate_size"] = _solve_mlp_width(fields, target)
+        # Transformer++'s width at this size (and these overrides) for every family
+        shared = {k: v for k, v in overrides.items() if k not in ("memory", "kernel", "layer_pattern")}
+        baseline = dict(_family_fields("transformer", size), **shared)
+        fields["intermediate_size"] = _solve_mlp_width(baseline, target)
     return DeepMemoryConfig(**fields)
 
 

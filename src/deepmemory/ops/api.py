@@ -94,7 +94,9 @@ def neural_memory(
         o_t = M_{W_t}(q_t)
 
     ``granularity="chunk"`` makes one update per chunk with gates averaged over it, and tokens
-    read the previous chunk's memory.
+    read the previous chunk's memory. ``decay_first=True`` (Gated DeltaNet; ``chunk_size=1``) takes
+    the gradient at the forgotten ``(1 - decay_t) W_{t-1}``; with the linear memory, l2, gd and
+    window 1 ``impl="chunk"`` computes that delta rule in the WY form (docs/ops.md).
 
     The rule (memory, loss, optimizer, Newton–Schulz steps, window ``c``, chunk size ``b``,
     granularity) is ``rule=UpdateRule(...)``; its fields may instead be passed as keywords
@@ -158,7 +160,7 @@ def neural_memory(
     qq = _heads_first(q, cd)
 
     if initial_state is None:
-        seen, pending = 0, 0
+        seen, pending, resume = 0, 0, None
         s0 = {n: torch.zeros_like(w) for n, w in w0.items()}
         hk, hv, hg = kk[:, :, :0], vv[:, :, :0], gam[:, :, :0]
     else:
@@ -173,6 +175,8 @@ def neural_memory(
         if st.keys.device != q.device:
             raise ValueError(f"initial_state is on {st.keys.device} but q is on {q.device}")
         seen, pending = st.seen, st.pending
+        # the state after the pending tokens (token granularity: chunk granularity has not moved since the chunk start)
+        resume = ({n: t.to(cd) for n, t in st.weights.items()}, {n: t.to(cd) for n, t in st.momentum.items()}) if pending else None
         w0 = {n: t.to(cd) for n, t in st.chunk_weights.items()}
         s0 = {n: t.to(cd) for n, t in st.chunk_momentum.items()}
         tail_k, tail_v, tail_g = st.keys.to(cd), st.values.to(cd), st.window_gate.to(cd)
@@ -189,6 +193,7 @@ def neural_memory(
         k=torch.cat([hk, kk], 2), v=torch.cat([hv, vv], 2), gamma=torch.cat([hg, gam], 2),
         lr=gates["lr"], momentum=gates["momentum"], decay=gates["decay"],
         n_hist=hk.shape[2], w0=w0, s0=s0, low_precision=q.dtype in (torch.float16, torch.bfloat16),
+        replayed=pending, resume=resume,
     )
     res: Result = IMPLS[impl](problem)
     o = res.o[:, :, pending:].transpose(1, 2).to(q.dtype)

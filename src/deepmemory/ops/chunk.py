@@ -18,8 +18,11 @@ still taken at ``W_s``). Plain gradient descent is ``D_E = I`` with no ``S_s`` t
 A query never needs ``W_t``: layer by layer,
 ``W_t x = A_t W_s x + m_t S_s x - sum_i C(t, i) delta_i (a_i . x)``, i.e. ``(C * X A^T) Delta``,
 an attention-like ``b x b`` product per chunk (the dual form). Muon orthogonalises every
-``S_t``, which is not linear, so at token granularity it materialises the chunk's ``S_t`` and
-``W_t`` (``b`` matrices); at chunk granularity it is one Newton-Schulz per chunk.
+``S_t``, which is not linear: at token granularity a chunk materialises its ``b`` momenta (one
+product of the outer products), orthogonalises them in one batched Newton-Schulz run and reads
+``W_t x = A_t W_s x - sum_r D_A[t, r] lr_r NS(S_r) x`` without forming ``W_t``; each chunk is
+recomputed in the backward (activation checkpointing), so only chunk-start states are kept
+across chunks (:func:`_muon_token`). At chunk granularity it is one Newton-Schulz per chunk.
 
 The gate products and the coefficient matrices do not depend on the memory, so they are
 built for all chunks at once; only the gradients and the reads walk the chunks in order.
@@ -46,9 +49,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .coefficients import chunk_layout, gate_coefficients, nonfinite, poison_rows, retention_products, segprod, zero_rows
-from .memory import dense_apply, memory_forward, newton_schulz, token_gradients
+from .delta import delta_rule, is_delta_rule
+from .memory import NS_COEFFICIENTS, dense_apply, memory_forward, newton_schulz, token_gradients
 from .problem import Problem, Result
 
 
@@ -83,7 +88,12 @@ def _read_start(ws: Tensor, x: Tensor, coef: Tensor) -> Tensor:
 
 
 def chunk(p: Problem) -> Result:
-    """The chunk-parallel form of the rule (``impl="chunk"``): exact against :func:`reference`."""
+    """The chunk-parallel form of the rule (``impl="chunk"``): exact against :func:`reference`.
+    The exactly online delta rule (linear memory, l2, gd, window 1, chunk size 1) takes the WY form
+    of :mod:`.delta` instead, which is exact at every token without a chunk per token. Under
+    ``decay_first`` (chunk size 1) each chunk's gradients are taken at ``(1 - decay_t) W_s``."""
+    if is_delta_rule(p.rule):
+        return delta_rule(p)
     token = p.rule.granularity == "token"
     lay = chunk_layout(p, sanitize=token, keys_values=token)
     n, b, n_chunks, last_len = p.q.shape[2], lay.b, lay.n_chunks, lay.last_len
@@ -109,6 +119,7 @@ def chunk(p: Problem) -> Result:
     mix = poison_rows(lay.bad.any(-1), mix)
     c_coef = g.c_coef
     mix, out_coef, read_coef, c_coef = (x.unbind(2) for x in (mix, out_coef, read_coef, c_coef))
+    ret = lay.retention.unsqueeze(-1).unbind(2)  # [B, H, b, 1] per chunk: 1 - decay (decay_first, b = 1)
     # a memory whose gradient factors are products of two projections of the key (gated_mlp) or
     # hold its square (layer norm) can overflow on a finite key: guard those chunk by chunk
     guard = p.spec.architecture == "gated_mlp" or p.spec.layer_norm
@@ -121,7 +132,10 @@ def chunk(p: Problem) -> Result:
     for j in range(n_chunks):
         if j == n_chunks - 1 and last_len < b:
             ws_chunk = ws
-        grads = token_gradients(p.spec, {m: t[:, :, 0] for m, t in ws.items()}, kx[j], vx[j], p.rule.loss)
+        w_s = {m: t[:, :, 0] for m, t in ws.items()}
+        if p.rule.decay_first:  # chunk size 1: the gradient at the forgotten weights
+            w_s = {m: ret[j] * t for m, t in w_s.items()}
+        grads = token_gradients(p.spec, w_s, kx[j], vx[j], p.rule.loss)
         c_j, r_j, mix_j = c_coef[j], read_coef[j].unsqueeze(-1), mix[j]
         if guard:
             grads, rows = _guard(grads, lay)
@@ -149,45 +163,139 @@ def _guard(grads, lay):
 
 
 def _muon_token(p: Problem, lay, q, kx, vx, d_a, a_cum, n: int, b: int, last_len: int) -> Result:
-    """Muon at token granularity: ``S_t = E_t S_s + sum_i K(t, i) delta_i a_i^T`` with ``K = D_E Gamma``,
-    ``W_t = A_t W_s - sum_r D_A[t, r] lr_r NS(S_r)``; the chunk's ``S_t`` and ``W_t`` are materialised.
+    """Muon at token granularity (ATLAS eq. 32-33, parallelised as in its §5.1, eq. 39-41): with
+    chunk-local indices, ``K = D_E Gamma`` and ``C = D_A diag(lr)``,
 
-    Both products run over the chunk's tokens with zero coefficients above the diagonal, so the
-    factors ``delta_i, a_i`` of a token with a non-finite one and the orthogonalised ``NS(S_r)``
-    of a row that is not finite are zeroed before them, and the rows from such a token on are NaN."""
+        S_t = E_t S_s + sum_i K(t, i) delta_i a_i^T,     W_t = A_t W_s - sum_{r<=t} C(t, r) NS(S_r)
+
+    with every gradient taken at the chunk start. Chunk by chunk (:func:`_muon_chunk`) the ``b``
+    momenta are one product of the outer products, their ``b`` Newton-Schulz iterations one
+    batched run (:func:`newton_schulz_batched`), the lr is applied after it through ``C``, and the
+    queries read ``W_t`` through the orthogonalised matrices without materialising it.
+
+    Memory stays linear in ``T``: under autograd every chunk but the last runs under
+    :func:`torch.utils.checkpoint.checkpoint`, so the backward keeps, across chunks, only the
+    chunk-start states, the chunk's inputs and its gate coefficients; a chunk's ``b`` momenta,
+    their orthogonalised copies and the Newton-Schulz intermediates are recomputed in the
+    backward, one chunk at a time. A carried state with pending tokens (``p.resume``) starts the
+    first chunk from the state after them: only its new rows are orthogonalised.
+    Returns a :class:`Result` (outputs ``[B, H, N, dv]`` and the states)."""
     n_chunks = len(q)
-    lr, mom, gamma = lay.lr, lay.momentum, lay.gamma
-    s_coef = (segprod(mom) @ gamma).unbind(2)
-    w_coef = (d_a * lr.unsqueeze(-2)).unbind(2)
-    e_cum = torch.cumprod(mom, dim=-1).unbind(2)
-    a_cum, bad = a_cum.unbind(2), lay.bad.unbind(2)
-    lead = lay.n_ext - b  # the window's tokens before the chunk
+    # the gate coefficients of every chunk at once (they do not depend on the memory)
+    d_e = segprod(lay.momentum)  # [B, H, nc, b, b]
+    coefs = (d_e @ lay.gamma, d_a * lay.lr.unsqueeze(-2), torch.cumprod(lay.momentum, dim=-1), a_cum, lay.bad)
+    coefs = [list(chunk) for chunk in zip(*(c.unbind(2) for c in coefs))]
     w, s = dict(p.w0), dict(p.s0)
     w_chunk, s_chunk = w, s
+    first, start = 0, (w, s)
+    if p.resume is not None:
+        # rows t >= first continue from (W, S) after row first - 1: S_t = D_E[t, first-1] S + ...,
+        # W_t = D_A[t, first-1] W - ...; the momenta sum only the steps of rows >= first
+        first, start = p.replayed, p.resume
+        cut = slice(first, None)
+        coefs[0][:4] = [d_e[:, :, 0, cut, cut] @ lay.gamma[:, :, 0, cut], coefs[0][1][..., cut, cut],
+                        d_e[:, :, 0, cut, first - 1], d_a[:, :, 0, cut, first - 1]]
+    names = tuple(w)
     outs = []
     for j in range(n_chunks):
         e = (b if j < n_chunks - 1 else last_len) - 1
         if e < b - 1:
             w_chunk, s_chunk = w, s
-        grads, rows = _guard(token_gradients(p.spec, w, kx[j], vx[j], p.rule.loss), lay)
-        e_j = e_cum[j][..., None, None]
-        s_all = {m: e_j * s[m].unsqueeze(2) + torch.einsum("bhti,bhir,bhic->bhtrc", s_coef[j], *grads[m]) for m in w}
-        ortho = {m: newton_schulz(s_all[m], p.rule.ns_steps) for m in w}
-        for o in ortho.values():  # S_r of huge but finite factors may overflow
-            rows = rows | lay.rows_after_bad(F.pad(nonfinite(o, 2), (lead, 0)))
-        rows = rows | lay.rows_after_bad(bad[j])
-        w_all = {
-            m: a_cum[j][..., None, None] * w[m].unsqueeze(2)
-            - torch.einsum("bhtr,bhrpc->bhtpc", w_coef[j], zero_rows(rows, ortho[m]))
-            for m in w
-        }
-        outs.append(poison_rows(rows, memory_forward(p.spec, dense_apply(w_all), q[j])))
-        end_bad = rows[..., e]  # a marked token up to the state's row leaves a NaN state
-        w = {m: poison_rows(end_bad, w_all[m][:, :, e]) for m in w}
-        s = {m: poison_rows(end_bad, s_all[m][:, :, e]) for m in w}
+        # the tensors go in flat: the checkpoint keeps its positional tensors through the saved-tensor
+        # hooks (what autograd keeps for the backward is then observable), nested ones only by reference
+        args = (p, lay, names, first, e - first, q[j][:, :, first:], kx[j], vx[j], *coefs[j],
+                *(d[m] for d in (w, *start) for m in names))
+        if torch.is_grad_enabled() and j < n_chunks - 1:
+            o, *ends = checkpoint(_muon_chunk, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            o, *ends = _muon_chunk(*args)
+        outs.append(F.pad(o, (0, 0, first, 0)))  # (the rows of a carried state's pending tokens are dropped)
+        w, s = dict(zip(names, ends[: len(names)])), dict(zip(names, ends[len(names) :]))
+        start, first = (w, s), 0
     if last_len == b:
         w_chunk, s_chunk = w, s
     return Result(torch.cat(outs, 2)[:, :, :n], w, s, w_chunk, s_chunk)
+
+
+def _muon_chunk(p: Problem, lay, names, first: int, e: int, q, kx, vx, s_coef, w_coef, e_coef, a_coef, bad, *states):
+    """One chunk of :func:`_muon_token`, rows ``first..b-1`` (``first`` > 0 only when resuming):
+    ``states`` are the matrices ``names`` (each ``[B, H, rows, cols]``) of the weights the
+    gradients are taken at (the chunk start), then of the weights and the momentum before row
+    ``first``; ``q [B, H, b - first, dk]``, ``kx, vx [B, H, n_ext, d]``; ``s_coef`` (``K``)
+    ``[B, H, b - first, n_ext]``, ``w_coef`` (``C``) ``[B, H, b - first, b - first]``, ``e_coef``,
+    ``a_coef`` (``E``, ``A`` from the start state) ``[B, H, b - first]``, ``bad [B, H, n_ext]``
+    -> the outputs ``[B, H, b - first, dv]``, then the weights and the momentum after row
+    ``first + e``, matrix by matrix in the order of ``names``.
+
+    A query reads ``W_t x = A_t W x - sum_r C(t, r) NS(S_r) x``: one product of the chunk's inputs
+    with all its orthogonalised matrices (``b x b x rows x cols``, what materialising the ``W_t``
+    would cost, without writing them). Both products over the chunk's tokens have zero
+    coefficients above the diagonal, so the factors ``delta_i, a_i`` of a token with a non-finite
+    one and the ``NS(S_r)`` of a row that is not finite are zeroed before them, and the rows from
+    such a token on read NaN."""
+    w_grad, w, s = (dict(zip(names, states[i * len(names) : (i + 1) * len(names)])) for i in range(3))
+    at = {m: a_coef[..., None] * t for m, t in w_grad.items()} if p.rule.decay_first else w_grad  # chunk size 1
+    grads, rows = _guard(token_gradients(p.spec, at, kx, vx, p.rule.loss), lay)
+
+    def after(marks: Tensor) -> Tensor:  # marked tokens of the span [.., n_ext] -> rows at or after them
+        return lay.rows_after_bad(marks)[..., first:]
+
+    rows = rows[..., first:]
+    e_col = e_coef[..., None, None]
+    s_all = {m: e_col * s[m].unsqueeze(2) + _outer_sums(s_coef, *grads[m]) for m in w}  # [B, H, b - first, rows, cols]
+    ortho = {m: newton_schulz_batched(t, p.rule.ns_steps) for m, t in s_all.items()}
+    lead = lay.n_ext - lay.b + first  # the span's tokens before row first
+    for o in ortho.values():  # S_r of huge but finite factors may overflow
+        rows = rows | after(F.pad(nonfinite(o, 2), (lead, 0)))
+    rows = rows | after(bad)
+    ortho = {m: zero_rows(rows, o) for m, o in ortho.items()}
+    a_col = a_coef.unsqueeze(-1)
+
+    def apply(name: str, x: Tensor) -> Tensor:
+        o = ortho[name]  # [B, H, r, rows, cols]
+        seen = (x @ o.flatten(2, 3).transpose(-1, -2)).unflatten(-1, (o.shape[2], -1))  # [B, H, t, r, rows]: NS(S_r) x_t
+        return a_col * (x @ w[name].transpose(-1, -2)) - (w_coef.unsqueeze(-2) @ seen).squeeze(-2)
+
+    out = poison_rows(rows, memory_forward(p.spec, apply, q))
+    end_bad = rows[..., e]  # a marked token up to the state's row leaves a NaN state
+    w_end = {m: poison_rows(end_bad, a_coef[..., e, None, None] * w[m] - torch.einsum("bhr,bhrpc->bhpc", w_coef[..., e, :], ortho[m]))
+             for m in w}
+    s_end = [poison_rows(end_bad, s_all[m][:, :, e]) for m in names]
+    return (out, *(w_end[m] for m in names), *s_end)
+
+
+def newton_schulz_batched(g: Tensor, steps: int) -> Tensor:
+    """:func:`~.memory.newton_schulz` of each matrix of ``g [..., rows, cols]`` (the same
+    polynomial, equal up to rounding; float dtypes), in one batched run of ``steps`` iterations.
+
+    With ``r x m`` the matrix oriented wide (``r = min(rows, cols)``), Muon's step
+    ``X <- a X + (b A + c A^2) X``, ``A = X X^T``, costs ``2 r^2 m + r^3`` multiply-adds. Every
+    iterate is ``X_k = P_k X_0`` with ``P_k`` a polynomial of ``A_0 = X_0 X_0^T``, so for wide
+    matrices (``m >= 1.5 r``) the iteration runs on ``r x r`` matrices instead:
+    ``Q_k = a I + b A_k + c A_k^2``, ``P_{k+1} = Q_k P_k``, ``A_{k+1} = Q_k A_k Q_k`` (four
+    ``r^3`` products a step), and ``X`` is touched only for ``A_0`` and ``P X_0``. Nearly square
+    matrices iterate on ``X`` with fused products (``baddbmm``)."""
+    a, b, c = NS_COEFFICIENTS
+    tall = g.shape[-2] > g.shape[-1]
+    x = g.transpose(-1, -2) if tall else g
+    lead, (r, m) = x.shape[:-2], x.shape[-2:]
+    x = (x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)).reshape(-1, r, m)
+    if 2 * m < 3 * r:
+        for _ in range(steps):
+            gram = x @ x.transpose(-1, -2)
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    elif steps:
+        gram = x @ x.transpose(-1, -2)
+        eye = a * torch.eye(r, dtype=x.dtype, device=x.device)
+        poly = None
+        for k in range(steps):
+            step = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) + eye
+            poly = step if poly is None else step @ poly
+            if k < steps - 1:
+                gram = step @ gram @ step
+        x = poly @ x
+    x = x.reshape(*lead, r, m)
+    return x.transpose(-1, -2) if tall else x
 
 
 def _chunk_granularity(p: Problem, q, kx, vx, lr, mom, ret, gamma, n: int, b: int, last_len: int) -> Result:

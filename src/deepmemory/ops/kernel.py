@@ -4,52 +4,79 @@ A memory ``M(x) = x + W_{L-1} σ(… σ(W_0 φ*(x)))`` whose first matrix acts o
 map of ``exp`` (ATLAS eq. 22–23: ``φ*(k)·φ*(x) = exp(k·x)``) can never be stored, but it never has
 to be: it starts at ``W_0 = 0`` and only ever grows by gradient outer products ``δ_i φ*(k_i)^T``, so
 
-    W_0 φ*(x) = Σ_i D_i exp(τ k_i·x)           (D_i = -lr_i δ_i, the stored "value" of token i)
+    W_0 φ*(x) = Σ_i D_i exp(τ k_i·x)           (D_i: the summed -lr δ_i of key i, its stored "value")
 
-is an attention read over the stored keys (ATLAS eq. 24). What the op computes, per batch element
-and head (``t' = t - mod(t, b)`` the start of ``t``'s chunk of ``b = chunk_size`` tokens, as in
-ATLAS eq. 16; ``I_t = {t-c+1, …, t}`` the window, every token so far when ``window=None``)::
+is an attention read over the stored keys (ATLAS eq. 24). Per batch element and head (``t' = t -
+mod(t, b)`` the start of ``t``'s chunk of ``b = chunk_size`` tokens, as in ATLAS eq. 16; ``I_t =
+{t-c+1, …, t}`` the window of ``c = window`` tokens; ``loss_i = -<M(k_i), v_i>`` (dot) or ``0.5
+||M(k_i) - v_i||^2`` (l2)), the op computes ``y_t = M_t(q_t)`` (read after write) for one of three
+rules:
 
-    M_t = M_init - Σ_{i ∈ I_t} lr_i ∇ loss_i(M_{t'(i)-1})    loss_i = -<M(k_i), v_i> | 0.5||M(k_i) - v_i||^2
-    y_t = M_t(q_t)                                          (read after write)
+- ``window=None`` (DeepTransformer, ATLAS eq. 25): each token's gradient is taken once, at the
+  memory just before its chunk, and kept::
 
-i.e. gradient descent on the Omega objective ``Σ_{i∈I_t} loss_i`` where each token's gradient is
-taken once, at the memory just before its chunk (``chunk_size=1``: the memory just before the
-token, the online rules of ATLAS eq. 25 and eq. 30), and leaves the memory when the token leaves
-the window. The other matrices (``W_1 … W_{L-1}``, learned initial values) follow the same rule.
+      M_t = M_{t-1} - lr_t ∇ loss_t(M_{t'-1})
+
+- ``window=c, window_rule="omega"`` (SWDT, Dot: the Omega rule, ATLAS eq. 27–28): at every step
+  the window's ``c`` gradients are taken again at the memory before the step's chunk and applied
+  again, with the step's learning rate in the place of ``γ_i^{(t)}`` (ATLAS eq. 15)::
+
+      M_t = M_{t-1} - lr_t Σ_{i ∈ I_t} ∇ loss_i(M_{t'-1})
+
+  A token stays in the memory after it leaves the window (its writes are never taken back); while
+  in the window its gradient is applied once per step. ``window=1`` is ``window=None``.
+- ``window=c, window_rule="swa"``: each token's gradient is taken once (``lr_i``, at its chunk's
+  start) and its whole contribution leaves the memory when the token leaves the window::
+
+      M_t = M_init - Σ_{i ∈ I_t} lr_i ∇ loss_i(M_{t'(i)-1})
+
+  the deep form of sliding-window attention (ATLAS eq. 18), which it is for the linear memory.
+
+With ``chunk_size=1`` every gradient is taken at the memory just before its step (the online
+rules of ATLAS eq. 25, 27 and 30); a larger chunk takes the chunk's gradients at its start, which
+changes the rule, not only its speed. Inside a chunk the omega rule gives token ``i``'s gradient
+the coefficient ``C[t, i] = Σ_{s=t'}^{t} lr_s [i ∈ I_s]`` at step ``t`` (the Omega band of
+``deepmemory.ops.coefficients`` summed over the chunk's steps). The other matrices (``W_1 …
+W_{L-1}``, learned initial values) follow the same rule.
 
 Special cases (tested):
 
 - linear memory (``depth=1``, ``residual=False``), dot loss, ``lr = 1``, ``normalized=False``:
-  ``y_t = Σ_{i∈I_t} v_i exp(τ q_t·k_i)``, unnormalised causal attention (ATLAS eq. 26) for
+  ``y_t = Σ_{i≤t} v_i exp(τ q_t·k_i)``, unnormalised causal attention (ATLAS eq. 26) for
   ``window=None``; with ``normalized=True`` softmax attention (ATLAS eq. 1 / eq. 17) and, with
-  ``window=c``, sliding-window attention (ATLAS eq. 18). DeepTransformer and SWDT contain
-  Transformers and SWA.
-- l2 loss, ``chunk_size=1``, ``window=None``, linear memory: the delta-rule Transformer of ATLAS
-  eq. 30–31 (Dot, online case): ``M_t = M_{t-1} + lr_t (v_t - M_{t-1}φ*(k_t)) φ*(k_t)^T``.
+  ``window=c`` under ``"swa"``, sliding-window attention (ATLAS eq. 18). Under ``"omega"`` (ATLAS
+  eq. 20 with ``φ*``) token ``i`` is weighted by the number of steps it has spent in the window,
+  ``y_t = Σ_{i≤t} min(t - i + 1, c) v_i exp(τ q_t·k_i)``.
+- l2 loss, ``chunk_size=1``, ``window=None`` (or ``window=1``), linear memory: the delta-rule
+  Transformer of ATLAS eq. 30–31 (Dot, online case): ``M_t = M_{t-1} + lr_t (v_t - M_{t-1}φ*(k_t))
+  φ*(k_t)^T``.
 - ``window=None``, any depth: the main op's rule (``neural_memory`` with gd, Omega window 1, no
   decay) with ``φ*`` keys.
 
-A finite window retires a token's whole contribution at once, which is what makes sliding-window
-attention a special case; the paper's per-position weights ``γ_i^{(t)}`` (ATLAS eq. 27) reduce to
-``lr_i`` here, and each gradient is taken once at its chunk's start rather than re-taken at every
-step of the window.
-
 ``normalized=True`` divides the implicit read by its own normaliser,
-``Σ_{i∈I} D_i e^{s_i} / Σ_{i∈I} e^{s_i}`` (Nadaraya–Watson, ATLAS eq. 17): the linear case becomes
-softmax attention, and the exponentials stay bounded. Writes are unchanged; an empty token set
-reads 0.
+``Σ_{i∈S} D_i e^{s_i} / Σ_{i∈S} e^{s_i}`` over the keys ``S`` the memory holds (Nadaraya–Watson,
+ATLAS eq. 17): every token so far, or the window's under ``"swa"``. The linear case becomes softmax
+attention and the exponentials stay bounded; the paper's forms are unnormalised (``False``).
+Writes are unchanged; an empty memory reads 0.
 
-Two implementations, chosen by ``impl``: ``"chunk"`` (the fast form: per chunk, the deeper matrices
-are materialised at its start and read in dual form inside it, ``W_l(t) a = W_l(t'-1) a +
-Σ_i sign(t, i) D_{l,i} (a_{l,i}·a)`` with ``+1`` for the chunk's tokens in ``I_t`` and ``-1`` for
-earlier tokens that have left ``I_t`` by ``t``; gradients by a hand-written backward) and
-``"reference"`` (``deepmemory.ops.kernel_reference``: token by token, every matrix materialised,
-every gradient from autograd). Both accept and return the same :class:`KernelState`.
+Two implementations, chosen by ``impl``: ``"chunk"`` (the fast form: per chunk, the deeper
+matrices are materialised at its start and read in dual form inside it, ``W_l(t) a = W_l(t'-1) a +
+Σ_i C[t, i] G_{l,i} (a_{l,i}·a)`` with ``G = -δ``; under ``"swa"`` ``C[t, i] = lr_i`` for the
+chunk's tokens in ``I_t`` and ``-lr_i`` for earlier tokens that have left ``I_t`` by ``t``; under
+``"omega"`` ``C`` above, over the chunk's tokens and the ``c - 1`` before it, whose gradients are
+taken again at the chunk's start; gradients of the memory's own inner loss by a hand-written
+backward) and ``"reference"`` (``deepmemory.ops.kernel_reference``: token by token, every matrix
+materialised, every gradient from autograd). Both accept and return the same :class:`KernelState`.
 
-Cost: the first layer reads the stored tokens, O(T^2) like attention (O(T·c) with a window). The
-state is what attention's cache is (per token a key and a first-layer signal, its "value") plus the
-deeper matrices; with a window, also each stored token's deeper signals and inputs, to retire them.
+Cost per layer and sequence (``T`` tokens, chunk ``b``, ``d`` the head width): ``window=None``,
+O(T^2 d) like attention (the chunks' gradients and reads each visit every stored key); ``"swa"``,
+O(T c d): the stored keys are the window's; ``"omega"``, O(T^2 d) too, about ``1 + (c-1)/(2b)``
+times ``window=None``'s: nothing ever leaves the memory, so the reads visit every stored key as for
+``window=None``, and every chunk takes ``b + c - 1`` gradients instead of ``b``. The state is what attention's cache is (per
+stored token a key and a first-layer signal, its "value": the window's under ``"swa"``, all so far
+otherwise) plus the deeper matrices; under ``"swa"`` also each stored token's deeper signals and
+inputs, to retire them; under ``"omega"`` the values of the last ``c - 1`` tokens, whose gradients
+the next chunk takes again.
 """
 
 from __future__ import annotations
@@ -69,6 +96,7 @@ from .memory import activation as act_fn
 from .memory import activation_backward
 
 KERNEL_IMPLS = ("chunk", "reference")
+WINDOW_RULES = ("omega", "swa")
 
 
 @dataclass(frozen=True)
@@ -82,8 +110,14 @@ class KernelRule(Settings):
         residual: ``M(x) = x + h(x)`` (needs ``dk == dv``).
         loss: the inner loss: ``"dot"`` (``-<M(k), v>``, Hebbian: DeepTransformer, SWDT,
             ATLAS eq. 25) or ``"l2"`` (``0.5||M(k) - v||^2``: Dot, ATLAS eq. 27).
-        window: the window ``c`` (int >= 1) a token's gradient stays in the memory for, or None
-            for every token so far (DeepTransformer).
+        window: the window ``c`` (int >= 1) of the rule, or None: every token's gradient taken
+            once and kept (DeepTransformer, ATLAS eq. 25).
+        window_rule: what a finite window does: ``"omega"`` (ATLAS eq. 27–28, SWDT and Dot: at
+            every step the window's gradients are taken again at the memory before the step and
+            applied again; a token's writes stay after it leaves the window) or ``"swa"`` (each
+            gradient applied once and taken back when its token leaves the window: the deep form
+            of sliding-window attention, ATLAS eq. 18; bounded state, O(T·c)). Without a window
+            both read the same (``window=None`` is ``"omega"`` with ``window=1``).
         normalized: divide the first layer's read by its normaliser (softmax, ATLAS eq. 17)
             instead of the paper's unnormalised form (ATLAS eq. 26).
         chunk_size: tokens whose gradients are taken at the same memory (int >= 1; 1 is fully
@@ -98,8 +132,14 @@ class KernelRule(Settings):
     residual: bool = True
     loss: str = "dot"
     window: Optional[int] = None
+    window_rule: str = "omega"
     normalized: bool = True
     chunk_size: int = 16
+
+    def omega(self) -> bool:
+        """Whether the rule takes a finite window's gradients again at every step (``window``
+        set and ``window_rule="omega"``, ATLAS eq. 27)."""
+        return self.window is not None and self.window_rule == "omega"
 
     def names(self) -> Tuple[str, ...]:
         """The explicit (deeper) matrices, ``w1 .. w{depth-1}`` (none for ``depth=1``)."""
@@ -117,6 +157,7 @@ KernelRule.FIELD_CHECKS = {
     "residual": check_bool,
     "loss": lambda label, v: check_choice(label, v, LOSSES),
     "window": lambda label, v: v is None or check_int(label, v),
+    "window_rule": lambda label, v: check_choice(label, v, WINDOW_RULES),
     "normalized": check_bool,
     "chunk_size": check_int,
 }
@@ -131,11 +172,15 @@ class KernelState(State):
     dtype (float32 under lower precisions).
 
     - ``keys [B, H, n, dk]``, ``signals [B, H, n, w0]``: the first layer's stored tokens (the last
-      ``window`` ones, all of them for ``window=None``) and their signals ``D_{0,i}``.
+      ``window`` ones under ``window_rule="swa"``, all of them otherwise) and their summed
+      signals ``D_{0,i}``.
     - ``weights``: the deeper matrices ``W_l [B, H, rows, cols]`` (l = 1 .. depth-1) at that point.
     - ``evict_signals`` / ``evict_inputs``: per deeper matrix, ``D_{l,i} [B, H, n_e, rows]`` and
       ``a_{l,i} [B, H, n_e, cols]`` of the tokens still in the window (their contribution is
-      subtracted when they leave it; ``n_e = 0`` for ``window=None``).
+      subtracted when they leave it; ``n_e = 0`` unless ``window_rule="swa"`` with a window).
+    - ``window_values [B, H, r, dv]``: the values of the last ``r = min(window - 1, n)`` stored
+      tokens, whose gradients the next chunk takes again (``r = 0`` unless ``window_rule="omega"``
+      with a window; their keys are the last ``r`` of ``keys``).
     - ``pending_k [B, H, p, dk]``, ``pending_v [B, H, p, dv]``, ``pending_lr [B, H, p]``: the
       unfinished chunk (``p = seen % chunk_size``); ``seen``: tokens read so far; ``rule``: the
       :class:`KernelRule` it was made with (a state continues only the same rule).
@@ -146,6 +191,7 @@ class KernelState(State):
     weights: Tuple[Tensor, ...]
     evict_signals: Tuple[Tensor, ...]
     evict_inputs: Tuple[Tensor, ...]
+    window_values: Tensor
     pending_k: Tensor
     pending_v: Tensor
     pending_lr: Tensor
@@ -188,6 +234,10 @@ def _check_state(st, rule: KernelRule, shapes: Dict[str, Tuple[int, ...]], q: Te
         if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
             shown = ", ".join("n" if w is None else str(w) for w in want)
             raise ValueError(f"initial_state.{name} has shape {list(got)}; expected [{shown}] (n = any)")
+    want_r = min(rule.window - 1, st.keys.shape[2]) if rule.omega() else 0
+    if st.window_values.shape[2] != want_r:
+        raise ValueError(f"initial_state holds {st.window_values.shape[2]} window values but {st.keys.shape[2]} stored keys; "
+                         f"expected {want_r} for window={rule.window}, window_rule={rule.window_rule!r}")
     if st.pending != st.seen % rule.chunk_size:
         raise ValueError(f"initial_state holds {st.pending} pending tokens but seen={st.seen} with chunk_size={rule.chunk_size}")
 
@@ -196,52 +246,66 @@ def _check_state(st, rule: KernelRule, shapes: Dict[str, Tuple[int, ...]], q: Te
 # the fast (chunk) form
 
 
-def _kernel_read(x: Tensor, keys: Tensor, d0: Tensor, scale: Tensor, mask: Optional[Tensor], normalized: bool) -> Tensor:
-    """``Σ_i D_i exp(scale k_i·x)`` (divided by ``Σ_i exp(scale k_i·x)`` when ``normalized``) over
-    the stored tokens ``mask [m, n]`` allows (None: all)."""
-    if keys.shape[-2] == 0:  # nothing stored yet: W_0 = 0
-        return x.new_zeros(*x.shape[:-1], d0.shape[-1])
+def _kernel_weights(x: Tensor, keys: Tensor, scale: Tensor, mask: Optional[Tensor], normalized: bool) -> Tensor:
+    """The first layer's read weights ``exp(scale k_i·x)`` (divided by their sum over the row when
+    ``normalized``) of the stored tokens ``mask [m, n]`` allows (None: all), exact zeros elsewhere:
+    ``x [B, H, m, dk]``, ``keys [B, H, n, dk]`` (n >= 1) -> ``[B, H, m, n]``."""
     s = scale * (x @ keys.transpose(-1, -2))  # [B, H, m, n]
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    if normalized:
-        m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min).detach()  # all masked -> finite
-        w = torch.exp(s - m)
-        den = w.sum(-1, keepdim=True)
-        w = w / torch.where(den > 0, den, torch.ones_like(den))
-    else:
-        w = torch.exp(s)
-    return w @ d0
+    if not normalized:
+        return torch.exp(s)
+    m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min).detach()  # all masked -> finite
+    w = torch.exp(s - m)
+    den = w.sum(-1, keepdim=True)
+    return w / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def _read(x, keys, d0, mask, weights, dual, scale, rule: KernelRule):
-    """``M(x)`` and its pre-activations ``z_l``. The deeper matrices are ``weights`` plus, in dual
-    form, ``Σ_i sign[t, i] D_{l,i} a_{l,i}^T`` for ``dual = (sign [m, n], signals, inputs)``; the
-    terms where ``sign`` is 0 are left out by selection (a NaN input there stays out)."""
-    z = [_kernel_read(x, keys, d0, scale, mask, rule.normalized)]
+def _kernel_read(x: Tensor, keys: Tensor, d0: Tensor, scale: Tensor, mask: Optional[Tensor], normalized: bool) -> Tensor:
+    """``W_0 φ*(x) = Σ_i D_i exp(scale k_i·x)`` (divided by ``Σ_i exp(scale k_i·x)`` when
+    ``normalized``) over the stored tokens ``mask [m, n]`` allows (None: all)."""
+    if keys.shape[-2] == 0:  # nothing stored yet: W_0 = 0
+        return x.new_zeros(*x.shape[:-1], d0.shape[-1])
+    return _kernel_weights(x, keys, scale, mask, normalized) @ d0
+
+
+def _read(x, z0, weights, dual, rule: KernelRule):
+    """``M(x)`` and its pre-activations ``z_l`` from the first layer's output ``z0 = W_0 φ*(x)``.
+    The deeper matrices are ``weights`` plus, in dual form, ``Σ_i coef[t, i] G_{l,i} a_{l,i}^T``
+    for ``dual = (select [m, n], coef ([B, H,] m, n), signals G, inputs a)``; the terms ``select``
+    leaves out are left out by selection (a NaN input there stays out)."""
+    z = [z0]
     for l in range(1, rule.depth):
         a = act_fn(rule.activation, z[-1])
         out = a @ weights[l - 1].transpose(-1, -2)
         if dual is not None:
-            sign, sig, inp = dual
-            out = out + torch.where(sign != 0, (a @ inp[l - 1].transpose(-1, -2)) * sign, 0.0) @ sig[l - 1]
+            select, coef, sig, inp = dual
+            out = out + torch.where(select, (a @ inp[l - 1].transpose(-1, -2)) * coef, 0.0) @ sig[l - 1]
         z.append(out)
     return (z[-1] + x if rule.residual else z[-1]), z
 
 
-def _write(k, v, lr, keys, d0, weights, scale, rule: KernelRule):
-    """Signals ``D_l = -lr δ_l`` (first layer, then deeper) and inputs ``a_l`` of a chunk's tokens:
-    one forward and a hand-written backward of its keys at the chunk-start memory (every stored
-    token is in the window of the chunk start)."""
-    pred, z = _read(k, keys, d0, None, weights, None, scale, rule)
+def _gradient(k, v, keys, d0, weights, scale, rule: KernelRule):
+    """The negative gradient signals ``G_l = -δ_l`` (first layer, then deeper) and inputs ``a_l`` of
+    tokens ``(k, v)`` at the memory held by ``keys, d0, weights`` (every stored token read): one
+    forward and a hand-written backward of ``loss_i``."""
+    pred, z = _read(k, _kernel_read(k, keys, d0, scale, None, rule.normalized), weights, None, rule)
     delta = pred - v if rule.loss == "l2" else -v
-    coef = -lr.unsqueeze(-1)
     signals, inputs = [], []
     for l in reversed(range(1, rule.depth)):
-        signals.insert(0, coef * delta)
+        signals.insert(0, -delta)
         inputs.insert(0, act_fn(rule.activation, z[l - 1]))
         delta = activation_backward(rule.activation, delta @ weights[l - 1], z[l - 1])
-    return coef * delta, signals, inputs
+    return -delta, signals, inputs
+
+
+def _write(k, v, lr, keys, d0, weights, scale, rule: KernelRule):
+    """Signals ``D_l = -lr δ_l`` (first layer, then deeper) and inputs ``a_l`` of a chunk's tokens
+    at the chunk-start memory (under ``"swa"`` every stored token is in the window of the chunk
+    start)."""
+    g0, signals, inputs = _gradient(k, v, keys, d0, weights, scale, rule)
+    coef = lr.unsqueeze(-1)
+    return coef * g0, [coef * g for g in signals], inputs
 
 
 def _sees(visible: Tensor, bad: Tensor) -> Tensor:
@@ -308,7 +372,8 @@ def kernel_chunk(
         if e > pend:
             lo = max(s, pend)
             read_sig = [zero_rows(bd, t) for bd, t in zip(bad_sig, all_sig)]
-            y, _ = _read(qq[:, :, lo:e], all_keys, all_d0, mask[lo - s :], mats, (sign[lo - s :], read_sig, all_inp), sc, rule)
+            z0 = _kernel_read(qq[:, :, lo:e], all_keys, all_d0, sc, mask[lo - s :], rule.normalized)
+            y, _ = _read(qq[:, :, lo:e], z0, mats, (sign[lo - s :] != 0, sign[lo - s :], read_sig, all_inp), rule)
             # the rows that see a flagged token (in the first layer or a deeper one)
             seen = _sees(mask[lo - s :], all_bad0)
             for bd in bad_sig:
@@ -329,8 +394,92 @@ def kernel_chunk(
     p = (st.seen + seq) % b
     return y, KernelState(
         keys=keys, signals=poison_rows(bad0, d0), weights=tuple(mats), evict_signals=tuple(ev_sig), evict_inputs=tuple(ev_inp),
-        pending_k=kk[:, :, n - p :], pending_v=vv[:, :, n - p :], pending_lr=ll[:, :, n - p :],
+        window_values=st.window_values, pending_k=kk[:, :, n - p :], pending_v=vv[:, :, n - p :], pending_lr=ll[:, :, n - p :],
         seen=st.seen + seq, rule=rule,
+    )
+
+
+def omega_chunk(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, scale: Tensor, st: KernelState, output_final_state: bool
+) -> Tuple[Tensor, Optional[KernelState]]:
+    """The fast form of ``window_rule="omega"`` with a window (ATLAS eq. 27–28), heads first and
+    validated (see :func:`kernel_memory`): ``q, k [B, H, T, dk]``, ``v [B, H, T, dv]``,
+    ``lr [B, H, T]``, ``scale [H]``, the state to start from -> ``y [B, H, T, dv]`` and the final
+    state.
+
+    Per chunk (steps ``t' .. t'+b-1``), the gradient signals ``G_i = -δ_i`` of the window's tokens
+    ``E = {t'-c+1, …, t'+b-1}`` are taken once at the chunk-start memory ``M_{t'-1}``; by step ``t``
+    the chunk has applied token ``i``'s with the summed rate ``C[t, i] = Σ_{s=t'}^{t} lr_s [s-c < i
+    <= s]`` (``[B, H, b, c - 1 + b]``). A query at ``t``
+    reads the stored first-layer signals plus ``C[t, i] G_{0,i}`` on ``E``'s keys, and the deeper
+    matrices materialised at the chunk start plus ``C[t, i] G_{l,i} a_{l,i}^T`` in dual form. At the
+    chunk's end ``E``'s stored signals gain ``C[t'+b-1, i] G_{0,i}`` and the deeper matrices the
+    outer products; every key stays.
+
+    Causality for any input, as in :func:`kernel_chunk`: signals of a token that are not finite
+    are read as zeros and the rows that see such a token set to NaN, by selection; ``C`` is a
+    cumulative sum of selected learning rates, so a step's ``lr`` reaches no earlier row."""
+    rule = st.rule
+    c, b = rule.window, rule.chunk_size
+    bsz, nh, seq, dk = q.shape
+    sc = scale.reshape(1, nh, 1, 1)
+    pend = st.pending
+    kk = torch.cat([st.pending_k, k], 2)
+    vv = torch.cat([st.pending_v, v], 2)
+    ll = torch.cat([st.pending_lr, lr], 2)
+    qq = torch.cat([q.new_zeros(bsz, nh, pend, dk), q], 2)
+    bad0 = nonfinite(st.signals, 1)  # [B, H, n]: stored tokens whose signal must not enter a product
+    keys, d0, mats, win_v = st.keys, zero_rows(bad0, st.signals), list(st.weights), st.window_values
+    n = kk.shape[2]
+    outs = []
+    for s in range(0, n, b):
+        e = min(s + b, n)
+        n0, r = keys.shape[2], win_v.shape[2]
+        # E: the last r stored tokens (positions s-r .. s-1) and the chunk's (s .. e-1)
+        e_k, e_v = torch.cat([keys[:, :, n0 - r :], kk[:, :, s:e]], 2), torch.cat([win_v, vv[:, :, s:e]], 2)
+        g0, gs, inputs = _gradient(e_k, e_v, keys, d0, mats, sc, rule)
+        # every write reads every stored token: a flagged one flags them all
+        e_bad = nonfinite(g0, 1) | bad0.any(-1, keepdim=True)
+        g_bad = [nonfinite(g, 1) for g in gs]
+        pos_t = torch.arange(s, e, device=q.device)[:, None]
+        pos_e = torch.arange(s - r, e, device=q.device)
+        in_window = (pos_e <= pos_t) & (pos_e > pos_t - c)  # [step, i]: i ∈ I_step
+        coef = torch.cumsum(torch.where(in_window, ll[:, :, s:e, None], 0.0), 2)  # C [B, H, m, r + m]
+        applied = pos_e <= pos_t  # where C is not structurally zero (E starts within c-1 of t')
+        if e > pend:
+            lo = max(s, pend)
+            rows = slice(lo - s, None)
+            x = qq[:, :, lo:e]
+            all_keys = torch.cat([keys, kk[:, :, s:e]], 2)
+            causal = torch.arange(s - n0, e, device=q.device) <= pos_t[rows]
+            w = _kernel_weights(x, all_keys, sc, causal, rule.normalized)  # [B, H, m, n0 + m]
+            z0 = w[..., :n0] @ d0 + (w[..., n0 - r :] * coef[:, :, rows]) @ zero_rows(e_bad, g0)
+            dual = (applied[rows], coef[:, :, rows], [zero_rows(bd, g) for bd, g in zip(g_bad, gs)], inputs)
+            y, _ = _read(x, z0, mats, dual, rule)
+            # the rows that see a flagged token (in the first layer or a deeper one)
+            seen = _sees(applied[rows], e_bad)
+            for bd in g_bad:
+                seen = seen | _sees(applied[rows], bd)
+            outs.append(poison_rows(seen, y))
+        if e - s < b:  # unfinished chunk: its raw inputs are kept instead
+            break
+        last = coef[:, :, -1]  # [B, H, r + m]: what the chunk applied of each of E's gradients
+        mats = [w + torch.einsum("bhi,bhir,bhic->bhrc", last, g, a) for w, g, a in zip(mats, gs, inputs)]
+        e_d0 = torch.cat([d0[:, :, n0 - r :], d0.new_zeros(bsz, nh, e - s, d0.shape[-1])], 2) + last.unsqueeze(-1) * g0
+        e_bad = e_bad | torch.cat([bad0[:, :, n0 - r :], e_bad.new_zeros(bsz, nh, e - s)], 2) | nonfinite(e_d0, 1)
+        keys = torch.cat([keys, kk[:, :, s:e]], 2)
+        d0 = torch.cat([d0[:, :, : n0 - r], zero_rows(e_bad, e_d0)], 2)
+        bad0 = torch.cat([bad0[:, :, : n0 - r], e_bad], 2)
+        keep = min(c - 1, keys.shape[2])
+        win_v = e_v[:, :, e_v.shape[2] - keep :]
+    y = torch.cat(outs, 2)
+    if not output_final_state:
+        return y, None
+    p = (st.seen + seq) % b
+    return y, KernelState(
+        keys=keys, signals=poison_rows(bad0, d0), weights=tuple(mats), evict_signals=st.evict_signals,
+        evict_inputs=st.evict_inputs, window_values=win_v, pending_k=kk[:, :, n - p :], pending_v=vv[:, :, n - p :],
+        pending_lr=ll[:, :, n - p :], seen=st.seen + seq, rule=rule,
     )
 
 
@@ -354,17 +503,20 @@ def kernel_memory(
     r"""Read and train a kernel-form deep memory over a sequence, per batch element and head.
 
     For tokens ``t`` (``t'`` the start of ``t``'s chunk, ATLAS eq. 16; ``I_t`` the last
-    ``rule.window`` tokens up to ``t``, every token so far for ``window=None``)::
+    ``c = rule.window`` tokens up to ``t``)::
 
-        M_t = M_init - Σ_{i ∈ I_t} lr_i ∇ loss_i(M_{t'(i)-1})    loss_i = -<M(k_i), v_i> | 0.5||M(k_i) - v_i||^2
-        M(x) = x + W_{L-1} σ(… σ(W_0 φ*(x)))                    W_0 φ*(x) = Σ_i D_i exp(scale · k_i·x)
-        y_t = M_t(q_t)
+        window=None:          M_t = M_{t-1} - lr_t ∇ loss_t(M_{t'-1})                  (ATLAS eq. 25)
+        window_rule="omega":  M_t = M_{t-1} - lr_t Σ_{i ∈ I_t} ∇ loss_i(M_{t'-1})       (ATLAS eq. 27–28)
+        window_rule="swa":    M_t = M_init - Σ_{i ∈ I_t} lr_i ∇ loss_i(M_{t'(i)-1})     (deep SWA, eq. 18)
+        loss_i = -<M(k_i), v_i> | 0.5||M(k_i) - v_i||^2,   y_t = M_t(q_t)
+        M(x) = x + W_{L-1} σ(… σ(W_0 φ*(x)))                W_0 φ*(x) = Σ_i D_i exp(scale · k_i·x)
 
     with ``W_0`` kept implicit (ATLAS eq. 22–24: it starts at 0 and only gains outer products
     ``D_i φ*(k_i)^T``). ``loss="dot"`` is DeepTransformer (ATLAS eq. 25; linear memory: eq. 26) and
     SWDT with a window; ``loss="l2"`` is Dot (ATLAS eq. 27; linear, online: eq. 30–31).
-    ``rule.normalized`` divides the first layer's read by ``Σ_i exp(scale · k_i·x)`` (softmax,
-    ATLAS eq. 17–18). See the module docstring for the exact rule and its special cases.
+    ``rule.normalized`` divides the first layer's read by ``Σ_i exp(scale · k_i·x)`` over the keys
+    it holds (softmax, ATLAS eq. 17–18). See the module docstring for the rules, their special
+    cases and their cost.
 
     Shapes: ``q, k [B, T, H, dk]``, ``v [B, T, H, dv]``, ``lr [B, T, H]`` (the learning rate of
     each token, any real; the layer's is in ``(0, max_lr)``), all of one floating dtype and
@@ -416,12 +568,12 @@ def kernel_memory(
             keys=kk.new_zeros(bsz, nh, 0, dk), signals=kk.new_zeros(bsz, nh, 0, hidden),
             weights=start,
             evict_signals=tuple(kk.new_zeros(bsz, nh, 0, shapes[n][0]) for n in names),
-            evict_inputs=tuple(kk.new_zeros(bsz, nh, 0, shapes[n][1]) for n in names),
+            evict_inputs=tuple(kk.new_zeros(bsz, nh, 0, shapes[n][1]) for n in names), window_values=vv[:, :, :0],
             pending_k=kk[:, :, :0], pending_v=vv[:, :, :0], pending_lr=ll[:, :, :0], seen=0, rule=rule,
         )
     else:
         want = {"keys": (bsz, nh, None, dk), "signals": (bsz, nh, None, hidden), "pending_k": (bsz, nh, None, dk),
-                "pending_v": (bsz, nh, None, dv), "pending_lr": (bsz, nh, None)}
+                "pending_v": (bsz, nh, None, dv), "pending_lr": (bsz, nh, None), "window_values": (bsz, nh, None, dv)}
         for l, n in enumerate(names):
             want[f"weights[{l}]"] = (bsz, nh, *shapes[n])
             want[f"evict_signals[{l}]"] = (bsz, nh, None, shapes[n][0])
@@ -429,9 +581,10 @@ def kernel_memory(
         _check_state(initial_state, rule, want, q)
         st = initial_state.map(lambda t: t.to(cd))
     if impl == "chunk":
-        y, final = kernel_chunk(qq, kk, vv, ll, scale.to(cd), st, output_final_state)
+        run = omega_chunk if rule.omega() else kernel_chunk
     else:
-        from .kernel_reference import kernel_reference
+        from .kernel_reference import kernel_reference, omega_reference
 
-        y, final = kernel_reference(qq, kk, vv, ll, scale.to(cd), st, output_final_state)
+        run = omega_reference if rule.omega() else kernel_reference
+    y, final = run(qq, kk, vv, ll, scale.to(cd), st, output_final_state)
     return y.transpose(1, 2).to(q.dtype), final

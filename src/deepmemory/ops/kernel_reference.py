@@ -1,20 +1,32 @@
 r"""The kernel-form memory token by token, straight from the equations. Slow; the ground truth.
 
-Per batch element and head (``t'`` the start of ``t``'s chunk, ATLAS eq. 16; ``I_t`` the tokens of
-the window at ``t``, ATLAS eq. 27; ``lr`` in the place of the paper's ``γ_i^{(t)}``)::
+Two loops, one per way the memory keeps its tokens, sharing nothing with the chunked form
+(``deepmemory.ops.kernel``) but the activation functions. Per batch element and head, ``t'`` the
+start of ``t``'s chunk (ATLAS eq. 16), ``I_t`` the last ``c = window`` tokens up to ``t``, ``loss_i
+= -<M(k_i), v_i>`` (ATLAS eq. 25) or ``0.5||M(k_i) - v_i||^2`` (ATLAS eq. 27), for ``M(x) = [x +]
+W_{L-1} σ(… σ(W_0 φ*(x)))``, ``y_t = M_t(q_t)``:
 
-    M_t = M_init - Σ_{i ∈ I_t} lr_i ∇ loss_i(M_{t'(i)-1})     loss_i = -<M(k_i), v_i> (ATLAS eq. 25)
-                                                              | 0.5||M(k_i) - v_i||^2 (ATLAS eq. 27)
-    y_t = M_t(q_t)
+- :func:`kernel_reference`, ``window=None`` and ``window_rule="swa"``::
 
-for ``M(x) = [x +] W_{L-1} σ(… σ(W_0 φ*(x)))``. Every token's gradient is the outer product of the
-backprop signal ``δ_{l,i}`` of each matrix's output with its input: ``φ*(k_i)`` for ``W_0``
-(ATLAS eq. 22), ``a_{l,i}`` for ``W_l``. So the memory is kept as its tokens: per token ``i`` its key
-and ``D_{l,i} = -lr_i δ_{l,i}`` (and ``a_{l,i}``); the deeper matrices are materialised for every
-read, ``W_l = W_l^init + Σ_{i∈I} D_{l,i} a_{l,i}^T``, and ``W_0 φ*(x) = Σ_{i∈I} D_{0,i}
-exp(scale k_i·x)`` (ATLAS eq. 23–24), divided by ``Σ_{i∈I} exp(scale k_i·x)`` when normalised
-(ATLAS eq. 17). The signals ``δ`` come from autograd, one token at a time, so this shares nothing
-with the chunked form but the activation functions.
+      M_t = M_init - Σ_{i ∈ I_t} lr_i ∇ loss_i(M_{t'(i)-1})      (I_t = every token so far for None)
+
+  Every token's gradient is the outer product of the backprop signal ``δ_{l,i}`` of each matrix's
+  output with its input: ``φ*(k_i)`` for ``W_0`` (ATLAS eq. 22), ``a_{l,i}`` for ``W_l``. So the
+  memory is kept as its tokens: per token ``i`` its key and ``D_{l,i} = -lr_i δ_{l,i}`` (and
+  ``a_{l,i}``); the deeper matrices are materialised for every read, ``W_l = W_l^init + Σ_{i∈I}
+  D_{l,i} a_{l,i}^T``, and ``W_0 φ*(x) = Σ_{i∈I} D_{0,i} exp(scale k_i·x)`` (ATLAS eq. 23–24).
+- :func:`omega_reference`, ``window_rule="omega"`` with a window (ATLAS eq. 27–28, ``γ_i^{(t)} =
+  lr_t`` as in ATLAS eq. 15)::
+
+      M_t = M_{t-1} - lr_t Σ_{i ∈ I_t} ∇ loss_i(M_{t'-1})
+
+  step by step: at each chunk's start the memory ``M_{t'-1}`` is frozen, each window token's
+  gradient is taken there, and each step ``t`` adds ``lr_t`` times the gradients of its window's
+  tokens to the deeper matrices (explicit) and to the first layer's per-key signals
+  (``W_0 φ*(x) = Σ_i D_{0,i} exp(scale k_i·x)`` over every key so far).
+
+Both divide the first layer's read by ``Σ exp(scale k_i·x)`` over the keys it sums when
+normalised (ATLAS eq. 17). The signals ``δ`` come from autograd, one token at a time.
 """
 
 from __future__ import annotations
@@ -31,7 +43,8 @@ from .memory import activation
 def kernel_reference(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, scale: Tensor, st: KernelState, output_final_state: bool
 ) -> Tuple[Tensor, Optional[KernelState]]:
-    """The token loop, heads first and validated (see ``deepmemory.ops.kernel_memory``):
+    """The token loop of ``window=None`` and ``window_rule="swa"``, heads first and validated
+    (see ``deepmemory.ops.kernel_memory``):
     ``q, k [B, H, T, dk]``, ``v [B, H, T, dv]``, ``lr [B, H, T]``, ``scale [H]``, the state to start
     from -> ``y [B, H, T, dv]`` and, if asked, the final state (the same :class:`KernelState` as
     the chunked form's)."""
@@ -137,7 +150,117 @@ def kernel_reference(
         weights=tuple(deep_w),
         evict_signals=tuple(stack([deep[i][l][0] for i in evict], empty[l][0]) for l in range(depth - 1)),
         evict_inputs=tuple(stack([deep[i][l][1] for i in evict], empty[l][1]) for l in range(depth - 1)),
+        window_values=vv[:, :, :0],
         pending_k=kk[:, :, done:], pending_v=vv[:, :, done:], pending_lr=ll[:, :, done:],
         seen=st.seen + q.shape[2], rule=rule,
     )
     return y, (final if grad_mode else final.detach())
+
+
+def omega_reference(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, scale: Tensor, st: KernelState, output_final_state: bool
+) -> Tuple[Tensor, Optional[KernelState]]:
+    """The step loop of ``window_rule="omega"`` with a window (ATLAS eq. 27–28), heads first and
+    validated (see ``deepmemory.ops.kernel_memory``): ``q, k [B, H, T, dk]``, ``v [B, H, T, dv]``,
+    ``lr [B, H, T]``, ``scale [H]``, the state to start from -> ``y [B, H, T, dv]`` and, if asked,
+    the final state (the chunked form's :class:`KernelState`)::
+
+        for each chunk t' .. t'+b-1:  M' = M_{t'-1}
+            for t in the chunk:       M_t = M_{t-1} - lr_t Σ_{i=t-c+1}^{t} ∇ loss_i(M')
+                                      y_t = M_t(q_t)
+
+    The gradients at ``M'`` of the chunk's window tokens are taken in one autograd call (each
+    token's loss depends on no other token's forward pass, so the gradient of their sum is each
+    one's own).
+    """
+    rule = st.rule
+    grad_mode = torch.is_grad_enabled()
+    c, b = rule.window, rule.chunk_size
+    sc = scale[None, :, None]  # [1, H, 1]
+    pend = st.pending
+    kk = torch.cat([st.pending_k, k], 2)
+    vv = torch.cat([st.pending_v, v], 2)
+    ll = torch.cat([st.pending_lr, lr], 2)
+    n = kk.shape[2]
+
+    # positions count from the start of the unfinished chunk; the stored tokens sit before it
+    n_s, r = st.keys.shape[2], st.window_values.shape[2]
+    keys: Dict[int, Tensor] = {i - n_s: x for i, x in enumerate(st.keys.unbind(2))}
+    d0: Dict[int, Tensor] = {i - n_s: x for i, x in enumerate(st.signals.unbind(2))}
+    values: Dict[int, Tensor] = {i - r: x for i, x in enumerate(st.window_values.unbind(2))}
+    mats = list(st.weights)
+
+    def first_layer(x: Tensor, signals: Dict[int, Tensor]) -> Tensor:
+        """W_0 φ*(x) = Σ_i D_{0,i} exp(scale k_i·x) over the keys of ``signals`` (normalised: / Σ_i
+        exp(...)): ``x [B, H, m, dk]`` -> ``[B, H, m, w0]``."""
+        idx = sorted(signals)
+        if not idx:  # W_0 = 0
+            return x.new_zeros(*x.shape[:-1], st.signals.shape[-1])
+        s = sc[..., None] * torch.einsum("bhmd,bhnd->bhmn", x, torch.stack([keys[i] for i in idx], 2))
+        w = torch.softmax(s, -1) if rule.normalized else torch.exp(s)
+        return torch.einsum("bhmn,bhnr->bhmr", w, torch.stack([signals[i] for i in idx], 2))
+
+    def forward(x: Tensor, z0: Tensor, ws: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+        """M(x) from W_0 φ*(x) = z0, and the outputs z_l of every matrix (``x [B, H, m, dk]``)."""
+        z = [z0]
+        for w in ws:
+            z.append(torch.einsum("bhrc,bhmc->bhmr", w, activation(rule.activation, z[-1])))
+        return (z[-1] + x if rule.residual else z[-1]), z
+
+    def gradients(idx: List[int], signals: Dict[int, Tensor], ws: List[Tensor]):
+        """-∇ loss_i at the memory (signals, ws) for each token i of ``idx``: the first layer's
+        -δ_0 (the gradient of W_0 is δ_0 φ*(k_i)^T) and, per deeper matrix, (-δ_l, a_l) (the
+        gradient of W_l is δ_l a_l^T); each ``[B, H, len(idx), ·]``."""
+        x, val = torch.stack([keys[i] for i in idx], 2), torch.stack([values[i] for i in idx], 2)
+        z0 = first_layer(x, signals)
+        z0 = z0 if z0.requires_grad else z0.detach().requires_grad_()
+        ws = [w if w.requires_grad else w.detach().requires_grad_() for w in ws]
+        pred, z = forward(x, z0, ws)
+        loss = 0.5 * (pred - val).pow(2).sum(-1) if rule.loss == "l2" else -(pred * val).sum(-1)
+        delta = torch.autograd.grad(loss.sum(), z, create_graph=True)
+        return -delta[0], [(-delta[l], activation(rule.activation, z[l - 1])) for l in range(1, rule.depth)]
+
+    def state_now(upto: int) -> KernelState:
+        """The memory as it is now, which holds the tokens before ``upto``."""
+        idx = sorted(i for i in keys if i < upto)
+        held = idx[len(idx) - min(c - 1, len(idx)):]
+        return KernelState(
+            keys=torch.stack([keys[i] for i in idx], 2) if idx else st.keys[:, :, :0],
+            signals=torch.stack([d0[i] for i in idx], 2) if idx else st.signals[:, :, :0],
+            weights=tuple(mats), evict_signals=st.evict_signals, evict_inputs=st.evict_inputs,
+            window_values=torch.stack([values[i] for i in held], 2) if held else vv[:, :, :0],
+            pending_k=kk[:, :, upto:], pending_v=vv[:, :, upto:], pending_lr=ll[:, :, upto:],
+            seen=st.seen + q.shape[2], rule=rule,
+        )
+
+    done = n - (st.seen + q.shape[2]) % b  # the start of the unfinished chunk (n when none)
+    final = None
+    ys = []
+    with torch.enable_grad():
+        for cs in range(0, n, b):
+            if cs == done and output_final_state:
+                final = state_now(cs)
+            ce = min(cs + b, n)
+            frozen = dict(d0)  # W_0 of M_{t'-1}; its deeper matrices are ``mats`` now
+            for t in range(cs, ce):
+                keys[t], values[t] = kk[:, :, t], vv[:, :, t]
+            window = list(range(max(cs - c + 1, -n_s), ce))  # every token of some I_t of the chunk
+            g0, deep = gradients(window, frozen, mats)
+            for t in range(cs, ce):
+                d0[t] = kk.new_zeros(*kk.shape[:2], st.signals.shape[-1])
+                rate = ll[:, :, t, None]
+                members = [j for j, i in enumerate(window) if t - c < i <= t]  # I_t
+                for j in members:
+                    d0[window[j]] = d0[window[j]] + rate * g0[:, :, j]
+                mats = [w + rate[..., None] * torch.einsum("bhnr,bhnc->bhrc", g[:, :, members], a[:, :, members])
+                        for w, (g, a) in zip(mats, deep)]
+                if t >= pend:
+                    x = q[:, :, t - pend, None]
+                    ys.append(forward(x, first_layer(x, d0), mats)[0][:, :, 0])
+    if output_final_state and final is None:
+        final = state_now(n)
+    y = torch.stack(ys, 2)
+    if not grad_mode:
+        y = y.detach()
+        final = final.detach() if final is not None else None
+    return y, final

@@ -203,13 +203,16 @@ def token_gradients(
     return out
 
 
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of Muon's quintic Newton-Schulz step
+
+
 def newton_schulz(g: Tensor, steps: int) -> Tensor:
     """Muon's quintic Newton-Schulz orthogonalisation of each matrix ``[..., rows, cols]``.
 
     ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, ``(a, b, c) = (3.4445, -4.7750, 2.0315)``,
     starting from ``G / ||G||_F``; tall matrices are transposed so that ``A`` is the small Gram matrix.
     """
-    a, b, c = 3.4445, -4.7750, 2.0315
+    a, b, c = NS_COEFFICIENTS
     x = g / (torch.linalg.matrix_norm(g, keepdim=True) + 1e-7)
     tall = g.shape[-2] > g.shape[-1]
     if tall:

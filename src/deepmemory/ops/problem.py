@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, NamedTuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 from torch import Tensor
 
@@ -22,6 +22,10 @@ class Problem:
     ``v [B, H, n_hist + N, dv]``, ``gamma [B, H, n_hist + N]``; ``lr``, ``momentum``,
     ``decay [B, H, N]``; ``w0``, ``s0`` ``{name: [B, H, rows, cols]}`` at the start.
     ``low_precision``: the caller's tensors are float16/bfloat16, so fast paths may use TF32 products.
+    ``replayed``, ``resume``: the first ``replayed`` rows are the pending tokens of a carried state
+    and ``resume`` (``(weights, momentum)``, as ``w0``, or None) the state after them; an
+    implementation may start the first chunk's recurrence there instead of replaying those rows
+    (its gradients are still taken at ``w0``).
     """
 
     rule: UpdateRule
@@ -36,6 +40,8 @@ class Problem:
     w0: Dict[str, Tensor]
     s0: Dict[str, Tensor]
     low_precision: bool = False
+    replayed: int = 0
+    resume: Optional[Tuple[Dict[str, Tensor], Dict[str, Tensor]]] = None
 
     @property
     def dv(self) -> int:

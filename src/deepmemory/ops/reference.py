@@ -6,6 +6,7 @@ so the two implementations share nothing but the memory's forward pass.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict
 
 import torch
@@ -39,11 +40,31 @@ def _col(t: Tensor) -> Tensor:
     return t[:, :, None, None]
 
 
+def _constant(t: Tensor) -> Tensor:
+    """``t`` cut from autograd: a no-grad view of an ``nn.Parameter`` is a leaf outside any graph,
+    which ``autograd.grad`` cannot differentiate; an inference tensor is copied out of inference mode."""
+    return t.clone() if t.is_inference() else t.detach()
+
+
+def _as_constants(p: Problem) -> Result:
+    """:func:`reference` of ``p`` called without gradient tracking: the per-token gradients still
+    need autograd, so it runs with it on the inputs as constants, and returns detached results."""
+    with torch.inference_mode(False), torch.enable_grad():
+        fields = {f: ({m: _constant(t) for m, t in getattr(p, f).items()} if f in ("w0", "s0") else _constant(getattr(p, f)))
+                  for f in ("q", "k", "v", "gamma", "lr", "momentum", "decay", "w0", "s0")}
+        res = reference(dataclasses.replace(p, **fields))
+    return Result(*(r.detach() if isinstance(r, Tensor) else {m: t.detach() for m, t in r.items()} for r in res))
+
+
 def reference(p: Problem) -> Result:
     """The rule token by token (``impl="reference"``): per-token gradients by autograd at the chunk
-    start, then the optimizer step of ``p.rule``; the ground truth the fast forms are tested against.
+    start (under ``decay_first``, at chunk size 1, at the forgotten ``(1 - decay_t) W_{t-1}``), then
+    the optimizer step of ``p.rule``; the ground truth the fast forms are tested against.
     Returns the outputs ``[B, H, N, dv]`` and the states after the last token and at the start of
-    the unfinished chunk (see :class:`Result`)."""
+    the unfinished chunk (see :class:`Result`). Under ``torch.no_grad()`` / ``torch.inference_mode()``
+    the inputs enter as constants and the results leave as constants (nothing flows back)."""
+    if not torch.is_grad_enabled():
+        return _as_constants(p)
     n, b = p.q.shape[2], p.rule.chunk_size
     w, s = dict(p.w0), dict(p.s0)
     w_chunk, s_chunk = w, s
@@ -55,7 +76,9 @@ def reference(p: Problem) -> Result:
             if t % b == 0:
                 w_chunk, s_chunk = w, s
             if p.rule.granularity == "token":
-                u = _surprise(p, w_chunk, x)
+                # decay_first (Gated DeltaNet; chunk_size 1): the gradient at the forgotten weights
+                at = {m: _col(ret) * w_chunk[m] for m in w} if p.rule.decay_first else w_chunk
+                u = _surprise(p, at, x)
                 if p.rule.optimizer == "gd":
                     s = {m: -_col(lr) * u[m] for m in w}
                     w = {m: _col(ret) * w[m] + s[m] for m in w}

@@ -9,8 +9,9 @@ Omega window and Muon of ATLAS, see docs/ops.md)::
     o_t = M_{W_t}(q_t)
 
 An :class:`UpdateRule` fixes everything in it but the data and the gates: which memory ``M``,
-the inner loss, the optimizer, Newton–Schulz steps, the window ``c``, the chunk size and the
-granularity. The op (``neural_memory(..., rule=rule)``), every implementation, the op's
+the inner loss, the optimizer, Newton–Schulz steps, the window ``c``, the chunk size, the
+granularity and the order of forgetting (``decay_first``: the gradient at ``(1 - decay_t) W_{t-1}``,
+Gated DeltaNet). The op (``neural_memory(..., rule=rule)``), every implementation, the op's
 ``MemoryState``, the layer ``NeuralMemory`` and the model config all carry the same object.
 """
 
@@ -49,9 +50,16 @@ class UpdateRule(Settings):
             online). It changes the rule, not only its speed.
         granularity: ``"token"`` (one update per token, the papers' rule) or ``"chunk"`` (one
             update per chunk with averaged gates; tokens read the previous chunk's memory).
+        decay_first: Gated DeltaNet: forget, then take the gradient at the forgotten weights,
+            ``u_t = sum_i gamma_i grad_W loss_i((1 - decay_t) W_{t-1})`` (the gated delta rule,
+            Gated DeltaNet arXiv 2412.06464 §3.1; with the linear memory, the l2 loss and gd,
+            ``S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T``). False (the default)
+            takes it at ``W_{t-1}`` as Titans eq. 13–14 do. Forgetting before the gradient is defined
+            token by token: it needs ``chunk_size=1`` and ``granularity="token"``.
 
     Raises:
-        TypeError / ValueError: a one-line message naming the first bad field.
+        TypeError / ValueError: a one-line message naming the first bad field; ``ValueError`` for
+            ``decay_first`` with ``chunk_size != 1`` or ``granularity="chunk"``.
     """
 
     architecture: str = "mlp"
@@ -65,6 +73,13 @@ class UpdateRule(Settings):
     window: int = 1
     chunk_size: int = 64
     granularity: str = "token"
+    decay_first: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.decay_first and (self.chunk_size != 1 or self.granularity != "token"):
+            raise ValueError("decay_first (forget, then take the gradient) is defined token by token: it needs chunk_size=1 "
+                             f"and granularity='token'; got chunk_size={self.chunk_size}, granularity={self.granularity!r}")
 
     @property
     def spec(self) -> MemorySpec:
@@ -85,6 +100,7 @@ UpdateRule.FIELD_CHECKS = {
     "window": check_int,
     "chunk_size": check_int,
     "granularity": lambda label, v: check_choice(label, v, GRANULARITIES),
+    "decay_first": check_bool,
 }
 FIELDS = UpdateRule.field_names()
 assert tuple(UpdateRule.FIELD_CHECKS) == FIELDS

@@ -2,7 +2,8 @@ r"""Triton kernels for the chunked memory op (``impl="triton"``): the same compu
 
 Supported: token granularity, ``gd`` / ``momentum``, decay, any Omega window ``c`` with window
 gates, losses ``l2`` and ``dot``, for the ``linear`` memory and the ``mlp`` memory of depth 2 with
-GELU (with or without the residual). Everything else raises ``ValueError``.
+GELU (with or without the residual). Everything else raises ``ValueError`` (``decay_first`` too:
+Gated DeltaNet runs in ``impl="chunk"``'s WY form).
 
 Split of the work. The gate coefficients of a chunk (``b`` local tokens, ``ne = c - 1 + b``
 keys reaching ``c - 1`` tokens back) do not depend on the memory; they are built for all chunks
@@ -110,6 +111,9 @@ def _check(p: Problem) -> None:
             f"memory={spec.architecture!r}, depth={spec.depth}, activation={spec.activation!r}, layer_norm={spec.layer_norm}, "
             f"optimizer={p.rule.optimizer!r}, granularity={p.rule.granularity!r}"
         )
+    if p.rule.decay_first:
+        raise ValueError("impl='triton' does not support decay_first (Gated DeltaNet); impl='chunk' computes it "
+                         "(in the WY form for the linear memory with l2 and gd)")
     if p.q.device.type != "cuda" and not _INTERPRET:
         raise ValueError(
             f"impl='triton' needs CUDA tensors (got {p.q.device}), or TRITON_INTERPRET=1 set before "

@@ -44,6 +44,8 @@ MODEL = "model.safetensors"
 CHECKPOINTS = "checkpoints"
 TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# the top level of a run record: anything else is refused (a damaged or foreign file)
+RUN_KEYS = ("format", "version", "created", "train", "resolved", "model", "tokenizer", "data")
 
 
 class CheckpointError(ValueError):
@@ -80,6 +82,19 @@ def write_dir(out: str, write: Callable[[str], None]) -> None:
     fsync_path(parent)
     if os.path.exists(old):
         shutil.rmtree(old)
+
+
+def check_writable_parent(path: str, flag: str, error: type = CheckpointError) -> None:
+    """Raise ``error`` (one line naming ``flag`` and ``path``) when ``path`` cannot be created:
+    the nearest existing folder above it is a file, or is not writable (a read-only file system
+    or no permission)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):  # (the root exists)
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise error(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise error(f"{flag} {path}: cannot write in {parent} (a read-only file system or no permission)")
 
 
 def _umask() -> int:
@@ -156,7 +171,7 @@ def read_json(path: str) -> Dict:
     try:
         with open(path) as f:
             obj = json.load(f)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # (a decode error is a ValueError; nesting too deep)
         raise CheckpointError(f"cannot read {path}: {_one_line(err)}") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
@@ -184,8 +199,15 @@ def flatten_optimizer(state: Dict) -> Tuple[Dict[str, Tensor], Dict]:
 
 
 def unflatten_optimizer(tensors: Dict[str, Tensor], meta: Dict) -> Dict:
+    """The optimizer state dict of :func:`flatten_optimizer`'s parts; ``CheckpointError`` when
+    they are malformed (a key without ``PARAMETER/SLOT``, no ``param_groups`` list)."""
+    scalars = meta.get("scalars", {}) if isinstance(meta, dict) else None
+    if not isinstance(scalars, dict) or not isinstance(meta.get("param_groups"), list):
+        raise CheckpointError("the optimizer record is damaged (no 'param_groups' list or 'scalars' object)")
     state: Dict[str, Dict] = {}
-    for key, value in list(tensors.items()) + list(meta.get("scalars", {}).items()):
+    for key, value in list(tensors.items()) + list(scalars.items()):
+        if "/" not in key:
+            raise CheckpointError(f"the optimizer record is damaged: {key[:60]!r} names no PARAMETER/SLOT")
         pname, slot = key.rsplit("/", 1)
         state.setdefault(pname, {})[slot] = value
     return {"state": state, "param_groups": meta["param_groups"]}
@@ -214,7 +236,24 @@ def read_run_config(run_dir: str) -> Dict:
     if config.get("version") not in expected:
         raise CheckpointError(f"{run_dir} has run format version {config.get('version')}; this deepmemory reads "
                               f"{LEGACY_VERSION} and {VERSION}")
+    check_run_record(config, path)
     return config
+
+
+def check_run_record(record: Dict, path: str) -> None:
+    """``CheckpointError`` (one line naming ``path``) unless the run record ``record`` has only the
+    keys of ``RUN_KEYS`` and the entries a run is rebuilt from: ``train``, ``model`` (with its
+    ``config``) and ``tokenizer`` JSON objects (``resolved`` and ``data`` objects when present)."""
+    unknown = sorted(str(k) for k in set(record) - set(RUN_KEYS))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown key(s) {', '.join(unknown)} in the run record; its keys are {', '.join(RUN_KEYS)}")
+    for key in ("train", "model", "tokenizer", "resolved", "data"):
+        if key in ("train", "model", "tokenizer") or key in record:
+            if not isinstance(record.get(key), dict):
+                shown = "missing" if key not in record else f"a {type(record[key]).__name__}, not a JSON object"
+                raise CheckpointError(f"{path} is damaged: its {key!r} entry is {shown}")
+    if not isinstance(record["model"].get("config"), dict):
+        raise CheckpointError(f"{path} is damaged: its 'model' entry has no 'config' object")
 
 
 def is_run_dir(path: str) -> bool:
@@ -278,10 +317,19 @@ def save_checkpoint(run_dir: str, step: int, model: Dict[str, Tensor], optimizer
 def load_checkpoint(path: str) -> Tuple[Dict[str, Tensor], Dict, Dict[str, Tensor], Dict]:
     """``(model tensors, optimizer state dict, rng tensors, state)`` of a checkpoint directory."""
     state = read_json(os.path.join(path, "state.json"))
-    if state.get("format") != FORMAT or not isinstance(state.get("step"), int):
+    if state.get("format") != FORMAT or not isinstance(state.get("step"), int) or isinstance(state["step"], bool):
         raise CheckpointError(f"{path} is not a deepmemory checkpoint")
+    if state["step"] < 0 or not isinstance(state.get("data"), dict) or not isinstance(state.get("optimizer"), dict):
+        raise CheckpointError(f"{path}/state.json is damaged (a negative step, or no 'data' or 'optimizer' object)")
+    for key in ("elapsed", "train_loss", "val_loss"):
+        value = state.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise CheckpointError(f"{path}/state.json is damaged: {key} is {value!r}, not a number")
     model = read_tensors(os.path.join(path, MODEL))
-    optimizer = unflatten_optimizer(read_tensors(os.path.join(path, "optimizer.safetensors")), state.pop("optimizer"))
+    try:
+        optimizer = unflatten_optimizer(read_tensors(os.path.join(path, "optimizer.safetensors")), state.pop("optimizer"))
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from err
     rng = read_tensors(os.path.join(path, "rng.safetensors"))
     return model, optimizer, rng, state
 

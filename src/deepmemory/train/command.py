@@ -8,6 +8,7 @@ subcommand; this module imports nothing from it, so ``train`` stays below ``cli`
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from typing import Dict, List, Optional
@@ -24,6 +25,7 @@ S = argparse.SUPPRESS  # absent flags stay absent: the config file, the resumed 
 NOT_SETTINGS = ("func", "command", "config", "resume", "overwrite", "debug")  # the parsed names that are not TrainConfig fields
 EXIT_USER_ERROR = 2  # a user error (ConfigError, DataError, CheckpointError, TrainError)
 EXIT_DIVERGED = 3  # the run diverged (DivergenceError): nothing of the diverged state was written
+EXIT_OUT_OF_MEMORY = 4  # the process ran out of memory (MemoryError, torch.OutOfMemoryError)
 
 
 def _duration(text: str) -> float:
@@ -31,6 +33,19 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds or a duration such as 90s, 45m, 2h; got {text!r}") from None
+
+
+def task_setting(text: str):
+    """``KEY=VALUE`` of ``--task-settings`` as ``(key, value)``: the value read as JSON when it is
+    (``8``, ``0.5``, ``true``, ``[1, 2]``), else kept as a string."""
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. num_pairs=8); got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--size", help="preset size; default tiny")
     add("--data", nargs="+", metavar="PATH", help="text files, folders, .jsonl files with a 'text' field, or "
         "hf:NAME (needs `datasets`); default: the Python standard library source")
+    add("--task", metavar="NAME", help="train on a generated task instead of a corpus (mqar, s-niah-1, babilong-qa1, "
+        "mad-icr, ...; see docs/training.md): fresh samples every step, loss at the answer tokens only, validation accuracy")
+    add("--task-settings", nargs="+", type=task_setting, metavar="KEY=VALUE",
+        help="settings of --task, e.g. num_pairs=8 vocab_size=8192 (the task's defaults otherwise)")
     add("--tokenizer", help="'bytes' (default) or a Hugging Face tokenizer.json")
     add("--val-fraction", type=float, help="share of documents held out for validation; default 0.02")
     add("--seq-len", type=int, help=f"tokens per training sequence; default {D.seq_len}")
@@ -85,6 +104,8 @@ def settings_from_args(args: argparse.Namespace) -> Dict:
     """The ``TrainConfig`` settings of parsed options: the ``--config`` file's, overridden by the
     flags given. Raises ``ConfigError`` for an unreadable config file."""
     given = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    if "task_settings" in given:
+        given["task_settings"] = dict(given["task_settings"])
     file_settings = load_config_file(args.config) if getattr(args, "config", None) else {}
     return {**file_settings, **given}
 
@@ -119,26 +140,39 @@ def exit_code(err: BaseException) -> int:
     return EXIT_DIVERGED if isinstance(err, DivergenceError) else EXIT_USER_ERROR
 
 
-def print_traceback(args: argparse.Namespace) -> None:
-    """With ``--debug``, print the traceback of the error being handled on stderr."""
+def print_traceback(args: argparse.Namespace, err: Optional[BaseException] = None) -> None:
+    """With ``--debug``, print the traceback of ``err`` (default: the error being handled) on stderr."""
     if getattr(args, "debug", False):
-        traceback.print_exc()
+        if err is None:
+            traceback.print_exc()
+        else:
+            traceback.print_exception(type(err), err, err.__traceback__)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``deepmemory train`` on its own (``python -m deepmemory.train [options]``): ``0`` when the
-    run completes, ``2`` after a user error and ``3`` when the run diverged, printed as one line
-    ``deepmemory train: error: ...`` on stderr (after the traceback with ``--debug``); a malformed
-    command line exits with argparse's ``2``."""
+    run completes, ``2`` after a user error (an ``OSError`` of a file among them), ``3`` when the
+    run diverged and ``4`` when memory ran out, printed as one line ``deepmemory train: error: ...``
+    on stderr (after the traceback with ``--debug``); a malformed command line exits with argparse's ``2``."""
+    from ..checks import OneLineParser, os_error_line, out_of_memory
     from .trainer import USER_ERRORS
 
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    parser = OneLineParser(prog=PROG, description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         run_from_args(args)
     except USER_ERRORS as err:
-        print_traceback(args)
-        print(f"{PROG}: error: {error_line(err)}", file=sys.stderr)
-        return exit_code(err)
-    return 0
+        failure, line, code = err, error_line(err), exit_code(err)
+    except OSError as err:
+        failure, line, code = err, os_error_line(err), EXIT_USER_ERROR
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not out_of_memory(err):
+            raise
+        failure = err
+        line, code = f"out of memory ({error_line(err)[:200]}); a smaller --batch-size, --seq-len or model needs less", EXIT_OUT_OF_MEMORY
+    else:
+        return 0
+    print_traceback(args, failure)
+    print(f"{PROG}: error: {line}", file=sys.stderr)
+    return code

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ..checks import INT64_MAX, MAX_THREADS
 from .checkpoint import CheckpointError
 
 REPORTERS = ("none", "tensorboard", "wandb", "jsonl")  # --report-to (deepmemory.train.loggers)
@@ -28,6 +29,8 @@ class TrainConfig:
     size: str = "tiny"
     model_overrides: Dict[str, Any] = field(default_factory=dict)
     data: Optional[List[str]] = None  # None: the Python standard library
+    task: Optional[str] = None  # a task of deepmemory.data.tasks.TASKS instead of a corpus (deepmemory.train.task_data)
+    task_settings: Dict[str, Any] = field(default_factory=dict)  # keywords of get_task(task, ...)
     tokenizer: str = "bytes"
     val_fraction: float = 0.02
     seq_len: int = 128
@@ -86,7 +89,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), 0)
         if self.threads is not None:
-            _int("threads", self.threads, 1)
+            _int("threads", self.threads, 1, MAX_THREADS)
         if self.lr_decay_steps is not None:
             _int("lr_decay_steps", self.lr_decay_steps, 1)
         for name, low, high in (("lr", 0, None), ("weight_decay", 0, None), ("grad_clip", 0, None),
@@ -96,8 +99,11 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be a number; got {value!r}")
             if not math.isfinite(value):
                 raise ConfigError(f"{_flag(name)} must be a finite number; got {value}")
-            if value < low or (high is not None and value > high) or (name in ("lr", "val_fraction") and value == low):
-                raise ConfigError(f"{_flag(name)} must be in {'(' if name in ('lr', 'val_fraction') else '['}{low}, {high if high is not None else 'inf'}]; got {value}")
+            # open at 0 for lr and val_fraction, and at 1 for val_fraction (nothing would be left to train on)
+            open_low, open_high = name in ("lr", "val_fraction"), name == "val_fraction"
+            if value < low or (high is not None and value > high) or (open_low and value == low) or (open_high and value == high):
+                raise ConfigError(f"{_flag(name)} must be in {'(' if open_low else '['}{low}, "
+                                  f"{high if high is not None else 'inf'}{')' if open_high or high is None else ']'}; got {value}")
         for name, options in (("precision", ("auto", "fp32", "bf16")), ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, name) not in options:
                 raise ConfigError(f"{_flag(name)} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
@@ -111,6 +117,19 @@ class TrainConfig:
             raise ConfigError(f"model_overrides must be a mapping; got {self.model_overrides!r}")
         if self.data is not None and (not isinstance(self.data, list) or not all(isinstance(p, str) and p for p in self.data)):
             raise ConfigError(f"--data must be a list of paths; got {self.data!r}")
+        if self.data == []:  # (the standard library is what leaving --data out means, not an empty list)
+            raise ConfigError("--data must name at least one path; leave it out to train on the Python standard library")
+        if self.out is not None and (not isinstance(self.out, str) or not self.out.strip()):
+            raise ConfigError(f"--out must be a directory path; got {self.out!r}")
+        if self.task is not None:
+            if not isinstance(self.task, str) or not self.task:
+                raise ConfigError(f"--task must be a task name; got {self.task!r}")
+            if self.data is not None:
+                raise ConfigError("--task trains on generated samples; it excludes --data")
+        if not isinstance(self.task_settings, dict) or not all(isinstance(k, str) for k in self.task_settings):
+            raise ConfigError(f"--task-settings must be a mapping of setting names; got {self.task_settings!r}")
+        if self.task_settings and self.task is None:
+            raise ConfigError("--task-settings needs --task")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
         return self
@@ -129,11 +148,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _int(name: str, value, low: int) -> None:
+def _int(name: str, value, low: int, high: int = INT64_MAX) -> None:
+    """``ConfigError`` unless ``value`` is an int in ``[low, high]`` (by default up to ``INT64_MAX``:
+    a larger count, size or seed overflows the tensor or generator it goes into)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{_flag(name)} must be an integer; got {value!r}")
     if value < low:
         raise ConfigError(f"{_flag(name)} must be >= {low}; got {value}")
+    if value > high:
+        shown = str(value) if len(str(value)) <= 30 else str(value)[:27] + "..."
+        raise ConfigError(f"{_flag(name)} must be <= {high}; got {shown}")
 
 
 def parse_duration(text) -> float:

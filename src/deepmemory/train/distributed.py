@@ -93,8 +93,25 @@ def blocks(model: nn.Module) -> List[nn.Module]:
     return []
 
 
-def wrap(model: nn.Module, env: Env, fsdp: bool) -> nn.Module:
-    """DDP, or FSDP2 (``fully_shard`` per block, then the root) when ``fsdp``.
+def unused_parameters(model: nn.Module, seq_len: int, device: torch.device) -> List[str]:
+    """Names of the trainable parameters of a causal LM ``model`` that get no gradient from one
+    training forward and backward of a sequence of ``seq_len`` tokens (random ids below
+    ``model.config.vocab_size``, the same on every rank): what DDP must be told of. A memory that
+    updates once per chunk (``granularity="chunk"``) never updates on a sequence shorter than a
+    chunk, which leaves its key, value and step-size projections unused, for one. The global RNG
+    state and the gradients are left as they were (none)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model(input_ids=ids, use_cache=False).logits.float().sum().backward()
+    names = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return names
+
+
+def wrap(model: nn.Module, env: Env, fsdp: bool, find_unused: bool = False) -> nn.Module:
+    """DDP, or FSDP2 (``fully_shard`` per block, then the root) when ``fsdp``. ``find_unused``:
+    DDP looks for parameters without gradient at every step (``find_unused_parameters``; see
+    :func:`unused_parameters`).
 
     FSDP2 shards in place and returns the same module; DDP returns a wrapper whose ``.module``
     is the model.
@@ -109,7 +126,8 @@ def wrap(model: nn.Module, env: Env, fsdp: bool) -> nn.Module:
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                                       find_unused_parameters=find_unused)
     return model
 
 

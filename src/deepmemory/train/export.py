@@ -11,6 +11,7 @@ validation bits per byte. The folder is ready for ``model.push_to_hub`` / ``hugg
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Dict, Optional, Tuple
 
@@ -57,6 +58,7 @@ def load_run(path: str):
         model.load_state_dict(ck.read_tensors(weights), strict=True)
     except RuntimeError as err:
         raise ExportError(f"{path}: the weights do not fit the run's model: {str(err).splitlines()[0]}") from err
+    _check_finite(model, weights)
     try:
         tokenizer = tokenizer_from_info(record["tokenizer"], run_dir)
     except DataError as err:
@@ -72,11 +74,21 @@ def load_run(path: str):
     return model.eval(), tokenizer, {"run_dir": run_dir, "record": record, "state": state}
 
 
+def _check_finite(model, path: str) -> None:
+    """``ExportError`` when a weight of ``model`` (read from ``path``) holds NaN or infinity: a
+    damaged file, since training never saves such weights (a diverged run stops first)."""
+    import torch
+
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ExportError(f"{path}: the weight {name} holds non-finite values (a damaged file: training never saves them)")
+
+
 def _is_hf_folder(path: str) -> bool:
     try:
         with open(os.path.join(path, ck.CONFIG)) as f:
             return json.load(f).get("model_type") == "deepmemory"
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -84,10 +96,18 @@ def _load_hf_folder(path: str):
     from ..data import ByteTokenizer, DataError, HFTokenizer
     from ..models import DeepMemoryForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # (a bar over a dozen tensors on stderr, where errors go)
     try:
-        model = DeepMemoryForCausalLM.from_pretrained(path)
+        model = DeepMemoryForCausalLM.from_pretrained(path, use_safetensors=True)  # never a pickled .bin
     except Exception as err:  # transformers raises many kinds
         raise ExportError(f"{path}: cannot load the model: {ck._one_line(err)}") from err
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    _check_finite(model, path)
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         try:
             tokenizer = HFTokenizer(path)
@@ -106,6 +126,15 @@ def _generation_config(model, eos: Optional[int]) -> None:
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos, bos_token_id=model.config.bos_token_id)
 
 
+def _number(mapping, key: str):
+    """``mapping[key]`` when it is a finite int or float (not a bool), else None: a model card is
+    written from a run record that may be damaged or hand-edited."""
+    value = mapping.get(key) if isinstance(mapping, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
 def _fmt(value, spec: str = ",") -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -115,22 +144,21 @@ def model_card(name: str, record: Dict, state: Optional[Dict], tokenizer_kind: s
     from .. import __version__
     from ..data import bits_per_byte
 
-    model, data, train = record.get("model", {}), record.get("data", {}), record.get("train", {})
+    model, data, train = (record.get(k) if isinstance(record.get(k), dict) else {} for k in ("model", "data", "train"))
     preset, size = model.get("preset", "?"), model.get("size", "?")
-    steps = state.get("step") if state else None
-    val_loss = state.get("val_loss") if state else None
-    val_bpb = None
-    if val_loss is not None and data.get("val_bytes"):
-        val_bpb = bits_per_byte(val_loss, data["val_tokens"] / data["val_bytes"])
-    tokens = steps * train["batch_size"] * train["seq_len"] if steps is not None and "batch_size" in train else None
+    steps, val_loss = _number(state, "step"), _number(state, "val_loss")
+    val_tokens, val_bytes = _number(data, "val_tokens"), _number(data, "val_bytes")
+    val_bpb = bits_per_byte(val_loss, val_tokens / val_bytes) if None not in (val_loss, val_tokens) and val_bytes else None
+    batch, seq = _number(train, "batch_size"), _number(train, "seq_len")
+    tokens = steps * batch * seq if None not in (steps, batch, seq) else None
     tokenizer = ("raw UTF-8 bytes: ids 0-255 are the byte values, 256 ends a document (no tokenizer files; "
                  "`list(text.encode())` tokenizes)" if tokenizer_kind == "bytes" else "`tokenizer.json` (Hugging Face tokenizers)")
-    rows = [("preset", f"`{preset}`"), ("size", f"`{size}`"), ("parameters", _fmt(model.get("parameters"))),
+    rows = [("preset", f"`{preset}`"), ("size", f"`{size}`"), ("parameters", _fmt(_number(model, "parameters"))),
             ("data", data.get("source", "?")),
-            ("training tokens (data)", f"{_fmt(data.get('train_tokens'))} train / {_fmt(data.get('val_tokens'))} validation"),
+            ("training tokens (data)", f"{_fmt(_number(data, 'train_tokens'))} train / {_fmt(val_tokens)} validation"),
             ("steps", _fmt(steps)), ("tokens seen", _fmt(tokens)),
             ("sequence length, batch", f"{train.get('seq_len', '?')} tokens, {train.get('batch_size', '?')} sequences"),
-            ("validation", f"{_fmt(val_bpb, '.3f')} bits/byte (unigram byte entropy {_fmt(data.get('byte_entropy'), '.3f')})"),
+            ("validation", f"{_fmt(val_bpb, '.3f')} bits/byte (unigram byte entropy {_fmt(_number(data, 'byte_entropy'), '.3f')})"),
             ("tokenizer", tokenizer)]
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
     encode = ("ids = torch.tensor([list(\"def main():\".encode())])" if tokenizer_kind == "bytes" else
@@ -179,6 +207,7 @@ def export_run(src: str, out: str, overwrite: bool = False) -> str:
     Raises:
         CheckpointError: ``src`` cannot be loaded, or ``out`` exists (and is not empty) without ``overwrite``.
     """
+    ck.check_writable_parent(out, "OUT", ExportError)
     model, tokenizer, info = load_run(src)
     if info["record"] is None:
         raise ExportError(f"{src} is an exported folder already; export reads a run directory or one of its checkpoints")

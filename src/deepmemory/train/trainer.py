@@ -24,10 +24,13 @@ from torch import nn
 
 from ..data import DataError, WindowSampler, bits_per_byte, build_corpus, eval_windows, load_tokenizer, tokenizer_from_info
 from . import checkpoint as ck
+from . import task_data
+from ..checks import os_error_line
 from .config import ConfigError, TrainConfig, new_config, resume_config
+from .footprint import check_fits, check_weights_fit, least_parameters, training_footprint
 from .loggers import check_reporters, cut_log
 from .distributed import (Env, all_sum, barrier, broadcast_str, first_error, gather_model_state, gather_optimizer_state,
-                          grad_norm_clip, load_optimizer_state, setup, teardown, unwrap, wrap)
+                          grad_norm_clip, load_optimizer_state, setup, teardown, unused_parameters, unwrap, wrap)
 
 FSDP_MIN_PARAMETERS = 300_000_000  # the 340m size and up: full replicas stop fitting comfortably
 
@@ -72,22 +75,53 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
+    """The preset ``cfg.model`` at ``cfg.size`` with ``cfg.model_overrides`` and ``vocab_size``.
+    ``ConfigError`` (one line) for a bad preset, size or override, or for overrides whose weights
+    could not fit in this machine's memory (a lower bound, checked before anything is built)."""
     from ..models import build
+    from ..models.presets import SIZES
 
+    fields = {**(SIZES[cfg.size][0] if cfg.size in SIZES else {}), **cfg.model_overrides, "vocab_size": vocab_size}
+    check_weights_fit(least_parameters(fields), f"--model {cfg.model} --size {cfg.size} with its model_overrides", ConfigError)
     try:
         return build(cfg.model, size=cfg.size, **dict(cfg.model_overrides, vocab_size=vocab_size))
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"--model {cfg.model} --size {cfg.size}: {err}") from err
+        raise ConfigError(f"--model {cfg.model} --size {cfg.size}: {' '.join(str(err).split())}") from err
 
 
 def model_from_config(config: Dict) -> nn.Module:
-    """The model a run directory's ``config.json`` describes (random weights)."""
-    from ..models import DeepMemoryConfig, DeepMemoryForCausalLM
+    """The model a run record's model config describes (random weights).
 
+    Raises:
+        CheckpointError: (one line) the config is not a JSON object, has a key that neither
+            :class:`DeepMemoryConfig` nor Hugging Face's config writes, fails the config's checks,
+            or describes more float32 weights than this machine's memory holds (counted on the
+            meta device before anything is allocated).
+    """
+    from ..models import DeepMemoryConfig, DeepMemoryForCausalLM, count_parameters
+
+    if not isinstance(config, dict):
+        raise ck.CheckpointError(f"the stored model config must be a JSON object; got {type(config).__name__}")
+    unknown = sorted(str(k) for k in set(config) - _stored_config_keys())
+    if unknown:
+        raise ck.CheckpointError(f"the stored model config has unknown field(s) {', '.join(unknown)}; "
+                                 f"valid fields: {', '.join(DeepMemoryConfig.own_fields())}")
+    check_weights_fit(least_parameters(config), "the stored model config", ck.CheckpointError)
     try:
-        return DeepMemoryForCausalLM(DeepMemoryConfig.from_dict(dict(config)))
-    except (ValueError, TypeError) as err:
-        raise ck.CheckpointError(f"the stored model config cannot be built: {err}") from err
+        model_config = DeepMemoryConfig.from_dict(dict(config))
+        parameters = count_parameters(model_config)[0]
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+        raise ck.CheckpointError(f"the stored model config cannot be built: {' '.join(str(err).split())}") from err
+    check_weights_fit(parameters, "the stored model config", ck.CheckpointError)
+    return DeepMemoryForCausalLM(model_config)
+
+
+def _stored_config_keys() -> set:
+    """The keys a stored model config may hold: what ``DeepMemoryConfig.to_dict()`` writes
+    (Hugging Face's keys among them) and the aliases of :meth:`DeepMemoryConfig.own_fields`."""
+    from ..models import DeepMemoryConfig
+
+    return set(DeepMemoryConfig().to_dict()) | set(DeepMemoryConfig.own_fields())
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -163,7 +197,9 @@ def _default_out(cfg: TrainConfig) -> str:
 
 def _create_run_dir(out: str, overwrite: bool, write: Callable[[str], None]) -> None:
     """Build the run directory beside ``out`` and rename it in; an existing ``out`` is only
-    replaced with ``overwrite``, and only if it is a run directory or empty."""
+    replaced with ``overwrite``, and only if it is a run directory or empty; ``TrainError`` when
+    the nearest existing folder above ``out`` is a file or not writable."""
+    ck.check_writable_parent(out, "--out", TrainError)
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):  # an empty folder holds nothing to lose
         if not overwrite:
             raise TrainError(f"{out} already exists; pass --overwrite to replace it or --resume {out} to continue it")
@@ -177,12 +213,15 @@ def _read_metrics(run_dir: str) -> List[Dict]:
     if not os.path.isfile(path):
         return []
     rows = []
-    with open(path) as f:
+    with open(path, "rb") as f:  # (bytes: a garbled line is a decode error of its own, not of the file)
         for line in f:
             try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line cut short by a crash
+                row = json.loads(line)
+            except (ValueError, RecursionError):  # a line cut short by a crash (or garbled)
                 break
+            if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step", 0), int):
+                break
+            rows.append(row)
     return rows
 
 
@@ -266,6 +305,9 @@ def train(settings: Dict, resume: Optional[str] = None, overwrite: bool = False,
         env = setup(cfg.device)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    if settings.get("fsdp") and not env.distributed:
+        raise ConfigError("--fsdp shards the model over the processes of a torchrun job, and this is a single process; "
+                          "start it with `torchrun --nproc-per-node N -m deepmemory.train ...` or leave --fsdp out")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     elif env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -324,22 +366,38 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
 
         self.tokenizer = tokenizer_from_info(stored["tokenizer"], resume) if resume else load_tokenizer(cfg.tokenizer)
+        # a task (--task) replaces the corpus; a token task widens a new model's vocabulary to its ids
+        self.task = task_data.make_task(cfg.task, cfg.task_settings, self.tokenizer) if cfg.task else None
+        vocab = task_data.model_vocab_size(self.task, self.tokenizer) if self.task else self.tokenizer.vocab_size
         torch.manual_seed(cfg.seed)
-        self.model = model_from_config(stored["model"]["config"]) if resume else build_model(cfg, self.tokenizer.vocab_size)
+        self.model = model_from_config(stored["model"]["config"]) if resume else build_model(cfg, vocab)
+        if self.task:
+            task_data.check_vocab(self.task, self.model.config.vocab_size, "the run's model")
         # what a Hugging Face loader of the run directory needs: the architecture and the token ids
         self.model.config.architectures = [type(self.model).__name__]
         self.model.config.eos_token_id = self.model.config.pad_token_id = self.tokenizer.eos_id
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.use_fsdp = env.distributed and (cfg.fsdp or self.n_params >= FSDP_MIN_PARAMETERS)
+        # a batch that cannot fit is refused before any data is read or any batch drawn (a lower bound)
+        mc = self.model.config
+        check_fits(training_footprint(self.n_params, mc.hidden_size, mc.num_hidden_layers, mc.vocab_size, self.micro,
+                                      cfg.seq_len, cfg.batch_size, env.world if self.use_fsdp else 1),
+                   env.device, cfg.batch_size, cfg.seq_len, self.n_params, self.micro)
         if env.is_main:
             check_reporters(cfg.report_to)  # a missing tensorboard/wandb fails before anything is written
-        self.corpus = build_corpus(cfg.data, self.tokenizer, cfg.val_fraction)
-        self.sampler = WindowSampler(self.corpus.train, cfg.seq_len, cfg.seed)
-        val = eval_windows(self.corpus.val, cfg.seq_len, max(1, cfg.eval_tokens // cfg.seq_len))
-        if val.shape[0] < env.world:
-            raise DataError(f"the validation data holds {val.shape[0]} windows of --seq-len {cfg.seq_len}, fewer than {env.world} processes")
-        self.val_windows = val[: val.shape[0] // env.world * env.world]  # every rank evaluates as many windows
-        self.tpb_val, self.tpb_train = self.corpus.tokens_per_byte("val"), self.corpus.tokens_per_byte("train")
+        if self.task is None:
+            self.corpus = build_corpus(cfg.data, self.tokenizer, cfg.val_fraction)
+            self.sampler = WindowSampler(self.corpus.train, cfg.seq_len, cfg.seed)
+            val = eval_windows(self.corpus.val, cfg.seq_len, max(1, cfg.eval_tokens // cfg.seq_len))
+            if val.shape[0] < env.world:
+                raise DataError(f"the validation data holds {val.shape[0]} windows of --seq-len {cfg.seq_len}, fewer than {env.world} processes")
+            self.val_windows = val[: val.shape[0] // env.world * env.world]  # every rank evaluates as many windows
+            self.tpb_val, self.tpb_train = self.corpus.tokens_per_byte("val"), self.corpus.tokens_per_byte("train")
+        else:  # (input_ids, labels) rows: fresh ones every step, a fixed validation set
+            self.corpus, self.tpb_val, self.tpb_train = None, None, None
+            self.sampler = task_data.TaskSampler(self.task, cfg.seq_len, cfg.seed)
+            count = -(-max(1, cfg.eval_tokens // cfg.seq_len) // env.world) * env.world  # as many rows on every rank
+            self.val_windows = task_data.validation_rows(self.task, count, cfg.seq_len, cfg.seed)
 
         self.run_dir: Optional[str] = resume
         self.checkpoint_path: Optional[str] = None  # the checkpoint resumed from
@@ -347,6 +405,7 @@ class Trainer:
         self.step, self.elapsed_before = 0, 0.0
         self.train_loss: Optional[float] = None
         self.val_loss: Optional[float] = None
+        self.val_accuracy: Optional[float] = None  # a task run's latest validation exact-match accuracy
         self.wrapped: Optional[nn.Module] = None  # DDP's wrapper, or the (FSDP-sharded) model itself
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self._step_model: Optional[nn.Module] = None  # the wrapped model, compiled with --compile
@@ -401,7 +460,13 @@ class Trainer:
                 model.load_state_dict(model_sd, strict=True)
             except RuntimeError as err:
                 raise ck.CheckpointError(f"{self.checkpoint_path} does not fit the run's model: {str(err).splitlines()[0]}") from err
-            self.sampler.load_state_dict(state["data"])
+            try:
+                self.sampler.load_state_dict(state["data"])
+            except DataError:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                raise ck.CheckpointError(f"{self.checkpoint_path}/state.json is damaged: the data position "
+                                         f"{state['data']!r:.80} does not load ({type(err).__name__})") from err
             self.step, self.elapsed_before = state["step"], state.get("elapsed", 0.0)
             self.checkpoint_step = self.step
             if cfg.steps <= self.step:
@@ -412,13 +477,23 @@ class Trainer:
         model.to(env.device)
         if cfg.grad_checkpointing:
             enable_grad_checkpointing(model)
-        self.wrapped = wrap(model, env, self.use_fsdp)
+        # DDP needs to know of parameters a step leaves without gradient (a sequence shorter than a
+        # chunk of a per-chunk memory never updates it): one probe step finds them
+        unused = unused_parameters(model, cfg.seq_len, env.device) if env.distributed and not self.use_fsdp else []
+        if unused:
+            self._say(f"note: {len(unused)} parameter tensors get no gradient at --seq-len {cfg.seq_len} (e.g. {unused[0]}); "
+                      "DDP looks for unused parameters at every step")
+        self.wrapped = wrap(model, env, self.use_fsdp, find_unused=bool(unused))
         self.optimizer = make_optimizer(model, cfg)
         if self.resume:
-            load_optimizer_state(model, self.optimizer, optim_sd)
-            torch.set_rng_state(rng["torch"])
-            if env.device.type == "cuda" and "cuda" in rng:
-                torch.cuda.set_rng_state(rng["cuda"])
+            try:
+                load_optimizer_state(model, self.optimizer, optim_sd)
+                torch.set_rng_state(rng["torch"])
+                if env.device.type == "cuda" and "cuda" in rng:
+                    torch.cuda.set_rng_state(rng["cuda"])
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+                raise ck.CheckpointError(f"{self.checkpoint_path}: its optimizer or RNG state does not fit the run "
+                                         f"({ck._one_line(err)})") from err
         self._step_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self._eval_model = unwrap(self.wrapped)
 
@@ -444,6 +519,9 @@ class Trainer:
         if env.is_main:
             try:
                 if self.resume:
+                    if not os.access(self.resume, os.W_OK):  # (a read-only file system, or no permission)
+                        raise TrainError(f"--resume {self.resume}: the run directory is not writable (a read-only file "
+                                         "system or no permission); copy it to a writable place and resume the copy")
                     ck.remove_partial(self.resume)
                     ckpt = ck.latest_checkpoint(self.resume)
                     if ckpt is None:
@@ -452,7 +530,7 @@ class Trainer:
                     run_dir = cfg.out or _default_out(cfg)
                     _create_run_dir(run_dir, self.overwrite, self._new_run_files(run_dir))
             except USER_ERRORS + (OSError,) as err:
-                error = str(err) if not isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+                error = str(err) if not isinstance(err, OSError) else os_error_line(err)
         error = first_error(env, error)
         if error:
             raise TrainError(error)
@@ -462,14 +540,15 @@ class Trainer:
     def _new_run_files(self, run_dir: str) -> Callable[[str], None]:
         """What a fresh run directory starts with: ``config.json`` (settings, model, tokenizer, data) and the tokenizer."""
         cfg, corpus = self.cfg, self.corpus
+        data = task_data.record(self.task, cfg.task_settings, self.val_windows[0].shape[0]) if self.task else \
+            {"source": corpus.source, "train_tokens": corpus.train.numel(), "val_tokens": corpus.val.numel(),
+             "train_bytes": corpus.train_bytes, "val_bytes": corpus.val_bytes,
+             "train_documents": corpus.train_docs, "val_documents": corpus.val_docs,
+             "byte_entropy": corpus.byte_entropy}
         record = {"format": ck.FORMAT, "version": ck.VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "train": dict(cfg.to_dict(), out=os.path.abspath(run_dir)), "resolved": self.resolved(),
                   "model": {"preset": cfg.model, "size": cfg.size, "parameters": self.n_params, "config": self.model.config.to_dict()},
-                  "tokenizer": self.tokenizer.info(),
-                  "data": {"source": corpus.source, "train_tokens": corpus.train.numel(), "val_tokens": corpus.val.numel(),
-                           "train_bytes": corpus.train_bytes, "val_bytes": corpus.val_bytes,
-                           "train_documents": corpus.train_docs, "val_documents": corpus.val_docs,
-                           "byte_entropy": corpus.byte_entropy}}
+                  "tokenizer": self.tokenizer.info(), "data": data}
 
         def write(tmp: str) -> None:
             ck.write_json(os.path.join(tmp, ck.RUN), record)
@@ -489,7 +568,9 @@ class Trainer:
 
         Args:
             batch: the global batch ``[batch_size, seq_len + 1]`` of token ids, the same on every
-                rank; default the sampler's next one (what makes a resumed run exact).
+                rank; default the sampler's next one (what makes a resumed run exact). With a
+                task, ``(input_ids, labels)``, both ``[batch_size, seq_len]``, and the loss is the
+                mean over the scored (answer) positions of the whole global batch.
 
         Returns:
             ``{"step", "loss", "lr", "grad_norm"}``: the step just done, its mean next-token loss over
@@ -500,15 +581,27 @@ class Trainer:
             DivergenceError: the loss or the gradient norm is not finite; decided on values reduced
                 over the ranks, so every rank raises. The optimizer has not stepped, the gradients
                 are cleared and ``step`` is unchanged.
-            ValueError: ``batch`` is not ``[batch_size, seq_len + 1]``.
+            ValueError: ``batch`` is not ``[batch_size, seq_len + 1]`` (with a task: not two
+                ``[batch_size, seq_len]`` tensors).
             RuntimeError: :meth:`restore` has not run.
         """
         self._require_restored("train_step")
         cfg, env = self.cfg, self.env
         if batch is None:
             batch = self.sampler.next_batch(cfg.batch_size)
+        elif self.task is not None:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2
+                    and all(tuple(t.shape) == (cfg.batch_size, cfg.seq_len) for t in batch)):
+                raise ValueError(f"a task batch must be (input_ids, labels), both [batch_size, seq_len] = [{cfg.batch_size}, {cfg.seq_len}]")
         elif tuple(batch.shape) != (cfg.batch_size, cfg.seq_len + 1):
             raise ValueError(f"the batch must be [batch_size, seq_len + 1] = [{cfg.batch_size}, {cfg.seq_len + 1}]; got {list(batch.shape)}")
+        if self.task is not None:
+            # each micro-step's summed answer loss, scaled so that the ranks' mean over grad_accum
+            # micro-steps is the mean over the answer tokens of the whole global batch
+            from ..data.tasks import IGNORE_INDEX
+
+            answers = max(1, int((batch[1] != IGNORE_INDEX).sum()))
+            scale = env.world * cfg.grad_accum / answers
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -516,10 +609,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=env.device)
         for m in range(cfg.grad_accum):
             start = m * self.micro_global + env.rank * self.micro
-            rows = batch[start:start + self.micro].to(env.device)
             with grad_sync(self.wrapped, m == cfg.grad_accum - 1):
                 with autocast(env, cfg.precision):
-                    loss = next_token_loss(self._step_model, rows)
+                    if self.task is None:
+                        loss = next_token_loss(self._step_model, batch[start:start + self.micro].to(env.device))
+                    else:
+                        ids, labels = (t[start:start + self.micro].to(env.device) for t in batch)
+                        loss = task_data.answer_loss(self._step_model, ids, labels) * scale
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         norm = float(grad_norm_clip(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
@@ -544,15 +640,22 @@ class Trainer:
 
         Returns:
             ``{"step", "val_loss", "val_bpb"}``: the current step, the loss in nats (also in
-            ``val_loss``) and in bits per byte of the validation text.
+            ``val_loss``) and in bits per byte of the validation text. With a task,
+            ``{"step", "val_loss", "val_accuracy"}``: the mean answer loss over the fixed validation
+            rows and the share of their answers matched exactly (also in ``val_accuracy``).
 
         Raises:
             DivergenceError: the validation loss is not finite (reduced over the ranks: every rank raises).
             RuntimeError: :meth:`restore` has not run.
         """
         self._require_restored("evaluate")
-        loss = validation_loss(self._eval_model, self.val_windows, self.micro, self.env, self.cfg.precision)
-        row = {"step": self.step, "val_loss": loss, "val_bpb": bits_per_byte(loss, self.tpb_val)}
+        if self.task is not None:
+            loss, accuracy = task_data.task_validation(self._eval_model, self.val_windows, self.micro, self.env, self.cfg.precision)
+            row = {"step": self.step, "val_loss": loss, "val_accuracy": accuracy}
+            self.val_accuracy = accuracy
+        else:
+            loss = validation_loss(self._eval_model, self.val_windows, self.micro, self.env, self.cfg.precision)
+            row = {"step": self.step, "val_loss": loss, "val_bpb": bits_per_byte(loss, self.tpb_val)}
         if not math.isfinite(loss):
             raise self._diverged(self.step, f"the validation loss is {loss}", row)
         self.val_loss = loss
@@ -621,8 +724,11 @@ class Trainer:
         try:
             if self.optimizer is None:
                 self.restore()
-            say(f"data: {corpus.source}: {corpus.train_docs} train / {corpus.val_docs} validation documents, "
-                f"{corpus.train.numel():,} / {corpus.val.numel():,} tokens; unigram byte entropy {corpus.byte_entropy:.3f} bits/byte")
+            if self.task is not None:
+                say("data: " + task_data.describe(self.task, cfg.task_settings, cfg.seq_len, self.val_windows[0].shape[0]))
+            else:
+                say(f"data: {corpus.source}: {corpus.train_docs} train / {corpus.val_docs} validation documents, "
+                    f"{corpus.train.numel():,} / {corpus.val.numel():,} tokens; unigram byte entropy {corpus.byte_entropy:.3f} bits/byte")
             say(f"model: {cfg.model} ({cfg.size}), {self.n_params:,} parameters; {env.world} process(es) on {env.device.type}"
                 + (", FSDP" if self.use_fsdp else ", DDP" if env.distributed else ""))
             say(f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g}, "
@@ -703,6 +809,12 @@ class Trainer:
             return
         loss = sum(r["loss"] for r in rows) / len(rows)
         last = rows[-1]
+        if self.task is not None:
+            self._report({"train/loss": loss, "train/lr": last["lr"], "train/grad_norm": last["grad_norm"],
+                          "train/tokens_per_s": last["tok_per_s"], "train/tokens": float(last["tokens"])})
+            self._say(f"step {self.step:>6} | answer loss {loss:.4f} | lr {last['lr']:.2e} | "
+                      f"grad norm {last['grad_norm']:.3f} | {last['tok_per_s']:,.0f} tok/s")
+            return
         bpb = bits_per_byte(loss, self.tpb_train)
         self._report({"train/loss": loss, "train/bpb": bpb, "train/lr": last["lr"], "train/grad_norm": last["grad_norm"],
                       "train/tokens_per_s": last["tok_per_s"], "train/tokens": float(last["tokens"])})
@@ -712,16 +824,41 @@ class Trainer:
     def _validate(self) -> None:
         row = self.evaluate()
         self._log(row)
+        if self.task is not None:
+            self._report({"eval/loss": row["val_loss"], "eval/accuracy": row["val_accuracy"]})
+            self._say(f"step {self.step:>6} | validation answer loss {row['val_loss']:.4f} | accuracy {row['val_accuracy']:.3f}")
+            if self.env.is_main:
+                task_data.plot_task(self.run_dir, _read_metrics(self.run_dir))
+            return
         self._report({"eval/loss": row["val_loss"], "eval/bpb": row["val_bpb"]})
         self._say(f"step {self.step:>6} | validation loss {row['val_loss']:.4f} | {row['val_bpb']:.3f} bits/byte")
         if self.env.is_main:  # a run killed at any point keeps a current plot
             plot_losses(self.run_dir, self.tpb_train, self.corpus.byte_entropy)
+
+    def _finish_task(self, loop_start: float, first_step: int, tokens: int, session: float, wall: float) -> Dict:
+        """The summary of a task run: ``val_accuracy`` where a corpus run has bits per byte."""
+        step = self.step
+        summary = {"run_dir": self.run_dir, "steps": step, "tokens": tokens, "wall_time_s": wall, "session_time_s": session,
+                   "stopped": self.stopped, "task": self.task.name, "train_loss": self.train_loss, "val_loss": self.val_loss,
+                   "val_accuracy": self.val_accuracy, "parameters": self.n_params}
+        if self.env.is_main:
+            task_data.plot_task(self.run_dir, _read_metrics(self.run_dir))
+            resumed = f"; this session {step - first_step} steps in {_fmt_time(session)}" if self.resume else ""
+            stopped = f" (stopped by --time-limit; --resume {self.run_dir} continues to step {self.cfg.steps})" if self.stopped else ""
+            self._say(f"done: {step} steps, {tokens:,} tokens in {_fmt_time(wall)}{resumed} "
+                      f"({(step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} tokens/s){stopped}")
+            self._say(f"validation: exact-match accuracy {self.val_accuracy:.3f}, answer loss {self.val_loss:.4f}"
+                      + (f"; train answer loss {self.train_loss:.4f}" if self.train_loss is not None else ""))
+            self._say(f"run directory: {self.run_dir}")
+        return summary
 
     def _finish(self, loop_start: float, first_step: int) -> Dict:
         corpus, step, last_loss, last_val = self.corpus, self.step, self.train_loss, self.val_loss
         tokens = step * self.tokens_per_step
         session = time.time() - self.started
         wall = self.elapsed_before + session  # the whole run: the resumed checkpoint's time plus this process's
+        if self.task is not None:
+            return self._finish_task(loop_start, first_step, tokens, session, wall)
         summary = {"run_dir": self.run_dir, "steps": step, "tokens": tokens, "wall_time_s": wall,
                    "session_time_s": session, "stopped": self.stopped,
                    "train_loss": last_loss, "val_loss": last_val, "val_bpb": bits_per_byte(last_val, self.tpb_val),

@@ -1,10 +1,9 @@
-"""Synthetic recall tasks, generated (nothing is downloaded).
+"""MQAR: multi-query associative recall in the Zoology format (Arora et al., 2023, "Zoology:
+Measuring and Improving Recall in Efficient Language Models", Sec. 3).
 
-``MQAR``: multi-query associative recall in the Zoology format (Arora et al., 2023, "Zoology:
-Measuring and Improving Recall in Efficient Language Models", Sec. 3). A row shows ``num_pairs``
-key–value pairs, then queries: keys seen before, each followed by its value. Only the value
-after a query key is scored, so a model must recall the pair from context; a model without
-recall scores ``1 / num_values``::
+A row shows ``num_pairs`` key–value pairs, then queries: keys seen before, each followed by its
+value. Only the value after a query key is scored, so a model must recall the pair from context;
+a model without recall scores ``1 / num_values``::
 
     k1 v1 k2 v2 ... kn vn  0 0 k3 v3 0 k1 v1 0 ...
                                   ^^        ^^      scored (predicting v3 from k3, v1 from k1)
@@ -17,14 +16,13 @@ positions after the pairs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..checks import Settings, check_int
-
-IGNORE_INDEX = -100  # the label of a position that is not scored (PyTorch's cross-entropy default)
+from ...checks import Settings, check_int
+from .base import IGNORE_INDEX, Task, TaskSample
 
 
 @dataclass(frozen=True)
@@ -103,11 +101,70 @@ MQAR.FIELD_CHECKS = {
 }
 
 
-def recall_accuracy(logits: Tensor, labels: Tensor) -> float:
-    """The fraction of scored positions (``labels != IGNORE_INDEX``) whose argmax is the label.
+def _optional_count(label, value) -> None:
+    if value is not None:
+        check_int(label, value)
 
-    ``logits [B, T, V]`` (float), ``labels [B, T]`` (int). Raises ``ValueError`` if nothing is scored."""
-    scored = labels != IGNORE_INDEX
-    if not bool(scored.any()):
-        raise ValueError("labels score no position")
-    return float((logits.argmax(-1)[scored] == labels[scored]).float().mean())
+
+class MQARTask(Task):
+    """``mqar``: the Zoology rows of :class:`MQAR` behind the :class:`Task` interface.
+
+    Settings: ``vocab_size`` (int >= 4, default 128; Zoology uses 8192), ``num_pairs`` (int >= 1,
+    at most ``vocab_size // 2 - 1``, default 8), ``num_queries`` (queries per row, int >= 1 or
+    None for ``max(1, (row length - 2 num_pairs) // 4)``).
+
+    ``sample(length, seed)``: the pairs, then ``num_queries - 1`` answered queries at random
+    2-token slots, then the last query's key as the prompt's final token; the answer is its value
+    (one token). ``batch`` rows are :meth:`MQAR.sample` rows of ``length`` tokens with every
+    query scored. ``min_length = 2 num_pairs + 1``, ``min_row_length = 2 num_pairs + 2``.
+    """
+
+    name = "mqar"
+    kind = "tokens"
+    SETTINGS = {
+        "vocab_size": (128, check_int),
+        "num_pairs": (8, check_int),
+        "num_queries": (None, _optional_count),
+    }
+
+    def __init__(self, **settings):
+        super().__init__(**settings)
+        # MQAR checks the vocabulary against the pairs (one-line errors naming the field)
+        MQAR(vocab_size=self.vocab_size, seq_len=2 * self.num_pairs + 2, num_pairs=self.num_pairs)
+        self.min_length = 2 * self.num_pairs + 1
+        self.min_row_length = 2 * self.num_pairs + 2
+
+    def _queries(self, row_length: int) -> int:
+        if self.num_queries is not None:
+            return self.num_queries
+        return max(1, (row_length - 2 * self.num_pairs) // 4)
+
+    def _sample(self, length: int, seed: int, depth: Optional[float]) -> TaskSample:
+        rng = self.rng("sample", length, seed)
+        n, half = self.num_pairs, self.vocab_size // 2
+        keys = rng.sample(range(1, half), n)
+        values = [rng.randrange(half, self.vocab_size) for _ in range(n)]
+        ids: List[int] = [0] * length
+        ids[0 : 2 * n : 2], ids[1 : 2 * n : 2] = keys, values
+        slots = (length - 1 - 2 * n) // 2  # 2-token slots between the pairs and the last query
+        others = self._queries(length + 1) - 1
+        if others > slots:
+            raise ValueError(f"mqar: num_queries {others + 1} does not fit a prompt of {length} tokens "
+                             f"(at most {slots + 1})")
+        for slot in rng.sample(range(slots), others):
+            pair = rng.randrange(n)
+            ids[2 * n + 2 * slot], ids[2 * n + 2 * slot + 1] = keys[pair], values[pair]
+        pair = rng.randrange(n)
+        ids[length - 1] = keys[pair]
+        return TaskSample(prompt_ids=ids, answer_ids=[values[pair]], answer=str(values[pair]), depth=None,
+                          needle_positions=[])
+
+    def batch(self, batch_size: int, length: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+        check_int("batch_size", batch_size)
+        self.check_length(length, row=True)
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+        task = MQAR(vocab_size=self.vocab_size, seq_len=length, num_pairs=self.num_pairs, num_queries=self.num_queries)
+        return task.sample(batch_size, generator)
+
+    batch.__doc__ = Task.batch.__doc__

@@ -1,0 +1,244 @@
+"""An lm-evaluation-harness model for deepmemory checkpoints: ``--model deepmemory``.
+
+Importing this module registers :class:`DeepMemoryLM` under the name ``"deepmemory"`` in
+``lm_eval``'s model registry (it needs the ``lm-eval`` package: ``pip install "deepmemory[eval]"``).
+lm-eval finds models only among its own or those registered in the running process, so its own
+``lm_eval`` command does not see this one; run the harness through this module instead, with the
+arguments of ``lm_eval``::
+
+    python -m deepmemory.eval.lm_eval --model deepmemory --model_args checkpoint=RUN --tasks lambada_openai
+
+or from Python: ``import deepmemory.eval.lm_eval`` and then ``lm_eval.simple_evaluate(model="deepmemory",
+model_args="checkpoint=RUN", ...)``.
+
+The model reads every sequence left to right through its recurrent cache, unpadded, one
+sequence at a time (``batch_size`` 1): prompts of any length are read in chunks of
+``chunk_size`` tokens, so ``loglikelihood_rolling`` scores a whole document in one stream
+without windows. ``loglikelihood`` reads each distinct context once and continues a copy of its
+cache for each continuation (the answer choices of a multiple-choice question). ``generate_until``
+decodes greedily until a stop string, the end-of-document token or ``max_gen_toks``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import lm_eval.models  # noqa: F401 (the harness's own models, registered first: its registry fills itself only when empty)
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+def _positive_int(name: str, value) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive integer; got {value!r}") from None
+    if number < 1 or str(number) != str(value).strip():
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return number
+
+
+@register_model("deepmemory")
+class DeepMemoryLM(TemplateLM):
+    """A deepmemory checkpoint as an lm-evaluation-harness ``LM``.
+
+    Args (``--model_args key=value,...``):
+        checkpoint: a run directory of ``deepmemory train``, one of its ``checkpoints/step-N``, or
+            a folder written by ``deepmemory export``.
+        device: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``; a CUDA device on a machine without
+            one means the CPU, with a warning (the harness passes its ``--device``, ``cuda:0`` by
+            default, on every machine; its ``hf`` model falls back the same way).
+        batch_size: 1 (the only value: sequences are read unpadded, one at a time); lm-eval
+            passes its ``--batch_size`` here.
+        chunk_size: prompt tokens read per forward call (positive int; default 2048).
+        max_gen_toks: the most tokens ``generate_until`` makes when a request does not say
+            (positive int; default 256).
+
+    Raises:
+        ValueError: (one line) an unreadable checkpoint, a ``batch_size`` other than 1, a bad
+            ``chunk_size``/``max_gen_toks``/``device``.
+    """
+
+    def __init__(self, checkpoint: str, device: Optional[str] = None, batch_size=1, chunk_size=2048,
+                 max_gen_toks=DEFAULT_MAX_GEN_TOKS):
+        super().__init__()
+        from ..train.export import load_run
+
+        if str(batch_size).strip() != "1":
+            raise ValueError(f"the deepmemory model reads one unpadded sequence at a time: batch_size must be 1; got {batch_size!r}")
+        self.chunk_size = _positive_int("chunk_size", chunk_size)
+        self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
+        try:
+            self._device = torch.device(device or "cpu")
+        except RuntimeError as err:
+            raise ValueError(f"device: {err}") from None
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            # the harness passes --device (default cuda:0) on every machine; its own hf model
+            # falls back to the CPU the same way
+            warnings.warn(f"device {device}: no CUDA device is available; running on the CPU")
+            self._device = torch.device("cpu")
+        model, tokenizer, _ = load_run(checkpoint)  # CheckpointError is a ValueError, one line
+        self.model = model.to(self._device).eval()
+        self.dm_tokenizer = tokenizer
+        self.batch_size = 1
+
+    # ------------------------------------------------------------ tokens
+    @property
+    def eot_token_id(self) -> int:
+        """The end-of-document id (the context of an empty prompt); 0 for a tokenizer without one."""
+        eos = self.dm_tokenizer.eos_id
+        return 0 if eos is None else eos
+
+    @property
+    def max_length(self) -> int:
+        """No limit of the model's own: the cache reads any length (lm-eval asks for this number)."""
+        return 2 ** 31 - 1
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        info = self.dm_tokenizer.info()
+        return str(info.get("kind"))
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> List[int]:
+        """``string`` as token ids (the checkpoint's tokenizer adds no special tokens)."""
+        return self.dm_tokenizer.encode(string).tolist()
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.dm_tokenizer.decode(list(tokens))
+
+    # ------------------------------------------------------------ the model
+    def _new_cache(self):
+        from ..models import DeepMemoryCache
+
+        return DeepMemoryCache(self.model.config)
+
+    @torch.no_grad()
+    def _read(self, tokens: Sequence[int], cache, all_logits: bool) -> torch.Tensor:
+        """Read ``tokens`` through ``cache`` in chunks; the log-probabilities ``[n, V]`` after each
+        token (``all_logits``) or ``[1, V]`` after the last one."""
+        out = []
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self._device)
+        for start in range(0, ids.shape[1], self.chunk_size):
+            piece = ids[:, start:start + self.chunk_size]
+            logits = self.model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=0 if all_logits else 1).logits
+            out.append(F.log_softmax(logits[0].float(), dim=-1))
+        return torch.cat(out) if all_logits else out[-1]
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
+        """``(log P(continuation | context), whether greedy decoding gives the continuation)`` for
+        each ``((context, continuation), context_ids, continuation_ids)``. Requests sharing a
+        context read it once; each continuation continues a copy of its cache."""
+        from tqdm.auto import tqdm
+
+        results: List[Optional[Tuple[float, bool]]] = [None] * len(requests)
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for i, (_, context, _) in enumerate(requests):
+            groups.setdefault(tuple(context), []).append(i)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="deepmemory loglikelihood")
+        for context, members in groups.items():
+            cache = self._new_cache()
+            first = self._read(context, cache, all_logits=False)  # [1, V]: predicts the continuation's first token
+            for i in members:
+                (strings, _, continuation) = requests[i]
+                continuation = list(continuation)
+                if len(continuation) > 1:
+                    rest = self._read(continuation[:-1], copy.deepcopy(cache), all_logits=True)
+                    logprobs = torch.cat([first, rest])
+                else:
+                    logprobs = first[:len(continuation)]
+                target = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
+                total = float(logprobs.gather(1, target[:, None]).sum()) if continuation else 0.0
+                greedy = bool((logprobs.argmax(-1) == target).all())
+                results[i] = (total, greedy)
+                self.cache_hook.add_partial("loglikelihood", strings, results[i])
+                bar.update(1)
+        bar.close()
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
+        """The log-likelihood of each whole string (``Instance.args == (string,)``), every token
+        predicted once from everything before it, the first from the end-of-document token: one
+        stream through the cache, no windows."""
+        from tqdm.auto import tqdm
+
+        out = []
+        for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="deepmemory loglikelihood_rolling"):
+            tokens = self.tok_encode(string)
+            if not tokens:
+                out.append(0.0)
+                continue
+            logprobs = self._read([self.prefix_token_id] + tokens[:-1], self._new_cache(), all_logits=True)
+            target = torch.tensor(tokens, dtype=torch.long, device=logprobs.device)
+            total = float(logprobs.gather(1, target[:, None]).sum())
+            out.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+        return out
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+        """Greedy continuations of ``(context, gen_kwargs)`` requests: until the first of the
+        ``until`` strings (cut off), the end-of-document token, or ``max_gen_toks`` tokens.
+
+        Raises:
+            ValueError: ``gen_kwargs`` asks for sampling (``do_sample`` true, or a temperature
+                above 0): the adapter decodes greedily.
+        """
+        from tqdm.auto import tqdm
+
+        out = []
+        for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm, desc="deepmemory generate_until"):
+            kwargs = dict(gen_kwargs or {})
+            if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
+                raise ValueError("the deepmemory model decodes greedily: drop do_sample / temperature from gen_kwargs")
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            budget = _positive_int("max_gen_toks", kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", self.max_gen_toks)))
+            text = self._greedy(self.tok_encode(context) or [self.prefix_token_id], until, budget)
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return out
+
+    def _greedy(self, prompt: List[int], until: List[str], budget: int) -> str:
+        cache = self._new_cache()
+        logprobs = self._read(prompt, cache, all_logits=False)
+        tokens: List[int] = []
+        eos = self.dm_tokenizer.eos_id
+        for _ in range(budget):
+            token = int(logprobs[-1].argmax())
+            if eos is not None and token == eos:
+                break
+            tokens.append(token)
+            text = self.tok_decode(tokens)
+            cut = min((text.find(s) for s in until if s and s in text), default=-1)
+            if cut >= 0:
+                return text[:cut]
+            logprobs = self._read([token], cache, all_logits=False)
+        return self.tok_decode(tokens)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """``python -m deepmemory.eval.lm_eval [lm_eval arguments]``: the ``lm_eval`` command with the
+    ``deepmemory`` model registered."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0]] + list(argv)
+    cli_evaluate()
+
+
+__all__ = ["DeepMemoryLM", "main"]
+
+if __name__ == "__main__":
+    main()
