@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bad_input import one_error_line, run_cli, shared_world, tree, unchanged, write_tokenizer
+from test_cli_fast import _parsers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -240,16 +241,6 @@ def test_debug_prints_the_traceback_then_the_line(world, tmp_path):
     code, _, err = run_cli(_fill(TRAIN + ["--data", "{tmp}/missing", "--debug"], dict(world, tmp=str(tmp_path))))
     assert code == 2 and err.startswith("Traceback") and "DataError" in err
     assert err.strip().splitlines()[-1].startswith("deepmemory train: error: --data:")
-
-
-def _parsers(parser, path=()):
-    import argparse
-
-    yield path, parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from _parsers(sub, path + (name,))
 
 
 def test_every_subcommand_has_debug():
