@@ -184,6 +184,7 @@ CASES = [
     Case("unknown-preset", TRAIN + ["--model", "no-such-preset"], 2, "unknown preset 'no-such-preset'"),
     Case("batch-not-divisible", TRAIN + ["--batch-size", "3", "--grad-accum", "2"], 2, "not divisible"),
     Case("config-unknown-setting", ["train", "--config", "{tmp}/c.yaml"], 2, "unknown settings learning_rate", files(c__yaml="learning_rate: 1\n")),
+    Case("config-misspelt-setting", ["train", "--config", "{tmp}/c.yaml"], 2, "unknown settings stepz in {tmp}/c.yaml (did you mean 'steps'?)", files(c__yaml="stepz: 3\n")),
     Case("config-unparsable", ["train", "--config", "{tmp}/c.yaml"], 2, "cannot parse", files(c__yaml="a: [1, 2\n")),
     Case("config-not-a-mapping", ["train", "--config", "{tmp}/c.json"], 2, "must hold a mapping", files(c__json="[1, 2]")),
     Case("config-extension", ["train", "--config", "{tmp}/c.toml"], 2, "must be a .yaml, .yml or .json file", files(c__toml="a = 1")),

@@ -87,3 +87,15 @@ def test_bench_defaults_are_polite():
         args = parser.parse_args(["bench", mode])
         assert args.threads == 1, mode  # one thread by default on a CPU
         assert getattr(args, "plot", None) is None, mode  # no PNG unless asked for
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    from deepmemory.cli import EXIT_INTERRUPTED, main
+    from deepmemory.cli import models
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "run", interrupted)
+    assert main(["models"]) == EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err == "deepmemory models: interrupted\n"

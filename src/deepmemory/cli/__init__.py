@@ -9,7 +9,10 @@ command runs (``deepmemory --help`` and ``deepmemory models`` do not import it a
 Errors (docs/security.md): a user error (``CLIError``, a malformed option, a file that cannot be
 read or written) prints one line ``deepmemory COMMAND: error: ...`` on stderr and exits with
 ``EXIT_USER_ERROR`` (2); running out of memory exits with ``EXIT_OUT_OF_MEMORY`` (4); a diverged
-training run with 3. Every subcommand has ``--debug``, which prints the traceback first."""
+training run with 3; Ctrl-C prints ``deepmemory COMMAND: interrupted`` and exits with
+``EXIT_INTERRUPTED`` (130), keeping what was written (a run resumes from its last checkpoint, an
+eval continues from its partial results). Every subcommand has ``--debug``, which prints the
+traceback first."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ COMMANDS: tuple = ("models", "train", "generate", "export", "eval", "bench")
 
 EXIT_USER_ERROR = 2  # a user error: a bad option or file, a request that cannot fit
 EXIT_OUT_OF_MEMORY = 4  # the machine ran out of memory while the command ran
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention): one line, no traceback
 
 
 class CLIError(Exception):
@@ -99,6 +103,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (a run resumes, an eval continues)
+        print(f"deepmemory {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except CLIError as err:
         return error_exit(args, str(err))
     except OSError as err:  # a file that cannot be read or written: the user's to fix

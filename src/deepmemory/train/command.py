@@ -162,6 +162,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_from_args(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line; the run resumes from its last checkpoint
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
     except USER_ERRORS as err:
         failure, line, code = err, error_line(err), exit_code(err)
     except OSError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -219,7 +220,9 @@ def load_config_file(path: str) -> Dict[str, Any]:
     settings = {str(k).replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(settings) - FIELDS)
     if unknown:
-        raise ConfigError(f"--config: unknown settings {', '.join(unknown)} in {path}")
+        close = difflib.get_close_matches(unknown[0], sorted(FIELDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"--config: unknown settings {', '.join(unknown)} in {path}{hint}")
     if isinstance(settings.get("data"), str):
         settings["data"] = [settings["data"]]
     if settings.get("time_limit") is not None:

@@ -525,7 +525,9 @@ class Trainer:
                     ck.remove_partial(self.resume)
                     ckpt = ck.latest_checkpoint(self.resume)
                     if ckpt is None:
-                        raise ck.CheckpointError(f"{self.resume} has no complete checkpoint to resume from")
+                        raise ck.CheckpointError(f"{self.resume} has no complete checkpoint to resume from (it stopped "
+                                                 "before its first; start it again with --out "
+                                                 f"{self.resume} --overwrite)")
                 else:
                     run_dir = cfg.out or _default_out(cfg)
                     _create_run_dir(run_dir, self.overwrite, self._new_run_files(run_dir))
