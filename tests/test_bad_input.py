@@ -423,7 +423,7 @@ def test_smoke_in_a_process(argv, code, match, tmp_path):
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.long  # two processes of torchrun: a minute on the 2-core CI machine
 def test_ddp_with_parameters_unused_in_a_step(world, tmp_path):
     """``torchrun --nproc-per-node 2 -m deepmemory.train`` of a per-chunk memory on sequences no
     longer than a chunk (its key/value/step projections get no gradient): the run completes."""

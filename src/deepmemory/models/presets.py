@@ -52,7 +52,9 @@ ATLAS_PP = (ATLAS_RULE.replace(architecture="gated_mlp"), ATLAS[1])
 GATED_DELTANET = (UpdateRule(architecture="linear", residual=False, loss="l2", optimizer="gd", window=1, chunk_size=1,
                              decay_first=True),
                   dict(use_decay=True, decay_gate="mamba2", feature_map="identity"))
-DLA = (UpdateRule(architecture="mlp", depth=2, residual=True, layer_norm=True, loss="dot", optimizer="gd", window=1),
+# DLA keeps the memory LayerNorm off: with the dot loss the memory's output starts near zero and
+# normalising it amplifies rounding (bf16 logits 0.21 off float32 with it; docs/fidelity.md A1)
+DLA = (UpdateRule(architecture="mlp", depth=2, residual=True, loss="dot", optimizer="gd", window=1),
        dict(expansion=4, use_decay=True, feature_map="polynomial", poly_degree=2, poly_constant=True))
 SWLA = (UpdateRule(architecture="linear", residual=False, loss="dot", optimizer="gd", window=16),
         dict(use_decay=True, feature_map="identity"))
