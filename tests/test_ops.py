@@ -408,6 +408,14 @@ def test_muon_token_streamed_gradients_equal_one_call(memory):
             assert rel_err(g_s, g) <= 1e-10, cuts
 
 
+def test_muon_token_checkpointed_chunks_equal_the_reference(monkeypatch):
+    """Under torch.compile the chunks are recomputed through torch.utils.checkpoint rather than the
+    one-node Function (ops/chunk.py, _recomputed); run eagerly, that path equals the token loop too."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    _compare(dict(architecture="gated_mlp", optimizer="muon", granularity="token", window=3, chunk_size=4), seq=13,
+             all_grads_live=True)
+
+
 def _saved_bytes(seq, chunk_size):
     """Bytes of distinct storage that autograd keeps for the backward of one token-granularity Muon
     call (d = 16, hidden 64), and the bytes of one copy of the memory's matrices."""

@@ -49,6 +49,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .coefficients import chunk_layout, gate_coefficients, nonfinite, poison_rows, retention_products, segprod, zero_rows
@@ -173,11 +174,10 @@ def _muon_token(p: Problem, lay, q, kx, vx, d_a, a_cum, n: int, b: int, last_len
     batched run (:func:`newton_schulz_batched`), the lr is applied after it through ``C``, and the
     queries read ``W_t`` through the orthogonalised matrices without materialising it.
 
-    Memory stays linear in ``T``: under autograd every chunk but the last runs under
-    :func:`torch.utils.checkpoint.checkpoint`, so the backward keeps, across chunks, only the
-    chunk-start states, the chunk's inputs and its gate coefficients; a chunk's ``b`` momenta,
-    their orthogonalised copies and the Newton-Schulz intermediates are recomputed in the
-    backward, one chunk at a time. A carried state with pending tokens (``p.resume``) starts the
+    Memory stays linear in ``T``: under autograd every chunk but the last is recomputed in the
+    backward (:func:`_recomputed`), so what is kept across chunks is only the chunk-start states,
+    the chunk's inputs and its gate coefficients; a chunk's ``b`` momenta, their orthogonalised
+    copies and the Newton-Schulz intermediates exist one chunk at a time. A carried state with pending tokens (``p.resume``) starts the
     first chunk from the state after them: only its new rows are orthogonalised.
     Returns a :class:`Result` (outputs ``[B, H, N, dv]`` and the states)."""
     n_chunks = len(q)
@@ -201,20 +201,54 @@ def _muon_token(p: Problem, lay, q, kx, vx, d_a, a_cum, n: int, b: int, last_len
         e = (b if j < n_chunks - 1 else last_len) - 1
         if e < b - 1:
             w_chunk, s_chunk = w, s
-        # the tensors go in flat: the checkpoint keeps its positional tensors through the saved-tensor
-        # hooks (what autograd keeps for the backward is then observable), nested ones only by reference
-        args = (p, lay, names, first, e - first, q[j][:, :, first:], kx[j], vx[j], *coefs[j],
-                *(d[m] for d in (w, *start) for m in names))
+        static = (p, lay, names, first, e - first)
+        tensors = (q[j][:, :, first:], kx[j], vx[j], *coefs[j], *(d[m] for d in (w, *start) for m in names))
         if torch.is_grad_enabled() and j < n_chunks - 1:
-            o, *ends = checkpoint(_muon_chunk, *args, use_reentrant=False, preserve_rng_state=False)
+            o, *ends = _recomputed(_muon_chunk, static, tensors)
         else:
-            o, *ends = _muon_chunk(*args)
+            o, *ends = _muon_chunk(*static, *tensors)
         outs.append(F.pad(o, (0, 0, first, 0)))  # (the rows of a carried state's pending tokens are dropped)
         w, s = dict(zip(names, ends[: len(names)])), dict(zip(names, ends[len(names) :]))
         start, first = (w, s), 0
     if last_len == b:
         w_chunk, s_chunk = w, s
     return Result(torch.cat(outs, 2)[:, :, :n], w, s, w_chunk, s_chunk)
+
+
+def _recomputed(fn, static: tuple, tensors: tuple) -> tuple:
+    """``fn(*static, *tensors)`` (a tuple of tensors) with only ``tensors`` kept for the backward,
+    which runs ``fn`` again: activation checkpointing of one chunk.
+
+    Eagerly it is one :class:`_Recompute` node; :func:`torch.utils.checkpoint.checkpoint`
+    (non-reentrant) records the chunk's whole graph, hundreds of small long-lived allocations a
+    chunk that glibc's heap places in the chunk's freed temporaries: the process's memory then grew
+    by about 4 MB a token at the mixer benchmark's width, against 0.3 MB with the one node. Under
+    ``torch.compile`` (which cannot trace the node's backward) the chunk goes through ``checkpoint``."""
+    if torch.compiler.is_compiling():
+        return checkpoint(fn, *static, *tensors, use_reentrant=False, preserve_rng_state=False)
+    return _Recompute.apply(fn, static, *tensors)
+
+
+class _Recompute(torch.autograd.Function):
+    """See :func:`_recomputed`. Differentiable once (no gradients of gradients)."""
+
+    @staticmethod
+    def forward(ctx, fn, static, *tensors):
+        ctx.fn, ctx.static = fn, static
+        ctx.save_for_backward(*tensors)
+        return fn(*static, *tensors)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+        with torch.enable_grad():
+            outs = ctx.fn(*ctx.static, *inputs)
+        live = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        want = [x for x in inputs if x.requires_grad]
+        found = torch.autograd.grad([o for o, _ in live], want, [g for _, g in live], allow_unused=True) if live and want else ()
+        found = iter(found)
+        return (None, None, *(next(found, None) if x.requires_grad else None for x in inputs))
 
 
 def _muon_chunk(p: Problem, lay, names, first: int, e: int, q, kx, vx, s_coef, w_coef, e_coef, a_coef, bad, *states):
@@ -231,8 +265,9 @@ def _muon_chunk(p: Problem, lay, names, first: int, e: int, q, kx, vx, s_coef, w
     with all its orthogonalised matrices (``b x b x rows x cols``, what materialising the ``W_t``
     would cost, without writing them). Both products over the chunk's tokens have zero
     coefficients above the diagonal, so the factors ``delta_i, a_i`` of a token with a non-finite
-    one and the ``NS(S_r)`` of a row that is not finite are zeroed before them, and the rows from
-    such a token on read NaN."""
+    one and the products ``NS(S_r) x_t`` of a row ``r`` that is not finite are zeroed before them
+    (by selection, on the small ``[b, b, rows]`` products rather than the orthogonalised
+    matrices), and the rows from such a token on read NaN. The chunk-end state is NaN then."""
     w_grad, w, s = (dict(zip(names, states[i * len(names) : (i + 1) * len(names)])) for i in range(3))
     at = {m: a_coef[..., None] * t for m, t in w_grad.items()} if p.rule.decay_first else w_grad  # chunk size 1
     grads, rows = _guard(token_gradients(p.spec, at, kx, vx, p.rule.loss), lay)
@@ -242,18 +277,18 @@ def _muon_chunk(p: Problem, lay, names, first: int, e: int, q, kx, vx, s_coef, w
 
     rows = rows[..., first:]
     e_col = e_coef[..., None, None]
-    s_all = {m: e_col * s[m].unsqueeze(2) + _outer_sums(s_coef, *grads[m]) for m in w}  # [B, H, b - first, rows, cols]
+    s_all = {m: torch.addcmul(_outer_sums(s_coef, *grads[m]), e_col, s[m].unsqueeze(2)) for m in w}  # [B, H, b - first, rows, cols]
     ortho = {m: newton_schulz_batched(t, p.rule.ns_steps) for m, t in s_all.items()}
     lead = lay.n_ext - lay.b + first  # the span's tokens before row first
     for o in ortho.values():  # S_r of huge but finite factors may overflow
         rows = rows | after(F.pad(nonfinite(o, 2), (lead, 0)))
     rows = rows | after(bad)
-    ortho = {m: zero_rows(rows, o) for m, o in ortho.items()}
     a_col = a_coef.unsqueeze(-1)
 
     def apply(name: str, x: Tensor) -> Tensor:
         o = ortho[name]  # [B, H, r, rows, cols]
         seen = (x @ o.flatten(2, 3).transpose(-1, -2)).unflatten(-1, (o.shape[2], -1))  # [B, H, t, r, rows]: NS(S_r) x_t
+        seen = torch.where(rows[..., None, :, None], 0.0, seen)  # NS(S_r) of a marked row r: zeros (selected)
         return a_col * (x @ w[name].transpose(-1, -2)) - (w_coef.unsqueeze(-2) @ seen).squeeze(-2)
 
     out = poison_rows(rows, memory_forward(p.spec, apply, q))
@@ -276,16 +311,19 @@ def newton_schulz_batched(g: Tensor, steps: int) -> Tensor:
     ``r^3`` products a step), and ``X`` is touched only for ``A_0`` and ``P X_0``. Nearly square
     matrices iterate on ``X`` with fused products (``baddbmm``)."""
     a, b, c = NS_COEFFICIENTS
-    tall = g.shape[-2] > g.shape[-1]
-    x = g.transpose(-1, -2) if tall else g
-    lead, (r, m) = x.shape[:-2], x.shape[-2:]
-    x = (x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)).reshape(-1, r, m)
+    rows, cols = g.shape[-2:]
+    tall = rows > cols
+    x = (g / (torch.linalg.matrix_norm(g, keepdim=True) + 1e-7)).reshape(-1, rows, cols)
+    r, m = min(rows, cols), max(rows, cols)
     if 2 * m < 3 * r:
+        x = x.transpose(-1, -2) if tall else x
         for _ in range(steps):
             gram = x @ x.transpose(-1, -2)
             x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        x = x.transpose(-1, -2) if tall else x
     elif steps:
-        gram = x @ x.transpose(-1, -2)
+        # a tall X is used as it lies: its Gram matrix is X^T X and the result X P^T (no copies of X)
+        gram = x.transpose(-1, -2) @ x if tall else x @ x.transpose(-1, -2)
         eye = a * torch.eye(r, dtype=x.dtype, device=x.device)
         poly = None
         for k in range(steps):
@@ -293,9 +331,8 @@ def newton_schulz_batched(g: Tensor, steps: int) -> Tensor:
             poly = step if poly is None else step @ poly
             if k < steps - 1:
                 gram = step @ gram @ step
-        x = poly @ x
-    x = x.reshape(*lead, r, m)
-    return x.transpose(-1, -2) if tall else x
+        x = x @ poly.transpose(-1, -2) if tall else poly @ x
+    return x.reshape(g.shape)
 
 
 def _chunk_granularity(p: Problem, q, kx, vx, lr, mom, ret, gamma, n: int, b: int, last_len: int) -> Result:
