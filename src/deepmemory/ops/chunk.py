@@ -177,9 +177,9 @@ def _muon_token(p: Problem, lay, q, kx, vx, d_a, a_cum, n: int, b: int, last_len
     Memory stays linear in ``T``: under autograd every chunk but the last is recomputed in the
     backward (:func:`_recomputed`), so what is kept across chunks is only the chunk-start states,
     the chunk's inputs and its gate coefficients; a chunk's ``b`` momenta, their orthogonalised
-    copies and the Newton-Schulz intermediates exist one chunk at a time. A carried state with pending tokens (``p.resume``) starts the
-    first chunk from the state after them: only its new rows are orthogonalised.
-    Returns a :class:`Result` (outputs ``[B, H, N, dv]`` and the states)."""
+    copies and the Newton-Schulz intermediates exist one chunk at a time. A carried state with
+    pending tokens (``p.resume``) starts the first chunk from the state after them: only its new
+    rows are orthogonalised. Returns a :class:`Result` (outputs ``[B, H, N, dv]`` and the states)."""
     n_chunks = len(q)
     # the gate coefficients of every chunk at once (they do not depend on the memory)
     d_e = segprod(lay.momentum)  # [B, H, nc, b, b]
@@ -221,9 +221,10 @@ def _recomputed(fn, static: tuple, tensors: tuple) -> tuple:
 
     Eagerly it is one :class:`_Recompute` node; :func:`torch.utils.checkpoint.checkpoint`
     (non-reentrant) records the chunk's whole graph, hundreds of small long-lived allocations a
-    chunk that glibc's heap places in the chunk's freed temporaries: the process's memory then grew
-    by about 4 MB a token at the mixer benchmark's width, against 0.3 MB with the one node. Under
-    ``torch.compile`` (which cannot trace the node's backward) the chunk goes through ``checkpoint``."""
+    chunk that glibc's heap places in the chunk's freed temporaries: the process's peak memory then
+    grew by about 4.4 MB per position at the mixer benchmark's width, against 1.3 MB with the one
+    node (docs/ops.md). Under ``torch.compile`` (which cannot trace the node's backward) the chunk
+    goes through ``checkpoint``."""
     if torch.compiler.is_compiling():
         return checkpoint(fn, *static, *tensors, use_reentrant=False, preserve_rng_state=False)
     return _Recompute.apply(fn, static, *tensors)
