@@ -198,8 +198,10 @@ def test_bad_token_ids_fail_clearly(ids, error, match):
 def test_other_bad_inputs_fail_clearly():
     model = build("transformer")
     ids = torch.tensor([[1, 2, 3]])
-    with pytest.raises(ValueError, match="padding is not supported"):
-        model(ids, attention_mask=torch.tensor([[0, 1, 1]]))
+    with pytest.raises(ValueError, match="attention_mask must hold 0"):
+        model(ids, attention_mask=torch.tensor([[0, 2, 1]]))
+    with pytest.raises(ValueError, match="position_ids must be"):
+        model(ids, position_ids=torch.tensor([[0, 1]]))
     with pytest.raises(TypeError, match="the cache must be a DeepMemoryCache"):
         model(ids, past_key_values=[None, None])
     with pytest.raises(ValueError, match="holds 3 layer states"):

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..checks import check_int, check_positive
 from ..ops.coefficients import nonfinite, zero_rows
+from ..ops.varlen import by_document, state_error
 from ..tree import State, check_state_fits
 
 
@@ -161,11 +162,24 @@ class Attention(nn.Module):
         return_state: bool = False,
         *,
         prefix: Optional[Tensor] = None,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Union[Tensor, Tuple[Tensor, AttentionState]]:
         """``x [B, T, hidden]``; ``prefix [B or 1, N, hidden]``: extra always-visible tokens
         without position, treated like the persistent ones (MAL passes the memory's output at the
-        persistent tokens)."""
+        persistent tokens).
+
+        ``cu_seqlens`` (1-D int32/int64 ``[0, l_1, l_1 + l_2, ..., T]``, one entry per document
+        plus one; ``B`` must be 1): packed documents, each read as if alone: a query sees only its
+        own document's tokens (and the persistent tokens and ``prefix``, shared by every
+        document), positions restart at 0 for RoPE. Attention runs once on the batch of documents
+        ``[n_docs, max l_i]`` (:func:`deepmemory.ops.varlen.by_document`), whose padding is the
+        cost. Not supported with ``state`` or ``return_state`` (one-line ``ValueError``), nor are
+        malformed boundaries."""
         check_input(x, self.hidden_size)
+        if cu_seqlens is not None:
+            if state is not None or return_state:
+                raise state_error("state/return_state")
+            return by_document(cu_seqlens, lambda xs: self.forward(xs, prefix=prefix), x)
         if state is not None and not isinstance(state, AttentionState):
             raise TypeError(f"state must be an AttentionState; got {type(state).__name__}")
         if state is not None:

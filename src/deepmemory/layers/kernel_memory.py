@@ -90,9 +90,18 @@ class KernelMemory(QKVMixer):
             self.initial_weights[f"w{l}"] = nn.Parameter(torch.randn(num_heads, rows, hidden) / math.sqrt(hidden))
 
     def forward(
-        self, x: Tensor, state: Optional[KernelMemoryState] = None, return_state: bool = False
+        self, x: Tensor, state: Optional[KernelMemoryState] = None, return_state: bool = False, *,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Union[Tensor, Tuple[Tensor, KernelMemoryState]]:
-        """``x [B, T, hidden_size]`` -> ``y [B, T, hidden_size]`` (and the state to continue from)."""
+        """``x [B, T, hidden_size]`` -> ``y [B, T, hidden_size]`` (and the state to continue from).
+
+        ``cu_seqlens [N + 1]`` (int32/int64, ``[0, l_1, l_1 + l_2, ..., T]``; ``B`` must be 1):
+        packed documents, each read as if alone (conv history, stored keys, window and chunks
+        restart at its first token); the layer runs once on the batch of documents ``[N, max l_i]``,
+        whose padding is the cost. Not supported with ``state`` or ``return_state`` (one-line
+        ``ValueError``), nor are malformed boundaries."""
+        if cu_seqlens is not None:
+            return self.forward_documents(x, state, return_state, cu_seqlens)
         q, k, v, conv = self.read_input(x, state, KernelMemoryState)
         lr = self.max_lr * torch.sigmoid(self.lr_proj(x))
         # one dtype for the op's inputs, which autocast leaves in different ones; the op computes

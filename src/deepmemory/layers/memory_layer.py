@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..checks import Check, check_bool, check_choice, check_int, check_positive, check_settings
 from ..ops import IMPLS, MemoryState, UpdateRule, memory_read, neural_memory
 from ..ops.rule import resolve_rule
+from ..ops.varlen import by_document, state_error
 from ..tree import State, check_state_fits
 from .common import RMSNorm, ShortConv
 from .feature_maps import FEATURE_MAPS, make_feature_map
@@ -117,6 +118,14 @@ class QKVMixer(nn.Module):
             outs, new = [p[0] for p in pairs], tuple(p[1] for p in pairs)
         q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)) for t in outs)
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new
+
+    def forward_documents(self, x: Tensor, state, return_state: bool, cu_seqlens: Tensor) -> Tensor:
+        """``forward`` on each packed document of ``x [1, T, hidden_size]`` alone (``cu_seqlens``,
+        no state), as one batch of documents."""
+        if state is not None or return_state:
+            raise state_error("state/return_state")
+        self.check_input(x)
+        return by_document(cu_seqlens, self.forward, x)
 
     def output(self, x: Tensor, y: Tensor) -> Tensor:
         """``y [B, T, H, head_dim]`` -> ``[B, T, hidden_size]``."""
@@ -248,9 +257,18 @@ class NeuralMemory(QKVMixer):
             raise ValueError(f"decay_gate={merged['decay_gate']!r} shapes the forget gate: it needs use_decay=True")
 
     def forward(
-        self, x: Tensor, state: Optional[NeuralMemoryState] = None, return_state: bool = False
+        self, x: Tensor, state: Optional[NeuralMemoryState] = None, return_state: bool = False, *,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Union[Tensor, Tuple[Tensor, NeuralMemoryState]]:
-        """``x [B, T, hidden_size]`` -> ``y [B, T, hidden_size]`` (and the state to continue from)."""
+        """``x [B, T, hidden_size]`` -> ``y [B, T, hidden_size]`` (and the state to continue from).
+
+        ``cu_seqlens [N + 1]`` (int32/int64, ``[0, l_1, l_1 + l_2, ..., T]``; ``B`` must be 1):
+        packed documents, each read as if alone (conv history, memory, momentum, window and chunks
+        restart at its first token); the layer runs once on the batch of documents ``[N, max l_i]``
+        (:func:`deepmemory.ops.varlen.by_document`), whose padding is the cost. Not supported
+        with ``state`` or ``return_state`` (one-line ``ValueError``), nor are malformed boundaries."""
+        if cu_seqlens is not None:
+            return self.forward_documents(x, state, return_state, cu_seqlens)
         q, k, v, conv = self.read_input(x, state, NeuralMemoryState)
         fq, fk = self.phi(q), self.phi(k)
         target = v - k if self.outer_residual and self.rule.loss == "l2" else v

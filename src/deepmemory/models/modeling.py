@@ -6,7 +6,8 @@ model class serves every family: the recurrent cache is just the list of block s
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Union
+import copy
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from ..layers.common import RMSNorm
 from ..layers.feature_maps import PolynomialFeatureMap, symmetric_monomials
 from ..layers.kernel_memory import KernelMemory
 from ..layers.memory_layer import NeuralMemory
+from ..ops.varlen import documents
 from ..tree import check_state_fits, map_tensors, tensors
 from .config import DeepMemoryConfig
 
@@ -136,6 +138,49 @@ class DeepMemoryCache(Cache):
             raise TypeError(f"DeepMemoryCache takes the model's config or a number of layers >= 1; got {config!r}")
         super().__init__(layers=[DeepMemoryCacheLayer() for _ in range(num_layers)])
         self.seen = 0
+        # per-row caches, once a padded batch has been read: rows then hold different numbers of
+        # tokens (and chunk phases), so each continues on its own
+        self.rows: Optional[List["DeepMemoryCache"]] = None
+
+    def split_rows(self, batch: int) -> List["DeepMemoryCache"]:
+        """Switch to one cache per row of a batch of ``batch`` (what a padded batch needs) and
+        return them: each row's cache holds that row of every state and the tokens read so far."""
+        if self.rows is None:
+            batch = batch if self.batch_size == -1 else self.batch_size
+            rows = []
+            for r in range(batch):
+                row = DeepMemoryCache(len(self.layers))
+                for mine, theirs in zip(self.layers, row.layers):
+                    theirs.state = map_tensors(mine.state, lambda t: t[r:r + 1])
+                row.seen = self.seen
+                rows.append(row)
+            for layer in self.layers:
+                layer.reset()
+            self.rows = rows
+        return self.rows
+
+    def _each_row(self, order: List[int]) -> None:
+        taken = set()
+        rows = []
+        for i in order:
+            rows.append(self.rows[i] if i not in taken else copy.deepcopy(self.rows[i]))
+            taken.add(i)
+        self.rows = rows
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.rows is None:
+            return super().reorder_cache(beam_idx)
+        self._each_row([int(i) for i in beam_idx])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.rows is None:
+            return super().batch_select_indices(indices)
+        self._each_row(torch.arange(len(self.rows))[indices.cpu()].tolist())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.rows is None:
+            return super().batch_repeat_interleave(repeats)
+        self._each_row([i for i in range(len(self.rows)) for _ in range(repeats)])
 
     @property
     def states(self) -> List[object]:
@@ -149,6 +194,8 @@ class DeepMemoryCache(Cache):
     @property
     def batch_size(self) -> int:
         """Sequences the cache holds, or ``-1`` before the first token."""
+        if self.rows is not None:
+            return len(self.rows)
         for layer in self.layers:
             found = tensors(layer.state)
             if found:
@@ -165,22 +212,25 @@ class DeepMemoryCache(Cache):
         """Forget everything: the next forward starts a new sequence."""
         super().reset()
         self.seen = 0
+        self.rows = None
 
     def detach(self) -> "DeepMemoryCache":
         """Cut the autograd graph (truncated backpropagation through time); in place."""
         for layer in self.layers:
             layer._map(torch.Tensor.detach)
+        for row in self.rows or ():
+            row.detach()
         return self
 
     def nbytes(self) -> int:
         """Bytes held by every state tensor."""
-        return sum(t.numel() * t.element_size() for s in self.states for t in tensors(s))
+        return sum(t.numel() * t.element_size() for s in self.states for t in tensors(s)) + sum(r.nbytes() for r in self.rows or ())
 
 
 def _check_attention_mask(mask, batch: int, tokens: int, seen: int) -> None:
     """``attention_mask`` may be None or a ``[batch, tokens]`` tensor (``[batch, seen + tokens]``
-    when a cache has read ``seen`` tokens, as ``generate`` passes it) of ones: the models read
-    sequences left to right and have no padding. A one-line ``TypeError``/``ValueError`` otherwise."""
+    when a cache has read ``seen`` tokens, as ``generate`` passes it) of zeros (padding) and ones.
+    A one-line ``TypeError``/``ValueError`` otherwise."""
     if mask is None:
         return
     if not isinstance(mask, Tensor):
@@ -190,8 +240,20 @@ def _check_attention_mask(mask, batch: int, tokens: int, seen: int) -> None:
         expected = " or ".join(f"[{batch}, {n}]" for n in lengths)
         raise ValueError(f"attention_mask must be {expected} (batch, tokens{' with the cache' if seen else ''}); "
                          f"got shape {list(mask.shape)}")
-    if not bool(mask.bool().all()):
-        raise ValueError("attention_mask with padding is not supported: the models read sequences left to right; pass unpadded sequences")
+    if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (a token), as integers or booleans")
+
+
+def _check_position_ids(position_ids, batch: int, tokens: int) -> None:
+    """``position_ids`` may be None or an integer ``[batch, tokens]`` tensor (one line otherwise)."""
+    if position_ids is None:
+        return
+    if not isinstance(position_ids, Tensor):
+        raise TypeError(f"position_ids must be a torch.Tensor; got {type(position_ids).__name__}")
+    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise TypeError(f"position_ids must hold integers; got dtype {position_ids.dtype}")
+    if position_ids.shape != (batch, tokens):
+        raise ValueError(f"position_ids must be [{batch}, {tokens}] (batch, tokens); got shape {list(position_ids.shape)}")
 
 
 def _one_cache(cache, past_key_values) -> Optional[DeepMemoryCache]:
@@ -296,12 +358,31 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         past_key_values: Optional[DeepMemoryCache] = None,
+        position_ids: Optional[Tensor] = None,
     ):
         """``input_ids [B, T]`` (or ``inputs_embeds [B, T, hidden]``) -> ``last_hidden_state [B, T, hidden]``.
 
         ``cache`` (``past_key_values`` is the same argument under its name before transformers 5.24)
-        continues a sequence: it is updated in place and returned when ``use_cache``. Raises
-        ``TypeError``/``ValueError`` (one line) for malformed inputs, a foreign cache, or padding.
+        continues a sequence: it is updated in place and returned when ``use_cache``.
+
+        Variable-length batches (docs/packing.md), in Hugging Face's conventions:
+
+        - ``attention_mask [B, T]`` (``[B, seen + T]`` with a cache), 0 at padding: a padded
+          position enters no state, and its hidden state is zeros. Padding may sit anywhere (left
+          for ``generate``, right for training); the valid tokens of a row are read in order.
+        - ``position_ids [B, T]`` (integers): a valid token whose position id is 0 begins a new
+          document (a packed row, as Hugging Face's ``DataCollatorWithFlattening`` makes them);
+          each document is read as if alone: memory, momentum, Omega window, chunks, conv,
+          attention and RoPE positions restart. Other values are not used (positions are counted
+          per document). A row's first token always begins a document.
+
+        Without a cache a padded or packed batch runs once, laid out as a batch of documents
+        (:mod:`deepmemory.ops.varlen`). With a cache, each row of a padded batch continues its own
+        cache from then on (rows hold different numbers of tokens), one row after another; a
+        document cannot begin after a row's first token there.
+
+        Raises ``TypeError``/``ValueError`` (one line) for malformed inputs, a foreign cache, or a
+        document starting inside a cached stream.
         """
         self._check_inputs(input_ids, inputs_embeds, attention_mask)
         cache = _one_cache(cache, past_key_values)
@@ -315,15 +396,43 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"the cache holds {len(cache)} layer states; this model has {len(self.layers)} layers")
         inputs = input_ids if inputs_embeds is None else inputs_embeds
-        batch = inputs.shape[0]
+        batch, tokens = inputs.shape[:2]
         if cache is not None and cache.batch_size not in (-1, batch):
             raise ValueError(f"the cache holds {cache.batch_size} sequence(s) but the input has a batch of {batch}; "
                              "continue a cache with the batch it was made with")
-        if cache is not None:
+        if cache is not None and cache.rows is None:
             check_state_fits(cache.states, inputs, "cache")
-        _check_attention_mask(attention_mask, batch, inputs.shape[1], cache.seen if cache is not None else 0)
+        _check_attention_mask(attention_mask, batch, tokens, cache.seen if cache is not None else 0)
+        _check_position_ids(position_ids, batch, tokens)
+        valid = None if attention_mask is None else attention_mask[:, -tokens:].bool()
+        starts = None if position_ids is None else position_ids == 0
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if cache is not None and (cache.rows is not None or (valid is not None and not bool(valid.all()))):
+            x, hidden = self._rows(x, cache, valid, starts, output_hidden_states)
+        elif cache is not None:
+            if starts is not None and bool(starts[:, 1 if cache.seen == 0 else 0:].any()):
+                raise ValueError(self._no_new_document)
+            x, hidden = self._blocks(x, cache, output_hidden_states)
+        elif valid is None and starts is None:
+            x, hidden = self._blocks(x, None, output_hidden_states)
+        else:
+            x, hidden = self._documents(x, documents(starts, valid), output_hidden_states)
+        if cache is not None:
+            cache.seen += tokens
+        out = BaseModelOutputWithPast(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+            **{CACHE_NAME: cache if use_cache else None},
+        )
+        return out if _return_dict(return_dict, self.config) else out.to_tuple()
+
+    _no_new_document = ("a document cannot begin inside a cached stream (position_ids is 0 after a row's first token); "
+                        "start a new cache for a new document, or pack documents in a call without a cache")
+
+    def _blocks(self, x: Tensor, cache: Optional[DeepMemoryCache], output_hidden_states: Optional[bool]) -> Tuple[Tensor, Optional[List[Tensor]]]:
+        """Blocks and final norm over ``x [B, T, hidden]``, continuing ``cache`` (its ``seen`` is
+        the caller's to advance); the hidden states after the embeddings and each block if asked."""
         hidden = [x] if output_hidden_states else None
         for i, block in enumerate(self.layers):
             if cache is None:
@@ -334,16 +443,59 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
-        if cache is not None:
-            cache.seen += x.shape[1]
         if hidden is not None:
             hidden[-1] = x
-        out = BaseModelOutputWithPast(
-            last_hidden_state=x,
-            hidden_states=tuple(hidden) if hidden is not None else None,
-            **{CACHE_NAME: cache if use_cache else None},
-        )
-        return out if _return_dict(return_dict, self.config) else out.to_tuple()
+        return x, hidden
+
+    def _documents(self, x: Tensor, docs, output_hidden_states: Optional[bool]) -> Tuple[Tensor, Optional[List[Tensor]]]:
+        """A packed or padded batch without a cache: the rows whose first document begins at
+        their first position run as they are (zeros written over what follows that document);
+        every other document runs in a row of its own, in one batch; the two are put together."""
+        in_place = docs.in_place()
+        kept = docs.index[in_place, :1].flatten() // docs.seq  # [K] rows read as they lie
+        others = docs.subset(~in_place)
+        tokens = x.shape[1]
+        parts = []
+        if kept.numel():
+            y, hidden = self._blocks(x[kept], None, output_hidden_states)
+            inside = (torch.arange(tokens, device=x.device) < docs.lengths[in_place][:, None]).unsqueeze(-1)  # [K, T, 1]
+
+            def place(h: Tensor) -> Tensor:
+                return h.new_zeros(x.shape[0], tokens, h.shape[-1]).index_put((kept,), torch.where(inside, h, 0.0))
+
+            parts.append([place(h) for h in [y] + (hidden or [])])
+        if others.count:
+            y, hidden = self._blocks(others.to_batch(x), None, output_hidden_states)
+            parts.append([others.from_batch(h) for h in [y] + (hidden or [])])
+        if not parts:  # nothing but padding
+            zeros = x.new_zeros(x.shape[:2] + (self.config.hidden_size,))
+            return zeros, ([zeros] * (len(self.layers) + 1) if output_hidden_states else None)
+        # the parts cover disjoint positions, zeros elsewhere: a sum puts them together exactly
+        merged = [sum(hs) for hs in zip(*parts)]
+        return merged[0], (merged[1:] if output_hidden_states else None)
+
+    def _rows(self, x: Tensor, cache: DeepMemoryCache, valid: Optional[Tensor], starts: Optional[Tensor],
+              output_hidden_states: Optional[bool]) -> Tuple[Tensor, Optional[List[Tensor]]]:
+        """A padded batch with a cache: each row's valid tokens continue that row's own cache."""
+        batch, tokens = x.shape[:2]
+        rows = cache.split_rows(batch)
+        outs, hiddens = [], []
+        for r in range(batch):
+            pos = valid[r].nonzero().squeeze(1) if valid is not None else torch.arange(tokens, device=x.device)
+            if starts is not None and pos.numel() and bool(starts[r, pos[1 if rows[r].seen == 0 else 0:]].any()):
+                raise ValueError(self._no_new_document)
+            if pos.numel():
+                check_state_fits(rows[r].states, x[r:r + 1], "cache")
+                y, hidden = self._blocks(x[r:r + 1, pos], rows[r], output_hidden_states)
+                rows[r].seen += pos.numel()
+            else:  # nothing to read in this row
+                y, hidden = x[r:r + 1, :0], [x[r:r + 1, :0]] * (len(self.layers) + 1) if output_hidden_states else None
+            place = lambda h: h.new_zeros(tokens, h.shape[-1]).index_put((pos,), h[0])  # noqa: E731
+            outs.append(place(y))
+            if hidden is not None:
+                hiddens.append([place(h) for h in hidden])
+        hidden = [torch.stack(per) for per in zip(*hiddens)] if output_hidden_states else None
+        return torch.stack(outs), hidden
 
 
 class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
@@ -383,6 +535,7 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         logits_to_keep: int = 0,
         past_key_values: Optional[DeepMemoryCache] = None,
+        position_ids: Optional[Tensor] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``input_ids [B, T]`` -> ``logits [B, T, vocab]`` (float, the model's dtype), and ``loss``
@@ -392,6 +545,9 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
         one argument: ``cache`` from transformers 5.24, ``past_key_values`` before); it is updated
         in place and returned in the output under the installed release's name when ``use_cache``.
         ``logits_to_keep=n`` computes the logits of the last ``n`` positions only.
+        ``attention_mask`` (0 at padding) and ``position_ids`` (0 where a packed document begins)
+        as in :meth:`DeepMemoryModel.forward`; the loss leaves out every target that is padding
+        or begins a document (it cannot be predicted from the tokens before it).
 
         Raises:
             TypeError: an unknown argument, non-integer ids, or a cache that is not a DeepMemoryCache.
@@ -405,7 +561,7 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
         out = self.model(
             input_ids=input_ids, cache=cache, past_key_values=past_key_values, use_cache=use_cache,
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
-            return_dict=True,
+            return_dict=True, position_ids=position_ids,
         )
         h = out.last_hidden_state
         logits = self.lm_head(h if not logits_to_keep else h[:, -logits_to_keep:])
@@ -418,7 +574,12 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
             # half-precision logits are upcast for the softmax; float64 stays float64
             shifted = logits[:, :-1].flatten(0, 1)
             shifted = shifted if shifted.dtype in (torch.float32, torch.float64) else shifted.float()
-            loss = F.cross_entropy(shifted, labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
+            targets = labels[:, 1:].to(logits.device)
+            if attention_mask is not None:  # a padded target, or one whose document begins there
+                targets = targets.masked_fill(~attention_mask[:, -labels.shape[1] + 1:].bool().to(logits.device), -100)
+            if position_ids is not None:
+                targets = targets.masked_fill(position_ids[:, 1:].to(logits.device) == 0, -100)
+            loss = F.cross_entropy(shifted, targets.flatten(), ignore_index=-100)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_NAME: getattr(out, CACHE_NAME)})
         return out if _return_dict(return_dict, self.config) else out.to_tuple()
 

@@ -17,6 +17,7 @@ from .problem import Problem, Result
 from .reference import reference
 from .rule import UpdateRule, resolve_rule
 from .state import MemoryState
+from .varlen import by_document, expand_weights, state_error
 
 
 def _triton(p: Problem) -> Result:
@@ -82,6 +83,7 @@ def neural_memory(
     initial_state: Optional[MemoryState] = None,
     output_final_state: bool = False,
     impl: str = "chunk",
+    cu_seqlens: Optional[Tensor] = None,
     **settings: Any,
 ) -> Tuple[Tensor, Optional[MemoryState]]:
     r"""Read and train a neural memory over a sequence, per batch element and head.
@@ -111,6 +113,13 @@ def neural_memory(
     hidden, dk]``, ``w_out [H, dv, hidden]``), replaced by ``initial_state`` when given.
     ``impl``: ``"chunk"`` (default), ``"reference"`` (the token loop) or ``"triton"``.
 
+    ``cu_seqlens [N + 1]`` (int32 or int64, flash-linear-attention's convention ``[0, l_1, l_1 +
+    l_2, ..., T]``, strictly increasing): the row holds ``N`` packed documents and each is read as
+    if alone (memory, momentum, Omega window and chunks restart at its first token), so ``B`` must
+    be 1. The documents run as one batch ``[N, max l_i]``, right-padded (``deepmemory.ops.varlen``):
+    the cost is the padding to the longest document. Not supported with ``initial_state`` or
+    ``output_final_state`` (``ValueError``): run the document whose state you need alone.
+
     The gate ranges are checked, with a one-line ``ValueError`` (outside them the memory grows
     geometrically, e.g. momentum 1.5 overflows it, or turns NaN): one fused reduction over all
     gates, so one device sync per call on GPU; skipped while ``torch.compile`` traces (compiled
@@ -125,14 +134,19 @@ def neural_memory(
 
     Raises:
         TypeError: a tensor of the wrong type or dtype, an unknown keyword, a rule that is not an
-            :class:`UpdateRule`, an ``initial_state`` that is not a :class:`MemoryState`.
+            :class:`UpdateRule`, an ``initial_state`` that is not a :class:`MemoryState`,
+            ``cu_seqlens`` not an int32/int64 tensor.
         ValueError: bad settings, shapes, devices, missing momentum gates, a gate out of its range
             (naming the gate, the range, the value and its ``[batch, token, head]``), both
-            ``rule=`` and keywords, or an ``initial_state`` made with another rule or shape.
+            ``rule=`` and keywords, or an ``initial_state`` made with another rule or shape;
+            malformed ``cu_seqlens`` (not ``[0, ..., T]``, not increasing), ``B != 1`` or a state
+            asked with it.
         ImportError: ``impl="triton"`` without the triton package.
     """
     rule = resolve_rule(rule, settings)
     check_choice("impl", impl, tuple(IMPLS))
+    if cu_seqlens is not None and (initial_state is not None or output_final_state):
+        raise state_error("initial_state/output_final_state")
     bsz, seq, nh, dk, dv = check_sequence(q, k, v, lr)
     if momentum is None:
         if rule.optimizer != "gd":
@@ -147,6 +161,12 @@ def neural_memory(
     # the gates' ranges, last (one device sync): lr unbounded above, the layers bound it by max_lr
     check_ranges([("lr", lr, 0.0, None), ("momentum", momentum, 0.0, 1.0), ("decay", decay, 0.0, 1.0),
                   ("window_gate", window_gate, 0.0, 1.0)])
+    if cu_seqlens is not None:  # each document alone, as one batch of documents
+        def run(q, k, v, lr, momentum, decay, window_gate):
+            return neural_memory(q, k, v, lr, momentum, decay, expand_weights(weights, q.shape[0]), rule=rule,
+                                 window_gate=window_gate, impl=impl)[0]
+
+        return by_document(cu_seqlens, run, q, k, v, lr, momentum, decay, window_gate), None
 
     cd = compute_dtype(q.dtype)
     zeros = q.new_zeros(bsz, seq, nh)

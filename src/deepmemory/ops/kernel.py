@@ -94,6 +94,7 @@ from .inputs import check_sequence, check_weight_shapes, check_weights, compute_
 from .memory import ACTIVATIONS, LOSSES
 from .memory import activation as act_fn
 from .memory import activation_backward
+from .varlen import by_document, expand_weights, state_error
 
 KERNEL_IMPLS = ("chunk", "reference")
 WINDOW_RULES = ("omega", "swa")
@@ -499,6 +500,7 @@ def kernel_memory(
     initial_state: Optional[KernelState] = None,
     output_final_state: bool = False,
     impl: str = "chunk",
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[KernelState]]:
     r"""Read and train a kernel-form deep memory over a sequence, per batch element and head.
 
@@ -528,6 +530,13 @@ def kernel_memory(
     or ``"reference"`` (token loop, ``deepmemory.ops.kernel_reference``); they agree and accept
     each other's states. Computation is in float64 for float64 inputs, float32 otherwise.
 
+    ``cu_seqlens [N + 1]`` (int32 or int64, flash-linear-attention's convention ``[0, l_1, l_1 +
+    l_2, ..., T]``, strictly increasing): the row holds ``N`` packed documents and each is read as
+    if alone (stored keys, window and chunks restart at its first token), so ``B`` must be 1. The
+    documents run as one batch ``[N, max l_i]``, right-padded (``deepmemory.ops.varlen``): the
+    cost is the padding to the longest document. Not supported with ``initial_state`` or
+    ``output_final_state`` (``ValueError``): run the document whose state you need alone.
+
     Returns ``y [B, T, H, dv]`` in q's dtype and, if ``output_final_state``, a
     :class:`KernelState` (compute dtype) that continues the sequence exactly from this point,
     else None.
@@ -537,13 +546,17 @@ def kernel_memory(
             scale), ``rule`` not a :class:`KernelRule`, ``initial_state`` not a :class:`KernelState`.
         ValueError: a wrong rank or shape (``k``, ``v``, ``lr``, ``weights``, ``scale``), a
             different device, ``T = 0``, ``residual`` with ``dk != dv``, an unknown ``impl``, an
-            ``initial_state`` made with another rule or for other shapes.
+            ``initial_state`` made with another rule or for other shapes; malformed
+            ``cu_seqlens`` (not ``[0, ..., T]``, not increasing; ``TypeError`` for a non-integer
+            one), ``B != 1`` or a state asked with it.
         All messages are one line naming the argument.
     """
     if not isinstance(rule, KernelRule):
         raise TypeError(f"rule must be a KernelRule; got {type(rule).__name__}")
     check_choice("impl", impl, KERNEL_IMPLS)
     check_bool("output_final_state", output_final_state)
+    if cu_seqlens is not None and (initial_state is not None or output_final_state):
+        raise state_error("initial_state/output_final_state")
     bsz, seq, nh, dk, dv = check_sequence(q, k, v, lr)
     if not isinstance(scale, Tensor):
         raise TypeError(f"scale must be a torch.Tensor [H]; got {type(scale).__name__}")
@@ -556,6 +569,11 @@ def kernel_memory(
     if rule.residual and dk != dv:
         raise ValueError(f"a residual kernel memory needs dk == dv; got dk={dk}, dv={dv} (use residual=False)")
     weights = _check_weights(weights, rule, bsz, nh, dv, q)
+    if cu_seqlens is not None:  # each document alone, as one batch of documents
+        def run(q, k, v, lr):
+            return kernel_memory(q, k, v, lr, expand_weights(weights, q.shape[0]), scale, rule=rule, impl=impl)[0]
+
+        return by_document(cu_seqlens, run, q, k, v, lr), None
 
     cd = compute_dtype(q.dtype)
     qq, kk, vv, ll = (t.transpose(1, 2).to(cd) for t in (q, k, v, lr))
