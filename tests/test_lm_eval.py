@@ -68,6 +68,21 @@ def test_loglikelihood_equals_one_pass(lm):
         assert greedy == bool((argmax[-len(cont):] == torch.tensor(cont)).all())
 
 
+def test_batched_loglikelihood_equals_one_at_a_time(checkpoint, lm):
+    """batch_size 3: requests that fit chunk_size go in right-padded batches, the long one through
+    the cache; every result equals the one-at-a-time path's."""
+    from deepmemory.eval.lm_eval import DeepMemoryLM
+
+    batched = DeepMemoryLM(checkpoint=checkpoint, batch_size=3, chunk_size=24)
+    requests = [Request("The memory reads", " keys"), Request("The memory", " reads values and keys"),
+                Request("A", "b"), Request("Another context, longer than the chunk of the batches", "!"),
+                Request("", "empty context"), Request("Short", " one")]
+    for (total, greedy), (want, want_greedy) in zip(batched.loglikelihood(requests, disable_tqdm=True),
+                                                    lm.loglikelihood(requests, disable_tqdm=True)):
+        assert total == pytest.approx(want, rel=1e-4, abs=1e-4)
+        assert greedy == want_greedy
+
+
 def test_greedy_flag_is_true_for_the_greedy_continuation(lm):
     ids = lm.tok_encode("Recall:")
     with torch.no_grad():
@@ -107,8 +122,8 @@ def test_generate_until_is_greedy_and_stops(lm):
 def test_bad_model_args(checkpoint, tmp_path):
     from deepmemory.eval.lm_eval import DeepMemoryLM
 
-    with pytest.raises(ValueError, match="batch_size must be 1"):
-        DeepMemoryLM(checkpoint=checkpoint, batch_size=8)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        DeepMemoryLM(checkpoint=checkpoint, batch_size="auto")
     with pytest.raises(ValueError, match="chunk_size"):
         DeepMemoryLM(checkpoint=checkpoint, chunk_size=0)
     with pytest.raises(ValueError, match="is not a directory"):

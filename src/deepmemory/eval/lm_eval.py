@@ -11,12 +11,14 @@ arguments of ``lm_eval``::
 or from Python: ``import deepmemory.eval.lm_eval`` and then ``lm_eval.simple_evaluate(model="deepmemory",
 model_args="checkpoint=RUN", ...)``.
 
-The model reads every sequence left to right through its recurrent cache, unpadded, one
-sequence at a time (``batch_size`` 1): prompts of any length are read in chunks of
-``chunk_size`` tokens, so ``loglikelihood_rolling`` scores a whole document in one stream
-without windows. ``loglikelihood`` reads each distinct context once and continues a copy of its
-cache for each continuation (the answer choices of a multiple-choice question). ``generate_until``
-decodes greedily until a stop string, the end-of-document token or ``max_gen_toks``.
+The model reads every sequence left to right through its recurrent cache: prompts of any length
+are read in chunks of ``chunk_size`` tokens, so ``loglikelihood_rolling`` scores a whole document
+in one stream without windows. ``loglikelihood`` reads each distinct context once and continues a
+copy of its cache for each continuation (the answer choices of a multiple-choice question); with
+``batch_size`` above 1 the requests no longer than ``chunk_size`` tokens are scored instead in
+right-padded batches of ``batch_size``, one forward pass each (padding enters no state,
+docs/packing.md). ``generate_until`` decodes greedily until a stop string, the end-of-document
+token or ``max_gen_toks``.
 """
 
 from __future__ import annotations
@@ -54,15 +56,15 @@ class DeepMemoryLM(TemplateLM):
         device: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``; a CUDA device on a machine without
             one means the CPU, with a warning (the harness passes its ``--device``, ``cuda:0`` by
             default, on every machine; its ``hf`` model falls back the same way).
-        batch_size: 1 (the only value: sequences are read unpadded, one at a time); lm-eval
-            passes its ``--batch_size`` here.
+        batch_size: requests ``loglikelihood`` scores per forward pass (positive int; default 1,
+            one request at a time through the cache); lm-eval passes its ``--batch_size`` here.
         chunk_size: prompt tokens read per forward call (positive int; default 2048).
         max_gen_toks: the most tokens ``generate_until`` makes when a request does not say
             (positive int; default 256).
 
     Raises:
-        ValueError: (one line) an unreadable checkpoint, a ``batch_size`` other than 1, a bad
-            ``chunk_size``/``max_gen_toks``/``device``.
+        ValueError: (one line) an unreadable checkpoint, a bad ``batch_size``/``chunk_size``/
+            ``max_gen_toks``/``device``.
     """
 
     def __init__(self, checkpoint: str, device: Optional[str] = None, batch_size=1, chunk_size=2048,
@@ -70,8 +72,7 @@ class DeepMemoryLM(TemplateLM):
         super().__init__()
         from ..train.export import load_run
 
-        if str(batch_size).strip() != "1":
-            raise ValueError(f"the deepmemory model reads one unpadded sequence at a time: batch_size must be 1; got {batch_size!r}")
+        self.batch_size = _positive_int("batch_size", batch_size)
         self.chunk_size = _positive_int("chunk_size", chunk_size)
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         try:
@@ -86,7 +87,6 @@ class DeepMemoryLM(TemplateLM):
         model, tokenizer, _ = load_run(checkpoint)  # CheckpointError is a ValueError, one line
         self.model = model.to(self._device).eval()
         self.dm_tokenizer = tokenizer
-        self.batch_size = 1
 
     # ------------------------------------------------------------ tokens
     @property
@@ -141,10 +141,13 @@ class DeepMemoryLM(TemplateLM):
         from tqdm.auto import tqdm
 
         results: List[Optional[Tuple[float, bool]]] = [None] * len(requests)
-        groups: Dict[Tuple[int, ...], List[int]] = {}
-        for i, (_, context, _) in enumerate(requests):
-            groups.setdefault(tuple(context), []).append(i)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="deepmemory loglikelihood")
+        single = range(len(requests))
+        if self.batch_size > 1:
+            single = self._loglikelihood_batched(requests, results, bar)
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for i in single:
+            groups.setdefault(tuple(requests[i][1]), []).append(i)
         for context, members in groups.items():
             cache = self._new_cache()
             first = self._read(context, cache, all_logits=False)  # [1, V]: predicts the continuation's first token
@@ -164,6 +167,34 @@ class DeepMemoryLM(TemplateLM):
                 bar.update(1)
         bar.close()
         return results
+
+    @torch.no_grad()
+    def _loglikelihood_batched(self, requests, results, bar) -> List[int]:
+        """Score the requests of at most ``chunk_size`` tokens (context and continuation) in
+        right-padded batches of ``batch_size``, longest first, into ``results``; returns the
+        indices of the others, for the cache."""
+        short = [i for i, (_, ctx, cont) in enumerate(requests) if len(ctx) + len(cont) - 1 <= self.chunk_size and cont]
+        short.sort(key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
+        for start in range(0, len(short), self.batch_size):
+            members = short[start:start + self.batch_size]
+            seqs = [(list(requests[i][1]) + list(requests[i][2]))[:-1] for i in members]
+            width = max(len(q) for q in seqs)
+            ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self._device)
+            mask = torch.zeros_like(ids)
+            for row, q in enumerate(seqs):
+                ids[row, :len(q)] = torch.tensor(q, dtype=torch.long)
+                mask[row, :len(q)] = 1
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            for row, i in enumerate(members):
+                strings, context, continuation = requests[i]
+                n = len(continuation)
+                logprobs = F.log_softmax(logits[row, len(context) - 1:len(context) - 1 + n].float(), dim=-1)
+                target = torch.tensor(list(continuation), dtype=torch.long, device=logprobs.device)
+                results[i] = (float(logprobs.gather(1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all()))
+                self.cache_hook.add_partial("loglikelihood", strings, results[i])
+                bar.update(1)
+        chosen = set(short)
+        return [i for i in range(len(requests)) if i not in chosen]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
         """The log-likelihood of each whole string (``Instance.args == (string,)``), every token
