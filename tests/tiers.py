@@ -11,10 +11,11 @@ FAMILIES = ["transformer", "gated-deltanet", "titans-mac", "omeganet", "deep-tra
 REPEATS_ATLAS = ("atlas-pp", "atlas-mag", "atlas-mal")  # atlas's Muon in another memory or block
 
 
-def every_preset():
-    """Every preset; the fast loop keeps one per family, the Atlas variants are opt-in (``--runlong``),
-    the others are marked slow."""
-    return [name if name in FAMILIES else pytest.param(name, marks=pytest.mark.long if name in REPEATS_ATLAS else pytest.mark.slow)
+def every_preset(also_long=()):
+    """Every preset; the fast loop keeps one per family, the Atlas variants (and ``also_long``) are
+    opt-in (``--runlong``), the others are marked slow."""
+    opt_in = REPEATS_ATLAS + tuple(also_long)
+    return [name if name in FAMILIES else pytest.param(name, marks=pytest.mark.long if name in opt_in else pytest.mark.slow)
             for name in list_presets()]
 
 
