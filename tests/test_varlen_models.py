@@ -137,20 +137,28 @@ def test_a_padded_cache_continues_row_by_row():
 
 
 def test_documents_at_row_starts_run_in_place(monkeypatch):
-    """A document that begins at its row's first position is read where it lies; only the others
-    get rows of their own (the second block call's batch holds them alone); a batch of nothing
-    but padding gives zeros."""
+    """A document that begins at its row's first position is read where it lies and only the
+    others get rows of their own, unless one row per document costs fewer positions (the block
+    calls' batch shapes show which); a batch of nothing but padding gives zeros."""
     model = _model("gated-deltanet")
     seen = []
     block = model.model.layers[0]
     original = block.forward
     monkeypatch.setattr(block, "forward", lambda x, **k: seen.append(tuple(x.shape[:2])) or original(x, **k))
-    d = _docs(model, (6, 4, 2, 9))
-    ids = torch.stack([torch.cat([d[0], d[1]]), torch.cat([d[2], d[3][:8]])])
+    d = _docs(model, (30, 4, 28, 6))
+    ids = torch.stack([torch.cat([d[0], d[1]]), torch.cat([d[2], d[3]])])
+    pos = torch.tensor([list(range(30)) + list(range(4)), list(range(28)) + list(range(6))])
+    out = model(ids, position_ids=pos, use_cache=False).logits
+    assert seen == [(2, 34), (2, 6)]  # 2 x 34 + 2 x 6 positions, against 4 x 30
+    _close(out[1, 28:].detach(), model(d[3][None], use_cache=False).logits[0].detach())
+    _close(out[1, :28].detach(), model(d[2][None], use_cache=False).logits[0].detach())
+    seen.clear()
+    d = _docs(model, (6, 4, 2, 8))
+    ids = torch.stack([torch.cat([d[0], d[1]]), torch.cat([d[2], d[3]])])
     pos = torch.tensor([list(range(6)) + list(range(4)), list(range(2)) + list(range(8))])
     out = model(ids, position_ids=pos, use_cache=False).logits
-    assert seen == [(2, 10), (2, 8)]  # both rows in place; the two later documents, the longer 8
-    _close(out[1, 2:].detach(), model(d[3][None, :8], use_cache=False).logits[0].detach())
+    assert seen == [(4, 8)]  # one row per document: 4 x 8 positions, against 2 x 10 + 2 x 8
+    _close(out[1, 2:].detach(), model(d[3][None], use_cache=False).logits[0].detach())
     empty = model(ids, attention_mask=torch.zeros_like(ids), use_cache=False).logits
     assert empty.abs().max() == 0
 

@@ -3,17 +3,23 @@
     python -m deepmemory.bench.model --models transformer gated-deltanet titans-lmm titans-mac --size tiny
     python -m deepmemory.bench.model --decode --models titans-lmm gated-deltanet transformer \\
         --context 1024 16384 1048576
+    python -m deepmemory.bench.model --models titans-mac gated-deltanet --documents 5 --seq 512 --batch 2
 
 Training: tokens/s and peak memory of one optimizer step at ``--seq`` (each case in a fresh
-process). Decoding: the model reads ``--context`` tokens (chunked prefill, no gradients), then
-decodes ``--steps`` tokens one at a time; prints the mean per-token latency and the size of the
-recurrent state. Memory-only models keep a constant state; attention's KV cache grows with the
-context (up to ``--max-attention-context``).
+process). With ``--documents K`` each model is measured twice at the same shape: every row one
+document (no ``position_ids``), and every row ``K`` documents of uneven lengths packed with
+boundaries (``position_ids`` restarting at each, the targets that begin one at ``-100``; the
+model reads each document alone, docs/training.md "Documents and packing"). Decoding: the model
+reads ``--context`` tokens (chunked prefill, no gradients), then decodes ``--steps`` tokens one at
+a time; prints the mean per-token latency and the size of the recurrent state. Memory-only models
+keep a constant state; attention's KV cache grows with the context (up to
+``--max-attention-context``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Dict, List
 
@@ -31,15 +37,35 @@ def _train_case(c: Dict) -> Dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     ids = torch.randint(0, model.config.vocab_size, (c["batch"], c["seq"]), device=c["device"])
+    inputs = {"input_ids": ids, "labels": ids}
+    if c.get("documents"):
+        from deepmemory.data import packed_labels, packed_position_ids
+
+        starts = document_starts(c["batch"], c["seq"], c["documents"]).to(c["device"])
+        inputs = {"input_ids": ids, "labels": packed_labels(ids, starts), "position_ids": packed_position_ids(starts)}
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(**inputs).loss.backward()
         opt.step()
 
     r = measure(step, warmup=1, repeat=c["repeat"], device=c["device"])
     n_params = sum(p.numel() for p in model.parameters())
     return {"tokens_per_s": c["batch"] * c["seq"] / r["seconds"], "peak_mib": r["peak_mib"], "params": n_params}
+
+
+def document_starts(batch: int, seq: int, documents: int, seed: int = 0) -> torch.Tensor:
+    """``starts [batch, seq]`` (bool): each row cut into ``documents`` documents of uneven lengths
+    (``documents - 1`` distinct cut points drawn at random per row, ``seed`` fixed; the row's first
+    token begins the first). ``ValueError`` unless ``1 <= documents <= seq``."""
+    if not 1 <= documents <= seq:
+        raise ValueError(f"--documents must be in [1, --seq {seq}] (each document holds a token); got {documents}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.zeros(batch, seq, dtype=torch.bool)
+    starts[:, 0] = True
+    for b in range(batch):
+        starts[b, 1 + torch.randperm(seq - 1, generator=g)[:documents - 1]] = True
+    return starts
 
 
 @torch.no_grad()
@@ -85,6 +111,33 @@ def run_train(models: List[str], size: str, *, seq=1024, batch=2, threads=1, rep
     return rows
 
 
+def run_packing(models: List[str], size: str, documents: int, *, seq=1024, batch=2, threads=1, repeat=2,
+                device="cpu") -> List[Dict]:
+    """Each model's training step on ``batch x seq`` tokens twice: every row one document, and every
+    row ``documents`` documents packed with boundaries (:func:`document_starts`); prints both rows
+    and the packed one's ratios to the unpacked (tokens/s, peak memory)."""
+    starts = document_starts(batch, seq, documents)  # (checked before anything is measured)
+    lengths = ["+".join(str(int(n)) for n in torch.diff(torch.cat([r.nonzero().squeeze(1), torch.tensor([seq])])))
+               for r in starts[:4]]
+    rows = []
+    for name in models:
+        case = dict(model=name, size=size, seq=seq, batch=batch, threads=threads, repeat=repeat, device=device)
+        one = run_isolated("deepmemory.bench.model", case)
+        packed = run_isolated("deepmemory.bench.model", dict(case, documents=documents))
+        print(f"  measured {name}", flush=True)
+        rows.append({"model": name, "params": f"{one['params'] / 1e6:.2f}M", "documents/row": "1",
+                     "tokens/s": f"{one['tokens_per_s']:.0f}", "x 1 doc": "1.00", "peak MiB": f"{one['peak_mib']:.0f}",
+                     "x peak": "1.00"})
+        rows.append({"model": name, "params": f"{packed['params'] / 1e6:.2f}M", "documents/row": str(documents),
+                     "tokens/s": f"{packed['tokens_per_s']:.0f}", "x 1 doc": f"{packed['tokens_per_s'] / one['tokens_per_s']:.2f}",
+                     "peak MiB": f"{packed['peak_mib']:.0f}",
+                     "x peak": f"{packed['peak_mib'] / one['peak_mib']:.2f}" if one["peak_mib"] > 0 else "n/a"})
+    print(f"\ntraining step (forward+backward+AdamW), size {size}, B={batch} T={seq}, fp32, {threads} threads, {device}; "
+          f"packed rows: {documents} documents each by position_ids, lengths {', '.join(lengths)}{', ...' if batch > 4 else ''}")
+    print_table(rows, ["model", "params", "documents/row", "tokens/s", "x 1 doc", "peak MiB", "x peak"])
+    return rows
+
+
 def run_decode(models: List[str], size: str, contexts: List[int], *, steps=64, threads=1, device="cpu",
                prefill_chunk=4096, max_attention_context=65536, plot=None) -> List[Dict]:
     rows, series = [], {}
@@ -121,6 +174,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-attention-context", type=int, default=65536,
                     help="decoding: longest context for full attention (its cache grows with it); default 65536")
     ap.add_argument("--threads", type=int, default=1, help="intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared machine stays usable; raise it to measure multi-core scaling)")
+    ap.add_argument("--documents", type=int, default=None, metavar="K",
+                    help="training: also measure each model with every row packed with K documents of uneven lengths "
+                    "(position_ids restarting at each), against one document per row at the same shape; default off")
     ap.add_argument("--repeat", type=int, default=2, help="training: timed steps per model (the best counts), after one warm-up; default 2")
     ap.add_argument("--device", default="cpu", help="cpu or cuda; default cpu")
     ap.add_argument("--plot", metavar="PNG", default=None, help="decoding: also draw ms/token against the context into this PNG file; default: no plot")
@@ -139,7 +195,22 @@ def main(argv=None) -> None:
     bench_main(__doc__, _module_arguments, _case, lambda a: run_cli(a, a.decode), argv)
 
 
+def _usage_error(prog: str, line: str) -> None:
+    """One line on stderr and exit code 2, as a malformed option."""
+    print(f"{prog}: error: {line}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def run_cli(args, decode: bool) -> None:
+    documents = getattr(args, "documents", None)
+    if documents is not None:
+        if decode:
+            _usage_error("deepmemory bench decode", "--documents measures training steps; leave it out of decoding")
+        if documents > args.seq:
+            _usage_error("deepmemory bench model", f"--documents {documents} exceeds --seq {args.seq} (each document holds a token)")
+        run_packing(args.models or ["titans-mac", "gated-deltanet"], args.size, documents, seq=args.seq, batch=args.batch,
+                    threads=args.threads, repeat=args.repeat, device=args.device)
+        return
     if decode:
         models = args.models or ["titans-lmm", "gated-deltanet", "atlas", "transformer"]
         run_decode(models, args.size, args.context, steps=args.steps, threads=args.threads, device=args.device,

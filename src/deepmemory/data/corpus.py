@@ -35,7 +35,14 @@ VAL_MIN_RATIO, VAL_MAX_RATIO = 0.5, 2.0
 
 @dataclass
 class Corpus:
-    """Token streams ``train [N]`` and ``val [M]`` (int32) and what they were made from."""
+    """Token streams ``train [N]`` and ``val [M]`` (int32) and what they were made from.
+
+    ``train_starts`` and ``val_starts`` (int64, sorted, the first 0) are the
+    offsets in each stream where a document begins (each document's tokens are followed by the
+    tokenizer's end-of-document id, if it has one, before the next begins); ``None`` when unknown.
+    When the split had to cut the stream (:func:`build_corpus`), the validation stream begins
+    inside a document, and that piece counts as a document beginning at 0.
+    """
 
     train: Tensor
     val: Tensor
@@ -45,6 +52,8 @@ class Corpus:
     val_docs: int
     byte_entropy: float  # unigram entropy of the training bytes, bits per byte
     source: str
+    train_starts: Optional[Tensor] = None
+    val_starts: Optional[Tensor] = None
 
     def tokens_per_byte(self, split: str) -> float:
         tokens, nbytes = (self.train.numel(), self.train_bytes) if split == "train" else (self.val.numel(), self.val_bytes)
@@ -237,6 +246,13 @@ def _pieces(docs: List[Document], tokenizer: Tokenizer) -> List[Tensor]:
     return pieces
 
 
+def document_starts(lengths: Sequence[int]) -> Tensor:
+    """The offsets ``[D]`` (int64) where each of the documents of ``lengths`` (tokens, each >= 1)
+    begins in their concatenation: ``0, l_1, l_1 + l_2, ...``."""
+    sizes = torch.as_tensor(list(lengths), dtype=torch.int64)
+    return sizes.cumsum(0) - sizes
+
+
 def build_corpus(data: Optional[Sequence[str]], tokenizer: Tokenizer, val_fraction: float = 0.02) -> Corpus:
     """Load ``data`` (``None`` = the standard library; paths; or ``hf:NAME``), split, tokenize.
 
@@ -263,19 +279,26 @@ def build_corpus(data: Optional[Sequence[str]], tokenizer: Tokenizer, val_fracti
         cat = lambda ps: torch.cat(ps) if ps else torch.empty(0, dtype=torch.int32)  # noqa: E731
         train = cat([p for p, c in zip(pieces, chosen) if not c])
         val = cat([p for p, c in zip(pieces, chosen) if c])
+        train_starts = document_starts([p.numel() for p, c in zip(pieces, chosen) if not c])
+        val_starts = document_starts([p.numel() for p, c in zip(pieces, chosen) if c])
         train_bytes, val_bytes = sum(len(d) for _, d in train_docs), sum(len(d) for _, d in val_docs)
         counts = sum(torch.bincount(torch.frombuffer(bytearray(d), dtype=torch.uint8).long(), minlength=256) for _, d in train_docs)
     else:
         stream = torch.cat(pieces)
         cut = int(stream.numel() * (1 - val_fraction))
         train, val = stream[:cut], stream[cut:]
+        starts = document_starts([p.numel() for p in pieces])
+        train_starts = starts[starts < cut]
+        # the validation stream begins inside a document: that piece counts as one
+        val_starts = torch.cat([starts.new_zeros(1), starts[starts > cut] - cut])
         total = sum(len(d) for _, d in docs)
         train_bytes = round(total * cut / max(stream.numel(), 1))
         val_bytes = total - train_bytes
         counts = sum(torch.bincount(torch.frombuffer(bytearray(d), dtype=torch.uint8).long(), minlength=256) for _, d in docs)
         train_docs, val_docs = docs, []
     return Corpus(train=train, val=val, train_bytes=train_bytes, val_bytes=val_bytes,
-                  train_docs=len(train_docs), val_docs=len(val_docs), byte_entropy=byte_entropy(counts), source=source)
+                  train_docs=len(train_docs), val_docs=len(val_docs), byte_entropy=byte_entropy(counts), source=source,
+                  train_starts=train_starts, val_starts=val_starts)
 
 
 def bits_per_byte(nats_per_token: float, tokens_per_byte: float) -> float:

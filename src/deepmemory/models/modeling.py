@@ -450,11 +450,17 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
     def _documents(self, x: Tensor, docs, output_hidden_states: Optional[bool]) -> Tuple[Tensor, Optional[List[Tensor]]]:
         """A packed or padded batch without a cache: the rows whose first document begins at
         their first position run as they are (zeros written over what follows that document);
-        every other document runs in a row of its own, in one batch; the two are put together."""
+        every other document runs in a row of its own, in one batch; the two are put together.
+        Where that costs more positions than one row per document (many short documents a row),
+        every document gets a row of its own."""
         in_place = docs.in_place()
-        kept = docs.index[in_place, :1].flatten() // docs.seq  # [K] rows read as they lie
-        others = docs.subset(~in_place)
         tokens = x.shape[1]
+        others = docs.subset(~in_place)
+        if int(in_place.sum()) * tokens + others.index.numel() > docs.index.numel():
+            # short documents, several per row: one row per document costs fewer positions
+            in_place = torch.zeros_like(in_place)
+            others = docs
+        kept = docs.index[in_place, :1].flatten() // docs.seq  # [K] rows read as they lie
         parts = []
         if kept.numel():
             y, hidden = self._blocks(x[kept], None, output_hidden_states)

@@ -64,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--task-settings", nargs="+", type=task_setting, metavar="KEY=VALUE",
         help="settings of --task, e.g. num_pairs=8 vocab_size=8192 (the task's defaults otherwise)")
     add("--tokenizer", help="'bytes' (default) or a Hugging Face tokenizer.json")
+    add("--packing", action=argparse.BooleanOptionalAction,
+        help="read each document of a training row as if alone (the memory, convolutions, attention and positions "
+        "restart where a document begins; the target that begins a document is not scored); on by default for a "
+        "corpus. --no-packing: one continuous stream, the memory running across documents (a --task is never packed)")
     add("--val-fraction", type=float, help="share of documents held out for validation; default 0.02")
     add("--seq-len", type=int, help=f"tokens per training sequence; default {D.seq_len}")
     add("--batch-size", type=int, help=f"global batch: sequences per optimizer step, over all processes; default {D.batch_size}")

@@ -33,6 +33,9 @@ class TrainConfig:
     task: Optional[str] = None  # a task of deepmemory.data.tasks.TASKS instead of a corpus (deepmemory.train.task_data)
     task_settings: Dict[str, Any] = field(default_factory=dict)  # keywords of get_task(task, ...)
     tokenizer: str = "bytes"
+    # documents packed with boundaries (position_ids restart at each, the target that begins one
+    # unscored); False: one continuous stream. None: True for a corpus, False for a task (resolved)
+    packing: Optional[bool] = None
     val_fraction: float = 0.02
     seq_len: int = 128
     batch_size: int = 16
@@ -68,6 +71,8 @@ class TrainConfig:
             cfg.lr_decay_steps = cfg.steps
         if cfg.warmup_steps is None:
             cfg.warmup_steps = min(100, cfg.lr_decay_steps // 10)
+        if cfg.packing is None:  # a task's rows hold one sample each already
+            cfg.packing = cfg.task is None
         return cfg
 
     def validate(self) -> "TrainConfig":
@@ -111,6 +116,8 @@ class TrainConfig:
         for name in ("compile", "grad_checkpointing", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false; got {getattr(self, name)!r}")
+        if self.packing is not None and not isinstance(self.packing, bool):
+            raise ConfigError(f"packing must be true or false; got {self.packing!r}")
         for name in ("model", "size", "tokenizer"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"{_flag(name)} must be a non-empty string; got {getattr(self, name)!r}")
@@ -127,6 +134,9 @@ class TrainConfig:
                 raise ConfigError(f"--task must be a task name; got {self.task!r}")
             if self.data is not None:
                 raise ConfigError("--task trains on generated samples; it excludes --data")
+            if self.packing:
+                raise ConfigError("--packing packs the documents of a corpus; a --task has one sample per row already "
+                                  "(leave --packing out)")
         if not isinstance(self.task_settings, dict) or not all(isinstance(k, str) for k in self.task_settings):
             raise ConfigError(f"--task-settings must be a mapping of setting names; got {self.task_settings!r}")
         if self.task_settings and self.task is None:
@@ -251,12 +261,20 @@ def new_config(settings: Dict[str, Any]) -> TrainConfig:
 
 
 def resume_config(stored: Dict[str, Any], settings: Dict[str, Any], run_dir: str) -> TrainConfig:
-    """The stored settings of ``run_dir`` with the given ones applied; only ``RESUMABLE`` may differ."""
+    """The stored settings of ``run_dir`` with the given ones applied; only ``RESUMABLE`` may differ.
+    A run recorded before ``packing`` existed read one continuous stream: it resumes with
+    ``packing`` False."""
     unknown = sorted(set(stored) - FIELDS)
     if unknown:
         raise CheckpointError(f"{run_dir}: unknown settings {', '.join(unknown)} in its config.json")
-    settings = _absolute(settings)
+    stored = dict(stored)
+    if stored.get("packing") is None:
+        stored["packing"] = False
+    settings = {k: v for k, v in _absolute(settings).items() if not (k == "packing" and v is None)}  # (None: the run's)
     for name, value in settings.items():
+        if name == "packing" and isinstance(value, bool) and stored["packing"] != value:
+            raise ConfigError(f"--resume {run_dir}: {'--packing' if value else '--no-packing'} differs from the run's "
+                              f"{'--packing' if stored['packing'] else '--no-packing'}; a run keeps how its documents are packed")
         if name not in RESUMABLE and stored.get(name) != value:
             raise ConfigError(f"--resume {run_dir}: {_flag(name)} {value!r} differs from the run's {stored.get(name)!r}; "
                               "only " + ", ".join(sorted(_flag(n) for n in RESUMABLE - {'out'})) + " may change")

@@ -6,7 +6,10 @@ drives ``train_step()``, ``evaluate()`` and ``save()`` up to the last step.
 
 One optimizer step consumes a global batch of ``batch_size`` windows of ``seq_len + 1`` tokens:
 ``grad_accum`` micro-steps, each split evenly over the ranks. The loss is the mean next-token
-cross entropy, so the step is the same computation for any (ranks, grad_accum) split.
+cross entropy over the scored targets of the global batch, so the step is the same computation for
+any (ranks, grad_accum) split. With ``packing`` (the default for a corpus) each window comes with
+where its documents begin: the model gets ``position_ids`` that restart at 0 there, and a target
+that begins a document is not scored (docs/training.md, "Documents and packing").
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import DataError, WindowSampler, bits_per_byte, build_corpus, eval_windows, load_tokenizer, tokenizer_from_info
+from ..data import (DataError, WindowSampler, bits_per_byte, build_corpus, eval_window_starts, eval_windows, load_tokenizer,
+                    packed_labels, packed_position_ids, tokenizer_from_info)
+from ..data.loader import IGNORE_INDEX
 from . import checkpoint as ck
 from . import task_data
 from ..checks import os_error_line
@@ -153,10 +158,33 @@ def grad_sync(model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def next_token_loss(model: nn.Module, rows: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross entropy of ``rows[:, 1:]`` given ``rows[:, :-1]``; ``rows [B, L + 1]``."""
-    logits = model(input_ids=rows[:, :-1], use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction=reduction)
+def next_token_loss(model: nn.Module, rows: torch.Tensor, reduction: str = "mean",
+                    starts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross entropy of ``rows[:, 1:]`` given ``rows[:, :-1]``; ``rows [B, L + 1]``.
+
+    ``starts [B, L + 1]`` (bool, True where a document begins; the loader's ``next_packed``): the
+    documents are read as if alone, the model given ``position_ids`` (:func:`packed_position_ids`
+    of the inputs, Hugging Face's packing convention), and a target that begins a document is not
+    scored (``-100``, :func:`packed_labels`): ``reduction="mean"`` is then over the scored targets
+    (NaN when none is), ``"sum"`` their sum."""
+    if starts is None:
+        logits = model(input_ids=rows[:, :-1], use_cache=False).logits
+        return F.cross_entropy(_upcast(logits).flatten(0, 1), rows[:, 1:].flatten(), reduction=reduction)
+    logits = model(input_ids=rows[:, :-1], position_ids=packed_position_ids(starts[:, :-1]), use_cache=False).logits
+    targets = packed_labels(rows, starts)[:, 1:]
+    return F.cross_entropy(_upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits as float32 for the softmax; float32 and float64 as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def scored_targets(rows: torch.Tensor, starts: Optional[torch.Tensor]) -> int:
+    """The targets :func:`next_token_loss` scores in ``rows [B, L + 1]``: ``B * L``, less those that
+    begin a document when ``starts`` is given."""
+    total = rows[:, 1:].numel()
+    return total if starts is None else total - int(starts[:, 1:].sum())
 
 
 def enable_grad_checkpointing(model: nn.Module) -> None:
@@ -172,19 +200,24 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, windows: torch.Tensor, micro: int, env: Env, precision: str) -> float:
-    """Mean next-token loss (nats) over ``windows``, split over ranks, each rank taking the same
-    number of forward calls (FSDP needs them in step)."""
+def validation_loss(model: nn.Module, windows: torch.Tensor, micro: int, env: Env, precision: str,
+                    starts: Optional[torch.Tensor] = None) -> float:
+    """Mean next-token loss (nats) over the scored targets of ``windows [n, L + 1]``, split over
+    ranks, each rank taking the same number of forward calls (FSDP needs them in step). With
+    ``starts [n, L + 1]`` the documents are packed with boundaries, as in training
+    (:func:`next_token_loss`)."""
     was_training = model.training
     model.eval()
     total = 0.0
     mine = windows[env.rank::env.world]
+    mine_starts = None if starts is None else starts[env.rank::env.world]
     for i in range(0, mine.shape[0], micro):
+        part = None if mine_starts is None else mine_starts[i:i + micro].to(env.device)
         with autocast(env, precision):
-            total += float(next_token_loss(model, mine[i:i + micro].to(env.device), reduction="sum"))
+            total += float(next_token_loss(model, mine[i:i + micro].to(env.device), reduction="sum", starts=part))
     model.train(was_training)
-    total, count = all_sum(env, [total, float(mine[:, 1:].numel())])
-    return total / count
+    total, count = all_sum(env, [total, float(scored_targets(mine, mine_starts))])
+    return total / max(count, 1.0)
 
 
 def _default_out(cfg: TrainConfig) -> str:
@@ -385,13 +418,19 @@ class Trainer:
                    env.device, cfg.batch_size, cfg.seq_len, self.n_params, self.micro)
         if env.is_main:
             check_reporters(cfg.report_to)  # a missing tensorboard/wandb fails before anything is written
+        self.val_starts: Optional[torch.Tensor] = None  # where documents begin in the validation windows (packing)
         if self.task is None:
             self.corpus = build_corpus(cfg.data, self.tokenizer, cfg.val_fraction)
-            self.sampler = WindowSampler(self.corpus.train, cfg.seq_len, cfg.seed)
-            val = eval_windows(self.corpus.val, cfg.seq_len, max(1, cfg.eval_tokens // cfg.seq_len))
+            self.sampler = WindowSampler(self.corpus.train, cfg.seq_len, cfg.seed,
+                                         doc_starts=self.corpus.train_starts if cfg.packing else None)
+            max_windows = max(1, cfg.eval_tokens // cfg.seq_len)
+            val = eval_windows(self.corpus.val, cfg.seq_len, max_windows)
             if val.shape[0] < env.world:
                 raise DataError(f"the validation data holds {val.shape[0]} windows of --seq-len {cfg.seq_len}, fewer than {env.world} processes")
-            self.val_windows = val[: val.shape[0] // env.world * env.world]  # every rank evaluates as many windows
+            keep = val.shape[0] // env.world * env.world  # every rank evaluates as many windows
+            self.val_windows = val[:keep]
+            if cfg.packing:
+                self.val_starts = eval_window_starts(self.corpus.val_starts, self.corpus.val.numel(), cfg.seq_len, max_windows)[:keep]
             self.tpb_val, self.tpb_train = self.corpus.tokens_per_byte("val"), self.corpus.tokens_per_byte("train")
         else:  # (input_ids, labels) rows: fresh ones every step, a fixed validation set
             self.corpus, self.tpb_val, self.tpb_train = None, None, None
@@ -570,9 +609,13 @@ class Trainer:
 
         Args:
             batch: the global batch ``[batch_size, seq_len + 1]`` of token ids, the same on every
-                rank; default the sampler's next one (what makes a resumed run exact). With a
-                task, ``(input_ids, labels)``, both ``[batch_size, seq_len]``, and the loss is the
-                mean over the scored (answer) positions of the whole global batch.
+                rank; default the sampler's next one (what makes a resumed run exact). With
+                ``packing``, ``(rows, starts)``, both ``[batch_size, seq_len + 1]``, ``starts``
+                bool, True where a document begins (a bare ``rows`` tensor: each row one
+                document); the loss is the mean over the targets that do not begin a document, in
+                the whole global batch. With a task, ``(input_ids, labels)``, both
+                ``[batch_size, seq_len]``, and the loss is the mean over the scored (answer)
+                positions of the whole global batch.
 
         Returns:
             ``{"step", "loss", "lr", "grad_norm"}``: the step just done, its mean next-token loss over
@@ -583,20 +626,36 @@ class Trainer:
             DivergenceError: the loss or the gradient norm is not finite; decided on values reduced
                 over the ranks, so every rank raises. The optimizer has not stepped, the gradients
                 are cleared and ``step`` is unchanged.
-            ValueError: ``batch`` is not ``[batch_size, seq_len + 1]`` (with a task: not two
-                ``[batch_size, seq_len]`` tensors).
+            ValueError: ``batch`` is not ``[batch_size, seq_len + 1]`` (with packing: nor a pair
+                of such tensors, the second bool; with a task: not two ``[batch_size, seq_len]``
+                tensors).
             RuntimeError: :meth:`restore` has not run.
         """
         self._require_restored("train_step")
         cfg, env = self.cfg, self.env
+        packed = self.task is None and cfg.packing
+        starts = None
         if batch is None:
-            batch = self.sampler.next_batch(cfg.batch_size)
+            batch = self.sampler.next_packed(cfg.batch_size) if packed else self.sampler.next_batch(cfg.batch_size)
         elif self.task is not None:
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2
                     and all(tuple(t.shape) == (cfg.batch_size, cfg.seq_len) for t in batch)):
                 raise ValueError(f"a task batch must be (input_ids, labels), both [batch_size, seq_len] = [{cfg.batch_size}, {cfg.seq_len}]")
-        elif tuple(batch.shape) != (cfg.batch_size, cfg.seq_len + 1):
-            raise ValueError(f"the batch must be [batch_size, seq_len + 1] = [{cfg.batch_size}, {cfg.seq_len + 1}]; got {list(batch.shape)}")
+        else:
+            shape = (cfg.batch_size, cfg.seq_len + 1)
+            if packed and isinstance(batch, (tuple, list)):
+                if not (len(batch) == 2 and all(isinstance(t, torch.Tensor) and tuple(t.shape) == shape for t in batch)
+                        and batch[1].dtype == torch.bool):
+                    raise ValueError(f"a packed batch must be (rows, starts), both [batch_size, seq_len + 1] = {list(shape)}, "
+                                     "starts bool")
+            elif not isinstance(batch, torch.Tensor) or tuple(batch.shape) != shape:
+                raise ValueError(f"the batch must be [batch_size, seq_len + 1] = {list(shape)}; got "
+                                 f"{list(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__}")
+        if packed:
+            batch, starts = batch if isinstance(batch, (tuple, list)) else (batch, torch.zeros(batch.shape, dtype=torch.bool))
+            # each micro-step's summed loss, scaled so that the ranks' mean over grad_accum
+            # micro-steps is the mean over the scored targets of the whole global batch
+            scale = env.world * cfg.grad_accum / max(1, scored_targets(batch, starts))
         if self.task is not None:
             # each micro-step's summed answer loss, scaled so that the ranks' mean over grad_accum
             # micro-steps is the mean over the answer tokens of the whole global batch
@@ -613,7 +672,10 @@ class Trainer:
             start = m * self.micro_global + env.rank * self.micro
             with grad_sync(self.wrapped, m == cfg.grad_accum - 1):
                 with autocast(env, cfg.precision):
-                    if self.task is None:
+                    if packed:
+                        loss = next_token_loss(self._step_model, batch[start:start + self.micro].to(env.device), reduction="sum",
+                                               starts=starts[start:start + self.micro].to(env.device)) * scale
+                    elif self.task is None:
                         loss = next_token_loss(self._step_model, batch[start:start + self.micro].to(env.device))
                     else:
                         ids, labels = (t[start:start + self.micro].to(env.device) for t in batch)
@@ -639,6 +701,8 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         """The mean next-token loss over the validation windows (split over the ranks; a collective:
         every rank calls it), in eval mode and without gradients; the train/eval mode is restored.
+        With ``packing`` the windows are read as in training: documents apart, and the targets
+        that begin a document left out of the mean (and so of the bits per byte).
 
         Returns:
             ``{"step", "val_loss", "val_bpb"}``: the current step, the loss in nats (also in
@@ -656,7 +720,7 @@ class Trainer:
             row = {"step": self.step, "val_loss": loss, "val_accuracy": accuracy}
             self.val_accuracy = accuracy
         else:
-            loss = validation_loss(self._eval_model, self.val_windows, self.micro, self.env, self.cfg.precision)
+            loss = validation_loss(self._eval_model, self.val_windows, self.micro, self.env, self.cfg.precision, self.val_starts)
             row = {"step": self.step, "val_loss": loss, "val_bpb": bits_per_byte(loss, self.tpb_val)}
         if not math.isfinite(loss):
             raise self._diverged(self.step, f"the validation loss is {loss}", row)
@@ -730,7 +794,9 @@ class Trainer:
                 say("data: " + task_data.describe(self.task, cfg.task_settings, cfg.seq_len, self.val_windows[0].shape[0]))
             else:
                 say(f"data: {corpus.source}: {corpus.train_docs} train / {corpus.val_docs} validation documents, "
-                    f"{corpus.train.numel():,} / {corpus.val.numel():,} tokens; unigram byte entropy {corpus.byte_entropy:.3f} bits/byte")
+                    f"{corpus.train.numel():,} / {corpus.val.numel():,} tokens, "
+                    + ("packed with boundaries" if cfg.packing else "one continuous stream (--no-packing)")
+                    + f"; unigram byte entropy {corpus.byte_entropy:.3f} bits/byte")
             say(f"model: {cfg.model} ({cfg.size}), {self.n_params:,} parameters; {env.world} process(es) on {env.device.type}"
                 + (", FSDP" if self.use_fsdp else ", DDP" if env.distributed else ""))
             say(f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g}, "
