@@ -123,7 +123,8 @@ def test_bad_model_args(checkpoint, tmp_path):
     from deepmemory.eval.lm_eval import DeepMemoryLM
 
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        DeepMemoryLM(checkpoint=checkpoint, batch_size="auto")
+        DeepMemoryLM(checkpoint=checkpoint, batch_size="0")
+    assert DeepMemoryLM(checkpoint=checkpoint, batch_size="auto").batch_size == 32
     with pytest.raises(ValueError, match="chunk_size"):
         DeepMemoryLM(checkpoint=checkpoint, chunk_size=0)
     with pytest.raises(ValueError, match="is not a directory"):

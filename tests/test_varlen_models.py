@@ -136,31 +136,90 @@ def test_a_padded_cache_continues_row_by_row():
     assert second[1, 3].abs().max() == 0
 
 
-def test_documents_at_row_starts_run_in_place(monkeypatch):
-    """A document that begins at its row's first position is read where it lies and only the
-    others get rows of their own, unless one row per document costs fewer positions (the block
-    calls' batch shapes show which); a batch of nothing but padding gives zeros."""
+def test_layout_rows_in_place_and_length_groups(monkeypatch):
+    """A row whose first document begins at its start and fills more than half of it is read where
+    it lies; every other document gets a row of its own, grouped by length in powers of two (the
+    block calls' batch shapes show it); a batch of nothing but padding gives zeros."""
     model = _model("gated-deltanet")
     seen = []
     block = model.model.layers[0]
     original = block.forward
     monkeypatch.setattr(block, "forward", lambda x, **k: seen.append(tuple(x.shape[:2])) or original(x, **k))
-    d = _docs(model, (30, 4, 28, 6))
-    ids = torch.stack([torch.cat([d[0], d[1]]), torch.cat([d[2], d[3]])])
-    pos = torch.tensor([list(range(30)) + list(range(4)), list(range(28)) + list(range(6))])
+    d = _docs(model, (30, 4, 2, 8, 3, 21))
+    ids = torch.stack([torch.cat([d[0], d[1]]), torch.cat(d[2:])])
+    pos = torch.tensor([list(range(30)) + list(range(4)), list(range(2)) + list(range(8)) + list(range(3)) + list(range(21))])
     out = model(ids, position_ids=pos, use_cache=False).logits
-    assert seen == [(2, 34), (2, 6)]  # 2 x 34 + 2 x 6 positions, against 4 x 30
-    _close(out[1, 28:].detach(), model(d[3][None], use_cache=False).logits[0].detach())
-    _close(out[1, :28].detach(), model(d[2][None], use_cache=False).logits[0].detach())
-    seen.clear()
-    d = _docs(model, (6, 4, 2, 8))
-    ids = torch.stack([torch.cat([d[0], d[1]]), torch.cat([d[2], d[3]])])
-    pos = torch.tensor([list(range(6)) + list(range(4)), list(range(2)) + list(range(8))])
-    out = model(ids, position_ids=pos, use_cache=False).logits
-    assert seen == [(4, 8)]  # one row per document: 4 x 8 positions, against 2 x 10 + 2 x 8
-    _close(out[1, 2:].detach(), model(d[3][None], use_cache=False).logits[0].detach())
+    # row 0 in place; then the groups (1, 2] = {2}, (2, 4] = {4, 3}, (4, 8] = {8}, (16, 32] = {21}
+    assert seen == [(1, 34), (1, 2), (2, 4), (1, 8), (1, 21)]
+    for r, start, doc in ((0, 0, d[0]), (0, 30, d[1]), (1, 0, d[2]), (1, 2, d[3]), (1, 10, d[4]), (1, 13, d[5])):
+        _close(out[r, start:start + len(doc)].detach(), model(doc[None], use_cache=False).logits[0].detach())
     empty = model(ids, attention_mask=torch.zeros_like(ids), use_cache=False).logits
     assert empty.abs().max() == 0
+
+
+@pytest.mark.parametrize("where", ["left", "middle", "right"])
+def test_loss_with_padding_equals_the_unpadded_loss(where):
+    """Padding is skipped: after padding the next token is predicted from the last token before it."""
+    model = _model("titans-lmm")
+    [doc] = _docs(model, (10,))
+    pad = torch.zeros(3, dtype=torch.long)
+    cut = {"left": 0, "middle": 4, "right": 10}[where]
+    ids = torch.cat([doc[:cut], pad, doc[cut:]])[None]
+    mask = torch.ones_like(ids)
+    mask[0, cut:cut + 3] = 0
+    want = model(doc[None], labels=doc[None], use_cache=False).loss
+    got = model(ids, attention_mask=mask.float() if where == "middle" else mask, labels=ids, use_cache=False).loss
+    _close(got.detach(), want.detach(), 1e-12)
+
+
+def test_eval_mode_reads_packed_and_padded_batches_without_a_cache():
+    model = _model("titans-lmm")
+    ids = torch.randint(0, 50, (2, 6))
+    out = model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))  # [1, T] position ids are shared by the rows
+    assert getattr(out, "cache", None) is None and getattr(out, "past_key_values", None) is None
+    _close(out.logits[1, 3:].detach(), model(ids[1:, 3:], use_cache=False).logits[0].detach())
+    out = model(ids, attention_mask=torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]))
+    _close(out.logits[1, 2:].detach(), model(ids[1:, 2:], use_cache=False).logits[0].detach())
+    with pytest.raises(ValueError, match="read packed documents with use_cache=False"):
+        model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=True)
+
+
+@pytest.mark.parametrize("name", ["transformer", "titans-lmm", "gated-deltanet"])
+def test_non_finite_padding_reaches_no_gradient(name):
+    model = _model(name)
+    embeds = torch.randn(2, 40, model.config.hidden_size, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 30:] = 0
+    with torch.no_grad():
+        embeds[1, 30:] = float("nan")
+    model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits.mul(mask[..., None]).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isfinite(embeds.grad[mask.bool()]).all()
+
+
+def test_one_label_with_a_cache():
+    model = _model("titans-lmm")
+    ids = torch.randint(0, 50, (2, 6))
+    cache = DeepMemoryCache(model.config)
+    model(ids[:, :5], cache=cache)
+    out = model(ids[:, 5:], labels=ids[:, 5:], attention_mask=torch.ones(2, 6), cache=cache)
+    assert torch.isnan(out.loss)  # no target inside the call: the mean of nothing, as without a mask
+    assert torch.isnan(model(ids[:, :1], labels=ids[:, :1], use_cache=False).loss)
+
+
+def test_packing_arguments_of_the_collator():
+    """DataCollatorWithFlattening's other outputs (flash-attention's cu_seq_lens, seq_idx) without
+    position_ids give the same documents."""
+    from transformers import DataCollatorWithFlattening
+
+    model = _model("titans-mac")
+    docs = [{"input_ids": x.tolist()} for x in _docs(model, (17, 1, 40))]
+    want = model(**DataCollatorWithFlattening(return_tensors="pt")(docs), use_cache=False).loss
+    for settings in (dict(return_flash_attn_kwargs=True, return_position_ids=False),
+                     dict(return_seq_idx=True, return_position_ids=False)):
+        batch = DataCollatorWithFlattening(return_tensors="pt", **settings)(docs)
+        assert "position_ids" not in batch
+        _close(model(**batch, use_cache=False).loss.detach(), want.detach(), 1e-12)
 
 
 def test_hugging_face_packing_collator():

@@ -34,6 +34,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 DEFAULT_MAX_GEN_TOKS = 256
+AUTO_BATCH_SIZE = 32  # what batch_size="auto" means
 
 
 def _positive_int(name: str, value) -> int:
@@ -57,7 +58,8 @@ class DeepMemoryLM(TemplateLM):
             one means the CPU, with a warning (the harness passes its ``--device``, ``cuda:0`` by
             default, on every machine; its ``hf`` model falls back the same way).
         batch_size: requests ``loglikelihood`` scores per forward pass (positive int; default 1,
-            one request at a time through the cache); lm-eval passes its ``--batch_size`` here.
+            one request at a time through the cache; ``"auto"`` means 32); lm-eval passes its
+            ``--batch_size`` here.
         chunk_size: prompt tokens read per forward call (positive int; default 2048).
         max_gen_toks: the most tokens ``generate_until`` makes when a request does not say
             (positive int; default 256).
@@ -72,7 +74,9 @@ class DeepMemoryLM(TemplateLM):
         super().__init__()
         from ..train.export import load_run
 
-        self.batch_size = _positive_int("batch_size", batch_size)
+        # lm-eval's "auto" (and "auto:N") searches the largest batch that fits; here it is a fixed one
+        auto = str(batch_size).strip().startswith("auto")
+        self.batch_size = AUTO_BATCH_SIZE if auto else _positive_int("batch_size", batch_size)
         self.chunk_size = _positive_int("chunk_size", chunk_size)
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         try:

@@ -229,7 +229,8 @@ class DeepMemoryCache(Cache):
 
 def _check_attention_mask(mask, batch: int, tokens: int, seen: int) -> None:
     """``attention_mask`` may be None or a ``[batch, tokens]`` tensor (``[batch, seen + tokens]``
-    when a cache has read ``seen`` tokens, as ``generate`` passes it) of zeros (padding) and ones.
+    when a cache has read ``seen`` tokens, as ``generate`` passes it) of zeros (padding) and ones
+    (integers, booleans or floats).
     A one-line ``TypeError``/``ValueError`` otherwise."""
     if mask is None:
         return
@@ -240,20 +241,22 @@ def _check_attention_mask(mask, batch: int, tokens: int, seen: int) -> None:
         expected = " or ".join(f"[{batch}, {n}]" for n in lengths)
         raise ValueError(f"attention_mask must be {expected} (batch, tokens{' with the cache' if seen else ''}); "
                          f"got shape {list(mask.shape)}")
-    if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("attention_mask must hold 0 (padding) and 1 (a token), as integers or booleans")
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (a token)")
 
 
-def _check_position_ids(position_ids, batch: int, tokens: int) -> None:
-    """``position_ids`` may be None or an integer ``[batch, tokens]`` tensor (one line otherwise)."""
+def _check_position_ids(position_ids, batch: int, tokens: int) -> Optional[Tensor]:
+    """``position_ids`` None or an integer ``[batch, tokens]`` tensor (``[1, tokens]`` is shared by
+    the rows), returned as ``[batch, tokens]``; one line otherwise."""
     if position_ids is None:
-        return
+        return None
     if not isinstance(position_ids, Tensor):
         raise TypeError(f"position_ids must be a torch.Tensor; got {type(position_ids).__name__}")
     if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
         raise TypeError(f"position_ids must hold integers; got dtype {position_ids.dtype}")
-    if position_ids.shape != (batch, tokens):
-        raise ValueError(f"position_ids must be [{batch}, {tokens}] (batch, tokens); got shape {list(position_ids.shape)}")
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != tokens:
+        raise ValueError(f"position_ids must be [{batch}, {tokens}] (batch, tokens) or [1, {tokens}]; got shape {list(position_ids.shape)}")
+    return position_ids.expand(batch, tokens)
 
 
 def _one_cache(cache, past_key_values) -> Optional[DeepMemoryCache]:
@@ -264,6 +267,63 @@ def _one_cache(cache, past_key_values) -> Optional[DeepMemoryCache]:
     if cache is not None and not isinstance(cache, DeepMemoryCache):
         raise TypeError(f"the cache must be a DeepMemoryCache (DeepMemoryCache(model.config), or one from a previous output); got {type(cache).__name__}")
     return cache
+
+
+# what transformers' DataCollatorWithFlattening adds besides position_ids (return_flash_attn_kwargs,
+# return_seq_idx); the documents are read from position_ids, or else from these
+_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def _starts_from_packing_kwargs(kwargs: dict, inputs: Optional[Tensor]) -> Optional[Tensor]:
+    """Position ids that are 0 where a document begins (``seq_idx [B, T]`` changes, or a
+    ``cu_seq_lens_q`` offset of the one packed row), 1 elsewhere; None without either."""
+    if inputs is None or not isinstance(inputs, Tensor) or inputs.dim() < 2:
+        return None
+    bsz, tokens = inputs.shape[:2]
+    seq_idx, cu = kwargs.get("seq_idx"), kwargs.get("cu_seq_lens_q")
+    if isinstance(seq_idx, Tensor):
+        if seq_idx.shape != (bsz, tokens):
+            raise ValueError(f"seq_idx must be [{bsz}, {tokens}] (batch, tokens); got shape {list(seq_idx.shape)}")
+        starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True)
+        return (~starts).long()
+    if isinstance(cu, Tensor):
+        from ..ops.varlen import check_cu_seqlens
+
+        if bsz != 1:
+            raise ValueError(f"cu_seq_lens_q describes one packed row: the batch must be 1; got {bsz}")
+        cu = check_cu_seqlens(cu, tokens, inputs.device)
+        out = torch.ones(1, tokens, dtype=torch.long, device=inputs.device)
+        out[0, cu[:-1]] = 0
+        return out
+    return None
+
+
+def _next_token_loss(logits: Tensor, labels: Tensor, attention_mask: Optional[Tensor], position_ids: Optional[Tensor]) -> Tensor:
+    """Mean cross entropy of each scored label given the logits of the token before it.
+
+    ``logits [B, T, V]``, ``labels [B, T]`` (-100: not scored). "Before" is the previous valid
+    token of the row (``attention_mask``'s last ``T`` columns; padding is skipped, so after
+    padding in the middle of a row the prediction comes from the last token before it); a label
+    at padding, at a row's first valid token, or where a document begins (``position_ids == 0``)
+    is not scored. Half-precision logits are upcast for the softmax; float64 stays float64."""
+    bsz, tokens = labels.shape
+    valid = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - tokens:].bool().to(labels.device)
+    if valid is None or bool(valid.all()):
+        pred, targets = logits[:, :-1], labels[:, 1:]
+        if position_ids is not None:
+            targets = targets.masked_fill(position_ids[:, 1:].to(labels.device) == 0, -100)
+    else:
+        pos = torch.arange(tokens, device=labels.device).expand(bsz, tokens)
+        latest = torch.where(valid, pos, -1).cummax(1).values  # the last valid position at or before t
+        before = F.pad(latest[:, :-1], (1, 0), value=-1)  # ... strictly before t
+        scored = valid & (before >= 0)
+        if position_ids is not None:
+            scored = scored & (position_ids.to(labels.device) != 0)
+        targets = labels.masked_fill(~scored, -100)
+        pred = logits.gather(1, before.clamp(min=0).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    pred = pred.flatten(0, 1)
+    pred = pred if pred.dtype in (torch.float32, torch.float64) else pred.float()
+    return F.cross_entropy(pred, targets.flatten(), ignore_index=-100)
 
 
 class DeepMemoryPreTrainedModel(PreTrainedModel):
@@ -376,10 +436,12 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
           attention and RoPE positions restart. Other values are not used (positions are counted
           per document). A row's first token always begins a document.
 
-        Without a cache a padded or packed batch runs once, laid out as a batch of documents
-        (:mod:`deepmemory.ops.varlen`). With a cache, each row of a padded batch continues its own
-        cache from then on (rows hold different numbers of tokens), one row after another; a
-        document cannot begin after a row's first token there.
+        Without a cache a padded or packed batch runs as batches of documents, each in a row of
+        its own (:mod:`deepmemory.ops.varlen`; a row whose first document fills most of it as it
+        lies), at most about twice its tokens; such a call makes no cache unless ``use_cache=True``.
+        With a cache, each row of a padded batch continues its own cache from then on (rows hold
+        different numbers of tokens), one row after another; a document cannot begin after a
+        row's first token there.
 
         Raises ``TypeError``/``ValueError`` (one line) for malformed inputs, a foreign cache, or a
         document starting inside a cached stream.
@@ -388,24 +450,26 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
         cache = _one_cache(cache, past_key_values)
         if use_cache is False:  # a cache is neither read nor written: the call stands alone
             cache = None
+        inputs = input_ids if inputs_embeds is None else inputs_embeds
+        batch, tokens = inputs.shape[:2]
+        _check_attention_mask(attention_mask, batch, tokens, cache.seen if cache is not None else 0)
+        position_ids = _check_position_ids(position_ids, batch, tokens)
+        valid = None if attention_mask is None else attention_mask[:, -tokens:].bool()
+        starts = None if position_ids is None else position_ids == 0
         if use_cache is None:
-            # a state costs memory; training steps that do not continue a sequence skip it
-            use_cache = cache is not None or (self.config.use_cache and not self.training)
+            # a state costs memory; training steps that do not continue a sequence skip it, and so
+            # does a packed or padded batch given no cache (it reads faster without one)
+            varlen = (valid is not None and not bool(valid.all())) or (starts is not None and bool(starts[:, 1:].any()))
+            use_cache = cache is not None or (self.config.use_cache and not self.training and not varlen)
         if use_cache and cache is None:
             cache = DeepMemoryCache(len(self.layers))
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"the cache holds {len(cache)} layer states; this model has {len(self.layers)} layers")
-        inputs = input_ids if inputs_embeds is None else inputs_embeds
-        batch, tokens = inputs.shape[:2]
         if cache is not None and cache.batch_size not in (-1, batch):
             raise ValueError(f"the cache holds {cache.batch_size} sequence(s) but the input has a batch of {batch}; "
                              "continue a cache with the batch it was made with")
         if cache is not None and cache.rows is None:
             check_state_fits(cache.states, inputs, "cache")
-        _check_attention_mask(attention_mask, batch, tokens, cache.seen if cache is not None else 0)
-        _check_position_ids(position_ids, batch, tokens)
-        valid = None if attention_mask is None else attention_mask[:, -tokens:].bool()
-        starts = None if position_ids is None else position_ids == 0
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if cache is not None and (cache.rows is not None or (valid is not None and not bool(valid.all()))):
@@ -428,7 +492,7 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
         return out if _return_dict(return_dict, self.config) else out.to_tuple()
 
     _no_new_document = ("a document cannot begin inside a cached stream (position_ids is 0 after a row's first token); "
-                        "start a new cache for a new document, or pack documents in a call without a cache")
+                        "read packed documents with use_cache=False, or start a new cache for a new document")
 
     def _blocks(self, x: Tensor, cache: Optional[DeepMemoryCache], output_hidden_states: Optional[bool]) -> Tuple[Tensor, Optional[List[Tensor]]]:
         """Blocks and final norm over ``x [B, T, hidden]``, continuing ``cache`` (its ``seen`` is
@@ -448,35 +512,35 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
         return x, hidden
 
     def _documents(self, x: Tensor, docs, output_hidden_states: Optional[bool]) -> Tuple[Tensor, Optional[List[Tensor]]]:
-        """A packed or padded batch without a cache: the rows whose first document begins at
-        their first position run as they are (zeros written over what follows that document);
-        every other document runs in a row of its own, in one batch; the two are put together.
-        Where that costs more positions than one row per document (many short documents a row),
-        every document gets a row of its own."""
-        in_place = docs.in_place()
+        """A packed or padded batch without a cache, as batches of documents (docs/packing.md).
+
+        A row whose first document begins at its first position and fills more than half of it
+        runs as it lies (what follows that document is replaced by zeros before, by selection,
+        and its outputs after). Every other document runs in a row of its own, grouped by length
+        into powers of two (``(2^(j-1), 2^j]``, one batch each): at most twice its tokens. The
+        parts cover disjoint positions and are put together exactly."""
         tokens = x.shape[1]
-        others = docs.subset(~in_place)
-        if int(in_place.sum()) * tokens + others.index.numel() > docs.index.numel():
-            # short documents, several per row: one row per document costs fewer positions
-            in_place = torch.zeros_like(in_place)
-            others = docs
-        kept = docs.index[in_place, :1].flatten() // docs.seq  # [K] rows read as they lie
+        keep = docs.in_place() & (docs.lengths * 2 > tokens)
         parts = []
-        if kept.numel():
-            y, hidden = self._blocks(x[kept], None, output_hidden_states)
-            inside = (torch.arange(tokens, device=x.device) < docs.lengths[in_place][:, None]).unsqueeze(-1)  # [K, T, 1]
+        if bool(keep.any()):
+            kept = docs.index[keep, 0] // docs.seq  # rows read as they lie
+            inside = (torch.arange(tokens, device=x.device) < docs.lengths[keep][:, None]).unsqueeze(-1)  # [K, T, 1]
+            y, hidden = self._blocks(torch.where(inside, x[kept], 0.0), None, output_hidden_states)
 
             def place(h: Tensor) -> Tensor:
                 return h.new_zeros(x.shape[0], tokens, h.shape[-1]).index_put((kept,), torch.where(inside, h, 0.0))
 
             parts.append([place(h) for h in [y] + (hidden or [])])
-        if others.count:
-            y, hidden = self._blocks(others.to_batch(x), None, output_hidden_states)
-            parts.append([others.from_batch(h) for h in [y] + (hidden or [])])
+        rest = ~keep
+        if bool(rest.any()):
+            group = torch.ceil(torch.log2(docs.lengths.double())).long()  # length in (2^(j-1), 2^j]
+            for j in group[rest].unique().tolist():
+                some = docs.subset(rest & (group == j))
+                y, hidden = self._blocks(some.to_batch(x), None, output_hidden_states)
+                parts.append([some.from_batch(h) for h in [y] + (hidden or [])])
         if not parts:  # nothing but padding
             zeros = x.new_zeros(x.shape[:2] + (self.config.hidden_size,))
             return zeros, ([zeros] * (len(self.layers) + 1) if output_hidden_states else None)
-        # the parts cover disjoint positions, zeros elsewhere: a sum puts them together exactly
         merged = [sum(hs) for hs in zip(*parts)]
         return merged[0], (merged[1:] if output_hidden_states else None)
 
@@ -559,9 +623,11 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
             TypeError: an unknown argument, non-integer ids, or a cache that is not a DeepMemoryCache.
             ValueError: malformed shapes, ids outside the vocabulary, padding, ``output_attentions``.
         """
-        unknown = set(kwargs) - {"output_attentions"}
+        unknown = set(kwargs) - {"output_attentions", *_PACKING_KWARGS}
         if unknown:
             raise TypeError(f"forward() got unexpected argument(s) {sorted(unknown)}")
+        if position_ids is None:
+            position_ids = _starts_from_packing_kwargs(kwargs, input_ids if input_ids is not None else inputs_embeds)
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: memory blocks have no attention matrix")
         out = self.model(
@@ -577,15 +643,7 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
                 raise ValueError(f"labels must have the shape of the input [batch, seq] = {list(h.shape[:2])}; got {list(labels.shape)}")
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position; leave logits_to_keep at 0")
-            # half-precision logits are upcast for the softmax; float64 stays float64
-            shifted = logits[:, :-1].flatten(0, 1)
-            shifted = shifted if shifted.dtype in (torch.float32, torch.float64) else shifted.float()
-            targets = labels[:, 1:].to(logits.device)
-            if attention_mask is not None:  # a padded target, or one whose document begins there
-                targets = targets.masked_fill(~attention_mask[:, -labels.shape[1] + 1:].bool().to(logits.device), -100)
-            if position_ids is not None:
-                targets = targets.masked_fill(position_ids[:, 1:].to(logits.device) == 0, -100)
-            loss = F.cross_entropy(shifted, targets.flatten(), ignore_index=-100)
+            loss = _next_token_loss(logits, labels.to(logits.device), attention_mask, position_ids)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_NAME: getattr(out, CACHE_NAME)})
         return out if _return_dict(return_dict, self.config) else out.to_tuple()
 

@@ -8,9 +8,8 @@ sequences of a batch independently and causally, so a batch of documents is exac
 document is gathered into its own row (right-aligned padding after it, which no earlier position
 can see), the model runs once on that batch, and the outputs are scattered back. Nothing is
 looped per document. A document that begins at its row's first position can stay where it is
-(:meth:`Documents.in_place`): a packed ``[B, T]`` batch then costs its ``B`` rows plus one row, as
-long as the longest of them, per document that begins inside a row, or ``N * L_max`` positions
-for ``N`` documents of at most ``L_max`` tokens, whichever is less (docs/packing.md measures it).
+(:meth:`Documents.in_place`), and the others can run in groups of similar lengths
+(:meth:`Documents.subset`): the models do both, docs/packing.md.
 
 Boundaries come in the field's two conventions:
 
