@@ -237,3 +237,22 @@ def test_hugging_face_packing_collator():
         nll = nll - logp.gather(1, doc[1:, None]).sum()
         count += len(doc) - 1
     _close(loss.detach(), (nll / count).detach(), 1e-10)
+
+
+@pytest.mark.parametrize("name", ["transformer", "titans-lmm", "titans-mag", "titans-mal", "titans-mac", "swdt"])
+def test_blocks_take_cu_seqlens(name):
+    """Every block kind (attention, memory with persistent tokens, MAG, MAL, MAC, kernel memory):
+    a packed row with cu_seqlens equals each document alone, outputs and input gradients."""
+    block = _model(name).model.layers[0]
+    lengths = (1, 7, 40, 13)
+    x = torch.randn(1, sum(lengths), block.hidden_size, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, 1, 8, 48, 61])
+    weights = torch.randn(1, sum(lengths), block.hidden_size, dtype=torch.float64)
+    packed = block(x, cu_seqlens=cu)
+    (grad,) = torch.autograd.grad((packed * weights).sum(), x)
+    alone = torch.cat([block(x[:, a:b]) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    (want,) = torch.autograd.grad((alone * weights).sum(), x)
+    _close(packed.detach(), alone.detach(), 1e-10)
+    _close(grad, want, 1e-10)
+    with pytest.raises(ValueError, match="cu_seqlens starts every document empty"):
+        block(x, return_state=True, cu_seqlens=cu)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..checks import check_int, check_positive
 from .attention import Attention, AttentionState, check_input
 from .common import RMSNorm, SwiGLU, default_intermediate_size
+from ..ops.varlen import by_document, state_error
 from ..tree import State, check_state_fits
 from .memory_layer import NeuralMemory, NeuralMemoryState
 
@@ -45,6 +46,22 @@ class _Block(nn.Module):
         self.mixer_norm = RMSNorm(hidden_size, eps)
         self.mlp_norm = RMSNorm(hidden_size, eps)
         self.mlp = SwiGLU(hidden_size, intermediate_size)
+
+    def forward(self, x: Tensor, state=None, return_state: bool = False, *, cu_seqlens: Optional[Tensor] = None):
+        """``x [B, T, hidden_size]`` -> ``[B, T, hidden_size]``, and the state to continue from
+        when ``return_state`` (``state``: a previous call's, to continue a sequence).
+
+        ``cu_seqlens [N + 1]`` (int32/int64, ``[0, l_1, l_1 + l_2, ..., T]``; ``B`` must be 1):
+        packed documents, each read as if alone (memory, conv, attention, segments, positions
+        restart); the block runs once on the batch of documents ``[N, max l_i]``
+        (:func:`deepmemory.ops.varlen.by_document`). Not with ``state``/``return_state``
+        (one-line ``ValueError``)."""
+        if cu_seqlens is not None:
+            if state is not None or return_state:
+                raise state_error("state/return_state")
+            check_input(x, self.hidden_size)
+            return by_document(cu_seqlens, self._forward, x)
+        return self._forward(x, state, return_state)
 
     def check(self, x: Tensor, state=None, state_type=None) -> None:
         check_input(x, self.hidden_size)
@@ -90,7 +107,7 @@ class TransformerBlock(_Block):
             hidden_size, num_heads, head_dim, window=window, num_persistent=num_persistent, rope_theta=rope_theta
         )
 
-    def forward(
+    def _forward(
         self, x: Tensor, state: Optional[AttentionState] = None, return_state: bool = False
     ) -> Union[Tensor, Tuple[Tensor, AttentionState]]:
         self.check(x, state, AttentionState)
@@ -131,7 +148,7 @@ class MemoryBlock(_Block):
         self.num_persistent = num_persistent
         self.persistent = nn.Parameter(torch.randn(num_persistent, hidden_size) * 0.02) if num_persistent else None
 
-    def forward(self, x: Tensor, state: Optional[State] = None, return_state: bool = False):
+    def _forward(self, x: Tensor, state: Optional[State] = None, return_state: bool = False):
         self.check(x)
         h = self.mixer_norm(x)
         if state is None and self.persistent is not None:
@@ -219,7 +236,7 @@ class MAGBlock(_Hybrid):
         self.attn_out_norm = RMSNorm(hidden_size, eps)
         self.memory_out_norm = RMSNorm(hidden_size, eps)
 
-    def forward(
+    def _forward(
         self, x: Tensor, state: Optional[HybridState] = None, return_state: bool = False
     ) -> Union[Tensor, Tuple[Tensor, HybridState]]:
         self.check(x, state, HybridState)
@@ -248,7 +265,7 @@ class MALBlock(_Hybrid):
         super().__init__(hidden_size, *args, num_persistent=num_persistent, **kwargs)
         self.persistent = nn.Parameter(torch.randn(num_persistent, hidden_size) * 0.02) if num_persistent else None
 
-    def forward(
+    def _forward(
         self, x: Tensor, state: Optional[HybridState] = None, return_state: bool = False
     ) -> Union[Tensor, Tuple[Tensor, HybridState]]:
         self.check(x, state, HybridState)
@@ -309,7 +326,7 @@ class MACBlock(_Hybrid):
         q = F.normalize(self.retrieve_q(x).unflatten(-1, (self.attn.num_heads, self.attn.head_dim)), dim=-1)
         return self.retrieve_o(self.memory.read(q, memory_state).flatten(2))
 
-    def forward(
+    def _forward(
         self, x: Tensor, state: Optional[MACState] = None, return_state: bool = False
     ) -> Union[Tensor, Tuple[Tensor, MACState]]:
         self.check(x, state, MACState)
