@@ -549,13 +549,15 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
         """A padded batch with a cache: each row's valid tokens continue that row's own cache."""
         batch, tokens = x.shape[:2]
         rows = cache.split_rows(batch)
-        outs, hiddens = [], []
-        for r in range(batch):
-            pos = valid[r].nonzero().squeeze(1) if valid is not None else torch.arange(tokens, device=x.device)
+        where = [valid[r].nonzero().squeeze(1) if valid is not None else torch.arange(tokens, device=x.device) for r in range(batch)]
+        for r, pos in enumerate(where):  # every row checked before any cache moves
             if starts is not None and pos.numel() and bool(starts[r, pos[1 if rows[r].seen == 0 else 0:]].any()):
                 raise ValueError(self._no_new_document)
             if pos.numel():
                 check_state_fits(rows[r].states, x[r:r + 1], "cache")
+        outs, hiddens = [], []
+        for r, pos in enumerate(where):
+            if pos.numel():
                 y, hidden = self._blocks(x[r:r + 1, pos], rows[r], output_hidden_states)
                 rows[r].seen += pos.numel()
             else:  # nothing to read in this row
