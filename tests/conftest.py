@@ -12,6 +12,16 @@ if not torch.cuda.is_available():
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module whose in-process runs may change the count (``--threads``),
+    restored after it: tiny models only gain contention from a second thread on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_addoption(parser):
     parser.addoption("--runlong", action="store_true", default=False, help="also run the tests marked long")
 

@@ -417,26 +417,6 @@ def test_every_file_is_written_atomically():
     assert not found, found
 
 
-KILL_EXPORT = """
-import os, signal, sys
-from deepmemory.train import checkpoint as ck
-
-replace, seen = ck._replace, []
-
-def dying_replace(tmp, path):
-    seen.append(path)
-    if len(seen) == int(os.environ["KILL_NTH"]):
-        with open(tmp, "r+b") as f:  # half a file written, then the process is gone
-            f.truncate(os.path.getsize(tmp) // 2)
-        os.kill(os.getpid(), signal.SIGKILL)
-    replace(tmp, path)
-
-ck._replace = dying_replace
-from deepmemory.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.slow
 def test_export_killed_at_a_random_write_leaves_no_partial_folder(world, tmp_path):
     """``deepmemory export`` SIGKILLed at a random one of its atomic writes (the trainer's own
@@ -447,6 +427,8 @@ def test_export_killed_at_a_random_write_leaves_no_partial_folder(world, tmp_pat
     import subprocess
     import sys
 
+    from test_train import KILLER  # the trainer's: SIGKILL at the KILL_NTH write ending in KILL_AT ("": any)
+
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(repo, "src"))
     run = str(tmp_path / "run")
@@ -454,7 +436,7 @@ def test_export_killed_at_a_random_write_leaves_no_partial_folder(world, tmp_pat
     before = tree(run)
     nth = random.Random(17).randint(1, 5)  # config, generation config, tokenizer config, weights, model card
     out = str(tmp_path / "out")
-    proc = subprocess.run([sys.executable, "-c", KILL_EXPORT, "export", run, out], env=dict(env, KILL_NTH=str(nth)),
+    proc = subprocess.run([sys.executable, "-c", KILLER, "export", run, out], env=dict(env, KILL_AT="", KILL_NTH=str(nth)),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not os.path.exists(out) and tree(run) == before

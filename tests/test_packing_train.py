@@ -21,12 +21,7 @@ TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "in
 LENGTHS = [1, 7, 63, 100, 2, 31, 17, 5, 90, 3, 44, 12]  # bytes per document: awkward, some shorter than a window
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_docs(root, lengths, seed=0):

@@ -27,6 +27,16 @@ def _param_grads(model, loss):
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
+def _mean_loss_alone(model, docs):
+    """The next-token loss over every target of ``docs``, each document read alone."""
+    nll, count = 0.0, 0
+    for doc in docs:
+        logp = model(doc[None], use_cache=False).logits[0, :-1].log_softmax(-1)
+        nll = nll - logp.gather(1, doc[1:, None]).sum()
+        count += len(doc) - 1
+    return nll / count
+
+
 def _close(got, want, tol=1e-6):
     scale = max(want.abs().max().item(), 1e-30)
     assert (got - want).abs().max().item() <= tol * scale, (got - want).abs().max().item() / scale
@@ -109,12 +119,7 @@ def test_loss_leaves_out_padding_and_document_starts():
     mask = torch.tensor([[1] * 13, [1] * 6 + [0] * 7])
     pos = torch.tensor([list(range(9)) + list(range(4)), list(range(13))])
     loss = model(ids, labels=ids, attention_mask=mask, position_ids=pos, use_cache=False).loss
-    nll, count = 0.0, 0
-    for doc in d:
-        logp = model(doc[None], use_cache=False).logits[0, :-1].log_softmax(-1)
-        nll = nll - logp.gather(1, doc[1:, None]).sum()
-        count += len(doc) - 1
-    _close(loss.detach(), (nll / count).detach(), 1e-10)
+    _close(loss.detach(), _mean_loss_alone(model, d).detach(), 1e-10)
 
 
 def test_a_padded_cache_continues_row_by_row():
@@ -231,12 +236,7 @@ def test_hugging_face_packing_collator():
     d = _docs(model, (17, 1, 40))
     batch = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": x.tolist()} for x in d])
     loss = model(**batch, use_cache=False).loss
-    nll, count = 0.0, 0
-    for doc in d:
-        logp = model(doc[None], use_cache=False).logits[0, :-1].log_softmax(-1)
-        nll = nll - logp.gather(1, doc[1:, None]).sum()
-        count += len(doc) - 1
-    _close(loss.detach(), (nll / count).detach(), 1e-10)
+    _close(loss.detach(), _mean_loss_alone(model, d).detach(), 1e-10)
 
 
 @pytest.mark.parametrize("name", ["transformer", "titans-lmm", "titans-mag", "titans-mal", "titans-mac", "swdt"])
