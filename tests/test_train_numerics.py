@@ -21,7 +21,8 @@ from deepmemory.train.distributed import Env
 import test_train
 from test_train import REPO, TINY, args, metrics, one_error_line
 
-corpus, one_thread = test_train.corpus, test_train.one_thread  # the same fixtures (a module's own copies)
+corpus = test_train.corpus  # the same fixture (a module's own copy)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 DIVERGED = re.compile(r"^deepmemory train: error: training diverged at step (\d+): (.+ is (?:nan|inf|-inf))(?: and .+)?; "
                       r"the last good checkpoint \(step (\d+)\) is kept in (.+)$")
