@@ -17,7 +17,9 @@ def make_params(kind: str, nh: int, dk: int, dv: int, hidden: int, depth: int = 
     }
 
 
-def make_inputs(bsz: int, seq: int, nh: int, dk: int, dv: int, *, optimizer: str = "momentum", seed: int = 0, lr_scale: float = 1.0):
+def make_inputs(bsz: int, seq: int, nh: int, dk: int, dv: int, *, optimizer: str = "momentum", seed: int = 0, lr_scale: float = 1.0,
+                channel: bool = False):
+    """q, k, v, lr, momentum, decay and the window gate (``[B, T, H, dv]`` if ``channel``)."""
     g = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(bsz, seq, nh, dk, dtype=torch.float64, generator=g), dim=-1)
     k = F.normalize(torch.randn(bsz, seq, nh, dk, dtype=torch.float64, generator=g), dim=-1)
@@ -25,7 +27,7 @@ def make_inputs(bsz: int, seq: int, nh: int, dk: int, dv: int, *, optimizer: str
     lr = lr_scale * (0.1 if optimizer == "muon" else 0.5) * torch.rand(bsz, seq, nh, dtype=torch.float64, generator=g)
     momentum = torch.rand(bsz, seq, nh, dtype=torch.float64, generator=g)
     decay = 0.2 * torch.rand(bsz, seq, nh, dtype=torch.float64, generator=g)
-    gamma = torch.rand(bsz, seq, nh, dtype=torch.float64, generator=g)
+    gamma = torch.rand(bsz, seq, nh, *((dv,) if channel else ()), dtype=torch.float64, generator=g)
     return q, k, v, lr, momentum, decay, gamma
 
 

@@ -90,6 +90,8 @@ CONFIGS = [
     dict(granularity="chunk", optimizer="muon", feature_map="polynomial"),
     dict(architecture="linear", use_decay=False, optimizer="gd", window=3, learned_window_gate=False),
     dict(depth=3, activation="silu", conv_size=0),
+    dict(window=2, channel_lr_rank=3),
+    dict(architecture="linear", optimizer="gd", chunk_size=1, decay_first=True, channel_lr_rank=2),
 ]
 
 

@@ -39,10 +39,10 @@ def _run(impl, inputs, params, *, grad=False, state=None, **kw):
     return o, st, grads
 
 
-def _compare(kw, bsz=2, seq=13, nh=2, per_sequence=False, grad=True, seed=0, lr_scale=1.0, all_grads_live=False):
+def _compare(kw, bsz=2, seq=13, nh=2, per_sequence=False, grad=True, seed=0, lr_scale=1.0, all_grads_live=False, channel=False):
     # a long window sums many gradients per step: keep the step moderate so the memory stays bounded
     inputs = make_inputs(bsz, seq, nh, DK, DV, optimizer=kw.get("optimizer", "momentum"), seed=seed,
-                         lr_scale=lr_scale * min(1.0, 2.0 / kw.get("window", 1)))
+                         lr_scale=lr_scale * min(1.0, 2.0 / kw.get("window", 1)), channel=channel)
     params = make_params(kw.get("architecture", "mlp"), nh, DK, DV, HIDDEN, batch=bsz if per_sequence else None,
                          gen=torch.Generator().manual_seed(seed + 1))
     o_ref, st_ref, g_ref = _run("reference", inputs, params, grad=grad, **kw)

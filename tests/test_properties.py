@@ -71,7 +71,7 @@ def op_cases(draw):
         hidden=draw(st.integers(2, 8)),
         per_sequence=draw(st.booleans()),  # weights [B, H, ...] rather than [H, ...]
         decay=draw(st.booleans()),
-        window_gate=draw(st.booleans()),
+        window_gate=draw(st.sampled_from((None, "head", "channel"))),
         momentum_none=rule["optimizer"] == "gd" and draw(st.booleans()),
         split=draw(st.integers(1, seq - 1)) if seq > 1 else None,
         seed=draw(st.integers(0, 2**16)),
@@ -83,7 +83,7 @@ def _op_inputs(case):
     # a long window sums many gradients per step: keep the step moderate, as tests/test_ops.py does
     q, k, v, lr, mom, dec, gam = make_inputs(case["bsz"], case["seq"], case["nh"], case["dk"], case["dv"],
                                              optimizer=r["optimizer"], seed=case["seed"],
-                                             lr_scale=min(1.0, 2.0 / r["window"]))
+                                             lr_scale=min(1.0, 2.0 / r["window"]), channel=case["window_gate"] == "channel")
     params = make_params(r["architecture"], case["nh"], case["dk"], case["dv"], case["hidden"], depth=r["depth"],
                          batch=case["bsz"] if case["per_sequence"] else None,
                          gen=torch.Generator().manual_seed(case["seed"] + 1))
@@ -201,6 +201,7 @@ def layer_cases(draw):
             conv_size=draw(st.sampled_from((0, 2, 4))),
             use_decay=draw(st.booleans()),
             learned_window_gate=draw(st.booleans()),
+            channel_lr_rank=draw(st.sampled_from((0, 0, 2))),
         ),
         bsz=draw(st.integers(1, 2)),
         seq=seq,

@@ -148,6 +148,12 @@ class NeuralMemory(QKVMixer):
     ``lr = max_lr * sigmoid(x W_lr)``, ``momentum = sigmoid(x W_mom)``, ``decay = sigmoid(x W_dec)``,
     ``gamma = sigmoid(x W_gamma)`` (``[B, T, H]``); with ``optimizer="momentum"`` and
     ``damped_momentum`` (the default) the op's learning rate is ``lr * (1 - momentum)``.
+    ``channel_lr_rank=r > 0`` makes the learning rate channel-wise (Miras §5.4, "Channel-wise
+    Parameters"): a rank-``r`` projection gives ``c = sigmoid(x W_down W_up) [B, T, H, head_dim]``,
+    which the op receives as a channel-wise window gate (times ``gamma`` where there is one), so
+    token ``t``'s loss weighs value channel ``j`` by ``c_tj`` and its step is
+    ``eta_t = lr_t c_t`` per channel (for the linear memory exactly ``diag(eta_t)`` times the
+    gradient); it runs in ``impl="chunk"`` or ``"reference"``.
     ``decay_gate="mamba2"`` parametrises the forgetting as Mamba-2 and Gated DeltaNet do, through
     its logarithm ``g = log(1 - decay) = -exp(A_log) * softplus(x W_a + dt_bias)`` per head
     (``W_a`` and ``dt_bias`` are ``decay_proj``'s weight and bias, ``A_log [H]`` a parameter), so
@@ -166,8 +172,8 @@ class NeuralMemory(QKVMixer):
     weights, so the gradient is unchanged), and ``q`` is added to what it reads.
 
     Initialisation (why training starts sane): gate weights ``N(0, 0.02^2)``; gate biases give
-    ``lr = 0.1 max_lr``, ``momentum = 0.9``, ``decay = 0.01`` and ``gamma = 0.95`` at
-    ``x = 0``; under ``decay_gate="mamba2"`` Mamba-2's: ``exp(A_log)`` uniform in [1, 16],
+    ``lr = 0.1 max_lr``, ``momentum = 0.9``, ``decay = 0.01``, ``gamma = 0.95`` and channel
+    gates ``0.95`` at ``x = 0`` (the low-rank factors ``N(0, 0.02^2)``); under ``decay_gate="mamba2"`` Mamba-2's: ``exp(A_log)`` uniform in [1, 16],
     ``softplus(dt_bias)`` log-uniform in [1e-3, 0.1], so ``1 - decay`` lies in about [0.2, 1) at
     ``x = 0``. The initial memory: hidden matrices ``N(0, 1/cols)``; the output matrix of a
     residual memory ``N(0, 0.01/cols)`` so ``M`` starts near the identity; a linear memory (no
@@ -190,6 +196,7 @@ class NeuralMemory(QKVMixer):
         use_decay: bool = True,
         decay_gate: str = "sigmoid",
         learned_window_gate: bool = True,
+        channel_lr_rank: int = 0,
         damped_momentum: bool = True,
         impl: str = "chunk",
         **rule_settings,
@@ -197,7 +204,7 @@ class NeuralMemory(QKVMixer):
         super().__init__(hidden_size, num_heads, head_dim, conv_size)
         layer = dict(expansion=expansion, feature_map=feature_map, poly_degree=poly_degree, poly_constant=poly_constant, max_lr=max_lr,
                      conv_size=conv_size, use_decay=use_decay, decay_gate=decay_gate, learned_window_gate=learned_window_gate,
-                     damped_momentum=damped_momentum, impl=impl)
+                     channel_lr_rank=channel_lr_rank, damped_momentum=damped_momentum, impl=impl)
         self.check_settings(dict(layer, **rule_settings))
         rule = resolve_rule(rule, rule_settings, LAYER_RULE_DEFAULTS)
         self.phi = make_feature_map(feature_map, head_dim, num_heads, poly_degree, poly_constant)
@@ -228,6 +235,13 @@ class NeuralMemory(QKVMixer):
                 self.decay_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
             self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1.0, 16.0).log())
         self.gamma_proj = gate(0.95) if window > 1 and learned_window_gate else None
+        self.channel_proj = None
+        if channel_lr_rank:  # Miras §5.4: channel-wise rates through a low-rank projection
+            self.channel_proj = nn.Sequential(nn.Linear(hidden_size, channel_lr_rank, bias=False),
+                                              nn.Linear(channel_lr_rank, num_heads * head_dim))
+            for lin in self.channel_proj:
+                nn.init.normal_(lin.weight, std=0.02)
+            nn.init.constant_(self.channel_proj[1].bias, _logit(0.95))
 
         spec = self.rule.spec
         shapes = spec.shapes(key_dim, head_dim, expansion * head_dim)
@@ -248,13 +262,16 @@ class NeuralMemory(QKVMixer):
     def check_settings(cls, settings: dict, group: Optional[str] = None) -> None:
         """Each setting as :meth:`QKVMixer.check_settings` does, then those that only hold together
         (over the defaults): the rule's (``decay_first`` needs ``chunk_size=1`` and token
-        granularity) and ``decay_gate="mamba2"``, which needs ``use_decay=True``. One-line
+        granularity), ``decay_gate="mamba2"``, which needs ``use_decay=True``, and ``channel_lr_rank``,
+        which needs ``impl`` other than ``"triton"``. One-line
         ``TypeError`` / ``ValueError``."""
         super().check_settings(settings, group)
         merged = dict(SETTINGS, **settings)
         UpdateRule.from_settings(merged)
         if merged["decay_gate"] != "sigmoid" and not merged["use_decay"]:
             raise ValueError(f"decay_gate={merged['decay_gate']!r} shapes the forget gate: it needs use_decay=True")
+        if merged["channel_lr_rank"] and merged["impl"] == "triton":
+            raise ValueError("channel_lr_rank needs impl='chunk' or 'reference': the Triton kernels take one window gate per head")
 
     def forward(
         self, x: Tensor, state: Optional[NeuralMemoryState] = None, return_state: bool = False, *,
@@ -284,6 +301,9 @@ class NeuralMemory(QKVMixer):
         else:
             decay = None if self.decay_proj is None else torch.sigmoid(self.decay_proj(x))
         window_gate = None if self.gamma_proj is None else torch.sigmoid(self.gamma_proj(x))
+        if self.channel_proj is not None:  # [B, T, H, head_dim]: per value channel, times gamma
+            channel = torch.sigmoid(self.channel_proj(x)).unflatten(-1, (self.num_heads, self.head_dim))
+            window_gate = channel if window_gate is None else channel * window_gate.unsqueeze(-1)
         with op_precision(x) as cd:  # one dtype for the op's inputs (they differ under autocast)
             y, mem = neural_memory(
                 *(_cast(t, cd) for t in (fq, fk, target, lr, momentum, decay)),
@@ -317,6 +337,7 @@ class NeuralMemory(QKVMixer):
         return (
             f"architecture={r.architecture}, depth={r.depth}, residual={r.residual}, loss={r.loss}, optimizer={r.optimizer}, "
             f"window={r.window}, chunk_size={r.chunk_size}, granularity={r.granularity}, decay_first={r.decay_first}"
+            + (f", channel_lr_rank={self.channel_proj[0].out_features}" if self.channel_proj is not None else "")
         )
 
 
@@ -338,6 +359,7 @@ LAYER_CHECKS = {
     "poly_constant": check_bool,
     "conv_size": lambda label, v: check_int(label, v, minimum=0),
     "learned_window_gate": check_bool,
+    "channel_lr_rank": lambda label, v: check_int(label, v, minimum=0),
     "damped_momentum": check_bool,
     "use_decay": check_bool,
     "decay_gate": lambda label, v: check_choice(label, v, DECAY_GATES),

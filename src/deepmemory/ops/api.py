@@ -107,7 +107,14 @@ def neural_memory(
     Shapes and ranges: ``q, k [B, T, H, dk]``, ``v [B, T, H, dv]`` (float16, bfloat16, float32 or
     float64, all alike, on one device); ``lr, momentum, decay, window_gate [B, T, H]`` in q's dtype
     (``lr >= 0``; ``momentum``, ``decay``, ``window_gate`` in [0, 1]; ``momentum`` may be None for
-    ``gd``, ``decay`` None for no forgetting, ``window_gate`` None for all ones); ``weights``: the
+    ``gd``, ``decay`` None for no forgetting, ``window_gate`` None for all ones); ``window_gate``
+    may instead be channel-wise, ``[B, T, H, dv]``: token ``i``'s loss becomes
+    ``sum_c gamma_ic loss_ic`` over the value channels (``loss_ic = 0.5 (M_W(k_i)_c - v_ic)^2`` or
+    ``-M_W(k_i)_c v_ic``), so with window 1 the step of token ``t`` is the per-channel learning rate
+    ``lr_t gamma_t`` of Miras §5.4 (for the linear memory exactly ``diag(lr_t gamma_t)`` times the
+    gradient; docs/ops.md). Channel-wise gates run in ``impl="chunk"`` and ``"reference"`` (the
+    chunk form leaves the WY delta-rule path for its generic one, exact at chunk size 1); the state
+    then carries them, so a continued call must pass them too. ``weights``: the
     initial memory, ``{name: [H, rows, cols] or [B, H, rows, cols]}`` (linear ``w0 [H, dv, dk]``;
     mlp ``w0 [H, hidden, dk] .. w{depth-1} [H, dv, hidden]``; gated_mlp ``w_gate, w_up [H,
     hidden, dk]``, ``w_out [H, dv, hidden]``), replaced by ``initial_state`` when given.
@@ -155,8 +162,9 @@ def neural_memory(
         check_tensor("momentum", momentum, (bsz, seq, nh), q)
     if decay is not None:
         check_tensor("decay", decay, (bsz, seq, nh), q)
+    channel = window_gate is not None and isinstance(window_gate, Tensor) and window_gate.dim() == 4
     if window_gate is not None:
-        check_tensor("window_gate", window_gate, (bsz, seq, nh), q)
+        check_tensor("window_gate", window_gate, (bsz, seq, nh, dv) if channel else (bsz, seq, nh), q)
     w0 = _initial_weights(weights, rule.spec, bsz, nh, dk, dv, q)
     # the gates' ranges, last (one device sync): lr unbounded above, the layers bound it by max_lr
     check_ranges([("lr", lr, 0.0, None), ("momentum", momentum, 0.0, 1.0), ("decay", decay, 0.0, 1.0),
@@ -194,6 +202,9 @@ def neural_memory(
                 raise ValueError(f"initial_state.weights[{n!r}] has shape {list(st.weights[n].shape)}; expected {list(w.shape)}")
         if st.keys.device != q.device:
             raise ValueError(f"initial_state is on {st.keys.device} but q is on {q.device}")
+        if (st.window_gate.dim() == 4) != channel:
+            raise ValueError("initial_state was made with a " + ("channel-wise window_gate; pass window_gate [B, T, H, dv]"
+                             if st.window_gate.dim() == 4 else "per-head window_gate; pass window_gate [B, T, H] or None"))
         seen, pending = st.seen, st.pending
         # the state after the pending tokens (token granularity: chunk granularity has not moved since the chunk start)
         resume = ({n: t.to(cd) for n, t in st.weights.items()}, {n: t.to(cd) for n, t in st.momentum.items()}) if pending else None
@@ -208,12 +219,13 @@ def neural_memory(
         qq = torch.cat([qq.new_zeros(bsz, nh, pending, dk), qq], 2)
         gates = {n: torch.cat([st.gates[n].to(cd), g], 2) for n, g in gates.items()}
 
+    gam = torch.cat([hg, gam], 2)
     problem = Problem(
         rule=rule, q=qq,
-        k=torch.cat([hk, kk], 2), v=torch.cat([hv, vv], 2), gamma=torch.cat([hg, gam], 2),
+        k=torch.cat([hk, kk], 2), v=torch.cat([hv, vv], 2), gamma=torch.ones_like(gam[..., 0]) if channel else gam,
         lr=gates["lr"], momentum=gates["momentum"], decay=gates["decay"],
         n_hist=hk.shape[2], w0=w0, s0=s0, low_precision=q.dtype in (torch.float16, torch.bfloat16),
-        replayed=pending, resume=resume,
+        replayed=pending, resume=resume, channel=gam if channel else None,
     )
     res: Result = IMPLS[impl](problem)
     o = res.o[:, :, pending:].transpose(1, 2).to(q.dtype)
@@ -230,7 +242,7 @@ def neural_memory(
         chunk_momentum=res.chunk_momentum,
         keys=problem.k[:, :, problem.k.shape[2] - keep :],
         values=problem.v[:, :, problem.v.shape[2] - keep :],
-        window_gate=problem.gamma[:, :, problem.gamma.shape[2] - keep :],
+        window_gate=gam[:, :, gam.shape[2] - keep :],
         gates={n: g[:, :, g.shape[2] - new_pending :] for n, g in gates.items()},
         seen=total,
         rule=rule,

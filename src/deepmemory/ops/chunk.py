@@ -93,7 +93,7 @@ def chunk(p: Problem) -> Result:
     The exactly online delta rule (linear memory, l2, gd, window 1, chunk size 1) takes the WY form
     of :mod:`.delta` instead, which is exact at every token without a chunk per token. Under
     ``decay_first`` (chunk size 1) each chunk's gradients are taken at ``(1 - decay_t) W_s``."""
-    if is_delta_rule(p.rule):
+    if is_delta_rule(p.rule) and p.channel is None:
         return delta_rule(p)
     token = p.rule.granularity == "token"
     lay = chunk_layout(p, sanitize=token, keys_values=token)
@@ -101,11 +101,12 @@ def chunk(p: Problem) -> Result:
     # per-chunk views via unbind: indexing one chunk out of the whole tensor would make every
     # backward step materialise a gradient of the whole sequence (quadratic in T)
     kx, vx, q = lay.kx.unbind(2), lay.vx.unbind(2), lay.q.unbind(2)
+    cx = (None,) * n_chunks if lay.cx is None else lay.cx.unbind(2)
     if not token:
-        return _chunk_granularity(p, q, kx, vx, lay.lr, lay.momentum, lay.retention, lay.gamma, n, b, last_len)
+        return _chunk_granularity(p, q, kx, vx, cx, lay.lr, lay.momentum, lay.retention, lay.gamma, n, b, last_len)
     if p.rule.optimizer == "muon":
         d_a, a_cum = retention_products(lay)
-        return _muon_token(p, lay, q, kx, vx, d_a, a_cum, n, b, last_len)
+        return _muon_token(p, lay, q, kx, vx, cx, d_a, a_cum, n, b, last_len)
 
     g = gate_coefficients(lay, p.rule.optimizer)
     # chunk-end rows (the last chunk may be short): the 2x2 map [[A, m], [0, E]] that carries
@@ -136,7 +137,7 @@ def chunk(p: Problem) -> Result:
         w_s = {m: t[:, :, 0] for m, t in ws.items()}
         if p.rule.decay_first:  # chunk size 1: the gradient at the forgotten weights
             w_s = {m: ret[j] * t for m, t in w_s.items()}
-        grads = token_gradients(p.spec, w_s, kx[j], vx[j], p.rule.loss)
+        grads = token_gradients(p.spec, w_s, kx[j], vx[j], p.rule.loss, cx[j])
         c_j, r_j, mix_j = c_coef[j], read_coef[j].unsqueeze(-1), mix[j]
         if guard:
             grads, rows = _guard(grads, lay)
@@ -163,7 +164,7 @@ def _guard(grads, lay):
     return {m: (zero_rows(bad, d), zero_rows(bad, a)) for m, (d, a) in grads.items()}, lay.rows_after_bad(bad)
 
 
-def _muon_token(p: Problem, lay, q, kx, vx, d_a, a_cum, n: int, b: int, last_len: int) -> Result:
+def _muon_token(p: Problem, lay, q, kx, vx, cx, d_a, a_cum, n: int, b: int, last_len: int) -> Result:
     """Muon at token granularity (ATLAS eq. 32-33, parallelised as in its §5.1, eq. 39-41): with
     chunk-local indices, ``K = D_E Gamma`` and ``C = D_A diag(lr)``,
 
@@ -202,7 +203,7 @@ def _muon_token(p: Problem, lay, q, kx, vx, d_a, a_cum, n: int, b: int, last_len
         if e < b - 1:
             w_chunk, s_chunk = w, s
         static = (p, lay, names, first, e - first)
-        tensors = (q[j][:, :, first:], kx[j], vx[j], *coefs[j], *(d[m] for d in (w, *start) for m in names))
+        tensors = (q[j][:, :, first:], kx[j], vx[j], cx[j], *coefs[j], *(d[m] for d in (w, *start) for m in names))
         if torch.is_grad_enabled() and j < n_chunks - 1:
             o, *ends = _recomputed(_muon_chunk, static, tensors)
         else:
@@ -242,22 +243,23 @@ class _Recompute(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+        inputs = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
         with torch.enable_grad():
             outs = ctx.fn(*ctx.static, *inputs)
         live = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        want = [x for x in inputs if x.requires_grad]
+        want = [x for x in inputs if x is not None and x.requires_grad]
         found = torch.autograd.grad([o for o, _ in live], want, [g for _, g in live], allow_unused=True) if live and want else ()
         found = iter(found)
-        return (None, None, *(next(found, None) if x.requires_grad else None for x in inputs))
+        return (None, None, *(next(found, None) if x is not None and x.requires_grad else None for x in inputs))
 
 
-def _muon_chunk(p: Problem, lay, names, first: int, e: int, q, kx, vx, s_coef, w_coef, e_coef, a_coef, bad, *states):
+def _muon_chunk(p: Problem, lay, names, first: int, e: int, q, kx, vx, cx, s_coef, w_coef, e_coef, a_coef, bad, *states):
     """One chunk of :func:`_muon_token`, rows ``first..b-1`` (``first`` > 0 only when resuming):
     ``states`` are the matrices ``names`` (each ``[B, H, rows, cols]``) of the weights the
     gradients are taken at (the chunk start), then of the weights and the momentum before row
-    ``first``; ``q [B, H, b - first, dk]``, ``kx, vx [B, H, n_ext, d]``; ``s_coef`` (``K``)
-    ``[B, H, b - first, n_ext]``, ``w_coef`` (``C``) ``[B, H, b - first, b - first]``, ``e_coef``,
+    ``first``; ``q [B, H, b - first, dk]``, ``kx, vx [B, H, n_ext, d]``, ``cx`` (as ``vx``; None
+    without channel-wise loss weights); ``s_coef`` (``K``) ``[B, H, b - first, n_ext]``, ``w_coef`` (``C``) ``[B, H, b - first, b - first]``, ``e_coef``,
     ``a_coef`` (``E``, ``A`` from the start state) ``[B, H, b - first]``, ``bad [B, H, n_ext]``
     -> the outputs ``[B, H, b - first, dv]``, then the weights and the momentum after row
     ``first + e``, matrix by matrix in the order of ``names``.
@@ -271,7 +273,7 @@ def _muon_chunk(p: Problem, lay, names, first: int, e: int, q, kx, vx, s_coef, w
     matrices), and the rows from such a token on read NaN. The chunk-end state is NaN then."""
     w_grad, w, s = (dict(zip(names, states[i * len(names) : (i + 1) * len(names)])) for i in range(3))
     at = {m: a_coef[..., None] * t for m, t in w_grad.items()} if p.rule.decay_first else w_grad  # chunk size 1
-    grads, rows = _guard(token_gradients(p.spec, at, kx, vx, p.rule.loss), lay)
+    grads, rows = _guard(token_gradients(p.spec, at, kx, vx, p.rule.loss, cx), lay)
 
     def after(marks: Tensor) -> Tensor:  # marked tokens of the span [.., n_ext] -> rows at or after them
         return lay.rows_after_bad(marks)[..., first:]
@@ -336,7 +338,7 @@ def newton_schulz_batched(g: Tensor, steps: int) -> Tensor:
     return x.reshape(g.shape)
 
 
-def _chunk_granularity(p: Problem, q, kx, vx, lr, mom, ret, gamma, n: int, b: int, last_len: int) -> Result:
+def _chunk_granularity(p: Problem, q, kx, vx, cx, lr, mom, ret, gamma, n: int, b: int, last_len: int) -> Result:
     """One update per chunk with its gates averaged; the chunk's tokens read the previous chunk's memory.
     A short last chunk is not applied: it stays pending in the state until the chunk completes."""
     n_chunks = len(q)
@@ -348,7 +350,7 @@ def _chunk_granularity(p: Problem, q, kx, vx, lr, mom, ret, gamma, n: int, b: in
         outs.append(memory_forward(p.spec, dense_apply(w), q[j]))
         if j == n_chunks - 1 and last_len < b:
             break
-        grads = token_gradients(p.spec, w, kx[j], vx[j], p.rule.loss)
+        grads = token_gradients(p.spec, w, kx[j], vx[j], p.rule.loss, cx[j])
         step = {m: _outer_sums(coef[j].unsqueeze(-2), *grads[m])[:, :, 0] for m in w}
         ks, kw = keep_s[j][..., None, None], keep_w[j][..., None, None]
         if p.rule.optimizer == "muon":

@@ -77,7 +77,8 @@ class ChunkLayout:
     with gamma 0), so its keys and values span ``n_ext = window - 1 + b`` tokens. Shapes:
     ``q [B, H, nc, b, dk]``, ``kx [B, H, nc, n_ext, dk]``, ``vx [B, H, nc, n_ext, dv]``; ``lr``,
     ``momentum``, ``retention`` (``1 - decay``) ``[B, H, nc, b]``; ``gamma [B, H, nc, b, n_ext]``
-    (the Omega band times the window gates).
+    (the Omega band times the window gates); ``cx [B, H, nc, n_ext, dv]`` the channel-wise loss
+    weights laid out as ``vx`` (None without them).
 
     ``bad [B, H, nc, n_ext]`` (bool, only when the layout was made with ``sanitize=True``, else
     None): the tokens of each chunk's span whose gates (and keys or values, with
@@ -98,6 +99,7 @@ class ChunkLayout:
     retention: Tensor
     gamma: Tensor
     bad: Optional[Tensor] = None
+    cx: Optional[Tensor] = None
 
     def rows_after_bad(self, bad: Tensor) -> Tensor:
         """``bad [..., n_ext]`` (the marked tokens of a chunk's span) -> ``[..., b]``: the rows of
@@ -125,9 +127,13 @@ def chunk_layout(p: Problem, sanitize: bool = False, keys_values: bool = False) 
         total = p.gamma + F.pad(p.lr + p.momentum + p.decay, (p.n_hist, 0))  # [B, H, n_hist + N]
         if keys_values:
             total = total + p.k.sum(-1) + p.v.sum(-1)
+        if p.channel is not None:
+            total = total + p.channel.sum(-1)
         bad = nonfinite(total)
         if keys_values:
             p = replace(p, k=zero_rows(bad, p.k), v=zero_rows(bad, p.v))
+        if p.channel is not None:
+            p = replace(p, channel=zero_rows(bad, p.channel))
         tok = bad[:, :, p.n_hist :]
         p = replace(p, gamma=zero_rows(bad, p.gamma), lr=zero_rows(tok, p.lr), momentum=zero_rows(tok, p.momentum),
                     decay=zero_rows(tok, p.decay))
@@ -136,6 +142,7 @@ def chunk_layout(p: Problem, sanitize: bool = False, keys_values: bool = False) 
     n_ext = c - 1 + b
     lead = c - 1 - p.n_hist
     chunks = lambda x: F.pad(x, (0, pad)).unflatten(2, (n_chunks, b))  # noqa: E731
+    spans = lambda x: F.pad(x, (0, 0, lead, pad)).unfold(2, n_ext, b).transpose(-1, -2)  # noqa: E731  [B, H, nc, n_ext, d]
     gx = F.pad(p.gamma, (lead, pad)).unfold(2, n_ext, b)  # [B, H, nc, n_ext]
     t_idx = torch.arange(b, device=p.q.device)[:, None]
     i_idx = torch.arange(n_ext, device=p.q.device)[None, :]
@@ -143,8 +150,7 @@ def chunk_layout(p: Problem, sanitize: bool = False, keys_values: bool = False) 
     return ChunkLayout(
         n_chunks=n_chunks, b=b, last_len=n - (n_chunks - 1) * b, n_ext=n_ext,
         q=F.pad(p.q, (0, 0, 0, pad)).unflatten(2, (n_chunks, b)),
-        kx=F.pad(p.k, (0, 0, lead, pad)).unfold(2, n_ext, b).transpose(-1, -2),
-        vx=F.pad(p.v, (0, 0, lead, pad)).unfold(2, n_ext, b).transpose(-1, -2),
+        kx=spans(p.k), vx=spans(p.v), cx=None if p.channel is None else spans(p.channel),
         lr=chunks(p.lr), momentum=chunks(p.momentum), retention=1.0 - chunks(p.decay),
         # (sanitized, the gates are finite and the band's zeros exact; else a NaN gate stays in its own
         # chunk's update, which one update per chunk applies after all of its tokens)

@@ -15,7 +15,7 @@ For training the memory, :func:`token_gradients` returns, for every matrix, the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -146,17 +146,21 @@ def memory_forward(spec: MemorySpec, apply: Apply, x: Tensor) -> Tensor:
     return x + h if spec.residual else h
 
 
-def loss_grad(loss: str, pred: Tensor, v: Tensor) -> Tensor:
-    """d loss_i / d pred_i: ``pred - v`` for l2 (0.5||M(k)-v||^2), ``-v`` for dot (-<M(k), v>)."""
-    return pred - v if loss == "l2" else -v
+def loss_grad(loss: str, pred: Tensor, v: Tensor, channel: Optional[Tensor] = None) -> Tensor:
+    """d loss_i / d pred_i: ``pred - v`` for l2 (0.5||M(k)-v||^2), ``-v`` for dot (-<M(k), v>),
+    times the per-channel weights ``channel`` when given."""
+    grad = pred - v if loss == "l2" else -v
+    return grad if channel is None else grad * channel
 
 
 def token_gradients(
-    spec: MemorySpec, weights: Dict[str, Tensor], k: Tensor, v: Tensor, loss: str
+    spec: MemorySpec, weights: Dict[str, Tensor], k: Tensor, v: Tensor, loss: str, channel: Optional[Tensor] = None
 ) -> Dict[str, Tuple[Tensor, Tensor]]:
     """Per-token gradients of ``loss_i(W)`` as outer products, by a hand-written backward.
 
-    ``k [B, H, N, dk]``, ``v [B, H, N, dv]``, weights ``[B, H, rows, cols]``. Returns
+    ``k [B, H, N, dk]``, ``v [B, H, N, dv]``, weights ``[B, H, rows, cols]``; ``channel [B, H, N,
+    dv]`` (or None): per-channel weights of each token's loss, ``sum_c channel_c loss_c`` (the
+    channel-wise learning rate, docs/ops.md), applied to ``d loss / d M(k)``. Returns
     ``{name: (delta [B, H, N, rows], a [B, H, N, cols])}`` with
     ``grad_W loss_i = delta_i a_i^T``. Everything stays differentiable (the outer loop
     trains through it).
@@ -173,7 +177,7 @@ def token_gradients(
         pred = layer_norm(net) if spec.layer_norm else net
         if spec.residual:
             pred = pred + k
-        d_out = loss_grad(loss, pred, v)
+        d_out = loss_grad(loss, pred, v, channel)
         if spec.layer_norm:
             d_out = layer_norm_backward(d_out, net)
         dh = d_out @ wo
@@ -193,7 +197,7 @@ def token_gradients(
     net = pre[-1]
     pred = layer_norm(net) if spec.layer_norm else net
     pred = pred + k if spec.uses_residual else pred
-    delta = loss_grad(loss, pred, v)
+    delta = loss_grad(loss, pred, v, channel)
     if spec.layer_norm:
         delta = layer_norm_backward(delta, net)
     for i in reversed(range(depth)):

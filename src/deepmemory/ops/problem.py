@@ -21,6 +21,8 @@ class Problem:
     Omega window. Shapes: ``q [B, H, N, dk]``; ``k [B, H, n_hist + N, dk]``,
     ``v [B, H, n_hist + N, dv]``, ``gamma [B, H, n_hist + N]``; ``lr``, ``momentum``,
     ``decay [B, H, N]``; ``w0``, ``s0`` ``{name: [B, H, rows, cols]}`` at the start.
+    ``channel [B, H, n_hist + N, dv]`` or None: per-channel weights of each token's loss (the
+    channel-wise window gate, extended like ``gamma``, which is then all ones).
     ``low_precision``: the caller's tensors are float16/bfloat16, so fast paths may use TF32 products.
     ``replayed``, ``resume``: the first ``replayed`` rows are the pending tokens of a carried state
     and ``resume`` (``(weights, momentum)``, as ``w0``, or None) the state after them; an
@@ -42,6 +44,7 @@ class Problem:
     low_precision: bool = False
     replayed: int = 0
     resume: Optional[Tuple[Dict[str, Tensor], Dict[str, Tensor]]] = None
+    channel: Optional[Tensor] = None
 
     @property
     def dv(self) -> int:

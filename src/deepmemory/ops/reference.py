@@ -16,14 +16,14 @@ from .memory import dense_apply, memory_forward, newton_schulz
 from .problem import Problem, Result
 
 
-def _loss(p: Problem, weights: Dict[str, Tensor], k: Tensor, v: Tensor, gamma: Tensor) -> Tensor:
-    """sum_i gamma_i loss_i(W) over the window (and over batch and heads, which do not interact)."""
+def _loss(p: Problem, weights: Dict[str, Tensor], k: Tensor, v: Tensor, gamma: Tensor, channel) -> Tensor:
+    """sum_i gamma_i loss_i(W) over the window (and over batch and heads, which do not interact);
+    with channel-wise weights ``loss_i = sum_c channel_ic loss_ic``."""
     pred = memory_forward(p.spec, dense_apply(weights), k)
-    if p.rule.loss == "l2":
-        per_token = 0.5 * (pred - v).pow(2).sum(-1)
-    else:
-        per_token = -(pred * v).sum(-1)
-    return (gamma * per_token).sum()
+    per_channel = 0.5 * (pred - v).pow(2) if p.rule.loss == "l2" else -(pred * v)
+    if channel is not None:
+        per_channel = channel * per_channel
+    return (gamma * per_channel.sum(-1)).sum()
 
 
 def _surprise(p: Problem, w_grad: Dict[str, Tensor], x: int) -> Dict[str, Tensor]:
@@ -31,7 +31,8 @@ def _surprise(p: Problem, w_grad: Dict[str, Tensor], x: int) -> Dict[str, Tensor
     lo = max(0, x - p.rule.window + 1)
     names = list(w_grad)
     leaves = [w if w.requires_grad else w.detach().requires_grad_() for w in w_grad.values()]
-    loss = _loss(p, dict(zip(names, leaves)), p.k[:, :, lo : x + 1], p.v[:, :, lo : x + 1], p.gamma[:, :, lo : x + 1])
+    channel = None if p.channel is None else p.channel[:, :, lo : x + 1]
+    loss = _loss(p, dict(zip(names, leaves)), p.k[:, :, lo : x + 1], p.v[:, :, lo : x + 1], p.gamma[:, :, lo : x + 1], channel)
     grads = torch.autograd.grad(loss, leaves, create_graph=True)
     return dict(zip(names, grads))
 
@@ -52,6 +53,7 @@ def _as_constants(p: Problem) -> Result:
     with torch.inference_mode(False), torch.enable_grad():
         fields = {f: ({m: _constant(t) for m, t in getattr(p, f).items()} if f in ("w0", "s0") else _constant(getattr(p, f)))
                   for f in ("q", "k", "v", "gamma", "lr", "momentum", "decay", "w0", "s0")}
+        fields["channel"] = None if p.channel is None else _constant(p.channel)
         res = reference(dataclasses.replace(p, **fields))
     return Result(*(r.detach() if isinstance(r, Tensor) else {m: t.detach() for m, t in r.items()} for r in res))
 

@@ -21,7 +21,8 @@ class MemoryState(State):
     - ``chunk_weights`` / ``chunk_momentum``: ``W`` and ``S`` at the start of the unfinished
       chunk (gradients inside a chunk are all taken there). Equal to ``weights``/``momentum``
       when the sequence ends on a chunk boundary.
-    - ``keys [B, H, n, dk]``, ``values [B, H, n, dv]``, ``window_gate [B, H, n]``: the last
+    - ``keys [B, H, n, dk]``, ``values [B, H, n, dv]``, ``window_gate [B, H, n]`` (``[B, H, n,
+      dv]`` when channel-wise): the last
       ``n = min(seen, window - 1 + pending)`` tokens: the Omega window reaches ``window - 1``
       tokens before the unfinished chunk, whose ``pending`` tokens are replayed on resume.
     - ``gates``: ``lr``, ``momentum``, ``decay`` ``[B, H, pending]`` of the pending tokens.

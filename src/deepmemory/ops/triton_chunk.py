@@ -1,7 +1,7 @@
 r"""Triton kernels for the chunked memory op (``impl="triton"``): the same computation as ``chunk``.
 
 Supported: token granularity, ``gd`` / ``momentum``, decay, any Omega window ``c`` with window
-gates, losses ``l2`` and ``dot``, for the ``linear`` memory and the ``mlp`` memory of depth 2 with
+gates (one per token and head; channel-wise ones run in ``impl="chunk"``), losses ``l2`` and ``dot``, for the ``linear`` memory and the ``mlp`` memory of depth 2 with
 GELU (with or without the residual). Everything else raises ``ValueError`` (``decay_first`` too:
 Gated DeltaNet runs in ``impl="chunk"``'s WY form).
 
@@ -111,6 +111,8 @@ def _check(p: Problem) -> None:
             f"memory={spec.architecture!r}, depth={spec.depth}, activation={spec.activation!r}, layer_norm={spec.layer_norm}, "
             f"optimizer={p.rule.optimizer!r}, granularity={p.rule.granularity!r}"
         )
+    if p.channel is not None:
+        raise ValueError("impl='triton' does not support a channel-wise window_gate [B, T, H, dv]; impl='chunk' computes it")
     if p.rule.decay_first:
         raise ValueError("impl='triton' does not support decay_first (Gated DeltaNet); impl='chunk' computes it "
                          "(in the WY form for the linear memory with l2 and gd)")
