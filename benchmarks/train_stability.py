@@ -8,6 +8,8 @@ final training loss, recall accuracy (MQAR) or bits per byte (bytes) on a fixed 
 batch, the largest pre-clip gradient norm, and the largest Frobenius norm of any memory state
 matrix ``W`` after reading a validation batch (``max |W|``, over the logged steps).
 AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1), gradient clipping at 1.0, one thread.
+``--device cuda`` runs on a GPU, ``--precision bf16`` under bfloat16 autocast (the trainer's
+``--precision auto`` on a GPU); data and seeds are the same on every device.
 """
 
 from __future__ import annotations
@@ -27,16 +29,22 @@ from deepmemory.models import DeepMemoryCache, build
 from deepmemory.tree import tensors
 
 
-def memory_state_norm(model, ids) -> float:
+def memory_state_norm(model, ids, autocast) -> float:
     """The largest Frobenius norm of a memory matrix in the cache after reading ``ids``."""
     cache = DeepMemoryCache(model.config)
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         model(ids, cache=cache)
     norms = [float(t.flatten(-2).norm(dim=-1).max()) for t in tensors(cache.states) if t.dim() == 4 and t.is_floating_point()]
     return max(norms, default=0.0)
 
 
-def run(name: str, task: str, steps: int, batch: int, seq_len: int, log_every: int, seed: int, lr: float):
+def run(name: str, task: str, steps: int, batch: int, seq_len: int, log_every: int, seed: int, lr: float,
+        device: str = "cpu", precision: str = "fp32"):
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+
+    def autocast():
+        return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     if task == "mqar":
@@ -44,7 +52,7 @@ def run(name: str, task: str, steps: int, batch: int, seq_len: int, log_every: i
         vocab = mqar.vocab_size
         val_ids, val_labels = mqar.sample(64, torch.Generator().manual_seed(seed + 1))
 
-        def next_batch():
+        def sample():
             return mqar.sample(batch, gen)
     else:
         tok = load_tokenizer("bytes")
@@ -56,12 +64,16 @@ def run(name: str, task: str, steps: int, batch: int, seq_len: int, log_every: i
         val_rows = torch.stack([val[s:s + seq_len + 1] for s in starts.tolist()]).long()
         val_ids, val_labels = val_rows[:, :-1], val_rows[:, 1:]
 
-        def next_batch():
+        def sample():
             s = torch.randint(0, train.numel() - seq_len - 1, (batch,), generator=gen)
             rows = torch.stack([train[i:i + seq_len + 1] for i in s.tolist()]).long()
             return rows[:, :-1], rows[:, 1:]
 
-    model = build(name, size="tiny", vocab_size=vocab)
+    def next_batch():  # sampled on the CPU, so every device sees the same data
+        return tuple(t.to(device) for t in sample())
+
+    val_ids, val_labels = val_ids.to(device), val_labels.to(device)
+    model = build(name, size="tiny", vocab_size=vocab).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
@@ -73,7 +85,8 @@ def run(name: str, task: str, steps: int, batch: int, seq_len: int, log_every: i
         warm = min(1.0, step / 100)
         for g in opt.param_groups:
             g["lr"] = lr * warm
-        logits = model(ids).logits
+        with autocast():
+            logits = model(ids).logits
         loss_t = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX)
         loss_t.backward()
         grad = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
@@ -85,9 +98,9 @@ def run(name: str, task: str, steps: int, batch: int, seq_len: int, log_every: i
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % log_every == 0 or step == steps:
-            max_state = max(max_state, memory_state_norm(model, val_ids))
+            max_state = max(max_state, memory_state_norm(model, val_ids, autocast))
             log.append((step, loss, grad, max_state))
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         val_logits = model(val_ids).logits.float()
     if task == "mqar":
         metric = f"acc {recall_accuracy(val_logits, val_labels):.3f}"
@@ -109,14 +122,18 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW's peak learning rate (100 warm-up steps)")
     p.add_argument("--log-every", type=int, default=100, help="steps between logged lines and state-norm probes")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: bfloat16 autocast")
     args = p.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}; {args.steps} steps, batch {args.batch} x {args.seq_len}, lr {args.lr}, clip 1.0", flush=True)
+    print(f"torch {torch.__version__}; {args.steps} steps, batch {args.batch} x {args.seq_len}, lr {args.lr}, clip 1.0, "
+          f"{args.device}, {args.precision}", flush=True)
     rows = []
     for name in args.models:
         for task in args.task:
             t0 = time.time()
-            row, log = run(name, task, args.steps, args.batch, args.seq_len, args.log_every, args.seed, args.lr)
+            row, log = run(name, task, args.steps, args.batch, args.seq_len, args.log_every, args.seed, args.lr,
+                           args.device, args.precision)
             row["time"] = f"{time.time() - t0:.0f}s"
             rows.append(row)
             for step, loss, grad, state in log:
