@@ -144,18 +144,24 @@ def test_errors():
     params = make_params("mlp", 2, DK, DV, HIDDEN)
     with pytest.raises(ValueError, match=r"^window_gate must have shape \[1, 5, 2, 6\]"):
         neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam[..., :3])
+    with pytest.raises(ValueError, match=r"^window_gate must be \[B, T, H\] = \[1, 5, 2\] or channel-wise \[B, T, H, dv\] = \[1, 5, 2, 6\]; got shape \[1, 5, 2, 6, 1\]$"):
+        neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam[..., None])
     with pytest.raises(ValueError, match="^impl='triton' does not support a channel-wise window_gate"):
         neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam, impl="triton")
     _, st = neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam, output_final_state=True)
     with pytest.raises(ValueError, match="^initial_state was made with a channel-wise window_gate"):
         neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam[..., 0], initial_state=st)
     _, st = neural_memory(q, k, v, lr, mom, dec, params, output_final_state=True)
-    with pytest.raises(ValueError, match="^initial_state was made with a per-head window_gate"):
+    with pytest.raises(ValueError, match=r"^initial_state was made with a per-head window_gate \(or none\)"):
         neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam, initial_state=st)
     with pytest.raises(ValueError, match="^channel_lr_rank needs impl='chunk' or 'reference'"):
         NeuralMemory(32, 2, 16, channel_lr_rank=4, impl="triton")
     with pytest.raises(ValueError, match="^channel_lr_rank must be >= 0"):
         NeuralMemory(32, 2, 16, channel_lr_rank=-1)
+    for preset in ("swdt", "transformer"):  # no NeuralMemory: the setting would be saved and do nothing
+        with pytest.raises(ValueError, match=r"^memory settings \['channel_lr_rank'\] are unused: layer_pattern \['(kernel|attn)'\] has no "
+                                             r"memory/mac/mag/mal block$"):
+            build(preset, memory={"channel_lr_rank": 4})
 
 
 def test_cu_seqlens_documents_alone():

@@ -233,6 +233,8 @@ def test_other_bad_inputs_fail_clearly():
         (dict(layer_pattern="memory", memory={"max_lr": -1.0}), "max_lr'\\] must be a positive number"),
         (dict(layer_pattern="kernel", kernel={"normalized": 1}), "normalized'\\] must be a bool"),
         (dict(layer_pattern="attn", memory={"wndow": 2}), "memory settings must be one of"),
+        (dict(layer_pattern="attn", memory={"window": 2}), r"memory settings \['window'\] are unused: layer_pattern \['attn'\]"),
+        (dict(layer_pattern="memory", kernel={"window": 2}), r"kernel settings \['window'\] are unused: layer_pattern \['memory'\] has no kernel block"),
     ],
 )
 def test_invalid_configs_fail_at_construction(kwargs, match):

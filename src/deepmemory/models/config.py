@@ -125,5 +125,10 @@ class DeepMemoryConfig(PretrainedConfig):
         if self.memory.get("architecture") == "linear" and self.memory.get("residual", False):
             raise ValueError("memory['residual']=True needs an mlp or gated_mlp memory; a linear memory has no residual")
         KernelMemory.check_settings(self.kernel, group="kernel")
+        # and a setting no block reads is refused: it would be saved with the model and do nothing
+        for group, blocks in (("memory", MEMORY_BLOCKS), ("kernel", ("kernel",))):
+            if getattr(self, group) and not set(pattern) & set(blocks):
+                raise ValueError(f"{group} settings {sorted(getattr(self, group))} are unused: layer_pattern {sorted(set(pattern))} "
+                                 f"has no {'/'.join(blocks)} block")
         if set(pattern) & set(ATTENTION_BLOCKS) and self.head_dim % 2:
             raise ValueError(f"head_dim must be even: attention rotates pairs of channels (RoPE); got {self.head_dim}")

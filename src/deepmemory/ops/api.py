@@ -162,7 +162,10 @@ def neural_memory(
         check_tensor("momentum", momentum, (bsz, seq, nh), q)
     if decay is not None:
         check_tensor("decay", decay, (bsz, seq, nh), q)
-    channel = window_gate is not None and isinstance(window_gate, Tensor) and window_gate.dim() == 4
+    channel = isinstance(window_gate, Tensor) and window_gate.dim() == 4
+    if isinstance(window_gate, Tensor) and window_gate.dim() not in (3, 4):
+        raise ValueError(f"window_gate must be [B, T, H] = {[bsz, seq, nh]} or channel-wise [B, T, H, dv] = {[bsz, seq, nh, dv]}; "
+                         f"got shape {list(window_gate.shape)}")
     if window_gate is not None:
         check_tensor("window_gate", window_gate, (bsz, seq, nh, dv) if channel else (bsz, seq, nh), q)
     w0 = _initial_weights(weights, rule.spec, bsz, nh, dk, dv, q)
@@ -204,7 +207,7 @@ def neural_memory(
             raise ValueError(f"initial_state is on {st.keys.device} but q is on {q.device}")
         if (st.window_gate.dim() == 4) != channel:
             raise ValueError("initial_state was made with a " + ("channel-wise window_gate; pass window_gate [B, T, H, dv]"
-                             if st.window_gate.dim() == 4 else "per-head window_gate; pass window_gate [B, T, H] or None"))
+                             if st.window_gate.dim() == 4 else "per-head window_gate (or none); pass window_gate [B, T, H] or None"))
         seen, pending = st.seen, st.pending
         # the state after the pending tokens (token granularity: chunk granularity has not moved since the chunk start)
         resume = ({n: t.to(cd) for n, t in st.weights.items()}, {n: t.to(cd) for n, t in st.momentum.items()}) if pending else None
