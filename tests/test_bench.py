@@ -39,12 +39,19 @@ def test_keep_freed_memory_reaches_every_case(capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_mixer_table_from_real_cases():
-    rows = mixer.run([24], [8], ["memory-token", "gated-deltanet"], hidden=32, heads=2, head_dim=16, repeat=1,
-                     flops=False)
-    assert [r["mixer"] for r in rows] == ["memory-token", "gated-deltanet"]
+    names = ["memory-token", "gated-deltanet"]
+    rows = mixer.run([24], [8], names, hidden=32, heads=2, head_dim=16, repeat=1, flops=False)
+    assert [r["mixer"] for r in rows] == names
     assert all(float(r["tokens/s"]) > 0 and r["saved MiB"] != "n/a" for r in rows)
     # a step this small may take less CPU time than the clock resolves
     assert all(float(r["user us/tok"]) >= 0 and float(r["sys us/tok"]) >= 0 for r in rows)
+
+
+@pytest.mark.long  # some 20 s a case: each runs in its own process
+def test_atlas_mixer_rows_from_real_cases():
+    rows = mixer.run([24], [8], ["atlas-token", "atlas-chunk"], hidden=32, heads=2, head_dim=16, repeat=1, flops=False)
+    assert [r["mixer"] for r in rows] == ["atlas-token", "atlas-chunk"]
+    assert all(float(r["tokens/s"]) > 0 and r["saved MiB"] != "n/a" for r in rows)
 
 
 @pytest.mark.slow

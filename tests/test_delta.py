@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from deepmemory.layers import NeuralMemory
-from deepmemory.models import DeepMemoryConfig, preset_config
+from deepmemory.models import DeepMemoryConfig, build, preset_config
 from deepmemory.models.presets import SIZES
 from deepmemory.ops import ARCHITECTURES, UpdateRule, delta, neural_memory
 from ops_cases import make_inputs, make_params, rel_err
@@ -89,9 +89,46 @@ def test_wy_form_streams_at_any_split(block, decay_first, monkeypatch):
             assert rel_err(getattr(state, group)["w0"], getattr(st, group)["w0"]) <= 1e-10, (cuts, group)
 
 
-def test_decay_first_changes_the_rule_and_the_dispatch():
+@pytest.mark.parametrize("decay_first", [False, True])
+def test_wy_form_streamed_gradients_equal_one_call(decay_first, monkeypatch):
+    """The backward through pieces with the carried state (not detached) gives one call's gradients."""
+    monkeypatch.setattr(delta, "BLOCK", 4)
+    seq, kw = 19, dict(DELTA, decay_first=decay_first)
+    base = _inputs(seq, "some")
+    params = make_params("linear", 2, DK, DV, 0)
+
+    def grads(cuts):
+        q, k, v, lr, dec = (x.detach().requires_grad_() for x in (base[0], base[1], base[2], base[3], base[5]))
+        w0 = params["w0"].detach().requires_grad_()
+        outs, state, prev = [], None, 0
+        for cut in cuts + [seq]:
+            sl = slice(prev, cut)
+            oi, state = neural_memory(q[:, sl], k[:, sl], v[:, sl], lr[:, sl], None, dec[:, sl], {"w0": w0},
+                                      initial_state=state, output_final_state=True, **kw)
+            outs.append(oi)
+            prev = cut
+        o = torch.cat(outs, 1)
+        g = torch.Generator().manual_seed(6)
+        loss = (o * torch.randn(o.shape, dtype=o.dtype, generator=g)).sum()
+        loss = loss + (state.weights["w0"] * torch.randn(state.weights["w0"].shape, dtype=o.dtype, generator=g)).sum()
+        return torch.autograd.grad(loss, (q, k, v, lr, dec, w0))
+
+    want = grads([])
+    for cuts in ([5], [3, 11, 12], list(range(1, seq))):
+        for name, a, b in zip(("q", "k", "v", "lr", "decay", "w0"), grads(cuts), want):
+            assert rel_err(a, b) <= 1e-10, (cuts, name)
+
+
+def test_decay_first_changes_the_rule_and_the_dispatch(monkeypatch):
     """decay_first is another rule (unless nothing is forgotten), and impl='chunk' computes the
-    delta rule at chunk size 1 in the WY form (here: without any call of the general form)."""
+    delta rule at chunk size 1 in the WY form, without any call of the general form (whose
+    per-chunk gradients are made to fail here)."""
+    from deepmemory.ops import chunk as chunk_module
+
+    def general_form(*args, **kwargs):
+        raise AssertionError("the general chunked form ran")
+
+    monkeypatch.setattr(chunk_module, "token_gradients", general_form)
     q, k, v, lr, _, dec, gamma = _inputs(30, "some")
     params = make_params("linear", 2, DK, DV, 0)
     first, _ = neural_memory(q, k, v, lr, None, dec, params, decay_first=True, **DELTA)
@@ -103,6 +140,21 @@ def test_decay_first_changes_the_rule_and_the_dispatch():
     assert delta.is_delta_rule(UpdateRule(decay_first=True, **DELTA))
     assert not delta.is_delta_rule(UpdateRule(**dict(DELTA, chunk_size=4)))
     assert not delta.is_delta_rule(UpdateRule(**dict(DELTA, layer_norm=True)))
+    with pytest.raises(AssertionError, match="the general chunked form ran"):  # the probe can fail
+        neural_memory(q, k, v, lr, None, dec, params, **dict(DELTA, chunk_size=4))
+
+
+def test_preset_runs_in_the_wy_form(monkeypatch):
+    """The gated-deltanet preset's layers take the WY form: the general form is never entered."""
+    from deepmemory.ops import chunk as chunk_module
+
+    calls = []
+    monkeypatch.setattr(chunk_module, "delta_rule", lambda p, wy=chunk_module.delta_rule: calls.append(1) or wy(p))
+    monkeypatch.setattr(chunk_module, "token_gradients", lambda *a, **k: pytest.fail("the general chunked form ran"))
+    torch.manual_seed(0)
+    model = build("gated-deltanet", vocab_size=64)
+    model(torch.randint(0, 64, (1, 40))).logits.sum().backward()
+    assert len(calls) == model.config.num_hidden_layers
 
 
 # ---- the gated delta rule, written out from the paper ---------------------------------------------
@@ -123,12 +175,21 @@ def gated_delta_rule(q, k, v, beta, alpha, s0):
 
 @pytest.mark.parametrize("block", [4, 64])
 def test_op_is_the_gated_delta_rule(block, monkeypatch):
+    """Outputs, final state and the gradients of every input against the recurrence above."""
     monkeypatch.setattr(delta, "BLOCK", block)
-    q, k, v, beta, _, dec, _ = _inputs(37, "extremes", seed=3)
-    s0 = make_params("linear", 2, DK, DV, 0, batch=2, gen=torch.Generator().manual_seed(4))["w0"]
+    inputs = _inputs(37, "extremes", seed=3)
+    q, k, v, beta, dec = (x.detach().requires_grad_() for x in (inputs[0], inputs[1], inputs[2], inputs[3], inputs[5]))
+    s0 = make_params("linear", 2, DK, DV, 0, batch=2, gen=torch.Generator().manual_seed(4))["w0"].requires_grad_()
     want, s_want = gated_delta_rule(q, k, v, beta, 1 - dec, s0)
     got, st = neural_memory(q, k, v, beta, None, dec, {"w0": s0}, decay_first=True, output_final_state=True, **DELTA)
     assert rel_err(got, want) <= 1e-12 and rel_err(st.weights["w0"], s_want) <= 1e-12
+    g = torch.Generator().manual_seed(5)
+    probe = torch.randn(got.shape, dtype=got.dtype, generator=g), torch.randn(s_want.shape, dtype=got.dtype, generator=g)
+    leaves = (q, k, v, beta, dec, s0)
+    grads_want = torch.autograd.grad((want * probe[0]).sum() + (s_want * probe[1]).sum(), leaves)
+    grads_got = torch.autograd.grad((got * probe[0]).sum() + (st.weights["w0"] * probe[1]).sum(), leaves)
+    for name, a, b in zip(("q", "k", "v", "beta", "decay", "s0"), grads_got, grads_want):
+        assert rel_err(a, b) <= 1e-10, name
 
 
 def _gdn_layer(seed=0):
@@ -142,11 +203,12 @@ def _gdn_layer(seed=0):
     return layer
 
 
-def test_layer_is_gated_deltanet():
+@pytest.mark.parametrize("seq", [23, 70])  # one WY block of 32, and three
+def test_layer_is_gated_deltanet(seq):
     """The layer's gates in Gated DeltaNet's parametrisation, beta = sigmoid(x W_beta) and
     g = -exp(A_log) softplus(x W_a + dt_bias), run through the recurrence above: the layer's output."""
     layer = _gdn_layer()
-    x = torch.randn(2, 23, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, seq, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     q, k, v, _ = layer.qkv(x, None)
     beta = torch.sigmoid(F.linear(x, layer.lr_proj.weight, layer.lr_proj.bias))
     g = -torch.exp(layer.A_log) * F.softplus(F.linear(x, layer.decay_proj.weight, layer.decay_proj.bias))
