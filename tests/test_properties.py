@@ -197,6 +197,8 @@ def layer_cases(draw):
             chunk_size=draw(st.integers(1, 5)),
             granularity=draw(st.sampled_from(("token", "chunk"))),
             feature_map=draw(st.sampled_from(("identity", "polynomial"))),
+            poly_constant=draw(st.booleans()),
+            layer_norm=draw(st.booleans()),
             expansion=draw(st.integers(1, 2)),
             conv_size=draw(st.sampled_from((0, 2, 4))),
             use_decay=draw(st.booleans()),
