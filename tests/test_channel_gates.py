@@ -158,6 +158,8 @@ def test_errors():
         NeuralMemory(32, 2, 16, channel_lr_rank=4, impl="triton")
     with pytest.raises(ValueError, match="^channel_lr_rank must be >= 0"):
         NeuralMemory(32, 2, 16, channel_lr_rank=-1)
+    with pytest.raises(ValueError, match=r"^channel_lr_rank must be <= hidden_size \(32\)"):
+        NeuralMemory(32, 2, 16, channel_lr_rank=10**12)
     for preset in ("swdt", "transformer"):  # no NeuralMemory: the setting would be saved and do nothing
         with pytest.raises(ValueError, match=r"^memory settings \['channel_lr_rank'\] are unused: layer_pattern \['(kernel|attn)'\] has no "
                                              r"memory/mac/mag/mal block$"):

@@ -236,6 +236,9 @@ class NeuralMemory(QKVMixer):
             self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1.0, 16.0).log())
         self.gamma_proj = gate(0.95) if window > 1 and learned_window_gate else None
         self.channel_proj = None
+        if channel_lr_rank > hidden_size:
+            raise ValueError(f"channel_lr_rank must be <= hidden_size ({hidden_size}): it is the rank of a projection of x; "
+                             f"got {channel_lr_rank}")
         if channel_lr_rank:  # Miras §5.4: channel-wise rates through a low-rank projection
             self.channel_proj = nn.Sequential(nn.Linear(hidden_size, channel_lr_rank, bias=False),
                                               nn.Linear(channel_lr_rank, num_heads * head_dim))
