@@ -173,8 +173,8 @@ class NeuralMemory(QKVMixer):
 
     Initialisation (why training starts sane): gate weights ``N(0, 0.02^2)``; gate biases give
     ``lr = 0.1 max_lr``, ``momentum = 0.9``, ``decay = 0.01``, ``gamma = 0.95`` and channel
-    gates ``0.95`` at ``x = 0`` (the low-rank factors ``N(0, 0.02^2)``); under ``decay_gate="mamba2"`` Mamba-2's: ``exp(A_log)`` uniform in [1, 16],
-    ``softplus(dt_bias)`` log-uniform in [1e-3, 0.1], so ``1 - decay`` lies in about [0.2, 1) at
+    gates ``0.95`` at ``x = 0`` (the low-rank factors ``N(0, 0.02^2)``); under
+    ``decay_gate="mamba2"`` Mamba-2's: ``exp(A_log)`` uniform in [1, 16], ``softplus(dt_bias)`` log-uniform in [1e-3, 0.1], so ``1 - decay`` lies in about [0.2, 1) at
     ``x = 0``. The initial memory: hidden matrices ``N(0, 1/cols)``; the output matrix of a
     residual memory ``N(0, 0.01/cols)`` so ``M`` starts near the identity; a linear memory (no
     residual) starts at zero, an empty memory like linear attention's.
@@ -265,9 +265,9 @@ class NeuralMemory(QKVMixer):
     def check_settings(cls, settings: dict, group: Optional[str] = None) -> None:
         """Each setting as :meth:`QKVMixer.check_settings` does, then those that only hold together
         (over the defaults): the rule's (``decay_first`` needs ``chunk_size=1`` and token
-        granularity), ``decay_gate="mamba2"``, which needs ``use_decay=True``, and ``channel_lr_rank``,
-        which needs ``impl`` other than ``"triton"``. One-line
-        ``TypeError`` / ``ValueError``."""
+        granularity), ``decay_gate="mamba2"``, which needs ``use_decay=True``, and
+        ``channel_lr_rank``, which needs ``impl`` other than ``"triton"``. One-line ``TypeError`` /
+        ``ValueError``."""
         super().check_settings(settings, group)
         merged = dict(SETTINGS, **settings)
         UpdateRule.from_settings(merged)

@@ -259,10 +259,11 @@ def _muon_chunk(p: Problem, lay, names, first: int, e: int, q, kx, vx, cx, s_coe
     ``states`` are the matrices ``names`` (each ``[B, H, rows, cols]``) of the weights the
     gradients are taken at (the chunk start), then of the weights and the momentum before row
     ``first``; ``q [B, H, b - first, dk]``, ``kx, vx [B, H, n_ext, d]``, ``cx`` (as ``vx``; None
-    without channel-wise loss weights); ``s_coef`` (``K``) ``[B, H, b - first, n_ext]``, ``w_coef`` (``C``) ``[B, H, b - first, b - first]``, ``e_coef``,
-    ``a_coef`` (``E``, ``A`` from the start state) ``[B, H, b - first]``, ``bad [B, H, n_ext]``
-    -> the outputs ``[B, H, b - first, dv]``, then the weights and the momentum after row
-    ``first + e``, matrix by matrix in the order of ``names``.
+    without channel-wise loss weights); ``s_coef`` (``K``) ``[B, H, b - first, n_ext]``,
+    ``w_coef`` (``C``) ``[B, H, b - first, b - first]``, ``e_coef``, ``a_coef`` (``E``, ``A`` from
+    the start state) ``[B, H, b - first]``, ``bad [B, H, n_ext]`` -> the outputs
+    ``[B, H, b - first, dv]``, then the weights and the momentum after row ``first + e``, matrix by
+    matrix in the order of ``names``.
 
     A query reads ``W_t x = A_t W x - sum_r C(t, r) NS(S_r) x``: one product of the chunk's inputs
     with all its orthogonalised matrices (``b x b x rows x cols``, what materialising the ``W_t``
