@@ -21,7 +21,7 @@ from ..layers.common import RMSNorm
 from ..layers.feature_maps import PolynomialFeatureMap, symmetric_monomials
 from ..layers.kernel_memory import KernelMemory
 from ..layers.memory_layer import NeuralMemory
-from ..ops.varlen import documents
+from ..ops.varlen import check_cu_seqlens, documents
 from ..tree import check_state_fits, map_tensors, tensors
 from .config import DeepMemoryConfig
 
@@ -287,8 +287,6 @@ def _starts_from_packing_kwargs(kwargs: dict, inputs: Optional[Tensor]) -> Optio
         starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True)
         return (~starts).long()
     if isinstance(cu, Tensor):
-        from ..ops.varlen import check_cu_seqlens
-
         if bsz != 1:
             raise ValueError(f"cu_seq_lens_q describes one packed row: the batch must be 1; got {bsz}")
         cu = check_cu_seqlens(cu, tokens, inputs.device)
