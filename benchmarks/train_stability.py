@@ -9,12 +9,15 @@ batch, the largest pre-clip gradient norm, and the largest Frobenius norm of any
 matrix ``W`` after reading a validation batch (``max |W|``, over the logged steps).
 AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1), gradient clipping at 1.0, one thread.
 ``--device cuda`` runs on a GPU, ``--precision bf16`` under bfloat16 autocast (the trainer's
-``--precision auto`` on a GPU); data and seeds are the same on every device.
+``--precision auto`` on a GPU); data and seeds are the same on every device. ``--memory
+KEY=VALUE ...`` merges settings into the presets' memory settings (values in JSON: ``max_lr=1.0
+step_bound=null``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 
@@ -39,7 +42,7 @@ def memory_state_norm(model, ids, autocast) -> float:
 
 
 def run(name: str, task: str, steps: int, batch: int, seq_len: int, log_every: int, seed: int, lr: float,
-        device: str = "cpu", precision: str = "fp32"):
+        device: str = "cpu", precision: str = "fp32", memory: dict | None = None):
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
 
     def autocast():
@@ -73,7 +76,7 @@ def run(name: str, task: str, steps: int, batch: int, seq_len: int, log_every: i
         return tuple(t.to(device) for t in sample())
 
     val_ids, val_labels = val_ids.to(device), val_labels.to(device)
-    model = build(name, size="tiny", vocab_size=vocab).to(device)
+    model = build(name, size="tiny", vocab_size=vocab, **({"memory": memory} if memory else {})).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
@@ -124,16 +127,27 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: bfloat16 autocast")
+    p.add_argument("--memory", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="memory settings merged into the presets' (JSON values), e.g. max_lr=1.0 step_bound=null")
     args = p.parse_args()
+    memory = {}
+    for item in args.memory:
+        key, sep, value = item.partition("=")
+        try:
+            memory[key] = json.loads(value)
+        except json.JSONDecodeError:
+            sep = ""
+        if not sep or not key:
+            p.error(f"--memory takes KEY=VALUE with a JSON value; got {item!r}")
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}; {args.steps} steps, batch {args.batch} x {args.seq_len}, lr {args.lr}, clip 1.0, "
-          f"{args.device}, {args.precision}", flush=True)
+          f"{args.device}, {args.precision}" + (f"; memory {memory}" if memory else ""), flush=True)
     rows = []
     for name in args.models:
         for task in args.task:
             t0 = time.time()
             row, log = run(name, task, args.steps, args.batch, args.seq_len, args.log_every, args.seed, args.lr,
-                           args.device, args.precision)
+                           args.device, args.precision, memory)
             row["time"] = f"{time.time() - t0:.0f}s"
             rows.append(row)
             for step, loss, grad, state in log:

@@ -58,6 +58,8 @@ def op_cases(draw):
         chunk_size=draw(st.integers(1, 8)),
         granularity=draw(st.sampled_from(("token", "chunk"))),
     )
+    # the stale-step bound (gd and momentum), off or small enough to act on these gates
+    rule["step_bound"] = None if rule["optimizer"] == "muon" else draw(st.sampled_from((None, 0.1, 1.0)))
     seq = draw(st.integers(1, 40))
     dk = draw(st.integers(2, 6))
     residual = rule["residual"] and arch != "linear"
@@ -129,7 +131,7 @@ def _check_close(got, want, what, noise):
 
 def _check_op(case):
     r = case["rule"]
-    event(f"{r['architecture']} {r['optimizer']} {r['granularity']}")
+    event(f"{r['architecture']} {r['optimizer']} {r['granularity']} step_bound={r['step_bound']}")
     seqs, gates, params = _op_inputs(case)
     o_ref, st_ref = _op(seqs, gates, params, r, impl="reference")
     o, st = _op(seqs, gates, params, r, impl="chunk")
@@ -204,6 +206,7 @@ def layer_cases(draw):
             use_decay=draw(st.booleans()),
             learned_window_gate=draw(st.booleans()),
             channel_lr_rank=draw(st.sampled_from((0, 0, 2))),
+            **({} if draw(st.booleans()) else {"step_bound": None}),  # the layer's default bound, or none
         ),
         bsz=draw(st.integers(1, 2)),
         seq=seq,

@@ -59,7 +59,9 @@ def test_op_takes_a_rule_or_its_keywords():
 
 def test_layer_config_and_presets_share_the_rule():
     layer = NeuralMemory(32, 2, 16, chunk_size=8, optimizer="gd", layer_norm=True)
-    assert layer.rule == UpdateRule(chunk_size=8, optimizer="gd", layer_norm=True)
+    # the layer's own default: the stale-step bound on (gd, momentum), off for Muon
+    assert layer.rule == UpdateRule(chunk_size=8, optimizer="gd", layer_norm=True, step_bound=1.0)
+    assert NeuralMemory(32, 2, 16, optimizer="muon").rule.step_bound is None
     assert NeuralMemory(32, 2, 16, rule=layer.rule).rule == layer.rule
     with pytest.raises(ValueError, match="not both"):
         NeuralMemory(32, 2, 16, rule=layer.rule, window=2)

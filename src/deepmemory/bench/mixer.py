@@ -28,7 +28,7 @@ import torch
 
 from .measure import add_allocator_argument, allocator_note, fmt_mib, bench_main, count_flops, matmul_peak_flops, measure, print_table, run_isolated, save_plot, saved_for_backward_mib
 
-MIXERS = ("memory-token", "memory-chunk", "gated-deltanet", "delta-chunk-start", "gated-deltanet-loop", "attention",
+MIXERS = ("memory-token", "memory-token-bound", "memory-chunk", "gated-deltanet", "delta-chunk-start", "gated-deltanet-loop", "attention",
           "swdt", "swdt-swa", "atlas-token", "atlas-chunk", "titans-pytorch")
 SLOW_MIXERS = ("gated-deltanet-loop", "atlas-token")  # not in the default list
 # the mixers without a chunk size: measured once per length, whatever --chunk lists
@@ -39,9 +39,13 @@ def make_mixer(name: str, hidden: int, heads: int, head_dim: int, chunk: int) ->
     from deepmemory.layers import Attention, NeuralMemory
     from deepmemory.models.presets import GATED_DELTANET
 
-    mem = dict(chunk_size=chunk, architecture="mlp", depth=2, expansion=4, optimizer="momentum")
+    # Titans' rule as the papers write it (the presets' step_bound=None); memory-token-bound adds the
+    # layer's default stale-step bound, to measure what it costs
+    mem = dict(chunk_size=chunk, architecture="mlp", depth=2, expansion=4, optimizer="momentum", step_bound=None)
     if name == "memory-token":
         return NeuralMemory(hidden, heads, head_dim, granularity="token", **mem)
+    if name == "memory-token-bound":
+        return NeuralMemory(hidden, heads, head_dim, granularity="token", **dict(mem, step_bound=1.0))
     if name == "memory-chunk":
         return NeuralMemory(hidden, heads, head_dim, granularity="chunk", **mem)
     if name in ("gated-deltanet", "gated-deltanet-loop"):
@@ -49,7 +53,8 @@ def make_mixer(name: str, hidden: int, heads: int, head_dim: int, chunk: int) ->
         return NeuralMemory(hidden, heads, head_dim, rule=rule, impl="chunk" if name == "gated-deltanet" else "reference",
                             **layer)
     if name == "delta-chunk-start":
-        return NeuralMemory(hidden, heads, head_dim, chunk_size=chunk, architecture="linear", optimizer="gd", loss="l2")
+        return NeuralMemory(hidden, heads, head_dim, chunk_size=chunk, architecture="linear", optimizer="gd", loss="l2",
+                            step_bound=None)
     if name == "attention":
         return Attention(hidden, heads, head_dim)
     if name in ("atlas-token", "atlas-chunk"):  # the atlas preset's rule; identity features at this width

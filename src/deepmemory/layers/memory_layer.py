@@ -165,6 +165,14 @@ class NeuralMemory(QKVMixer):
 
     x ``[B, T, hidden_size]`` -> ``[B, T, hidden_size]``.
 
+    The stale-step bound: given as keywords, the rule's ``step_bound`` defaults here to 1.0 for
+    ``gd`` and ``momentum`` (None for ``muon``; :func:`default_step_bound`), so that a chunk's
+    steps, all taken at its start weights, never overshoot its least-squares fit along any
+    direction of a matrix's inputs, whatever the chunk size, window, width or ``max_lr``
+    (``UpdateRule.step_bound``, docs/numerics.md); where it is inactive the rule is the papers'.
+    ``step_bound=None`` is the papers' rule everywhere (the presets use it); a ``rule=`` object
+    is taken as it is.
+
     Residual memory with a feature map: ``M(x) = x + h(phi(x))`` (docs/layers.md: the residual adds the
     un-featured input, whatever the width of ``phi(x)``). The op runs the residual-free network
     ``h`` on ``phi(k)`` with targets ``v - k`` for ``loss="l2"`` (``0.5||k + h(phi(k)) - v||^2``
@@ -206,6 +214,8 @@ class NeuralMemory(QKVMixer):
                      conv_size=conv_size, use_decay=use_decay, decay_gate=decay_gate, learned_window_gate=learned_window_gate,
                      channel_lr_rank=channel_lr_rank, damped_momentum=damped_momentum, impl=impl)
         self.check_settings(dict(layer, **rule_settings))
+        if rule is None and "step_bound" not in rule_settings:
+            rule_settings["step_bound"] = default_step_bound(rule_settings.get("optimizer", UpdateRule.optimizer))
         rule = resolve_rule(rule, rule_settings, LAYER_RULE_DEFAULTS)
         self.phi = make_feature_map(feature_map, head_dim, num_heads, poly_degree, poly_constant)
         key_dim = self.phi.out_dim
@@ -266,8 +276,9 @@ class NeuralMemory(QKVMixer):
         """Each setting as :meth:`QKVMixer.check_settings` does, then those that only hold together
         (over the defaults): the rule's (``decay_first`` needs ``chunk_size=1`` and token
         granularity), ``decay_gate="mamba2"``, which needs ``use_decay=True``, and
-        ``channel_lr_rank``, which needs ``impl`` other than ``"triton"``. One-line ``TypeError`` /
-        ``ValueError``."""
+        ``channel_lr_rank``, which needs ``impl`` other than ``"triton"``, and ``step_bound`` (given
+        or the default of :func:`default_step_bound`), which ``impl="triton"`` computes only for the
+        linear memory. One-line ``TypeError`` / ``ValueError``."""
         super().check_settings(settings, group)
         merged = dict(SETTINGS, **settings)
         UpdateRule.from_settings(merged)
@@ -275,6 +286,10 @@ class NeuralMemory(QKVMixer):
             raise ValueError(f"decay_gate={merged['decay_gate']!r} shapes the forget gate: it needs use_decay=True")
         if merged["channel_lr_rank"] and merged["impl"] == "triton":
             raise ValueError("channel_lr_rank needs impl='chunk' or 'reference': the Triton kernels take one window gate per head")
+        bound = settings.get("step_bound", default_step_bound(merged["optimizer"]))
+        if bound is not None and merged["impl"] == "triton" and merged["architecture"] != "linear":
+            raise ValueError(f"impl='triton' computes step_bound only for architecture='linear'; pass step_bound=None for the "
+                             f"papers' rule in Triton, or impl='chunk' (got architecture={merged['architecture']!r}, step_bound={bound})")
 
     def forward(
         self, x: Tensor, state: Optional[NeuralMemoryState] = None, return_state: bool = False, *,
@@ -342,6 +357,13 @@ class NeuralMemory(QKVMixer):
             f"window={r.window}, chunk_size={r.chunk_size}, granularity={r.granularity}, decay_first={r.decay_first}"
             + (f", channel_lr_rank={self.channel_proj[0].out_features}" if self.channel_proj is not None else "")
         )
+
+
+def default_step_bound(optimizer: str) -> Optional[float]:
+    """The layer's ``step_bound`` when none is given: 1.0 for ``gd`` and ``momentum`` (a chunk's
+    stale steps never overshoot its least-squares fit along any direction of a matrix's inputs,
+    docs/numerics.md), None for ``muon``, whose steps are orthogonalised."""
+    return None if optimizer == "muon" else 1.0
 
 
 def _keyword_defaults(cls) -> dict:

@@ -10,7 +10,7 @@ from ..checks import check_choice, check_int, check_positive
 from ..layers.common import default_intermediate_size
 from ..layers.kernel_memory import KernelMemory
 from ..layers.memory_layer import SETTINGS as MEMORY_SETTINGS
-from ..layers.memory_layer import NeuralMemory
+from ..layers.memory_layer import NeuralMemory, default_step_bound
 from ..ops import UpdateRule
 
 BLOCK_TYPES = ("attn", "swa", "memory", "kernel", "mac", "mag", "mal")
@@ -87,8 +87,24 @@ class DeepMemoryConfig(PretrainedConfig):
             # configs saved before the rule field was named ``architecture`` still load
             self.memory["architecture"] = self.memory.pop("memory")
         self.kernel = dict(self.kernel or {})
+        if set(self.layer_pattern) & set(MEMORY_BLOCKS) and "step_bound" not in self.memory:
+            # recorded, so that a saved config keeps the bound it was made with (see from_dict)
+            self.memory["step_bound"] = default_step_bound(self.memory.get("optimizer", MEMORY_SETTINGS["optimizer"]))
         super().__post_init__(**kwargs)
         self.check()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A config from a stored dict (``from_pretrained``, a run's record). A config with memory
+        blocks whose ``memory`` settings do not name ``step_bound`` was saved before the memory
+        layer bounded stale steps by default: it loads with ``step_bound=None``, the rule it was
+        trained with (new configs always record it)."""
+        memory = config_dict.get("memory")
+        pattern = config_dict.get("layer_pattern", "attn")
+        blocks = {pattern} if isinstance(pattern, str) else set(pattern) if isinstance(pattern, (list, tuple)) else set()
+        if blocks & set(MEMORY_BLOCKS) and isinstance(memory, dict) and "step_bound" not in memory:
+            config_dict = dict(config_dict, memory=dict(memory, step_bound=None))
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def rule(self) -> Optional[UpdateRule]:

@@ -46,13 +46,16 @@ float32), which is not guarded.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from .coefficients import chunk_layout, gate_coefficients, nonfinite, poison_rows, retention_products, segprod, zero_rows
+from .coefficients import (chunk_layout, gate_coefficients, nonfinite, poison_rows, retention_products, segprod, step_scale,
+                           zero_rows)
 from .delta import delta_rule, is_delta_rule
 from .memory import NS_COEFFICIENTS, dense_apply, memory_forward, newton_schulz, token_gradients
 from .problem import Problem, Result
@@ -93,7 +96,10 @@ def chunk(p: Problem) -> Result:
     The exactly online delta rule (linear memory, l2, gd, window 1, chunk size 1) takes the WY form
     of :mod:`.delta` instead, which is exact at every token without a chunk per token. Under
     ``decay_first`` (chunk size 1) each chunk's gradients are taken at ``(1 - decay_t) W_s``."""
+    bound = p.rule.step_bound
     if is_delta_rule(p.rule) and p.channel is None:
+        if bound is not None:  # one token a chunk: the bound scales that token's learning rate
+            p = replace(p, lr=p.lr * step_scale([p.k.unsqueeze(-2)], (p.lr * p.gamma)[..., None, None], bound)[..., 0])
         return delta_rule(p)
     token = p.rule.granularity == "token"
     lay = chunk_layout(p, sanitize=token, keys_values=token)
@@ -103,7 +109,7 @@ def chunk(p: Problem) -> Result:
     kx, vx, q = lay.kx.unbind(2), lay.vx.unbind(2), lay.q.unbind(2)
     cx = (None,) * n_chunks if lay.cx is None else lay.cx.unbind(2)
     if not token:
-        return _chunk_granularity(p, q, kx, vx, cx, lay.lr, lay.momentum, lay.retention, lay.gamma, n, b, last_len)
+        return _chunk_granularity(p, lay, q, kx, vx, cx, n, b, last_len)
     if p.rule.optimizer == "muon":
         d_a, a_cum = retention_products(lay)
         return _muon_token(p, lay, q, kx, vx, cx, d_a, a_cum, n, b, last_len)
@@ -138,18 +144,22 @@ def chunk(p: Problem) -> Result:
         if p.rule.decay_first:  # chunk size 1: the gradient at the forgotten weights
             w_s = {m: ret[j] * t for m, t in w_s.items()}
         grads = token_gradients(p.spec, w_s, kx[j], vx[j], p.rule.loss, cx[j])
-        c_j, r_j, mix_j = c_coef[j], read_coef[j].unsqueeze(-1), mix[j]
+        c_j, r_j, mix_j, out_j = c_coef[j], read_coef[j].unsqueeze(-1), mix[j], out_coef[j]
         if guard:
             grads, rows = _guard(grads, lay)
             r_j = poison_rows(rows, r_j)
             mix_j = poison_rows(rows[..., -1], mix_j)
+        if bound is not None:  # row t sees the chunk's learning rates times s_t, and so does the state after it
+            scale = step_scale([a for _, a in grads.values()], c_j, bound)  # [B, H, b]
+            c_j = scale.unsqueeze(-1) * c_j
+            out_j = scale[..., (last_len if j == n_chunks - 1 else b) - 1, None, None] * out_j
 
         def dual_apply(name: str, x: Tensor) -> Tensor:
             d, a = grads[name]
             return _read_start(ws[name], x, r_j) - (c_j * (x @ a.transpose(-1, -2))) @ d
 
         outs.append(memory_forward(p.spec, dual_apply, q[j]))
-        ws = {m: torch.einsum("bhkl,bhlrc->bhkrc", mix_j, t) - _outer_sums(out_coef[j], *grads[m]) for m, t in ws.items()}
+        ws = {m: torch.einsum("bhkl,bhlrc->bhkrc", mix_j, t) - _outer_sums(out_j, *grads[m]) for m, t in ws.items()}
     if last_len == b:
         ws_chunk = ws
     unstack = lambda st, i: {m: t[:, :, i] for m, t in st.items()}  # noqa: E731
@@ -339,10 +349,11 @@ def newton_schulz_batched(g: Tensor, steps: int) -> Tensor:
     return x.reshape(g.shape)
 
 
-def _chunk_granularity(p: Problem, q, kx, vx, cx, lr, mom, ret, gamma, n: int, b: int, last_len: int) -> Result:
+def _chunk_granularity(p: Problem, lay, q, kx, vx, cx, n: int, b: int, last_len: int) -> Result:
     """One update per chunk with its gates averaged; the chunk's tokens read the previous chunk's memory.
     A short last chunk is not applied: it stays pending in the state until the chunk completes."""
     n_chunks = len(q)
+    lr, mom, ret, gamma = lay.lr, lay.momentum, lay.retention, lay.gamma
     coef = gamma.sum(-2) if p.rule.optimizer == "muon" else (lr.unsqueeze(-1) * gamma).sum(-2)  # [B, H, nc, n_ext]
     coef, keep_s, keep_w, mean_lr = (x.unbind(2) for x in (coef, mom.mean(-1), ret.mean(-1), lr.mean(-1)))
     w, s = dict(p.w0), dict(p.s0)
@@ -352,7 +363,10 @@ def _chunk_granularity(p: Problem, q, kx, vx, cx, lr, mom, ret, gamma, n: int, b
         if j == n_chunks - 1 and last_len < b:
             break
         grads = token_gradients(p.spec, w, kx[j], vx[j], p.rule.loss, cx[j])
-        step = {m: _outer_sums(coef[j].unsqueeze(-2), *grads[m])[:, :, 0] for m in w}
+        coef_j = coef[j].unsqueeze(-2)
+        if p.rule.step_bound is not None:  # the chunk's one step, scaled as a whole
+            coef_j = step_scale([a for _, a in grads.values()], coef_j, p.rule.step_bound).unsqueeze(-1) * coef_j
+        step = {m: _outer_sums(coef_j, *grads[m])[:, :, 0] for m in w}
         ks, kw = keep_s[j][..., None, None], keep_w[j][..., None, None]
         if p.rule.optimizer == "muon":
             s = {m: ks * s[m] + step[m] for m in w}

@@ -193,3 +193,30 @@ def gate_coefficients(layout: ChunkLayout, optimizer: str) -> GateCoefficients:
         m_coef = (d_a @ e_cum.unsqueeze(-1)).squeeze(-1)
     return GateCoefficients(d_a=d_a, a_cum=a_cum, e_cum=e_cum, m_coef=m_coef, s_coef=s_coef, c_coef=d_a @ s_coef)
 
+
+def step_scale(inputs, coef: Tensor, bound: float) -> Tensor:
+    """The factor the rule's ``step_bound`` puts on each row's learning rates (docs/numerics.md).
+
+    ``inputs``: for each weight matrix of the memory, the inputs ``a_i [..., n_ext, cols]`` it
+    multiplies for the tokens of a span (the ``a`` of its gradients ``delta_i a_i^T``; for the
+    linear memory the keys); ``coef [..., r, n_ext]`` (``C(t, i) >= 0``: the weight of token
+    ``i``'s gradient in row ``t``'s step) -> ``[..., r]`` in (0, 1]: ``min(1, bound / F_t)`` with
+    ``F_t = max over the matrices of ||H_t||_F``, ``H_t = sum_i C(t, i) a_i a_i^T`` (the row's
+    summed step along the directions of the matrix's inputs), computed as
+    ``||H_t||_F^2 = sum_ij c_i c_j cos^2(a_i, a_j)`` with ``c_i = C(t, i) ||a_i||^2``.
+
+    Causal for any input: a row's zero weights are *selected* away before they meet an input's
+    norm (``0 * inf`` would be NaN), so a huge input later in the chunk cannot reach earlier rows;
+    a zero input counts as nothing. Differentiable, with finite gradients where the bound is
+    inactive (the factor is then the constant 1)."""
+    f2 = None
+    for a in inputs:
+        sq = a.pow(2).sum(-1)  # [..., n_ext]: ||a_i||^2 (inf for a huge input)
+        pos = sq > 0
+        unit = torch.where(pos.unsqueeze(-1), a * torch.rsqrt(torch.where(pos, sq, 1.0)).unsqueeze(-1), 0.0)
+        cos2 = (unit @ unit.transpose(-1, -2)).pow(2)  # [..., n_ext, n_ext]
+        c = torch.where(coef > 0, coef * sq.unsqueeze(-2), 0.0)
+        norm2 = ((c @ cos2) * c).sum(-1)
+        f2 = norm2 if f2 is None else torch.maximum(f2, norm2)
+    over = f2 > bound * bound
+    return torch.where(over, bound * torch.rsqrt(torch.where(over, f2, 1.0)), 1.0)

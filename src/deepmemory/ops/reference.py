@@ -37,6 +37,30 @@ def _surprise(p: Problem, w_grad: Dict[str, Tensor], x: int) -> Dict[str, Tensor
     return dict(zip(names, grads))
 
 
+def _curvature(p: Problem, weights: Dict[str, Tensor], x: int) -> Dict[str, Tensor]:
+    """For each weight matrix, ``U_t = sum_{i=t-c+1}^{t} gamma_i a_i a_i^T`` ``[B, H, cols, cols]``
+    with ``a_i`` the input the matrix multiplies when the memory reads key ``i`` (``step_bound``):
+    the inputs are recorded as the memory's forward pass meets each matrix."""
+    lo = max(0, x - p.rule.window + 1)
+    k, g = p.k[:, :, lo : x + 1], p.gamma[:, :, lo : x + 1]
+    seen, dense = {}, dense_apply(weights)
+
+    def record(name: str, a: Tensor) -> Tensor:
+        seen[name] = a
+        return dense(name, a)
+
+    memory_forward(p.spec, record, k)
+    return {m: (g.unsqueeze(-1) * a).transpose(-1, -2) @ a for m, a in seen.items()}
+
+
+def _bound(p: Problem, h: Dict[str, Tensor]) -> Tensor:
+    """``min(1, step_bound / F)`` ``[B, H]``, ``F`` the largest ``||H||_F`` of the chunk's step so far
+    along each matrix's inputs (``h {name: [B, H, cols, cols]}``)."""
+    f2 = torch.stack([t.pow(2).sum((-2, -1)) for t in h.values()]).amax(0)
+    over = f2 > p.rule.step_bound ** 2  # (where the bound is inactive the factor is a constant 1, with no gradient)
+    return torch.where(over, p.rule.step_bound / torch.where(over, f2, 1.0).sqrt(), 1.0)
+
+
 def _col(t: Tensor) -> Tensor:
     return t[:, :, None, None]
 
@@ -67,7 +91,7 @@ def reference(p: Problem) -> Result:
     the inputs enter as constants and the results leave as constants (nothing flows back)."""
     if not torch.is_grad_enabled():
         return _as_constants(p)
-    n, b = p.q.shape[2], p.rule.chunk_size
+    n, b, bound = p.q.shape[2], p.rule.chunk_size, p.rule.step_bound
     w, s = dict(p.w0), dict(p.s0)
     w_chunk, s_chunk = w, s
     outs = []
@@ -77,19 +101,32 @@ def reference(p: Problem) -> Result:
             lr, mom, ret = p.lr[:, :, t], p.momentum[:, :, t], 1.0 - p.decay[:, :, t]
             if t % b == 0:
                 w_chunk, s_chunk = w, s
+                # step_bound: the same recurrence without gradients (wz, sz), and on each matrix's
+                # inputs' outer products (hw, hs: the chunk's step so far along those directions);
+                # the state is (wz, sz) plus the gradients' part times min(1, bound / max ||hw||_F),
+                # while (wu, su) run on unscaled
+                wu, su, wz, sz = w, s, w, s
             if p.rule.granularity == "token":
                 # decay_first (Gated DeltaNet; chunk_size 1): the gradient at the forgotten weights
                 at = {m: _col(ret) * w_chunk[m] for m in w} if p.rule.decay_first else w_chunk
                 u = _surprise(p, at, x)
-                if p.rule.optimizer == "gd":
-                    s = {m: -_col(lr) * u[m] for m in w}
-                    w = {m: _col(ret) * w[m] + s[m] for m in w}
-                elif p.rule.optimizer == "momentum":
-                    s = {m: _col(mom) * s[m] - _col(lr) * u[m] for m in w}
-                    w = {m: _col(ret) * w[m] + s[m] for m in w}
-                else:
+                if p.rule.optimizer == "muon":
                     s = {m: _col(mom) * s[m] + u[m] for m in w}
                     w = {m: _col(ret) * w[m] - _col(lr) * newton_schulz(s[m], p.rule.ns_steps) for m in w}
+                else:
+                    keep = 0.0 if p.rule.optimizer == "gd" else _col(mom)
+                    su = {m: (0.0 if p.rule.optimizer == "gd" else keep * su[m]) - _col(lr) * u[m] for m in w}
+                    wu = {m: _col(ret) * wu[m] + su[m] for m in w}
+                    w, s = wu, su
+                    if bound is not None:
+                        sz = {m: keep * sz[m] for m in w}
+                        wz = {m: _col(ret) * wz[m] + sz[m] for m in w}
+                        cur = _curvature(p, at, x)
+                        hs = {m: (0.0 if t % b == 0 else keep * hs[m]) + _col(lr) * cur[m] for m in cur}
+                        hw = {m: (0.0 if t % b == 0 else _col(ret) * hw[m]) + hs[m] for m in cur}
+                        f = _col(_bound(p, hw))
+                        w = {m: wz[m] + f * (wu[m] - wz[m]) for m in w}
+                        s = {m: sz[m] + f * (su[m] - sz[m]) for m in w}
                 outs.append(memory_forward(p.spec, dense_apply(w), p.q[:, :, t : t + 1]))
             else:
                 # tokens of chunk J read W_{J-1}; the chunk's single update lands after its last token
@@ -105,6 +142,10 @@ def reference(p: Problem) -> Result:
                         w = {m: _col(mean_ret) * w[m] - _col(mean_lr) * newton_schulz(s[m], p.rule.ns_steps) for m in w}
                     else:
                         step = {m: sum(_col(p.lr[:, :, start + j]) * u[m] for j, u in enumerate(us)) for m in w}
+                        if bound is not None:
+                            curs = [_curvature(p, w_chunk, p.n_hist + i) for i in range(start, t + 1)]
+                            h = {m: sum(_col(p.lr[:, :, start + j]) * c[m] for j, c in enumerate(curs)) for m in w}
+                            step = {m: _col(_bound(p, h)) * step[m] for m in w}
                         keep = 0.0 if p.rule.optimizer == "gd" else _col(mean_mom)
                         s = {m: keep * s[m] - step[m] for m in w}
                         w = {m: _col(mean_ret) * w[m] + s[m] for m in w}

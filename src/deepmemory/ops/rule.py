@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from ..checks import RENAMED, Settings, check_bool, check_choice, check_int
+from ..checks import RENAMED, Settings, check_bool, check_choice, check_int, check_positive
 from .memory import ACTIVATIONS, LOSSES, ARCHITECTURES, MemorySpec
 
 OPTIMIZERS = ("gd", "momentum", "muon")
@@ -56,10 +56,21 @@ class UpdateRule(Settings):
             ``S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T``). False (the default)
             takes it at ``W_{t-1}`` as Titans eq. 13–14 do. Forgetting before the gradient is defined
             token by token: it needs ``chunk_size=1`` and ``granularity="token"``.
+        step_bound: None (the default: the papers' rule) or a positive number ``tau`` bounding the
+            stale step of a chunk (gd and momentum). Token ``t`` of a chunk sees the chunk's
+            gradients, all taken at its start, with weights ``C(t, i)`` (learning rates times the
+            momentum, forgetting and window products); ``H_t = sum_i C(t, i) k_i k_i^T`` is that
+            step's curvature for the l2 loss of a linear memory (identical keys add up: ``b``
+            repeats of one key make ``||H_t|| = b lr``). When ``||H_t||_F > tau`` the chunk's
+            learning rates, as token ``t`` and the state after it see them, are multiplied by
+            ``tau / ||H_t||_F``; otherwise nothing changes. ``tau = 1`` forbids overshooting the
+            chunk's least-squares fit along any key (Gated DeltaNet's ``beta <= 1``, for a chunk).
+            docs/numerics.md.
 
     Raises:
         TypeError / ValueError: a one-line message naming the first bad field; ``ValueError`` for
-            ``decay_first`` with ``chunk_size != 1`` or ``granularity="chunk"``.
+            ``decay_first`` with ``chunk_size != 1`` or ``granularity="chunk"``, and for
+            ``step_bound`` with ``optimizer="muon"``.
     """
 
     architecture: str = "mlp"
@@ -74,9 +85,13 @@ class UpdateRule(Settings):
     chunk_size: int = 64
     granularity: str = "token"
     decay_first: bool = False
+    step_bound: Optional[float] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.step_bound is not None and self.optimizer == "muon":
+            raise ValueError("step_bound bounds the summed steps of optimizer='gd' or 'momentum'; Muon's step is "
+                             "orthogonalised (lr times a matrix of unit singular values), bounded as it is")
         if self.decay_first and (self.chunk_size != 1 or self.granularity != "token"):
             raise ValueError("decay_first (forget, then take the gradient) is defined token by token: it needs chunk_size=1 "
                              f"and granularity='token'; got chunk_size={self.chunk_size}, granularity={self.granularity!r}")
@@ -101,6 +116,7 @@ UpdateRule.FIELD_CHECKS = {
     "chunk_size": check_int,
     "granularity": lambda label, v: check_choice(label, v, GRANULARITIES),
     "decay_first": check_bool,
+    "step_bound": lambda label, v: v is None or check_positive(label, v),
 }
 FIELDS = UpdateRule.field_names()
 assert tuple(UpdateRule.FIELD_CHECKS) == FIELDS

@@ -54,6 +54,7 @@ one matrix product with it does (about ``3e38 / |W|`` in float32); that is not g
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -62,7 +63,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from .coefficients import chunk_layout, gate_coefficients, poison_rows
+from .coefficients import chunk_layout, gate_coefficients, poison_rows, step_scale
 from .problem import Problem, Result
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -113,6 +114,9 @@ def _check(p: Problem) -> None:
         )
     if p.channel is not None:
         raise ValueError("impl='triton' does not support a channel-wise window_gate [B, T, H, dv]; impl='chunk' computes it")
+    if p.rule.step_bound is not None and spec.architecture != "linear":
+        raise ValueError("impl='triton' supports step_bound only for architecture='linear' (an MLP's bound reads its hidden "
+                         "activations chunk by chunk); impl='chunk' computes it")
     if p.rule.decay_first:
         raise ValueError("impl='triton' does not support decay_first (Gated DeltaNet); impl='chunk' computes it "
                          "(in the WY form for the linear memory with l2 and gd)")
@@ -593,6 +597,9 @@ def triton_chunk(p: Problem) -> Result:
     dv = p.dv
     lay = chunk_layout(p, sanitize=True, keys_values=True)
     g = gate_coefficients(lay, p.rule.optimizer)
+    if p.rule.step_bound is not None:  # the linear memory's inputs are its keys: every chunk's factor at once
+        scale = step_scale([lay.kx], g.c_coef, p.rule.step_bound).unsqueeze(-1)
+        g = replace(g, c_coef=scale * g.c_coef, s_coef=scale * g.s_coef)
     b, n_chunks, last_len = lay.b, lay.n_chunks, lay.last_len
     # the kernels carry the state from chunk to chunk, so a marked token reaches every later row
     marked = lay.bad.any(-1)  # [B, H, nc]
