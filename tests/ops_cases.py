@@ -34,3 +34,20 @@ def make_inputs(bsz: int, seq: int, nh: int, dk: int, dv: int, *, optimizer: str
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = b.abs().max().item()
     return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def streamed(inputs, params, cuts, **kw):
+    """The op run in pieces ending at ``cuts`` (then the end), each continuing the previous state:
+    ``inputs`` = (q, k, v, lr, momentum, decay, window_gate) ``[B, T, ...]``; returns the outputs
+    joined along T and the last state."""
+    from deepmemory.ops import neural_memory
+
+    q, k, v, lr, mom, dec, gam = inputs
+    outs, state, lo = [], None, 0
+    for hi in list(cuts) + [q.shape[1]]:
+        piece = lambda t: None if t is None else t[:, lo:hi]  # noqa: E731
+        o, state = neural_memory(*(piece(t) for t in (q, k, v, lr, mom, dec)), params, window_gate=piece(gam),
+                                 initial_state=state, output_final_state=True, **kw)
+        outs.append(o)
+        lo = hi
+    return torch.cat(outs, 1), state

@@ -13,7 +13,7 @@ import torch
 from deepmemory.layers import NeuralMemory
 from deepmemory.models import build
 from deepmemory.ops import ARCHITECTURES, neural_memory
-from ops_cases import make_inputs, make_params, rel_err
+from ops_cases import make_inputs, make_params, rel_err, streamed
 from test_causality import _poison, _same_before
 from test_ops import DK, DV, HIDDEN, _compare
 
@@ -46,13 +46,8 @@ def test_streaming_at_any_split(optimizer, impl):
     params = make_params("mlp", 2, DK, DV, HIDDEN)
     full, st = neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam, output_final_state=True, **kw)
     for cuts in ([1], [6], [3, 4, 13], list(range(1, seq))):
-        outs, state, lo = [], None, 0
-        for hi in cuts + [seq]:
-            o, state = neural_memory(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], lr[:, lo:hi], mom[:, lo:hi], dec[:, lo:hi], params,
-                                     window_gate=gam[:, lo:hi], initial_state=state, output_final_state=True, **kw)
-            outs.append(o)
-            lo = hi
-        assert rel_err(torch.cat(outs, 1), full) <= 1e-10, cuts
+        out, state = streamed((q, k, v, lr, mom, dec, gam), params, cuts, **kw)
+        assert rel_err(out, full) <= 1e-10, cuts
         assert state.window_gate.shape[-1] == DV
         for n in st.weights:
             assert rel_err(state.weights[n], st.weights[n]) <= 1e-10

@@ -19,7 +19,7 @@ import torch
 from deepmemory.layers import NeuralMemory
 from deepmemory.models import DeepMemoryConfig, build
 from deepmemory.ops import ARCHITECTURES, UpdateRule, neural_memory
-from ops_cases import make_inputs, make_params, rel_err
+from ops_cases import make_inputs, make_params, rel_err, streamed
 from test_causality import _check_op
 from test_ops import DK, DV, HIDDEN, _compare
 
@@ -77,13 +77,8 @@ def test_streaming_at_any_split(optimizer, granularity, impl):
     params = make_params("mlp", 2, DK, DV, HIDDEN)
     full, st = neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam, output_final_state=True, **kw)
     for cuts in ([1], [6], [3, 4, 13], list(range(1, seq))):
-        outs, state, lo = [], None, 0
-        for hi in cuts + [seq]:
-            o, state = neural_memory(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], lr[:, lo:hi], mom[:, lo:hi], dec[:, lo:hi], params,
-                                     window_gate=gam[:, lo:hi], initial_state=state, output_final_state=True, **kw)
-            outs.append(o)
-            lo = hi
-        assert rel_err(torch.cat(outs, 1), full) <= 1e-10, cuts
+        out, state = streamed((q, k, v, lr, mom, dec, gam), params, cuts, **kw)
+        assert rel_err(out, full) <= 1e-10, cuts
         for group in ("weights", "momentum", "chunk_weights", "chunk_momentum"):
             for n, t in getattr(st, group).items():
                 assert rel_err(getattr(state, group)[n], t) <= 1e-10, (cuts, group, n)
@@ -155,10 +150,12 @@ def test_bound_one_lands_a_chunk_of_one_key_on_its_fit(repeats):
     assert rel_err(free.weights["w0"][0, 0] @ key - v[0, 0, 0], (1 - repeats * 0.9) * err0) <= 1e-12
 
 
-def test_inactive_bound_is_the_papers_rule_bitwise():
+@pytest.mark.parametrize("impl", ["chunk", "reference"])
+@pytest.mark.parametrize("granularity", ["token", "chunk"])
+def test_inactive_bound_is_the_papers_rule_bitwise(impl, granularity):
     """Where every row's ``F_t`` is within the bound, nothing changes, to the bit."""
-    kw = dict(architecture="mlp", optimizer="momentum", window=3, chunk_size=4)
-    assert torch.equal(_outputs(kw, 1e6), _outputs(kw, None))
+    kw = dict(architecture="mlp", optimizer="momentum", window=3, chunk_size=4, granularity=granularity)
+    assert torch.equal(_outputs(kw, 1e6, impl=impl), _outputs(kw, None, impl=impl))
 
 
 # ---- bad values, Triton, settings ------------------------------------------------------------------
@@ -226,5 +223,8 @@ def test_layer_and_config_defaults_and_old_configs():
     old["memory"] = {k: v for k, v in old["memory"].items() if k != "step_bound"}
     assert DeepMemoryConfig.from_dict(old).rule.step_bound is None
     assert DeepMemoryConfig.from_dict(dict(old, layer_pattern="attn", memory={})).memory == {}
+    for empty in (None, "absent"):  # a memory model saved with no memory settings at all
+        stored = {k: v for k, v in old.items() if k != "memory"} if empty == "absent" else dict(old, memory=None)
+        assert DeepMemoryConfig.from_dict(stored).rule.step_bound is None, empty
     for name in ("titans-mac", "omeganet", "gated-deltanet", "atlas"):
         assert build(name, size="tiny", vocab_size=256).config.rule.step_bound is None, name

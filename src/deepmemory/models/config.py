@@ -102,8 +102,8 @@ class DeepMemoryConfig(PretrainedConfig):
         memory = config_dict.get("memory")
         pattern = config_dict.get("layer_pattern", "attn")
         blocks = {pattern} if isinstance(pattern, str) else set(pattern) if isinstance(pattern, (list, tuple)) else set()
-        if blocks & set(MEMORY_BLOCKS) and isinstance(memory, dict) and "step_bound" not in memory:
-            config_dict = dict(config_dict, memory=dict(memory, step_bound=None))
+        if blocks & set(MEMORY_BLOCKS) and (memory is None or isinstance(memory, dict) and "step_bound" not in memory):
+            config_dict = dict(config_dict, memory=dict(memory or {}, step_bound=None))
         return super().from_dict(config_dict, **kwargs)
 
     @property

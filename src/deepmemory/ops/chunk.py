@@ -150,7 +150,7 @@ def chunk(p: Problem) -> Result:
             r_j = poison_rows(rows, r_j)
             mix_j = poison_rows(rows[..., -1], mix_j)
         if bound is not None:  # row t sees the chunk's learning rates times s_t, and so does the state after it
-            scale = step_scale([a for _, a in grads.values()], c_j, bound)  # [B, H, b]
+            scale = _bound_scale(bound, c_j, [a for _, a in grads.values()])  # [B, H, b]
             c_j = scale.unsqueeze(-1) * c_j
             out_j = scale[..., (last_len if j == n_chunks - 1 else b) - 1, None, None] * out_j
 
@@ -164,6 +164,13 @@ def chunk(p: Problem) -> Result:
         ws_chunk = ws
     unstack = lambda st, i: {m: t[:, :, i] for m, t in st.items()}  # noqa: E731
     return Result(torch.cat(outs, 2)[:, :, :n], unstack(ws, 0), unstack(ws, 1), unstack(ws_chunk, 0), unstack(ws_chunk, 1))
+
+
+def _bound_scale(bound: float, coef: Tensor, inputs) -> Tensor:
+    """:func:`~.coefficients.step_scale` of one chunk, recomputed in the backward: what autograd
+    keeps for it is only ``coef`` and the matrices' inputs, which the chunk keeps anyway (its Gram
+    matrices and normalised inputs would otherwise add about a fifth to the chunk's saved memory)."""
+    return _recomputed(lambda b, c, *a: (step_scale(list(a), c, b),), (bound,), (coef, *inputs))[0]
 
 
 def _guard(grads, lay):
@@ -365,7 +372,7 @@ def _chunk_granularity(p: Problem, lay, q, kx, vx, cx, n: int, b: int, last_len:
         grads = token_gradients(p.spec, w, kx[j], vx[j], p.rule.loss, cx[j])
         coef_j = coef[j].unsqueeze(-2)
         if p.rule.step_bound is not None:  # the chunk's one step, scaled as a whole
-            coef_j = step_scale([a for _, a in grads.values()], coef_j, p.rule.step_bound).unsqueeze(-1) * coef_j
+            coef_j = _bound_scale(p.rule.step_bound, coef_j, [a for _, a in grads.values()]).unsqueeze(-1) * coef_j
         step = {m: _outer_sums(coef_j, *grads[m])[:, :, 0] for m in w}
         ks, kw = keep_s[j][..., None, None], keep_w[j][..., None, None]
         if p.rule.optimizer == "muon":

@@ -125,8 +125,9 @@ def reference(p: Problem) -> Result:
                         hs = {m: (0.0 if t % b == 0 else keep * hs[m]) + _col(lr) * cur[m] for m in cur}
                         hw = {m: (0.0 if t % b == 0 else _col(ret) * hw[m]) + hs[m] for m in cur}
                         f = _col(_bound(p, hw))
-                        w = {m: wz[m] + f * (wu[m] - wz[m]) for m in w}
-                        s = {m: sz[m] + f * (su[m] - sz[m]) for m in w}
+                        scaled = f < 1  # (elsewhere the unscaled state as it is: the papers' rule, bitwise)
+                        w = {m: torch.where(scaled, wz[m] + f * (wu[m] - wz[m]), wu[m]) for m in w}
+                        s = {m: torch.where(scaled, sz[m] + f * (su[m] - sz[m]), su[m]) for m in w}
                 outs.append(memory_forward(p.spec, dense_apply(w), p.q[:, :, t : t + 1]))
             else:
                 # tokens of chunk J read W_{J-1}; the chunk's single update lands after its last token
@@ -145,7 +146,8 @@ def reference(p: Problem) -> Result:
                         if bound is not None:
                             curs = [_curvature(p, w_chunk, p.n_hist + i) for i in range(start, t + 1)]
                             h = {m: sum(_col(p.lr[:, :, start + j]) * c[m] for j, c in enumerate(curs)) for m in w}
-                            step = {m: _col(_bound(p, h)) * step[m] for m in w}
+                            f = _col(_bound(p, h))
+                            step = {m: torch.where(f < 1, f * step[m], step[m]) for m in w}
                         keep = 0.0 if p.rule.optimizer == "gd" else _col(mean_mom)
                         s = {m: keep * s[m] - step[m] for m in w}
                         w = {m: _col(mean_ret) * w[m] + s[m] for m in w}

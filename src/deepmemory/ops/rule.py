@@ -91,7 +91,7 @@ class UpdateRule(Settings):
         super().__post_init__()
         if self.step_bound is not None and self.optimizer == "muon":
             raise ValueError("step_bound bounds the summed steps of optimizer='gd' or 'momentum'; Muon's step is "
-                             "orthogonalised (lr times a matrix of unit singular values), bounded as it is")
+                             "orthogonalised (lr times a matrix of unit singular values), bounded as it is: pass step_bound=None")
         if self.decay_first and (self.chunk_size != 1 or self.granularity != "token"):
             raise ValueError("decay_first (forget, then take the gradient) is defined token by token: it needs chunk_size=1 "
                              f"and granularity='token'; got chunk_size={self.chunk_size}, granularity={self.granularity!r}")
