@@ -168,8 +168,9 @@ class NeuralMemory(QKVMixer):
     The stale-step bound: given as keywords, the rule's ``step_bound`` defaults here to 1.0 for
     ``gd`` and ``momentum`` (None for ``muon``; :func:`default_step_bound`), so that a chunk's
     steps, all taken at its start weights, never overshoot its least-squares fit along any
-    direction of a matrix's inputs, whatever the chunk size, window, width or ``max_lr``
-    (``UpdateRule.step_bound``, docs/numerics.md); where it is inactive the rule is the papers'.
+    direction of a matrix's inputs, whatever the chunk size, window or ``max_lr`` (momentum
+    carried between chunks is not bounded; ``UpdateRule.step_bound``, docs/numerics.md); where it
+    is inactive the rule is the papers'.
     ``step_bound=None`` is the papers' rule everywhere (the presets use it); a ``rule=`` object
     is taken as it is.
 
@@ -354,7 +355,8 @@ class NeuralMemory(QKVMixer):
         r = self.rule
         return (
             f"architecture={r.architecture}, depth={r.depth}, residual={r.residual}, loss={r.loss}, optimizer={r.optimizer}, "
-            f"window={r.window}, chunk_size={r.chunk_size}, granularity={r.granularity}, decay_first={r.decay_first}"
+            f"window={r.window}, chunk_size={r.chunk_size}, granularity={r.granularity}, decay_first={r.decay_first}, "
+            f"step_bound={r.step_bound}"
             + (f", channel_lr_rank={self.channel_proj[0].out_features}" if self.channel_proj is not None else "")
         )
 

@@ -57,15 +57,17 @@ class UpdateRule(Settings):
             takes it at ``W_{t-1}`` as Titans eq. 13–14 do. Forgetting before the gradient is defined
             token by token: it needs ``chunk_size=1`` and ``granularity="token"``.
         step_bound: None (the default: the papers' rule) or a positive number ``tau`` bounding the
-            stale step of a chunk (gd and momentum). Token ``t`` of a chunk sees the chunk's
+            stale steps of a chunk (gd and momentum). Token ``t`` of a chunk sees the chunk's
             gradients, all taken at its start, with weights ``C(t, i)`` (learning rates times the
-            momentum, forgetting and window products); ``H_t = sum_i C(t, i) k_i k_i^T`` is that
-            step's curvature for the l2 loss of a linear memory (identical keys add up: ``b``
-            repeats of one key make ``||H_t|| = b lr``). When ``||H_t||_F > tau`` the chunk's
-            learning rates, as token ``t`` and the state after it see them, are multiplied by
-            ``tau / ||H_t||_F``; otherwise nothing changes. ``tau = 1`` forbids overshooting the
-            chunk's least-squares fit along any key (Gated DeltaNet's ``beta <= 1``, for a chunk).
-            docs/numerics.md.
+            momentum, forgetting and window products). For each weight matrix, with ``a_i`` its
+            input for token ``i`` (the keys, for the linear memory), ``H_t = sum_i C(t, i) a_i
+            a_i^T`` is that step along the matrix's input directions (the curvature of the step
+            for the l2 loss of a linear memory: ``b`` repeats of one unit key give ``||H_t|| =
+            b lr``). Where the largest ``||H_t||_F`` exceeds ``tau``, the chunk's learning rates, as
+            token ``t`` and the state after it see them, are multiplied by ``tau / ||H_t||_F``;
+            elsewhere nothing changes. ``tau = 1`` forbids overshooting the chunk's least-squares
+            fit along any input direction (Gated DeltaNet's ``beta <= 1``, for a chunk). Momentum
+            carried from chunk to chunk is not bounded. docs/ops.md, docs/numerics.md.
 
     Raises:
         TypeError / ValueError: a one-line message naming the first bad field; ``ValueError`` for
