@@ -100,7 +100,12 @@ def _sweep_case(change, kind, tokens):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["random", "text"])
-@pytest.mark.parametrize("change", SWEEP, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()) or "base")
+@pytest.mark.parametrize(
+    "change",
+    # chunk size 1 walks 8192 one-token chunks (13 s a case): the 64K sweep (--runlong) covers it
+    [pytest.param(c, marks=pytest.mark.long) if c == dict(chunk_size=1) else c for c in SWEEP],
+    ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()) or "base",
+)
 def test_default_settings_sweep_8k(change, kind):
     _sweep_case(change, kind, 8192)
 

@@ -193,7 +193,7 @@ def test_layer_with_feature_map_matches_chunk():
 
     torch.manual_seed(0)
     layer = NeuralMemory(32, 2, 8, chunk_size=4, architecture="mlp", expansion=2, window=4, feature_map="polynomial",
-                         impl="triton").double().to(DEVICE)
+                         impl="triton", step_bound=None).double().to(DEVICE)
     x = torch.randn(2, 11, 32, dtype=torch.float64, device=DEVICE)
     results = {}
     for impl in ("triton", "chunk"):
