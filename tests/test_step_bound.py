@@ -6,8 +6,8 @@ row ``t``'s state).
 
 The chunk form against the token loop (float64, every memory, loss, optimizer but Muon and
 granularity, forward and backward, odd lengths, chunk sizes, streaming), against loops written here
-from the definition for the linear memory, causality for bad values, the Triton kernels for the
-linear memory, and the settings' errors."""
+from the definition for the linear memory, causality for bad values, and the settings' errors (the
+Triton kernels for the linear memory: tests/test_triton.py)."""
 
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ from deepmemory.models import DeepMemoryConfig, build
 from deepmemory.ops import ARCHITECTURES, UpdateRule, neural_memory
 from ops_cases import make_inputs, make_params, rel_err, streamed
 from test_causality import _check_op
-from test_ops import DK, DV, HIDDEN, _compare
+from test_ops import DK, DV, HIDDEN, _compare, _run
 
 BOUND = 0.3  # small enough that the bound acts on many rows of these inputs (checked below)
 MATRIX = list(itertools.product(ARCHITECTURES, ("l2", "dot"), ("gd", "momentum"), ("token", "chunk"), (1, 3)))
 
 
 def _outputs(kw, bound, seq=13, seed=0, impl="chunk"):
-    q, k, v, lr, mom, dec, gam = make_inputs(2, seq, 2, DK, DV, optimizer=kw["optimizer"], seed=seed)
+    inputs = make_inputs(2, seq, 2, DK, DV, optimizer=kw["optimizer"], seed=seed)
     params = make_params(kw["architecture"], 2, DK, DV, HIDDEN, gen=torch.Generator().manual_seed(seed + 1))
-    return neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam, impl=impl, step_bound=bound, **kw)[0]
+    return _run(impl, inputs, params, step_bound=bound, **kw)[0]
 
 
 @pytest.mark.parametrize("architecture,loss,optimizer,granularity,window", MATRIX)
@@ -170,25 +170,6 @@ def test_causal_for_any_input(kw, impl):
     """A NaN, an infinity or 1e30 at one token leaves every earlier output bitwise as it was: the
     bound's norms select a row's zero weights away before they meet a huge input's norm."""
     _check_op(impl, dict(kw, step_bound=BOUND))
-
-
-@pytest.mark.kernels
-@pytest.mark.parametrize("optimizer,window", [("gd", 3), ("momentum", 1)])
-def test_triton_linear_matches_chunk(optimizer, window):
-    pytest.importorskip("triton")
-    kw = dict(architecture="linear", residual=False, optimizer=optimizer, window=window, chunk_size=4, step_bound=BOUND)
-    q, k, v, lr, mom, dec, gam = make_inputs(2, 13, 2, DK, DV, optimizer=optimizer)
-    ins = [t.float().requires_grad_() for t in (q, k, v, lr)]
-    params = {n: t.float() for n, t in make_params("linear", 2, DK, DV, HIDDEN).items()}
-    res = {}
-    for impl in ("triton", "chunk"):
-        o, st = neural_memory(*ins, mom.float(), dec.float(), params, window_gate=gam.float(), impl=impl, output_final_state=True,
-                              **kw)
-        res[impl] = (o, st.weights["w0"], torch.autograd.grad(o.square().sum(), ins))
-    assert rel_err(res["triton"][0], res["chunk"][0]) <= 1e-5
-    assert rel_err(res["triton"][1], res["chunk"][1]) <= 1e-5
-    for a, b in zip(res["triton"][2], res["chunk"][2]):
-        assert rel_err(a, b) <= 1e-4
 
 
 def test_settings_errors():

@@ -78,6 +78,17 @@ def test_matches_chunk_float64(memory, seq, chunk, window, loss, optimizer):
     _assert_close(_run("triton", ins, params, **kw), _run("chunk", ins, params, **kw), 1e-10, live=seq > 1)
 
 
+@pytest.mark.parametrize("optimizer,window", [("gd", 3), ("momentum", 1)])
+def test_step_bound_matches_chunk(optimizer, window):
+    """The stale-step bound (linear memory, whose inputs are its keys): every chunk's factors built
+    once from the layout, as impl="chunk" builds them chunk by chunk; a bound that acts here."""
+    ins, params = _inputs(2, 13, torch.float64, optimizer=optimizer)
+    kw = dict(architecture="linear", optimizer=optimizer, window=window, chunk_size=4)
+    bounded = _run("triton", ins, params, step_bound=0.3, **kw)
+    _assert_close(bounded, _run("chunk", ins, params, step_bound=0.3, **kw), 1e-10)
+    assert rel_err(bounded[0][0], _run("triton", ins, params, **kw)[0][0]) > 1e-3
+
+
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
 @pytest.mark.parametrize("seq,chunk,window,loss,optimizer", [(33, 4, 5, "l2", "momentum"), (19, 16, 1, "dot", "gd")])
 def test_state_split_into_blocks(memory, seq, chunk, window, loss, optimizer, monkeypatch):
