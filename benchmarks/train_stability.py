@@ -17,7 +17,6 @@ step_bound=null``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
@@ -29,6 +28,7 @@ from deepmemory.bench.measure import print_table
 from deepmemory.data import bits_per_byte, build_corpus, load_tokenizer
 from deepmemory.data.tasks import IGNORE_INDEX, MQAR, recall_accuracy
 from deepmemory.models import DeepMemoryCache, build
+from deepmemory.train.command import task_setting
 from deepmemory.tree import tensors
 
 
@@ -127,18 +127,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: bfloat16 autocast")
-    p.add_argument("--memory", nargs="+", default=[], metavar="KEY=VALUE",
+    p.add_argument("--memory", nargs="+", default=[], type=task_setting, metavar="KEY=VALUE",
                    help="memory settings merged into the presets' (JSON values), e.g. max_lr=1.0 step_bound=null")
     args = p.parse_args()
-    memory = {}
-    for item in args.memory:
-        key, sep, value = item.partition("=")
-        try:
-            memory[key] = json.loads(value)
-        except json.JSONDecodeError:
-            sep = ""
-        if not sep or not key:
-            p.error(f"--memory takes KEY=VALUE with a JSON value; got {item!r}")
+    memory = dict(args.memory)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}; {args.steps} steps, batch {args.batch} x {args.seq_len}, lr {args.lr}, clip 1.0, "
           f"{args.device}, {args.precision}" + (f"; memory {memory}" if memory else ""), flush=True)
