@@ -40,7 +40,9 @@ def save_random_model(preset: str, folder: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="a run directory or exported folder; default: --preset with random weights")
-    p.add_argument("--preset", default="titans-lmm", help="the tiny preset used without --checkpoint; default titans-lmm")
+    p.add_argument(
+        "--preset", default="titans-lmm", help="the tiny preset used without --checkpoint; default titans-lmm"
+    )
     p.add_argument("--task", default="s-niah-1", help="default s-niah-1")
     p.add_argument("--lengths", default="4k,64k,1m", help="comma-separated, k = 1024, m = 1024^2; default 4k,64k,1m")
     p.add_argument("--depth", default="0.5", help="needle depth; default 0.5")
@@ -53,16 +55,45 @@ def main() -> None:
         checkpoint = args.checkpoint or save_random_model(args.preset, os.path.join(tmp, args.preset))
         for length in parse_lengths(args.lengths):
             out = os.path.join(tmp, f"eval-{length}")
-            command = [sys.executable, "-m", "deepmemory", "eval", args.task, "--checkpoint", checkpoint, "--lengths",
-                       str(length), "--samples", "1", "--batch-size", "1", "--depths", args.depth, "--chunk-size",
-                       args.chunk_size, "--threads", "1", "--no-progress", "--out", out]
+            command = [
+                sys.executable,
+                "-m",
+                "deepmemory",
+                "eval",
+                args.task,
+                "--checkpoint",
+                checkpoint,
+                "--lengths",
+                str(length),
+                "--samples",
+                "1",
+                "--batch-size",
+                "1",
+                "--depths",
+                args.depth,
+                "--chunk-size",
+                args.chunk_size,
+                "--threads",
+                "1",
+                "--no-progress",
+                "--out",
+                out,
+            ]
             started = time.time()
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             with open(os.path.join(out, "results.json")) as f:
                 cell = json.load(f)["cells"][0]
-            rows.append({"model": args.checkpoint or f"{args.preset} (random)", "task": args.task, "tokens": f"{length:,}",
-                         "correct": cell["correct"][0], "answer": ascii(cell["outputs"][0])[:20],
-                         "peak_rss_mib": f"{cell['peak_rss_mib']:.0f}", "seconds": f"{time.time() - started:.0f}"})
+            rows.append(
+                {
+                    "model": args.checkpoint or f"{args.preset} (random)",
+                    "task": args.task,
+                    "tokens": f"{length:,}",
+                    "correct": cell["correct"][0],
+                    "answer": ascii(cell["outputs"][0])[:20],
+                    "peak_rss_mib": f"{cell['peak_rss_mib']:.0f}",
+                    "seconds": f"{time.time() - started:.0f}",
+                }
+            )
             print(" | ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
     print()
     print_table(rows, list(rows[0]), left=("model", "task", "answer"))

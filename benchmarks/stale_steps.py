@@ -61,12 +61,14 @@ def stream(layer: NeuralMemory, x: torch.Tensor, piece: int = 4096):
     state, first_bad, largest, marks = None, None, 0.0, {}
     with torch.no_grad():
         for lo in range(0, x.shape[1], piece):
-            y, state = layer(x[:, lo:lo + piece], state, return_state=True)
+            y, state = layer(x[:, lo : lo + piece], state, return_state=True)
             bad = ~torch.isfinite(y).all(-1)[0]
             if bad.any():
                 first_bad = lo + int(bad.nonzero()[0])
                 break
-            largest = max([largest] + [float(w.norm(dim=(-2, -1)).max()) for w in state.recurrent_state.weights.values()])
+            largest = max(
+                [largest] + [float(w.norm(dim=(-2, -1)).max()) for w in state.recurrent_state.weights.values()]
+            )
             if not math.isfinite(largest):
                 first_bad = lo + piece
                 break
@@ -85,9 +87,22 @@ def momentum_rows(tokens: int = 4096):
             row = {"window": str(window), "chunk": str(chunk)}
             for m in (0.0, 0.9, 0.95, 0.97, 0.99):
                 gate = lambda x: torch.full((1, tokens, 1), x, dtype=torch.float64)  # noqa: E731
-                _, st = neural_memory(k, k, v, gate(0.9 * (1 - m)), gate(m), gate(0.001), {"w0": torch.zeros(1, 16, 16, dtype=torch.float64)},
-                                      architecture="linear", residual=False, optimizer="momentum", chunk_size=chunk, window=window,
-                                      step_bound=1.0, output_final_state=True)
+                _, st = neural_memory(
+                    k,
+                    k,
+                    v,
+                    gate(0.9 * (1 - m)),
+                    gate(m),
+                    gate(0.001),
+                    {"w0": torch.zeros(1, 16, 16, dtype=torch.float64)},
+                    architecture="linear",
+                    residual=False,
+                    optimizer="momentum",
+                    chunk_size=chunk,
+                    window=window,
+                    step_bound=1.0,
+                    output_final_state=True,
+                )
                 row[f"momentum {m}"] = f"{float(st.weights['w0'].norm()):.3g}"
             rows.append(row)
     return rows
@@ -107,9 +122,15 @@ def extreme_gate_rows(tokens: int = 16384):
                     layer.lr_proj.bias.fill_(logit(0.9))
                     layer.decay_proj.bias.fill_(logit(0.001))
                 first_bad, marks = stream(layer, layer_input(kind, tokens))
-                rows.append({"window": str(window), "input": kind, "step_bound": str(bound),
-                             "first non-finite": "-" if first_bad is None else str(first_bad),
-                             "max|W|": f"{max(marks.values()):.3g}" if marks else "-"})
+                rows.append(
+                    {
+                        "window": str(window),
+                        "input": kind,
+                        "step_bound": str(bound),
+                        "first non-finite": "-" if first_bad is None else str(first_bad),
+                        "max|W|": f"{max(marks.values()):.3g}" if marks else "-",
+                    }
+                )
     return rows
 
 
@@ -132,10 +153,18 @@ def main() -> None:
                     got = [v for k, v in marks.items() if k <= n]
                     return "inf" if first_bad is not None and first_bad < n else f"{max(got):.3g}" if got else "-"
 
-                rows.append({"setting": name, "input": kind, "step_bound": str(bound),
-                             "first non-finite": "-" if first_bad is None else str(first_bad),
-                             "max|W| 4K": at(4096), "max|W| 8K": at(8192), f"max|W| {args.tokens // 1024}K": at(args.tokens),
-                             "time": f"{time.time() - t0:.0f}s"})
+                rows.append(
+                    {
+                        "setting": name,
+                        "input": kind,
+                        "step_bound": str(bound),
+                        "first non-finite": "-" if first_bad is None else str(first_bad),
+                        "max|W| 4K": at(4096),
+                        "max|W| 8K": at(8192),
+                        f"max|W| {args.tokens // 1024}K": at(args.tokens),
+                        "time": f"{time.time() - t0:.0f}s",
+                    }
+                )
                 print(" | ".join(rows[-1].values()), flush=True)
     print()
     print_table(rows, list(rows[0]), left=("setting", "input"))

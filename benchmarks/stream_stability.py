@@ -44,8 +44,14 @@ def rss_mib():
 
 
 def state_norm(cache) -> float:
-    return max((float(t.flatten(-2).norm(dim=-1).max()) for t in tensors(cache.states)
-                if t.dim() == 4 and t.is_floating_point()), default=0.0)
+    return max(
+        (
+            float(t.flatten(-2).norm(dim=-1).max())
+            for t in tensors(cache.states)
+            if t.dim() == 4 and t.is_floating_point()
+        ),
+        default=0.0,
+    )
 
 
 def stream(name: str, text: torch.Tensor, vocab: int, total: int, piece: int, marks, seed: int):
@@ -61,23 +67,36 @@ def stream(name: str, text: torch.Tensor, vocab: int, total: int, piece: int, ma
     with torch.no_grad():
         while seen < total:
             n = min(piece, total - seen)
-            idx = (torch.arange(seen, seen + n) % text.numel())
+            idx = torch.arange(seen, seen + n) % text.numel()
             logits = model(text[idx][None].long(), cache=cache).logits
             finite = finite and bool(torch.isfinite(logits).all())
             seen += n
             if marks and seen >= marks[0]:
                 marks.pop(0)
                 now, peak = rss_mib()
-                rows.append(dict(model=name, tokens=f"{seen:,}", finite=finite, max_state=f"{state_norm(cache):.3g}",
-                                 rss_mib=f"{now:.0f}", peak_rss_mib=f"{peak:.0f}", seconds=f"{time.time() - t0:.0f}"))
+                rows.append(
+                    dict(
+                        model=name,
+                        tokens=f"{seen:,}",
+                        finite=finite,
+                        max_state=f"{state_norm(cache):.3g}",
+                        rss_mib=f"{now:.0f}",
+                        peak_rss_mib=f"{peak:.0f}",
+                        seconds=f"{time.time() - t0:.0f}",
+                    )
+                )
                 print(" | ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["titans-lmm", "titans-mac", "atlas"],
-                   help="presets (random weights, tiny) or run directories of deepmemory train (trained weights)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["titans-lmm", "titans-mac", "atlas"],
+        help="presets (random weights, tiny) or run directories of deepmemory train (trained weights)",
+    )
     p.add_argument("--tokens", type=int, default=1_000_000, help="tokens to stream per model")
     p.add_argument("--piece", type=int, default=1024, help="tokens per forward call (the cache carries the rest)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-weight models")
@@ -86,8 +105,10 @@ def main() -> None:
     tok = load_tokenizer("bytes")
     text = build_corpus(None, tok).val
     marks = [m for m in (4096, 65536, 262144, 1_000_000) if m < args.tokens] + [args.tokens]
-    print(f"torch {torch.__version__}; {args.tokens:,} tokens in pieces of {args.piece}; text: {text.numel():,} tokens, wrapping",
-          flush=True)
+    print(
+        f"torch {torch.__version__}; {args.tokens:,} tokens in pieces of {args.piece}; text: {text.numel():,} tokens, wrapping",
+        flush=True,
+    )
     rows = []
     for name in args.models:
         rows += stream(name, text, tok.vocab_size, args.tokens, args.piece, marks, args.seed)

@@ -49,13 +49,13 @@ def train(memory: dict, seed: int, steps: int = 300) -> float:
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     for _ in range(steps):
         ids, answers = batch(32, gen)
-        loss = F.cross_entropy(model(ids)[:, 2 * PAIRS:].reshape(-1, VOCAB), answers.reshape(-1))
+        loss = F.cross_entropy(model(ids)[:, 2 * PAIRS :].reshape(-1, VOCAB), answers.reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
     ids, answers = batch(512, torch.Generator().manual_seed(123))
     with torch.no_grad():
-        return (model(ids)[:, 2 * PAIRS:].argmax(-1) == answers).float().mean().item()
+        return (model(ids)[:, 2 * PAIRS :].argmax(-1) == answers).float().mean().item()
 
 
 if __name__ == "__main__":

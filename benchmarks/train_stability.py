@@ -37,12 +37,25 @@ def memory_state_norm(model, ids, autocast) -> float:
     cache = DeepMemoryCache(model.config)
     with torch.no_grad(), autocast():
         model(ids, cache=cache)
-    norms = [float(t.flatten(-2).norm(dim=-1).max()) for t in tensors(cache.states) if t.dim() == 4 and t.is_floating_point()]
+    norms = [
+        float(t.flatten(-2).norm(dim=-1).max()) for t in tensors(cache.states) if t.dim() == 4 and t.is_floating_point()
+    ]
     return max(norms, default=0.0)
 
 
-def run(name: str, task: str, steps: int, batch: int, seq_len: int, log_every: int, seed: int, lr: float,
-        device: str = "cpu", precision: str = "fp32", memory: dict | None = None):
+def run(
+    name: str,
+    task: str,
+    steps: int,
+    batch: int,
+    seq_len: int,
+    log_every: int,
+    seed: int,
+    lr: float,
+    device: str = "cpu",
+    precision: str = "fp32",
+    memory: dict | None = None,
+):
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
 
     def autocast():
@@ -64,12 +77,12 @@ def run(name: str, task: str, steps: int, batch: int, seq_len: int, log_every: i
         train, val = corpus.train, corpus.val
         tpb = corpus.tokens_per_byte("val")
         starts = torch.randint(0, val.numel() - seq_len - 1, (16,), generator=torch.Generator().manual_seed(seed + 1))
-        val_rows = torch.stack([val[s:s + seq_len + 1] for s in starts.tolist()]).long()
+        val_rows = torch.stack([val[s : s + seq_len + 1] for s in starts.tolist()]).long()
         val_ids, val_labels = val_rows[:, :-1], val_rows[:, 1:]
 
         def sample():
             s = torch.randint(0, train.numel() - seq_len - 1, (batch,), generator=gen)
-            rows = torch.stack([train[i:i + seq_len + 1] for i in s.tolist()]).long()
+            rows = torch.stack([train[i : i + seq_len + 1] for i in s.tolist()]).long()
             return rows[:, :-1], rows[:, 1:]
 
     def next_batch():  # sampled on the CPU, so every device sees the same data
@@ -79,8 +92,9 @@ def run(name: str, task: str, steps: int, batch: int, seq_len: int, log_every: i
     model = build(name, size="tiny", vocab_size=vocab, **({"memory": memory} if memory else {})).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+    )
     first_bad, max_grad, max_state, loss = None, 0.0, 0.0, float("nan")
     log = []
     for step in tqdm(range(1, steps + 1), desc=f"{name} {task}", leave=False):
@@ -110,15 +124,30 @@ def run(name: str, task: str, steps: int, batch: int, seq_len: int, log_every: i
     else:
         vl = float(F.cross_entropy(val_logits.reshape(-1, vocab), val_labels.reshape(-1)))
         metric = f"{bits_per_byte(vl, tpb):.3f} bpb"
-    return dict(model=name, task=task, steps=step, first_nonfinite="-" if first_bad is None else str(first_bad),
-                loss=f"{loss:.4f}", metric=metric, max_grad=f"{max_grad:.3g}", max_state=f"{max_state:.3g}"), log
+    return dict(
+        model=name,
+        task=task,
+        steps=step,
+        first_nonfinite="-" if first_bad is None else str(first_bad),
+        loss=f"{loss:.4f}",
+        metric=metric,
+        max_grad=f"{max_grad:.3g}",
+        max_state=f"{max_state:.3g}",
+    ), log
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["titans-lmm", "titans-mac", "omeganet", "atlas"], help="presets (tiny)")
-    p.add_argument("--task", choices=["mqar", "bytes"], nargs="+", default=["mqar", "bytes"],
-                   help="MQAR (128 tokens, 8 pairs) and/or the standard library's bytes")
+    p.add_argument(
+        "--models", nargs="+", default=["titans-lmm", "titans-mac", "omeganet", "atlas"], help="presets (tiny)"
+    )
+    p.add_argument(
+        "--task",
+        choices=["mqar", "bytes"],
+        nargs="+",
+        default=["mqar", "bytes"],
+        help="MQAR (128 tokens, 8 pairs) and/or the standard library's bytes",
+    )
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps per run")
     p.add_argument("--batch", type=int, default=32, help="rows per step")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per row")
@@ -127,19 +156,39 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: bfloat16 autocast")
-    p.add_argument("--memory", nargs="+", default=[], type=task_setting, metavar="KEY=VALUE",
-                   help="memory settings merged into the presets' (JSON values), e.g. max_lr=1.0 step_bound=null")
+    p.add_argument(
+        "--memory",
+        nargs="+",
+        default=[],
+        type=task_setting,
+        metavar="KEY=VALUE",
+        help="memory settings merged into the presets' (JSON values), e.g. max_lr=1.0 step_bound=null",
+    )
     args = p.parse_args()
     memory = dict(args.memory)
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}; {args.steps} steps, batch {args.batch} x {args.seq_len}, lr {args.lr}, clip 1.0, "
-          f"{args.device}, {args.precision}" + (f"; memory {memory}" if memory else ""), flush=True)
+    print(
+        f"torch {torch.__version__}; {args.steps} steps, batch {args.batch} x {args.seq_len}, lr {args.lr}, clip 1.0, "
+        f"{args.device}, {args.precision}" + (f"; memory {memory}" if memory else ""),
+        flush=True,
+    )
     rows = []
     for name in args.models:
         for task in args.task:
             t0 = time.time()
-            row, log = run(name, task, args.steps, args.batch, args.seq_len, args.log_every, args.seed, args.lr,
-                           args.device, args.precision, memory)
+            row, log = run(
+                name,
+                task,
+                args.steps,
+                args.batch,
+                args.seq_len,
+                args.log_every,
+                args.seed,
+                args.lr,
+                args.device,
+                args.precision,
+                memory,
+            )
             row["time"] = f"{time.time() - t0:.0f}s"
             rows.append(row)
             for step, loss, grad, state in log:

@@ -11,7 +11,9 @@ import random
 
 from deepmemory.cli import main
 
-TINY = {"model_overrides": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}}
+TINY = {
+    "model_overrides": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+}
 WORDS = "the memory learns to store keys and values while it reads a long sequence".split()
 
 
@@ -57,7 +59,9 @@ def write_tokenizer(path, words=WORDS):
     """A word-level ``tokenizer.json`` over ``words`` with ``[UNK]`` 0 and ``</s>`` 1."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tok = Tokenizer(
+        models.WordLevel({"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="[UNK]")
+    )
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path))
     return str(path)
@@ -96,12 +100,34 @@ def make_world(root):
     tiny.write_text(json.dumps(TINY))
     tok = write_tokenizer(root / "tokenizer.json")
     run = root / "run"
-    code, _, err = run_cli(train_args(str(corpus), str(tiny), str(run), "--steps", "2", "--eval-every", "2", "--tokenizer", tok))
+    code, _, err = run_cli(
+        train_args(str(corpus), str(tiny), str(run), "--steps", "2", "--eval-every", "2", "--tokenizer", tok)
+    )
     assert code == 0, err[-3000:]
     return {"corpus": str(corpus), "tiny": str(tiny), "tok": tok, "run": str(run), "root": str(root)}
 
 
 def train_args(corpus, tiny, out, *extra):
     """``deepmemory train`` of the tiny transformer on ``corpus`` into ``out`` (1 step unless ``extra`` says)."""
-    return ["train", "--model", "transformer", "--config", tiny, "--data", corpus, "--val-fraction", "0.25",
-            "--seq-len", "16", "--batch-size", "4", "--eval-tokens", "64", "--steps", "1", "--out", out, *extra]
+    return [
+        "train",
+        "--model",
+        "transformer",
+        "--config",
+        tiny,
+        "--data",
+        corpus,
+        "--val-fraction",
+        "0.25",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--eval-tokens",
+        "64",
+        "--steps",
+        "1",
+        "--out",
+        out,
+        *extra,
+    ]

@@ -17,8 +17,18 @@ def make_params(kind: str, nh: int, dk: int, dv: int, hidden: int, depth: int = 
     }
 
 
-def make_inputs(bsz: int, seq: int, nh: int, dk: int, dv: int, *, optimizer: str = "momentum", seed: int = 0, lr_scale: float = 1.0,
-                channel: bool = False):
+def make_inputs(
+    bsz: int,
+    seq: int,
+    nh: int,
+    dk: int,
+    dv: int,
+    *,
+    optimizer: str = "momentum",
+    seed: int = 0,
+    lr_scale: float = 1.0,
+    channel: bool = False,
+):
     """q, k, v, lr, momentum, decay and the window gate (``[B, T, H, dv]`` if ``channel``)."""
     g = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(bsz, seq, nh, dk, dtype=torch.float64, generator=g), dim=-1)
@@ -46,8 +56,14 @@ def streamed(inputs, params, cuts, **kw):
     outs, state, lo = [], None, 0
     for hi in list(cuts) + [q.shape[1]]:
         piece = lambda t: None if t is None else t[:, lo:hi]  # noqa: E731
-        o, state = neural_memory(*(piece(t) for t in (q, k, v, lr, mom, dec)), params, window_gate=piece(gam),
-                                 initial_state=state, output_final_state=True, **kw)
+        o, state = neural_memory(
+            *(piece(t) for t in (q, k, v, lr, mom, dec)),
+            params,
+            window_gate=piece(gam),
+            initial_state=state,
+            output_final_state=True,
+            **kw,
+        )
         outs.append(o)
         lo = hi
     return torch.cat(outs, 1), state

@@ -34,8 +34,14 @@ TIERS = [pytest.param(FAST, id="fast"), pytest.param(LONG, id="long", marks=pyte
 
 
 def _settings(n):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +82,49 @@ def _run_guarded(argv):
 # numbers as the command line spells them: valid, zero, negative, huge, non-finite, not numbers
 NUMBER_TEXT = st.one_of(
     st.integers(-3, 70).map(str),
-    st.sampled_from(["0", "-1", "1e3", "1.5", "nan", "NaN", "inf", "-inf", "1e400", "99999999999999999999999",
-                     "9223372036854775807", "9223372036854775808", "-9223372036854775809", "", " ", "abc", "0x10",
-                     "1_000", "\u00bd", "\x00", "--", "-"]),
+    st.sampled_from(
+        [
+            "0",
+            "-1",
+            "1e3",
+            "1.5",
+            "nan",
+            "NaN",
+            "inf",
+            "-inf",
+            "1e400",
+            "99999999999999999999999",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775809",
+            "",
+            " ",
+            "abc",
+            "0x10",
+            "1_000",
+            "\u00bd",
+            "\x00",
+            "--",
+            "-",
+        ]
+    ),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
 )
-INT_FLAGS = ("--seq-len", "--batch-size", "--grad-accum", "--steps", "--warmup-steps", "--lr-decay-steps", "--threads",
-             "--seed", "--eval-every", "--save-every", "--log-every", "--eval-tokens", "--keep-checkpoints")
+INT_FLAGS = (
+    "--seq-len",
+    "--batch-size",
+    "--grad-accum",
+    "--steps",
+    "--warmup-steps",
+    "--lr-decay-steps",
+    "--threads",
+    "--seed",
+    "--eval-every",
+    "--save-every",
+    "--log-every",
+    "--eval-tokens",
+    "--keep-checkpoints",
+)
 FLOAT_FLAGS = ("--lr", "--weight-decay", "--grad-clip", "--val-fraction")
 
 
@@ -98,18 +140,42 @@ def train_command(draw, world):
         "--size": ["tiny", "huge", "1.3B", ""],
         "--device": ["cpu", "auto", "cuda", "tpu", ""],
         "--precision": ["fp32", "bf16", "fp16"],
-        "--tokenizer": ["bytes", world["tok"], os.path.join(root, "missing.json"), world["corpus"], os.path.join(root, "binary.bin"), ""],
+        "--tokenizer": [
+            "bytes",
+            world["tok"],
+            os.path.join(root, "missing.json"),
+            world["corpus"],
+            os.path.join(root, "binary.bin"),
+            "",
+        ],
         "--time-limit": ["1h", "0", "-5", "nan", "soon", "1e400s", "90"],
         "--report-to": ["none", "jsonl", "bogus"],
     }
     for flag in draw(st.lists(st.sampled_from(sorted(choices)), max_size=3, unique=True)):
         words += [flag, draw(st.sampled_from(choices[flag]))]
-    data = [world["corpus"], os.path.join(root, "bad.jsonl"), os.path.join(root, "empty"), os.path.join(root, "missing"),
-            os.path.join(root, "binary.bin"), ""]
+    data = [
+        world["corpus"],
+        os.path.join(root, "bad.jsonl"),
+        os.path.join(root, "empty"),
+        os.path.join(root, "missing"),
+        os.path.join(root, "binary.bin"),
+        "",
+    ]
     words += ["--data", *draw(st.lists(st.sampled_from(data), min_size=1, max_size=2))]
-    for flag in draw(st.lists(st.sampled_from(["--fsdp", "--compile", "--grad-checkpointing", "--overwrite"]), max_size=2, unique=True)):
+    for flag in draw(
+        st.lists(
+            st.sampled_from(["--fsdp", "--compile", "--grad-checkpointing", "--overwrite"]), max_size=2, unique=True
+        )
+    ):
         words.append(flag)
-    words += ["--out", draw(st.sampled_from([os.path.join(root, "new-run"), world["run"], os.path.join(world["corpus"], "doc00.txt", "x"), ""]))]
+    words += [
+        "--out",
+        draw(
+            st.sampled_from(
+                [os.path.join(root, "new-run"), world["run"], os.path.join(world["corpus"], "doc00.txt", "x"), ""]
+            )
+        ),
+    ]
     return ["train", *words]
 
 
@@ -132,25 +198,59 @@ def test_malformed_command_lines(world, examples):
 
 # ------------------------------------------------------------------ config files
 SMALL_OR_HUGE = st.one_of(st.integers(-2, 70), st.sampled_from([10**9, 10**12, 2**63 - 1, 2**63, 10**30, -(10**30)]))
-SCALARS = st.one_of(st.none(), st.booleans(), SMALL_OR_HUGE, st.floats(allow_nan=True, allow_infinity=True),
-                    st.text(max_size=12).filter(lambda s: "hf:" not in s))
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                        st.dictionaries(st.text(max_size=6), inner, max_size=3)), max_leaves=6)
-OVERRIDE_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "intermediate_size", "layer_pattern",
-                 "memory", "kernel", "attention_window", "segment_size", "num_persistent", "rope_theta", "rms_norm_eps",
-                 "chunk_size_feed_forward", "id2label", "bogus"]
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    SMALL_OR_HUGE,
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12).filter(lambda s: "hf:" not in s),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=6,
+)
+OVERRIDE_KEYS = [
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "head_dim",
+    "intermediate_size",
+    "layer_pattern",
+    "memory",
+    "kernel",
+    "attention_window",
+    "segment_size",
+    "num_persistent",
+    "rope_theta",
+    "rms_norm_eps",
+    "chunk_size_feed_forward",
+    "id2label",
+    "bogus",
+]
 
 
 @st.composite
 def config_file(draw, world):
     """``(file name, bytes)`` of a config: a mapping of known and unknown keys to values of any
     type, written as YAML or JSON, or not a mapping, or not text at all."""
-    keys = draw(st.lists(st.one_of(st.sampled_from(sorted(FIELDS)), st.sampled_from(["learning_rate", "Model", "data-", "seq-len"]),
-                                   st.text(max_size=8)), max_size=6, unique=True))
+    keys = draw(
+        st.lists(
+            st.one_of(
+                st.sampled_from(sorted(FIELDS)),
+                st.sampled_from(["learning_rate", "Model", "data-", "seq-len"]),
+                st.text(max_size=8),
+            ),
+            max_size=6,
+            unique=True,
+        )
+    )
     settings = {}
     for key in keys:
         if key == "model_overrides":
-            settings[key] = draw(st.dictionaries(st.sampled_from(OVERRIDE_KEYS), st.one_of(SMALL_OR_HUGE, VALUES), max_size=3))
+            settings[key] = draw(
+                st.dictionaries(st.sampled_from(OVERRIDE_KEYS), st.one_of(SMALL_OR_HUGE, VALUES), max_size=3)
+            )
         elif key == "model":
             settings[key] = draw(st.one_of(st.sampled_from(["transformer", "atlas", "nope"]), VALUES))
         elif key == "size":
@@ -202,8 +302,15 @@ def _run_files(run):
     return sorted(os.path.relpath(os.path.join(d, f), run) for d, _, fs in os.walk(run) for f in fs)
 
 
-JSON_VALUES = st.one_of(st.none(), st.booleans(), SMALL_OR_HUGE, st.floats(allow_nan=False), st.text(max_size=8),
-                        st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+JSON_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    SMALL_OR_HUGE,
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
 
 
 @st.composite
@@ -214,9 +321,14 @@ def damage(draw, names):
     for _ in range(draw(st.integers(1, 3))):
         name = draw(st.sampled_from(names))
         how = draw(st.sampled_from(["truncate", "garble", "remove", "empty", "json-value", "json-drop"]))
-        detail = {"truncate": st.floats(0, 1), "garble": st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=16)),
-                  "remove": st.none(), "empty": st.none(), "json-value": st.tuples(st.integers(0, 50), JSON_VALUES),
-                  "json-drop": st.integers(0, 50)}[how]
+        detail = {
+            "truncate": st.floats(0, 1),
+            "garble": st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=16)),
+            "remove": st.none(),
+            "empty": st.none(),
+            "json-value": st.tuples(st.integers(0, 50), JSON_VALUES),
+            "json-drop": st.integers(0, 50),
+        }[how]
         out.append((name, how, draw(detail)))
     return out
 
@@ -274,9 +386,27 @@ def test_damaged_run_directories(world, examples):
     first = ("run.json", "checkpoints/step-00000002/state.json", "model.safetensors", "tokenizer.json")
     names = sorted((n for n in _run_files(world["run"]) if not n.endswith(".png")), key=lambda n: (n not in first, n))
     commands = {
-        "generate": lambda run, out: ["generate", "--checkpoint", run, "--prompt", "the memory", "--max-new-tokens", "2", "--no-stream"],
-        "generate-checkpoint": lambda run, out: ["generate", "--checkpoint", os.path.join(run, "checkpoints", "step-00000002"),
-                                                 "--prompt", "the memory", "--max-new-tokens", "2", "--temperature", "0"],
+        "generate": lambda run, out: [
+            "generate",
+            "--checkpoint",
+            run,
+            "--prompt",
+            "the memory",
+            "--max-new-tokens",
+            "2",
+            "--no-stream",
+        ],
+        "generate-checkpoint": lambda run, out: [
+            "generate",
+            "--checkpoint",
+            os.path.join(run, "checkpoints", "step-00000002"),
+            "--prompt",
+            "the memory",
+            "--max-new-tokens",
+            "2",
+            "--temperature",
+            "0",
+        ],
         "resume": lambda run, out: ["train", "--resume", run, "--steps", "1"],  # refused after the checkpoint is read
         "export": lambda run, out: ["export", run, out],
     }
@@ -321,8 +451,25 @@ def _package_sources():
     return tuple(out)
 
 
-INTERESTING = {"eval", "exec", "load", "unsafe_load", "full_load", "load_all", "from_pretrained", "open", "savefig", "save_file",
-               "copyfile", "copy", "copy2", "copytree", "save", "write_bytes", "write_text"}
+INTERESTING = {
+    "eval",
+    "exec",
+    "load",
+    "unsafe_load",
+    "full_load",
+    "load_all",
+    "from_pretrained",
+    "open",
+    "savefig",
+    "save_file",
+    "copyfile",
+    "copy",
+    "copy2",
+    "copytree",
+    "save",
+    "write_bytes",
+    "write_text",
+}
 
 
 def _call_name(node):
@@ -345,26 +492,39 @@ def unsafe_loads(name, source, tree=None):
     found = []
     for node in ast.walk(tree or ast.parse(source)):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            mods = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-            found += [f"{name}:{node.lineno} imports {m}" for m in mods
-                      if m.split(".")[0] in ("pickle", "marshal", "shelve", "dill", "cloudpickle", "joblib")]
+            mods = [a.name for a in node.names] + (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            )
+            found += [
+                f"{name}:{node.lineno} imports {m}"
+                for m in mods
+                if m.split(".")[0] in ("pickle", "marshal", "shelve", "dill", "cloudpickle", "joblib")
+            ]
         if not isinstance(node, ast.Call):
             continue
         called, owner = _call_name(node)
         keywords = {k.arg: k.value for k in node.keywords}
         if called not in INTERESTING and "allow_pickle" not in keywords:
             continue
-        safetensors = isinstance(keywords.get("use_safetensors"), ast.Constant) and keywords["use_safetensors"].value is True
-        if (called in ("eval", "exec") and not owner) or (called == "load" and owner in ("torch", "pickle", "np", "numpy")) \
-                or (owner == "yaml" and called in ("load", "unsafe_load", "full_load", "load_all")) or "allow_pickle" in keywords \
-                or (called == "from_pretrained" and not safetensors):
+        safetensors = (
+            isinstance(keywords.get("use_safetensors"), ast.Constant) and keywords["use_safetensors"].value is True
+        )
+        if (
+            (called in ("eval", "exec") and not owner)
+            or (called == "load" and owner in ("torch", "pickle", "np", "numpy"))
+            or (owner == "yaml" and called in ("load", "unsafe_load", "full_load", "load_all"))
+            or "allow_pickle" in keywords
+            or (called == "from_pretrained" and not safetensors)
+        ):
             found.append(f"{name}:{node.lineno} {owner + '.' if owner else ''}{called}()")
     return found
 
 
 def test_no_unsafe_loader_in_the_package():
     """No pickle on any file: safetensors + JSON/YAML ``safe_load`` only (docs/security.md)."""
-    assert unsafe_loads("x.py", "import torch\nw = torch.load(p)\nm.eval()\nyaml.safe_load(f)") == ["x.py:2 torch.load()"]
+    assert unsafe_loads("x.py", "import torch\nw = torch.load(p)\nm.eval()\nyaml.safe_load(f)") == [
+        "x.py:2 torch.load()"
+    ]
     assert len(unsafe_loads("x.py", "import pickle\neval(s)\nyaml.load(f)\nM.from_pretrained(p)")) == 4
     found = [hit for name, source, tree in _package_sources() for hit in unsafe_loads(name, source, tree)]
     assert not found, found
@@ -388,18 +548,25 @@ def non_atomic_writes(name, source, tree=None):
     for fn in ast.walk(tree or ast.parse(source)):
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        renames = any(r in "\n".join(lines[fn.lineno - 1:fn.end_lineno]) for r in RENAMES)
+        renames = any(r in "\n".join(lines[fn.lineno - 1 : fn.end_lineno]) for r in RENAMES)
         for node in ast.walk(fn):
             if not isinstance(node, ast.Call):
                 continue
             called, owner = _call_name(node)
             if called == "open" and not owner:
-                mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+                mode = (
+                    node.args[1]
+                    if len(node.args) > 1
+                    else next((k.value for k in node.keywords if k.arg == "mode"), None)
+                )
                 text = mode.value if isinstance(mode, ast.Constant) and isinstance(mode.value, str) else "r"
                 writes = any(c in text for c in "wax+") and not ("a" in text and (name, fn.name) in APPEND_ONLY)
             else:
-                writes = (owner and called in RAW_WRITERS) or (called, owner) in (("save", "torch"), ("copy", "shutil")) \
+                writes = (
+                    (owner and called in RAW_WRITERS)
+                    or (called, owner) in (("save", "torch"), ("copy", "shutil"))
                     or (called == "write_text" and owner and owner != "ck" and name != "train/checkpoint.py")
+                )
             if writes and not renames:
                 found.append(f"{name}:{node.lineno} {fn.name}() writes with {called}() and renames nothing")
     return found
@@ -436,8 +603,13 @@ def test_export_killed_at_a_random_write_leaves_no_partial_folder(world, tmp_pat
     before = tree(run)
     nth = random.Random(17).randint(1, 5)  # config, generation config, tokenizer config, weights, model card
     out = str(tmp_path / "out")
-    proc = subprocess.run([sys.executable, "-c", KILLER, "export", run, out], env=dict(env, KILL_AT="", KILL_NTH=str(nth)),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, "export", run, out],
+        env=dict(env, KILL_AT="", KILL_NTH=str(nth)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not os.path.exists(out) and tree(run) == before
     code, _, err = run_cli(["export", run, out])

@@ -14,8 +14,14 @@ def test_mixer_rounds_report_the_median(capsys, monkeypatch):
     def fake(module, case):  # tokens/s 100, 300, 200 over three rounds: the median is 200
         calls.append(case)
         tps = (100.0, 300.0, 200.0)[sum(c["mixer"] == case["mixer"] for c in calls) - 1]
-        return {"tokens_per_s": tps, "peak_mib": 1.0, "saved_mib": 2.0, "flops_per_s": tps * 1e9 if case["flops"] else 0.0,
-                "user_us": 1e4 / tps, "sys_us": 0.0}
+        return {
+            "tokens_per_s": tps,
+            "peak_mib": 1.0,
+            "saved_mib": 2.0,
+            "flops_per_s": tps * 1e9 if case["flops"] else 0.0,
+            "user_us": 1e4 / tps,
+            "sys_us": 0.0,
+        }
 
     monkeypatch.setattr(mixer, "run_isolated", fake)
     monkeypatch.setattr(mixer, "matmul_peak_flops", lambda device: 1e12)
@@ -30,8 +36,21 @@ def test_mixer_rounds_report_the_median(capsys, monkeypatch):
 
 def test_keep_freed_memory_reaches_every_case(capsys, monkeypatch):
     calls = []
-    monkeypatch.setattr(mixer, "run_isolated", lambda module, case: calls.append(case) or
-                        {"tokens_per_s": 1.0, "peak_mib": 1.0, "saved_mib": 1.0, "flops_per_s": 0.0, "user_us": 1.0, "sys_us": 0.0})
+    monkeypatch.setattr(
+        mixer,
+        "run_isolated",
+        lambda module, case: (
+            calls.append(case)
+            or {
+                "tokens_per_s": 1.0,
+                "peak_mib": 1.0,
+                "saved_mib": 1.0,
+                "flops_per_s": 0.0,
+                "user_us": 1.0,
+                "sys_us": 0.0,
+            }
+        ),
+    )
     mixer.run([32, 64], [8], ["memory-token"], flops=False, keep_freed_memory=True)
     assert len(calls) == 2 and all(c["keep_freed_memory"] for c in calls)
     assert "freed memory kept for reuse" in capsys.readouterr().out

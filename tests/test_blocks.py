@@ -11,14 +11,18 @@ from deepmemory.layers.blocks import MACBlock, MAGBlock, MALBlock, MemoryBlock, 
 
 HID, NH, HD = 32, 2, 16
 MEM = dict(chunk_size=4)
-ATLAS = dict(chunk_size=4, window=3, optimizer="muon", architecture="gated_mlp", feature_map="polynomial", granularity="chunk")
+ATLAS = dict(
+    chunk_size=4, window=3, optimizer="muon", architecture="gated_mlp", feature_map="polynomial", granularity="chunk"
+)
 
 BUILDERS = {
     "transformer": lambda: TransformerBlock(HID, NH, HD),
     "swa": lambda: TransformerBlock(HID, NH, HD, window=5, num_persistent=2),
     "lmm": lambda: MemoryBlock(NeuralMemory(HID, NH, HD, **MEM)),
     "gated_deltanet": lambda: MemoryBlock(
-        NeuralMemory(HID, NH, HD, architecture="linear", residual=False, optimizer="gd", loss="l2", window=1, chunk_size=4)
+        NeuralMemory(
+            HID, NH, HD, architecture="linear", residual=False, optimizer="gd", loss="l2", window=1, chunk_size=4
+        )
     ),
     "lmm_persistent": lambda: MemoryBlock(NeuralMemory(HID, NH, HD, **MEM), num_persistent=3),
     "swdt": lambda: MemoryBlock(KernelMemory(HID, NH, HD, window=5, loss="dot", chunk_size=4)),
@@ -77,9 +81,7 @@ def test_pieces_equal_one_pass(name):
     assert getattr(state, "pos", 29) == 29
 
 
-@pytest.mark.parametrize(
-    "name", ["swa", "lmm", "mag", "mal", "mac", pytest.param("mac_atlas", marks=pytest.mark.long)]
-)
+@pytest.mark.parametrize("name", ["swa", "lmm", "mag", "mal", "mac", pytest.param("mac_atlas", marks=pytest.mark.long)])
 def test_token_by_token_equals_one_pass(name):
     block, x = make(name), data(17, bsz=1)
     y, state = run_pieces(block, x, range(1, 17))
@@ -150,8 +152,10 @@ def test_mac_matches_naive():
         q = F.normalize(block.retrieve_q(seg).view(2, -1, NH, HD), dim=-1)
         retrieved = block.retrieve_o(block.memory.read(q, mem_state).flatten(2))
         queries = [(seg[:, j], s0 + j) for j in range(seg.shape[1])]
-        keys = [[(retrieved[:, i], s0 + i) for i in range(j + 1)] + [(seg[:, i], s0 + i) for i in range(j + 1)]
-                for j in range(seg.shape[1])]
+        keys = [
+            [(retrieved[:, i], s0 + i) for i in range(j + 1)] + [(seg[:, i], s0 + i) for i in range(j + 1)]
+            for j in range(seg.shape[1])
+        ]
         y = naive_attention(block.attn, queries, keys, block.attn.persistent)
         m, mem_state = block.memory(y, mem_state, return_state=True)
         outs.append(block.attn_out_norm(y) * torch.sigmoid(block.memory_out_norm(m)))
@@ -166,7 +170,10 @@ def test_mag_matches_naive():
     w, p = block.attn.window, block.attn.persistent
     h = block.mixer_norm(x)
     y = naive_attention(
-        block.attn, [(h[:, t], t) for t in range(13)], [[(h[:, s], s) for s in range(max(0, t - w + 1), t + 1)] for t in range(13)], p
+        block.attn,
+        [(h[:, t], t) for t in range(13)],
+        [[(h[:, s], s) for s in range(max(0, t - w + 1), t + 1)] for t in range(13)],
+        p,
     )
     m = block.memory(torch.cat([p.expand(2, -1, -1), h], 1))[:, p.shape[0] :]
     ref = x + block.attn_out_norm(y) * torch.sigmoid(block.memory_out_norm(m))
@@ -196,7 +203,9 @@ def test_mal_matches_naive():
     m = block.memory(torch.cat([block.persistent.expand(2, -1, -1), block.mixer_norm(x)], 1))
     y = m[:, n_p:]
     o = naive_attention(
-        block.attn, [(y[:, t], t) for t in range(13)], [[(y[:, s], s) for s in range(max(0, t - w + 1), t + 1)] for t in range(13)],
+        block.attn,
+        [(y[:, t], t) for t in range(13)],
+        [[(y[:, s], s) for s in range(max(0, t - w + 1), t + 1)] for t in range(13)],
         [m[:1, i] for i in range(n_p)],
     )
     ref = x + o

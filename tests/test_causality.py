@@ -60,8 +60,20 @@ def _same_before(got, clean, at, what):
 
 def _op(impl, ins, params, kw, **extra):
     q, k, v, lr, mom, dec, gam = ins
-    return neural_memory(q, k, v, lr, None if kw["optimizer"] == "gd" else mom, dec, params, window_gate=gam,
-                         impl=impl, output_final_state=True, **kw, **extra)
+    return neural_memory(
+        q,
+        k,
+        v,
+        lr,
+        None if kw["optimizer"] == "gd" else mom,
+        dec,
+        params,
+        window_gate=gam,
+        impl=impl,
+        output_final_state=True,
+        **kw,
+        **extra,
+    )
 
 
 def _case(kw, dtype=torch.float64, seq=SEQ):
@@ -87,11 +99,18 @@ def _check_op(impl, kw, values=VALUES, dtype=torch.float64):
 
 MATRIX = [
     dict(architecture=a, loss=l, optimizer=o, granularity=g, window=w, chunk_size=CHUNK)
-    for a, l, o, g, w in itertools.product(ARCHITECTURES, ("l2", "dot"), ("gd", "momentum", "muon"), ("token", "chunk"), (1, 3))
+    for a, l, o, g, w in itertools.product(
+        ARCHITECTURES, ("l2", "dot"), ("gd", "momentum", "muon"), ("token", "chunk"), (1, 3)
+    )
 ]
 IDS = ["-".join(str(v) for k, v in kw.items() if k != "chunk_size") for kw in MATRIX]
 # the token loop is slow: the fast loop keeps every optimizer, architecture and granularity once
-REFERENCE_FAST = {"linear-l2-momentum-token-3", "mlp-dot-gd-token-1", "gated_mlp-l2-muon-token-3", "mlp-l2-muon-chunk-3"}
+REFERENCE_FAST = {
+    "linear-l2-momentum-token-3",
+    "mlp-dot-gd-token-1",
+    "gated_mlp-l2-muon-token-3",
+    "mlp-l2-muon-chunk-3",
+}
 
 
 @pytest.mark.parametrize("kw", MATRIX, ids=IDS)
@@ -100,13 +119,19 @@ def test_op_chunk_is_causal_for_any_input(kw):
 
 
 @pytest.mark.parametrize(
-    "kw", [kw if i in REFERENCE_FAST else pytest.param(kw, marks=pytest.mark.slow) for kw, i in zip(MATRIX, IDS)], ids=IDS
+    "kw",
+    [kw if i in REFERENCE_FAST else pytest.param(kw, marks=pytest.mark.slow) for kw, i in zip(MATRIX, IDS)],
+    ids=IDS,
 )
 def test_op_reference_is_causal_for_any_input(kw):
     _check_op("reference", kw)
 
 
-TRITON_MATRIX = [kw for kw in MATRIX if kw["architecture"] != "gated_mlp" and kw["optimizer"] != "muon" and kw["granularity"] == "token"]
+TRITON_MATRIX = [
+    kw
+    for kw in MATRIX
+    if kw["architecture"] != "gated_mlp" and kw["optimizer"] != "muon" and kw["granularity"] == "token"
+]
 
 
 @pytest.mark.kernels
@@ -125,10 +150,20 @@ def test_op_triton_is_causal_for_any_input(kw):
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(architecture="gated_mlp", loss="l2", optimizer="momentum", granularity="token", window=3, chunk_size=CHUNK),
+        dict(
+            architecture="gated_mlp", loss="l2", optimizer="momentum", granularity="token", window=3, chunk_size=CHUNK
+        ),
         dict(architecture="gated_mlp", loss="dot", optimizer="gd", granularity="token", window=1, chunk_size=CHUNK),
         dict(architecture="mlp", loss="l2", optimizer="muon", granularity="token", window=3, chunk_size=CHUNK),
-        dict(architecture="mlp", loss="l2", optimizer="momentum", granularity="token", window=1, chunk_size=CHUNK, layer_norm=True),
+        dict(
+            architecture="mlp",
+            loss="l2",
+            optimizer="momentum",
+            granularity="token",
+            window=1,
+            chunk_size=CHUNK,
+            layer_norm=True,
+        ),
         dict(architecture="linear", loss="l2", optimizer="momentum", granularity="token", window=3, chunk_size=CHUNK),
         dict(architecture="mlp", loss="dot", optimizer="momentum", granularity="token", window=3, chunk_size=CHUNK),
     ],
@@ -179,7 +214,10 @@ KERNEL_MATRIX = [
     dict(depth=d, loss=l, window=w, normalized=nz, chunk_size=CHUNK)
     for d, l, w, nz in itertools.product((1, 2), ("dot", "l2"), (None, 3), (True, False))
 ]
-KERNEL_IDS = [f"depth{kw['depth']}-{kw['loss']}-window{kw['window']}-{'norm' if kw['normalized'] else 'raw'}" for kw in KERNEL_MATRIX]
+KERNEL_IDS = [
+    f"depth{kw['depth']}-{kw['loss']}-window{kw['window']}-{'norm' if kw['normalized'] else 'raw'}"
+    for kw in KERNEL_MATRIX
+]
 KERNEL_NAMES = ("q", "k", "v", "lr")
 
 
@@ -215,7 +253,9 @@ def test_kernel_op_state_before_a_bad_token_is_clean():
     c1, cst1 = kernel_memory(*[x[:, :5] for x in ins], weights, scale, rule=rule, output_final_state=True)
     c2, _ = kernel_memory(*[x[:, 5:] for x in ins], weights, scale, rule=rule, initial_state=cst1)
     y1, st1 = kernel_memory(*[x[:, :5] for x in bad], weights, scale, rule=rule, output_final_state=True)
-    y2, st2 = kernel_memory(*[x[:, 5:] for x in bad], weights, scale, rule=rule, initial_state=st1, output_final_state=True)
+    y2, st2 = kernel_memory(
+        *[x[:, 5:] for x in bad], weights, scale, rule=rule, initial_state=st1, output_final_state=True
+    )
     assert all(torch.isfinite(t).all() for t in tensors(st1))
     _same_before(torch.cat([y1, y2], 1), torch.cat([c1, c2], 1), AT, "kernel stream")
     assert not torch.isfinite(st2.weights[0][BAD]).all()
@@ -300,12 +340,21 @@ def test_nan_check_passes_a_clean_model_and_names_a_bad_input():
             with pytest.raises(FloatingPointError) as err:
                 model(inputs_embeds=bad)
         msg = str(err.value)
-        assert msg == f"non-finite input to model.layers.0 (MACBlock) at batch 1, position {PRESET_AT} (first of 1 positions)"
+        assert (
+            msg
+            == f"non-finite input to model.layers.0 (MACBlock) at batch 1, position {PRESET_AT} (first of 1 positions)"
+        )
         model(inputs_embeds=bad)  # the hooks are gone
 
 
-@pytest.mark.parametrize("name,module,cls", [("titans-lmm", "mixer", "NeuralMemory"), ("titans-mag", "attn", "Attention"),
-                                             ("deep-transformer", "mixer", "KernelMemory")])
+@pytest.mark.parametrize(
+    "name,module,cls",
+    [
+        ("titans-lmm", "mixer", "NeuralMemory"),
+        ("titans-mag", "attn", "Attention"),
+        ("deep-transformer", "mixer", "KernelMemory"),
+    ],
+)
 def test_nan_check_names_the_module_where_a_nan_appears(name, module, cls):
     """A NaN made inside layer 1 (its value projection, at one token) is reported at the mixer that
     produced it, at that token, with every later position of a causal mixer counted."""
@@ -326,7 +375,9 @@ def test_nan_check_names_the_module_where_a_nan_appears(name, module, cls):
             model(ids)
     finally:
         handle.remove()
-    assert str(err.value).startswith(f"non-finite output in model.layers.1.{module} ({cls}) at batch 0, position {PRESET_AT} (first of ")
+    assert str(err.value).startswith(
+        f"non-finite output in model.layers.1.{module} ({cls}) at batch 0, position {PRESET_AT} (first of "
+    )
 
 
 def test_nan_check_rejects_what_is_not_a_module():

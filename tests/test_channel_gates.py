@@ -26,7 +26,9 @@ OPTIMIZERS = ("gd", "momentum", "muon")
 @pytest.mark.parametrize("granularity", ["token", "chunk"])
 @pytest.mark.parametrize("window", [1, 7])
 def test_chunk_matches_reference(architecture, loss, optimizer, granularity, window):
-    kw = dict(architecture=architecture, loss=loss, optimizer=optimizer, granularity=granularity, window=window, chunk_size=4)
+    kw = dict(
+        architecture=architecture, loss=loss, optimizer=optimizer, granularity=granularity, window=window, chunk_size=4
+    )
     _compare(kw, per_sequence=window == 7, all_grads_live=True, channel=True)
 
 
@@ -79,14 +81,34 @@ def test_linear_memory_equals_the_equations(optimizer, decay_first):
     seq, nh = 23, 2
     q, k, v, lr, mom, dec, gam = make_inputs(2, seq, nh, DK, DV, optimizer=optimizer, seed=3, channel=True)
     w0 = torch.randn(nh, DV, DK, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) / DK**0.5
-    o, _ = neural_memory(q, k, v, lr, None if optimizer == "gd" else mom, dec, {"w0": w0}, window_gate=gam,
-                         architecture="linear", optimizer=optimizer, chunk_size=1, decay_first=decay_first)
+    o, _ = neural_memory(
+        q,
+        k,
+        v,
+        lr,
+        None if optimizer == "gd" else mom,
+        dec,
+        {"w0": w0},
+        window_gate=gam,
+        architecture="linear",
+        optimizer=optimizer,
+        chunk_size=1,
+        decay_first=decay_first,
+    )
     eta = lr.unsqueeze(-1) * gam  # [B, T, H, dv]: Miras's channel-wise learning rate
     zero = torch.zeros_like(mom)
     for b in range(2):
         for h in range(nh):
-            want = _linear_loop(q[b, :, h], k[b, :, h], v[b, :, h], eta[b, :, h], (zero if optimizer == "gd" else mom)[b, :, h],
-                                dec[b, :, h], w0[h], decay_first=decay_first)
+            want = _linear_loop(
+                q[b, :, h],
+                k[b, :, h],
+                v[b, :, h],
+                eta[b, :, h],
+                (zero if optimizer == "gd" else mom)[b, :, h],
+                dec[b, :, h],
+                w0[h],
+                decay_first=decay_first,
+            )
             assert rel_err(o[b, :, h], want) <= 1e-12, (b, h)
 
 
@@ -97,7 +119,9 @@ def test_equal_channels_are_the_per_head_gate(architecture, optimizer):
     params = make_params(architecture, 2, DK, DV, HIDDEN)
     kw = dict(architecture=architecture, optimizer=optimizer, window=3, chunk_size=4, output_final_state=True)
     per_head, st1 = neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam, **kw)
-    per_channel, st2 = neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam.unsqueeze(-1).expand(*gam.shape, DV), **kw)
+    per_channel, st2 = neural_memory(
+        q, k, v, lr, mom, dec, params, window_gate=gam.unsqueeze(-1).expand(*gam.shape, DV), **kw
+    )
     assert rel_err(per_channel, per_head) <= 1e-12
     for n in st1.weights:
         assert rel_err(st2.weights[n], st1.weights[n]) <= 1e-12
@@ -139,7 +163,10 @@ def test_errors():
     params = make_params("mlp", 2, DK, DV, HIDDEN)
     with pytest.raises(ValueError, match=r"^window_gate must have shape \[1, 5, 2, 6\]"):
         neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam[..., :3])
-    with pytest.raises(ValueError, match=r"^window_gate must be \[B, T, H\] = \[1, 5, 2\] or channel-wise \[B, T, H, dv\] = \[1, 5, 2, 6\]; got shape \[1, 5, 2, 6, 1\]$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^window_gate must be \[B, T, H\] = \[1, 5, 2\] or channel-wise \[B, T, H, dv\] = \[1, 5, 2, 6\]; got shape \[1, 5, 2, 6, 1\]$",
+    ):
         neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam[..., None])
     with pytest.raises(ValueError, match="^impl='triton' does not support a channel-wise window_gate"):
         neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam, impl="triton")
@@ -156,8 +183,11 @@ def test_errors():
     with pytest.raises(ValueError, match=r"^channel_lr_rank must be <= hidden_size \(32\)"):
         NeuralMemory(32, 2, 16, channel_lr_rank=10**12)
     for preset in ("swdt", "transformer"):  # no NeuralMemory: the setting would be saved and do nothing
-        with pytest.raises(ValueError, match=r"^memory settings \['channel_lr_rank'\] are unused: layer_pattern \['(kernel|attn)'\] has no "
-                                             r"memory/mac/mag/mal block$"):
+        with pytest.raises(
+            ValueError,
+            match=r"^memory settings \['channel_lr_rank'\] are unused: layer_pattern \['(kernel|attn)'\] has no "
+            r"memory/mac/mag/mal block$",
+        ):
             build(preset, memory={"channel_lr_rank": 4})
 
 
@@ -167,7 +197,9 @@ def test_cu_seqlens_documents_alone():
     kw = dict(window=3, chunk_size=4)
     packed, _ = neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam, cu_seqlens=torch.tensor([0, 7, 20]), **kw)
     for lo, hi in ((0, 7), (7, 20)):
-        alone, _ = neural_memory(*(x[:, lo:hi] for x in (q, k, v, lr, mom, dec)), params, window_gate=gam[:, lo:hi], **kw)
+        alone, _ = neural_memory(
+            *(x[:, lo:hi] for x in (q, k, v, lr, mom, dec)), params, window_gate=gam[:, lo:hi], **kw
+        )
         assert rel_err(packed[:, lo:hi], alone) <= 1e-12
 
 
@@ -189,7 +221,9 @@ def test_layer_gates_reach_the_op_per_channel():
     """The layer's channel gate is ``sigmoid(x W_down W_up)`` times gamma: zeroing one channel's gate
     (through its bias) leaves that channel of the memory's targets unlearned."""
     torch.manual_seed(1)
-    layer = NeuralMemory(16, 1, 8, architecture="linear", optimizer="gd", use_decay=False, conv_size=0, channel_lr_rank=2).double()
+    layer = NeuralMemory(
+        16, 1, 8, architecture="linear", optimizer="gd", use_decay=False, conv_size=0, channel_lr_rank=2
+    ).double()
     x = torch.randn(1, 9, 16, dtype=torch.float64)
     with torch.no_grad():
         layer.channel_proj[1].bias[3] = -1e4  # sigmoid -> 0: channel 3 never written
@@ -200,8 +234,15 @@ def test_layer_gates_reach_the_op_per_channel():
 
 def test_model_with_channel_gates_trains_and_decodes_exactly():
     torch.manual_seed(0)
-    model = build("titans-lmm", memory={"channel_lr_rank": 4}, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=64, vocab_size=64).double()
+    model = build(
+        "titans-lmm",
+        memory={"channel_lr_rank": 4},
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=64,
+    ).double()
     ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(1))
     out = model(ids, labels=ids)
     out.loss.backward()
@@ -222,8 +263,18 @@ def test_linear_loop_helper_can_fail():
     channel-wise one."""
     q, k, v, lr, mom, dec, gam = make_inputs(1, 6, 1, DK, DV, optimizer="gd", seed=9, channel=True)
     w0 = torch.zeros(1, DV, DK, dtype=torch.float64)
-    o, _ = neural_memory(q, k, v, lr, None, dec, {"w0": w0}, window_gate=gam, architecture="linear", optimizer="gd", chunk_size=1)
+    o, _ = neural_memory(
+        q, k, v, lr, None, dec, {"w0": w0}, window_gate=gam, architecture="linear", optimizer="gd", chunk_size=1
+    )
     eta = (lr.unsqueeze(-1) * gam.mean(-1, keepdim=True)).expand_as(gam)
-    want = _linear_loop(q[0, :, 0], k[0, :, 0], v[0, :, 0], eta[0, :, 0], torch.zeros(6, dtype=torch.float64), dec[0, :, 0], w0[0],
-                        decay_first=False)
+    want = _linear_loop(
+        q[0, :, 0],
+        k[0, :, 0],
+        v[0, :, 0],
+        eta[0, :, 0],
+        torch.zeros(6, dtype=torch.float64),
+        dec[0, :, 0],
+        w0[0],
+        decay_first=False,
+    )
     assert rel_err(o[0, :, 0], want) > 1e-3

@@ -21,9 +21,19 @@ print("HEAVY", heavy)
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["models"], ["models", "atlas", "--sizes", "tiny"],
-                                  ["train", "--help"], ["generate", "--help"], ["export", "--help"],
-                                  ["eval", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["--version"],
+        ["models"],
+        ["models", "atlas", "--sizes", "tiny"],
+        ["train", "--help"],
+        ["generate", "--help"],
+        ["export", "--help"],
+        ["eval", "--help"],
+    ],
+)
 def test_no_heavy_imports(argv):
     proc = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -31,8 +41,15 @@ def test_no_heavy_imports(argv):
 
 
 def test_version_everywhere(capsys):
-    for argv in (["--version"], ["models", "--version"], ["train", "--version"], ["generate", "--version"],
-                 ["export", "--version"], ["eval", "--version"], ["bench", "--version"]):
+    for argv in (
+        ["--version"],
+        ["models", "--version"],
+        ["train", "--version"],
+        ["generate", "--version"],
+        ["export", "--version"],
+        ["eval", "--version"],
+        ["bench", "--version"],
+    ):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 0
@@ -72,10 +89,15 @@ def test_every_flag_has_help_text():
 
     from deepmemory.cli import build_parser
 
-    missing = [f"{' '.join(path)} {action.option_strings[0]}" for path, parser in _parsers(build_parser())
-               for action in parser._actions
-               if action.option_strings and not isinstance(action, (argparse._HelpAction,))
-               and (not action.help) and action.help is not argparse.SUPPRESS]
+    missing = [
+        f"{' '.join(path)} {action.option_strings[0]}"
+        for path, parser in _parsers(build_parser())
+        for action in parser._actions
+        if action.option_strings
+        and not isinstance(action, (argparse._HelpAction,))
+        and (not action.help)
+        and action.help is not argparse.SUPPRESS
+    ]
     assert not missing, missing
 
 

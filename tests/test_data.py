@@ -8,8 +8,19 @@ import os
 import pytest
 import torch
 
-from deepmemory.data import (ByteTokenizer, DataError, HFTokenizer, WindowSampler, build_corpus, byte_entropy,
-                             eval_windows, is_validation, load_tokenizer, stdlib_documents, tokenizer_from_info)
+from deepmemory.data import (
+    ByteTokenizer,
+    DataError,
+    HFTokenizer,
+    WindowSampler,
+    build_corpus,
+    byte_entropy,
+    eval_windows,
+    is_validation,
+    load_tokenizer,
+    stdlib_documents,
+    tokenizer_from_info,
+)
 
 
 def write_docs(root, n=12, words=300, seed=0):

@@ -79,8 +79,19 @@ def test_wy_form_streams_at_any_split(block, decay_first, monkeypatch):
         outs, state, prev = [], None, 0
         for cut in cuts + [seq]:
             sl = slice(prev, cut)
-            oi, state = neural_memory(q[:, sl], k[:, sl], v[:, sl], lr[:, sl], None, dec[:, sl], params,
-                                      window_gate=gamma[:, sl], initial_state=state, output_final_state=True, **kw)
+            oi, state = neural_memory(
+                q[:, sl],
+                k[:, sl],
+                v[:, sl],
+                lr[:, sl],
+                None,
+                dec[:, sl],
+                params,
+                window_gate=gamma[:, sl],
+                initial_state=state,
+                output_final_state=True,
+                **kw,
+            )
             outs.append(oi)
             prev = cut
         assert rel_err(torch.cat(outs, 1), o) <= 1e-10, cuts
@@ -103,8 +114,18 @@ def test_wy_form_streamed_gradients_equal_one_call(decay_first, monkeypatch):
         outs, state, prev = [], None, 0
         for cut in cuts + [seq]:
             sl = slice(prev, cut)
-            oi, state = neural_memory(q[:, sl], k[:, sl], v[:, sl], lr[:, sl], None, dec[:, sl], {"w0": w0},
-                                      initial_state=state, output_final_state=True, **kw)
+            oi, state = neural_memory(
+                q[:, sl],
+                k[:, sl],
+                v[:, sl],
+                lr[:, sl],
+                None,
+                dec[:, sl],
+                {"w0": w0},
+                initial_state=state,
+                output_final_state=True,
+                **kw,
+            )
             outs.append(oi)
             prev = cut
         o = torch.cat(outs, 1)
@@ -184,7 +205,10 @@ def test_op_is_the_gated_delta_rule(block, monkeypatch):
     got, st = neural_memory(q, k, v, beta, None, dec, {"w0": s0}, decay_first=True, output_final_state=True, **DELTA)
     assert rel_err(got, want) <= 1e-12 and rel_err(st.weights["w0"], s_want) <= 1e-12
     g = torch.Generator().manual_seed(5)
-    probe = torch.randn(got.shape, dtype=got.dtype, generator=g), torch.randn(s_want.shape, dtype=got.dtype, generator=g)
+    probe = (
+        torch.randn(got.shape, dtype=got.dtype, generator=g),
+        torch.randn(s_want.shape, dtype=got.dtype, generator=g),
+    )
     leaves = (q, k, v, beta, dec, s0)
     grads_want = torch.autograd.grad((want * probe[0]).sum() + (s_want * probe[1]).sum(), leaves)
     grads_got = torch.autograd.grad((got * probe[0]).sum() + (st.weights["w0"] * probe[1]).sum(), leaves)
@@ -194,8 +218,18 @@ def test_op_is_the_gated_delta_rule(block, monkeypatch):
 
 def _gdn_layer(seed=0):
     torch.manual_seed(seed)
-    layer = NeuralMemory(32, 2, 8, architecture="linear", residual=False, optimizer="gd", loss="l2", chunk_size=1,
-                         decay_first=True, decay_gate="mamba2").double()
+    layer = NeuralMemory(
+        32,
+        2,
+        8,
+        architecture="linear",
+        residual=False,
+        optimizer="gd",
+        loss="l2",
+        chunk_size=1,
+        decay_first=True,
+        decay_gate="mamba2",
+    ).double()
     with torch.no_grad():  # away from the initialisation: every term matters
         for lin in (layer.lr_proj, layer.decay_proj):
             lin.weight.normal_(std=0.3)
@@ -236,8 +270,10 @@ def test_layer_streams_and_its_gates_start_as_mamba2():
 
 @pytest.mark.parametrize(
     "memory,loss,optimizer,window",
-    [p if p[0] == "mlp" or p[1:] == ("l2", "momentum", 1) else pytest.param(*p, marks=pytest.mark.slow)
-     for p in itertools.product(ARCHITECTURES, ("l2", "dot"), ("gd", "momentum", "muon"), (1, 3))],
+    [
+        p if p[0] == "mlp" or p[1:] == ("l2", "momentum", 1) else pytest.param(*p, marks=pytest.mark.slow)
+        for p in itertools.product(ARCHITECTURES, ("l2", "dot"), ("gd", "momentum", "muon"), (1, 3))
+    ],
 )
 def test_decay_first_chunk_equals_reference(memory, loss, optimizer, window):
     kw = dict(architecture=memory, loss=loss, optimizer=optimizer, window=window, chunk_size=1, decay_first=True)
@@ -278,8 +314,9 @@ def test_wy_form_low_precision(dtype):
     kw = dict(DELTA, decay_first=True)
     o64, _ = neural_memory(*inputs[:4], None, inputs[5], params, window_gate=inputs[6], **kw)
     low = [x.to(dtype).requires_grad_() for x in inputs]
-    o, st = neural_memory(*low[:4], None, low[5], {"w0": params["w0"].float()}, window_gate=low[6],
-                          output_final_state=True, **kw)
+    o, st = neural_memory(
+        *low[:4], None, low[5], {"w0": params["w0"].float()}, window_gate=low[6], output_final_state=True, **kw
+    )
     assert o.dtype == dtype and st.weights["w0"].dtype == torch.float32
     assert rel_err(o.double(), o64) <= (1e-5 if dtype == torch.float32 else 1e-2)
     o.float().sum().backward()
@@ -289,16 +326,30 @@ def test_wy_form_low_precision(dtype):
 @pytest.mark.parametrize(
     "make,exc,words",
     [
-        (lambda: UpdateRule(decay_first=True), ValueError, "decay_first (forget, then take the gradient) is defined "
-         "token by token: it needs chunk_size=1 and granularity='token'; got chunk_size=64, granularity='token'"),
+        (
+            lambda: UpdateRule(decay_first=True),
+            ValueError,
+            "decay_first (forget, then take the gradient) is defined "
+            "token by token: it needs chunk_size=1 and granularity='token'; got chunk_size=64, granularity='token'",
+        ),
         (lambda: UpdateRule(chunk_size=1, granularity="chunk", decay_first=True), ValueError, "granularity='chunk'"),
         (lambda: UpdateRule(chunk_size=1, decay_first=1), TypeError, "decay_first must be a bool; got int 1"),
         (lambda: NeuralMemory(32, 2, 8, decay_first=True), ValueError, "got chunk_size=16"),
-        (lambda: NeuralMemory(32, 2, 8, decay_gate="softplus"), ValueError,
-         "decay_gate must be one of 'sigmoid', 'mamba2'; got 'softplus'"),
-        (lambda: NeuralMemory(32, 2, 8, decay_gate="mamba2", use_decay=False), ValueError,
-         "decay_gate='mamba2' shapes the forget gate: it needs use_decay=True"),
-        (lambda: DeepMemoryConfig(layer_pattern="memory", memory={"decay_gate": 2}), ValueError, "memory['decay_gate']"),
+        (
+            lambda: NeuralMemory(32, 2, 8, decay_gate="softplus"),
+            ValueError,
+            "decay_gate must be one of 'sigmoid', 'mamba2'; got 'softplus'",
+        ),
+        (
+            lambda: NeuralMemory(32, 2, 8, decay_gate="mamba2", use_decay=False),
+            ValueError,
+            "decay_gate='mamba2' shapes the forget gate: it needs use_decay=True",
+        ),
+        (
+            lambda: DeepMemoryConfig(layer_pattern="memory", memory={"decay_gate": 2}),
+            ValueError,
+            "memory['decay_gate']",
+        ),
         (lambda: preset_config("gated-deltanet", memory={"chunk_size": 4}), ValueError, "got chunk_size=4"),
     ],
 )

@@ -13,7 +13,9 @@ from deepmemory.cli import main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow  # torchrun in subprocesses
 
-TINY = {"model_overrides": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}}
+TINY = {
+    "model_overrides": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,28 @@ def setup(tmp_path_factory):
     for i in range(12):
         (data / f"d{i}.txt").write_text(" ".join(r.choice(words) for _ in range(150)) + "\n")
     (root / "tiny.json").write_text(json.dumps(TINY))
-    common = ["--model", "transformer", "--config", str(root / "tiny.json"), "--data", str(data), "--val-fraction", "0.3",
-              "--seq-len", "16", "--batch-size", "8", "--steps", "6", "--eval-every", "3", "--eval-tokens", "256", "--lr", "1e-2"]
+    common = [
+        "--model",
+        "transformer",
+        "--config",
+        str(root / "tiny.json"),
+        "--data",
+        str(data),
+        "--val-fraction",
+        "0.3",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "8",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--eval-tokens",
+        "256",
+        "--lr",
+        "1e-2",
+    ]
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -46,7 +68,17 @@ def rows(run):
 
 def torchrun(args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "src"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "deepmemory.train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "deepmemory.train",
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

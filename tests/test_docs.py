@@ -25,7 +25,12 @@ def test_the_pages_with_examples_are_found():
     names = {p.relative_to(ROOT).as_posix() for p in PAGES}
     assert {"README.md", "docs/ops.md"} <= names
     assert {f"docs/{n}" for n in ("layers.md", "models/titans.md")} <= names
-    assert {"docs/models/titans.md", "docs/models/atlas.md", "docs/models/deep-transformer.md", "docs/models/baselines.md"} <= names
+    assert {
+        "docs/models/titans.md",
+        "docs/models/atlas.md",
+        "docs/models/deep-transformer.md",
+        "docs/models/baselines.md",
+    } <= names
 
 
 def test_block_extraction():
@@ -43,7 +48,9 @@ def test_examples_run(page, tmp_path, monkeypatch):
         try:
             exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
         except Exception as err:
-            hint = " (a listing that is not meant to run is fenced ``` or ```text)" if isinstance(err, SyntaxError) else ""
+            hint = (
+                " (a listing that is not meant to run is fenced ``` or ```text)" if isinstance(err, SyntaxError) else ""
+            )
             raise AssertionError(
                 f"{page.relative_to(ROOT)} block at line {line} failed: {type(err).__name__}: {err}{hint}"
             ) from err
@@ -82,11 +89,15 @@ def relative_links(text: str):
 
 def test_link_extraction():
     page = (
-        "[a](ops.md) [b](ops.md#the-rule) ![c](img/x.png \"plot\") [d](https://x.org/y.md) [e](#here)\n"
+        '[a](ops.md) [b](ops.md#the-rule) ![c](img/x.png "plot") [d](https://x.org/y.md) [e](#here)\n'
         "`[f](code.md)` [g](<angle.md>)\n```\n[h](fenced.md)\n```\n[i]: ../ref.md\n"
     )
     assert relative_links(page) == [
-        (1, "ops.md"), (1, "ops.md#the-rule"), (1, "img/x.png"), (2, "angle.md"), (6, "../ref.md"),
+        (1, "ops.md"),
+        (1, "ops.md#the-rule"),
+        (1, "img/x.png"),
+        (2, "angle.md"),
+        (6, "../ref.md"),
     ]
 
 

@@ -20,8 +20,19 @@ MQAR = {"num_pairs": 4}
 
 
 def settings(out, **extra):
-    base = dict(model="transformer", model_overrides=TINY, task="mqar", task_settings=MQAR, seq_len=24, batch_size=4,
-                steps=4, eval_every=2, eval_tokens=24 * 16, lr=1e-2, out=str(out))
+    base = dict(
+        model="transformer",
+        model_overrides=TINY,
+        task="mqar",
+        task_settings=MQAR,
+        seq_len=24,
+        batch_size=4,
+        steps=4,
+        eval_every=2,
+        eval_tokens=24 * 16,
+        lr=1e-2,
+        out=str(out),
+    )
     return {**base, **extra}
 
 
@@ -126,7 +137,9 @@ def test_answer_matches_counts_whole_answers():
 
 def test_train_task_errors(capsys, tmp_path):
     base = ["train", "--model", "transformer", "--task", "mqar", "--steps", "1", "--out", str(tmp_path / "x")]
-    one_error_line(capsys, ["train", "--task", "no-such-task", "--steps", "1", "--out", str(tmp_path / "y")], "no-such-task")
+    one_error_line(
+        capsys, ["train", "--task", "no-such-task", "--steps", "1", "--out", str(tmp_path / "y")], "no-such-task"
+    )
     one_error_line(capsys, base + ["--task-settings", "num_pairs=4", "--seq-len", "6"], "--seq-len 6")
     one_error_line(capsys, base + ["--task-settings", "nonsense=1"], "nonsense")
     one_error_line(capsys, base + ["--data", str(tmp_path)], "excludes --data")
@@ -185,8 +198,24 @@ def test_parse_lengths_and_depths():
 
 # ------------------------------------------------------------------ deepmemory eval
 def eval_args(run_dir, out, *extra):
-    return ["eval", "mqar", "--checkpoint", run_dir, "--lengths", "16,33", "--samples", "3", "--batch-size", "2",
-            "--task-settings", "num_pairs=4", "--out", str(out), "--no-progress", *extra]
+    return [
+        "eval",
+        "mqar",
+        "--checkpoint",
+        run_dir,
+        "--lengths",
+        "16,33",
+        "--samples",
+        "3",
+        "--batch-size",
+        "2",
+        "--task-settings",
+        "num_pairs=4",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_eval_writes_three_outputs(run, tmp_path, capsys):
@@ -217,7 +246,9 @@ def test_eval_continues_an_interrupted_run(run, tmp_path, monkeypatch):
     from deepmemory.eval import EvalError, Evaluation
 
     full = tmp_path / "full"
-    Evaluation(["mqar"], run[0], [16, 33], samples=3, out=str(full), task_settings=MQAR, batch_size=2).run(progress=False)
+    Evaluation(["mqar"], run[0], [16, 33], samples=3, out=str(full), task_settings=MQAR, batch_size=2).run(
+        progress=False
+    )
     # interrupted: the second cell has one sample of three, and nothing after it
     part = tmp_path / "part"
     part.mkdir()
@@ -229,10 +260,18 @@ def test_eval_continues_an_interrupted_run(run, tmp_path, monkeypatch):
     import deepmemory.eval.decode as decode
 
     original = decode.answer_batch
-    monkeypatch.setattr(decode, "answer_batch", lambda m, prompts, *a, **k: read.append(len(prompts[0])) or original(m, prompts, *a, **k))
-    again = Evaluation(["mqar"], run[0], [16, 33], samples=3, out=str(part), task_settings=MQAR, batch_size=2).run(progress=False)
+    monkeypatch.setattr(
+        decode,
+        "answer_batch",
+        lambda m, prompts, *a, **k: read.append(len(prompts[0])) or original(m, prompts, *a, **k),
+    )
+    again = Evaluation(["mqar"], run[0], [16, 33], samples=3, out=str(part), task_settings=MQAR, batch_size=2).run(
+        progress=False
+    )
     assert read == [33]  # only the two missing samples of the 33-token cell, in one batch
-    assert [c["correct"] for c in again["cells"]] == [c["correct"] for c in json.load(open(full / "results.json"))["cells"]]
+    assert [c["correct"] for c in again["cells"]] == [
+        c["correct"] for c in json.load(open(full / "results.json"))["cells"]
+    ]
     with pytest.raises(EvalError, match="other settings"):
         Evaluation(["mqar"], run[0], [16], samples=5, out=str(part), task_settings=MQAR)
 
@@ -240,23 +279,37 @@ def test_eval_continues_an_interrupted_run(run, tmp_path, monkeypatch):
 def test_eval_errors(run, tmp_path, capsys):
     ckpt, out = run[0], str(tmp_path / "e")
     base = ["eval", "mqar", "--checkpoint", ckpt, "--out", out, "--no-progress", "--task-settings", "num_pairs=4"]
-    one_error_line(capsys, ["eval", "no-such-task", "--checkpoint", ckpt, "--lengths", "64", "--out", out], "no-such-task")
+    one_error_line(
+        capsys, ["eval", "no-such-task", "--checkpoint", ckpt, "--lengths", "64", "--out", out], "no-such-task"
+    )
     one_error_line(capsys, base + ["--lengths", "8"], "length 8 is below its minimum of 9 tokens")
-    one_error_line(capsys, ["eval", "mqar", "--checkpoint", ckpt, "--lengths", "64", "--out", out,
-                            "--task-settings", "vocab_size=4096"], "reads only")
+    one_error_line(
+        capsys,
+        ["eval", "mqar", "--checkpoint", ckpt, "--lengths", "64", "--out", out, "--task-settings", "vocab_size=4096"],
+        "reads only",
+    )
     one_error_line(capsys, base + ["--lengths", "64", "--depths", "0,1.5"], "outside [0, 1]")
     one_error_line(capsys, base + ["--lengths", "64", "--depths", "0.5"], "depth")
     one_error_line(capsys, base + ["--lengths", "2k,128k"], "65,536")
     one_error_line(capsys, base + ["--lengths", "4x"], "--lengths")
     one_error_line(capsys, base + ["--lengths", "64", "--samples", "0"], "--samples")
-    one_error_line(capsys, ["eval", "mqar", "--checkpoint", str(tmp_path / "none"), "--lengths", "64", "--out", out], "--checkpoint")
+    one_error_line(
+        capsys,
+        ["eval", "mqar", "--checkpoint", str(tmp_path / "none"), "--lengths", "64", "--out", out],
+        "--checkpoint",
+    )
 
 
 @pytest.mark.slow
 def test_eval_command_in_a_process(run, tmp_path):
     out = tmp_path / "proc"
-    proc = subprocess.run([sys.executable, "-m", "deepmemory", *eval_args(run[0], out)], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepmemory", *eval_args(run[0], out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {"results.json", "results.md", "heatmap.png"} <= set(os.listdir(out))
 
@@ -276,6 +329,8 @@ def test_eval_text_tasks_by_depth(run, tmp_path):
     assert "| length \\ depth (s-niah-1) | 0 | 1 |" in (out / "results.md").read_text()
     babi = get_task("babilong-qa1")
     out = tmp_path / "babi"
-    results = Evaluation(["babilong-qa1", "s-niah-1"], run[0], [max(babi.min_length, length)], samples=1, out=str(out)).run(progress=False)
+    results = Evaluation(
+        ["babilong-qa1", "s-niah-1"], run[0], [max(babi.min_length, length)], samples=1, out=str(out)
+    ).run(progress=False)
     assert {c["task"] for c in results["cells"]} == {"babilong-qa1", "s-niah-1"}
     assert "| length \\ task | babilong-qa1 | s-niah-1 |" in (out / "results.md").read_text()

@@ -49,8 +49,21 @@ def trained(tmp_path_factory):
     (root / "data").mkdir()
     data = write_corpus(root / "data")
     run = str(root / "run")
-    trainer = fit(dict(model="titans-mac", model_overrides=dict(TINY, segment_size=8, attention_window=8), data=[data],
-                       seq_len=16, batch_size=4, steps=4, eval_every=2, eval_tokens=128, lr=1e-2, out=run, device="cpu"))
+    trainer = fit(
+        dict(
+            model="titans-mac",
+            model_overrides=dict(TINY, segment_size=8, attention_window=8),
+            data=[data],
+            seq_len=16,
+            batch_size=4,
+            steps=4,
+            eval_every=2,
+            eval_tokens=128,
+            lr=1e-2,
+            out=run,
+            device="cpu",
+        )
+    )
     return trainer, run, root
 
 
@@ -98,8 +111,12 @@ def test_bare_import_deepmemory_registers_the_auto_classes(trained, deepmemory_f
     out = subprocess.run([sys.executable, "-c", code, trained[1]], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "DeepMemoryForCausalLM"
-    light = subprocess.run([sys.executable, "-c", "import sys, deepmemory; print('torch' in sys.modules)"],
-                           capture_output=True, text=True, timeout=300)
+    light = subprocess.run(
+        [sys.executable, "-c", "import sys, deepmemory; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert light.stdout.strip() == "False"  # the command line's fast start-up depends on it
 
 
@@ -111,7 +128,14 @@ def test_export_is_a_clean_hugging_face_folder(trained, capsys):
     assert main(["export", run, out]) == 0
     assert set(os.listdir(out)) == MODEL_FILES | {"README.md"}  # bytes: no tokenizer files
     card = open(os.path.join(out, "README.md")).read()
-    for text in ("`titans-mac`", "`tiny`", "| steps | 4 |", "bits/byte", "library_name: deepmemory", str(trainer.n_params // 1000)):
+    for text in (
+        "`titans-mac`",
+        "`tiny`",
+        "| steps | 4 |",
+        "bits/byte",
+        "library_name: deepmemory",
+        str(trainer.n_params // 1000),
+    ):
         assert text in card, text
     val_bpb = trainer.summary["val_bpb"]
     assert f"{val_bpb:.3f} bits/byte" in card
@@ -126,7 +150,7 @@ def test_export_is_a_clean_hugging_face_folder(trained, capsys):
     with torch.no_grad():
         out_ids = model.generate(prompt, max_new_tokens=12, do_sample=False, streamer=streamer)
     streamed = capsys.readouterr().out
-    assert streamed.rstrip("\n") == trainer.tokenizer.decode(out_ids[0, prompt.shape[1]:]).rstrip("\n")
+    assert streamed.rstrip("\n") == trainer.tokenizer.decode(out_ids[0, prompt.shape[1] :]).rstrip("\n")
     assert torch.equal(out_ids, trainer.model.generate(prompt, max_new_tokens=12, do_sample=False))
 
     # exporting over it again needs --overwrite; a bad source is one line
@@ -164,7 +188,9 @@ def test_generate_cli_on_exported_folder_and_checkpoint(trained, capsys):
     assert main(["export", run, out]) == 0
     capsys.readouterr()
     for path in (out, os.path.join(run, "checkpoints", "step-00000004")):
-        assert main(["generate", "--checkpoint", path, "--prompt", "the ", "--max-new-tokens", "8",
-                     "--temperature", "0"]) == 0
+        assert (
+            main(["generate", "--checkpoint", path, "--prompt", "the ", "--max-new-tokens", "8", "--temperature", "0"])
+            == 0
+        )
         text = capsys.readouterr().out
         assert text.startswith("the ") and len(text) > 4

@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from deepmemory.layers.feature_maps import IdentityFeatureMap, PolynomialFeatureMap, make_feature_map, symmetric_monomials
+from deepmemory.layers.feature_maps import (
+    IdentityFeatureMap,
+    PolynomialFeatureMap,
+    make_feature_map,
+    symmetric_monomials,
+)
 
 
 def _full_power(x, i):

@@ -9,7 +9,9 @@ import torch
 
 from deepmemory.cli import main
 
-TINY = {"model_overrides": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}}
+TINY = {
+    "model_overrides": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+}
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +23,19 @@ def run(tmp_path_factory):
     for i in range(4):
         (root / "data" / f"d{i}.txt").write_text("the memory stores keys and values. " * 30)
     out = str(root / "run")
-    train(dict(TINY, model="transformer", data=[str(root / "data")], seq_len=8, batch_size=2, eval_tokens=64, steps=2,
-               out=out), quiet=True)
+    train(
+        dict(
+            TINY,
+            model="transformer",
+            data=[str(root / "data")],
+            seq_len=8,
+            batch_size=2,
+            eval_tokens=64,
+            steps=2,
+            out=out,
+        ),
+        quiet=True,
+    )
     return out
 
 
@@ -39,21 +52,64 @@ def test_streaming_prints_what_the_batch_output_prints(run, capsys):
 
 
 def test_samples_prompts_and_sampling_options(run, capsys, tmp_path, monkeypatch):
-    assert main(gen(run, "--prompt", "the ", "--prompt", "keys ", "--num-samples", "2", "--top-p", "0.9",
-                    "--repetition-penalty", "1.3", "--seed", "3")) == 0
+    assert (
+        main(
+            gen(
+                run,
+                "--prompt",
+                "the ",
+                "--prompt",
+                "keys ",
+                "--num-samples",
+                "2",
+                "--top-p",
+                "0.9",
+                "--repetition-penalty",
+                "1.3",
+                "--seed",
+                "3",
+            )
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     headers = [line for line in out.splitlines() if line.startswith("=== ")]
-    assert headers == ["=== prompt 1, sample 1 ===", "=== prompt 1, sample 2 ===",
-                       "=== prompt 2, sample 1 ===", "=== prompt 2, sample 2 ==="]
-    assert main(gen(run, "--prompt", "the ", "--prompt", "keys ", "--num-samples", "2", "--top-p", "0.9",
-                    "--repetition-penalty", "1.3", "--seed", "3")) == 0
+    assert headers == [
+        "=== prompt 1, sample 1 ===",
+        "=== prompt 1, sample 2 ===",
+        "=== prompt 2, sample 1 ===",
+        "=== prompt 2, sample 2 ===",
+    ]
+    assert (
+        main(
+            gen(
+                run,
+                "--prompt",
+                "the ",
+                "--prompt",
+                "keys ",
+                "--num-samples",
+                "2",
+                "--top-p",
+                "0.9",
+                "--repetition-penalty",
+                "1.3",
+                "--seed",
+                "3",
+            )
+        )
+        == 0
+    )
     assert capsys.readouterr().out == out  # seeded
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the \n\nkeys \n")
     assert main(gen(run, "--prompt-file", str(prompts), "--temperature", "0")) == 0
     from_file = capsys.readouterr().out
-    assert [line for line in from_file.splitlines() if line.startswith("===")] == ["=== prompt 1 ===", "=== prompt 2 ==="]
+    assert [line for line in from_file.splitlines() if line.startswith("===")] == [
+        "=== prompt 1 ===",
+        "=== prompt 2 ===",
+    ]
     monkeypatch.setattr("sys.stdin", io.StringIO("the \nkeys \n"))
     assert main(gen(run, "--prompt-file", "-", "--temperature", "0")) == 0
     assert capsys.readouterr().out == from_file
@@ -72,33 +128,45 @@ def test_threads(run, monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0"),
-    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
-    (["--num-samples", "0"], "--num-samples must be in [1, 1024]"),
-    (["--num-samples", "100000000000"], "--num-samples must be in [1, 1024]"),
-    (["--seed", "-1"], "--seed must be in [0, 2**63)"),
-    (["--num-samples", "2", "--stream"], "--stream shows one sequence"),
-    (["--threads", "0"], "--threads must be in [1, 1024]"),
-    ([], "give a prompt"),
-    (["--prompt-file", os.devnull], "holds no prompt"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0"),
+        (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+        (["--num-samples", "0"], "--num-samples must be in [1, 1024]"),
+        (["--num-samples", "100000000000"], "--num-samples must be in [1, 1024]"),
+        (["--seed", "-1"], "--seed must be in [0, 2**63)"),
+        (["--num-samples", "2", "--stream"], "--stream shows one sequence"),
+        (["--threads", "0"], "--threads must be in [1, 1024]"),
+        ([], "give a prompt"),
+        (["--prompt-file", os.devnull], "holds no prompt"),
+    ],
+)
 def test_errors_are_one_line(run, capsys, extra, match):
     assert main(gen(run, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("deepmemory generate: error: ") and match in err[0], err
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["generate", "--checkpoint", "x", "--top-p", "abc"], "argument --top-p: invalid float value: 'abc'"),
-    (["train", "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
-    # every float option is finite and every int option within int64, on every subcommand
-    (["generate", "--checkpoint", "x", "--repetition-penalty", "inf"], "argument --repetition-penalty: expected a finite number"),
-    (["generate", "--checkpoint", "x", "--temperature", "nan"], "argument --temperature: expected a finite number"),
-    (["generate", "--checkpoint", "x", "--seed", "99999999999999999999999"], "argument --seed: expected an integer below 2**63"),
-    (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["generate", "--checkpoint", "x", "--top-p", "abc"], "argument --top-p: invalid float value: 'abc'"),
+        (["train", "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+        # every float option is finite and every int option within int64, on every subcommand
+        (
+            ["generate", "--checkpoint", "x", "--repetition-penalty", "inf"],
+            "argument --repetition-penalty: expected a finite number",
+        ),
+        (["generate", "--checkpoint", "x", "--temperature", "nan"], "argument --temperature: expected a finite number"),
+        (
+            ["generate", "--checkpoint", "x", "--seed", "99999999999999999999999"],
+            "argument --seed: expected an integer below 2**63",
+        ),
+        (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
+    ],
+)
 def test_argparse_errors_are_one_line(capsys, argv, match):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

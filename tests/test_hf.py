@@ -8,7 +8,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from deepmemory.models.modeling import CACHE_NAME
-from deepmemory.models import DeepMemoryCache, DeepMemoryConfig, DeepMemoryForCausalLM, build, list_presets, preset_config
+from deepmemory.models import (
+    DeepMemoryCache,
+    DeepMemoryConfig,
+    DeepMemoryForCausalLM,
+    build,
+    list_presets,
+    preset_config,
+)
 from tiers import every_preset
 
 PRESETS = list_presets()
@@ -154,10 +161,14 @@ def test_checkpoint_saved_before_the_renames_loads(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     weights = load_file(tmp_path / "model.safetensors")
     assert any("initial_weights" in k for k in weights)
-    save_file({k.replace("initial_weights", "memory_init"): t.contiguous() for k, t in weights.items()},
-              tmp_path / "model.safetensors", metadata={"format": "pt"})
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64,
-                                                  key_mapping={"memory_init": "initial_weights"}).eval()
+    save_file(
+        {k.replace("initial_weights", "memory_init"): t.contiguous() for k, t in weights.items()},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float64, key_mapping={"memory_init": "initial_weights"}
+    ).eval()
     assert loaded.config.memory == model.config.memory
     want, got = model.state_dict(), loaded.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)

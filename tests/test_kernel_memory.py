@@ -14,9 +14,18 @@ B, H, D = 2, 2, 5
 
 def _op(q, k, v, lr, weights, scale, *, initial_state=None, output_final_state=False, impl="chunk", **rule):
     """``kernel_memory`` in the heads-first layout ``[B, H, T, D]`` of the first tests."""
-    y, st = kernel_memory(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lr.transpose(1, 2), weights, scale,
-                          rule=KernelRule(**rule), initial_state=initial_state, output_final_state=output_final_state,
-                          impl=impl)
+    y, st = kernel_memory(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        lr.transpose(1, 2),
+        weights,
+        scale,
+        rule=KernelRule(**rule),
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        impl=impl,
+    )
     return y.transpose(1, 2), st
 
 
@@ -49,8 +58,21 @@ def test_linear_dot_is_unnormalised_attention(window, chunk):
     """window=None: causal attention without its normaliser (ATLAS eq. 26); "swa": its sliding window."""
     q, k, v, _ = _qkv(13)
     scale = torch.tensor([0.7, 1.3], dtype=torch.float64)
-    y, _ = _op(q, k, v, torch.ones(B, H, 13, dtype=torch.float64), {}, scale, depth=1, residual=False,
-                         loss="dot", window=window, window_rule="swa", normalized=False, chunk_size=chunk)
+    y, _ = _op(
+        q,
+        k,
+        v,
+        torch.ones(B, H, 13, dtype=torch.float64),
+        {},
+        scale,
+        depth=1,
+        residual=False,
+        loss="dot",
+        window=window,
+        window_rule="swa",
+        normalized=False,
+        chunk_size=chunk,
+    )
     s = torch.exp(scale[:, None, None] * (q @ k.transpose(-1, -2))) * _band(13, window)
     torch.testing.assert_close(y, s @ v, rtol=1e-12, atol=1e-12)
 
@@ -58,9 +80,21 @@ def test_linear_dot_is_unnormalised_attention(window, chunk):
 @pytest.mark.parametrize("window,chunk", [(None, 3), (4, 5), (1, 2)])
 def test_linear_dot_normalised_is_softmax_attention(window, chunk):
     q, k, v, _ = _qkv(17, seed=2)
-    y, _ = _op(q, k, v, torch.ones(B, H, 17, dtype=torch.float64), {}, torch.full((H,), 0.8, dtype=torch.float64),
-                         depth=1, residual=False, loss="dot", window=window, window_rule="swa", normalized=True,
-                         chunk_size=chunk)
+    y, _ = _op(
+        q,
+        k,
+        v,
+        torch.ones(B, H, 17, dtype=torch.float64),
+        {},
+        torch.full((H,), 0.8, dtype=torch.float64),
+        depth=1,
+        residual=False,
+        loss="dot",
+        window=window,
+        window_rule="swa",
+        normalized=True,
+        chunk_size=chunk,
+    )
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=_band(17, window), scale=0.8)
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
 
@@ -69,8 +103,20 @@ def test_linear_dot_normalised_is_softmax_attention(window, chunk):
 def test_linear_l2_is_delta_rule_transformer(chunk):
     """ATLAS eq. 30-31: M_t = M_{t'} ... + lr_t (v_t - M_{t'} phi*(k_t)) phi*(k_t)^T, in kernel space."""
     q, k, v, lr = _qkv(11, seed=3)
-    y, _ = _op(q, k, v, lr, {}, torch.ones(H, dtype=torch.float64), depth=1, residual=False, loss="l2",
-                         window=None, normalized=False, chunk_size=chunk)
+    y, _ = _op(
+        q,
+        k,
+        v,
+        lr,
+        {},
+        torch.ones(H, dtype=torch.float64),
+        depth=1,
+        residual=False,
+        loss="l2",
+        window=None,
+        normalized=False,
+        chunk_size=chunk,
+    )
     ker = lambda a, b: torch.exp((a * b).sum(-1, keepdim=True))  # noqa: E731
     stored, ys = [], []
     for t in range(11):
@@ -89,12 +135,43 @@ def _reference(q, k, v, lr, weights, scale, **cfg):
 
 DEEP = [
     dict(loss="dot", window=None, normalized=True, depth=2, activation="gelu", residual=True, chunk_size=3),
-    dict(loss="l2", window=3, window_rule="swa", normalized=True, depth=2, activation="silu", residual=True, chunk_size=4),
-    dict(loss="dot", window=4, window_rule="swa", normalized=False, depth=3, activation="tanh", residual=True, chunk_size=2),
+    dict(
+        loss="l2", window=3, window_rule="swa", normalized=True, depth=2, activation="silu", residual=True, chunk_size=4
+    ),
+    dict(
+        loss="dot",
+        window=4,
+        window_rule="swa",
+        normalized=False,
+        depth=3,
+        activation="tanh",
+        residual=True,
+        chunk_size=2,
+    ),
     dict(loss="l2", window=None, normalized=False, depth=2, activation="gelu", residual=False, chunk_size=1),
-    dict(loss="l2", window=2, window_rule="swa", normalized=True, depth=1, activation="gelu", residual=True, chunk_size=3),
-    dict(loss="l2", window=3, window_rule="omega", normalized=True, depth=2, activation="silu", residual=True, chunk_size=4),
-    dict(loss="dot", window=4, window_rule="omega", normalized=False, depth=3, activation="tanh", residual=True, chunk_size=2),
+    dict(
+        loss="l2", window=2, window_rule="swa", normalized=True, depth=1, activation="gelu", residual=True, chunk_size=3
+    ),
+    dict(
+        loss="l2",
+        window=3,
+        window_rule="omega",
+        normalized=True,
+        depth=2,
+        activation="silu",
+        residual=True,
+        chunk_size=4,
+    ),
+    dict(
+        loss="dot",
+        window=4,
+        window_rule="omega",
+        normalized=False,
+        depth=3,
+        activation="tanh",
+        residual=True,
+        chunk_size=2,
+    ),
 ]
 
 
@@ -115,8 +192,17 @@ def test_functional_streaming(cfg):
     full, _ = _op(q, k, v, lr, w, scale, **cfg)
     outs, st = [], None
     for lo, hi in ((0, 1), (1, 6), (6, 9), (9, 14)):
-        y, st = _op(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], lr[:, :, lo:hi], w, scale, **cfg,
-                              initial_state=st, output_final_state=True)
+        y, st = _op(
+            q[:, :, lo:hi],
+            k[:, :, lo:hi],
+            v[:, :, lo:hi],
+            lr[:, :, lo:hi],
+            w,
+            scale,
+            **cfg,
+            initial_state=st,
+            output_final_state=True,
+        )
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-12, atol=1e-12)
     if cfg["window"] is not None and cfg["window_rule"] == "swa":  # "omega" keeps every key
@@ -133,9 +219,16 @@ def _layer(seed=0, **kw):
     return layer
 
 
-LAYER_CFGS = [dict(), dict(window=3), dict(loss="l2", window=5), dict(depth=1, residual=False, normalized=False),
-              dict(depth=3, conv_size=0), dict(loss="l2", normalized=False), dict(window=3, window_rule="swa"),
-              dict(loss="l2", window=4, normalized=False)]
+LAYER_CFGS = [
+    dict(),
+    dict(window=3),
+    dict(loss="l2", window=5),
+    dict(depth=1, residual=False, normalized=False),
+    dict(depth=3, conv_size=0),
+    dict(loss="l2", normalized=False),
+    dict(window=3, window_rule="swa"),
+    dict(loss="l2", window=4, normalized=False),
+]
 
 
 @pytest.mark.parametrize("cfg", LAYER_CFGS)
@@ -153,7 +246,9 @@ def test_layer_streaming_equals_one_call(cfg):
         torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("loss,window,normalized,depth", list(itertools.product(("dot", "l2"), (None, 3), (True, False), (1, 2))))
+@pytest.mark.parametrize(
+    "loss,window,normalized,depth", list(itertools.product(("dot", "l2"), (None, 3), (True, False), (1, 2)))
+)
 def test_layer_forward_backward(loss, window, normalized, depth):
     layer = KernelMemory(32, 2, 8, loss=loss, window=window, normalized=normalized, depth=depth, chunk_size=4)
     x = torch.randn(2, 9, 32, requires_grad=True)
@@ -173,9 +268,16 @@ def test_layer_linear_is_attention_on_its_projections():
         layer.lr_proj.bias.zero_()
     x = torch.randn(1, 10, 32, dtype=torch.float64)
     q, k, v, _ = layer.qkv(x, None)
-    heads = [F.scaled_dot_product_attention(q[:, :, h:h + 1].transpose(1, 2), k[:, :, h:h + 1].transpose(1, 2),
-                                            v[:, :, h:h + 1].transpose(1, 2), is_causal=True,
-                                            scale=float(layer.log_temp[h].detach().exp())) for h in range(2)]
+    heads = [
+        F.scaled_dot_product_attention(
+            q[:, :, h : h + 1].transpose(1, 2),
+            k[:, :, h : h + 1].transpose(1, 2),
+            v[:, :, h : h + 1].transpose(1, 2),
+            is_causal=True,
+            scale=float(layer.log_temp[h].detach().exp()),
+        )
+        for h in range(2)
+    ]
     want = layer.output(x, torch.cat(heads, 1).transpose(1, 2))
     torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
 
@@ -263,8 +365,10 @@ def _inputs(t, seed=0, depth=2, hidden=4, b=1, h=2, d=3, requires_grad=False):
     k = 0.5 * torch.randn(b, t, h, d, generator=g, dtype=torch.float64)
     v = torch.randn(b, t, h, d, generator=g, dtype=torch.float64)
     lr = 0.3 * torch.rand(b, t, h, generator=g, dtype=torch.float64) + 0.1
-    w = {f"w{l}": torch.randn(h, d if l == depth - 1 else hidden, hidden, generator=g, dtype=torch.float64) / hidden**0.5
-         for l in range(1, depth)}
+    w = {
+        f"w{l}": torch.randn(h, d if l == depth - 1 else hidden, hidden, generator=g, dtype=torch.float64) / hidden**0.5
+        for l in range(1, depth)
+    }
     scale = torch.rand(h, generator=g, dtype=torch.float64) + 0.5
     leaves = [q, k, v, lr, *w.values(), scale]
     for x in leaves:
@@ -272,8 +376,21 @@ def _inputs(t, seed=0, depth=2, hidden=4, b=1, h=2, d=3, requires_grad=False):
     return (q, k, v, lr, w, scale), leaves
 
 
-@pytest.mark.parametrize("t,chunk,r", [(1, 4, 0), (7, 1, 1), (7, 3, 2), (7, 16, 3), (63, 8, 0), (63, 5, 2),
-                                       (100, 16, 1), (100, 7, 3), (7, 2, 4), (63, 5, 5)])
+@pytest.mark.parametrize(
+    "t,chunk,r",
+    [
+        (1, 4, 0),
+        (7, 1, 1),
+        (7, 3, 2),
+        (7, 16, 3),
+        (63, 8, 0),
+        (63, 5, 2),
+        (100, 16, 1),
+        (100, 7, 3),
+        (7, 2, 4),
+        (63, 5, 5),
+    ],
+)
 def test_fast_form_equals_reference_forward_backward(t, chunk, r):
     rule = RULES[r].replace(chunk_size=chunk)
     args, leaves = _inputs(t, seed=t + chunk, depth=rule.depth, requires_grad=True)
@@ -298,8 +415,17 @@ def test_streaming_at_split_points_equals_one_call(r, splits):
     full, end = kernel_memory(q, k, v, lr, w, scale, rule=rule, output_final_state=True)
     outs, st = [], None
     for lo, hi in zip([0] + splits, splits + [23]):
-        y, st = kernel_memory(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], lr[:, lo:hi], w, scale, rule=rule,
-                              initial_state=st, output_final_state=True)
+        y, st = kernel_memory(
+            q[:, lo:hi],
+            k[:, lo:hi],
+            v[:, lo:hi],
+            lr[:, lo:hi],
+            w,
+            scale,
+            rule=rule,
+            initial_state=st,
+            output_final_state=True,
+        )
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-12, atol=1e-12)
     assert st.seen == 23 and st.pending == 23 % 4 and st.rule == rule
@@ -315,8 +441,18 @@ def test_reference_streams_and_shares_the_state(r):
     full, end = kernel_memory(q, k, v, lr, w, scale, rule=rule, impl="reference", output_final_state=True)
     outs, st = [], None
     for (lo, hi), impl in zip([(0, 5), (5, 6), (6, 13), (13, 17)], ["reference", "chunk", "reference", "reference"]):
-        y, st = kernel_memory(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], lr[:, lo:hi], w, scale, rule=rule,
-                              initial_state=st, output_final_state=True, impl=impl)
+        y, st = kernel_memory(
+            q[:, lo:hi],
+            k[:, lo:hi],
+            v[:, lo:hi],
+            lr[:, lo:hi],
+            w,
+            scale,
+            rule=rule,
+            initial_state=st,
+            output_final_state=True,
+            impl=impl,
+        )
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
     _, fast_end = kernel_memory(q, k, v, lr, w, scale, rule=rule, output_final_state=True)
@@ -337,9 +473,12 @@ def test_state_is_a_tree_state_with_its_rule():
 
 def test_low_precision_computes_in_float32():
     (q, k, v, lr, w, scale), _ = _inputs(9)
-    y, st = kernel_memory(*(t.to(torch.bfloat16) for t in (q, k, v, lr)), w, scale, rule=KernelRule(chunk_size=4),
-                          output_final_state=True)
-    want, _ = kernel_memory(*(t.to(torch.bfloat16).float() for t in (q, k, v, lr)), w, scale, rule=KernelRule(chunk_size=4))
+    y, st = kernel_memory(
+        *(t.to(torch.bfloat16) for t in (q, k, v, lr)), w, scale, rule=KernelRule(chunk_size=4), output_final_state=True
+    )
+    want, _ = kernel_memory(
+        *(t.to(torch.bfloat16).float() for t in (q, k, v, lr)), w, scale, rule=KernelRule(chunk_size=4)
+    )
     assert y.dtype == torch.bfloat16 and st.keys.dtype == torch.float32
     torch.testing.assert_close(y, want.to(torch.bfloat16), rtol=0, atol=0)
 
@@ -391,19 +530,37 @@ def _bad(name):
         args = {n: t[:, :0] if n in ("q", "k", "v", "lr") else t for n, t in args.items()}
         want = (ValueError, r"q must hold at least one token \(T >= 1\)")
     elif name == "k shape":
-        args["k"], want = k[:, :4], (ValueError, r"k must have shape \[1, 5, 2, 3\] \(None = any\); got \[1, 4, 2, 3\] \(dim 1\)")
+        args["k"], want = (
+            k[:, :4],
+            (ValueError, r"k must have shape \[1, 5, 2, 3\] \(None = any\); got \[1, 4, 2, 3\] \(dim 1\)"),
+        )
     elif name == "v dtype":
         args["v"], want = v.float(), (TypeError, "v has dtype torch.float32 but q has torch.float64")
     elif name == "lr rank":
-        args["lr"], want = lr[..., None], (ValueError, r"lr must have 3 dims \[1, 5, 2\] \(None = any\); got shape \[1, 5, 2, 1\]")
+        args["lr"], want = (
+            lr[..., None],
+            (ValueError, r"lr must have 3 dims \[1, 5, 2\] \(None = any\); got shape \[1, 5, 2, 1\]"),
+        )
     elif name == "lr heads":
-        args["lr"], want = lr[..., :1], (ValueError, r"lr must have shape \[1, 5, 2\] \(None = any\); got \[1, 5, 1\] \(dim 2\)")
+        args["lr"], want = (
+            lr[..., :1],
+            (ValueError, r"lr must have shape \[1, 5, 2\] \(None = any\); got \[1, 5, 1\] \(dim 2\)"),
+        )
     elif name == "scale shape":
-        args["scale"], want = scale[:1], (ValueError, r"scale must have shape \[2\] \(one temperature per head\); got \[1\]")
+        args["scale"], want = (
+            scale[:1],
+            (ValueError, r"scale must have shape \[2\] \(one temperature per head\); got \[1\]"),
+        )
     elif name == "params names":
-        args["weights"], want = {"w0": w["w1"]}, (ValueError, r"weights for depth=2 must be exactly \['w1'\]; missing \['w1'\], unexpected \['w0'\]")
+        args["weights"], want = (
+            {"w0": w["w1"]},
+            (ValueError, r"weights for depth=2 must be exactly \['w1'\]; missing \['w1'\], unexpected \['w0'\]"),
+        )
     elif name == "params shape":
-        args["weights"], want = {"w1": w["w1"][:, :2]}, (ValueError, r"weights\['w1'\] must be \[\.\.\., 3, 4\] for dv=3, hidden=4; got \[2, 2, 4\]")
+        args["weights"], want = (
+            {"w1": w["w1"][:, :2]},
+            (ValueError, r"weights\['w1'\] must be \[\.\.\., 3, 4\] for dv=3, hidden=4; got \[2, 2, 4\]"),
+        )
     elif name == "residual dims":
         args["v"] = torch.cat([v, v], -1)
         want = (ValueError, "a residual kernel memory needs dk == dv; got dk=3, dv=6")
@@ -423,9 +580,28 @@ def _bad(name):
     return args, kw, want
 
 
-@pytest.mark.parametrize("name", ["q list", "q rank", "q int", "empty", "k shape", "v dtype", "lr rank", "lr heads",
-                                  "scale shape", "params names", "params shape", "residual dims", "rule", "impl",
-                                  "state type", "state rule", "state batch"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "q list",
+        "q rank",
+        "q int",
+        "empty",
+        "k shape",
+        "v dtype",
+        "lr rank",
+        "lr heads",
+        "scale shape",
+        "params names",
+        "params shape",
+        "residual dims",
+        "rule",
+        "impl",
+        "state type",
+        "state rule",
+        "state batch",
+    ],
+)
 def test_op_input_errors(name):
     args, kw, (exc, match) = _bad(name)
     with pytest.raises(exc, match=match) as err:
@@ -441,9 +617,12 @@ def test_layer_carries_its_rule():
     assert state.recurrent_state.rule == layer.rule
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=False,
-                   reason="aten::silu_backward has no derivative in this torch, and the fast form's hand-written "
-                          "backward (deepmemory.ops.memory.activation_backward) uses it: silu trains no outer loop")
+@pytest.mark.xfail(
+    raises=RuntimeError,
+    strict=False,
+    reason="aten::silu_backward has no derivative in this torch, and the fast form's hand-written "
+    "backward (deepmemory.ops.memory.activation_backward) uses it: silu trains no outer loop",
+)
 def test_silu_layer_backward():
     layer = KernelMemory(32, 2, 8, activation="silu", chunk_size=4)
     layer(torch.randn(1, 6, 32)).pow(2).mean().backward()

@@ -30,8 +30,10 @@ def _inputs(t, *, depth=2, spread=1, seed=0, b=2, d=D, hidden=4, requires_grad=F
     k = 0.5 * torch.randn(b, t, H, d, generator=g, dtype=torch.float64)
     v = torch.randn(b, t, H, d, generator=g, dtype=torch.float64)
     lr = (0.3 * torch.rand(b, t, H, generator=g, dtype=torch.float64) + 0.1) / spread
-    w = {f"w{l}": torch.randn(H, d if l == depth - 1 else hidden, hidden, generator=g, dtype=torch.float64) / hidden**0.5
-         for l in range(1, depth)}
+    w = {
+        f"w{l}": torch.randn(H, d if l == depth - 1 else hidden, hidden, generator=g, dtype=torch.float64) / hidden**0.5
+        for l in range(1, depth)
+    }
     scale = torch.rand(H, generator=g, dtype=torch.float64) + 0.5
     leaves = [q, k, v, lr, *w.values(), scale]
     for x in leaves:
@@ -100,7 +102,10 @@ def test_linear_l2_is_eq_28_in_kernel_space(window, chunk, normalized):
     ys = []
     for cs in range(0, t_len, chunk):
         frozen = dd.clone()
-        err = {i: vt[:, :, i] - read(kt[:, :, i], frozen, cs) for i in range(max(0, cs - window + 1), min(cs + chunk, t_len))}
+        err = {
+            i: vt[:, :, i] - read(kt[:, :, i], frozen, cs)
+            for i in range(max(0, cs - window + 1), min(cs + chunk, t_len))
+        }
         for t in range(cs, min(cs + chunk, t_len)):
             for i in range(max(0, t - window + 1), t + 1):
                 dd[:, :, i] = dd[:, :, i] + lt[:, :, t, None] * err[i]
@@ -122,17 +127,32 @@ def test_window_one_is_window_none(loss):
 
 LENGTHS, CHUNKS, WINDOWS = (1, 7, 63, 100, 257), (1, 4, 16), (1, 3, 16)
 FAST = [  # every length, chunk, window, depth, loss and normalisation in 8 cases
-    (1, 4, 3, 2, "dot", False), (7, 1, 3, 2, "l2", True), (7, 16, 16, 2, "l2", False), (63, 4, 16, 2, "dot", True),
-    (63, 16, 1, 2, "l2", False), (100, 16, 16, 2, "l2", True), (100, 4, 1, 1, "l2", True), (257, 16, 3, 1, "dot", False),
+    (1, 4, 3, 2, "dot", False),
+    (7, 1, 3, 2, "l2", True),
+    (7, 16, 16, 2, "l2", False),
+    (63, 4, 16, 2, "dot", True),
+    (63, 16, 1, 2, "l2", False),
+    (100, 16, 16, 2, "l2", True),
+    (100, 4, 1, 1, "l2", True),
+    (257, 16, 3, 1, "dot", False),
 ]
-SWEEP = [pytest.param(*case, marks=[] if case in FAST else pytest.mark.long)
-         for case in itertools.product(LENGTHS, CHUNKS, WINDOWS, (1, 2), ("dot", "l2"), (False, True))]
+SWEEP = [
+    pytest.param(*case, marks=[] if case in FAST else pytest.mark.long)
+    for case in itertools.product(LENGTHS, CHUNKS, WINDOWS, (1, 2), ("dot", "l2"), (False, True))
+]
 
 
 @pytest.mark.parametrize("t,chunk,window,depth,loss,normalized", SWEEP)
 def test_fast_form_equals_step_loop(t, chunk, window, depth, loss, normalized):
-    rule = KernelRule(depth=depth, residual=depth > 1, loss=loss, window=window, normalized=normalized,
-                      chunk_size=chunk, activation="tanh" if depth > 1 and loss == "dot" else "gelu")
+    rule = KernelRule(
+        depth=depth,
+        residual=depth > 1,
+        loss=loss,
+        window=window,
+        normalized=normalized,
+        chunk_size=chunk,
+        activation="tanh" if depth > 1 and loss == "dot" else "gelu",
+    )
     args, leaves = _inputs(t, depth=depth, spread=window + chunk, seed=t + 3 * chunk + window, requires_grad=True)
     ys, states, grads = [], [], []
     for impl in KERNEL_IMPLS:
@@ -144,7 +164,9 @@ def test_fast_form_equals_step_loop(t, chunk, window, depth, loss, normalized):
     _close(ys[0], ys[1], 1e-9, "y")
     for a, b in zip(tensors(states[0]), tensors(states[1])):
         _close(a.detach(), b.detach(), 1e-9, "state")
-    assert states[0].keys.shape[2] == t - t % chunk and states[0].window_values.shape[2] == min(window - 1, t - t % chunk)
+    assert states[0].keys.shape[2] == t - t % chunk and states[0].window_values.shape[2] == min(
+        window - 1, t - t % chunk
+    )
     for name, a, b in zip(["q", "k", "v", "lr", *args[4], "scale"], *grads):
         _close(a, b, 1e-8, f"grad {name}")
 
@@ -162,8 +184,18 @@ def test_streaming_at_any_split_equals_one_call(window, chunk, splits):
     full, end = kernel_memory(q, k, v, lr, w, scale, rule=rule, output_final_state=True)
     outs, st = [], None
     for n, (lo, hi) in enumerate(zip([0] + splits, splits + [37])):
-        y, st = kernel_memory(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], lr[:, lo:hi], w, scale, rule=rule,
-                              initial_state=st, output_final_state=True, impl=KERNEL_IMPLS[n % 2])
+        y, st = kernel_memory(
+            q[:, lo:hi],
+            k[:, lo:hi],
+            v[:, lo:hi],
+            lr[:, lo:hi],
+            w,
+            scale,
+            rule=rule,
+            initial_state=st,
+            output_final_state=True,
+            impl=KERNEL_IMPLS[n % 2],
+        )
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-12, atol=1e-12)
     assert st.seen == 37 and st.pending == 37 % chunk
@@ -183,13 +215,22 @@ def test_state_with_wrong_window_values_is_rejected():
 # ---- causality for non-finite inputs ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("window_rule,depth,loss,normalized", [("omega", 2, "l2", False), ("omega", 1, "dot", True),
-                                                               ("swa", 2, "dot", False), ("swa", 1, "l2", True)])
+@pytest.mark.parametrize(
+    "window_rule,depth,loss,normalized",
+    [("omega", 2, "l2", False), ("omega", 1, "dot", True), ("swa", 2, "dot", False), ("swa", 1, "l2", True)],
+)
 def test_a_bad_token_changes_no_earlier_output(window_rule, depth, loss, normalized):
     """A NaN, an infinity or a huge value at token 6 (inside the chunk 4..7) leaves every earlier
     output bitwise as it was, and the other sequence and head untouched."""
-    rule = KernelRule(depth=depth, residual=depth > 1, loss=loss, window=3, window_rule=window_rule,
-                      normalized=normalized, chunk_size=4)
+    rule = KernelRule(
+        depth=depth,
+        residual=depth > 1,
+        loss=loss,
+        window=3,
+        window_rule=window_rule,
+        normalized=normalized,
+        chunk_size=4,
+    )
     ins, _ = _inputs(11, depth=depth, spread=3, seed=1)
     q, k, v, lr, w, scale = ins
     clean, _ = kernel_memory(*ins, rule=rule)
@@ -197,4 +238,8 @@ def test_a_bad_token_changes_no_earlier_output(window_rule, depth, loss, normali
         bad = [x.clone() for x in (q, k, v, lr)]
         bad[n][(0, 6, 1) + (2,) * (bad[n].dim() - 3)] = value
         y, _ = kernel_memory(*bad, w, scale, rule=rule)
-        assert torch.equal(y[:, :6], clean[:, :6]) and torch.equal(y[1], clean[1]) and torch.equal(y[:, :, 0], clean[:, :, 0])
+        assert (
+            torch.equal(y[:, :6], clean[:, :6])
+            and torch.equal(y[1], clean[1])
+            and torch.equal(y[:, :, 0], clean[:, :, 0])
+        )

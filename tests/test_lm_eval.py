@@ -57,15 +57,19 @@ def test_registered():
 
 
 def test_loglikelihood_equals_one_pass(lm):
-    requests = [Request("The memory reads", " keys"), Request("The memory reads", " values and keys"),
-                Request("Another context, longer than one chunk", "!"), Request("", "empty context")]
+    requests = [
+        Request("The memory reads", " keys"),
+        Request("The memory reads", " values and keys"),
+        Request("Another context, longer than one chunk", "!"),
+        Request("", "empty context"),
+    ]
     got = lm.loglikelihood(requests, disable_tqdm=True)
     for (context, continuation), (total, greedy) in zip([r.args for r in requests], got):
         ctx = lm.tok_encode(context) or [lm.eot_token_id]
         cont = lm.tok_encode(continuation)
         logprobs, argmax = direct_logprobs(lm, ctx + cont)
-        assert total == pytest.approx(float(logprobs[-len(cont):].sum()), rel=1e-4, abs=1e-4)
-        assert greedy == bool((argmax[-len(cont):] == torch.tensor(cont)).all())
+        assert total == pytest.approx(float(logprobs[-len(cont) :].sum()), rel=1e-4, abs=1e-4)
+        assert greedy == bool((argmax[-len(cont) :] == torch.tensor(cont)).all())
 
 
 def test_batched_loglikelihood_equals_one_at_a_time(checkpoint, lm):
@@ -74,11 +78,17 @@ def test_batched_loglikelihood_equals_one_at_a_time(checkpoint, lm):
     from deepmemory.eval.lm_eval import DeepMemoryLM
 
     batched = DeepMemoryLM(checkpoint=checkpoint, batch_size=3, chunk_size=24)
-    requests = [Request("The memory reads", " keys"), Request("The memory", " reads values and keys"),
-                Request("A", "b"), Request("Another context, longer than the chunk of the batches", "!"),
-                Request("", "empty context"), Request("Short", " one")]
-    for (total, greedy), (want, want_greedy) in zip(batched.loglikelihood(requests, disable_tqdm=True),
-                                                    lm.loglikelihood(requests, disable_tqdm=True)):
+    requests = [
+        Request("The memory reads", " keys"),
+        Request("The memory", " reads values and keys"),
+        Request("A", "b"),
+        Request("Another context, longer than the chunk of the batches", "!"),
+        Request("", "empty context"),
+        Request("Short", " one"),
+    ]
+    for (total, greedy), (want, want_greedy) in zip(
+        batched.loglikelihood(requests, disable_tqdm=True), lm.loglikelihood(requests, disable_tqdm=True)
+    ):
         assert total == pytest.approx(want, rel=1e-4, abs=1e-4)
         assert greedy == want_greedy
 
@@ -114,7 +124,7 @@ def test_generate_until_is_greedy_and_stops(lm):
     stop = want[2:4] if len(want) >= 4 else None
     if stop:
         [cut] = lm.generate_until([Request(prompt, {"until": [stop], "max_gen_toks": 8})], disable_tqdm=True)
-        assert cut == want[:want.find(stop)]
+        assert cut == want[: want.find(stop)]
     with pytest.raises(ValueError, match="greedily"):
         lm.generate_until([Request(prompt, {"do_sample": True})], disable_tqdm=True)
 
@@ -137,17 +147,27 @@ def write_tasks(folder):
     data = os.path.join(folder, "sums.jsonl")
     with open(data, "w") as f:
         for a, b in ((1, 2), (3, 4), (2, 2)):
-            f.write(json.dumps({"question": f"{a}+{b}=", "choices": [str(a + b), str(a * b + 5)], "label": 0,
-                                "answer": str(a + b)}) + "\n")
-    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n" \
-             "doc_to_text: \"{{question}}\"\n"
+            f.write(
+                json.dumps(
+                    {"question": f"{a}+{b}=", "choices": [str(a + b), str(a * b + 5)], "label": 0, "answer": str(a + b)}
+                )
+                + "\n"
+            )
+    common = (
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        'doc_to_text: "{{question}}"\n'
+    )
     with open(os.path.join(folder, "dm_choice.yaml"), "w") as f:
-        f.write("task: dm_choice\n" + common + "output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\n"
-                "doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+        f.write(
+            "task: dm_choice\n" + common + 'output_type: multiple_choice\ndoc_to_choice: "{{choices}}"\n'
+            "doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        )
     with open(os.path.join(folder, "dm_generate.yaml"), "w") as f:
-        f.write("task: dm_generate\n" + common + "output_type: generate_until\ndoc_to_target: \"{{answer}}\"\n"
-                "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 4\n  do_sample: false\n"
-                "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+        f.write(
+            "task: dm_generate\n" + common + 'output_type: generate_until\ndoc_to_target: "{{answer}}"\n'
+            'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 4\n  do_sample: false\n'
+            "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+        )
 
 
 @pytest.mark.slow
@@ -158,9 +178,13 @@ def test_local_yaml_tasks_through_the_harness(checkpoint, lm, tmp_path, monkeypa
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     write_tasks(str(tmp_path / "tasks"))
-    results = lm_eval.simple_evaluate(model="deepmemory", model_args=f"checkpoint={checkpoint}",
-                                      tasks=["dm_choice", "dm_generate"], log_samples=True,
-                                      task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    results = lm_eval.simple_evaluate(
+        model="deepmemory",
+        model_args=f"checkpoint={checkpoint}",
+        tasks=["dm_choice", "dm_generate"],
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+    )
     choice, generate = results["samples"]["dm_choice"], results["samples"]["dm_generate"]
     assert len(choice) == len(generate) == 3
     # each choice's score is the model's loglikelihood; the accuracy is whether the right one scores highest
@@ -172,17 +196,35 @@ def test_local_yaml_tasks_through_the_harness(checkpoint, lm, tmp_path, monkeypa
     acc = sum(max(range(2), key=lambda i: s["resps"][i][0][0]) == 0 for s in choice) / 3
     assert results["results"]["dm_choice"]["acc,none"] == pytest.approx(acc)
     for sample in generate:
-        [want] = lm.generate_until([Request(sample["doc"]["question"], {"until": ["\n"], "max_gen_toks": 4})],
-                                   disable_tqdm=True)
+        [want] = lm.generate_until(
+            [Request(sample["doc"]["question"], {"until": ["\n"], "max_gen_toks": 4})], disable_tqdm=True
+        )
         assert sample["resps"][0][0] == want
 
 
 @pytest.mark.long  # minutes: a process importing the harness and its datasets
 def test_the_command(checkpoint, tmp_path):
     write_tasks(str(tmp_path / "tasks"))
-    proc = subprocess.run([sys.executable, "-m", "deepmemory.eval.lm_eval", "--model", "deepmemory", "--model_args",
-                           f"checkpoint={checkpoint}", "--include_path", str(tmp_path / "tasks"), "--tasks", "dm_choice",
-                           "--output_path", str(tmp_path / "out")], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepmemory.eval.lm_eval",
+            "--model",
+            "deepmemory",
+            "--model_args",
+            f"checkpoint={checkpoint}",
+            "--include_path",
+            str(tmp_path / "tasks"),
+            "--tasks",
+            "dm_choice",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dm_choice" in proc.stdout and "acc" in proc.stdout

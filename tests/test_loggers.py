@@ -9,7 +9,9 @@ import pytest
 
 from deepmemory.cli import main
 
-TINY = {"model_overrides": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}}
+TINY = {
+    "model_overrides": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,20 @@ def corpus(tmp_path_factory):
 
 
 def args(corpus, *extra):
-    return ["train", "--model", "transformer", "--config", str(corpus / "tiny.json"), "--seq-len", "8",
-            "--batch-size", "2", "--eval-tokens", "64", *extra]
+    return [
+        "train",
+        "--model",
+        "transformer",
+        "--config",
+        str(corpus / "tiny.json"),
+        "--seq-len",
+        "8",
+        "--batch-size",
+        "2",
+        "--eval-tokens",
+        "64",
+        *extra,
+    ]
 
 
 def rows(path):
@@ -43,8 +57,29 @@ def test_save_every_log_every_and_loggers(corpus, tmp_path, monkeypatch, capsys)
 
     monkeypatch.chdir(tmp_path)  # the config's "data" resolves against its own folder
     out = str(tmp_path / "run")
-    assert main(args(corpus, "--steps", "6", "--eval-every", "3", "--save-every", "2", "--log-every", "2",
-                     "--report-to", "tensorboard", "jsonl", "--keep-checkpoints", "10", "--out", out)) == 0
+    assert (
+        main(
+            args(
+                corpus,
+                "--steps",
+                "6",
+                "--eval-every",
+                "3",
+                "--save-every",
+                "2",
+                "--log-every",
+                "2",
+                "--report-to",
+                "tensorboard",
+                "jsonl",
+                "--keep-checkpoints",
+                "10",
+                "--out",
+                out,
+            )
+        )
+        == 0
+    )
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [f"step-0000000{s}" for s in (2, 4, 6)]
     record = json.load(open(os.path.join(out, "run.json")))
     assert record["train"]["data"] == [str(corpus / "data")]
@@ -63,16 +98,27 @@ def test_save_every_log_every_and_loggers(corpus, tmp_path, monkeypatch, capsys)
     assert {"train/loss", "train/lr", "train/bpb", "eval/loss", "eval/bpb"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
     assert [e.step for e in acc.Scalars("eval/bpb")] == [0, 3, 6]
-    assert acc.Scalars("eval/loss")[-1].value == pytest.approx(record_val := rows(os.path.join(out, "metrics.jsonl"))[-1]["val_loss"],
-                                                              rel=1e-6), record_val
+    assert acc.Scalars("eval/loss")[-1].value == pytest.approx(
+        record_val := rows(os.path.join(out, "metrics.jsonl"))[-1]["val_loss"], rel=1e-6
+    ), record_val
 
 
 def test_time_limit_stops_resumably_and_the_summary_counts_the_whole_run(corpus, tmp_path, capsys):
     from deepmemory.train import train
 
     out = str(tmp_path / "timed")
-    settings = dict(TINY, model="transformer", data=[str(corpus / "data")], seq_len=8, batch_size=2, eval_tokens=64,
-                    steps=50, eval_every=100, out=out, time_limit=1e-3)
+    settings = dict(
+        TINY,
+        model="transformer",
+        data=[str(corpus / "data")],
+        seq_len=8,
+        batch_size=2,
+        eval_tokens=64,
+        steps=50,
+        eval_every=100,
+        out=out,
+        time_limit=1e-3,
+    )
     first = train(settings, quiet=True)
     assert first["stopped"] == "time limit" and first["steps"] == 1
     assert os.path.isfile(os.path.join(out, "loss.png"))  # drawn at the evaluation, before the end
@@ -87,8 +133,19 @@ def test_loss_png_exists_after_the_first_evaluation(corpus, tmp_path):
     from deepmemory.train.distributed import setup, teardown
     from deepmemory.train.trainer import Trainer
 
-    cfg = new_config(dict(TINY, model="transformer", data=[str(corpus / "data")], seq_len=8, batch_size=2, eval_tokens=64,
-                          steps=4, eval_every=2, out=str(tmp_path / "p")))
+    cfg = new_config(
+        dict(
+            TINY,
+            model="transformer",
+            data=[str(corpus / "data")],
+            seq_len=8,
+            batch_size=2,
+            eval_tokens=64,
+            steps=4,
+            eval_every=2,
+            out=str(tmp_path / "p"),
+        )
+    )
     env = setup("cpu")
     try:
         with Trainer(cfg, env, quiet=True) as trainer:

@@ -35,8 +35,17 @@ def _x(t=19, b=2, seed=1):
 
 
 def test_benchmark_constructor_shapes():
-    layer = NeuralMemory(hidden_size=256, num_heads=4, head_dim=64, chunk_size=16, architecture="mlp", depth=2,
-                         expansion=4, optimizer="momentum", granularity="token")
+    layer = NeuralMemory(
+        hidden_size=256,
+        num_heads=4,
+        head_dim=64,
+        chunk_size=16,
+        architecture="mlp",
+        depth=2,
+        expansion=4,
+        optimizer="momentum",
+        granularity="token",
+    )
     x = torch.randn(1, 5, 256)
     y, state = layer(x, return_state=True)
     assert y.shape == x.shape and y.dtype == x.dtype
@@ -63,14 +72,26 @@ def test_initial_gates():
     torch.testing.assert_close(torch.sigmoid(layer.gamma_proj(x)), torch.full((1, 1, NH), 0.95))
 
 
-COMBOS = list(itertools.product(("linear", "mlp", "gated_mlp"), ("gd", "momentum", "muon"), ("token", "chunk"),
-                                ("identity", "polynomial")))
+COMBOS = list(
+    itertools.product(
+        ("linear", "mlp", "gated_mlp"), ("gd", "momentum", "muon"), ("token", "chunk"), ("identity", "polynomial")
+    )
+)
 
 
 @pytest.mark.parametrize("memory,optimizer,granularity,feature_map", COMBOS)
 def test_every_combination_forward_backward(memory, optimizer, granularity, feature_map):
-    layer = NeuralMemory(HID, NH, HD, chunk_size=4, architecture=memory, optimizer=optimizer, granularity=granularity,
-                         feature_map=feature_map, window=2)
+    layer = NeuralMemory(
+        HID,
+        NH,
+        HD,
+        chunk_size=4,
+        architecture=memory,
+        optimizer=optimizer,
+        granularity=granularity,
+        feature_map=feature_map,
+        window=2,
+    )
     x = torch.randn(2, 9, HID, requires_grad=True)
     y = layer(x)
     assert y.shape == x.shape
@@ -104,7 +125,9 @@ def test_chunk_equals_reference_through_layer(cfg):
     y_slow, s_slow = slow(x, return_state=True)
     torch.testing.assert_close(y_fast, y_slow, rtol=1e-9, atol=1e-10)
     for n in s_fast.recurrent_state.weights:
-        torch.testing.assert_close(s_fast.recurrent_state.weights[n], s_slow.recurrent_state.weights[n], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(
+            s_fast.recurrent_state.weights[n], s_slow.recurrent_state.weights[n], rtol=1e-9, atol=1e-10
+        )
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -127,12 +150,21 @@ def _mlp(weights, x, act):
     return torch.einsum("bhrc,bhc->bhr", weights["w1"], act(z))
 
 
-@pytest.mark.parametrize("loss,optimizer,window,degree", [("l2", "momentum", 1, 2), ("l2", "gd", 3, 3),
-                                                          ("dot", "momentum", 2, 2), ("l2", "momentum", 2, 1)])
+@pytest.mark.parametrize(
+    "loss,optimizer,window,degree",
+    [("l2", "momentum", 1, 2), ("l2", "gd", 3, 3), ("dot", "momentum", 2, 2), ("l2", "momentum", 2, 1)],
+)
 def test_feature_map_residual_equals_direct_computation(loss, optimizer, window, degree):
     """M(x) = x + W1 gelu(W0 phi(x)) trained token by token with autograd on the loss written out."""
-    layer = _layer(loss=loss, optimizer=optimizer, window=window, feature_map="polynomial", poly_degree=degree,
-                   chunk_size=3, step_bound=None)  # the papers' rule (the layer's stale-step bound off)
+    layer = _layer(
+        loss=loss,
+        optimizer=optimizer,
+        window=window,
+        feature_map="polynomial",
+        poly_degree=degree,
+        chunk_size=3,
+        step_bound=None,
+    )  # the papers' rule (the layer's stale-step bound off)
     assert layer.outer_residual
     x = _x(t=10)
     bsz, seq = x.shape[:2]
@@ -165,7 +197,9 @@ def test_feature_map_residual_equals_direct_computation(loss, optimizer, window,
     torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(feature_map="polynomial"), dict(architecture="linear", feature_map="polynomial")])
+@pytest.mark.parametrize(
+    "cfg", [dict(), dict(feature_map="polynomial"), dict(architecture="linear", feature_map="polynomial")]
+)
 def test_read_equals_memory_applied_to_q(cfg):
     layer = _layer(**cfg)
     x = _x(t=9)
@@ -173,7 +207,10 @@ def test_read_equals_memory_applied_to_q(cfg):
     torch.manual_seed(5)
     q = F.normalize(torch.randn(2, 6, NH, HD, dtype=torch.float64), dim=-1)
     fq = layer.phi(q).transpose(1, 2)  # [B, H, T, D]
-    for weights, st in ((state.recurrent_state.weights, state), ({n: p.expand(2, *p.shape) for n, p in layer.initial_weights.items()}, None)):
+    for weights, st in (
+        (state.recurrent_state.weights, state),
+        ({n: p.expand(2, *p.shape) for n, p in layer.initial_weights.items()}, None),
+    ):
         if layer.rule.architecture == "linear":
             want = torch.einsum("bhrc,bhtc->bhtr", weights["w0"], fq)
         else:
@@ -182,8 +219,11 @@ def test_read_equals_memory_applied_to_q(cfg):
         torch.testing.assert_close(layer.read(q, st), want.transpose(1, 2), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.float64, False), (torch.float32, True)],
-                         ids=["float32", "float64", "autocast-bfloat16"])
+@pytest.mark.parametrize(
+    "dtype,autocast",
+    [(torch.float32, False), (torch.float64, False), (torch.float32, True)],
+    ids=["float32", "float64", "autocast-bfloat16"],
+)
 def test_gates_in_the_op_ranges_by_construction(monkeypatch, dtype, autocast):
     """The layer's gates are sigmoids (``lr = max_lr * sigmoid``): inside the op's ranges (lr >= 0;
     momentum, decay, window_gate in [0, 1]) for any input, however large: they saturate at exactly

@@ -139,8 +139,6 @@ def _leaves(state):
     return tensors(state)
 
 
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_overfits_a_fixed_batch(name):
@@ -220,7 +218,10 @@ def test_other_bad_inputs_fail_clearly():
         (dict(hidden_size=0), "hidden_size must be >= 1"),
         (dict(num_heads=4, head_dim=15, layer_pattern="attn"), "head_dim must be even"),
         (dict(layer_pattern="memory", memory={"architecture": "conv"}), "memory\\['architecture'\\] must be one of"),
-        (dict(layer_pattern="memory", memory={"architecture": "linear", "residual": True}), "linear memory has no residual"),
+        (
+            dict(layer_pattern="memory", memory={"architecture": "linear", "residual": True}),
+            "linear memory has no residual",
+        ),
         (dict(layer_pattern="memory", memory={"optimizer": "adam"}), "optimizer"),
         (dict(layer_pattern="memory", memory={"window": 0}), "window'\\] must be >= 1"),
         (dict(layer_pattern="kernel", kernel={"window": 0}), "window'\\] must be >= 1"),
@@ -233,8 +234,14 @@ def test_other_bad_inputs_fail_clearly():
         (dict(layer_pattern="memory", memory={"max_lr": -1.0}), "max_lr'\\] must be a positive number"),
         (dict(layer_pattern="kernel", kernel={"normalized": 1}), "normalized'\\] must be a bool"),
         (dict(layer_pattern="attn", memory={"wndow": 2}), "memory settings must be one of"),
-        (dict(layer_pattern="attn", memory={"window": 2}), r"memory settings \['window'\] are unused: layer_pattern \['attn'\]"),
-        (dict(layer_pattern="memory", kernel={"window": 2}), r"kernel settings \['window'\] are unused: layer_pattern \['memory'\] has no kernel block"),
+        (
+            dict(layer_pattern="attn", memory={"window": 2}),
+            r"memory settings \['window'\] are unused: layer_pattern \['attn'\]",
+        ),
+        (
+            dict(layer_pattern="memory", kernel={"window": 2}),
+            r"kernel settings \['window'\] are unused: layer_pattern \['memory'\] has no kernel block",
+        ),
     ],
 )
 def test_invalid_configs_fail_at_construction(kwargs, match):

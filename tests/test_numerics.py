@@ -40,9 +40,11 @@ def stream(layer: NeuralMemory, x: torch.Tensor, piece: int):
     state, finite, largest = None, True, 0.0
     with torch.no_grad():
         for i in range(0, x.shape[1], piece):
-            y, state = layer(x[:, i:i + piece], state, return_state=True)
+            y, state = layer(x[:, i : i + piece], state, return_state=True)
             finite = finite and bool(torch.isfinite(y).all())
-            largest = max([largest] + [float(w.norm(dim=(-2, -1)).max()) for w in state.recurrent_state.weights.values()])
+            largest = max(
+                [largest] + [float(w.norm(dim=(-2, -1)).max()) for w in state.recurrent_state.weights.values()]
+            )
     return finite, largest
 
 
@@ -65,8 +67,9 @@ def test_default_layer_is_stable_and_the_undamped_one_is_not():
 @pytest.mark.parametrize("pattern", ["memory", "mac", "mag", "mal"])
 def test_default_configs_give_finite_logits(pattern):
     torch.manual_seed(0)
-    config = DeepMemoryConfig(vocab_size=256, hidden_size=HID, num_hidden_layers=2, num_attention_heads=NH,
-                              layer_pattern=pattern)
+    config = DeepMemoryConfig(
+        vocab_size=256, hidden_size=HID, num_hidden_layers=2, num_attention_heads=NH, layer_pattern=pattern
+    )
     with torch.no_grad():
         logits = DeepMemoryForCausalLM(config)(text_bytes(512)[None]).logits
     assert torch.isfinite(logits).all()
@@ -84,9 +87,21 @@ def test_every_preset_is_finite_on_real_text(name):
 # one factor at a time around Titans' memory (head 16, depth 2, chunk 16, window 1, momentum), at
 # the layer's defaults otherwise (max_lr 1, damped momentum, step_bound 1 for gd and momentum)
 BASE = dict(head_dim=16, depth=2, chunk_size=16, window=1, optimizer="momentum")
-SWEEP = [{}, dict(head_dim=64), dict(depth=1), dict(depth=3), dict(chunk_size=1), dict(chunk_size=64),
-         dict(chunk_size=128), dict(window=4), dict(window=16), dict(chunk_size=64, window=4), dict(optimizer="gd"),
-         dict(optimizer="gd", chunk_size=64), dict(optimizer="muon")]
+SWEEP = [
+    {},
+    dict(head_dim=64),
+    dict(depth=1),
+    dict(depth=3),
+    dict(chunk_size=1),
+    dict(chunk_size=64),
+    dict(chunk_size=128),
+    dict(window=4),
+    dict(window=16),
+    dict(chunk_size=64, window=4),
+    dict(optimizer="gd"),
+    dict(optimizer="gd", chunk_size=64),
+    dict(optimizer="muon"),
+]
 
 
 def _sweep_case(change, kind, tokens):

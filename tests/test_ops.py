@@ -22,8 +22,18 @@ def _run(impl, inputs, params, *, grad=False, state=None, **kw):
         params = {n: p.detach().requires_grad_() for n, p in params.items()}
         q, k, v, lr, mom, dec, gamma = inputs
     o, st = neural_memory(
-        q, k, v, lr, mom, dec, params, window_gate=gamma, impl=impl, output_final_state=True,
-        initial_state=state, **kw,
+        q,
+        k,
+        v,
+        lr,
+        mom,
+        dec,
+        params,
+        window_gate=gamma,
+        impl=impl,
+        output_final_state=True,
+        initial_state=state,
+        **kw,
     )
     if not grad:
         return o, st, None
@@ -39,12 +49,30 @@ def _run(impl, inputs, params, *, grad=False, state=None, **kw):
     return o, st, grads
 
 
-def _compare(kw, bsz=2, seq=13, nh=2, per_sequence=False, grad=True, seed=0, lr_scale=1.0, all_grads_live=False, channel=False):
+def _compare(
+    kw, bsz=2, seq=13, nh=2, per_sequence=False, grad=True, seed=0, lr_scale=1.0, all_grads_live=False, channel=False
+):
     # a long window sums many gradients per step: keep the step moderate so the memory stays bounded
-    inputs = make_inputs(bsz, seq, nh, DK, DV, optimizer=kw.get("optimizer", "momentum"), seed=seed,
-                         lr_scale=lr_scale * min(1.0, 2.0 / kw.get("window", 1)), channel=channel)
-    params = make_params(kw.get("architecture", "mlp"), nh, DK, DV, HIDDEN, batch=bsz if per_sequence else None,
-                         gen=torch.Generator().manual_seed(seed + 1))
+    inputs = make_inputs(
+        bsz,
+        seq,
+        nh,
+        DK,
+        DV,
+        optimizer=kw.get("optimizer", "momentum"),
+        seed=seed,
+        lr_scale=lr_scale * min(1.0, 2.0 / kw.get("window", 1)),
+        channel=channel,
+    )
+    params = make_params(
+        kw.get("architecture", "mlp"),
+        nh,
+        DK,
+        DV,
+        HIDDEN,
+        batch=bsz if per_sequence else None,
+        gen=torch.Generator().manual_seed(seed + 1),
+    )
     o_ref, st_ref, g_ref = _run("reference", inputs, params, grad=grad, **kw)
     o_chk, st_chk, g_chk = _run("chunk", inputs, params, grad=grad, **kw)
     assert torch.isfinite(o_ref).all()
@@ -78,8 +106,14 @@ def test_chunk_matches_reference_every_combination(memory, loss, optimizer, gran
     "kw",
     [
         dict(architecture="mlp", loss="l2", optimizer="momentum", granularity="token", window=1),
-        pytest.param(dict(architecture="gated_mlp", loss="dot", optimizer="gd", granularity="token", window=70), marks=pytest.mark.slow),
-        pytest.param(dict(architecture="linear", loss="l2", optimizer="muon", granularity="chunk", window=5), marks=pytest.mark.slow),
+        pytest.param(
+            dict(architecture="gated_mlp", loss="dot", optimizer="gd", granularity="token", window=70),
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            dict(architecture="linear", loss="l2", optimizer="muon", granularity="chunk", window=5),
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["titans", "omega-window70", "muon-chunk"],
 )
@@ -95,7 +129,9 @@ def test_grads_long_sequence_multiple_chunks():
 @pytest.mark.parametrize("memory,loss,optimizer,granularity", MATRIX)
 @pytest.mark.parametrize("impl", ["chunk", pytest.param("reference", marks=pytest.mark.slow)])
 def test_streaming_equals_one_call(memory, loss, optimizer, granularity, impl):
-    kw = dict(architecture=memory, loss=loss, optimizer=optimizer, granularity=granularity, window=6, chunk_size=4, impl=impl)
+    kw = dict(
+        architecture=memory, loss=loss, optimizer=optimizer, granularity=granularity, window=6, chunk_size=4, impl=impl
+    )
     seq = 19
     q, k, v, lr, mom, dec, gamma = make_inputs(2, seq, 2, DK, DV, optimizer=optimizer)
     params = make_params(memory, 2, DK, DV, HIDDEN)
@@ -104,8 +140,19 @@ def test_streaming_equals_one_call(memory, loss, optimizer, granularity, impl):
         outs, state, prev = [], None, 0
         for cut in cuts + [seq]:
             sl = slice(prev, cut)
-            oi, state = neural_memory(q[:, sl], k[:, sl], v[:, sl], lr[:, sl], mom[:, sl], dec[:, sl], params,
-                                      window_gate=gamma[:, sl], initial_state=state, output_final_state=True, **kw)
+            oi, state = neural_memory(
+                q[:, sl],
+                k[:, sl],
+                v[:, sl],
+                lr[:, sl],
+                mom[:, sl],
+                dec[:, sl],
+                params,
+                window_gate=gamma[:, sl],
+                initial_state=state,
+                output_final_state=True,
+                **kw,
+            )
             outs.append(oi)
             prev = cut
         assert rel_err(torch.cat(outs, 1), o) <= 1e-10, cuts
@@ -122,10 +169,32 @@ def test_state_is_shared_between_implementations():
     o, _ = neural_memory(q, k, v, lr, mom, dec, params, window_gate=gamma, impl="chunk", **kw)
     a = slice(0, 6)
     b = slice(6, 17)
-    o1, st = neural_memory(q[:, a], k[:, a], v[:, a], lr[:, a], mom[:, a], dec[:, a], params, window_gate=gamma[:, a],
-                           impl="reference", output_final_state=True, **kw)
-    o2, _ = neural_memory(q[:, b], k[:, b], v[:, b], lr[:, b], mom[:, b], dec[:, b], params, window_gate=gamma[:, b],
-                          impl="chunk", initial_state=st, **kw)
+    o1, st = neural_memory(
+        q[:, a],
+        k[:, a],
+        v[:, a],
+        lr[:, a],
+        mom[:, a],
+        dec[:, a],
+        params,
+        window_gate=gamma[:, a],
+        impl="reference",
+        output_final_state=True,
+        **kw,
+    )
+    o2, _ = neural_memory(
+        q[:, b],
+        k[:, b],
+        v[:, b],
+        lr[:, b],
+        mom[:, b],
+        dec[:, b],
+        params,
+        window_gate=gamma[:, b],
+        impl="chunk",
+        initial_state=st,
+        **kw,
+    )
     assert rel_err(torch.cat([o1, o2], 1), o) <= 1e-10
 
 
@@ -133,10 +202,30 @@ def test_gradient_flows_through_carried_state():
     kw = dict(architecture="mlp", optimizer="momentum", window=3, chunk_size=4)
     q, k, v, lr, mom, dec, gamma = make_inputs(1, 10, 1, DK, DV)
     params = {n: p.requires_grad_() for n, p in make_params("mlp", 1, DK, DV, HIDDEN).items()}
-    _, st = neural_memory(q[:, :6], k[:, :6], v[:, :6], lr[:, :6], mom[:, :6], dec[:, :6], params,
-                          window_gate=gamma[:, :6], output_final_state=True, **kw)
-    o2, _ = neural_memory(q[:, 6:], k[:, 6:], v[:, 6:], lr[:, 6:], mom[:, 6:], dec[:, 6:], params,
-                          window_gate=gamma[:, 6:], initial_state=st, **kw)
+    _, st = neural_memory(
+        q[:, :6],
+        k[:, :6],
+        v[:, :6],
+        lr[:, :6],
+        mom[:, :6],
+        dec[:, :6],
+        params,
+        window_gate=gamma[:, :6],
+        output_final_state=True,
+        **kw,
+    )
+    o2, _ = neural_memory(
+        q[:, 6:],
+        k[:, 6:],
+        v[:, 6:],
+        lr[:, 6:],
+        mom[:, 6:],
+        dec[:, 6:],
+        params,
+        window_gate=gamma[:, 6:],
+        initial_state=st,
+        **kw,
+    )
     o2.sum().backward()
     assert params["w0"].grad is not None and params["w0"].grad.abs().max() > 0
 
@@ -158,8 +247,9 @@ def test_delta_rule_by_hand():
     """linear memory, l2 loss, gd, window 1, chunk 1: W_t = (1-a_t) W_{t-1} - lr_t (W_{t-1} k_t - v_t) k_t^T."""
     q, k, v, lr, _, dec, _ = make_inputs(1, 9, 1, DK, DV)
     w0 = make_params("linear", 1, DK, DV, HIDDEN)["w0"]
-    o, st = neural_memory(q, k, v, lr, None, dec, {"w0": w0}, architecture="linear", optimizer="gd", chunk_size=1,
-                          output_final_state=True)
+    o, st = neural_memory(
+        q, k, v, lr, None, dec, {"w0": w0}, architecture="linear", optimizer="gd", chunk_size=1, output_final_state=True
+    )
     w = w0[0]
     for t in range(9):
         kt, vt = k[0, t, 0], v[0, t, 0]
@@ -172,8 +262,9 @@ def test_hebbian_by_hand():
     """dot loss, momentum, window 2: S_t = eta S - lr (-(v_t k_t^T) - g_{t-1} v_{t-1} k_{t-1}^T) ... read after write."""
     q, k, v, lr, mom, dec, gamma = make_inputs(1, 8, 1, DK, DV)
     w0 = make_params("linear", 1, DK, DV, HIDDEN)["w0"]
-    o, _ = neural_memory(q, k, v, lr, mom, dec, {"w0": w0}, architecture="linear", loss="dot", window=2,
-                         window_gate=gamma, chunk_size=3)
+    o, _ = neural_memory(
+        q, k, v, lr, mom, dec, {"w0": w0}, architecture="linear", loss="dot", window=2, window_gate=gamma, chunk_size=3
+    )
     w, s = w0[0], torch.zeros_like(w0[0])
     for t in range(8):
         u = -sum(gamma[0, i, 0] * torch.outer(v[0, i, 0], k[0, i, 0]) for i in range(max(0, t - 1), t + 1))
@@ -201,8 +292,14 @@ def test_low_precision_inputs(dtype):
     params = make_params("mlp", 2, DK, DV, HIDDEN)
     o64, _ = neural_memory(*inputs[:6], params, window_gate=inputs[6], chunk_size=8, window=3)
     low = [x.to(dtype).requires_grad_() for x in inputs]
-    o, st = neural_memory(*low[:6], {n: p.float() for n, p in params.items()}, window_gate=low[6], chunk_size=8,
-                          window=3, output_final_state=True)
+    o, st = neural_memory(
+        *low[:6],
+        {n: p.float() for n, p in params.items()},
+        window_gate=low[6],
+        chunk_size=8,
+        window=3,
+        output_final_state=True,
+    )
     assert o.dtype == dtype and st.weights["w0"].dtype == torch.float32
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(o.double(), o64) <= tol
@@ -213,7 +310,9 @@ def test_low_precision_inputs(dtype):
 def test_memory_read_matches_state():
     q, k, v, lr, mom, dec, gamma = make_inputs(2, 12, 2, DK, DV)
     params = make_params("gated_mlp", 2, DK, DV, HIDDEN)
-    o, st = neural_memory(q, k, v, lr, mom, dec, params, architecture="gated_mlp", chunk_size=4, output_final_state=True)
+    o, st = neural_memory(
+        q, k, v, lr, mom, dec, params, architecture="gated_mlp", chunk_size=4, output_final_state=True
+    )
     # the last token reads the memory after its own write: the state's weights
     last = memory_read(q[:, -1:], st.weights, architecture="gated_mlp")
     assert rel_err(last, o[:, -1:]) <= 1e-12
@@ -239,7 +338,9 @@ def _call(**over):
     args = _good()
     kw = {n: over.pop(n) for n in list(over) if n not in args}
     args.update(over)
-    return neural_memory(args["q"], args["k"], args["v"], args["lr"], args["momentum"], args["decay"], args["params"], **kw)
+    return neural_memory(
+        args["q"], args["k"], args["v"], args["lr"], args["momentum"], args["decay"], args["params"], **kw
+    )
 
 
 @pytest.mark.parametrize(
@@ -264,27 +365,67 @@ def _call(**over):
         (dict(window=0), ValueError, "window must be >= 1"),
         (dict(momentum=None), ValueError, "momentum gates are required"),
         (dict(params={"w0": torch.randn(2, HIDDEN, DK, dtype=torch.float64)}), ValueError, "missing ['w1']"),
-        (dict(params={"w0": torch.randn(2, HIDDEN, DK), "w1": torch.randn(2, DV, HIDDEN), "w2": torch.randn(2, 3, 3)}),
-         ValueError, "unexpected ['w2']"),
-        (dict(params={"w0": torch.randn(2, HIDDEN, DK + 1), "w1": torch.randn(2, DV, HIDDEN)}), ValueError, "weights['w0'] must be"),
+        (
+            dict(
+                params={"w0": torch.randn(2, HIDDEN, DK), "w1": torch.randn(2, DV, HIDDEN), "w2": torch.randn(2, 3, 3)}
+            ),
+            ValueError,
+            "unexpected ['w2']",
+        ),
+        (
+            dict(params={"w0": torch.randn(2, HIDDEN, DK + 1), "w1": torch.randn(2, DV, HIDDEN)}),
+            ValueError,
+            "weights['w0'] must be",
+        ),
         (dict(params={"w0": torch.randn(3, HIDDEN, DK), "w1": torch.randn(3, DV, HIDDEN)}), ValueError, "leading dims"),
         (dict(params=[torch.randn(2, HIDDEN, DK)]), TypeError, "weights must be a dict"),
-        (dict(v=torch.randn(2, 5, 2, DV + 1, dtype=torch.float64), params=make_params("mlp", 2, DK, DV + 1, HIDDEN)),
-         ValueError, "needs dk == dv"),
+        (
+            dict(v=torch.randn(2, 5, 2, DV + 1, dtype=torch.float64), params=make_params("mlp", 2, DK, DV + 1, HIDDEN)),
+            ValueError,
+            "needs dk == dv",
+        ),
         (dict(window_gate=torch.rand(2, 5, 1, dtype=torch.float64)), ValueError, "window_gate must have shape"),
         (dict(initial_state="state"), TypeError, "initial_state must be a MemoryState"),
         # gate ranges: one line naming the gate, the range, the value and its [batch, token, head]
         (dict(lr=_gate(3, -0.3)), ValueError, "lr must be >= 0; got -0.3 at [batch 1, token 3, head 0]"),
-        (dict(lr=_gate(3, -float("inf"), at=(0, 0, 1))), ValueError, "lr must be >= 0; got -inf at [batch 0, token 0, head 1]"),
+        (
+            dict(lr=_gate(3, -float("inf"), at=(0, 0, 1))),
+            ValueError,
+            "lr must be >= 0; got -inf at [batch 0, token 0, head 1]",
+        ),
         (dict(momentum=_gate(4, 1.5)), ValueError, "momentum must be in [0, 1]; got 1.5 at [batch 1, token 3, head 0]"),
-        (dict(momentum=_gate(4, -0.25, at=(0, 4, 1))), ValueError, "momentum must be in [0, 1]; got -0.25 at [batch 0, token 4, head 1]"),
+        (
+            dict(momentum=_gate(4, -0.25, at=(0, 4, 1))),
+            ValueError,
+            "momentum must be in [0, 1]; got -0.25 at [batch 0, token 4, head 1]",
+        ),
         (dict(decay=_gate(5, -0.5)), ValueError, "decay must be in [0, 1]; got -0.5 at [batch 1, token 3, head 0]"),
-        (dict(decay=_gate(5, 1.0 + 2**-40)), ValueError, "decay must be in [0, 1]; got 1.0000000000009095 at [batch 1, token 3, head 0]"),
-        (dict(window_gate=_gate(6, 2.0)), ValueError, "window_gate must be in [0, 1]; got 2 at [batch 1, token 3, head 0]"),
-        (dict(window_gate=_gate(6, -1e-9, at=(0, 1, 0))), ValueError, "window_gate must be in [0, 1]; got -1e-09 at [batch 0, token 1, head 0]"),
+        (
+            dict(decay=_gate(5, 1.0 + 2**-40)),
+            ValueError,
+            "decay must be in [0, 1]; got 1.0000000000009095 at [batch 1, token 3, head 0]",
+        ),
+        (
+            dict(window_gate=_gate(6, 2.0)),
+            ValueError,
+            "window_gate must be in [0, 1]; got 2 at [batch 1, token 3, head 0]",
+        ),
+        (
+            dict(window_gate=_gate(6, -1e-9, at=(0, 1, 0))),
+            ValueError,
+            "window_gate must be in [0, 1]; got -1e-09 at [batch 0, token 1, head 0]",
+        ),
         (dict(momentum=_gate(4, float("inf")), optimizer="gd"), ValueError, "momentum must be in [0, 1]; got inf"),
-        (dict(lr=_gate(3, -1.0), decay=_gate(5, 2.0)), ValueError, "lr must be >= 0; got -1 at"),  # the first gate named
-        (dict(lr=_gate(3, -1.0, at=(1, 4, 1)), decay=_gate(5, 2.0, at=(0, 2, 0))), ValueError, "lr must be >= 0; got -1 at [batch 1, token 4"),
+        (
+            dict(lr=_gate(3, -1.0), decay=_gate(5, 2.0)),
+            ValueError,
+            "lr must be >= 0; got -1 at",
+        ),  # the first gate named
+        (
+            dict(lr=_gate(3, -1.0, at=(1, 4, 1)), decay=_gate(5, 2.0, at=(0, 2, 0))),
+            ValueError,
+            "lr must be >= 0; got -1 at [batch 1, token 4",
+        ),
     ],
 )
 def test_bad_input(over, exc, words):
@@ -298,39 +439,76 @@ def test_nan_gate_passes_the_range_check(name, index, dtype):
     """NaN is not out of range ((x < low) | (x > high) is False for it): a NaN gate reaches the op,
     which runs; the other sequence of the batch is untouched. So does an lr far above 1 (no upper
     bound in the op) and the bounds themselves."""
-    args = {n: (x.to(dtype) if isinstance(x, torch.Tensor) else {m: w.to(dtype) for m, w in x.items()})
-            for n, x in _good().items()}
+    args = {
+        n: (x.to(dtype) if isinstance(x, torch.Tensor) else {m: w.to(dtype) for m, w in x.items()})
+        for n, x in _good().items()
+    }
     gate = _gate(index, float("nan"), at=(0, 2, 1)).to(dtype)
     args["window_gate" if name == "window_gate" else name] = gate
     kw = {"window_gate": args.pop("window_gate")} if name == "window_gate" else {}
-    o, _ = neural_memory(args["q"], args["k"], args["v"], args["lr"], args["momentum"], args["decay"], args["params"],
-                         window=2, **kw)
+    o, _ = neural_memory(
+        args["q"], args["k"], args["v"], args["lr"], args["momentum"], args["decay"], args["params"], window=2, **kw
+    )
     assert torch.isfinite(o[1]).all()
-    edges = {n: _gate(i, b, at=(1, 1, 1)).to(dtype) for n, i, b in (("lr", 3, 50.0), ("momentum", 4, 1.0), ("decay", 5, 1.0))}
-    neural_memory(args["q"], args["k"], args["v"], edges["lr"], edges["momentum"], edges["decay"], args["params"],
-                  window=2, window_gate=_gate(6, 0.0, at=(0, 0, 0)).to(dtype))
+    edges = {
+        n: _gate(i, b, at=(1, 1, 1)).to(dtype) for n, i, b in (("lr", 3, 50.0), ("momentum", 4, 1.0), ("decay", 5, 1.0))
+    }
+    neural_memory(
+        args["q"],
+        args["k"],
+        args["v"],
+        edges["lr"],
+        edges["momentum"],
+        edges["decay"],
+        args["params"],
+        window=2,
+        window_gate=_gate(6, 0.0, at=(0, 0, 0)).to(dtype),
+    )
 
 
 def test_state_from_other_settings_rejected():
     args = _good()
-    _, st = neural_memory(args["q"], args["k"], args["v"], args["lr"], args["momentum"], args["decay"], args["params"],
-                          chunk_size=4, output_final_state=True)
+    _, st = neural_memory(
+        args["q"],
+        args["k"],
+        args["v"],
+        args["lr"],
+        args["momentum"],
+        args["decay"],
+        args["params"],
+        chunk_size=4,
+        output_final_state=True,
+    )
     assert isinstance(st, MemoryState)
     with pytest.raises(ValueError, match="initial_state was made with settings"):
         _call(chunk_size=8, initial_state=st)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer,granularity", [("momentum", "token"), ("muon", "chunk"),
-                                                   pytest.param("muon", "token", marks=pytest.mark.long)])  # ~1 min
+@pytest.mark.parametrize(
+    "optimizer,granularity",
+    [("momentum", "token"), ("muon", "chunk"), pytest.param("muon", "token", marks=pytest.mark.long)],
+)  # ~1 min
 def test_compiles_without_graph_breaks(optimizer, granularity):
     """torch.compile captures the whole chunked op (fullgraph: no graph breaks), forward and backward."""
     inputs = [x.requires_grad_() for x in make_inputs(1, 21, 2, DK, DV)]
     params = make_params("mlp", 2, DK, DV, HIDDEN)
 
     def f(q, k, v, lr, mom, dec, gamma, w0, w1):
-        return neural_memory(q, k, v, lr, mom, dec, {"w0": w0, "w1": w1}, window_gate=gamma, chunk_size=8, window=3,
-                             optimizer=optimizer, granularity=granularity)[0]
+        return neural_memory(
+            q,
+            k,
+            v,
+            lr,
+            mom,
+            dec,
+            {"w0": w0, "w1": w1},
+            window_gate=gamma,
+            chunk_size=8,
+            window=3,
+            optimizer=optimizer,
+            granularity=granularity,
+        )[0]
 
     eager = f(*inputs, params["w0"], params["w1"])
     (g_eager,) = torch.autograd.grad(eager.sum(), inputs[1])
@@ -344,8 +522,14 @@ def test_compiles_without_graph_breaks(optimizer, granularity):
 
 MUON_FAST = {(63, 16, "mlp", 3), (7, 4, "gated_mlp", 1)}
 # a length shorter than a chunk, one token per chunk (a window reaching back 2 chunks), ragged ends
-MUON_SLOW = {(1, 16, "mlp", 3), (7, 16, "gated_mlp", 3), (63, 1, "mlp", 3), (100, 1, "gated_mlp", 3),
-             (100, 4, "mlp", 1), (100, 16, "gated_mlp", 1)}
+MUON_SLOW = {
+    (1, 16, "mlp", 3),
+    (7, 16, "gated_mlp", 3),
+    (63, 1, "mlp", 3),
+    (100, 1, "gated_mlp", 3),
+    (100, 4, "mlp", 1),
+    (100, 16, "gated_mlp", 1),
+}
 
 
 def _muon_tier(*case):
@@ -356,9 +540,11 @@ def _muon_tier(*case):
 
 @pytest.mark.parametrize(
     "seq,chunk_size,memory,window",
-    [pytest.param(*case, marks=_muon_tier(*case))
-     for case in itertools.product([1, 7, 63, 100, 257], [1, 4, 16], ["mlp", "gated_mlp"], [1, 3])
-     if case[0] < 257 or case[2] == "mlp"],
+    [
+        pytest.param(*case, marks=_muon_tier(*case))
+        for case in itertools.product([1, 7, 63, 100, 257], [1, 4, 16], ["mlp", "gated_mlp"], [1, 3])
+        if case[0] < 257 or case[2] == "mlp"
+    ],
 )
 def test_muon_token_lengths_and_chunk_sizes(seq, chunk_size, memory, window):
     """The chunk form of token-granularity Muon against the token loop (float64, 1e-8): outputs,
@@ -369,7 +555,9 @@ def test_muon_token_lengths_and_chunk_sizes(seq, chunk_size, memory, window):
     memory's recurrence amplifies it past 1e-8 at any step length tried (outputs 1e-5, gradients
     O(1) apart between the token loop and either chunk form, the one before this one included), so
     that length runs the mlp memory only."""
-    kw = dict(architecture=memory, loss="l2", optimizer="muon", granularity="token", window=window, chunk_size=chunk_size)
+    kw = dict(
+        architecture=memory, loss="l2", optimizer="muon", granularity="token", window=window, chunk_size=chunk_size
+    )
     _compare(kw, bsz=1, seq=seq, nh=2, per_sequence=seq % 2 == 1, seed=seq, lr_scale=0.25)
 
 
@@ -388,8 +576,19 @@ def test_muon_token_streamed_gradients_equal_one_call(memory):
         outs, state, prev = [], None, 0
         for cut in cuts + [15]:
             sl = slice(prev, cut)
-            o, state = neural_memory(q[:, sl], k[:, sl], v[:, sl], lr[:, sl], mom[:, sl], dec[:, sl], weights,
-                                     window_gate=gamma[:, sl], initial_state=state, output_final_state=True, **kw)
+            o, state = neural_memory(
+                q[:, sl],
+                k[:, sl],
+                v[:, sl],
+                lr[:, sl],
+                mom[:, sl],
+                dec[:, sl],
+                weights,
+                window_gate=gamma[:, sl],
+                initial_state=state,
+                output_final_state=True,
+                **kw,
+            )
             outs.append(o)
             prev = cut
         o = torch.cat(outs, 1)
@@ -412,8 +611,11 @@ def test_muon_token_checkpointed_chunks_equal_the_reference(monkeypatch):
     """Under torch.compile the chunks are recomputed through torch.utils.checkpoint rather than the
     one-node Function (ops/chunk.py, _recomputed); run eagerly, that path equals the token loop too."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    _compare(dict(architecture="gated_mlp", optimizer="muon", granularity="token", window=3, chunk_size=4), seq=13,
-             all_grads_live=True)
+    _compare(
+        dict(architecture="gated_mlp", optimizer="muon", granularity="token", window=3, chunk_size=4),
+        seq=13,
+        all_grads_live=True,
+    )
 
 
 def _saved_bytes(seq, chunk_size):
@@ -428,8 +630,16 @@ def _saved_bytes(seq, chunk_size):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        neural_memory(*inputs[:6], params, window_gate=inputs[6], optimizer="muon", granularity="token", window=3,
-                      chunk_size=chunk_size, output_final_state=True)
+        neural_memory(
+            *inputs[:6],
+            params,
+            window_gate=inputs[6],
+            optimizer="muon",
+            granularity="token",
+            window=3,
+            chunk_size=chunk_size,
+            output_final_state=True,
+        )
     return sum(storages.values()), sum(p.numel() * p.element_size() for p in params.values())
 
 

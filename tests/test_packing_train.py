@@ -13,8 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from deepmemory.cli import main
-from deepmemory.data import (ByteTokenizer, WindowSampler, build_corpus, eval_window_starts, eval_windows, packed_labels,
-                             packed_position_ids, window_starts)
+from deepmemory.data import (
+    ByteTokenizer,
+    WindowSampler,
+    build_corpus,
+    eval_window_starts,
+    eval_windows,
+    packed_labels,
+    packed_position_ids,
+    window_starts,
+)
 from deepmemory.data import corpus as corpus_module
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
@@ -58,7 +66,9 @@ def test_corpus_starts_are_its_documents(tmp_path):
     c = build_corpus([str(tmp_path / "c")], tok, val_fraction=0.3)
     eos = tok.eos_id
     want = sorted(tok.encode(text).tolist() + [eos] for text in docs.values())
-    got = sorted(p.tolist() for split in ("train", "val") for p in pieces(getattr(c, split), getattr(c, f"{split}_starts")))
+    got = sorted(
+        p.tolist() for split in ("train", "val") for p in pieces(getattr(c, split), getattr(c, f"{split}_starts"))
+    )
     assert got == want  # every document exactly once, each piece one whole document and its end id
     assert len(c.train_starts) == c.train_docs and len(c.val_starts) == c.val_docs
     for split in ("train", "val"):
@@ -150,8 +160,8 @@ def test_packed_loss_is_each_document_alone(name):
             for a, e in zip(edges[:-1], edges[1:]):
                 if e - a < 2:
                     continue  # a one-token document (or the last token) has no target of its own
-                logits = model(input_ids=rows[b:b + 1, a:e - 1], use_cache=False).logits[0]
-                want += F.cross_entropy(logits, rows[b, a + 1:e], reduction="sum")
+                logits = model(input_ids=rows[b : b + 1, a : e - 1], use_cache=False).logits[0]
+                want += F.cross_entropy(logits, rows[b, a + 1 : e], reduction="sum")
                 count += e - a - 1
     assert count == scored_targets(rows, starts)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -163,8 +173,20 @@ def test_packed_loss_is_each_document_alone(name):
 
 # ---------------------------------------------------------------- the trainer
 def _settings(corpus_dir, out, **extra):
-    return dict(model="transformer", model_overrides=TINY, data=[corpus_dir["data"]], val_fraction=0.25, seq_len=16,
-                batch_size=4, steps=2, eval_every=10, eval_tokens=64, lr=1e-2, out=str(out), **extra)
+    return dict(
+        model="transformer",
+        model_overrides=TINY,
+        data=[corpus_dir["data"]],
+        val_fraction=0.25,
+        seq_len=16,
+        batch_size=4,
+        steps=2,
+        eval_every=10,
+        eval_tokens=64,
+        lr=1e-2,
+        out=str(out),
+        **extra,
+    )
 
 
 def _inputs_seen(corpus_dir, out, **extra):
@@ -197,9 +219,28 @@ def metrics(run):
 
 
 def argv(corpus_dir, *extra):
-    return ["train", "--model", "transformer", "--config", corpus_dir["config"], "--data", corpus_dir["data"],
-            "--val-fraction", "0.25", "--seq-len", "16", "--batch-size", "4", "--eval-every", "3", "--eval-tokens", "64",
-            "--lr", "1e-2", *extra]
+    return [
+        "train",
+        "--model",
+        "transformer",
+        "--config",
+        corpus_dir["config"],
+        "--data",
+        corpus_dir["data"],
+        "--val-fraction",
+        "0.25",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "3",
+        "--eval-tokens",
+        "64",
+        "--lr",
+        "1e-2",
+        *extra,
+    ]
 
 
 def test_packed_run_resumes_bitwise(corpus_dir, tmp_path):
@@ -210,7 +251,10 @@ def test_packed_run_resumes_bitwise(corpus_dir, tmp_path):
     assert json.load(open(os.path.join(b, "run.json")))["train"]["packing"] is True
     rows = lambda run: [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(run)]  # noqa: E731
     assert rows(b) == rows(a) and all(math.isfinite(r[1] if r[1] is not None else r[2]) for r in rows(a))
-    assert open(os.path.join(b, "model.safetensors"), "rb").read() == open(os.path.join(a, "model.safetensors"), "rb").read()
+    assert (
+        open(os.path.join(b, "model.safetensors"), "rb").read()
+        == open(os.path.join(a, "model.safetensors"), "rb").read()
+    )
 
 
 def one_error_line(capsys, args, match):
@@ -221,27 +265,36 @@ def one_error_line(capsys, args, match):
 
 
 def test_bad_packing_flags_exit_2(corpus_dir, tmp_path, capsys):
-    one_error_line(capsys, ["train", "--task", "mqar", "--packing", "--out", str(tmp_path / "t")],
-                   "a --task has one sample per row already")
+    one_error_line(
+        capsys,
+        ["train", "--task", "mqar", "--packing", "--out", str(tmp_path / "t")],
+        "a --task has one sample per row already",
+    )
     with pytest.raises(SystemExit) as exit_:  # a malformed option: argparse's exit, one line
         main(["train", "--packing=yes"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1 and "--packing" in lines[0] and "'yes'" in lines[0], lines
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"packing": "yes"}))
-    one_error_line(capsys, ["train", "--config", str(bad), "--out", str(tmp_path / "b")], "packing must be true or false")
+    one_error_line(
+        capsys, ["train", "--config", str(bad), "--out", str(tmp_path / "b")], "packing must be true or false"
+    )
     run = str(tmp_path / "R")
     assert main(argv(corpus_dir, "--steps", "1", "--out", run)) == 0
     capsys.readouterr()
-    one_error_line(capsys, ["train", "--resume", run, "--steps", "2", "--no-packing"],
-                   "--no-packing differs from the run's --packing")
+    one_error_line(
+        capsys,
+        ["train", "--resume", run, "--steps", "2", "--no-packing"],
+        "--no-packing differs from the run's --packing",
+    )
     # a run recorded before packing existed read one continuous stream
     record = json.load(open(os.path.join(run, "run.json")))
     del record["train"]["packing"]
     with open(os.path.join(run, "run.json"), "w") as f:
         json.dump(record, f)
-    one_error_line(capsys, ["train", "--resume", run, "--steps", "2", "--packing"],
-                   "--packing differs from the run's --no-packing")
+    one_error_line(
+        capsys, ["train", "--resume", run, "--steps", "2", "--packing"], "--packing differs from the run's --no-packing"
+    )
 
 
 # ---------------------------------------------------------------- the bench
@@ -263,13 +316,21 @@ def test_bench_documents_rows_and_table(capsys, monkeypatch):
     monkeypatch.setattr(bench_model, "run_isolated", fake)
     rows = bench_model.run_packing(["titans-mac"], "tiny", 4, seq=37, batch=2)
     assert [c.get("documents") for c in calls] == [None, 4]
-    assert [(r["documents/row"], r["x 1 doc"], r["x peak"]) for r in rows] == [("1", "1.00", "1.00"), ("4", "0.25", "1.50")]
+    assert [(r["documents/row"], r["x 1 doc"], r["x peak"]) for r in rows] == [
+        ("1", "1.00", "1.00"),
+        ("4", "0.25", "1.50"),
+    ]
     assert "4 documents each" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, match", [(["model", "--documents", "9", "--seq", "8"], "--documents 9 exceeds --seq 8"),
-                                         (["decode", "--documents", "2"], "--documents measures training steps"),
-                                         (["model", "--documents", "0"], "must be >= 1")])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["model", "--documents", "9", "--seq", "8"], "--documents 9 exceeds --seq 8"),
+        (["decode", "--documents", "2"], "--documents measures training steps"),
+        (["model", "--documents", "0"], "must be >= 1"),
+    ],
+)
 def test_bench_bad_documents_exit_2(args, match, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", *args])

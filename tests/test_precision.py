@@ -138,7 +138,9 @@ def test_mixers_hand_their_op_one_dtype_with_autocast_off(which, normalize_in_fl
     if normalize_in_float32:
         normalize = F.normalize
         monkeypatch.setattr(F, "normalize", lambda t, *a, **kw: normalize(t.float(), *a, **kw))
-    module, op = (kernel_memory_module, "kernel_memory") if which == "kernel" else (memory_layer_module, "neural_memory")
+    module, op = (
+        (kernel_memory_module, "kernel_memory") if which == "kernel" else (memory_layer_module, "neural_memory")
+    )
     seen = []
     original = getattr(module, op)
 
@@ -182,7 +184,9 @@ def test_trains_200_steps_under_bf16_autocast(name):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        assert torch.isfinite(loss) and torch.isfinite(norm), f"{name}: step {i}: loss {loss.item()}, grad norm {norm.item()}"
+        assert torch.isfinite(loss) and torch.isfinite(norm), (
+            f"{name}: step {i}: loss {loss.item()}, grad norm {norm.item()}"
+        )
         opt.step()
         losses.append(loss.item())
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -30,8 +30,14 @@ TOL = 1e-8  # relative, float64: chunk vs reference, streamed vs one call
 
 
 def _settings(n: int):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 FAST_OP, SLOW_OP = _settings(40), _settings(300)
@@ -83,14 +89,33 @@ def op_cases(draw):
 def _op_inputs(case):
     r = case["rule"]
     # a long window sums many gradients per step: keep the step moderate, as tests/test_ops.py does
-    q, k, v, lr, mom, dec, gam = make_inputs(case["bsz"], case["seq"], case["nh"], case["dk"], case["dv"],
-                                             optimizer=r["optimizer"], seed=case["seed"],
-                                             lr_scale=min(1.0, 2.0 / r["window"]), channel=case["window_gate"] == "channel")
-    params = make_params(r["architecture"], case["nh"], case["dk"], case["dv"], case["hidden"], depth=r["depth"],
-                         batch=case["bsz"] if case["per_sequence"] else None,
-                         gen=torch.Generator().manual_seed(case["seed"] + 1))
-    gates = (lr, None if case["momentum_none"] else mom, dec if case["decay"] else None,
-             gam if case["window_gate"] else None)
+    q, k, v, lr, mom, dec, gam = make_inputs(
+        case["bsz"],
+        case["seq"],
+        case["nh"],
+        case["dk"],
+        case["dv"],
+        optimizer=r["optimizer"],
+        seed=case["seed"],
+        lr_scale=min(1.0, 2.0 / r["window"]),
+        channel=case["window_gate"] == "channel",
+    )
+    params = make_params(
+        r["architecture"],
+        case["nh"],
+        case["dk"],
+        case["dv"],
+        case["hidden"],
+        depth=r["depth"],
+        batch=case["bsz"] if case["per_sequence"] else None,
+        gen=torch.Generator().manual_seed(case["seed"] + 1),
+    )
+    gates = (
+        lr,
+        None if case["momentum_none"] else mom,
+        dec if case["decay"] else None,
+        gam if case["window_gate"] else None,
+    )
     return (q, k, v), gates, params
 
 
@@ -126,7 +151,8 @@ def _check_close(got, want, what, noise):
             event("ill-conditioned: tolerance from the reference's sensitivity")
             assert err <= NOISE_FACTOR * sensitivity, (
                 f"{what}: {name} rel err {err:.3g} (the reference moves by {sensitivity:.3g} under a "
-                f"{NOISE:g} relative change of v)")
+                f"{NOISE:g} relative change of v)"
+            )
 
 
 def _check_op(case):
@@ -262,7 +288,10 @@ def model_cases(draw):
     name = draw(st.sampled_from(list_presets()))
     hidden, heads = draw(st.sampled_from(((16, 1), (16, 2), (32, 2))))
     overrides = dict(
-        vocab_size=64, hidden_size=hidden, num_attention_heads=heads, intermediate_size=2 * hidden,
+        vocab_size=64,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
         num_hidden_layers=draw(st.integers(1, 2)),
         attention_window=draw(st.integers(1, 6)),
         segment_size=draw(st.integers(1, 6)),
@@ -272,8 +301,14 @@ def model_cases(draw):
     if preset_config(name).kernel:
         overrides["kernel"] = dict(chunk_size=draw(st.integers(1, 5)))
     seq = draw(st.integers(2, 12))  # the loss needs a next token
-    return dict(name=name, overrides=overrides, bsz=draw(st.integers(1, 2)), seq=seq,
-                prompt=draw(st.integers(1, seq)), seed=draw(st.integers(0, 2**16)))
+    return dict(
+        name=name,
+        overrides=overrides,
+        bsz=draw(st.integers(1, 2)),
+        seq=seq,
+        prompt=draw(st.integers(1, seq)),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def _check_model(case):

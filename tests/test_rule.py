@@ -44,8 +44,21 @@ def test_op_takes_a_rule_or_its_keywords():
     q, k, v, lr, mom, dec, gamma = make_inputs(1, 9, 2, DK, DV, optimizer="muon")
     params = make_params("mlp", 2, DK, DV, HIDDEN)
     a, sa = neural_memory(q, k, v, lr, mom, dec, params, rule=rule, window_gate=gamma, output_final_state=True)
-    b, sb = neural_memory(q, k, v, lr, mom, dec, params, architecture="mlp", optimizer="muon", window=3, chunk_size=4,
-                          window_gate=gamma, output_final_state=True)
+    b, sb = neural_memory(
+        q,
+        k,
+        v,
+        lr,
+        mom,
+        dec,
+        params,
+        architecture="mlp",
+        optimizer="muon",
+        window=3,
+        chunk_size=4,
+        window_gate=gamma,
+        output_final_state=True,
+    )
     assert torch.equal(a, b) and sa.rule == sb.rule == rule
     with pytest.raises(ValueError, match="not both"):
         neural_memory(q, k, v, lr, mom, dec, params, rule=rule, window=3)
@@ -98,11 +111,20 @@ def test_layer_norm_read_is_the_papers_function(memory):
 
 
 @pytest.mark.parametrize("memory", ARCHITECTURES)
-@pytest.mark.parametrize("optimizer,granularity", [("gd", "token"), ("momentum", "token"), ("muon", "token"),
-                                                   ("momentum", "chunk"), ("muon", "chunk")])
+@pytest.mark.parametrize(
+    "optimizer,granularity",
+    [("gd", "token"), ("momentum", "token"), ("muon", "token"), ("momentum", "chunk"), ("muon", "chunk")],
+)
 def test_layer_norm_chunk_equals_reference(memory, optimizer, granularity):
-    kw = dict(architecture=memory, loss="l2", optimizer=optimizer, granularity=granularity, window=3, chunk_size=4,
-              layer_norm=True)
+    kw = dict(
+        architecture=memory,
+        loss="l2",
+        optimizer=optimizer,
+        granularity=granularity,
+        window=3,
+        chunk_size=4,
+        layer_norm=True,
+    )
     _compare(kw, seq=11, all_grads_live=True)
 
 
@@ -120,10 +142,31 @@ def test_layer_norm_streams_at_any_split():
     o, st = neural_memory(q, k, v, lr, mom, dec, params, rule=rule, window_gate=gamma, output_final_state=True)
     for cut in (1, 6, 9):
         a, b = slice(0, cut), slice(cut, seq)
-        o1, s1 = neural_memory(q[:, a], k[:, a], v[:, a], lr[:, a], mom[:, a], dec[:, a], params, rule=rule,
-                               window_gate=gamma[:, a], output_final_state=True)
-        o2, s2 = neural_memory(q[:, b], k[:, b], v[:, b], lr[:, b], mom[:, b], dec[:, b], params, rule=rule,
-                               window_gate=gamma[:, b], initial_state=s1, output_final_state=True)
+        o1, s1 = neural_memory(
+            q[:, a],
+            k[:, a],
+            v[:, a],
+            lr[:, a],
+            mom[:, a],
+            dec[:, a],
+            params,
+            rule=rule,
+            window_gate=gamma[:, a],
+            output_final_state=True,
+        )
+        o2, s2 = neural_memory(
+            q[:, b],
+            k[:, b],
+            v[:, b],
+            lr[:, b],
+            mom[:, b],
+            dec[:, b],
+            params,
+            rule=rule,
+            window_gate=gamma[:, b],
+            initial_state=s1,
+            output_final_state=True,
+        )
         assert rel_err(torch.cat([o1, o2], 1), o) <= 1e-10
         assert all(rel_err(s2.weights[n], st.weights[n]) <= 1e-10 for n in st.weights)
 
@@ -136,8 +179,18 @@ def test_layer_norm_changes_the_output_and_triton_refuses_it():
     assert (with_ln - without).abs().max() > 1e-3
     pytest.importorskip("triton")
     with pytest.raises(ValueError, match="no layer_norm"):
-        neural_memory(q.float(), k.float(), v.float(), lr.float(), mom.float(), dec.float(),
-                      {n: p.float() for n, p in params.items()}, chunk_size=4, layer_norm=True, impl="triton")
+        neural_memory(
+            q.float(),
+            k.float(),
+            v.float(),
+            lr.float(),
+            mom.float(),
+            dec.float(),
+            {n: p.float() for n, p in params.items()},
+            chunk_size=4,
+            layer_norm=True,
+            impl="triton",
+        )
 
 
 def test_reads_and_layers_name_their_bad_inputs():

@@ -35,7 +35,9 @@ def _outputs(kw, bound, seq=13, seed=0, impl="chunk"):
 
 @pytest.mark.parametrize("architecture,loss,optimizer,granularity,window", MATRIX)
 def test_chunk_matches_reference(architecture, loss, optimizer, granularity, window):
-    kw = dict(architecture=architecture, loss=loss, optimizer=optimizer, granularity=granularity, window=window, chunk_size=4)
+    kw = dict(
+        architecture=architecture, loss=loss, optimizer=optimizer, granularity=granularity, window=window, chunk_size=4
+    )
     _compare(dict(kw, step_bound=BOUND), per_sequence=window == 3, all_grads_live=True)
     # the bound acts here (else this would test the unbounded rule again)
     assert rel_err(_outputs(kw, BOUND), _outputs(kw, None)) > 1e-3
@@ -48,10 +50,17 @@ def test_lengths_and_chunk_sizes(seq, chunk_size):
     _compare(kw, bsz=1, seq=seq, grad=seq <= 100, seed=seq)
 
 
-@pytest.mark.parametrize("kw", [dict(layer_norm=True), dict(residual=False, activation="tanh"), dict(decay_first=True, chunk_size=1),
-                                dict(architecture="linear", residual=False, optimizer="gd", chunk_size=1),
-                                dict(architecture="linear", residual=False, optimizer="gd", chunk_size=1, decay_first=True)],
-                         ids=["layer_norm", "plain-tanh", "decay_first", "delta-rule", "gated-delta-rule"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(layer_norm=True),
+        dict(residual=False, activation="tanh"),
+        dict(decay_first=True, chunk_size=1),
+        dict(architecture="linear", residual=False, optimizer="gd", chunk_size=1),
+        dict(architecture="linear", residual=False, optimizer="gd", chunk_size=1, decay_first=True),
+    ],
+    ids=["layer_norm", "plain-tanh", "decay_first", "delta-rule", "gated-delta-rule"],
+)
 def test_other_memories_match_reference(kw):
     """The memory LayerNorm, an MLP without residual, and chunk size 1: the WY delta-rule path takes the
     bound as a scale of each token's learning rate."""
@@ -59,9 +68,15 @@ def test_other_memories_match_reference(kw):
     _compare(kw, bsz=2, seq=23, all_grads_live=kw["optimizer"] != "gd")
 
 
-@pytest.mark.parametrize("kw", [dict(optimizer="momentum", window=3, chunk_size=4), dict(optimizer="gd", window=1, chunk_size=1),
-                                dict(optimizer="gd", window=2, chunk_size=4, granularity="chunk")],
-                         ids=["momentum-w3", "chunk1", "chunk-granularity"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(optimizer="momentum", window=3, chunk_size=4),
+        dict(optimizer="gd", window=1, chunk_size=1),
+        dict(optimizer="gd", window=2, chunk_size=4, granularity="chunk"),
+    ],
+    ids=["momentum-w3", "chunk1", "chunk-granularity"],
+)
 def test_channel_wise_gates_match_reference(kw):
     """With channel-wise window gates the bound is taken with every channel's weight at 1."""
     _compare(dict(kw, architecture="mlp", step_bound=BOUND), channel=True, all_grads_live=kw["optimizer"] != "gd")
@@ -71,7 +86,15 @@ def test_channel_wise_gates_match_reference(kw):
 @pytest.mark.parametrize("granularity", ["token", "chunk"])
 @pytest.mark.parametrize("impl", ["chunk", "reference"])
 def test_streaming_at_any_split(optimizer, granularity, impl):
-    kw = dict(architecture="mlp", optimizer=optimizer, granularity=granularity, window=3, chunk_size=4, impl=impl, step_bound=BOUND)
+    kw = dict(
+        architecture="mlp",
+        optimizer=optimizer,
+        granularity=granularity,
+        window=3,
+        chunk_size=4,
+        impl=impl,
+        step_bound=BOUND,
+    )
     seq = 17
     q, k, v, lr, mom, dec, gam = make_inputs(2, seq, 2, DK, DV, optimizer=optimizer)
     params = make_params("mlp", 2, DK, DV, HIDDEN)
@@ -121,10 +144,24 @@ def test_linear_memory_equals_the_definition(optimizer, chunk):
     q, k, v, lr, mom, dec, _ = make_inputs(1, seq, 1, d, d, optimizer=optimizer, seed=chunk)
     k[0, 8:20] = k[0, 8:9]  # a run of one key: the stale steps pile up
     w0 = 0.3 * torch.randn(1, d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    o, st = neural_memory(q, k, v, lr, mom, dec, {"w0": w0}, architecture="linear", residual=False, optimizer=optimizer,
-                          chunk_size=chunk, step_bound=BOUND, output_final_state=True)
-    want, w_end = _linear_loop(q[0, :, 0], k[0, :, 0], v[0, :, 0], lr[0, :, 0], mom[0, :, 0], dec[0, :, 0], w0[0], chunk, BOUND,
-                               optimizer)
+    o, st = neural_memory(
+        q,
+        k,
+        v,
+        lr,
+        mom,
+        dec,
+        {"w0": w0},
+        architecture="linear",
+        residual=False,
+        optimizer=optimizer,
+        chunk_size=chunk,
+        step_bound=BOUND,
+        output_final_state=True,
+    )
+    want, w_end = _linear_loop(
+        q[0, :, 0], k[0, :, 0], v[0, :, 0], lr[0, :, 0], mom[0, :, 0], dec[0, :, 0], w0[0], chunk, BOUND, optimizer
+    )
     assert rel_err(o[0, :, 0], want) <= 1e-12
     assert rel_err(st.weights["w0"][0, 0], w_end) <= 1e-12
 
@@ -161,10 +198,19 @@ def test_inactive_bound_is_the_papers_rule_bitwise(impl, granularity):
 # ---- bad values, Triton, settings ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw", [dict(architecture=a, loss="l2", optimizer=o, granularity=g, window=w, chunk_size=4)
-                                for a, o, g, w in [("mlp", "momentum", "token", 3), ("gated_mlp", "gd", "token", 1),
-                                                   ("linear", "momentum", "token", 1), ("mlp", "gd", "chunk", 3)]],
-                         ids=["mlp-momentum-w3", "gated_mlp-gd", "linear", "mlp-chunk-granularity"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(architecture=a, loss="l2", optimizer=o, granularity=g, window=w, chunk_size=4)
+        for a, o, g, w in [
+            ("mlp", "momentum", "token", 3),
+            ("gated_mlp", "gd", "token", 1),
+            ("linear", "momentum", "token", 1),
+            ("mlp", "gd", "chunk", 3),
+        ]
+    ],
+    ids=["mlp-momentum-w3", "gated_mlp-gd", "linear", "mlp-chunk-granularity"],
+)
 @pytest.mark.parametrize("impl", ["chunk", "reference"])
 def test_causal_for_any_input(kw, impl):
     """A NaN, an infinity or 1e30 at one token leaves every earlier output bitwise as it was: the
@@ -185,8 +231,17 @@ def test_settings_errors():
     q, k, v, lr, mom, dec, _ = make_inputs(1, 5, 2, DK, DV)
     params = make_params("mlp", 2, DK, DV, HIDDEN)
     with pytest.raises(ValueError, match="impl='triton' supports step_bound only for architecture='linear'"):
-        neural_memory(q.float(), k.float(), v.float(), lr.float(), mom.float(), dec.float(), {n: t.float() for n, t in params.items()},
-                      impl="triton", step_bound=1.0)
+        neural_memory(
+            q.float(),
+            k.float(),
+            v.float(),
+            lr.float(),
+            mom.float(),
+            dec.float(),
+            {n: t.float() for n, t in params.items()},
+            impl="triton",
+            step_bound=1.0,
+        )
 
 
 def test_layer_and_config_defaults_and_old_configs():

@@ -43,14 +43,17 @@ def test_recall_accuracy_counts_scored_positions_only():
         recall_accuracy(logits, torch.full((1, 4), IGNORE_INDEX))
 
 
-@pytest.mark.parametrize("kwargs, err, match", [
-    (dict(vocab_size=3), ValueError, "vocab_size must be >= 4"),
-    (dict(num_pairs=64), ValueError, r"num_pairs must be <= .* = 63"),
-    (dict(seq_len=17), ValueError, r"seq_len must be >= .* = 18; got 17"),
-    (dict(num_queries=0), ValueError, "num_queries must be >= 1"),
-    (dict(num_queries=25), ValueError, r"num_queries must be <= .* = 24; got 25"),
-    (dict(seq_len=64.0), TypeError, "seq_len must be an int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(vocab_size=3), ValueError, "vocab_size must be >= 4"),
+        (dict(num_pairs=64), ValueError, r"num_pairs must be <= .* = 63"),
+        (dict(seq_len=17), ValueError, r"seq_len must be >= .* = 18; got 17"),
+        (dict(num_queries=0), ValueError, "num_queries must be >= 1"),
+        (dict(num_queries=25), ValueError, r"num_queries must be <= .* = 24; got 25"),
+        (dict(seq_len=64.0), TypeError, "seq_len must be an int"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(kwargs, err, match):
     with pytest.raises(err, match=match):
         MQAR(**kwargs)
@@ -67,10 +70,25 @@ from deepmemory.data.tasks import TASKS, Task, TaskSample, get_task  # noqa: E40
 from deepmemory.data.tasks.babilong import HEADER  # noqa: E402
 from deepmemory.data.tasks.essays import ESSAYS  # noqa: E402
 
-TEXT_TASKS = ("s-niah-1", "s-niah-2", "s-niah-3", "babilong-qa1", "babilong-qa2", "babilong-qa3", "babilong-qa4",
-              "babilong-qa5")
-TOKEN_TASKS = ("mqar", "mad-icr", "mad-noisy-icr", "mad-fuzzy-icr", "mad-selective-copy", "mad-compression",
-               "mad-memorization")
+TEXT_TASKS = (
+    "s-niah-1",
+    "s-niah-2",
+    "s-niah-3",
+    "babilong-qa1",
+    "babilong-qa2",
+    "babilong-qa3",
+    "babilong-qa4",
+    "babilong-qa5",
+)
+TOKEN_TASKS = (
+    "mqar",
+    "mad-icr",
+    "mad-noisy-icr",
+    "mad-fuzzy-icr",
+    "mad-selective-copy",
+    "mad-compression",
+    "mad-memorization",
+)
 BYTES = ByteTokenizer()
 
 
@@ -83,8 +101,12 @@ def _train_bpe(path, texts, byte_level: bool):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=512, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      special_tokens=["</s>"], show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=512,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=["</s>"],
+            show_progress=False,
+        )
     else:
         tok = Tokenizer(models.BPE(unk_token="[UNK]"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -128,6 +150,7 @@ def test_the_registry_is_the_agreed_interface():
 
 # ---- determinism --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", TASKS)
 def test_same_seed_same_sample_other_seeds_differ(name):
     task = task_for(name)
@@ -148,16 +171,18 @@ def test_depth_moves_the_needle_and_nothing_else():
     task = task_for("s-niah-2")
     a, b = task.sample(3000, 4, depth=0.1), task.sample(3000, 4, depth=0.9)
     assert (a.answer, a.depth, b.depth) == (b.answer, 0.1, 0.9) and a.needle_positions[0] < b.needle_positions[0]
-    needle = a.prompt_ids[a.needle_positions[0]:].index(ord(".")) + 1  # the needle ends at its first period
+    needle = a.prompt_ids[a.needle_positions[0] :].index(ord(".")) + 1  # the needle ends at its first period
 
     def without_needle(s):
-        return s.prompt_ids[:s.needle_positions[0]] + s.prompt_ids[s.needle_positions[0] + needle:]
+        return s.prompt_ids[: s.needle_positions[0]] + s.prompt_ids[s.needle_positions[0] + needle :]
+
     assert without_needle(a) == without_needle(b)
     drawn = task.sample(3000, 4)  # no depth: one drawn from the seed, recorded
     assert 0.0 <= drawn.depth <= 1.0 and drawn.answer == a.answer
 
 
 # ---- exact lengths ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
 @pytest.mark.parametrize("name", TEXT_TASKS)
@@ -304,7 +329,7 @@ def _oracle(task, tokenizer, sample):
     name, V = task.name, task.vocab_size
     if name == "mqar":
         n = task.num_pairs
-        return str(dict(zip(p[0:2 * n:2], p[1:2 * n:2]))[p[-1]])
+        return str(dict(zip(p[0 : 2 * n : 2], p[1 : 2 * n : 2]))[p[-1]])
     if name in ("mad-icr", "mad-noisy-icr"):
         keys = (V - (task.noise_vocab_size if name == "mad-noisy-icr" else 0)) // 2
         pairs = [(p[t], p[t + 1]) for t in range((len(p) + 1) % 2, len(p) - 1, 2) if p[t] < keys]  # noise skipped
@@ -325,14 +350,14 @@ def _oracle(task, tokenizer, sample):
         assert p[-1] == V - 1
         return " ".join(map(str, p[:-1]))
     if name == "mad-memorization":
-        assert p[-1] == V - 1 and all(t == V - 1 for t in p[len(p) % 2 + 1::2])
+        assert p[-1] == V - 1 and all(t == V - 1 for t in p[len(p) % 2 + 1 :: 2])
         return str(task.kv_map[p[-2]])
     raise AssertionError(name)
 
 
 @pytest.mark.parametrize("name", TASKS)
 def test_a_trivial_oracle_solves_every_sample(name, bpe):
-    for tokenizer in ((BYTES, bpe) if name in TEXT_TASKS else (None,)):
+    for tokenizer in (BYTES, bpe) if name in TEXT_TASKS else (None,):
         task = task_for(name, tokenizer)
         for seed in range(12):
             length = task.min_length + [0, 1, 37, 500, 1500, 3000][seed % 6]
@@ -351,7 +376,7 @@ def test_training_rows_label_what_the_oracle_reads(name):
     for row, lab in zip(ids.tolist(), labels.tolist()):
         scored = [t for t in range(length) if lab[t] != IGNORE_INDEX]
         if name in TEXT_TASKS or name in ("mad-selective-copy", "mad-compression"):
-            prompt, answer = row[:scored[0] + 1], [lab[t] for t in scored]
+            prompt, answer = row[: scored[0] + 1], [lab[t] for t in scored]
             sample = TaskSample(prompt, answer, "", None, [])
             expected = _oracle(task, BYTES, sample)
             got = BYTES.decode(answer).strip().rstrip(".") if name in TEXT_TASKS else " ".join(map(str, answer))
@@ -362,13 +387,13 @@ def test_training_rows_label_what_the_oracle_reads(name):
                 if t > 0 and lab[t - 1] != IGNORE_INDEX:
                     continue  # inside a value motif: checked from its first token
                 end = next((u for u in range(t, length) if lab[u] == IGNORE_INDEX), length)
-                sample = TaskSample(row[:t + 1], [lab[u] for u in range(t, end)], "", None, [])
+                sample = TaskSample(row[: t + 1], [lab[u] for u in range(t, end)], "", None, [])
                 assert _oracle(task, None, sample) == " ".join(str(lab[u]) for u in range(t, end))
             elif name == "mqar":
                 n = task.num_pairs
-                assert dict(zip(row[0:2 * n:2], row[1:2 * n:2]))[row[t]] == lab[t]
+                assert dict(zip(row[0 : 2 * n : 2], row[1 : 2 * n : 2]))[row[t]] == lab[t]
             else:
-                assert _oracle(task, None, TaskSample(row[:t + 1], [lab[t]], "", None, [])) == str(lab[t])
+                assert _oracle(task, None, TaskSample(row[: t + 1], [lab[t]], "", None, [])) == str(lab[t])
 
 
 def test_needles_never_collide(bpe):
@@ -382,15 +407,21 @@ def test_needles_never_collide(bpe):
             assert len(needles) == 8 and len(set(keys)) == 8 and len(set(values)) == 8
             assert text.count(sample.answer) == 1 and ASKED_KEY.findall(text)[-1] == keys[values.index(sample.answer)]
             # needle_positions: the queried needle first, then the others in prompt order
-            starts = [len(text[:m.start()].encode()) - 1 for m in NEEDLE.finditer(text)]  # each needle's leading space
+            starts = [len(text[: m.start()].encode()) - 1 for m in NEEDLE.finditer(text)]  # each needle's leading space
             queried = starts[values.index(sample.answer)]
-            assert sample.needle_positions[0] == queried and sample.needle_positions[1:] == [s for s in starts if s != queried]
+            assert sample.needle_positions[0] == queried and sample.needle_positions[1:] == [
+                s for s in starts if s != queried
+            ]
             assert all(len(v) == (36 if name == "s-niah-3" else 7) for v in values)
             if name == "s-niah-3":  # a UUID's layout: version 4, RFC variant
-                assert all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", v) for v in values)
+                assert all(
+                    re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", v)
+                    for v in values
+                )
 
 
 # ---- depth --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["s-niah-1", "s-niah-2", "s-niah-3"])
 def test_the_needle_sits_at_its_depth(name):
@@ -410,7 +441,7 @@ def test_the_needle_sits_at_its_depth(name):
             if depth == 0.0:
                 assert position == header
             if depth == 1.0:  # after the last whole sentence: only a cut sentence and the question follow
-                assert text[position + needle:].count(". ") <= 1
+                assert text[position + needle :].count(". ") <= 1
 
 
 @pytest.mark.parametrize("name", ["babilong-qa1", "babilong-qa3", "babilong-qa4"])
@@ -437,12 +468,12 @@ def test_needle_positions_point_at_the_supporting_facts():
         for seed in range(6):
             sample = task.sample(3000, seed)
             text = BYTES.decode(sample.prompt_ids)
-            facts = [_story_events(text[p:p + 60].split(".")[0] + ".") for p in sample.needle_positions]
+            facts = [_story_events(text[p : p + 60].split(".")[0] + ".") for p in sample.needle_positions]
             assert all(len(f) == 1 for f in facts), facts
             assert sample.needle_positions == sorted(sample.needle_positions)
             if name in ("babilong-qa1", "babilong-qa4"):
                 assert len(sample.needle_positions) == 1
-                assert sample.answer in text[sample.needle_positions[0]:sample.needle_positions[0] + 60]
+                assert sample.answer in text[sample.needle_positions[0] : sample.needle_positions[0] + 60]
 
 
 def test_the_essays_hold_no_needle_or_story():
@@ -456,12 +487,20 @@ def test_the_essays_hold_no_needle_or_story():
 
 # ---- scoring ------------------------------------------------------------------------------
 
+
 def test_scoring_rules(bpe):
     niah = task_for("s-niah-1")
     sample = niah.sample(400, 0)
     value = sample.answer
-    for output, right in [(" " + value, True), (value + ".", True), (f" {value}\nQuestion", True),
-                          (f" {value}1", False), (" " + value[:-1], False), (f" x{value}", False), ("", False)]:
+    for output, right in [
+        (" " + value, True),
+        (value + ".", True),
+        (f" {value}\nQuestion", True),
+        (f" {value}1", False),
+        (" " + value[:-1], False),
+        (f" x{value}", False),
+        ("", False),
+    ]:
         assert niah.score(sample, BYTES.encode(output).tolist()) is right, output
     with_bpe = task_for("s-niah-3", bpe)
     sample = with_bpe.sample(500, 0)
@@ -469,9 +508,16 @@ def test_scoring_rules(bpe):
     babi = task_for("babilong-qa1")
     sample = babi.sample(600, 0)
     word = sample.answer
-    for output, right in [(f" {word}.", True), (f" The answer is {word.upper()}. Next", True),
-                          (f" {word}", True), (f" garden or {word}!", True), (f" nowhere. {word}.", False),
-                          (f"\n{word}.", True), (f" {word}s.", False), (" ", False)]:
+    for output, right in [
+        (f" {word}.", True),
+        (f" The answer is {word.upper()}. Next", True),
+        (f" {word}", True),
+        (f" garden or {word}!", True),
+        (f" nowhere. {word}.", False),
+        (f"\n{word}.", True),
+        (f" {word}s.", False),
+        (" ", False),
+    ]:
         assert babi.score(sample, BYTES.encode(output).tolist()) is right, output
     mqar = task_for("mqar")
     sample = mqar.sample(40, 0)
@@ -481,38 +527,57 @@ def test_scoring_rules(bpe):
 
 # ---- bad input ----------------------------------------------------------------------------
 
+
 def _one_line(err):
     return "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: get_task("s-niah-9"), r"unknown task 's-niah-9'; tasks: s-niah-1, .*mad-memorization"),
-    (lambda: get_task(None), "unknown task None"),
-    (lambda: get_task("mqar", num_pairs=0), "^mqar: num_pairs must be >= 1; got 0$"),
-    (lambda: get_task("mqar", vocab_size=16, num_pairs=8), r"^mqar: num_pairs must be <= .* = 7"),
-    (lambda: get_task("mad-icr", vocab_size="16"), "mad-icr: vocab_size must be an int"),
-    (lambda: get_task("mad-icr", frac_noise=0.5), "mad-icr has no setting 'frac_noise'; its settings: 'vocab_size'"),
-    (lambda: get_task("babilong-qa4", num_facts=3), "babilong-qa4 has no setting 'num_facts'; its settings: none"),
-    (lambda: get_task("mad-noisy-icr", frac_noise=1.0), r"^mad-noisy-icr: frac_noise must be a number in \[0, 1\)"),
-    (lambda: get_task("mad-noisy-icr", vocab_size=17, noise_vocab_size=16), "vocab_size - noise_vocab_size must be >= 2"),
-    (lambda: get_task("mad-fuzzy-icr", vocab_size=6), "fewer than the motif sizes"),
-    (lambda: get_task("s-niah-1", num_needles=0), "^s-niah-1: num_needles must be >= 1"),
-    (lambda: get_task("babilong-qa5", num_facts=3), "^babilong-qa5: num_facts must be >= 4; got 3$"),
-    (lambda: get_task("babilong-qa1", num_facts=True), "^babilong-qa1: num_facts must be an int; got bool True$"),
-    (lambda: get_task("s-niah-1", tokenizer="bytes"), "tokenizer must be a deepmemory tokenizer"),
-    (lambda: task_for("s-niah-1").sample(100, 0), r"s-niah-1: length 100 is below the task's minimum of \d+ tokens"),
-    (lambda: task_for("mqar").sample(16, 0), r"mqar: length 16 is below the task's minimum of 17 tokens"),
-    (lambda: task_for("mad-selective-copy").batch(2, 32, torch.Generator()), r"row length 32 is below .* 33 tokens"),
-    (lambda: task_for("s-niah-1").sample(400, 0, depth=1.5), r"depth must be a number in \[0, 1\]; got 1.5"),
-    (lambda: task_for("babilong-qa1").sample(600, 0, depth=-0.1), r"depth must be a number in \[0, 1\]"),
-    (lambda: task_for("s-niah-2").sample(400, 0, depth=math.nan), r"depth must be a number in \[0, 1\]; got nan"),
-    (lambda: task_for("mad-icr").sample(64, 0, depth="0.5"), r"depth must be a number in \[0, 1\]"),
-    (lambda: task_for("mad-icr").sample(64, -1), "seed must be >= 0"),
-    (lambda: task_for("mqar").sample(64, 0.5), "seed must be an int"),
-    (lambda: task_for("mad-icr").batch(0, 64, torch.Generator()), "batch_size must be >= 1"),
-    (lambda: task_for("s-niah-1").batch(2, 400, 0), "generator must be a torch.Generator"),
-    (lambda: task_for("mqar", num_queries=30).sample(40, 0), "mqar: num_queries 30 does not fit a prompt of 40 tokens"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: get_task("s-niah-9"), r"unknown task 's-niah-9'; tasks: s-niah-1, .*mad-memorization"),
+        (lambda: get_task(None), "unknown task None"),
+        (lambda: get_task("mqar", num_pairs=0), "^mqar: num_pairs must be >= 1; got 0$"),
+        (lambda: get_task("mqar", vocab_size=16, num_pairs=8), r"^mqar: num_pairs must be <= .* = 7"),
+        (lambda: get_task("mad-icr", vocab_size="16"), "mad-icr: vocab_size must be an int"),
+        (
+            lambda: get_task("mad-icr", frac_noise=0.5),
+            "mad-icr has no setting 'frac_noise'; its settings: 'vocab_size'",
+        ),
+        (lambda: get_task("babilong-qa4", num_facts=3), "babilong-qa4 has no setting 'num_facts'; its settings: none"),
+        (lambda: get_task("mad-noisy-icr", frac_noise=1.0), r"^mad-noisy-icr: frac_noise must be a number in \[0, 1\)"),
+        (
+            lambda: get_task("mad-noisy-icr", vocab_size=17, noise_vocab_size=16),
+            "vocab_size - noise_vocab_size must be >= 2",
+        ),
+        (lambda: get_task("mad-fuzzy-icr", vocab_size=6), "fewer than the motif sizes"),
+        (lambda: get_task("s-niah-1", num_needles=0), "^s-niah-1: num_needles must be >= 1"),
+        (lambda: get_task("babilong-qa5", num_facts=3), "^babilong-qa5: num_facts must be >= 4; got 3$"),
+        (lambda: get_task("babilong-qa1", num_facts=True), "^babilong-qa1: num_facts must be an int; got bool True$"),
+        (lambda: get_task("s-niah-1", tokenizer="bytes"), "tokenizer must be a deepmemory tokenizer"),
+        (
+            lambda: task_for("s-niah-1").sample(100, 0),
+            r"s-niah-1: length 100 is below the task's minimum of \d+ tokens",
+        ),
+        (lambda: task_for("mqar").sample(16, 0), r"mqar: length 16 is below the task's minimum of 17 tokens"),
+        (
+            lambda: task_for("mad-selective-copy").batch(2, 32, torch.Generator()),
+            r"row length 32 is below .* 33 tokens",
+        ),
+        (lambda: task_for("s-niah-1").sample(400, 0, depth=1.5), r"depth must be a number in \[0, 1\]; got 1.5"),
+        (lambda: task_for("babilong-qa1").sample(600, 0, depth=-0.1), r"depth must be a number in \[0, 1\]"),
+        (lambda: task_for("s-niah-2").sample(400, 0, depth=math.nan), r"depth must be a number in \[0, 1\]; got nan"),
+        (lambda: task_for("mad-icr").sample(64, 0, depth="0.5"), r"depth must be a number in \[0, 1\]"),
+        (lambda: task_for("mad-icr").sample(64, -1), "seed must be >= 0"),
+        (lambda: task_for("mqar").sample(64, 0.5), "seed must be an int"),
+        (lambda: task_for("mad-icr").batch(0, 64, torch.Generator()), "batch_size must be >= 1"),
+        (lambda: task_for("s-niah-1").batch(2, 400, 0), "generator must be a torch.Generator"),
+        (
+            lambda: task_for("mqar", num_queries=30).sample(40, 0),
+            "mqar: num_queries 30 does not fit a prompt of 40 tokens",
+        ),
+    ],
+)
 def test_bad_input_is_one_line(call, match):
     with pytest.raises((ValueError, TypeError), match=match) as err:
         call()
@@ -527,12 +592,16 @@ def test_a_tokenizer_that_cannot_express_the_task(tmp_path):
     niah = task_for("s-niah-1")
     babi = [task_for(f"babilong-qa{i}") for i in range(1, 6)]
     from deepmemory.data.tasks.niah import ADJECTIVES, NOUNS
+
     words = [niah.header, *niah.needle_parts, *niah.question_parts, " ".join(ADJECTIVES), "-".join(NOUNS), *ESSAYS]
     for task in babi:
         words += [" ".join(texts) for texts in task._texts()]
     tok = _train_bpe(tmp_path / "tokenizer.json", words, byte_level=False)
-    with pytest.raises(ValueError, match=r"s-niah-1: the tokenizer cannot express the characters of its values: "
-                                         r"'0123456789' comes back as ''") as err:  # [UNK] is special
+    with pytest.raises(
+        ValueError,
+        match=r"s-niah-1: the tokenizer cannot express the characters of its values: "
+        r"'0123456789' comes back as ''",
+    ) as err:  # [UNK] is special
         get_task("s-niah-1", tok)
     assert _one_line(err)
     for i in range(1, 6):  # the stories need no digit: this tokenizer writes them

@@ -17,7 +17,9 @@ from deepmemory.cli import main
 from deepmemory.train import TrainConfig, lr_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {"model_overrides": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}}
+TINY = {
+    "model_overrides": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -38,9 +40,28 @@ def corpus(tmp_path_factory):
 
 
 def args(corpus, *extra):
-    return ["train", "--model", "transformer", "--config", corpus["config"], "--data", corpus["data"],
-            "--val-fraction", "0.25", "--seq-len", "16", "--batch-size", "4", "--eval-every", "10",
-            "--eval-tokens", "256", "--lr", "1e-2", *extra]
+    return [
+        "train",
+        "--model",
+        "transformer",
+        "--config",
+        corpus["config"],
+        "--data",
+        corpus["data"],
+        "--val-fraction",
+        "0.25",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "10",
+        "--eval-tokens",
+        "256",
+        "--lr",
+        "1e-2",
+        *extra,
+    ]
 
 
 def metrics(run):
@@ -108,7 +129,9 @@ def test_run_directory(run_a):
     val = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in val] == [0, 10, 20, 30, 40]
     assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.0  # it learns
-    assert val[-1]["val_bpb"] == pytest.approx(val[-1]["val_loss"] / math.log(2) * config["data"]["val_tokens"] / config["data"]["val_bytes"])
+    assert val[-1]["val_bpb"] == pytest.approx(
+        val[-1]["val_loss"] / math.log(2) * config["data"]["val_tokens"] / config["data"]["val_bytes"]
+    )
 
 
 def test_resume_is_exact(corpus, run_a, tmp_path):
@@ -120,7 +143,10 @@ def test_resume_is_exact(corpus, run_a, tmp_path):
     la = [r["loss"] for r in metrics(run_a) if "loss" in r]
     lb = [r["loss"] for r in metrics(b) if "loss" in r]
     assert lb == la
-    assert open(os.path.join(b, "model.safetensors"), "rb").read() == open(os.path.join(run_a, "model.safetensors"), "rb").read()
+    assert (
+        open(os.path.join(b, "model.safetensors"), "rb").read()
+        == open(os.path.join(run_a, "model.safetensors"), "rb").read()
+    )
 
 
 def test_grad_checkpointing_changes_nothing(corpus, tmp_path):
@@ -164,12 +190,21 @@ sys.exit(main(sys.argv[1:]))
 
 def killed_then_resumed(corpus, run_a, tmp_path, kill_at, nth, resumes_from):
     b = str(tmp_path / "B")
-    env = dict(os.environ, KILL_AT=kill_at, KILL_NTH=str(nth), OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "src"))
-    proc = subprocess.run([sys.executable, "-c", KILLER, *args(corpus, "--steps", "40", "--keep-checkpoints", "5", "--out", b)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, KILL_AT=kill_at, KILL_NTH=str(nth), OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "src")
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, *args(corpus, "--steps", "40", "--keep-checkpoints", "5", "--out", b)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert os.path.isfile(os.path.join(b, "config.json"))  # the run directory survives
-    assert [s for s in sorted(os.listdir(os.path.join(b, "checkpoints"))) if not s.startswith(".")][-1] == f"step-{resumes_from:08d}"
+    assert [s for s in sorted(os.listdir(os.path.join(b, "checkpoints"))) if not s.startswith(".")][
+        -1
+    ] == f"step-{resumes_from:08d}"
     assert main(["train", "--resume", b]) == 0
     assert final_val(b) == pytest.approx(final_val(run_a), rel=1e-6)
     assert not [s for s in os.listdir(os.path.join(b, "checkpoints")) if s.startswith(".")]
@@ -197,8 +232,22 @@ def test_generate(run_a, capsys):
     assert main(argv) == 0
     assert capsys.readouterr().out == first and first.startswith("the memory")
     # greedy decoding with the recurrent cache equals argmax over full forward passes
-    assert main(["generate", "--checkpoint", os.path.join(run_a, "checkpoints", "step-00000040"), "--prompt", "the memory",
-                 "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                os.path.join(run_a, "checkpoints", "step-00000040"),
+                "--prompt",
+                "the memory",
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     greedy = capsys.readouterr().out.rstrip("\n")
     model, tok = load_run(run_a)
     ids = tok.encode("the memory")[None]
@@ -213,14 +262,22 @@ def test_hugging_face_tokenizer_run(corpus, tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = "the memory learns to store keys and values while it reads a long sequence".split()
-    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tok = Tokenizer(
+        models.WordLevel({"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="[UNK]")
+    )
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     out = str(tmp_path / "H")
     assert main(args(corpus, "--steps", "2", "--tokenizer", str(tmp_path / "tokenizer.json"), "--out", out)) == 0
     config = json.load(open(os.path.join(out, "run.json")))
     fingerprint = hashlib.sha256(open(tmp_path / "tokenizer.json", "rb").read()).hexdigest()
-    assert config["tokenizer"] == {"kind": "hf", "vocab_size": 16, "eos_id": 1, "file": "tokenizer.json", "sha256": fingerprint}
+    assert config["tokenizer"] == {
+        "kind": "hf",
+        "vocab_size": 16,
+        "eos_id": 1,
+        "file": "tokenizer.json",
+        "sha256": fingerprint,
+    }
     assert config["model"]["config"]["vocab_size"] == 16 and os.path.isfile(os.path.join(out, "tokenizer.json"))
     capsys.readouterr()
     assert main(["generate", "--checkpoint", out, "--prompt", "the memory", "--max-new-tokens", "3"]) == 0
@@ -229,8 +286,10 @@ def test_hugging_face_tokenizer_run(corpus, tmp_path, capsys):
 
 def test_config_file_and_flags(corpus, tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("model: transformer\nseq-len: 8\nsteps: 3\nmodel_overrides:\n  hidden_size: 16\n  num_hidden_layers: 1\n"
-                   f"data: {corpus['data']}\nval_fraction: 0.25\nbatch_size: 2\neval_tokens: 64\n")
+    cfg.write_text(
+        "model: transformer\nseq-len: 8\nsteps: 3\nmodel_overrides:\n  hidden_size: 16\n  num_hidden_layers: 1\n"
+        f"data: {corpus['data']}\nval_fraction: 0.25\nbatch_size: 2\neval_tokens: 64\n"
+    )
     out = str(tmp_path / "C")
     assert main(["train", "--config", str(cfg), "--steps", "2", "--out", out]) == 0
     stored = json.load(open(os.path.join(out, "run.json")))["train"]
@@ -241,7 +300,9 @@ def test_user_errors(corpus, run_a, tmp_path, capsys):
     one_error_line(capsys, ["train", "--data", str(tmp_path / "missing")], "does not exist")
     (tmp_path / "empty").mkdir()
     one_error_line(capsys, ["train", "--data", str(tmp_path / "empty")], "holds no text")
-    one_error_line(capsys, ["train", "--model", "no-such-preset", "--data", corpus["data"]], "unknown preset 'no-such-preset'")
+    one_error_line(
+        capsys, ["train", "--model", "no-such-preset", "--data", corpus["data"]], "unknown preset 'no-such-preset'"
+    )
     one_error_line(capsys, args(corpus, "--batch-size", "3", "--grad-accum", "2"), "not divisible")
     bad_cfg = tmp_path / "bad.yaml"
     bad_cfg.write_text("learning_rate: 1\n")
@@ -253,7 +314,9 @@ def test_user_errors(corpus, run_a, tmp_path, capsys):
     one_error_line(capsys, ["train", "--resume", str(foreign)], "not a deepmemory run directory")
     (foreign / "config.json").write_text('{"model_type": "llama"}')
     one_error_line(capsys, ["train", "--resume", str(foreign)], "was not written by `deepmemory train`")
-    one_error_line(capsys, ["generate", "--checkpoint", str(foreign), "--prompt", "x"], "was not written by `deepmemory train`")
+    one_error_line(
+        capsys, ["generate", "--checkpoint", str(foreign), "--prompt", "x"], "was not written by `deepmemory train`"
+    )
 
     before = tree(run_a)
     one_error_line(capsys, args(corpus, "--steps", "2", "--out", run_a), "already exists")
@@ -267,8 +330,11 @@ def test_user_errors(corpus, run_a, tmp_path, capsys):
     with open(os.path.join(broken, "checkpoints", "step-00000040", "model.safetensors"), "wb") as f:
         f.write(b"\x00garbage")
     one_error_line(capsys, ["train", "--resume", broken, "--steps", "50"], "cannot read")
-    one_error_line(capsys, ["generate", "--checkpoint", os.path.join(broken, "checkpoints", "step-00000040"), "--prompt", "x"],
-                   "cannot read")
+    one_error_line(
+        capsys,
+        ["generate", "--checkpoint", os.path.join(broken, "checkpoints", "step-00000040"), "--prompt", "x"],
+        "cannot read",
+    )
 
 
 def test_overwrite_replaces_a_run(corpus, tmp_path):
@@ -281,8 +347,13 @@ def test_overwrite_replaces_a_run(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_exit_code_of_the_command():
-    proc = subprocess.run([sys.executable, "-m", "deepmemory", "train", "--data", "/nonexistent/corpus"],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "src")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepmemory", "train", "--data", "/nonexistent/corpus"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "src")),
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["deepmemory train: error: --data: /nonexistent/corpus does not exist"]
 

@@ -24,8 +24,10 @@ from test_train import REPO, TINY, args, metrics, one_error_line
 corpus = test_train.corpus  # the same fixture (a module's own copy)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-DIVERGED = re.compile(r"^deepmemory train: error: training diverged at step (\d+): (.+ is (?:nan|inf|-inf))(?: and .+)?; "
-                      r"the last good checkpoint \(step (\d+)\) is kept in (.+)$")
+DIVERGED = re.compile(
+    r"^deepmemory train: error: training diverged at step (\d+): (.+ is (?:nan|inf|-inf))(?: and .+)?; "
+    r"the last good checkpoint \(step (\d+)\) is kept in (.+)$"
+)
 
 
 def _no_constant(name):
@@ -58,7 +60,10 @@ def check_diverged_run(out, message):
     assert json.load(open(os.path.join(ckpt, "state.json")))["step"] == good
     for name in ("model.safetensors", "optimizer.safetensors"):
         assert all_finite(os.path.join(ckpt, name)), name
-    with open(os.path.join(ckpt, "model.safetensors"), "rb") as a, open(os.path.join(out, "model.safetensors"), "rb") as b:
+    with (
+        open(os.path.join(ckpt, "model.safetensors"), "rb") as a,
+        open(os.path.join(out, "model.safetensors"), "rb") as b,
+    ):
         assert a.read() == b.read()  # the run's weights are the last good checkpoint's
     assert not [n for n in os.listdir(out) if n.startswith(".")]
     rows = strict_rows(out)
@@ -93,15 +98,30 @@ def test_divergence_before_any_checkpoint(corpus, tmp_path, capsys):
     out = str(tmp_path / "E")
     assert main(args(corpus, "--steps", "5", "--lr", "1e30", "--grad-clip", "0", "--out", out)) == 3
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.fullmatch(r"deepmemory train: error: training diverged at step \d: .+ is (nan|inf); "
-                        rf"no checkpoint was written \(run directory {re.escape(out)}\)", last), last
-    assert not os.path.exists(os.path.join(out, "checkpoints")) and not os.path.exists(os.path.join(out, "model.safetensors"))
+    assert re.fullmatch(
+        r"deepmemory train: error: training diverged at step \d: .+ is (nan|inf); "
+        rf"no checkpoint was written \(run directory {re.escape(out)}\)",
+        last,
+    ), last
+    assert not os.path.exists(os.path.join(out, "checkpoints")) and not os.path.exists(
+        os.path.join(out, "model.safetensors")
+    )
     strict_rows(out)
 
 
 def trainer(corpus, tmp_path):
-    settings = dict(TINY, model="transformer", data=[corpus["data"]], val_fraction=0.25, seq_len=16, batch_size=4,
-                    steps=10, eval_tokens=256, lr=1e-2, out=str(tmp_path / "T"))
+    settings = dict(
+        TINY,
+        model="transformer",
+        data=[corpus["data"]],
+        val_fraction=0.25,
+        seq_len=16,
+        batch_size=4,
+        steps=10,
+        eval_tokens=256,
+        lr=1e-2,
+        out=str(tmp_path / "T"),
+    )
     t = Trainer(new_config(settings), Env(), quiet=True)
     t.restore()
     return t
@@ -114,7 +134,9 @@ def test_a_non_finite_gradient_does_not_step(corpus, tmp_path):
     moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in t.optimizer.state.items()}
     param = next(t.model.parameters())
     hook = param.register_hook(lambda g: g * math.nan)
-    with pytest.raises(DivergenceError, match=r"^training diverged at step 2: the gradient norm is nan; no checkpoint") as err:
+    with pytest.raises(
+        DivergenceError, match=r"^training diverged at step 2: the gradient norm is nan; no checkpoint"
+    ) as err:
         t.train_step()
     hook.remove()
     assert err.value.step == 2 and err.value.checkpoint_step is None and math.isnan(err.value.metrics["grad_norm"])
@@ -136,8 +158,11 @@ def test_non_finite_weights_are_neither_evaluated_nor_saved(corpus, tmp_path):
     t.train_step()
     with torch.no_grad():
         next(t.model.parameters()).fill_(math.inf)
-    with pytest.raises(DivergenceError, match=r"^training diverged at step 2: the validation loss is (nan|inf); "
-                                              r"the last good checkpoint \(step 1\)"):
+    with pytest.raises(
+        DivergenceError,
+        match=r"^training diverged at step 2: the validation loss is (nan|inf); "
+        r"the last good checkpoint \(step 1\)",
+    ):
         t.evaluate()
     assert t.val_loss is None
     with pytest.raises(DivergenceError, match=r"the weight .+ holds non-finite values"):
@@ -186,8 +211,13 @@ def test_two_runs_with_one_seed_are_bitwise_equal(corpus, tmp_path):
 def test_exit_code_3_of_the_command(corpus, tmp_path):
     out = str(tmp_path / "S")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "src"))
-    proc = subprocess.run([sys.executable, "-m", "deepmemory", *diverging(corpus, out)], capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepmemory", *diverging(corpus, out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     check_diverged_run(out, proc.stderr.strip().splitlines()[-1])
@@ -198,8 +228,17 @@ def test_every_rank_stops_together(corpus, tmp_path):
     # two gloo processes: both raise at the same step (no rank left waiting in a collective)
     out = str(tmp_path / "D")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "src"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "deepmemory.train",
-           *diverging(corpus, out)[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "deepmemory.train",
+        *diverging(corpus, out)[1:],
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     # (each rank's line; the other rank's progress bar may precede it on the same terminal line)

@@ -24,8 +24,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NH, D, HIDDEN = 2, 16, 32
 
 
-def _inputs(bsz, seq, dtype, *, d=D, dv=None, hidden=HIDDEN, architecture="linear", optimizer="momentum", seed=0,
-            batched=False):
+def _inputs(
+    bsz, seq, dtype, *, d=D, dv=None, hidden=HIDDEN, architecture="linear", optimizer="momentum", seed=0, batched=False
+):
     dv = d if dv is None else dv
     # lr_scale 0.5 keeps a window of 5 summed gradients stable (the memory stays O(1))
     ins = [x.to(DEVICE, dtype) for x in make_inputs(bsz, seq, NH, d, dv, optimizer=optimizer, seed=seed, lr_scale=0.5)]
@@ -39,8 +40,19 @@ def _run(impl, ins, params, **kw):
     leaves = [x.detach().clone().requires_grad_() for x in ins]
     q, k, v, lr, mom, dec, gam = leaves
     ps = {n: t.detach().clone().requires_grad_() for n, t in params.items()}
-    o, st = neural_memory(q, k, v, lr, None if kw.get("optimizer") == "gd" else mom, dec, ps, window_gate=gam,
-                          output_final_state=True, impl=impl, **kw)
+    o, st = neural_memory(
+        q,
+        k,
+        v,
+        lr,
+        None if kw.get("optimizer") == "gd" else mom,
+        dec,
+        ps,
+        window_gate=gam,
+        output_final_state=True,
+        impl=impl,
+        **kw,
+    )
     outs = [o] + [t for n in ps for t in (st.weights[n], st.momentum[n], st.chunk_weights[n], st.chunk_momentum[n])]
     gen = torch.Generator().manual_seed(7)
     loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)).sum() for x in outs)
@@ -95,8 +107,16 @@ def test_state_split_into_blocks(memory, seq, chunk, window, loss, optimizer, mo
     """Rows of the linear state spread over programs, hidden units swept in blocks (the last ragged)."""
     monkeypatch.setattr(tc, "V_BLOCK", 16)
     monkeypatch.setattr(tc, "H_BLOCK", 16)
-    ins, params = _inputs(2, seq, torch.float64, d=24, dv=40 if memory == "linear" else 24, hidden=40,
-                          architecture=memory, optimizer=optimizer)
+    ins, params = _inputs(
+        2,
+        seq,
+        torch.float64,
+        d=24,
+        dv=40 if memory == "linear" else 24,
+        hidden=40,
+        architecture=memory,
+        optimizer=optimizer,
+    )
     kw = dict(architecture=memory, loss=loss, optimizer=optimizer, window=window, chunk_size=chunk)
     _assert_close(_run("triton", ins, params, **kw), _run("chunk", ins, params, **kw), 1e-10)
 
@@ -141,8 +161,9 @@ def test_streaming_through_triton(memory):
     for impl in ("triton", "chunk"):
         leaves = [x.detach().clone().requires_grad_() for x in head]
         o1, s1 = neural_memory(*leaves[:6], params, window_gate=leaves[6], impl=impl, output_final_state=True, **kw)
-        o2, s2 = neural_memory(*tail[:6], params, window_gate=tail[6], impl=impl, initial_state=s1,
-                               output_final_state=True, **kw)
+        o2, s2 = neural_memory(
+            *tail[:6], params, window_gate=tail[6], impl=impl, initial_state=s1, output_final_state=True, **kw
+        )
         gen = torch.Generator().manual_seed(3)
         loss = (o2 * torch.randn(o2.shape, generator=gen, dtype=o2.dtype).to(o2.device)).sum()
         results[impl] = (torch.cat([o1, o2], 1), s2, torch.autograd.grad(loss, leaves[1:]))  # all but q
@@ -158,8 +179,9 @@ def test_streaming_through_triton(memory):
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
 def test_every_output_is_written(memory, monkeypatch):
     """Kernel outputs start as NaN; ragged lengths must still come back fully written."""
-    monkeypatch.setattr(tc, "_empty", lambda *shape, like: torch.full(shape, float("nan"), dtype=like.dtype,
-                                                                      device=like.device))
+    monkeypatch.setattr(
+        tc, "_empty", lambda *shape, like: torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    )
     for seq, chunk, window in ((7, 4, 5), (33, 16, 1)):
         ins, params = _inputs(2, seq, torch.float64, d=12, hidden=20, architecture=memory)
         kw = dict(architecture=memory, window=window, chunk_size=chunk)
@@ -168,13 +190,16 @@ def test_every_output_is_written(memory, monkeypatch):
         _assert_close((outs, grads), _run("chunk", ins, params, **kw), 1e-10)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(optimizer="muon"),
-    dict(granularity="chunk"),
-    dict(architecture="gated_mlp"),
-    dict(architecture="mlp", depth=3),
-    dict(architecture="mlp", activation="silu"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(optimizer="muon"),
+        dict(granularity="chunk"),
+        dict(architecture="gated_mlp"),
+        dict(architecture="mlp", depth=3),
+        dict(architecture="mlp", activation="silu"),
+    ],
+)
 def test_unsupported_settings_raise(bad):
     memory, depth = bad.get("architecture", "linear"), bad.get("depth", 2)
     ins, _ = _inputs(1, 3, torch.float64)
@@ -203,8 +228,22 @@ def test_layer_with_feature_map_matches_chunk():
     from deepmemory.layers import NeuralMemory
 
     torch.manual_seed(0)
-    layer = NeuralMemory(32, 2, 8, chunk_size=4, architecture="mlp", expansion=2, window=4, feature_map="polynomial",
-                         impl="triton", step_bound=None).double().to(DEVICE)
+    layer = (
+        NeuralMemory(
+            32,
+            2,
+            8,
+            chunk_size=4,
+            architecture="mlp",
+            expansion=2,
+            window=4,
+            feature_map="polynomial",
+            impl="triton",
+            step_bound=None,
+        )
+        .double()
+        .to(DEVICE)
+    )
     x = torch.randn(2, 11, 32, dtype=torch.float64, device=DEVICE)
     results = {}
     for impl in ("triton", "chunk"):
@@ -222,8 +261,13 @@ def test_layer_with_feature_map_matches_chunk():
 def test_kernels_fit_an_h100():
     """Compiled for sm_90 (no GPU needed), every kernel at d=64, hidden 256, chunk 16 fits in shared memory."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "deepmemory.bench.triton_resources", "--dtype", "bf16", "--chunk", "16"],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "deepmemory.bench.triton_resources", "--dtype", "bf16", "--chunk", "16"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("linear", "mlp"))]
     assert len(rows) == 6 and all(int(row[-3]) <= 227 for row in rows), r.stdout

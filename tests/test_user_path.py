@@ -30,8 +30,23 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("user") / "run")
-    proc = _run("train", "--steps", "4", "--eval-every", "4", "--eval-tokens", "512", "--batch-size", "2",
-                "--seq-len", "64", "--threads", "1", "--out", out)
+    proc = _run(
+        "train",
+        "--steps",
+        "4",
+        "--eval-every",
+        "4",
+        "--eval-tokens",
+        "512",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "64",
+        "--threads",
+        "1",
+        "--out",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "run directory:" in proc.stdout
     return out
@@ -55,7 +70,15 @@ def test_the_run_generates_the_same_with_and_without_cache(run_dir, sample):
     for use_cache in (True, False):
         torch.manual_seed(0)
         with torch.no_grad():
-            outs.append(model.generate(ids, max_new_tokens=16, do_sample=sample, top_k=20 if sample else None,
-                                       use_cache=use_cache, pad_token_id=tokenizer.eos_id))
+            outs.append(
+                model.generate(
+                    ids,
+                    max_new_tokens=16,
+                    do_sample=sample,
+                    top_k=20 if sample else None,
+                    use_cache=use_cache,
+                    pad_token_id=tokenizer.eos_id,
+                )
+            )
     assert outs[0].shape == (1, ids.shape[1] + 16)
     assert torch.equal(outs[0], outs[1])

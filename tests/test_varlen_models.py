@@ -57,18 +57,26 @@ def test_packed_and_padded_rows_equal_each_document_alone(name):
     ids = torch.stack([row0, row1])
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    mask[1, 3 + 5:3 + 5 + 2] = 0
-    mask[1, 3 + 5 + 2 + 12:] = 0
+    mask[1, 3 + 5 : 3 + 5 + 2] = 0
+    mask[1, 3 + 5 + 2 + 12 :] = 0
     pos = torch.stack([torch.cat([torch.arange(len(x)) for x in d[:4]]), torch.zeros(width, dtype=torch.long)])
     pos[1, 3:8] = torch.arange(5)
     pos[1, 10:22] = torch.arange(12)  # the second document of row 1 begins after the padding between
-    weights = torch.randn(2, width, model.config.vocab_size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    weights = torch.randn(
+        2, width, model.config.vocab_size, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
 
     logits = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
     got = _param_grads(model, (logits * weights).sum())
 
-    places = [(0, slice(0, 1)), (0, slice(1, 8)), (0, slice(8, 71)), (0, slice(71, 101)),
-              (1, slice(3, 8)), (1, slice(10, 22))]
+    places = [
+        (0, slice(0, 1)),
+        (0, slice(1, 8)),
+        (0, slice(8, 71)),
+        (0, slice(71, 101)),
+        (1, slice(3, 8)),
+        (1, slice(10, 22)),
+    ]
     total = 0.0
     for doc, (r, where) in zip(d, places):
         alone = model(doc[None], use_cache=False).logits[0]
@@ -86,13 +94,18 @@ def test_left_padded_generate_equals_each_prompt_alone(name):
     prompts = _docs(model, (5, 9, 2), seed=3)
     width = max(len(p) for p in prompts)
     ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
-    mask = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), torch.ones(len(p), dtype=torch.long)]) for p in prompts])
+    mask = torch.stack(
+        [
+            torch.cat([torch.zeros(width - len(p), dtype=torch.long), torch.ones(len(p), dtype=torch.long)])
+            for p in prompts
+        ]
+    )
     settings = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
     with torch.no_grad():
         batch = model.generate(ids, attention_mask=mask, **settings)
         for r, p in enumerate(prompts):
             alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **settings)
-            assert batch.sequences[r, width:].tolist() == alone.sequences[0, len(p):].tolist()
+            assert batch.sequences[r, width:].tolist() == alone.sequences[0, len(p) :].tolist()
             for s_batch, s_alone in zip(batch.scores, alone.scores):
                 _close(s_batch[r], s_alone[0])
 
@@ -132,8 +145,11 @@ def test_a_padded_cache_continues_row_by_row():
     with torch.no_grad():
         first = model(ids, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]), cache=cache).logits
         assert cache.rows is not None and cache.batch_size == 2
-        second = model(torch.stack([a[4:8], torch.cat([b[2:5], b[:1]])]), cache=cache,
-                       attention_mask=torch.tensor([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 0]])).logits
+        second = model(
+            torch.stack([a[4:8], torch.cat([b[2:5], b[:1]])]),
+            cache=cache,
+            attention_mask=torch.tensor([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 0]]),
+        ).logits
         whole_a = model(a[None], use_cache=False).logits[0]
         whole_b = model(b[None], use_cache=False).logits[0]
     _close(torch.cat([first[0], second[0]]), whole_a, 1e-9)
@@ -152,12 +168,14 @@ def test_layout_rows_in_place_and_length_groups(monkeypatch):
     monkeypatch.setattr(block, "forward", lambda x, **k: seen.append(tuple(x.shape[:2])) or original(x, **k))
     d = _docs(model, (30, 4, 2, 8, 3, 21))
     ids = torch.stack([torch.cat([d[0], d[1]]), torch.cat(d[2:])])
-    pos = torch.tensor([list(range(30)) + list(range(4)), list(range(2)) + list(range(8)) + list(range(3)) + list(range(21))])
+    pos = torch.tensor(
+        [list(range(30)) + list(range(4)), list(range(2)) + list(range(8)) + list(range(3)) + list(range(21))]
+    )
     out = model(ids, position_ids=pos, use_cache=False).logits
     # row 0 in place; then the groups (1, 2] = {2}, (2, 4] = {4, 3}, (4, 8] = {8}, (16, 32] = {21}
     assert seen == [(1, 34), (1, 2), (2, 4), (1, 8), (1, 21)]
     for r, start, doc in ((0, 0, d[0]), (0, 30, d[1]), (1, 0, d[2]), (1, 2, d[3]), (1, 10, d[4]), (1, 13, d[5])):
-        _close(out[r, start:start + len(doc)].detach(), model(doc[None], use_cache=False).logits[0].detach())
+        _close(out[r, start : start + len(doc)].detach(), model(doc[None], use_cache=False).logits[0].detach())
     empty = model(ids, attention_mask=torch.zeros_like(ids), use_cache=False).logits
     assert empty.abs().max() == 0
 
@@ -171,7 +189,7 @@ def test_loss_with_padding_equals_the_unpadded_loss(where):
     cut = {"left": 0, "middle": 4, "right": 10}[where]
     ids = torch.cat([doc[:cut], pad, doc[cut:]])[None]
     mask = torch.ones_like(ids)
-    mask[0, cut:cut + 3] = 0
+    mask[0, cut : cut + 3] = 0
     want = model(doc[None], labels=doc[None], use_cache=False).loss
     got = model(ids, attention_mask=mask.float() if where == "middle" else mask, labels=ids, use_cache=False).loss
     _close(got.detach(), want.detach(), 1e-12)
@@ -220,8 +238,10 @@ def test_packing_arguments_of_the_collator():
     model = _model("titans-mac")
     docs = [{"input_ids": x.tolist()} for x in _docs(model, (17, 1, 40))]
     want = model(**DataCollatorWithFlattening(return_tensors="pt")(docs), use_cache=False).loss
-    for settings in (dict(return_flash_attn_kwargs=True, return_position_ids=False),
-                     dict(return_seq_idx=True, return_position_ids=False)):
+    for settings in (
+        dict(return_flash_attn_kwargs=True, return_position_ids=False),
+        dict(return_seq_idx=True, return_position_ids=False),
+    ):
         batch = DataCollatorWithFlattening(return_tensors="pt", **settings)(docs)
         assert "position_ids" not in batch
         _close(model(**batch, use_cache=False).loss.detach(), want.detach(), 1e-12)

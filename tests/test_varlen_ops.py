@@ -115,8 +115,15 @@ def test_neural_memory_packed_equals_each_alone(architecture, optimizer, granula
     tokens, has = _memory_inputs(sum(lengths), architecture, optimizer, window, dv=dv)
     gen = torch.Generator().manual_seed(3)
     weights = {n: w.requires_grad_() for n, w in make_params(architecture, NH, DK, dv, HIDDEN, gen=gen).items()}
-    rule = UpdateRule(architecture=architecture, optimizer=optimizer, granularity=granularity, window=window, loss=loss,
-                      chunk_size=8, ns_steps=3)
+    rule = UpdateRule(
+        architecture=architecture,
+        optimizer=optimizer,
+        granularity=granularity,
+        window=window,
+        loss=loss,
+        chunk_size=8,
+        ns_steps=3,
+    )
     _compare(_memory_fn(has, weights, rule=rule, impl=impl), tokens, list(weights.values()), lengths)
 
 
@@ -131,7 +138,11 @@ def test_neural_memory_packed_per_batch_weights():
 def test_gated_deltanet_packed_equals_each_alone():
     """The exact Gated DeltaNet path (WY form of the delta rule inside impl="chunk")."""
     tokens, has = _memory_inputs(sum(LONG), "linear", "gd", 1)
-    weights = {"w0": (0.3 * torch.randn(NH, DV, DK, dtype=torch.float64, generator=torch.Generator().manual_seed(3))).requires_grad_()}
+    weights = {
+        "w0": (
+            0.3 * torch.randn(NH, DV, DK, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        ).requires_grad_()
+    }
     rule = UpdateRule(architecture="linear", loss="l2", optimizer="gd", window=1, chunk_size=1, decay_first=True)
     _compare(_memory_fn(has, weights, rule=rule), tokens, [weights["w0"]], LONG)
 
@@ -148,8 +159,12 @@ def test_neural_memory_packed_triton():
     weights = {n: w.to(device).requires_grad_() for n, w in make_params("mlp", NH, DK, DK, HIDDEN, gen=gen).items()}
     rule = UpdateRule(architecture="mlp", optimizer="momentum", window=3, chunk_size=4)
     fn = _memory_fn(has, weights, rule=rule, impl="triton")
-    _compare(lambda *t, cu_seqlens=None: fn(*t, cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(device)).cpu(),
-             tokens, list(weights.values()), lengths)
+    _compare(
+        lambda *t, cu_seqlens=None: fn(*t, cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(device)).cpu(),
+        tokens,
+        list(weights.values()),
+        lengths,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +192,9 @@ def test_kernel_memory_packed_equals_each_alone(depth, loss, window, window_rule
     v = _random((1, seq, NH, DK), gen).requires_grad_()
     lr = _random((1, seq, NH), gen, 0.1, 0.5).requires_grad_()
     scale = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
-    rule = KernelRule(depth=depth, loss=loss, window=window, window_rule=window_rule, normalized=normalized, chunk_size=chunk_size)
+    rule = KernelRule(
+        depth=depth, loss=loss, window=window, window_rule=window_rule, normalized=normalized, chunk_size=chunk_size
+    )
     weights = {n: (_random((NH, r, c), gen) / c**0.5).requires_grad_() for n, (r, c) in rule.shapes(DK, HIDDEN).items()}
 
     def fn(q, k, v, lr, cu_seqlens=None):
@@ -209,7 +226,9 @@ def test_attention_packed_equals_each_alone(window, num_persistent):
 
 LAYER_MEMORIES = [
     dict(optimizer="momentum", window=3),  # Titans' MLP memory, an Omega window across boundaries
-    dict(architecture="linear", loss="l2", optimizer="gd", chunk_size=1, decay_first=True, decay_gate="mamba2"),  # Gated DeltaNet
+    dict(
+        architecture="linear", loss="l2", optimizer="gd", chunk_size=1, decay_first=True, decay_gate="mamba2"
+    ),  # Gated DeltaNet
 ]
 
 
@@ -223,7 +242,9 @@ def test_neural_memory_layer_packed_equals_each_alone(kw):
 @pytest.mark.parametrize("window,window_rule", [(None, "omega"), (4, "swa")])
 def test_kernel_memory_layer_packed_equals_each_alone(window, window_rule):
     torch.manual_seed(0)
-    _layer_compare(KernelMemory(16, 2, 8, window=window, window_rule=window_rule, chunk_size=8, expansion=2, conv_size=4))
+    _layer_compare(
+        KernelMemory(16, 2, 8, window=window, window_rule=window_rule, chunk_size=8, expansion=2, conv_size=4)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +265,9 @@ def _calls():
     def kernel(bsz, seq, cu, **kw):
         q = F.normalize(_random((bsz, seq, NH, DK), gen), dim=-1)
         lr = _random((bsz, seq, NH), gen, 0.1, 0.5)
-        return kernel_memory(q, q, q, lr, {}, torch.ones(NH, dtype=torch.float64), rule=KernelRule(depth=1), cu_seqlens=cu, **kw)
+        return kernel_memory(
+            q, q, q, lr, {}, torch.ones(NH, dtype=torch.float64), rule=KernelRule(depth=1), cu_seqlens=cu, **kw
+        )
 
     def layer(module):
         module = module.double()
@@ -297,10 +320,24 @@ def test_state_with_cu_seqlens_is_refused():
     w = make_params("linear", NH, DK, DK, HIDDEN, gen=gen)
     _, st = neural_memory(q, q, q, lr, None, None, w, architecture="linear", optimizer="gd", output_final_state=True)
     with pytest.raises(ValueError, match="initial_state/output_final_state are not supported"):
-        neural_memory(q, q, q, lr, None, None, w, architecture="linear", optimizer="gd", initial_state=st, cu_seqlens=cu)
-    _, kst = kernel_memory(q, q, q, lr, {}, torch.ones(NH, dtype=torch.float64), rule=KernelRule(depth=1), output_final_state=True)
+        neural_memory(
+            q, q, q, lr, None, None, w, architecture="linear", optimizer="gd", initial_state=st, cu_seqlens=cu
+        )
+    _, kst = kernel_memory(
+        q, q, q, lr, {}, torch.ones(NH, dtype=torch.float64), rule=KernelRule(depth=1), output_final_state=True
+    )
     with pytest.raises(ValueError, match="initial_state/output_final_state are not supported"):
-        kernel_memory(q, q, q, lr, {}, torch.ones(NH, dtype=torch.float64), rule=KernelRule(depth=1), initial_state=kst, cu_seqlens=cu)
+        kernel_memory(
+            q,
+            q,
+            q,
+            lr,
+            {},
+            torch.ones(NH, dtype=torch.float64),
+            rule=KernelRule(depth=1),
+            initial_state=kst,
+            cu_seqlens=cu,
+        )
     layer = Attention(16, 2, 8).double()
     x = _random((1, 9, 16), gen)
     _, ast = layer(x, return_state=True)

@@ -15,11 +15,15 @@ def every_preset(also_long=()):
     """Every preset; the fast loop keeps one per family, the Atlas variants (and ``also_long``) are
     opt-in (``--runlong``), the others are marked slow."""
     opt_in = REPEATS_ATLAS + tuple(also_long)
-    return [name if name in FAMILIES else pytest.param(name, marks=pytest.mark.long if name in opt_in else pytest.mark.slow)
-            for name in list_presets()]
+    return [
+        name if name in FAMILIES else pytest.param(name, marks=pytest.mark.long if name in opt_in else pytest.mark.slow)
+        for name in list_presets()
+    ]
 
 
 def family_slow_rest_long():
     """Every preset for an expensive test: one per family in the slow tier (CI), the rest opt-in
     (``--runlong``)."""
-    return [pytest.param(name, marks=pytest.mark.slow if name in FAMILIES else pytest.mark.long) for name in list_presets()]
+    return [
+        pytest.param(name, marks=pytest.mark.slow if name in FAMILIES else pytest.mark.long) for name in list_presets()
+    ]

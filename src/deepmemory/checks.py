@@ -51,6 +51,7 @@ def int_argument(minimum: int = 1, maximum: int = INT64_MAX) -> Callable[[str], 
     """An ``argparse`` ``type=``: the option's text as an int in ``[minimum, maximum]``, else
     ``argparse.ArgumentTypeError`` with a one-line reason (which the parser reports as
     ``argument --seq: must be >= 1; got 0``, exit code 2)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -69,8 +70,10 @@ def int_argument(minimum: int = 1, maximum: int = INT64_MAX) -> Callable[[str], 
 def _int_option(text: str) -> int:
     """An option's int, within the int64 range (a larger one overflows the tensor or generator it goes into)."""
     value = int(text)
-    if not -2**63 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer below 2**63; got {text[:30]}{'...' if len(text) > 30 else ''}")
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer below 2**63; got {text[:30]}{'...' if len(text) > 30 else ''}"
+        )
     return value
 
 

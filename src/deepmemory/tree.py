@@ -49,11 +49,15 @@ def check_state_fits(state: Any, x: Tensor, name: str = "state") -> None:
     was made with, on their device (``state.map(lambda t: t.to(device))`` moves one)."""
     for t in tensors(state):
         if t.device != x.device:
-            raise ValueError(f"the {name} is on {t.device} but the input is on {x.device}; move it with "
-                             f"{name}.map(lambda t: t.to(device)) or start a new one")
+            raise ValueError(
+                f"the {name} is on {t.device} but the input is on {x.device}; move it with "
+                f"{name}.map(lambda t: t.to(device)) or start a new one"
+            )
         if t.dim() == 0 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"the {name} holds {t.shape[0] if t.dim() else 0} sequence(s) but the input has a batch of "
-                             f"{x.shape[0]}; continue a {name} with the batch it was made with")
+            raise ValueError(
+                f"the {name} holds {t.shape[0] if t.dim() else 0} sequence(s) but the input has a batch of "
+                f"{x.shape[0]}; continue a {name} with the batch it was made with"
+            )
 
 
 def tensors(state: Any) -> List[Tensor]:

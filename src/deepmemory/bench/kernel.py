@@ -38,8 +38,12 @@ from .measure import bench_main, count_flops, matmul_peak_flops, measure, print_
 IMPLS = ("triton-linear", "chunk-linear", "fla-gated-delta", "sdpa", "triton-mlp", "chunk-mlp")
 LINEAR_CHUNK, MLP_CHUNK, EXPANSION = 64, 16, 4
 # ratio columns: the row's tokens/s over its peer's at the same T
-PEERS = (("x fla", "triton-linear", "fla-gated-delta"), ("x sdpa", "triton-linear", "sdpa"),
-         ("x chunk", "triton-linear", "chunk-linear"), ("x chunk", "triton-mlp", "chunk-mlp"))
+PEERS = (
+    ("x fla", "triton-linear", "fla-gated-delta"),
+    ("x sdpa", "triton-linear", "sdpa"),
+    ("x chunk", "triton-linear", "chunk-linear"),
+    ("x chunk", "triton-mlp", "chunk-mlp"),
+)
 FLA_MISSING = "not installed (pip install fla-core)"
 
 
@@ -56,8 +60,9 @@ def default_impls(device: str) -> List[str]:
     return [i for i in IMPLS if i in ("chunk-linear", "sdpa", "chunk-mlp") or (interpreted and i.startswith("triton"))]
 
 
-def _step(impl: str, bsz: int, seq: int, nh: int, d: int, device: str,
-          dtype: torch.dtype) -> Tuple[Callable[[], None], str]:
+def _step(
+    impl: str, bsz: int, seq: int, nh: int, d: int, device: str, dtype: torch.dtype
+) -> Tuple[Callable[[], None], str]:
     """One forward+backward of ``impl`` on random inputs, and a note for its row."""
 
     def rand(*shape, scale=1.0):
@@ -92,8 +97,21 @@ def _step(impl: str, bsz: int, seq: int, nh: int, d: int, device: str,
         leaves = (q, k, v, lr, mom, dec, *weights.values())
 
         def forward():
-            return neural_memory(q, k, v, lr, mom, dec, weights, architecture="mlp", depth=2, optimizer="momentum",
-                                 granularity="token", chunk_size=MLP_CHUNK, impl=impl.split("-")[0])[0]
+            return neural_memory(
+                q,
+                k,
+                v,
+                lr,
+                mom,
+                dec,
+                weights,
+                architecture="mlp",
+                depth=2,
+                optimizer="momentum",
+                granularity="token",
+                chunk_size=MLP_CHUNK,
+                impl=impl.split("-")[0],
+            )[0]
     else:
         beta = torch.sigmoid(rand(bsz, seq, nh))
         g = F.logsigmoid(rand(bsz, seq, nh) + 4)  # log retention, ~ -0.02: a slowly forgetting memory
@@ -111,8 +129,21 @@ def _step(impl: str, bsz: int, seq: int, nh: int, d: int, device: str,
             leaves = (q, k, v, lr, decay)
 
             def forward():
-                return neural_memory(q, k, v, lr, None, decay, {"w0": w0}, architecture="linear", optimizer="gd", loss="l2",
-                                     granularity="token", chunk_size=LINEAR_CHUNK, impl=impl.split("-")[0])[0]
+                return neural_memory(
+                    q,
+                    k,
+                    v,
+                    lr,
+                    None,
+                    decay,
+                    {"w0": w0},
+                    architecture="linear",
+                    optimizer="gd",
+                    loss="l2",
+                    granularity="token",
+                    chunk_size=LINEAR_CHUNK,
+                    impl=impl.split("-")[0],
+                )[0]
 
     return lambda: torch.autograd.grad(forward().sum(), leaves), ""
 
@@ -133,13 +164,21 @@ def _case(c: Dict) -> Dict:
     device, dtype = c["device"], getattr(torch, c["dtype"])
     if c["impl"] == "calibrate":  # the device's name, its matmul rates and the mlp op's FLOPs
         n = 8192 if device.startswith("cuda") else 2048  # a 2048^2 product is too short to time on a GPU
-        out = {"device_name": _device_name(device), "n": n, "peak_flops": matmul_peak_flops(device, dtype, n=n),
-               "fp32_flops": None, "mlp_flops": None, "flops_error": None}
+        out = {
+            "device_name": _device_name(device),
+            "n": n,
+            "peak_flops": matmul_peak_flops(device, dtype, n=n),
+            "fp32_flops": None,
+            "mlp_flops": None,
+            "flops_error": None,
+        }
         if dtype != torch.float32:  # the memory ops compute in float32 (or TF32) whatever their inputs
             out["fp32_flops"] = matmul_peak_flops(device, torch.float32, n=n)
         try:  # the table keeps its times if this fails
-            out["mlp_flops"] = [count_flops(_step("chunk-mlp", c["batch"], seq, c["heads"], c["head_dim"], device,
-                                                  dtype)[0]) for seq in c["flops_seqs"]]
+            out["mlp_flops"] = [
+                count_flops(_step("chunk-mlp", c["batch"], seq, c["heads"], c["head_dim"], device, dtype)[0])
+                for seq in c["flops_seqs"]
+            ]
         except RuntimeError as err:
             out["flops_error"] = str(err).splitlines()[0][:120]
         return out
@@ -197,8 +236,14 @@ def run_cli(args: argparse.Namespace) -> None:
                 print(f"  T={seq} {impl}: {row['note']}", flush=True)
                 continue
             row["_tps"] = bsz * seq / r["seconds"]
-            row.update({"tokens/s": f"{row['_tps']:.0f}", "ms": f"{1e3 * r['seconds']:.2f}",
-                        "peak MiB": f"{r['peak_mib']:.0f}", "note": r["note"]})
+            row.update(
+                {
+                    "tokens/s": f"{row['_tps']:.0f}",
+                    "ms": f"{1e3 * r['seconds']:.2f}",
+                    "peak MiB": f"{r['peak_mib']:.0f}",
+                    "note": r["note"],
+                }
+            )
             if impl.endswith("-mlp") and cal["mlp_flops"]:
                 flops = mlp_flops(seq) / r["seconds"]
                 row.update({"TFLOP/s": f"{flops / 1e12:.3g}", "% peak": f"{100 * flops / cal['peak_flops']:.1f}"})
@@ -210,13 +255,18 @@ def run_cli(args: argparse.Namespace) -> None:
             if "_tps" in at_t.get(impl, {}) and "_tps" in at_t.get(peer, {}):
                 at_t[impl][col] = f"{at_t[impl]['_tps'] / at_t[peer]['_tps']:.3g}"
 
-    print(f"\nforward+backward, B={bsz} H={nh} d={d} (B*H = {bsz * nh} programs), {dtype}, "
-          f"{device}: {cal['device_name']}")
-    print(f"linear: l2, gd, per-token lr and decay, chunk {LINEAR_CHUNK}; mlp: depth 2, hidden {EXPANSION * d}, "
-          f"momentum, chunk {MLP_CHUNK}; token granularity")
+    print(
+        f"\nforward+backward, B={bsz} H={nh} d={d} (B*H = {bsz * nh} programs), {dtype}, {device}: {cal['device_name']}"
+    )
+    print(
+        f"linear: l2, gd, per-token lr and decay, chunk {LINEAR_CHUNK}; mlp: depth 2, hidden {EXPANSION * d}, "
+        f"momentum, chunk {MLP_CHUNK}; token granularity"
+    )
     peak_mib = "max_memory_allocated" if device.startswith("cuda") else "peak RSS"
-    print(f"x fla / x sdpa: triton-linear's tokens/s over that peer's; x chunk: triton-X's over chunk-X's "
-          f"(same T, same run; > 1 is faster). peak MiB: {peak_mib} growth during the step")
+    print(
+        f"x fla / x sdpa: triton-linear's tokens/s over that peer's; x chunk: triton-X's over chunk-X's "
+        f"(same T, same run; > 1 is faster). peak MiB: {peak_mib} growth during the step"
+    )
     if cal["flops_error"]:
         print(f"no TFLOP/s: counting the mlp op's FLOPs failed ({cal['flops_error']})")
     if cal["mlp_flops"]:
@@ -225,38 +275,76 @@ def run_cli(args: argparse.Namespace) -> None:
             scaled += " and extrapolated (they are affine in T)"
         fp32 = ""
         if cal["fp32_flops"]:
-            fp32 = (f". The memory impls compute in float32 (or TF32) whatever the input dtype; % fp32 peak: of the "
-                    f"float32 rate, {cal['fp32_flops'] / 1e12:.3g} TFLOP/s")
-        print(f"TFLOP/s (mlp rows): the matrix-product FLOPs of impl=chunk (torch's FlopCounterMode cannot see Triton "
-              f"kernels; both compute the same products), counted{scaled}; % peak: of the measured {dtype} matmul "
-              f"rate, {cal['peak_flops'] / 1e12:.3g} TFLOP/s ({cal['n']}^2 product){fp32}")
+            fp32 = (
+                f". The memory impls compute in float32 (or TF32) whatever the input dtype; % fp32 peak: of the "
+                f"float32 rate, {cal['fp32_flops'] / 1e12:.3g} TFLOP/s"
+            )
+        print(
+            f"TFLOP/s (mlp rows): the matrix-product FLOPs of impl=chunk (torch's FlopCounterMode cannot see Triton "
+            f"kernels; both compute the same products), counted{scaled}; % peak: of the measured {dtype} matmul "
+            f"rate, {cal['peak_flops'] / 1e12:.3g} TFLOP/s ({cal['n']}^2 product){fp32}"
+        )
     if "fla-gated-delta" in impls:
-        print("fla-gated-delta is the cost peer, not the same function: the delta rule takes every token's gradient at "
-              "the previous token's state, neural_memory at its chunk's start state; they agree at chunk size 1 "
-              "without decay")
+        print(
+            "fla-gated-delta is the cost peer, not the same function: the delta rule takes every token's gradient at "
+            "the previous token's state, neural_memory at its chunk's start state; they agree at chunk size 1 "
+            "without decay"
+        )
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1: the Triton kernels ran under the interpreter; their times say nothing about a GPU")
-    cols = ["T", "impl", "tokens/s", "ms", "peak MiB", "x fla", "x sdpa", "x chunk", "TFLOP/s", "% peak", "% fp32 peak",
-            "note"]
+    cols = [
+        "T",
+        "impl",
+        "tokens/s",
+        "ms",
+        "peak MiB",
+        "x fla",
+        "x sdpa",
+        "x chunk",
+        "TFLOP/s",
+        "% peak",
+        "% fp32 peak",
+        "note",
+    ]
     print_table(rows, [c for c in cols if c in ("T", "impl") or any(r.get(c) for r in rows)], left=("note",))
     if args.plot:
-        save_plot(args.plot, series, "sequence length T", "tokens/s (forward+backward)",
-                  f"B={bsz} H={nh} d={d}, {dtype}, {cal['device_name']}")
+        save_plot(
+            args.plot,
+            series,
+            "sequence length T",
+            "tokens/s (forward+backward)",
+            f"B={bsz} H={nh} d={d}, {dtype}, {cal['device_name']}",
+        )
         print(f"plot: {args.plot}")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536],
-                    help="sequence lengths T to measure; default 2048 ... 65536")
-    ap.add_argument("--impl", nargs="+", choices=IMPLS,
-                    help="default: every one that runs on the device (Triton on CPU only with TRITON_INTERPRET=1)")
+    ap.add_argument(
+        "--seq",
+        type=int,
+        nargs="+",
+        default=[2048, 4096, 8192, 16384, 32768, 65536],
+        help="sequence lengths T to measure; default 2048 ... 65536",
+    )
+    ap.add_argument(
+        "--impl",
+        nargs="+",
+        choices=IMPLS,
+        help="default: every one that runs on the device (Triton on CPU only with TRITON_INTERPRET=1)",
+    )
     ap.add_argument("--device", help="default: cuda when available, else cpu")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                    help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, float32 on cpu"
+    )
     ap.add_argument("--batch", type=int, default=2, help="batch size B; default 2")
     ap.add_argument("--heads", type=int, default=16, help="heads H; default 16")
     ap.add_argument("--head-dim", type=int, default=64, help="key/value width per head; default 64")
-    ap.add_argument("--threads", type=int, default=1, help="intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared machine stays usable; raise it to measure multi-core scaling)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared machine stays usable; raise it to measure multi-core scaling)",
+    )
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per case (the best counts), after one warm-up")
     ap.add_argument("--plot", metavar="PNG", help="also draw tokens/s against T into this PNG file; default: no plot")
 

@@ -69,14 +69,20 @@ def bench_main(doc: str, add_arguments: Callable, case: Callable[[Dict], Dict], 
 
 
 def add_allocator_argument(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="every case's process keeps freed memory for reuse instead of returning it to the OS "
-                         "(deepmemory.allocator.keep_freed_memory; glibc only)")
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="every case's process keeps freed memory for reuse instead of returning it to the OS "
+        "(deepmemory.allocator.keep_freed_memory; glibc only)",
+    )
 
 
 def allocator_note(keep: bool) -> str:
-    return ("allocator: freed memory kept for reuse (deepmemory.allocator.keep_freed_memory)" if keep
-            else "allocator: the C library's default")
+    return (
+        "allocator: freed memory kept for reuse (deepmemory.allocator.keep_freed_memory)"
+        if keep
+        else "allocator: the C library's default"
+    )
 
 
 class CaseError(RuntimeError):

@@ -64,7 +64,7 @@ def document_starts(batch: int, seq: int, documents: int, seed: int = 0) -> torc
     starts = torch.zeros(batch, seq, dtype=torch.bool)
     starts[:, 0] = True
     for b in range(batch):
-        starts[b, 1 + torch.randperm(seq - 1, generator=g)[:documents - 1]] = True
+        starts[b, 1 + torch.randperm(seq - 1, generator=g)[: documents - 1]] = True
     return starts
 
 
@@ -92,8 +92,11 @@ def _decode_case(c: Dict) -> Dict:
         out = model(input_ids=tok, past_key_values=cache, use_cache=True)
         times.append(time.perf_counter() - t)
         tok = out.logits[:, -1:].argmax(-1)
-    return {"latency_ms": 1e3 * sum(times) / len(times), "state_kib": cache.nbytes() / 1024,
-            "prefill_tokens_per_s": c["context"] / prefill}
+    return {
+        "latency_ms": 1e3 * sum(times) / len(times),
+        "state_kib": cache.nbytes() / 1024,
+        "prefill_tokens_per_s": c["context"] / prefill,
+    }
 
 
 def run_train(models: List[str], size: str, *, seq=1024, batch=2, threads=1, repeat=2, device="cpu") -> List[Dict]:
@@ -104,60 +107,115 @@ def run_train(models: List[str], size: str, *, seq=1024, batch=2, threads=1, rep
         print(f"  measured {name}", flush=True)
     base = res[models[0]]["tokens_per_s"]
     for name, r in res.items():
-        rows.append({"model": name, "params": f"{r['params'] / 1e6:.2f}M", "tokens/s": f"{r['tokens_per_s']:.0f}",
-                     f"x {models[0]}": f"{r['tokens_per_s'] / base:.2f}", "peak MiB": f"{r['peak_mib']:.0f}"})
-    print(f"\ntraining step (forward+backward+AdamW), size {size}, B={batch} T={seq}, fp32, {threads} threads, {device}")
+        rows.append(
+            {
+                "model": name,
+                "params": f"{r['params'] / 1e6:.2f}M",
+                "tokens/s": f"{r['tokens_per_s']:.0f}",
+                f"x {models[0]}": f"{r['tokens_per_s'] / base:.2f}",
+                "peak MiB": f"{r['peak_mib']:.0f}",
+            }
+        )
+    print(
+        f"\ntraining step (forward+backward+AdamW), size {size}, B={batch} T={seq}, fp32, {threads} threads, {device}"
+    )
     print_table(rows, ["model", "params", "tokens/s", f"x {models[0]}", "peak MiB"])
     return rows
 
 
-def run_packing(models: List[str], size: str, documents: int, *, seq=1024, batch=2, threads=1, repeat=2,
-                device="cpu") -> List[Dict]:
+def run_packing(
+    models: List[str], size: str, documents: int, *, seq=1024, batch=2, threads=1, repeat=2, device="cpu"
+) -> List[Dict]:
     """Each model's training step on ``batch x seq`` tokens twice: every row one document, and every
     row ``documents`` documents packed with boundaries (:func:`document_starts`); prints both rows
     and the packed one's ratios to the unpacked (tokens/s, peak memory)."""
     starts = document_starts(batch, seq, documents)  # (checked before anything is measured)
-    lengths = ["+".join(str(int(n)) for n in torch.diff(torch.cat([r.nonzero().squeeze(1), torch.tensor([seq])])))
-               for r in starts[:4]]
+    lengths = [
+        "+".join(str(int(n)) for n in torch.diff(torch.cat([r.nonzero().squeeze(1), torch.tensor([seq])])))
+        for r in starts[:4]
+    ]
     rows = []
     for name in models:
         case = dict(model=name, size=size, seq=seq, batch=batch, threads=threads, repeat=repeat, device=device)
         one = run_isolated("deepmemory.bench.model", case)
         packed = run_isolated("deepmemory.bench.model", dict(case, documents=documents))
         print(f"  measured {name}", flush=True)
-        rows.append({"model": name, "params": f"{one['params'] / 1e6:.2f}M", "documents/row": "1",
-                     "tokens/s": f"{one['tokens_per_s']:.0f}", "x 1 doc": "1.00", "peak MiB": f"{one['peak_mib']:.0f}",
-                     "x peak": "1.00"})
-        rows.append({"model": name, "params": f"{packed['params'] / 1e6:.2f}M", "documents/row": str(documents),
-                     "tokens/s": f"{packed['tokens_per_s']:.0f}", "x 1 doc": f"{packed['tokens_per_s'] / one['tokens_per_s']:.2f}",
-                     "peak MiB": f"{packed['peak_mib']:.0f}",
-                     "x peak": f"{packed['peak_mib'] / one['peak_mib']:.2f}" if one["peak_mib"] > 0 else "n/a"})
-    print(f"\ntraining step (forward+backward+AdamW), size {size}, B={batch} T={seq}, fp32, {threads} threads, {device}; "
-          f"packed rows: {documents} documents each by position_ids, lengths {', '.join(lengths)}{', ...' if batch > 4 else ''}")
+        rows.append(
+            {
+                "model": name,
+                "params": f"{one['params'] / 1e6:.2f}M",
+                "documents/row": "1",
+                "tokens/s": f"{one['tokens_per_s']:.0f}",
+                "x 1 doc": "1.00",
+                "peak MiB": f"{one['peak_mib']:.0f}",
+                "x peak": "1.00",
+            }
+        )
+        rows.append(
+            {
+                "model": name,
+                "params": f"{packed['params'] / 1e6:.2f}M",
+                "documents/row": str(documents),
+                "tokens/s": f"{packed['tokens_per_s']:.0f}",
+                "x 1 doc": f"{packed['tokens_per_s'] / one['tokens_per_s']:.2f}",
+                "peak MiB": f"{packed['peak_mib']:.0f}",
+                "x peak": f"{packed['peak_mib'] / one['peak_mib']:.2f}" if one["peak_mib"] > 0 else "n/a",
+            }
+        )
+    print(
+        f"\ntraining step (forward+backward+AdamW), size {size}, B={batch} T={seq}, fp32, {threads} threads, {device}; "
+        f"packed rows: {documents} documents each by position_ids, lengths {', '.join(lengths)}{', ...' if batch > 4 else ''}"
+    )
     print_table(rows, ["model", "params", "documents/row", "tokens/s", "x 1 doc", "peak MiB", "x peak"])
     return rows
 
 
-def run_decode(models: List[str], size: str, contexts: List[int], *, steps=64, threads=1, device="cpu",
-               prefill_chunk=4096, max_attention_context=65536, plot=None) -> List[Dict]:
+def run_decode(
+    models: List[str],
+    size: str,
+    contexts: List[int],
+    *,
+    steps=64,
+    threads=1,
+    device="cpu",
+    prefill_chunk=4096,
+    max_attention_context=65536,
+    plot=None,
+) -> List[Dict]:
     rows, series = [], {}
     for name in models:
         first = None
         for ctx in contexts:
             if name in ("transformer", "titans-mac") and ctx > max_attention_context:
                 continue  # a full-attention KV cache grows with the context
-            case = dict(model=name, size=size, context=ctx, steps=steps, threads=threads, device=device,
-                        prefill_chunk=prefill_chunk)
+            case = dict(
+                model=name,
+                size=size,
+                context=ctx,
+                steps=steps,
+                threads=threads,
+                device=device,
+                prefill_chunk=prefill_chunk,
+            )
             r = run_isolated("deepmemory.bench.model", dict(case, decode=True))
             first = first or r
-            rows.append({"model": name, "context": ctx, "ms/token": f"{r['latency_ms']:.2f}",
-                         "x latency at first": f"{r['latency_ms'] / first['latency_ms']:.2f}",
-                         "state KiB": f"{r['state_kib']:.0f}", "x state at first": f"{r['state_kib'] / first['state_kib']:.2f}",
-                         "prefill tok/s": f"{r['prefill_tokens_per_s']:.0f}"})
+            rows.append(
+                {
+                    "model": name,
+                    "context": ctx,
+                    "ms/token": f"{r['latency_ms']:.2f}",
+                    "x latency at first": f"{r['latency_ms'] / first['latency_ms']:.2f}",
+                    "state KiB": f"{r['state_kib']:.0f}",
+                    "x state at first": f"{r['state_kib'] / first['state_kib']:.2f}",
+                    "prefill tok/s": f"{r['prefill_tokens_per_s']:.0f}",
+                }
+            )
             series.setdefault(name, {})[ctx] = r["latency_ms"]
             print(f"  measured {name} context={ctx}", flush=True)
     print(f"\ndecoding after a context (batch 1, size {size}, mean of {steps} steps, {threads} threads, {device})")
-    print_table(rows, ["model", "context", "ms/token", "x latency at first", "state KiB", "x state at first", "prefill tok/s"])
+    print_table(
+        rows, ["model", "context", "ms/token", "x latency at first", "state KiB", "x state at first", "prefill tok/s"]
+    )
     if plot:
         save_plot(plot, series, "context length (tokens)", "ms per decoded token", f"decoding, size {size}")
         print(f"plot: {plot}")
@@ -171,15 +229,39 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch", type=int, default=2, help="training: batch size")
     ap.add_argument("--context", type=int, nargs="+", default=[1024, 16384, 131072, 1048576], help="decoding: contexts")
     ap.add_argument("--steps", type=int, default=64, help="decoding: tokens decoded per context")
-    ap.add_argument("--max-attention-context", type=int, default=65536,
-                    help="decoding: longest context for full attention (its cache grows with it); default 65536")
-    ap.add_argument("--threads", type=int, default=1, help="intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared machine stays usable; raise it to measure multi-core scaling)")
-    ap.add_argument("--documents", type=int, default=None, metavar="K",
-                    help="training: also measure each model with every row packed with K documents of uneven lengths "
-                    "(position_ids restarting at each), against one document per row at the same shape; default off")
-    ap.add_argument("--repeat", type=int, default=2, help="training: timed steps per model (the best counts), after one warm-up; default 2")
+    ap.add_argument(
+        "--max-attention-context",
+        type=int,
+        default=65536,
+        help="decoding: longest context for full attention (its cache grows with it); default 65536",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared machine stays usable; raise it to measure multi-core scaling)",
+    )
+    ap.add_argument(
+        "--documents",
+        type=int,
+        default=None,
+        metavar="K",
+        help="training: also measure each model with every row packed with K documents of uneven lengths "
+        "(position_ids restarting at each), against one document per row at the same shape; default off",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="training: timed steps per model (the best counts), after one warm-up; default 2",
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda; default cpu")
-    ap.add_argument("--plot", metavar="PNG", default=None, help="decoding: also draw ms/token against the context into this PNG file; default: no plot")
+    ap.add_argument(
+        "--plot",
+        metavar="PNG",
+        default=None,
+        help="decoding: also draw ms/token against the context into this PNG file; default: no plot",
+    )
 
 
 def _case(c: Dict) -> Dict:
@@ -207,18 +289,44 @@ def run_cli(args, decode: bool) -> None:
         if decode:
             _usage_error("deepmemory bench decode", "--documents measures training steps; leave it out of decoding")
         if documents > args.seq:
-            _usage_error("deepmemory bench model", f"--documents {documents} exceeds --seq {args.seq} (each document holds a token)")
-        run_packing(args.models or ["titans-mac", "gated-deltanet"], args.size, documents, seq=args.seq, batch=args.batch,
-                    threads=args.threads, repeat=args.repeat, device=args.device)
+            _usage_error(
+                "deepmemory bench model",
+                f"--documents {documents} exceeds --seq {args.seq} (each document holds a token)",
+            )
+        run_packing(
+            args.models or ["titans-mac", "gated-deltanet"],
+            args.size,
+            documents,
+            seq=args.seq,
+            batch=args.batch,
+            threads=args.threads,
+            repeat=args.repeat,
+            device=args.device,
+        )
         return
     if decode:
         models = args.models or ["titans-lmm", "gated-deltanet", "atlas", "transformer"]
-        run_decode(models, args.size, args.context, steps=args.steps, threads=args.threads, device=args.device,
-                   max_attention_context=args.max_attention_context, plot=args.plot or None)
+        run_decode(
+            models,
+            args.size,
+            args.context,
+            steps=args.steps,
+            threads=args.threads,
+            device=args.device,
+            max_attention_context=args.max_attention_context,
+            plot=args.plot or None,
+        )
     else:
         models = args.models or ["transformer", "gated-deltanet", "titans-lmm", "titans-mac", "atlas"]
-        run_train(models, args.size, seq=args.seq, batch=args.batch, threads=args.threads, repeat=args.repeat,
-                  device=args.device)
+        run_train(
+            models,
+            args.size,
+            seq=args.seq,
+            batch=args.batch,
+            threads=args.threads,
+            repeat=args.repeat,
+            device=args.device,
+        )
 
 
 if __name__ == "__main__":

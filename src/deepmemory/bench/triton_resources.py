@@ -47,18 +47,26 @@ def compile_kernel(fn, dims: dict, arch: int, warps: int, pointer: str = "*fp32"
     """Shared memory (KiB), registers and spilled bytes of ``fn`` compiled for ``sm_<arch>``."""
     sig = {n: "constexpr" if n in dims else "i32" if n == "NC" else pointer for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in dims.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=warps, num_stages=tc._LAUNCH["num_stages"]))
+    kernel = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=tc._LAUNCH["num_stages"])
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
         suffix = "a" if arch >= 90 else ""
         # the options Triton itself passes to ptxas
-        log = subprocess.run([_ptxas(arch), "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}", ptx, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
-    return {"shared KiB": kernel.metadata.shared / 1024, "registers": int(re.search(r"Used (\d+) registers", log)[1]),
-            "spilled B": int(re.search(r"(\d+) bytes spill stores", log)[1])}
+        log = subprocess.run(
+            [_ptxas(arch), "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}", ptx, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    return {
+        "shared KiB": kernel.metadata.shared / 1024,
+        "registers": int(re.search(r"Used (\d+) registers", log)[1]),
+        "spilled B": int(re.search(r"(\d+) bytes spill stores", log)[1]),
+    }
 
 
 def main(argv=None) -> None:
@@ -71,8 +79,12 @@ def main(argv=None) -> None:
     ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: H100)")
     ap.add_argument("--warps", type=int, default=tc._LAUNCH["num_warps"])
     ap.add_argument("--value-block", type=int, default=tc.V_BLOCK, help="rows of the linear state per program")
-    ap.add_argument("--hidden-block", type=int, default=tc.H_BLOCK, help="hidden units per sweep step of the mlp "
-                    "(halved for chunks of more than 32 keys)")
+    ap.add_argument(
+        "--hidden-block",
+        type=int,
+        default=tc.H_BLOCK,
+        help="hidden units per sweep step of the mlp (halved for chunks of more than 32 keys)",
+    )
     ap.add_argument("--kernels", nargs="+", default=["linear", "mlp"], choices=["linear", "mlp"])
     args = ap.parse_args(argv)
     tc.V_BLOCK, tc.H_BLOCK = args.value_block, args.hidden_block
@@ -87,8 +99,10 @@ def main(argv=None) -> None:
         if "linear" in args.kernels:
             for opt, mom in (("momentum", True), ("gd", False)):
                 dims = tc.linear_dims(b, ne, d, d, True, mom, prec)
-                cases += [(f"linear {opt} forward", tc._linear_fwd_kernel, dims),
-                          (f"linear {opt} backward", tc._linear_bwd_kernel, dims)]
+                cases += [
+                    (f"linear {opt} forward", tc._linear_fwd_kernel, dims),
+                    (f"linear {opt} backward", tc._linear_bwd_kernel, dims),
+                ]
         if "mlp" in args.kernels:
             dims = tc.mlp_dims(b, ne, d, d, args.hidden, True, True, prec)
             cases += [("mlp forward", tc._mlp_fwd_kernel, dims), ("mlp backward", tc._mlp_bwd_kernel, dims)]
@@ -97,8 +111,10 @@ def main(argv=None) -> None:
             flag = "  over an H100's shared memory" if r["shared KiB"] > H100_SHARED_KIB else ""
             too_large |= bool(flag)
             block = dims.get("BH", dims["BV"])  # hidden units (mlp) or state rows (linear) per tile
-            print(f"{name:<26}{b:>6}{block:>6}{r['shared KiB']:>12.0f}{r['registers']:>11}{r['spilled B']:>11}"
-                  f"{flag}", flush=True)
+            print(
+                f"{name:<26}{b:>6}{block:>6}{r['shared KiB']:>12.0f}{r['registers']:>11}{r['spilled B']:>11}{flag}",
+                flush=True,
+            )
     sys.exit(1 if too_large else 0)
 
 

@@ -52,7 +52,9 @@ def add_version(parser: argparse.ArgumentParser) -> None:
 def add_debug(parser: argparse.ArgumentParser) -> None:
     """``--debug`` on ``parser``: an error prints its traceback before its one-line message (every
     subcommand has it; ``main`` prints it)."""
-    parser.add_argument("--debug", action="store_true", help="print the traceback of an error before its one-line message")
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of an error before its one-line message"
+    )
 
 
 def build_parser(only: Optional[str] = "*") -> argparse.ArgumentParser:
@@ -118,8 +120,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not out_of_memory(err):
             raise
         first = (str(err).strip().splitlines() or [""])[0]
-        return error_exit(args, f"out of memory ({type(err).__name__}{': ' + first if first else ''}); a smaller "
-                                "--batch-size, --seq-len or model needs less", EXIT_OUT_OF_MEMORY)
+        return error_exit(
+            args,
+            f"out of memory ({type(err).__name__}{': ' + first if first else ''}); a smaller "
+            "--batch-size, --seq-len or model needs less",
+            EXIT_OUT_OF_MEMORY,
+        )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ def register(sub) -> None:
     kp = modes.add_parser("kernel", help="the Triton kernels' forward+backward against flash-linear-attention, SDPA")
     kernel.add_arguments(kp)
     kp.set_defaults(func=_kernel)
-    for mode, decode, text in (("model", False, "a preset's full training step"),
-                               ("decode", True, "per-token decoding latency and state size across contexts")):
+    for mode, decode, text in (
+        ("model", False, "a preset's full training step"),
+        ("decode", True, "per-token decoding latency and state size across contexts"),
+    ):
         mp = modes.add_parser(mode, help=text)
         model.add_arguments(mp)
         mp.set_defaults(func=lambda a, d=decode: _model(a, d))
@@ -76,7 +78,9 @@ def _check_plot(path) -> None:
     ext = os.path.splitext(path)[1].lstrip(".").lower()
     formats = FigureCanvasBase.get_supported_filetypes()
     if ext not in formats:
-        raise CLIError(f"--plot {path}: the extension must name an image format ({', '.join(sorted(formats))}); got {ext!r}")
+        raise CLIError(
+            f"--plot {path}: the extension must name an image format ({', '.join(sorted(formats))}); got {ext!r}"
+        )
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CLIError(f"--plot {path}: the folder {folder} does not exist")

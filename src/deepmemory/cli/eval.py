@@ -18,32 +18,66 @@ def _setting(text: str):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help=HELP, description=(
-        "Evaluate a model written by `deepmemory train` (a run directory or one of its checkpoints/step-N) or "
-        "`deepmemory export` on generated tasks: each prompt is read through the model's recurrent cache in chunks "
-        "(bounded memory for memory models at any length), answered greedily and scored by the task's rule. Writes "
-        "results.json (after every batch of samples: a rerun continues an interrupted evaluation), results.md and "
-        "heatmap.png into --out."))
+    p = subparsers.add_parser(
+        "eval",
+        help=HELP,
+        description=(
+            "Evaluate a model written by `deepmemory train` (a run directory or one of its checkpoints/step-N) or "
+            "`deepmemory export` on generated tasks: each prompt is read through the model's recurrent cache in chunks "
+            "(bounded memory for memory models at any length), answered greedily and scored by the task's rule. Writes "
+            "results.json (after every batch of samples: a rerun continues an interrupted evaluation), results.md and "
+            "heatmap.png into --out."
+        ),
+    )
     add_version(p)
-    p.add_argument("task", metavar="TASK", help="a task name, or several separated by commas (s-niah-1, s-niah-2, s-niah-3, "
-                   "babilong-qa1..qa5, mqar, mad-icr, mad-noisy-icr, mad-fuzzy-icr, mad-selective-copy, mad-compression, "
-                   "mad-memorization)")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a run directory, one of its checkpoints/step-N, or a folder written by `deepmemory export`")
-    p.add_argument("--lengths", required=True, metavar="LIST",
-                   help="prompt lengths in tokens, separated by commas; k = 1024, m = 1024^2 (e.g. 1k,4k,16k,1m)")
-    p.add_argument("--depths", metavar="LIST", help="needle depths in [0, 1] separated by commas (e.g. 0,0.25,0.5,0.75,1), "
-                   "for the tasks that place a needle (S-NIAH); default: each sample draws its own")
+    p.add_argument(
+        "task",
+        metavar="TASK",
+        help="a task name, or several separated by commas (s-niah-1, s-niah-2, s-niah-3, "
+        "babilong-qa1..qa5, mqar, mad-icr, mad-noisy-icr, mad-fuzzy-icr, mad-selective-copy, mad-compression, "
+        "mad-memorization)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="a run directory, one of its checkpoints/step-N, or a folder written by `deepmemory export`",
+    )
+    p.add_argument(
+        "--lengths",
+        required=True,
+        metavar="LIST",
+        help="prompt lengths in tokens, separated by commas; k = 1024, m = 1024^2 (e.g. 1k,4k,16k,1m)",
+    )
+    p.add_argument(
+        "--depths",
+        metavar="LIST",
+        help="needle depths in [0, 1] separated by commas (e.g. 0,0.25,0.5,0.75,1), "
+        "for the tasks that place a needle (S-NIAH); default: each sample draws its own",
+    )
     p.add_argument("--samples", type=int, default=20, help="samples per (task, length, depth); default 20")
     p.add_argument("--out", metavar="DIR", help="output folder; default eval/CHECKPOINT-NAME/TASKS")
-    p.add_argument("--task-settings", nargs="+", type=_setting, metavar="KEY=VALUE",
-                   help="task settings, e.g. num_pairs=16; a checkpoint trained with --task on this task starts from "
-                        "its training settings, any other from the task's defaults")
+    p.add_argument(
+        "--task-settings",
+        nargs="+",
+        type=_setting,
+        metavar="KEY=VALUE",
+        help="task settings, e.g. num_pairs=16; a checkpoint trained with --task on this task starts from "
+        "its training settings, any other from the task's defaults",
+    )
     p.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens read per forward call; default 2048")
-    p.add_argument("--batch-size", type=int, default=8, help="samples read together (one for very long prompts "
-                   "on a small machine); default 8")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default cpu (auto: CUDA when present)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else 1)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="samples read together (one for very long prompts on a small machine); default 8",
+    )
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default cpu (auto: CUDA when present)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else 1)"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_debug(p)
     p.set_defaults(func=run)
@@ -74,9 +108,18 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        evaluation = Evaluation(tasks, args.checkpoint, lengths, depths, samples=args.samples,
-                                out=args.out or default_out(args.checkpoint, tasks), task_settings=dict(args.task_settings or []),
-                                chunk_size=args.chunk_size, batch_size=args.batch_size, device=device)
+        evaluation = Evaluation(
+            tasks,
+            args.checkpoint,
+            lengths,
+            depths,
+            samples=args.samples,
+            out=args.out or default_out(args.checkpoint, tasks),
+            task_settings=dict(args.task_settings or []),
+            chunk_size=args.chunk_size,
+            batch_size=args.batch_size,
+            device=device,
+        )
         evaluation.run(progress=args.progress)
     except EvalError as err:
         raise CLIError(str(err)) from err

@@ -10,11 +10,16 @@ HELP = "write a run's model as a clean Hugging Face folder (with a model card), 
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help=HELP, description=(
-        "Write the model of a run directory (its latest weights) or of one of its checkpoints/step-N to OUT: "
-        "config.json, generation_config.json, model.safetensors, the tokenizer files of a Hugging Face tokenizer "
-        "and README.md (preset, size, data, steps, validation bits/byte). Load it with "
-        "AutoModelForCausalLM.from_pretrained(OUT) after `import deepmemory.models`."))
+    p = subparsers.add_parser(
+        "export",
+        help=HELP,
+        description=(
+            "Write the model of a run directory (its latest weights) or of one of its checkpoints/step-N to OUT: "
+            "config.json, generation_config.json, model.safetensors, the tokenizer files of a Hugging Face tokenizer "
+            "and README.md (preset, size, data, steps, validation bits/byte). Load it with "
+            "AutoModelForCausalLM.from_pretrained(OUT) after `import deepmemory.models`."
+        ),
+    )
     add_version(p)
     p.add_argument("run", metavar="RUN", help="a run directory, or one of its checkpoints/step-N")
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")

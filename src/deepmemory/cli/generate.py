@@ -15,33 +15,74 @@ MAX_SAMPLES = 1024  # one batch: more would exhaust memory before the first toke
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("generate", help=HELP, description=(
-        "Continue one or more prompts with a model written by `deepmemory train` (a run directory or one of its "
-        "checkpoints/step-N) or `deepmemory export`. A single sequence streams to the terminal as it is generated."))
+    p = subparsers.add_parser(
+        "generate",
+        help=HELP,
+        description=(
+            "Continue one or more prompts with a model written by `deepmemory train` (a run directory or one of its "
+            "checkpoints/step-N) or `deepmemory export`. A single sequence streams to the terminal as it is generated."
+        ),
+    )
     add_version(p)
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a run directory, one of its checkpoints/step-N, or a folder written by `deepmemory export`")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="a run directory, one of its checkpoints/step-N, or a folder written by `deepmemory export`",
+    )
     p.add_argument("--prompt", action="append", metavar="TEXT", help="text to continue; repeat for several prompts")
-    p.add_argument("--prompt-file", metavar="PATH", help="read prompts from PATH ('-': standard input), one per line "
-                   "(empty lines skipped; write \\n for a newline inside a prompt)")
+    p.add_argument(
+        "--prompt-file",
+        metavar="PATH",
+        help="read prompts from PATH ('-': standard input), one per line "
+        "(empty lines skipped; write \\n for a newline inside a prompt)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample; default 200")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy decoding; default 0.8")
+    p.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy decoding; default 0.8"
+    )
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0: all); default 50")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling: from the smallest set of tokens whose probability reaches p (1: off); default 1")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="penalise tokens already in the text: positive logits divided by it, negative ones multiplied "
-                        "(> 1 discourages repeats; 1: off); default 1")
-    p.add_argument("--num-samples", type=int, default=1,
-                   help=f"samples per prompt (drawn as one batch, at most {MAX_SAMPLES}); default 1")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: from the smallest set of tokens whose probability reaches p (1: off); default 1",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="penalise tokens already in the text: positive logits divided by it, negative ones multiplied "
+        "(> 1 discourages repeats; 1: off); default 1",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=1,
+        help=f"samples per prompt (drawn as one batch, at most {MAX_SAMPLES}); default 1",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling; default 0")
-    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: OMP_NUM_THREADS if set, "
-                   "else 1: decoding runs many small ops, and extra threads mostly wait on each other)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
-                   help="where the model runs; default cpu (auto: CUDA when present)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op CPU threads (default: OMP_NUM_THREADS if set, "
+        "else 1: decoding runs many small ops, and extra threads mostly wait on each other)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="cpu",
+        help="where the model runs; default cpu (auto: CUDA when present)",
+    )
     stream = p.add_mutually_exclusive_group()
-    stream.add_argument("--stream", dest="stream", action="store_true", default=None,
-                        help="print tokens as they are generated (the default for a single sequence)")
+    stream.add_argument(
+        "--stream",
+        dest="stream",
+        action="store_true",
+        default=None,
+        help="print tokens as they are generated (the default for a single sequence)",
+    )
     stream.add_argument("--no-stream", dest="stream", action="store_false", help="print each text when it is complete")
     add_debug(p)
     p.set_defaults(func=run)
@@ -131,8 +172,10 @@ def finite_scores():
     class FiniteScores(LogitsProcessor):
         def __call__(self, input_ids, scores):
             if bool(torch.isnan(scores).any() or torch.isposinf(scores).any() or torch.isneginf(scores).all(-1).any()):
-                raise CLIError(f"the model's next-token scores are not finite after {input_ids.shape[1]} tokens: "
-                               "its weights are damaged")
+                raise CLIError(
+                    f"the model's next-token scores are not finite after {input_ids.shape[1]} tokens: "
+                    "its weights are damaged"
+                )
             return scores
 
     return LogitsProcessorList([FiniteScores()])
@@ -160,13 +203,13 @@ def make_streamer(tokenizer, out=None):
                 if self.skip_prompt:
                     return
                 self.print_len = 0
-            printable = text[self.print_len:]
+            printable = text[self.print_len :]
             self.print_len += len(printable)
             self.on_finalized_text(printable)
 
         def end(self):
             text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs) if self.token_cache else ""
-            printable = text[self.print_len:]
+            printable = text[self.print_len :]
             self.token_cache, self.print_len, self.next_tokens_are_prompt = [], 0, True
             self.on_finalized_text(printable, stream_end=True)
 
@@ -185,19 +228,30 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     set_threads(args.threads)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    device = (
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available (use --device cpu)")
     model, tokenizer = load_run(args.checkpoint)
     model.to(device)
     stream = args.stream if args.stream is not None else args.num_samples == 1
     sample = args.temperature > 0
-    options = dict(max_new_tokens=args.max_new_tokens, do_sample=sample, use_cache=True,
-                   temperature=args.temperature if sample else None, top_k=(args.top_k or None) if sample else None,
-                   top_p=args.top_p if sample and args.top_p < 1 else None,
-                   repetition_penalty=args.repetition_penalty if args.repetition_penalty != 1 else None,
-                   num_return_sequences=args.num_samples, pad_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
-                   logits_processor=finite_scores())
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=sample,
+        use_cache=True,
+        temperature=args.temperature if sample else None,
+        top_k=(args.top_k or None) if sample else None,
+        top_p=args.top_p if sample and args.top_p < 1 else None,
+        repetition_penalty=args.repetition_penalty if args.repetition_penalty != 1 else None,
+        num_return_sequences=args.num_samples,
+        pad_token_id=tokenizer.eos_id,
+        eos_token_id=tokenizer.eos_id,
+        logits_processor=finite_scores(),
+    )
     many = len(prompts) * args.num_samples > 1
     torch.manual_seed(args.seed)
     for i, prompt in enumerate(prompts):
@@ -205,7 +259,9 @@ def run(args: argparse.Namespace) -> int:
         if ids.shape[1] == 0:
             raise CLIError(f"prompt {i + 1} encodes to no tokens")
         if many:
-            sys.stdout.write(("\n" if i else "") + f"=== prompt {i + 1}" + (f", sample 1" if args.num_samples > 1 else "") + " ===\n")
+            sys.stdout.write(
+                ("\n" if i else "") + f"=== prompt {i + 1}" + (f", sample 1" if args.num_samples > 1 else "") + " ===\n"
+            )
         if stream:
             sys.stdout.write(prompt)
             sys.stdout.flush()
@@ -220,6 +276,6 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.write(f"\n=== prompt {i + 1}, sample {j + 1} ===\n")
             # decode the whole sequence: a piece decoded alone can lose the spacing at its start
             full = tokenizer.decode(out[j])
-            sys.stdout.write((prompt + full[len(prompt_text):] if full.startswith(prompt_text) else full) + "\n")
+            sys.stdout.write((prompt + full[len(prompt_text) :] if full.startswith(prompt_text) else full) + "\n")
     sys.stdout.flush()
     return 0

@@ -56,7 +56,9 @@ class Corpus:
     val_starts: Optional[Tensor] = None
 
     def tokens_per_byte(self, split: str) -> float:
-        tokens, nbytes = (self.train.numel(), self.train_bytes) if split == "train" else (self.val.numel(), self.val_bytes)
+        tokens, nbytes = (
+            (self.train.numel(), self.train_bytes) if split == "train" else (self.val.numel(), self.val_bytes)
+        )
         return tokens / max(nbytes, 1)
 
 
@@ -96,8 +98,10 @@ def _jsonl_documents(path: str, name: str, field: str = "text") -> List[Document
             try:
                 record = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as err:
-                raise DataError(f"--data: {path}:{lineno} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
-                                f"column {err.start + 1}); a .jsonl file must be UTF-8") from err
+                raise DataError(
+                    f"--data: {path}:{lineno} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                    f"column {err.start + 1}); a .jsonl file must be UTF-8"
+                ) from err
             except json.JSONDecodeError as err:
                 raise DataError(f"--data: {path}:{lineno} is not valid JSON ({err.msg})") from err
             except RecursionError as err:
@@ -108,8 +112,10 @@ def _jsonl_documents(path: str, name: str, field: str = "text") -> List[Document
             try:
                 data = text.encode("utf-8")
             except UnicodeEncodeError as err:
-                raise DataError(f"--data: {path}:{lineno}: its {field!r} holds the lone surrogate escape "
-                                f"{text[err.start]!r}, which is no character and cannot be encoded as UTF-8") from err
+                raise DataError(
+                    f"--data: {path}:{lineno}: its {field!r} holds the lone surrogate escape "
+                    f"{text[err.start]!r}, which is no character and cannot be encoded as UTF-8"
+                ) from err
             if data:
                 docs.append((f"{name}:{lineno}", data))
     return docs
@@ -161,7 +167,9 @@ def hf_documents(name: str, max_bytes: int = HF_MAX_BYTES) -> List[Document]:
     try:
         import datasets
     except ImportError as err:
-        raise DataError(f"--data {HF_PREFIX}{name} needs the `datasets` package (pip install datasets) and network access") from err
+        raise DataError(
+            f"--data {HF_PREFIX}{name} needs the `datasets` package (pip install datasets) and network access"
+        ) from err
     try:
         stream = datasets.load_dataset(name, split="train", streaming=True)
         docs, total = [], 0
@@ -177,7 +185,9 @@ def hf_documents(name: str, max_bytes: int = HF_MAX_BYTES) -> List[Document]:
     except DataError:
         raise
     except Exception as err:  # network and hub errors come in many types
-        raise DataError(f"--data {HF_PREFIX}{name}: cannot load the dataset ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+        raise DataError(
+            f"--data {HF_PREFIX}{name}: cannot load the dataset ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
     if not docs:
         raise DataError(f"--data {HF_PREFIX}{name}: the train split is empty")
     return docs
@@ -237,9 +247,11 @@ def _pieces(docs: List[Document], tokenizer: Tokenizer) -> List[Tensor]:
     if isinstance(tokenizer, ByteTokenizer):
         pieces = [tokenizer.encode(data).int() for _, data in docs]
     else:
-        pieces = [torch.tensor(ids, dtype=torch.int32)
-                  for i in range(0, len(docs), 1024)
-                  for ids in tokenizer.encode_batch([d.decode("utf-8", errors="replace") for _, d in docs[i:i + 1024]])]
+        pieces = [
+            torch.tensor(ids, dtype=torch.int32)
+            for i in range(0, len(docs), 1024)
+            for ids in tokenizer.encode_batch([d.decode("utf-8", errors="replace") for _, d in docs[i : i + 1024]])
+        ]
     if eos:
         sep = torch.tensor(eos, dtype=torch.int32)
         pieces = [torch.cat([piece, sep]) for piece in pieces]
@@ -268,7 +280,7 @@ def build_corpus(data: Optional[Sequence[str]], tokenizer: Tokenizer, val_fracti
     if data is None or len(data) == 0:
         docs, source = stdlib_documents(), f"python{sysconfig.get_python_version()} standard library"
     elif len(data) == 1 and data[0].startswith(HF_PREFIX) and not os.path.exists(data[0]):
-        docs, source = hf_documents(data[0][len(HF_PREFIX):]), data[0]
+        docs, source = hf_documents(data[0][len(HF_PREFIX) :]), data[0]
     else:
         docs, source = local_documents(data), ", ".join(data)
     pieces = _pieces(docs, tokenizer)
@@ -282,7 +294,10 @@ def build_corpus(data: Optional[Sequence[str]], tokenizer: Tokenizer, val_fracti
         train_starts = document_starts([p.numel() for p, c in zip(pieces, chosen) if not c])
         val_starts = document_starts([p.numel() for p, c in zip(pieces, chosen) if c])
         train_bytes, val_bytes = sum(len(d) for _, d in train_docs), sum(len(d) for _, d in val_docs)
-        counts = sum(torch.bincount(torch.frombuffer(bytearray(d), dtype=torch.uint8).long(), minlength=256) for _, d in train_docs)
+        counts = sum(
+            torch.bincount(torch.frombuffer(bytearray(d), dtype=torch.uint8).long(), minlength=256)
+            for _, d in train_docs
+        )
     else:
         stream = torch.cat(pieces)
         cut = int(stream.numel() * (1 - val_fraction))
@@ -294,11 +309,22 @@ def build_corpus(data: Optional[Sequence[str]], tokenizer: Tokenizer, val_fracti
         total = sum(len(d) for _, d in docs)
         train_bytes = round(total * cut / max(stream.numel(), 1))
         val_bytes = total - train_bytes
-        counts = sum(torch.bincount(torch.frombuffer(bytearray(d), dtype=torch.uint8).long(), minlength=256) for _, d in docs)
+        counts = sum(
+            torch.bincount(torch.frombuffer(bytearray(d), dtype=torch.uint8).long(), minlength=256) for _, d in docs
+        )
         train_docs, val_docs = docs, []
-    return Corpus(train=train, val=val, train_bytes=train_bytes, val_bytes=val_bytes,
-                  train_docs=len(train_docs), val_docs=len(val_docs), byte_entropy=byte_entropy(counts), source=source,
-                  train_starts=train_starts, val_starts=val_starts)
+    return Corpus(
+        train=train,
+        val=val,
+        train_bytes=train_bytes,
+        val_bytes=val_bytes,
+        train_docs=len(train_docs),
+        val_docs=len(val_docs),
+        byte_entropy=byte_entropy(counts),
+        source=source,
+        train_starts=train_starts,
+        val_starts=val_starts,
+    )
 
 
 def bits_per_byte(nats_per_token: float, tokens_per_byte: float) -> float:

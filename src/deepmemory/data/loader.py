@@ -38,12 +38,16 @@ def check_document_starts(doc_starts: Tensor, num_tokens: int, name: str = "doc_
     if not isinstance(doc_starts, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(doc_starts).__name__}")
     if doc_starts.dtype not in (torch.int64, torch.int32) or doc_starts.dim() != 1:
-        raise TypeError(f"{name} must be a 1-D int32 or int64 tensor; got {doc_starts.dtype} of shape {list(doc_starts.shape)}")
+        raise TypeError(
+            f"{name} must be a 1-D int32 or int64 tensor; got {doc_starts.dtype} of shape {list(doc_starts.shape)}"
+        )
     starts = doc_starts.to(device="cpu", dtype=torch.int64)
     if starts.numel():
         if int(starts.min()) < 0 or int(starts.max()) >= max(num_tokens, 1):
-            raise ValueError(f"{name} must lie in [0, {num_tokens}) (the stream's tokens); got values in "
-                             f"[{int(starts.min())}, {int(starts.max())}]")
+            raise ValueError(
+                f"{name} must lie in [0, {num_tokens}) (the stream's tokens); got values in "
+                f"[{int(starts.min())}, {int(starts.max())}]"
+            )
         if not bool((starts[1:] >= starts[:-1]).all()):
             raise ValueError(f"{name} must be sorted")
     return starts
@@ -66,8 +70,10 @@ def packed_position_ids(starts: Tensor) -> Tensor:
     a document reads that piece as a document of its own. ``ValueError`` unless ``starts`` is a 2-D
     bool tensor."""
     if not isinstance(starts, Tensor) or starts.dtype != torch.bool or starts.dim() != 2:
-        raise ValueError(f"starts must be a 2-D bool tensor [batch, seq]; got {getattr(starts, 'dtype', type(starts).__name__)} "
-                         f"of shape {list(getattr(starts, 'shape', []))}")
+        raise ValueError(
+            f"starts must be a 2-D bool tensor [batch, seq]; got {getattr(starts, 'dtype', type(starts).__name__)} "
+            f"of shape {list(getattr(starts, 'shape', []))}"
+        )
     t = torch.arange(starts.shape[1], device=starts.device)
     begin = starts.clone()
     begin[:, :1] = True
@@ -81,8 +87,10 @@ def packed_labels(input_ids: Tensor, starts: Tensor) -> Tensor:
     ``t`` is the target of position ``t - 1``, and predicting a document's first token from the
     previous document is not a valid target). ``ValueError`` when the shapes differ."""
     if not isinstance(starts, Tensor) or starts.dtype != torch.bool or starts.shape != input_ids.shape:
-        raise ValueError(f"starts must be a bool tensor of the shape of input_ids {list(input_ids.shape)}; "
-                         f"got {getattr(starts, 'dtype', type(starts).__name__)} of shape {list(getattr(starts, 'shape', []))}")
+        raise ValueError(
+            f"starts must be a bool tensor of the shape of input_ids {list(input_ids.shape)}; "
+            f"got {getattr(starts, 'dtype', type(starts).__name__)} of shape {list(getattr(starts, 'shape', []))}"
+        )
     return input_ids.masked_fill(starts, IGNORE_INDEX)
 
 
@@ -112,7 +120,7 @@ class WindowSampler:
     def _next_index(self, size: int) -> Tensor:
         index = []
         while len(index) < size:
-            take = self._perm()[self.cursor:self.cursor + size - len(index)]
+            take = self._perm()[self.cursor : self.cursor + size - len(index)]
             index.extend(take.tolist())
             self.cursor += take.numel()
             if self.cursor == self.num_windows:
@@ -138,12 +146,21 @@ class WindowSampler:
     def load_state_dict(self, state: Dict[str, int]) -> None:
         """Continue at the position ``state_dict()`` returned; ``DataError`` when it is not a
         position in this data (another data set or ``seq_len``, or a damaged record)."""
-        if not isinstance(state, dict) or state.get("num_windows") != self.num_windows or state.get("seq_len") != self.seq_len:
-            raise DataError(f"the data position {state!r:.100} does not fit this data ({self.num_windows} windows of {self.seq_len})")
+        if (
+            not isinstance(state, dict)
+            or state.get("num_windows") != self.num_windows
+            or state.get("seq_len") != self.seq_len
+        ):
+            raise DataError(
+                f"the data position {state!r:.100} does not fit this data ({self.num_windows} windows of {self.seq_len})"
+            )
         epoch, cursor = state.get("epoch"), state.get("cursor")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, cursor)) \
-                or not (0 <= epoch < 2**62 and 0 <= cursor < self.num_windows):
-            raise DataError(f"the data position {state!r:.100} is damaged: expected an epoch >= 0 and a cursor in [0, {self.num_windows})")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, cursor)) or not (
+            0 <= epoch < 2**62 and 0 <= cursor < self.num_windows
+        ):
+            raise DataError(
+                f"the data position {state!r:.100} is damaged: expected an epoch >= 0 and a cursor in [0, {self.num_windows})"
+            )
         self.epoch, self.cursor = epoch, cursor
 
 

@@ -15,13 +15,13 @@ from .errors import DataError
 TOKENIZER_FILE = "tokenizer.json"
 
 
-
 def _id_list(ids: Union[Tensor, Sequence[int], int]) -> list:
     """Token ids as a list: a tensor (any shape with one row of ids), a sequence, or one id (what
     Hugging Face's ``TextStreamer`` passes for a single token)."""
     if isinstance(ids, Tensor):
         ids = ids.tolist()
     return [ids] if isinstance(ids, int) else list(ids)
+
 
 class ByteTokenizer:
     """UTF-8 bytes ``0..255`` plus one end-of-document id ``256`` (vocabulary 257)."""
@@ -86,8 +86,13 @@ class HFTokenizer:
     def info(self) -> Dict:
         """What a run records of the tokenizer: its kind, size, end-of-document id, file name and
         the file's fingerprint (``sha256``), which :func:`tokenizer_from_info` checks."""
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id, "file": TOKENIZER_FILE,
-                "sha256": file_sha256(self.path)}
+        return {
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "file": TOKENIZER_FILE,
+            "sha256": file_sha256(self.path),
+        }
 
     def save(self, directory: str) -> None:
         """Copy the ``tokenizer.json`` into ``directory``, atomically: into a hidden file beside
@@ -133,13 +138,17 @@ def tokenizer_from_info(info: Dict, directory: str) -> Tokenizer:
     if kind == "hf":
         name = info.get("file", TOKENIZER_FILE)
         if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
-            raise DataError(f"the tokenizer record in {directory} names the file {name!r}; expected a file name in the run directory")
+            raise DataError(
+                f"the tokenizer record in {directory} names the file {name!r}; expected a file name in the run directory"
+            )
         tokenizer = HFTokenizer(os.path.join(directory, name))
         recorded = info.get("sha256")
         if recorded is not None and recorded != file_sha256(tokenizer.path):
-            raise DataError(f"{tokenizer.path} is not the tokenizer the run was trained with (its sha256 "
-                            f"{file_sha256(tokenizer.path)[:12]}... differs from the recorded {str(recorded)[:12]}...); "
-                            "restore the original file")
+            raise DataError(
+                f"{tokenizer.path} is not the tokenizer the run was trained with (its sha256 "
+                f"{file_sha256(tokenizer.path)[:12]}... differs from the recorded {str(recorded)[:12]}...); "
+                "restore the original file"
+            )
         return tokenizer
     shown = repr(info)
     raise DataError(f"unknown tokenizer record {shown if len(shown) <= 80 else shown[:77] + '...'} in {directory}")

@@ -5,5 +5,14 @@ imported only when asked for). See docs/evaluation.md."""
 from .decode import MAX_GROWING_CONTEXT, answer_batch, greedy_decode, growing_blocks, read_prompt
 from .run import EvalError, Evaluation, parse_depths, parse_lengths
 
-__all__ = ["EvalError", "Evaluation", "MAX_GROWING_CONTEXT", "answer_batch", "greedy_decode", "growing_blocks",
-           "parse_depths", "parse_lengths", "read_prompt"]
+__all__ = [
+    "EvalError",
+    "Evaluation",
+    "MAX_GROWING_CONTEXT",
+    "answer_batch",
+    "greedy_decode",
+    "growing_blocks",
+    "parse_depths",
+    "parse_lengths",
+    "read_prompt",
+]

@@ -34,8 +34,9 @@ def _step(model: nn.Module, ids: Tensor, cache) -> Tensor:
 
 
 @torch.no_grad()
-def read_prompt(model: nn.Module, prompts: Tensor, cache, chunk_size: int,
-                progress: Optional[Callable[[int], None]] = None) -> Tensor:
+def read_prompt(
+    model: nn.Module, prompts: Tensor, cache, chunk_size: int, progress: Optional[Callable[[int], None]] = None
+) -> Tensor:
     """Read ``prompts`` (``[B, T]`` int64, on the model's device) into ``cache`` (a fresh
     ``DeepMemoryCache`` of the model), ``chunk_size`` tokens per forward call; return the logits
     of the next token, ``[B, V]`` float32. ``progress(n)`` is called after each chunk with the
@@ -50,7 +51,7 @@ def read_prompt(model: nn.Module, prompts: Tensor, cache, chunk_size: int,
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     logits = None
     for start in range(0, prompts.shape[1], chunk_size):
-        piece = prompts[:, start:start + chunk_size]
+        piece = prompts[:, start : start + chunk_size]
         logits = _step(model, piece, cache)
         if progress is not None:
             progress(piece.shape[1])
@@ -58,8 +59,14 @@ def read_prompt(model: nn.Module, prompts: Tensor, cache, chunk_size: int,
 
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, logits: Tensor, cache, max_new_tokens: int,
-                  stop: Optional[Callable[[List[int]], bool]] = None, eos_id: Optional[int] = None) -> List[List[int]]:
+def greedy_decode(
+    model: nn.Module,
+    logits: Tensor,
+    cache,
+    max_new_tokens: int,
+    stop: Optional[Callable[[List[int]], bool]] = None,
+    eos_id: Optional[int] = None,
+) -> List[List[int]]:
     """Greedy continuation of the sequences in ``cache`` whose next-token logits are ``logits``
     (``[B, V]``, from :func:`read_prompt`): at most ``max_new_tokens`` tokens per row, a row
     ending early at ``eos_id`` (kept out of its output) or once ``stop(tokens so far)`` is true
@@ -90,9 +97,16 @@ def greedy_decode(model: nn.Module, logits: Tensor, cache, max_new_tokens: int,
     return out
 
 
-def answer_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, chunk_size: int,
-                 device: torch.device, stop: Optional[Callable[[List[int]], bool]] = None, eos_id: Optional[int] = None,
-                 progress: Optional[Callable[[int], None]] = None) -> List[List[int]]:
+def answer_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    chunk_size: int,
+    device: torch.device,
+    stop: Optional[Callable[[List[int]], bool]] = None,
+    eos_id: Optional[int] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> List[List[int]]:
     """Greedy answers to ``prompts`` (lists of token ids, all of one length), read together as one
     batch through a fresh cache (:func:`read_prompt`, then :func:`greedy_decode`).
 
@@ -102,8 +116,7 @@ def answer_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tok
     from ..models import DeepMemoryCache
 
     if not prompts or len({len(p) for p in prompts}) != 1:
-        raise ValueError("answer_batch reads prompts of one length; got lengths "
-                         f"{sorted({len(p) for p in prompts})}")
+        raise ValueError(f"answer_batch reads prompts of one length; got lengths {sorted({len(p) for p in prompts})}")
     ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
     cache = DeepMemoryCache(model.config)
     logits = read_prompt(model, ids, cache, chunk_size, progress=progress)

@@ -69,8 +69,14 @@ class DeepMemoryLM(TemplateLM):
             ``max_gen_toks``/``device``.
     """
 
-    def __init__(self, checkpoint: str, device: Optional[str] = None, batch_size=1, chunk_size=2048,
-                 max_gen_toks=DEFAULT_MAX_GEN_TOKS):
+    def __init__(
+        self,
+        checkpoint: str,
+        device: Optional[str] = None,
+        batch_size=1,
+        chunk_size=2048,
+        max_gen_toks=DEFAULT_MAX_GEN_TOKS,
+    ):
         super().__init__()
         from ..train.export import load_run
 
@@ -102,7 +108,7 @@ class DeepMemoryLM(TemplateLM):
     @property
     def max_length(self) -> int:
         """No limit of the model's own: the cache reads any length (lm-eval asks for this number)."""
-        return 2 ** 31 - 1
+        return 2**31 - 1
 
     @property
     def device(self) -> torch.device:
@@ -133,8 +139,10 @@ class DeepMemoryLM(TemplateLM):
         out = []
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self._device)
         for start in range(0, ids.shape[1], self.chunk_size):
-            piece = ids[:, start:start + self.chunk_size]
-            logits = self.model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=0 if all_logits else 1).logits
+            piece = ids[:, start : start + self.chunk_size]
+            logits = self.model(
+                input_ids=piece, cache=cache, use_cache=True, logits_to_keep=0 if all_logits else 1
+            ).logits
             out.append(F.log_softmax(logits[0].float(), dim=-1))
         return torch.cat(out) if all_logits else out[-1]
 
@@ -162,7 +170,7 @@ class DeepMemoryLM(TemplateLM):
                     rest = self._read(continuation[:-1], copy.deepcopy(cache), all_logits=True)
                     logprobs = torch.cat([first, rest])
                 else:
-                    logprobs = first[:len(continuation)]
+                    logprobs = first[: len(continuation)]
                 target = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
                 total = float(logprobs.gather(1, target[:, None]).sum()) if continuation else 0.0
                 greedy = bool((logprobs.argmax(-1) == target).all())
@@ -180,21 +188,24 @@ class DeepMemoryLM(TemplateLM):
         short = [i for i, (_, ctx, cont) in enumerate(requests) if len(ctx) + len(cont) - 1 <= self.chunk_size and cont]
         short.sort(key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
         for start in range(0, len(short), self.batch_size):
-            members = short[start:start + self.batch_size]
+            members = short[start : start + self.batch_size]
             seqs = [(list(requests[i][1]) + list(requests[i][2]))[:-1] for i in members]
             width = max(len(q) for q in seqs)
             ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self._device)
             mask = torch.zeros_like(ids)
             for row, q in enumerate(seqs):
-                ids[row, :len(q)] = torch.tensor(q, dtype=torch.long)
-                mask[row, :len(q)] = 1
+                ids[row, : len(q)] = torch.tensor(q, dtype=torch.long)
+                mask[row, : len(q)] = 1
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             for row, i in enumerate(members):
                 strings, context, continuation = requests[i]
                 n = len(continuation)
-                logprobs = F.log_softmax(logits[row, len(context) - 1:len(context) - 1 + n].float(), dim=-1)
+                logprobs = F.log_softmax(logits[row, len(context) - 1 : len(context) - 1 + n].float(), dim=-1)
                 target = torch.tensor(list(continuation), dtype=torch.long, device=logprobs.device)
-                results[i] = (float(logprobs.gather(1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all()))
+                results[i] = (
+                    float(logprobs.gather(1, target[:, None]).sum()),
+                    bool((logprobs.argmax(-1) == target).all()),
+                )
                 self.cache_hook.add_partial("loglikelihood", strings, results[i])
                 bar.update(1)
         chosen = set(short)
@@ -207,7 +218,9 @@ class DeepMemoryLM(TemplateLM):
         from tqdm.auto import tqdm
 
         out = []
-        for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="deepmemory loglikelihood_rolling"):
+        for (string,) in tqdm(
+            [r.args for r in requests], disable=disable_tqdm, desc="deepmemory loglikelihood_rolling"
+        ):
             tokens = self.tok_encode(string)
             if not tokens:
                 out.append(0.0)
@@ -231,13 +244,17 @@ class DeepMemoryLM(TemplateLM):
         from tqdm.auto import tqdm
 
         out = []
-        for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm, desc="deepmemory generate_until"):
+        for context, gen_kwargs in tqdm(
+            [r.args for r in requests], disable=disable_tqdm, desc="deepmemory generate_until"
+        ):
             kwargs = dict(gen_kwargs or {})
             if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
                 raise ValueError("the deepmemory model decodes greedily: drop do_sample / temperature from gen_kwargs")
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            budget = _positive_int("max_gen_toks", kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", self.max_gen_toks)))
+            budget = _positive_int(
+                "max_gen_toks", kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", self.max_gen_toks))
+            )
             text = self._greedy(self.tok_encode(context) or [self.prefix_token_id], until, budget)
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)

@@ -27,7 +27,7 @@ FORMAT = 1  # of results.json
 RESULTS, TABLE, HEATMAP = "results.json", "results.md", "heatmap.png"
 MAX_SENTENCE_TOKENS = 48  # the longest BABILong answer decoded (tokens), when no sentence end comes first
 SENTENCE_ENDS = (".", "!", "?", "\n")
-SUFFIXES = {"k": 1024, "m": 1024 ** 2}
+SUFFIXES = {"k": 1024, "m": 1024**2}
 
 
 class EvalError(ValueError):
@@ -94,14 +94,30 @@ class Cell:
 
     def to_dict(self, samples: int) -> Dict:
         done = len(self.correct)
-        return {"task": self.task, "length": self.length, "depth": self.depth, "samples": done, "complete": done >= samples,
-                "accuracy": sum(self.correct) / done if done else None, "correct": self.correct, "outputs": self.outputs,
-                "seconds": round(self.seconds, 3), "peak_rss_mib": self.peak_rss_mib}
+        return {
+            "task": self.task,
+            "length": self.length,
+            "depth": self.depth,
+            "samples": done,
+            "complete": done >= samples,
+            "accuracy": sum(self.correct) / done if done else None,
+            "correct": self.correct,
+            "outputs": self.outputs,
+            "seconds": round(self.seconds, 3),
+            "peak_rss_mib": self.peak_rss_mib,
+        }
 
     @classmethod
     def from_dict(cls, d: Dict) -> "Cell":
-        return cls(task=d["task"], length=int(d["length"]), depth=d.get("depth"), correct=[bool(c) for c in d.get("correct", [])],
-                   outputs=list(d.get("outputs", [])), seconds=float(d.get("seconds", 0.0)), peak_rss_mib=d.get("peak_rss_mib"))
+        return cls(
+            task=d["task"],
+            length=int(d["length"]),
+            depth=d.get("depth"),
+            correct=[bool(c) for c in d.get("correct", [])],
+            outputs=list(d.get("outputs", [])),
+            seconds=float(d.get("seconds", 0.0)),
+            peak_rss_mib=d.get("peak_rss_mib"),
+        )
 
 
 def peak_rss_mib() -> Optional[float]:
@@ -162,9 +178,13 @@ def load_tasks(names: Sequence[str], tokenizer, settings: Dict[str, Dict], vocab
         except (ValueError, TypeError) as err:
             raise EvalError(" ".join(str(err).split())) from err
         except Exception as err:  # a tokenizer's own error (the Rust library raises plain Exceptions)
-            raise EvalError(f"the checkpoint's tokenizer cannot express task {name}: {' '.join(str(err).split())}") from err
+            raise EvalError(
+                f"the checkpoint's tokenizer cannot express task {name}: {' '.join(str(err).split())}"
+            ) from err
         if task.vocab_size is not None and task.vocab_size > vocab_size:
-            raise EvalError(f"task {name} uses {task.vocab_size} token ids; the checkpoint's model reads only {vocab_size}")
+            raise EvalError(
+                f"task {name} uses {task.vocab_size} token ids; the checkpoint's model reads only {vocab_size}"
+            )
         tasks.append(task)
     return tasks
 
@@ -173,14 +193,17 @@ def check_sample(task, sample, vocab_size: int) -> None:
     """Raise ``EvalError`` when ``sample`` holds ids the model cannot read."""
     ids = list(sample.prompt_ids) + list(sample.answer_ids)
     if ids and (min(ids) < 0 or max(ids) >= vocab_size):
-        raise EvalError(f"the checkpoint's tokenizer cannot express task {task.name}: its samples hold token id "
-                        f"{max(ids)}, past the model's vocabulary of {vocab_size}")
+        raise EvalError(
+            f"the checkpoint's tokenizer cannot express task {task.name}: its samples hold token id "
+            f"{max(ids)}, past the model's vocabulary of {vocab_size}"
+        )
 
 
 def stop_rule(task, tokenizer):
     """``(max_new_tokens of a sample, stop)``: BABILong answers end at the first sentence end; the
     others are ``len(answer_ids)`` tokens."""
     if task.name.startswith("babilong"):
+
         def stop(ids: List[int]) -> bool:
             return any(mark in tokenizer.decode(ids[-1:]) for mark in SENTENCE_ENDS)
 
@@ -220,9 +243,19 @@ class Evaluation:
             ``out`` holding results of other settings.
     """
 
-    def __init__(self, tasks: Sequence[str], checkpoint: str, lengths: Sequence[int], depths: Optional[Sequence[float]] = None,
-                 samples: int = 20, out: str = "eval", task_settings: Optional[Dict] = None, chunk_size: int = 2048,
-                 batch_size: int = 8, device: str = "cpu"):
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        checkpoint: str,
+        lengths: Sequence[int],
+        depths: Optional[Sequence[float]] = None,
+        samples: int = 20,
+        out: str = "eval",
+        task_settings: Optional[Dict] = None,
+        chunk_size: int = 2048,
+        batch_size: int = 8,
+        device: str = "cpu",
+    ):
         import torch
 
         from ..data import DataError
@@ -242,15 +275,22 @@ class Evaluation:
             model, tokenizer, info = load_run(checkpoint)
         except (ValueError, DataError) as err:  # CheckpointError, ConfigError, DataError
             raise EvalError(f"--checkpoint {checkpoint}: {' '.join(str(err).split())}") from err
-        trained = ((info.get("record") or {}).get("train") or {})  # the task a run was trained on keeps its settings
-        self.task_settings = {name: {**((trained.get("task_settings") or {}) if trained.get("task") == name else {}),
-                                     **(task_settings or {})} for name in tasks}
+        trained = (info.get("record") or {}).get("train") or {}  # the task a run was trained on keeps its settings
+        self.task_settings = {
+            name: {
+                **((trained.get("task_settings") or {}) if trained.get("task") == name else {}),
+                **(task_settings or {}),
+            }
+            for name in tasks
+        }
         vocab = model.config.vocab_size
         self.tasks = load_tasks(tasks, tokenizer, self.task_settings, vocab)
         for task in self.tasks:
             for length in lengths:
                 if length < task.min_length:
-                    raise EvalError(f"task {task.name}: length {length} is below its minimum of {task.min_length} tokens")
+                    raise EvalError(
+                        f"task {task.name}: length {length} is below its minimum of {task.min_length} tokens"
+                    )
             if depths is not None and not task.has_depth:
                 raise EvalError(f"task {task.name} places nothing at a depth; drop --depths")
             try:
@@ -258,27 +298,39 @@ class Evaluation:
             except EvalError:
                 raise
             except Exception as err:  # the tokenizer's own error (the Rust library raises plain Exceptions)
-                raise EvalError(f"the checkpoint's tokenizer cannot express task {task.name}: {' '.join(str(err).split())}") from err
+                raise EvalError(
+                    f"the checkpoint's tokenizer cannot express task {task.name}: {' '.join(str(err).split())}"
+                ) from err
         growing = growing_blocks(model.config)
         if growing and max(lengths) > MAX_GROWING_CONTEXT:
-            raise EvalError(f"the checkpoint's model keeps every token it reads ({growing[0]} blocks: its cache grows with the "
-                            f"context), so lengths above {MAX_GROWING_CONTEXT:,} tokens are refused; got {max(lengths):,}")
+            raise EvalError(
+                f"the checkpoint's model keeps every token it reads ({growing[0]} blocks: its cache grows with the "
+                f"context), so lengths above {MAX_GROWING_CONTEXT:,} tokens are refused; got {max(lengths):,}"
+            )
         if device == "cuda" and not torch.cuda.is_available():
             raise EvalError("--device cuda: no CUDA device is available (use --device cpu)")
         self.model, self.tokenizer, self.device = model.to(device), tokenizer, torch.device(device)
         self.lengths, self.depths, self.samples = list(lengths), depths, samples
         self.chunk_size, self.batch_size, self.out = chunk_size, batch_size, out
-        self.settings = {"checkpoint": os.path.abspath(checkpoint), "weights_sha256": weights_digest(checkpoint),
-                         "samples": samples, "task_settings": self.task_settings}
-        self.model_info = {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": vocab,
-                           "layer_pattern": list(model.config.layer_pattern), "tokenizer": tokenizer.info(),
-                           "preset": ((info.get("record") or {}).get("model") or {}).get("preset"),
-                           "step": (info.get("state") or {}).get("step")}
+        self.settings = {
+            "checkpoint": os.path.abspath(checkpoint),
+            "weights_sha256": weights_digest(checkpoint),
+            "samples": samples,
+            "task_settings": self.task_settings,
+        }
+        self.model_info = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab_size": vocab,
+            "layer_pattern": list(model.config.layer_pattern),
+            "tokenizer": tokenizer.info(),
+            "preset": ((info.get("record") or {}).get("model") or {}).get("preset"),
+            "step": (info.get("state") or {}).get("step"),
+        }
         self.cells: Dict[Tuple, Cell] = {}
         self._load_previous()
         for task in self.tasks:
             for length in self.lengths:
-                for depth in (self.depths or [None]):
+                for depth in self.depths or [None]:
                     self.cells.setdefault((task.name, length, depth), Cell(task.name, length, depth))
 
     # ------------------------------------------------------------ results on disk
@@ -294,18 +346,26 @@ class Evaluation:
             stored = previous["settings"]
             cells = [Cell.from_dict(c) for c in previous["cells"]]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise EvalError(f"--out {self.out}: cannot read its {RESULTS} ({err}); use another --out or delete it") from err
+            raise EvalError(
+                f"--out {self.out}: cannot read its {RESULTS} ({err}); use another --out or delete it"
+            ) from err
         for name, value in self.settings.items():
             if stored.get(name) != value:
-                raise EvalError(f"--out {self.out} holds results of other settings ({name} {stored.get(name)!r}, now {value!r}); "
-                                "use another --out or delete it")
+                raise EvalError(
+                    f"--out {self.out} holds results of other settings ({name} {stored.get(name)!r}, now {value!r}); "
+                    "use another --out or delete it"
+                )
         for cell in cells:
             self.cells[cell.key] = cell
 
     def results(self) -> Dict:
         """What ``results.json`` holds: format, settings, model, and every cell (done or not)."""
-        return {"format": FORMAT, "settings": self.settings, "model": self.model_info,
-                "cells": [c.to_dict(self.samples) for c in self.cells.values()]}
+        return {
+            "format": FORMAT,
+            "settings": self.settings,
+            "model": self.model_info,
+            "cells": [c.to_dict(self.samples) for c in self.cells.values()],
+        }
 
     def save(self) -> None:
         """Write ``results.json`` atomically."""
@@ -335,24 +395,35 @@ class Evaluation:
             for cell in pending:
                 task = by_name[cell.task]
                 budget, stop = stop_rule(task, self.tokenizer)
-                bar.set_description(f"{cell.task} {cell.length:,}" + (f" @ {cell.depth:g}" if cell.depth is not None else ""))
+                bar.set_description(
+                    f"{cell.task} {cell.length:,}" + (f" @ {cell.depth:g}" if cell.depth is not None else "")
+                )
                 while len(cell.correct) < self.samples:
                     started = time.time()
                     first = len(cell.correct)
                     seeds = range(first, min(self.samples, first + self.batch_size))
                     batch = [task.sample(cell.length, seed=s, depth=cell.depth) for s in seeds]
                     with torch.no_grad():
-                        outputs = answer_batch(self.model, [s.prompt_ids for s in batch], max(budget(s) for s in batch),
-                                               self.chunk_size, self.device, stop=stop, eos_id=self.tokenizer.eos_id,
-                                               progress=lambda n, rows=len(batch): bar.update(n * rows))
+                        outputs = answer_batch(
+                            self.model,
+                            [s.prompt_ids for s in batch],
+                            max(budget(s) for s in batch),
+                            self.chunk_size,
+                            self.device,
+                            stop=stop,
+                            eos_id=self.tokenizer.eos_id,
+                            progress=lambda n, rows=len(batch): bar.update(n * rows),
+                        )
                     for sample, output in zip(batch, outputs):
-                        output = output[:budget(sample)]
+                        output = output[: budget(sample)]
                         cell.correct.append(bool(task.score(sample, output)))
                         cell.outputs.append(self._shown(task, output))
                     cell.seconds += time.time() - started
                     cell.peak_rss_mib = peak_rss_mib()
                     self.save()
-                bar.set_postfix_str(f"{cell.task} {cell.length:,}: {sum(cell.correct)}/{len(cell.correct)}", refresh=False)
+                bar.set_postfix_str(
+                    f"{cell.task} {cell.length:,}: {sum(cell.correct)}/{len(cell.correct)}", refresh=False
+                )
         finally:
             bar.close()
         self.write_reports()
@@ -390,20 +461,38 @@ class Evaluation:
         rows, columns, acc, count = self.table()
         by_depth = len(self.tasks) == 1 and self.depths is not None
         corner = f"length \\ depth ({self.tasks[0].name})" if by_depth else "length \\ task"
-        lines = [f"# deepmemory eval: {', '.join(t.name for t in self.tasks)}", "",
-                 f"Checkpoint `{os.path.basename(os.path.normpath(self.settings['checkpoint']))}`"
-                 + (f" ({self.model_info['preset']}, step {self.model_info['step']})" if self.model_info["preset"] else "")
-                 + f"; exact-match accuracy in %, {self.samples} samples per cell"
-                 + ("" if by_depth or self.depths is None else f", pooled over depths {', '.join(f'{d:g}' for d in self.depths)}")
-                 + ".", "",
-                 "| " + corner + " | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        lines = [
+            f"# deepmemory eval: {', '.join(t.name for t in self.tasks)}",
+            "",
+            f"Checkpoint `{os.path.basename(os.path.normpath(self.settings['checkpoint']))}`"
+            + (f" ({self.model_info['preset']}, step {self.model_info['step']})" if self.model_info["preset"] else "")
+            + f"; exact-match accuracy in %, {self.samples} samples per cell"
+            + (
+                ""
+                if by_depth or self.depths is None
+                else f", pooled over depths {', '.join(f'{d:g}' for d in self.depths)}"
+            )
+            + ".",
+            "",
+            "| " + corner + " | " + " | ".join(columns) + " |",
+            "|---" * (len(columns) + 1) + "|",
+        ]
         for label, a_row, n_row in zip(rows, acc, count):
-            shown = [("–" if a is None else f"{100 * a:.1f}") + ("" if n in (0, self.samples * (1 if by_depth else len(self.depths or [None])))
-                                                                 else f" ({n})") for a, n in zip(a_row, n_row)]
+            shown = [
+                ("–" if a is None else f"{100 * a:.1f}")
+                + ("" if n in (0, self.samples * (1 if by_depth else len(self.depths or [None]))) else f" ({n})")
+                for a, n in zip(a_row, n_row)
+            ]
             lines.append(f"| {label} | " + " | ".join(shown) + " |")
         _write_text_atomic(os.path.join(self.out, TABLE), "\n".join(lines) + "\n")
-        plot_heatmap(os.path.join(self.out, HEATMAP), rows, columns, acc,
-                     "depth" if by_depth else "task", f"{', '.join(t.name for t in self.tasks)}: exact-match accuracy")
+        plot_heatmap(
+            os.path.join(self.out, HEATMAP),
+            rows,
+            columns,
+            acc,
+            "depth" if by_depth else "task",
+            f"{', '.join(t.name for t in self.tasks)}: exact-match accuracy",
+        )
 
 
 def _length_label(n: int) -> str:
@@ -415,7 +504,9 @@ def _length_label(n: int) -> str:
     return str(n)
 
 
-def plot_heatmap(path: str, rows: List[str], columns: List[str], acc: List[List[Optional[float]]], xlabel: str, title: str) -> None:
+def plot_heatmap(
+    path: str, rows: List[str], columns: List[str], acc: List[List[Optional[float]]], xlabel: str, title: str
+) -> None:
     """A heatmap PNG of ``acc`` (lengths down, ``columns`` across; None left blank), with each
     cell's accuracy written in it, written atomically to ``path``."""
     import matplotlib
@@ -427,7 +518,12 @@ def plot_heatmap(path: str, rows: List[str], columns: List[str], acc: List[List[
     values = np.array([[np.nan if a is None else 100 * a for a in row] for row in acc], dtype=float)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * max(2, len(columns)), 1.2 + 0.5 * max(2, len(rows))))
     image = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(len(columns)), columns, rotation=30 if xlabel == "task" else 0, ha="right" if xlabel == "task" else "center")
+    ax.set_xticks(
+        range(len(columns)),
+        columns,
+        rotation=30 if xlabel == "task" else 0,
+        ha="right" if xlabel == "task" else "center",
+    )
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("context length (tokens)")

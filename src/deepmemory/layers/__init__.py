@@ -7,6 +7,16 @@ from .kernel_memory import KernelMemory, KernelMemoryState
 from .attention import Attention, AttentionState
 from .blocks import HybridState, MACBlock, MACState, MAGBlock, MALBlock, MemoryBlock, TransformerBlock
 
-__all__ = ["RMSNorm", "ShortConv", "SwiGLU", "NeuralMemory", "NeuralMemoryState", "KernelMemory", "KernelMemoryState", "IdentityFeatureMap", "PolynomialFeatureMap"]
+__all__ = [
+    "RMSNorm",
+    "ShortConv",
+    "SwiGLU",
+    "NeuralMemory",
+    "NeuralMemoryState",
+    "KernelMemory",
+    "KernelMemoryState",
+    "IdentityFeatureMap",
+    "PolynomialFeatureMap",
+]
 __all__ += ["Attention", "AttentionState", "TransformerBlock", "MemoryBlock", "MAGBlock", "MALBlock", "MACBlock"]
 __all__ += ["HybridState", "MACState"]

@@ -184,8 +184,12 @@ class Attention(nn.Module):
             raise TypeError(f"state must be an AttentionState; got {type(state).__name__}")
         if state is not None:
             check_state_fits(state, x)
-        if prefix is not None and (not isinstance(prefix, Tensor) or prefix.dim() != 3 or prefix.shape[-1] != self.hidden_size):
-            raise ValueError(f"prefix must be a [B, N, {self.hidden_size}] tensor; got {getattr(prefix, 'shape', prefix)!r}")
+        if prefix is not None and (
+            not isinstance(prefix, Tensor) or prefix.dim() != 3 or prefix.shape[-1] != self.hidden_size
+        ):
+            raise ValueError(
+                f"prefix must be a [B, N, {self.hidden_size}] tensor; got {getattr(prefix, 'shape', prefix)!r}"
+            )
         start = 0 if state is None else state.pos
         n_new = x.shape[1]
         pos = torch.arange(start, start + n_new, device=x.device)

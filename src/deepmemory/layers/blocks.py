@@ -137,7 +137,9 @@ class MemoryBlock(_Block):
         eps: float = 1e-6,
     ):
         if not isinstance(mixer, nn.Module):
-            raise TypeError(f"mixer must be an nn.Module with forward(x, state, return_state); got {type(mixer).__name__}")
+            raise TypeError(
+                f"mixer must be an nn.Module with forward(x, state, return_state); got {type(mixer).__name__}"
+            )
         if hidden_size is None:
             hidden_size = getattr(mixer, "hidden_size", None)
             if hidden_size is None:
@@ -202,8 +204,12 @@ class _Hybrid(_Block):
         check_int("num_persistent", num_persistent, 0)
         self.num_persistent = num_persistent
         self.attn = Attention(
-            hidden_size, num_heads, head_dim, window=window,
-            num_persistent=num_persistent if attn_persistent else 0, rope_theta=rope_theta,
+            hidden_size,
+            num_heads,
+            head_dim,
+            window=window,
+            num_persistent=num_persistent if attn_persistent else 0,
+            rope_theta=rope_theta,
         )
         self.memory = NeuralMemory(hidden_size, num_heads, head_dim, **_memory_kwargs(memory_kwargs))
 

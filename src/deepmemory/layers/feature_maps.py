@@ -110,8 +110,10 @@ class PolynomialFeatureMap(nn.Module):
         return out.to(torch.promote_types(x.dtype, y.dtype))
 
     def extra_repr(self) -> str:
-        return (f"head_dim={self.head_dim}, degree={self.degree}, num_heads={self.num_heads}, constant={self.constant}, "
-                f"out_dim={self.out_dim}")
+        return (
+            f"head_dim={self.head_dim}, degree={self.degree}, num_heads={self.num_heads}, constant={self.constant}, "
+            f"out_dim={self.out_dim}"
+        )
 
 
 def make_feature_map(name: str, head_dim: int, num_heads: int, degree: int, constant: bool = False) -> nn.Module:

@@ -76,8 +76,16 @@ class KernelMemory(QKVMixer):
     ):
         super().__init__(hidden_size, num_heads, head_dim, conv_size)
         self.check_settings(dict(expansion=expansion, max_lr=max_lr, conv_size=conv_size))
-        self.rule = KernelRule(depth=depth, activation=activation, residual=residual, loss=loss, window=window,
-                               window_rule=window_rule, normalized=normalized, chunk_size=chunk_size)
+        self.rule = KernelRule(
+            depth=depth,
+            activation=activation,
+            residual=residual,
+            loss=loss,
+            window=window,
+            window_rule=window_rule,
+            normalized=normalized,
+            chunk_size=chunk_size,
+        )
         self.max_lr = float(max_lr)
         self.lr_proj = nn.Linear(hidden_size, num_heads)
         nn.init.normal_(self.lr_proj.weight, std=0.02)
@@ -90,7 +98,11 @@ class KernelMemory(QKVMixer):
             self.initial_weights[f"w{l}"] = nn.Parameter(torch.randn(num_heads, rows, hidden) / math.sqrt(hidden))
 
     def forward(
-        self, x: Tensor, state: Optional[KernelMemoryState] = None, return_state: bool = False, *,
+        self,
+        x: Tensor,
+        state: Optional[KernelMemoryState] = None,
+        return_state: bool = False,
+        *,
         cu_seqlens: Optional[Tensor] = None,
     ) -> Union[Tensor, Tuple[Tensor, KernelMemoryState]]:
         """``x [B, T, hidden_size]`` -> ``y [B, T, hidden_size]`` (and the state to continue from).
@@ -108,8 +120,12 @@ class KernelMemory(QKVMixer):
         # in float32 under lower precisions (float64 for float64) and answers in its inputs' dtype
         with op_precision(x) as cd:
             y, cache = kernel_memory(
-                *(t.to(cd) for t in (q, k, v, lr)), dict(self.initial_weights), self.log_temp.exp(),
-                rule=self.rule, initial_state=None if state is None else state.recurrent_state, output_final_state=return_state,
+                *(t.to(cd) for t in (q, k, v, lr)),
+                dict(self.initial_weights),
+                self.log_temp.exp(),
+                rule=self.rule,
+                initial_state=None if state is None else state.recurrent_state,
+                output_final_state=return_state,
             )
         out = self.output(x, y)
         return (out, KernelMemoryState(cache, conv)) if return_state else out

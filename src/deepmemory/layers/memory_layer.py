@@ -114,7 +114,9 @@ class QKVMixer(nn.Module):
             outs, new = [F.silu(p) for p in projs], (None, None, None)
         else:
             conv = conv or (None, None, None)
-            pairs = [m(p, s, return_state=True) for m, p, s in zip((self.q_conv, self.k_conv, self.v_conv), projs, conv)]
+            pairs = [
+                m(p, s, return_state=True) for m, p, s in zip((self.q_conv, self.k_conv, self.v_conv), projs, conv)
+            ]
             outs, new = [p[0] for p in pairs], tuple(p[1] for p in pairs)
         q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)) for t in outs)
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new
@@ -211,9 +213,20 @@ class NeuralMemory(QKVMixer):
         **rule_settings,
     ):
         super().__init__(hidden_size, num_heads, head_dim, conv_size)
-        layer = dict(expansion=expansion, feature_map=feature_map, poly_degree=poly_degree, poly_constant=poly_constant, max_lr=max_lr,
-                     conv_size=conv_size, use_decay=use_decay, decay_gate=decay_gate, learned_window_gate=learned_window_gate,
-                     channel_lr_rank=channel_lr_rank, damped_momentum=damped_momentum, impl=impl)
+        layer = dict(
+            expansion=expansion,
+            feature_map=feature_map,
+            poly_degree=poly_degree,
+            poly_constant=poly_constant,
+            max_lr=max_lr,
+            conv_size=conv_size,
+            use_decay=use_decay,
+            decay_gate=decay_gate,
+            learned_window_gate=learned_window_gate,
+            channel_lr_rank=channel_lr_rank,
+            damped_momentum=damped_momentum,
+            impl=impl,
+        )
         self.check_settings(dict(layer, **rule_settings))
         if rule is None and "step_bound" not in rule_settings:
             rule_settings["step_bound"] = default_step_bound(rule_settings.get("optimizer", UpdateRule.optimizer))
@@ -248,11 +261,14 @@ class NeuralMemory(QKVMixer):
         self.gamma_proj = gate(0.95) if window > 1 and learned_window_gate else None
         self.channel_proj = None
         if channel_lr_rank > hidden_size:
-            raise ValueError(f"channel_lr_rank must be <= hidden_size ({hidden_size}): it is the rank of a projection of x; "
-                             f"got {channel_lr_rank}")
+            raise ValueError(
+                f"channel_lr_rank must be <= hidden_size ({hidden_size}): it is the rank of a projection of x; "
+                f"got {channel_lr_rank}"
+            )
         if channel_lr_rank:  # Miras §5.4: channel-wise rates through a low-rank projection
-            self.channel_proj = nn.Sequential(nn.Linear(hidden_size, channel_lr_rank, bias=False),
-                                              nn.Linear(channel_lr_rank, num_heads * head_dim))
+            self.channel_proj = nn.Sequential(
+                nn.Linear(hidden_size, channel_lr_rank, bias=False), nn.Linear(channel_lr_rank, num_heads * head_dim)
+            )
             for lin in self.channel_proj:
                 nn.init.normal_(lin.weight, std=0.02)
             nn.init.constant_(self.channel_proj[1].bias, _logit(0.95))
@@ -286,14 +302,22 @@ class NeuralMemory(QKVMixer):
         if merged["decay_gate"] != "sigmoid" and not merged["use_decay"]:
             raise ValueError(f"decay_gate={merged['decay_gate']!r} shapes the forget gate: it needs use_decay=True")
         if merged["channel_lr_rank"] and merged["impl"] == "triton":
-            raise ValueError("channel_lr_rank needs impl='chunk' or 'reference': the Triton kernels take one window gate per head")
+            raise ValueError(
+                "channel_lr_rank needs impl='chunk' or 'reference': the Triton kernels take one window gate per head"
+            )
         bound = settings.get("step_bound", default_step_bound(merged["optimizer"]))
         if bound is not None and merged["impl"] == "triton" and merged["architecture"] != "linear":
-            raise ValueError(f"impl='triton' computes step_bound only for architecture='linear'; pass step_bound=None for the "
-                             f"papers' rule in Triton, or impl='chunk' (got architecture={merged['architecture']!r}, step_bound={bound})")
+            raise ValueError(
+                f"impl='triton' computes step_bound only for architecture='linear'; pass step_bound=None for the "
+                f"papers' rule in Triton, or impl='chunk' (got architecture={merged['architecture']!r}, step_bound={bound})"
+            )
 
     def forward(
-        self, x: Tensor, state: Optional[NeuralMemoryState] = None, return_state: bool = False, *,
+        self,
+        x: Tensor,
+        state: Optional[NeuralMemoryState] = None,
+        return_state: bool = False,
+        *,
         cu_seqlens: Optional[Tensor] = None,
     ) -> Union[Tensor, Tuple[Tensor, NeuralMemoryState]]:
         """``x [B, T, hidden_size]`` -> ``y [B, T, hidden_size]`` (and the state to continue from).
@@ -343,7 +367,9 @@ class NeuralMemory(QKVMixer):
         memory when None), residual handled as in ``forward``. ``q [B, T, H, head_dim]`` (already
         projected and normalised) -> ``[B, T, H, head_dim]``."""
         if not isinstance(q, Tensor) or q.dim() != 4 or q.shape[-2:] != (self.num_heads, self.head_dim):
-            raise ValueError(f"q must be [B, T, {self.num_heads}, {self.head_dim}]; got {getattr(q, 'shape', type(q).__name__)}")
+            raise ValueError(
+                f"q must be [B, T, {self.num_heads}, {self.head_dim}]; got {getattr(q, 'shape', type(q).__name__)}"
+            )
         if state is not None and not isinstance(state, NeuralMemoryState):
             raise TypeError(f"state must be a NeuralMemoryState or None; got {type(state).__name__}")
         weights = dict(self.initial_weights) if state is None else state.recurrent_state.weights

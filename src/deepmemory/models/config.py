@@ -73,7 +73,9 @@ class DeepMemoryConfig(PretrainedConfig):
             if value is not None and not isinstance(value, dict):
                 raise TypeError(f"{name} must be a dict of settings (or None); got {type(value).__name__}")
         if not isinstance(self.layer_pattern, (str, list, tuple)):
-            raise TypeError(f"layer_pattern must be a block name or a list of them; got {type(self.layer_pattern).__name__}")
+            raise TypeError(
+                f"layer_pattern must be a block name or a list of them; got {type(self.layer_pattern).__name__}"
+            )
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.intermediate_size is None:
@@ -101,7 +103,9 @@ class DeepMemoryConfig(PretrainedConfig):
         trained with (new configs always record it)."""
         memory = config_dict.get("memory")
         pattern = config_dict.get("layer_pattern", "attn")
-        blocks = {pattern} if isinstance(pattern, str) else set(pattern) if isinstance(pattern, (list, tuple)) else set()
+        blocks = (
+            {pattern} if isinstance(pattern, str) else set(pattern) if isinstance(pattern, (list, tuple)) else set()
+        )
         if blocks & set(MEMORY_BLOCKS) and (memory is None or isinstance(memory, dict) and "step_bound" not in memory):
             config_dict = dict(config_dict, memory=dict(memory or {}, step_bound=None))
         return super().from_dict(config_dict, **kwargs)
@@ -125,26 +129,40 @@ class DeepMemoryConfig(PretrainedConfig):
 
     def check(self) -> None:
         """Raise a one-line ``ValueError``/``TypeError`` for an inconsistent configuration."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
-                     "intermediate_size", "attention_window", "segment_size"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "head_dim",
+            "intermediate_size",
+            "attention_window",
+            "segment_size",
+        ):
             check_int(name, getattr(self, name))
         check_int("num_persistent", self.num_persistent, minimum=0)
         for name in ("rms_norm_eps", "initializer_range", "rope_theta"):
             check_positive(name, getattr(self, name))
         pattern = self.layer_pattern
         if len(pattern) != self.num_hidden_layers:
-            raise ValueError(f"layer_pattern must name {self.num_hidden_layers} blocks (num_hidden_layers); got {len(pattern)}: {pattern}")
+            raise ValueError(
+                f"layer_pattern must name {self.num_hidden_layers} blocks (num_hidden_layers); got {len(pattern)}: {pattern}"
+            )
         for name in pattern:
             check_choice("layer_pattern entries", name, BLOCK_TYPES)
         # settings are checked even where no block reads them: a typo should not pass silently
         NeuralMemory.check_settings(self.memory, group="memory")
         if self.memory.get("architecture") == "linear" and self.memory.get("residual", False):
-            raise ValueError("memory['residual']=True needs an mlp or gated_mlp memory; a linear memory has no residual")
+            raise ValueError(
+                "memory['residual']=True needs an mlp or gated_mlp memory; a linear memory has no residual"
+            )
         KernelMemory.check_settings(self.kernel, group="kernel")
         # and a setting no block reads is refused: it would be saved with the model and do nothing
         for group, blocks in (("memory", MEMORY_BLOCKS), ("kernel", ("kernel",))):
             if getattr(self, group) and not set(pattern) & set(blocks):
-                raise ValueError(f"{group} settings {sorted(getattr(self, group))} are unused: layer_pattern {sorted(set(pattern))} "
-                                 f"has no {'/'.join(blocks)} block")
+                raise ValueError(
+                    f"{group} settings {sorted(getattr(self, group))} are unused: layer_pattern {sorted(set(pattern))} "
+                    f"has no {'/'.join(blocks)} block"
+                )
         if set(pattern) & set(ATTENTION_BLOCKS) and self.head_dim % 2:
             raise ValueError(f"head_dim must be even: attention rotates pairs of channels (RoPE); got {self.head_dim}")

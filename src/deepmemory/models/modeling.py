@@ -12,7 +12,15 @@ from typing import Callable, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Cache, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    Cache,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -35,10 +43,16 @@ def _build_block(config: DeepMemoryConfig, kind: str) -> nn.Module:
             h, nh, hd, mlp, window=window, num_persistent=config.num_persistent, rope_theta=config.rope_theta, eps=eps
         )
     if kind == "memory":
-        return MemoryBlock(NeuralMemory(h, nh, hd, **config.memory), h, mlp, num_persistent=config.num_persistent, eps=eps)
+        return MemoryBlock(
+            NeuralMemory(h, nh, hd, **config.memory), h, mlp, num_persistent=config.num_persistent, eps=eps
+        )
     if kind == "kernel":
-        return MemoryBlock(KernelMemory(h, nh, hd, **config.kernel), h, mlp, num_persistent=config.num_persistent, eps=eps)
-    hybrid = dict(num_persistent=config.num_persistent, memory_kwargs=config.memory, rope_theta=config.rope_theta, eps=eps)
+        return MemoryBlock(
+            KernelMemory(h, nh, hd, **config.kernel), h, mlp, num_persistent=config.num_persistent, eps=eps
+        )
+    hybrid = dict(
+        num_persistent=config.num_persistent, memory_kwargs=config.memory, rope_theta=config.rope_theta, eps=eps
+    )
     if kind == "mac":
         return MACBlock(h, nh, hd, mlp, segment_size=config.segment_size, **hybrid)
     cls = MAGBlock if kind == "mag" else MALBlock
@@ -91,7 +105,9 @@ class DeepMemoryCacheLayer:
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
-            raise ValueError("a DeepMemoryCache cannot be cropped: a recurrent state cannot forget the tokens it has read")
+            raise ValueError(
+                "a DeepMemoryCache cannot be cropped: a recurrent state cannot forget the tokens it has read"
+            )
 
     def offload(self) -> None:
         self._map(lambda t: t.to("cpu", non_blocking=True))
@@ -151,7 +167,7 @@ class DeepMemoryCache(Cache):
             for r in range(batch):
                 row = DeepMemoryCache(len(self.layers))
                 for mine, theirs in zip(self.layers, row.layers):
-                    theirs.state = map_tensors(mine.state, lambda t: t[r:r + 1])
+                    theirs.state = map_tensors(mine.state, lambda t: t[r : r + 1])
                 row.seen = self.seen
                 rows.append(row)
             for layer in self.layers:
@@ -224,7 +240,9 @@ class DeepMemoryCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes held by every state tensor."""
-        return sum(t.numel() * t.element_size() for s in self.states for t in tensors(s)) + sum(r.nbytes() for r in self.rows or ())
+        return sum(t.numel() * t.element_size() for s in self.states for t in tensors(s)) + sum(
+            r.nbytes() for r in self.rows or ()
+        )
 
 
 def _check_attention_mask(mask, batch: int, tokens: int, seen: int) -> None:
@@ -239,8 +257,10 @@ def _check_attention_mask(mask, batch: int, tokens: int, seen: int) -> None:
     lengths = (tokens,) if seen == 0 else (tokens, seen + tokens)
     if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] not in lengths:
         expected = " or ".join(f"[{batch}, {n}]" for n in lengths)
-        raise ValueError(f"attention_mask must be {expected} (batch, tokens{' with the cache' if seen else ''}); "
-                         f"got shape {list(mask.shape)}")
+        raise ValueError(
+            f"attention_mask must be {expected} (batch, tokens{' with the cache' if seen else ''}); "
+            f"got shape {list(mask.shape)}"
+        )
     if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("attention_mask must hold 0 (padding) and 1 (a token)")
 
@@ -255,7 +275,9 @@ def _check_position_ids(position_ids, batch: int, tokens: int) -> Optional[Tenso
     if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
         raise TypeError(f"position_ids must hold integers; got dtype {position_ids.dtype}")
     if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != tokens:
-        raise ValueError(f"position_ids must be [{batch}, {tokens}] (batch, tokens) or [1, {tokens}]; got shape {list(position_ids.shape)}")
+        raise ValueError(
+            f"position_ids must be [{batch}, {tokens}] (batch, tokens) or [1, {tokens}]; got shape {list(position_ids.shape)}"
+        )
     return position_ids.expand(batch, tokens)
 
 
@@ -265,7 +287,9 @@ def _one_cache(cache, past_key_values) -> Optional[DeepMemoryCache]:
         raise ValueError("pass the cache once: cache and past_key_values are the same argument")
     cache = past_key_values if cache is None else cache
     if cache is not None and not isinstance(cache, DeepMemoryCache):
-        raise TypeError(f"the cache must be a DeepMemoryCache (DeepMemoryCache(model.config), or one from a previous output); got {type(cache).__name__}")
+        raise TypeError(
+            f"the cache must be a DeepMemoryCache (DeepMemoryCache(model.config), or one from a previous output); got {type(cache).__name__}"
+        )
     return cache
 
 
@@ -296,7 +320,9 @@ def _starts_from_packing_kwargs(kwargs: dict, inputs: Optional[Tensor]) -> Optio
     return None
 
 
-def _next_token_loss(logits: Tensor, labels: Tensor, attention_mask: Optional[Tensor], position_ids: Optional[Tensor]) -> Tensor:
+def _next_token_loss(
+    logits: Tensor, labels: Tensor, attention_mask: Optional[Tensor], position_ids: Optional[Tensor]
+) -> Tensor:
     """Mean cross entropy of each scored label given the logits of the token before it.
 
     ``logits [B, T, V]``, ``labels [B, T]`` (-100: not scored). "Before" is the previous valid
@@ -305,7 +331,11 @@ def _next_token_loss(logits: Tensor, labels: Tensor, attention_mask: Optional[Te
     at padding, at a row's first valid token, or where a document begins (``position_ids == 0``)
     is not scored. Half-precision logits are upcast for the softmax; float64 stays float64."""
     bsz, tokens = labels.shape
-    valid = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - tokens:].bool().to(labels.device)
+    valid = (
+        None
+        if attention_mask is None
+        else attention_mask[:, attention_mask.shape[1] - tokens :].bool().to(labels.device)
+    )
     if valid is None or bool(valid.all()):
         pred, targets = logits[:, :-1], labels[:, 1:]
         if position_ids is not None:
@@ -396,15 +426,27 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, seq]; got shape {list(input_ids.shape)}")
             if input_ids.numel() == 0:
-                raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)}); pass at least one token per sequence")
+                raise ValueError(
+                    f"input_ids is empty (shape {list(input_ids.shape)}); pass at least one token per sequence"
+                )
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}) (vocab_size); got values in [{lo}, {hi}]")
+                raise ValueError(
+                    f"input_ids must lie in [0, {self.config.vocab_size}) (vocab_size); got values in [{lo}, {hi}]"
+                )
         else:
-            if not isinstance(inputs_embeds, Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-                raise ValueError(f"inputs_embeds must be [batch, seq, {self.config.hidden_size}]; got {getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}")
+            if (
+                not isinstance(inputs_embeds, Tensor)
+                or inputs_embeds.dim() != 3
+                or inputs_embeds.shape[-1] != self.config.hidden_size
+            ):
+                raise ValueError(
+                    f"inputs_embeds must be [batch, seq, {self.config.hidden_size}]; got {getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}"
+                )
             if inputs_embeds.shape[0] * inputs_embeds.shape[1] == 0:
-                raise ValueError(f"inputs_embeds is empty (shape {list(inputs_embeds.shape)}); pass at least one token per sequence")
+                raise ValueError(
+                    f"inputs_embeds is empty (shape {list(inputs_embeds.shape)}); pass at least one token per sequence"
+                )
 
     def forward(
         self,
@@ -464,8 +506,10 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"the cache holds {len(cache)} layer states; this model has {len(self.layers)} layers")
         if cache is not None and cache.batch_size not in (-1, batch):
-            raise ValueError(f"the cache holds {cache.batch_size} sequence(s) but the input has a batch of {batch}; "
-                             "continue a cache with the batch it was made with")
+            raise ValueError(
+                f"the cache holds {cache.batch_size} sequence(s) but the input has a batch of {batch}; "
+                "continue a cache with the batch it was made with"
+            )
         if cache is not None and cache.rows is None:
             check_state_fits(cache.states, inputs, "cache")
 
@@ -473,7 +517,7 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
         if cache is not None and (cache.rows is not None or (valid is not None and not bool(valid.all()))):
             x, hidden = self._rows(x, cache, valid, starts, output_hidden_states)
         elif cache is not None:
-            if starts is not None and bool(starts[:, 1 if cache.seen == 0 else 0:].any()):
+            if starts is not None and bool(starts[:, 1 if cache.seen == 0 else 0 :].any()):
                 raise ValueError(self._no_new_document)
             x, hidden = self._blocks(x, cache, output_hidden_states)
         elif valid is None and starts is None:
@@ -489,10 +533,14 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
         )
         return out if _return_dict(return_dict, self.config) else out.to_tuple()
 
-    _no_new_document = ("a document cannot begin inside a cached stream (position_ids is 0 after a row's first token); "
-                        "read packed documents with use_cache=False, or start a new cache for a new document")
+    _no_new_document = (
+        "a document cannot begin inside a cached stream (position_ids is 0 after a row's first token); "
+        "read packed documents with use_cache=False, or start a new cache for a new document"
+    )
 
-    def _blocks(self, x: Tensor, cache: Optional[DeepMemoryCache], output_hidden_states: Optional[bool]) -> Tuple[Tensor, Optional[List[Tensor]]]:
+    def _blocks(
+        self, x: Tensor, cache: Optional[DeepMemoryCache], output_hidden_states: Optional[bool]
+    ) -> Tuple[Tensor, Optional[List[Tensor]]]:
         """Blocks and final norm over ``x [B, T, hidden]``, continuing ``cache`` (its ``seen`` is
         the caller's to advance); the hidden states after the embeddings and each block if asked."""
         hidden = [x] if output_hidden_states else None
@@ -509,7 +557,9 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
             hidden[-1] = x
         return x, hidden
 
-    def _documents(self, x: Tensor, docs, output_hidden_states: Optional[bool]) -> Tuple[Tensor, Optional[List[Tensor]]]:
+    def _documents(
+        self, x: Tensor, docs, output_hidden_states: Optional[bool]
+    ) -> Tuple[Tensor, Optional[List[Tensor]]]:
         """A packed or padded batch without a cache, as batches of documents (docs/packing.md).
 
         A row whose first document begins at its first position and fills more than half of it
@@ -542,24 +592,36 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
         merged = [sum(hs) for hs in zip(*parts)]
         return merged[0], (merged[1:] if output_hidden_states else None)
 
-    def _rows(self, x: Tensor, cache: DeepMemoryCache, valid: Optional[Tensor], starts: Optional[Tensor],
-              output_hidden_states: Optional[bool]) -> Tuple[Tensor, Optional[List[Tensor]]]:
+    def _rows(
+        self,
+        x: Tensor,
+        cache: DeepMemoryCache,
+        valid: Optional[Tensor],
+        starts: Optional[Tensor],
+        output_hidden_states: Optional[bool],
+    ) -> Tuple[Tensor, Optional[List[Tensor]]]:
         """A padded batch with a cache: each row's valid tokens continue that row's own cache."""
         batch, tokens = x.shape[:2]
         rows = cache.split_rows(batch)
-        where = [valid[r].nonzero().squeeze(1) if valid is not None else torch.arange(tokens, device=x.device) for r in range(batch)]
+        where = [
+            valid[r].nonzero().squeeze(1) if valid is not None else torch.arange(tokens, device=x.device)
+            for r in range(batch)
+        ]
         for r, pos in enumerate(where):  # every row checked before any cache moves
-            if starts is not None and pos.numel() and bool(starts[r, pos[1 if rows[r].seen == 0 else 0:]].any()):
+            if starts is not None and pos.numel() and bool(starts[r, pos[1 if rows[r].seen == 0 else 0 :]].any()):
                 raise ValueError(self._no_new_document)
             if pos.numel():
-                check_state_fits(rows[r].states, x[r:r + 1], "cache")
+                check_state_fits(rows[r].states, x[r : r + 1], "cache")
         outs, hiddens = [], []
         for r, pos in enumerate(where):
             if pos.numel():
-                y, hidden = self._blocks(x[r:r + 1, pos], rows[r], output_hidden_states)
+                y, hidden = self._blocks(x[r : r + 1, pos], rows[r], output_hidden_states)
                 rows[r].seen += pos.numel()
             else:  # nothing to read in this row
-                y, hidden = x[r:r + 1, :0], [x[r:r + 1, :0]] * (len(self.layers) + 1) if output_hidden_states else None
+                y, hidden = (
+                    x[r : r + 1, :0],
+                    [x[r : r + 1, :0]] * (len(self.layers) + 1) if output_hidden_states else None,
+                )
             place = lambda h: h.new_zeros(tokens, h.shape[-1]).index_put((pos,), h[0])  # noqa: E731
             outs.append(place(y))
             if hidden is not None:
@@ -631,20 +693,30 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: memory blocks have no attention matrix")
         out = self.model(
-            input_ids=input_ids, cache=cache, past_key_values=past_key_values, use_cache=use_cache,
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
-            return_dict=True, position_ids=position_ids,
+            input_ids=input_ids,
+            cache=cache,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            position_ids=position_ids,
         )
         h = out.last_hidden_state
         logits = self.lm_head(h if not logits_to_keep else h[:, -logits_to_keep:])
         loss = None
         if labels is not None:
             if labels.shape != h.shape[:2]:
-                raise ValueError(f"labels must have the shape of the input [batch, seq] = {list(h.shape[:2])}; got {list(labels.shape)}")
+                raise ValueError(
+                    f"labels must have the shape of the input [batch, seq] = {list(h.shape[:2])}; got {list(labels.shape)}"
+                )
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position; leave logits_to_keep at 0")
             loss = _next_token_loss(logits, labels.to(logits.device), attention_mask, position_ids)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_NAME: getattr(out, CACHE_NAME)})
+        out = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_NAME: getattr(out, CACHE_NAME)}
+        )
         return out if _return_dict(return_dict, self.config) else out.to_tuple()
 
     @classmethod

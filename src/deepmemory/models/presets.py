@@ -38,8 +38,10 @@ TITANS_RULE = UpdateRule(architecture="mlp", depth=2, residual=True, loss="l2", 
 TITANS = (TITANS_RULE, dict(expansion=4, feature_map="identity", max_lr=0.02))
 # ATLAS's memories (App. E, after Miras) normalise the MLP's output, M(x) = x + LN(h(x)), and its
 # polynomial map keeps the degree-0 term of eq. 5 (poly_constant); Titans' memory is a plain MLP.
-OMEGA = (TITANS_RULE.replace(window=16, layer_norm=True),
-         dict(TITANS[1], feature_map="polynomial", poly_degree=2, poly_constant=True))
+OMEGA = (
+    TITANS_RULE.replace(window=16, layer_norm=True),
+    dict(TITANS[1], feature_map="polynomial", poly_degree=2, poly_constant=True),
+)
 # Muon per token, as ATLAS §5.1 (eq. 40-41) trains it: every token's momentum orthogonalised and
 # read by the tokens after it in its chunk (granularity="chunk", one update per chunk, is the cheaper
 # ablation; docs/models/atlas.md). Muon's step is lr times an orthogonalised matrix (spectral norm
@@ -49,15 +51,22 @@ ATLAS = (ATLAS_RULE, dict(OMEGA[1], max_lr=1.0))
 ATLAS_PP = (ATLAS_RULE.replace(architecture="gated_mlp"), ATLAS[1])
 # Gated DeltaNet: the gated delta rule exactly online (forget, then the delta step, at every token;
 # chunk_size 1 in the WY form of ops/delta.py) with Mamba-2's log-decay gate and beta = sigmoid (max_lr 1)
-GATED_DELTANET = (UpdateRule(architecture="linear", residual=False, loss="l2", optimizer="gd", window=1, chunk_size=1,
-                             decay_first=True),
-                  dict(use_decay=True, decay_gate="mamba2", feature_map="identity"))
+GATED_DELTANET = (
+    UpdateRule(
+        architecture="linear", residual=False, loss="l2", optimizer="gd", window=1, chunk_size=1, decay_first=True
+    ),
+    dict(use_decay=True, decay_gate="mamba2", feature_map="identity"),
+)
 # DLA keeps the memory LayerNorm off: with the dot loss the memory's output starts near zero and
 # normalising it amplifies rounding (bf16 logits 0.21 off float32 with it; docs/fidelity.md A1)
-DLA = (UpdateRule(architecture="mlp", depth=2, residual=True, loss="dot", optimizer="gd", window=1),
-       dict(expansion=4, use_decay=True, feature_map="polynomial", poly_degree=2, poly_constant=True))
-SWLA = (UpdateRule(architecture="linear", residual=False, loss="dot", optimizer="gd", window=16),
-        dict(use_decay=True, feature_map="identity"))
+DLA = (
+    UpdateRule(architecture="mlp", depth=2, residual=True, loss="dot", optimizer="gd", window=1),
+    dict(expansion=4, use_decay=True, feature_map="polynomial", poly_degree=2, poly_constant=True),
+)
+SWLA = (
+    UpdateRule(architecture="linear", residual=False, loss="dot", optimizer="gd", window=16),
+    dict(use_decay=True, feature_map="identity"),
+)
 NO_MEMORY = None
 
 # SWDT and Dot: the Omega rule of ATLAS eq. 27-28 in kernel form (window_rule="omega", the paper's
@@ -107,8 +116,20 @@ PERSISTENT_MEMORY = ("titans-lmm",)
 # seconds; the others are ATLAS Table 7 with the library's paper-size defaults for windows and
 # segments (docs/models/index.md).
 SIZES: Dict[str, Tuple[dict, float | None]] = {
-    "tiny": (dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                  attention_window=64, segment_size=64, num_persistent=4, chunk_size=16), None),
+    "tiny": (
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            attention_window=64,
+            segment_size=64,
+            num_persistent=4,
+            chunk_size=16,
+        ),
+        None,
+    ),
     "170m": (dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=16), 170e6),
     "340m": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16), 340e6),
     "760m": (dict(hidden_size=1536, num_hidden_layers=24, num_attention_heads=16), 760e6),

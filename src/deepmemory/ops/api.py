@@ -10,8 +10,16 @@ from torch import Tensor
 
 from ..checks import check_choice
 from .chunk import chunk
-from .inputs import (check_query, check_ranges, check_sequence, check_tensor, check_weight_shapes, check_weights,
-                     compute_dtype, rule_mismatch)
+from .inputs import (
+    check_query,
+    check_ranges,
+    check_sequence,
+    check_tensor,
+    check_weight_shapes,
+    check_weights,
+    compute_dtype,
+    rule_mismatch,
+)
 from .memory import MemorySpec, dense_apply, memory_forward
 from .problem import Problem, Result
 from .reference import reference
@@ -33,14 +41,18 @@ def _triton(p: Problem) -> Result:
 IMPLS = {"chunk": chunk, "reference": reference, "triton": _triton}
 
 
-def _initial_weights(weights, spec: MemorySpec, bsz: int, nh: int, dk: int, dv: int, q: Tensor, arg: str = "weights") -> Dict[str, Tensor]:
+def _initial_weights(
+    weights, spec: MemorySpec, bsz: int, nh: int, dk: int, dv: int, q: Tensor, arg: str = "weights"
+) -> Dict[str, Tensor]:
     names = spec.names()
     what = f"architecture={spec.architecture!r}" + (f" depth={spec.depth}" if spec.architecture == "mlp" else "")
     check_weights(weights, names, what, bsz, nh, q, arg)
     hidden = spec.hidden_of(weights)
     check_weight_shapes(weights, spec.shapes(dk, dv, hidden), f"dk={dk}, dv={dv}, hidden={hidden}", arg)
     if spec.uses_residual and dk != dv:
-        raise ValueError(f"a residual {spec.architecture} memory needs dk == dv; got dk={dk}, dv={dv} (pass residual=False)")
+        raise ValueError(
+            f"a residual {spec.architecture} memory needs dk == dv; got dk={dk}, dv={dv} (pass residual=False)"
+        )
     cd = compute_dtype(q.dtype)
     return {n: weights[n].to(cd).expand(bsz, nh, *weights[n].shape[-2:]) for n in names}
 
@@ -164,18 +176,37 @@ def neural_memory(
         check_tensor("decay", decay, (bsz, seq, nh), q)
     channel = isinstance(window_gate, Tensor) and window_gate.dim() == 4
     if isinstance(window_gate, Tensor) and window_gate.dim() not in (3, 4):
-        raise ValueError(f"window_gate must be [B, T, H] = {[bsz, seq, nh]} or channel-wise [B, T, H, dv] = {[bsz, seq, nh, dv]}; "
-                         f"got shape {list(window_gate.shape)}")
+        raise ValueError(
+            f"window_gate must be [B, T, H] = {[bsz, seq, nh]} or channel-wise [B, T, H, dv] = {[bsz, seq, nh, dv]}; "
+            f"got shape {list(window_gate.shape)}"
+        )
     if window_gate is not None:
         check_tensor("window_gate", window_gate, (bsz, seq, nh, dv) if channel else (bsz, seq, nh), q)
     w0 = _initial_weights(weights, rule.spec, bsz, nh, dk, dv, q)
     # the gates' ranges, last (one device sync): lr unbounded above, the layers bound it by max_lr
-    check_ranges([("lr", lr, 0.0, None), ("momentum", momentum, 0.0, 1.0), ("decay", decay, 0.0, 1.0),
-                  ("window_gate", window_gate, 0.0, 1.0)])
+    check_ranges(
+        [
+            ("lr", lr, 0.0, None),
+            ("momentum", momentum, 0.0, 1.0),
+            ("decay", decay, 0.0, 1.0),
+            ("window_gate", window_gate, 0.0, 1.0),
+        ]
+    )
     if cu_seqlens is not None:  # each document alone, as one batch of documents
+
         def run(q, k, v, lr, momentum, decay, window_gate):
-            return neural_memory(q, k, v, lr, momentum, decay, expand_weights(weights, q.shape[0]), rule=rule,
-                                 window_gate=window_gate, impl=impl)[0]
+            return neural_memory(
+                q,
+                k,
+                v,
+                lr,
+                momentum,
+                decay,
+                expand_weights(weights, q.shape[0]),
+                rule=rule,
+                window_gate=window_gate,
+                impl=impl,
+            )[0]
 
         return by_document(cu_seqlens, run, q, k, v, lr, momentum, decay, window_gate), None
 
@@ -196,21 +227,35 @@ def neural_memory(
         hk, hv, hg = kk[:, :, :0], vv[:, :, :0], gam[:, :, :0]
     else:
         if not isinstance(initial_state, MemoryState):
-            raise TypeError(f"initial_state must be a MemoryState (the op's final_state); got {type(initial_state).__name__}")
+            raise TypeError(
+                f"initial_state must be a MemoryState (the op's final_state); got {type(initial_state).__name__}"
+            )
         if initial_state.rule != rule:
             raise ValueError(rule_mismatch(initial_state.rule, rule))
         st = initial_state
         for n, w in w0.items():
             if st.weights[n].shape != w.shape:
-                raise ValueError(f"initial_state.weights[{n!r}] has shape {list(st.weights[n].shape)}; expected {list(w.shape)}")
+                raise ValueError(
+                    f"initial_state.weights[{n!r}] has shape {list(st.weights[n].shape)}; expected {list(w.shape)}"
+                )
         if st.keys.device != q.device:
             raise ValueError(f"initial_state is on {st.keys.device} but q is on {q.device}")
         if (st.window_gate.dim() == 4) != channel:
-            raise ValueError("initial_state was made with a " + ("channel-wise window_gate; pass window_gate [B, T, H, dv]"
-                             if st.window_gate.dim() == 4 else "per-head window_gate (or none); pass window_gate [B, T, H] or None"))
+            raise ValueError(
+                "initial_state was made with a "
+                + (
+                    "channel-wise window_gate; pass window_gate [B, T, H, dv]"
+                    if st.window_gate.dim() == 4
+                    else "per-head window_gate (or none); pass window_gate [B, T, H] or None"
+                )
+            )
         seen, pending = st.seen, st.pending
         # the state after the pending tokens (token granularity: chunk granularity has not moved since the chunk start)
-        resume = ({n: t.to(cd) for n, t in st.weights.items()}, {n: t.to(cd) for n, t in st.momentum.items()}) if pending else None
+        resume = (
+            ({n: t.to(cd) for n, t in st.weights.items()}, {n: t.to(cd) for n, t in st.momentum.items()})
+            if pending
+            else None
+        )
         w0 = {n: t.to(cd) for n, t in st.chunk_weights.items()}
         s0 = {n: t.to(cd) for n, t in st.chunk_momentum.items()}
         tail_k, tail_v, tail_g = st.keys.to(cd), st.values.to(cd), st.window_gate.to(cd)
@@ -224,11 +269,21 @@ def neural_memory(
 
     gam = torch.cat([hg, gam], 2)
     problem = Problem(
-        rule=rule, q=qq,
-        k=torch.cat([hk, kk], 2), v=torch.cat([hv, vv], 2), gamma=torch.ones_like(gam[..., 0]) if channel else gam,
-        lr=gates["lr"], momentum=gates["momentum"], decay=gates["decay"],
-        n_hist=hk.shape[2], w0=w0, s0=s0, low_precision=q.dtype in (torch.float16, torch.bfloat16),
-        replayed=pending, resume=resume, channel=gam if channel else None,
+        rule=rule,
+        q=qq,
+        k=torch.cat([hk, kk], 2),
+        v=torch.cat([hv, vv], 2),
+        gamma=torch.ones_like(gam[..., 0]) if channel else gam,
+        lr=gates["lr"],
+        momentum=gates["momentum"],
+        decay=gates["decay"],
+        n_hist=hk.shape[2],
+        w0=w0,
+        s0=s0,
+        low_precision=q.dtype in (torch.float16, torch.bfloat16),
+        replayed=pending,
+        resume=resume,
+        channel=gam if channel else None,
     )
     res: Result = IMPLS[impl](problem)
     o = res.o[:, :, pending:].transpose(1, 2).to(q.dtype)

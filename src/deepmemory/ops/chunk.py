@@ -54,8 +54,16 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from .coefficients import (chunk_layout, gate_coefficients, nonfinite, poison_rows, retention_products, segprod, step_scale,
-                           zero_rows)
+from .coefficients import (
+    chunk_layout,
+    gate_coefficients,
+    nonfinite,
+    poison_rows,
+    retention_products,
+    segprod,
+    step_scale,
+    zero_rows,
+)
 from .delta import delta_rule, is_delta_rule
 from .memory import NS_COEFFICIENTS, dense_apply, memory_forward, newton_schulz, token_gradients
 from .problem import Problem, Result
@@ -86,7 +94,9 @@ def _read_start(ws: Tensor, x: Tensor, coef: Tensor) -> Tensor:
     autograd keeps besides ``x`` and the state is the narrower one."""
     rows, cols = ws.shape[-2:]
     if cols < rows:
-        return (coef[..., 0, :] * x) @ ws[:, :, 0].transpose(-1, -2) + (coef[..., 1, :] * x) @ ws[:, :, 1].transpose(-1, -2)
+        return (coef[..., 0, :] * x) @ ws[:, :, 0].transpose(-1, -2) + (coef[..., 1, :] * x) @ ws[:, :, 1].transpose(
+            -1, -2
+        )
     both = x @ ws.flatten(2, 3).transpose(-1, -2)  # [B, H, n, 2 * rows]: W x and S x
     return (both.unflatten(-1, (2, -1)) * coef).sum(-2)
 
@@ -163,7 +173,9 @@ def chunk(p: Problem) -> Result:
     if last_len == b:
         ws_chunk = ws
     unstack = lambda st, i: {m: t[:, :, i] for m, t in st.items()}  # noqa: E731
-    return Result(torch.cat(outs, 2)[:, :, :n], unstack(ws, 0), unstack(ws, 1), unstack(ws_chunk, 0), unstack(ws_chunk, 1))
+    return Result(
+        torch.cat(outs, 2)[:, :, :n], unstack(ws, 0), unstack(ws, 1), unstack(ws_chunk, 0), unstack(ws_chunk, 1)
+    )
 
 
 def _bound_scale(bound: float, coef: Tensor, inputs) -> Tensor:
@@ -211,8 +223,12 @@ def _muon_token(p: Problem, lay, q, kx, vx, cx, d_a, a_cum, n: int, b: int, last
         # W_t = D_A[t, first-1] W - ...; the momenta sum only the steps of rows >= first
         first, start = p.replayed, p.resume
         cut = slice(first, None)
-        coefs[0][:4] = [d_e[:, :, 0, cut, cut] @ lay.gamma[:, :, 0, cut], coefs[0][1][..., cut, cut],
-                        d_e[:, :, 0, cut, first - 1], d_a[:, :, 0, cut, first - 1]]
+        coefs[0][:4] = [
+            d_e[:, :, 0, cut, cut] @ lay.gamma[:, :, 0, cut],
+            coefs[0][1][..., cut, cut],
+            d_e[:, :, 0, cut, first - 1],
+            d_a[:, :, 0, cut, first - 1],
+        ]
     names = tuple(w)
     outs = []
     for j in range(n_chunks):
@@ -260,18 +276,26 @@ class _Recompute(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        inputs = [None if t is None else t.detach().requires_grad_(need)
-                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+        inputs = [
+            None if t is None else t.detach().requires_grad_(need)
+            for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])
+        ]
         with torch.enable_grad():
             outs = ctx.fn(*ctx.static, *inputs)
         live = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         want = [x for x in inputs if x is not None and x.requires_grad]
-        found = torch.autograd.grad([o for o, _ in live], want, [g for _, g in live], allow_unused=True) if live and want else ()
+        found = (
+            torch.autograd.grad([o for o, _ in live], want, [g for _, g in live], allow_unused=True)
+            if live and want
+            else ()
+        )
         found = iter(found)
         return (None, None, *(next(found, None) if x is not None and x.requires_grad else None for x in inputs))
 
 
-def _muon_chunk(p: Problem, lay, names, first: int, e: int, q, kx, vx, cx, s_coef, w_coef, e_coef, a_coef, bad, *states):
+def _muon_chunk(
+    p: Problem, lay, names, first: int, e: int, q, kx, vx, cx, s_coef, w_coef, e_coef, a_coef, bad, *states
+):
     """One chunk of :func:`_muon_token`, rows ``first..b-1`` (``first`` > 0 only when resuming):
     ``states`` are the matrices ``names`` (each ``[B, H, rows, cols]``) of the weights the
     gradients are taken at (the chunk start), then of the weights and the momentum before row
@@ -298,7 +322,9 @@ def _muon_chunk(p: Problem, lay, names, first: int, e: int, q, kx, vx, cx, s_coe
 
     rows = rows[..., first:]
     e_col = e_coef[..., None, None]
-    s_all = {m: torch.addcmul(_outer_sums(s_coef, *grads[m]), e_col, s[m].unsqueeze(2)) for m in w}  # [B, H, b - first, rows, cols]
+    s_all = {
+        m: torch.addcmul(_outer_sums(s_coef, *grads[m]), e_col, s[m].unsqueeze(2)) for m in w
+    }  # [B, H, b - first, rows, cols]
     ortho = {m: newton_schulz_batched(t, p.rule.ns_steps) for m, t in s_all.items()}
     lead = lay.n_ext - lay.b + first  # the span's tokens before row first
     for o in ortho.values():  # S_r of huge but finite factors may overflow
@@ -308,14 +334,20 @@ def _muon_chunk(p: Problem, lay, names, first: int, e: int, q, kx, vx, cx, s_coe
 
     def apply(name: str, x: Tensor) -> Tensor:
         o = ortho[name]  # [B, H, r, rows, cols]
-        seen = (x @ o.flatten(2, 3).transpose(-1, -2)).unflatten(-1, (o.shape[2], -1))  # [B, H, t, r, rows]: NS(S_r) x_t
+        seen = (x @ o.flatten(2, 3).transpose(-1, -2)).unflatten(
+            -1, (o.shape[2], -1)
+        )  # [B, H, t, r, rows]: NS(S_r) x_t
         seen = torch.where(rows[..., None, :, None], 0.0, seen)  # NS(S_r) of a marked row r: zeros (selected)
         return a_col * (x @ w[name].transpose(-1, -2)) - (w_coef.unsqueeze(-2) @ seen).squeeze(-2)
 
     out = poison_rows(rows, memory_forward(p.spec, apply, q))
     end_bad = rows[..., e]  # a marked token up to the state's row leaves a NaN state
-    w_end = {m: poison_rows(end_bad, a_coef[..., e, None, None] * w[m] - torch.einsum("bhr,bhrpc->bhpc", w_coef[..., e, :], ortho[m]))
-             for m in w}
+    w_end = {
+        m: poison_rows(
+            end_bad, a_coef[..., e, None, None] * w[m] - torch.einsum("bhr,bhrpc->bhpc", w_coef[..., e, :], ortho[m])
+        )
+        for m in w
+    }
     s_end = [poison_rows(end_bad, s_all[m][:, :, e]) for m in names]
     return (out, *(w_end[m] for m in names), *s_end)
 

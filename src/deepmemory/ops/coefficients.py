@@ -135,8 +135,13 @@ def chunk_layout(p: Problem, sanitize: bool = False, keys_values: bool = False) 
         if p.channel is not None:
             p = replace(p, channel=zero_rows(bad, p.channel))
         tok = bad[:, :, p.n_hist :]
-        p = replace(p, gamma=zero_rows(bad, p.gamma), lr=zero_rows(tok, p.lr), momentum=zero_rows(tok, p.momentum),
-                    decay=zero_rows(tok, p.decay))
+        p = replace(
+            p,
+            gamma=zero_rows(bad, p.gamma),
+            lr=zero_rows(tok, p.lr),
+            momentum=zero_rows(tok, p.momentum),
+            decay=zero_rows(tok, p.decay),
+        )
     n_chunks = -(-n // b)
     pad = n_chunks * b - n
     n_ext = c - 1 + b
@@ -148,10 +153,17 @@ def chunk_layout(p: Problem, sanitize: bool = False, keys_values: bool = False) 
     i_idx = torch.arange(n_ext, device=p.q.device)[None, :]
     band = (i_idx >= t_idx) & (i_idx <= t_idx + c - 1)  # token t (ext index t + c - 1) sees i in [t, t + c - 1]
     return ChunkLayout(
-        n_chunks=n_chunks, b=b, last_len=n - (n_chunks - 1) * b, n_ext=n_ext,
+        n_chunks=n_chunks,
+        b=b,
+        last_len=n - (n_chunks - 1) * b,
+        n_ext=n_ext,
         q=F.pad(p.q, (0, 0, 0, pad)).unflatten(2, (n_chunks, b)),
-        kx=spans(p.k), vx=spans(p.v), cx=None if p.channel is None else spans(p.channel),
-        lr=chunks(p.lr), momentum=chunks(p.momentum), retention=1.0 - chunks(p.decay),
+        kx=spans(p.k),
+        vx=spans(p.v),
+        cx=None if p.channel is None else spans(p.channel),
+        lr=chunks(p.lr),
+        momentum=chunks(p.momentum),
+        retention=1.0 - chunks(p.decay),
         # (sanitized, the gates are finite and the band's zeros exact; else a NaN gate stays in its own
         # chunk's update, which one update per chunk applies after all of its tokens)
         gamma=band * gx.unsqueeze(-2),

@@ -69,8 +69,15 @@ def is_delta_rule(rule: UpdateRule) -> bool:
     """Whether ``rule`` is the exactly online delta rule that :func:`delta_rule` computes: the
     linear memory without layer norm, the l2 loss, ``gd``, window 1, ``chunk_size=1`` and token
     granularity (``decay_first`` either way)."""
-    return (rule.architecture == "linear" and not rule.layer_norm and rule.loss == "l2" and rule.optimizer == "gd"
-            and rule.window == 1 and rule.chunk_size == 1 and rule.granularity == "token")
+    return (
+        rule.architecture == "linear"
+        and not rule.layer_norm
+        and rule.loss == "l2"
+        and rule.optimizer == "gd"
+        and rule.window == 1
+        and rule.chunk_size == 1
+        and rule.granularity == "token"
+    )
 
 
 def _blocks(x: Tensor, n_blocks: int, b: int, value: float = 0.0) -> Tensor:

@@ -75,7 +75,9 @@ def check_weights(weights, names: Sequence[str], what: str, bsz: int, nh: int, q
             raise ValueError(f"{arg}[{n!r}] has shape {list(w.shape)}; expected leading dims [{nh}] or [{bsz}, {nh}]")
 
 
-def check_weight_shapes(weights: Dict[str, Tensor], shapes: Dict[str, Tuple[int, int]], sizes: str, arg: str = "weights") -> None:
+def check_weight_shapes(
+    weights: Dict[str, Tensor], shapes: Dict[str, Tuple[int, int]], sizes: str, arg: str = "weights"
+) -> None:
     """Each ``weights[name]`` ends in ``shapes[name]`` (``sizes`` says which widths they follow)."""
     for n, (rows, cols) in shapes.items():
         if tuple(weights[n].shape[-2:]) != (rows, cols):
@@ -87,8 +89,9 @@ Range = Tuple[str, Optional[Tensor], Optional[float], Optional[float]]
 GATE_DIMS = ("batch", "token", "head")
 
 
-def check_range(name: str, x: Optional[Tensor], low: Optional[float], high: Optional[float],
-                dims: Sequence[str] = GATE_DIMS) -> None:
+def check_range(
+    name: str, x: Optional[Tensor], low: Optional[float], high: Optional[float], dims: Sequence[str] = GATE_DIMS
+) -> None:
     """``x`` in ``[low, high]`` (``None``: unbounded that side); see :func:`check_ranges`."""
     check_ranges([(name, x, low, high)], dims)
 
@@ -155,5 +158,9 @@ def rule_mismatch(was, now) -> str:
     """The one-line error for a state made under another rule: the fields that differ."""
     a, b = was.to_dict(), now.to_dict()
     diff = [k for k in b if a[k] != b[k]]
-    return ("initial_state was made with settings " + ", ".join(f"{k}={a[k]!r}" for k in diff)
-            + ", not " + ", ".join(f"{k}={b[k]!r}" for k in diff))
+    return (
+        "initial_state was made with settings "
+        + ", ".join(f"{k}={a[k]!r}" for k in diff)
+        + ", not "
+        + ", ".join(f"{k}={b[k]!r}" for k in diff)
+    )

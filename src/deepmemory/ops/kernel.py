@@ -237,10 +237,14 @@ def _check_state(st, rule: KernelRule, shapes: Dict[str, Tuple[int, ...]], q: Te
             raise ValueError(f"initial_state.{name} has shape {list(got)}; expected [{shown}] (n = any)")
     want_r = min(rule.window - 1, st.keys.shape[2]) if rule.omega() else 0
     if st.window_values.shape[2] != want_r:
-        raise ValueError(f"initial_state holds {st.window_values.shape[2]} window values but {st.keys.shape[2]} stored keys; "
-                         f"expected {want_r} for window={rule.window}, window_rule={rule.window_rule!r}")
+        raise ValueError(
+            f"initial_state holds {st.window_values.shape[2]} window values but {st.keys.shape[2]} stored keys; "
+            f"expected {want_r} for window={rule.window}, window_rule={rule.window_rule!r}"
+        )
     if st.pending != st.seen % rule.chunk_size:
-        raise ValueError(f"initial_state holds {st.pending} pending tokens but seen={st.seen} with chunk_size={rule.chunk_size}")
+        raise ValueError(
+            f"initial_state holds {st.pending} pending tokens but seen={st.seen} with chunk_size={rule.chunk_size}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +266,9 @@ def _kernel_weights(x: Tensor, keys: Tensor, scale: Tensor, mask: Optional[Tenso
     return w / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def _kernel_read(x: Tensor, keys: Tensor, d0: Tensor, scale: Tensor, mask: Optional[Tensor], normalized: bool) -> Tensor:
+def _kernel_read(
+    x: Tensor, keys: Tensor, d0: Tensor, scale: Tensor, mask: Optional[Tensor], normalized: bool
+) -> Tensor:
     """``W_0 φ*(x) = Σ_i D_i exp(scale k_i·x)`` (divided by ``Σ_i exp(scale k_i·x)`` when
     ``normalized``) over the stored tokens ``mask [m, n]`` allows (None: all)."""
     if keys.shape[-2] == 0:  # nothing stored yet: W_0 = 0
@@ -382,8 +388,10 @@ def kernel_chunk(
             outs.append(poison_rows(seen, y))
         if e - s < b:  # unfinished chunk: its raw inputs are kept instead
             break
-        mats = [w + torch.einsum("bhi,bhir,bhic->bhrc", sign[-1].expand(bsz, nh, -1), d, a)
-                for w, d, a in zip(mats, all_sig, all_inp)]
+        mats = [
+            w + torch.einsum("bhi,bhir,bhic->bhrc", sign[-1].expand(bsz, nh, -1), d, a)
+            for w, d, a in zip(mats, all_sig, all_inp)
+        ]
         keep = all_keys.shape[2] if window is None else min(window, all_keys.shape[2])
         keys, d0, bad0 = all_keys[:, :, -keep:], all_d0[:, :, -keep:], all_bad0[:, :, -keep:]
         keep_e = 0 if window is None else min(window, all_keys.shape[2])
@@ -394,9 +402,17 @@ def kernel_chunk(
         return y, None
     p = (st.seen + seq) % b
     return y, KernelState(
-        keys=keys, signals=poison_rows(bad0, d0), weights=tuple(mats), evict_signals=tuple(ev_sig), evict_inputs=tuple(ev_inp),
-        window_values=st.window_values, pending_k=kk[:, :, n - p :], pending_v=vv[:, :, n - p :], pending_lr=ll[:, :, n - p :],
-        seen=st.seen + seq, rule=rule,
+        keys=keys,
+        signals=poison_rows(bad0, d0),
+        weights=tuple(mats),
+        evict_signals=tuple(ev_sig),
+        evict_inputs=tuple(ev_inp),
+        window_values=st.window_values,
+        pending_k=kk[:, :, n - p :],
+        pending_v=vv[:, :, n - p :],
+        pending_lr=ll[:, :, n - p :],
+        seen=st.seen + seq,
+        rule=rule,
     )
 
 
@@ -478,9 +494,17 @@ def omega_chunk(
         return y, None
     p = (st.seen + seq) % b
     return y, KernelState(
-        keys=keys, signals=poison_rows(bad0, d0), weights=tuple(mats), evict_signals=st.evict_signals,
-        evict_inputs=st.evict_inputs, window_values=win_v, pending_k=kk[:, :, n - p :], pending_v=vv[:, :, n - p :],
-        pending_lr=ll[:, :, n - p :], seen=st.seen + seq, rule=rule,
+        keys=keys,
+        signals=poison_rows(bad0, d0),
+        weights=tuple(mats),
+        evict_signals=st.evict_signals,
+        evict_inputs=st.evict_inputs,
+        window_values=win_v,
+        pending_k=kk[:, :, n - p :],
+        pending_v=vv[:, :, n - p :],
+        pending_lr=ll[:, :, n - p :],
+        seen=st.seen + seq,
+        rule=rule,
     )
 
 
@@ -570,6 +594,7 @@ def kernel_memory(
         raise ValueError(f"a residual kernel memory needs dk == dv; got dk={dk}, dv={dv} (use residual=False)")
     weights = _check_weights(weights, rule, bsz, nh, dv, q)
     if cu_seqlens is not None:  # each document alone, as one batch of documents
+
         def run(q, k, v, lr):
             return kernel_memory(q, k, v, lr, expand_weights(weights, q.shape[0]), scale, rule=rule, impl=impl)[0]
 
@@ -583,15 +608,27 @@ def kernel_memory(
     if initial_state is None:
         start = tuple(weights[n].to(cd).expand(bsz, nh, *shapes[n]) for n in names)
         st = KernelState(
-            keys=kk.new_zeros(bsz, nh, 0, dk), signals=kk.new_zeros(bsz, nh, 0, hidden),
+            keys=kk.new_zeros(bsz, nh, 0, dk),
+            signals=kk.new_zeros(bsz, nh, 0, hidden),
             weights=start,
             evict_signals=tuple(kk.new_zeros(bsz, nh, 0, shapes[n][0]) for n in names),
-            evict_inputs=tuple(kk.new_zeros(bsz, nh, 0, shapes[n][1]) for n in names), window_values=vv[:, :, :0],
-            pending_k=kk[:, :, :0], pending_v=vv[:, :, :0], pending_lr=ll[:, :, :0], seen=0, rule=rule,
+            evict_inputs=tuple(kk.new_zeros(bsz, nh, 0, shapes[n][1]) for n in names),
+            window_values=vv[:, :, :0],
+            pending_k=kk[:, :, :0],
+            pending_v=vv[:, :, :0],
+            pending_lr=ll[:, :, :0],
+            seen=0,
+            rule=rule,
         )
     else:
-        want = {"keys": (bsz, nh, None, dk), "signals": (bsz, nh, None, hidden), "pending_k": (bsz, nh, None, dk),
-                "pending_v": (bsz, nh, None, dv), "pending_lr": (bsz, nh, None), "window_values": (bsz, nh, None, dv)}
+        want = {
+            "keys": (bsz, nh, None, dk),
+            "signals": (bsz, nh, None, hidden),
+            "pending_k": (bsz, nh, None, dk),
+            "pending_v": (bsz, nh, None, dv),
+            "pending_lr": (bsz, nh, None),
+            "window_values": (bsz, nh, None, dv),
+        }
         for l, n in enumerate(names):
             want[f"weights[{l}]"] = (bsz, nh, *shapes[n])
             want[f"evict_signals[{l}]"] = (bsz, nh, None, shapes[n][0])

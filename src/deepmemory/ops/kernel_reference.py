@@ -91,7 +91,9 @@ def kernel_reference(
         for l, w in enumerate(base):
             held = [deep[i][l] for i in idx if i in deep]
             if held:
-                w = w + torch.einsum("bhnr,bhnc->bhrc", torch.stack([d for d, _ in held], 2), torch.stack([a for _, a in held], 2))
+                w = w + torch.einsum(
+                    "bhnr,bhnc->bhrc", torch.stack([d for d, _ in held], 2), torch.stack([a for _, a in held], 2)
+                )
             mats.append(w)
         return mats
 
@@ -151,8 +153,11 @@ def kernel_reference(
         evict_signals=tuple(stack([deep[i][l][0] for i in evict], empty[l][0]) for l in range(depth - 1)),
         evict_inputs=tuple(stack([deep[i][l][1] for i in evict], empty[l][1]) for l in range(depth - 1)),
         window_values=vv[:, :, :0],
-        pending_k=kk[:, :, done:], pending_v=vv[:, :, done:], pending_lr=ll[:, :, done:],
-        seen=st.seen + q.shape[2], rule=rule,
+        pending_k=kk[:, :, done:],
+        pending_v=vv[:, :, done:],
+        pending_lr=ll[:, :, done:],
+        seen=st.seen + q.shape[2],
+        rule=rule,
     )
     return y, (final if grad_mode else final.detach())
 
@@ -223,14 +228,19 @@ def omega_reference(
     def state_now(upto: int) -> KernelState:
         """The memory as it is now, which holds the tokens before ``upto``."""
         idx = sorted(i for i in keys if i < upto)
-        held = idx[len(idx) - min(c - 1, len(idx)):]
+        held = idx[len(idx) - min(c - 1, len(idx)) :]
         return KernelState(
             keys=torch.stack([keys[i] for i in idx], 2) if idx else st.keys[:, :, :0],
             signals=torch.stack([d0[i] for i in idx], 2) if idx else st.signals[:, :, :0],
-            weights=tuple(mats), evict_signals=st.evict_signals, evict_inputs=st.evict_inputs,
+            weights=tuple(mats),
+            evict_signals=st.evict_signals,
+            evict_inputs=st.evict_inputs,
             window_values=torch.stack([values[i] for i in held], 2) if held else vv[:, :, :0],
-            pending_k=kk[:, :, upto:], pending_v=vv[:, :, upto:], pending_lr=ll[:, :, upto:],
-            seen=st.seen + q.shape[2], rule=rule,
+            pending_k=kk[:, :, upto:],
+            pending_v=vv[:, :, upto:],
+            pending_lr=ll[:, :, upto:],
+            seen=st.seen + q.shape[2],
+            rule=rule,
         )
 
     done = n - (st.seen + q.shape[2]) % b  # the start of the unfinished chunk (n when none)
@@ -252,8 +262,10 @@ def omega_reference(
                 members = [j for j, i in enumerate(window) if t - c < i <= t]  # I_t
                 for j in members:
                     d0[window[j]] = d0[window[j]] + rate * g0[:, :, j]
-                mats = [w + rate[..., None] * torch.einsum("bhnr,bhnc->bhrc", g[:, :, members], a[:, :, members])
-                        for w, (g, a) in zip(mats, deep)]
+                mats = [
+                    w + rate[..., None] * torch.einsum("bhnr,bhnc->bhrc", g[:, :, members], a[:, :, members])
+                    for w, (g, a) in zip(mats, deep)
+                ]
                 if t >= pend:
                     x = q[:, :, t - pend, None]
                     ys.append(forward(x, first_layer(x, d0), mats)[0][:, :, 0])

@@ -26,6 +26,7 @@ LOSSES = ("l2", "dot")
 
 Apply = Callable[[str, Tensor], Tensor]
 
+
 def activation(name: str, z: Tensor) -> Tensor:
     if name == "gelu":
         return torch.nn.functional.gelu(z)

@@ -32,7 +32,9 @@ def _surprise(p: Problem, w_grad: Dict[str, Tensor], x: int) -> Dict[str, Tensor
     names = list(w_grad)
     leaves = [w if w.requires_grad else w.detach().requires_grad_() for w in w_grad.values()]
     channel = None if p.channel is None else p.channel[:, :, lo : x + 1]
-    loss = _loss(p, dict(zip(names, leaves)), p.k[:, :, lo : x + 1], p.v[:, :, lo : x + 1], p.gamma[:, :, lo : x + 1], channel)
+    loss = _loss(
+        p, dict(zip(names, leaves)), p.k[:, :, lo : x + 1], p.v[:, :, lo : x + 1], p.gamma[:, :, lo : x + 1], channel
+    )
     grads = torch.autograd.grad(loss, leaves, create_graph=True)
     return dict(zip(names, grads))
 
@@ -57,7 +59,7 @@ def _bound(p: Problem, h: Dict[str, Tensor]) -> Tensor:
     """``min(1, step_bound / F)`` ``[B, H]``, ``F`` the largest ``||H||_F`` of the chunk's step so far
     along each matrix's inputs (``h {name: [B, H, cols, cols]}``)."""
     f2 = torch.stack([t.pow(2).sum((-2, -1)) for t in h.values()]).amax(0)
-    over = f2 > p.rule.step_bound ** 2  # (where the bound is inactive the factor is a constant 1, with no gradient)
+    over = f2 > p.rule.step_bound**2  # (where the bound is inactive the factor is a constant 1, with no gradient)
     return torch.where(over, p.rule.step_bound / torch.where(over, f2, 1.0).sqrt(), 1.0)
 
 
@@ -75,8 +77,10 @@ def _as_constants(p: Problem) -> Result:
     """:func:`reference` of ``p`` called without gradient tracking: the per-token gradients still
     need autograd, so it runs with it on the inputs as constants, and returns detached results."""
     with torch.inference_mode(False), torch.enable_grad():
-        fields = {f: ({m: _constant(t) for m, t in getattr(p, f).items()} if f in ("w0", "s0") else _constant(getattr(p, f)))
-                  for f in ("q", "k", "v", "gamma", "lr", "momentum", "decay", "w0", "s0")}
+        fields = {
+            f: ({m: _constant(t) for m, t in getattr(p, f).items()} if f in ("w0", "s0") else _constant(getattr(p, f)))
+            for f in ("q", "k", "v", "gamma", "lr", "momentum", "decay", "w0", "s0")
+        }
         fields["channel"] = None if p.channel is None else _constant(p.channel)
         res = reference(dataclasses.replace(p, **fields))
     return Result(*(r.detach() if isinstance(r, Tensor) else {m: t.detach() for m, t in r.items()} for r in res))

@@ -92,11 +92,15 @@ class UpdateRule(Settings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.step_bound is not None and self.optimizer == "muon":
-            raise ValueError("step_bound bounds the summed steps of optimizer='gd' or 'momentum'; Muon's step is "
-                             "orthogonalised (lr times a matrix of unit singular values), bounded as it is: pass step_bound=None")
+            raise ValueError(
+                "step_bound bounds the summed steps of optimizer='gd' or 'momentum'; Muon's step is "
+                "orthogonalised (lr times a matrix of unit singular values), bounded as it is: pass step_bound=None"
+            )
         if self.decay_first and (self.chunk_size != 1 or self.granularity != "token"):
-            raise ValueError("decay_first (forget, then take the gradient) is defined token by token: it needs chunk_size=1 "
-                             f"and granularity='token'; got chunk_size={self.chunk_size}, granularity={self.granularity!r}")
+            raise ValueError(
+                "decay_first (forget, then take the gradient) is defined token by token: it needs chunk_size=1 "
+                f"and granularity='token'; got chunk_size={self.chunk_size}, granularity={self.granularity!r}"
+            )
 
     @property
     def spec(self) -> MemorySpec:
@@ -124,7 +128,9 @@ FIELDS = UpdateRule.field_names()
 assert tuple(UpdateRule.FIELD_CHECKS) == FIELDS
 
 
-def resolve_rule(rule: Optional[UpdateRule], settings: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None) -> UpdateRule:
+def resolve_rule(
+    rule: Optional[UpdateRule], settings: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None
+) -> UpdateRule:
     """The rule of a call that takes ``rule=`` or the rule's fields as keywords (``settings``,
     over ``defaults``), not both. One-line ``TypeError`` for a rule that is not an
     :class:`UpdateRule` or an unknown keyword, ``ValueError`` for both forms at once."""
@@ -139,5 +145,7 @@ def resolve_rule(rule: Optional[UpdateRule], settings: Dict[str, Any], defaults:
     if not isinstance(rule, UpdateRule):
         raise TypeError(f"rule must be an UpdateRule; got {type(rule).__name__}")
     if settings:
-        raise ValueError(f"pass the rule's settings in rule=, or as keywords, not both; got rule= and {sorted(settings)}")
+        raise ValueError(
+            f"pass the rule's settings in rule=, or as keywords, not both; got rule= and {sorted(settings)}"
+        )
     return rule

@@ -86,8 +86,19 @@ def _block(n: int) -> int:
 
 def linear_dims(b: int, ne: int, dk: int, dv: int, l2: bool, mom: bool, prec: str) -> dict:
     """Compile-time sizes and switches of the linear kernels (chunk ``b``, ``ne`` keys per chunk)."""
-    return dict(B=b, NE=ne, DK=dk, DV=dv, BB=_block(b), BE=_block(ne), BK=_block(dk),
-                BV=min(_block(dv), V_BLOCK), L2=l2, MOM=mom, PREC=prec)
+    return dict(
+        B=b,
+        NE=ne,
+        DK=dk,
+        DV=dv,
+        BB=_block(b),
+        BE=_block(ne),
+        BK=_block(dk),
+        BV=min(_block(dv), V_BLOCK),
+        L2=l2,
+        MOM=mom,
+        PREC=prec,
+    )
 
 
 def mlp_dims(b: int, ne: int, dk: int, dv: int, hd: int, l2: bool, res: bool, prec: str) -> dict:
@@ -96,8 +107,21 @@ def mlp_dims(b: int, ne: int, dk: int, dv: int, hd: int, l2: bool, res: bool, pr
     memory (220 KiB at d = 64 instead of 296; ``python -m deepmemory.bench.triton_resources``)."""
     be = _block(ne)
     bh = H_BLOCK if be <= 32 else max(16, H_BLOCK // 2)
-    return dict(B=b, NE=ne, DK=dk, DV=dv, HD=hd, BB=_block(b), BE=be, BK=_block(dk), BV=_block(dv),
-                BH=min(_block(hd), bh), L2=l2, RES=res, PREC=prec)
+    return dict(
+        B=b,
+        NE=ne,
+        DK=dk,
+        DV=dv,
+        HD=hd,
+        BB=_block(b),
+        BE=be,
+        BK=_block(dk),
+        BV=_block(dv),
+        BH=min(_block(hd), bh),
+        L2=l2,
+        RES=res,
+        PREC=prec,
+    )
 
 
 def _check(p: Problem) -> None:
@@ -113,13 +137,19 @@ def _check(p: Problem) -> None:
             f"optimizer={p.rule.optimizer!r}, granularity={p.rule.granularity!r}"
         )
     if p.channel is not None:
-        raise ValueError("impl='triton' does not support a channel-wise window_gate [B, T, H, dv]; impl='chunk' computes it")
+        raise ValueError(
+            "impl='triton' does not support a channel-wise window_gate [B, T, H, dv]; impl='chunk' computes it"
+        )
     if p.rule.step_bound is not None and spec.architecture != "linear":
-        raise ValueError("impl='triton' supports step_bound only for architecture='linear' (an MLP's bound reads its hidden "
-                         "activations chunk by chunk); impl='chunk' computes it")
+        raise ValueError(
+            "impl='triton' supports step_bound only for architecture='linear' (an MLP's bound reads its hidden "
+            "activations chunk by chunk); impl='chunk' computes it"
+        )
     if p.rule.decay_first:
-        raise ValueError("impl='triton' does not support decay_first (Gated DeltaNet); impl='chunk' computes it "
-                         "(in the WY form for the linear memory with l2 and gd)")
+        raise ValueError(
+            "impl='triton' does not support decay_first (Gated DeltaNet); impl='chunk' computes it "
+            "(in the WY form for the linear memory with l2 and gd)"
+        )
     if p.q.device.type != "cuda" and not _INTERPRET:
         raise ValueError(
             f"impl='triton' needs CUDA tensors (got {p.q.device}), or TRITON_INTERPRET=1 set before "
@@ -182,8 +212,25 @@ def _gelu_grad2(z):  # phi(z) (2 - z^2)
 
 
 @triton.jit
-def _chunk_inputs(Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj, B: tl.constexpr, NE: tl.constexpr,
-                  DK: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+def _chunk_inputs(
+    Q,
+    K,
+    C,
+    CE,
+    PE,
+    AR,
+    MR,
+    AE,
+    ME,
+    EE,
+    cj,
+    B: tl.constexpr,
+    NE: tl.constexpr,
+    DK: tl.constexpr,
+    BB: tl.constexpr,
+    BE: tl.constexpr,
+    BK: tl.constexpr,
+):
     """What every kernel reads of chunk ``cj``: queries, keys and the gate coefficients."""
     q = _ld(Q + cj * B * DK, 0, 0, B, DK, BB, BK)
     kx = _ld(K + cj * NE * DK, 0, 0, NE, DK, BE, BK)
@@ -208,10 +255,35 @@ def _linear_delta(kx, vx, w, L2: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _linear_fwd_kernel(
-    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, W0, S0,  # inputs
-    O, WS, SS, WF, SF,  # outputs (SS: only with MOM)
-    NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, MOM: tl.constexpr,
+    Q,
+    K,
+    V,
+    C,
+    CE,
+    PE,
+    AR,
+    MR,
+    AE,
+    ME,
+    EE,
+    W0,
+    S0,  # inputs
+    O,
+    WS,
+    SS,
+    WF,
+    SF,  # outputs (SS: only with MOM)
+    NC,
+    B: tl.constexpr,
+    NE: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BB: tl.constexpr,
+    BE: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    L2: tl.constexpr,
+    MOM: tl.constexpr,
     PREC: tl.constexpr,
 ):
     bh, v0 = tl.program_id(0).to(tl.int64), tl.program_id(1) * BV
@@ -221,8 +293,9 @@ def _linear_fwd_kernel(
     for j in range(NC):
         cj = bh * NC + j
         _st(WS + cj * DV * DK, w, v0, 0, DV, DK, BV, BK)
-        q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj,
-                                                              B, NE, DK, BB, BE, BK)
+        q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(
+            Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj, B, NE, DK, BB, BE, BK
+        )
         delta = _linear_delta(kx, _ld(V + cj * NE * DV, 0, v0, NE, DV, BE, BV), w, L2, PREC)
         o = ar * _mm(q, tl.trans(w), PREC) - _mm(c * _mm(q, tl.trans(kx), PREC), delta, PREC)
         w_new = ae * w - _mm(tl.trans(delta * ce), kx, PREC)
@@ -242,17 +315,54 @@ def _linear_fwd_kernel(
         cj = bh * NC + NC - 1
         kx = _ld(K + cj * NE * DK, 0, 0, NE, DK, BE, BK)
         pe = _vec(PE + cj * NE, NE, BE)[:, None]
-        delta = _linear_delta(kx, _ld(V + cj * NE * DV, 0, v0, NE, DV, BE, BV),
-                              _ld(WS + cj * DV * DK, v0, 0, DV, DK, BV, BK), L2, PREC)
+        delta = _linear_delta(
+            kx, _ld(V + cj * NE * DV, 0, v0, NE, DV, BE, BV), _ld(WS + cj * DV * DK, v0, 0, DV, DK, BV, BK), L2, PREC
+        )
         _st(SF + bh * DV * DK, -_mm(tl.trans(delta * pe), kx, PREC), v0, 0, DV, DK, BV, BK)
 
 
 @triton.jit
 def _linear_bwd_kernel(
-    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, WS, SS, DO, DWF, DSF,  # inputs (SS: only with MOM)
-    DQ, DK_, DV_, DC, DCE, DPE, DAR, DMR, DAE, DME, DEE, DW0, DS0,  # outputs (DQ ... DEE: one per row block)
-    NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, MOM: tl.constexpr,
+    Q,
+    K,
+    V,
+    C,
+    CE,
+    PE,
+    AR,
+    MR,
+    AE,
+    ME,
+    EE,
+    WS,
+    SS,
+    DO,
+    DWF,
+    DSF,  # inputs (SS: only with MOM)
+    DQ,
+    DK_,
+    DV_,
+    DC,
+    DCE,
+    DPE,
+    DAR,
+    DMR,
+    DAE,
+    DME,
+    DEE,
+    DW0,
+    DS0,  # outputs (DQ ... DEE: one per row block)
+    NC,
+    B: tl.constexpr,
+    NE: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BB: tl.constexpr,
+    BE: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    L2: tl.constexpr,
+    MOM: tl.constexpr,
     PREC: tl.constexpr,
 ):
     bh, v0 = tl.program_id(0).to(tl.int64), tl.program_id(1) * BV
@@ -263,8 +373,9 @@ def _linear_bwd_kernel(
         cj = bh * NC + NC - 1 - jj
         pj = part * NC + NC - 1 - jj
         w = _ld(WS + cj * DV * DK, v0, 0, DV, DK, BV, BK)
-        q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj,
-                                                              B, NE, DK, BB, BE, BK)
+        q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(
+            Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj, B, NE, DK, BB, BE, BK
+        )
         do = _ld(DO + cj * B * DV, 0, v0, B, DV, BB, BV)
         delta = _linear_delta(kx, _ld(V + cj * NE * DV, 0, v0, NE, DV, BE, BV), w, L2, PREC)
         g = _mm(q, tl.trans(kx), PREC)
@@ -339,8 +450,9 @@ class _LinearChunks(torch.autograd.Function):
         wf, sf = _empty(bh, dv, dk, like=q), _empty(bh, dv, dk, like=q)
         dims = linear_dims(b, ne, dk, dv, l2, mom, prec)
         grid = (bh, triton.cdiv(dv, dims["BV"]))
-        _linear_fwd_kernel[grid](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, o, ws, ss, wf, sf, nc,
-                                 **dims, **_LAUNCH)
+        _linear_fwd_kernel[grid](
+            q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, w0, s0, o, ws, ss, wf, sf, nc, **dims, **_LAUNCH
+        )
         ctx.save_for_backward(q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss)
         ctx.dims, ctx.grid = dims, grid
         return o, wf, sf
@@ -357,9 +469,40 @@ class _LinearChunks(torch.autograd.Function):
         parts = [_empty(nv, *x.shape, like=x) for x in summed]
         dvx, dw0, ds0 = _empty(*vx.shape, like=vx), _empty(*dwf.shape, like=q), _empty(*dsf.shape, like=q)
         dq, dkx, dc, dce, dpe, dar, dmr, dae, dme, dee = parts
-        _linear_bwd_kernel[ctx.grid](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, ws, ss, do, dwf, dsf,
-                                     dq, dkx, dvx, dc, dce, dpe, dar, dmr, dae, dme, dee, dw0, ds0, q.shape[1],
-                                     **ctx.dims, **_LAUNCH)
+        _linear_bwd_kernel[ctx.grid](
+            q,
+            kx,
+            vx,
+            c,
+            ce,
+            pe,
+            ar,
+            mr,
+            ae,
+            me,
+            ee,
+            ws,
+            ss,
+            do,
+            dwf,
+            dsf,
+            dq,
+            dkx,
+            dvx,
+            dc,
+            dce,
+            dpe,
+            dar,
+            dmr,
+            dae,
+            dme,
+            dee,
+            dw0,
+            ds0,
+            q.shape[1],
+            **ctx.dims,
+            **_LAUNCH,
+        )
         dq, dkx, dc, dce, dpe, dar, dmr, dae, dme, dee = (x[0] if nv == 1 else x.sum(0) for x in parts)
         return dq, dkx, dvx, dc, dce, dpe, dar, dmr, dae, dme, dee, dw0, ds0, None, None, None
 
@@ -371,8 +514,21 @@ class _LinearChunks(torch.autograd.Function):
 
 
 @triton.jit
-def _mlp_d2(kx, vx, U0, U1, DK: tl.constexpr, DV: tl.constexpr, HD: tl.constexpr, BK: tl.constexpr,
-            BV: tl.constexpr, BH: tl.constexpr, L2: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr):
+def _mlp_d2(
+    kx,
+    vx,
+    U0,
+    U1,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    HD: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BH: tl.constexpr,
+    L2: tl.constexpr,
+    RES: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Output-layer gradient factor of the keys: ``d2 = gelu(kx U0^T) U1^T [+ kx] - v`` (l2), ``-v`` (dot)."""
     d2 = -vx
     if L2:
@@ -386,20 +542,45 @@ def _mlp_d2(kx, vx, U0, U1, DK: tl.constexpr, DV: tl.constexpr, HD: tl.constexpr
 
 @triton.jit
 def _mlp_fwd_kernel(
-    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE,  # inputs
-    U0, U1, S0, S1,  # state buffers [BH, NC + 1, ...], entry 0 filled by the caller
+    Q,
+    K,
+    V,
+    C,
+    CE,
+    PE,
+    AR,
+    MR,
+    AE,
+    ME,
+    EE,  # inputs
+    U0,
+    U1,
+    S0,
+    S1,  # state buffers [BH, NC + 1, ...], entry 0 filled by the caller
     O,  # output
-    NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HD: tl.constexpr,
-    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-    L2: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr,
+    NC,
+    B: tl.constexpr,
+    NE: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    HD: tl.constexpr,
+    BB: tl.constexpr,
+    BE: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BH: tl.constexpr,
+    L2: tl.constexpr,
+    RES: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     for j in range(NC):
         cj = bh * NC + j
         st = bh * (NC + 1) + j
         u0p, s0p, u1p, s1p = U0 + st * HD * DK, S0 + st * HD * DK, U1 + st * DV * HD, S1 + st * DV * HD
-        q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj,
-                                                              B, NE, DK, BB, BE, BK)
+        q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(
+            Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj, B, NE, DK, BB, BE, BK
+        )
         vx = _ld(V + cj * NE * DV, 0, 0, NE, DV, BE, BV)
         gk = c * _mm(q, tl.trans(kx), PREC)
         d2 = _mlp_d2(kx, vx, u0p, u1p, DK, DV, HD, BK, BV, BH, L2, RES, PREC)
@@ -430,12 +611,51 @@ def _mlp_fwd_kernel(
 
 @triton.jit
 def _mlp_bwd_kernel(
-    Q, K, V, C, CE, PE, AR, MR, AE, ME, EE, U0, U1, S0, S1, DO,  # inputs (U0 ... S1: the state buffers)
-    GU0, GU1, GS0, GS1,  # in: gradient of the final state; out: of the initial state (updated in place)
-    DQ, DK_, DV_, DC, DCE, DPE, DAR, DMR, DAE, DME, DEE,  # outputs
-    NC, B: tl.constexpr, NE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HD: tl.constexpr,
-    BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-    L2: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    C,
+    CE,
+    PE,
+    AR,
+    MR,
+    AE,
+    ME,
+    EE,
+    U0,
+    U1,
+    S0,
+    S1,
+    DO,  # inputs (U0 ... S1: the state buffers)
+    GU0,
+    GU1,
+    GS0,
+    GS1,  # in: gradient of the final state; out: of the initial state (updated in place)
+    DQ,
+    DK_,
+    DV_,
+    DC,
+    DCE,
+    DPE,
+    DAR,
+    DMR,
+    DAE,
+    DME,
+    DEE,  # outputs
+    NC,
+    B: tl.constexpr,
+    NE: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    HD: tl.constexpr,
+    BB: tl.constexpr,
+    BE: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BH: tl.constexpr,
+    L2: tl.constexpr,
+    RES: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     gu0p, gs0p, gu1p, gs1p = GU0 + bh * HD * DK, GS0 + bh * HD * DK, GU1 + bh * DV * HD, GS1 + bh * DV * HD
@@ -443,8 +663,9 @@ def _mlp_bwd_kernel(
         cj = bh * NC + NC - 1 - jj
         st = bh * (NC + 1) + NC - 1 - jj
         u0p, s0p, u1p, s1p = U0 + st * HD * DK, S0 + st * HD * DK, U1 + st * DV * HD, S1 + st * DV * HD
-        q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj,
-                                                              B, NE, DK, BB, BE, BK)
+        q, kx, c, ce, pe, ar, mr, ae, m_e, ee = _chunk_inputs(
+            Q, K, C, CE, PE, AR, MR, AE, ME, EE, cj, B, NE, DK, BB, BE, BK
+        )
         vx = _ld(V + cj * NE * DV, 0, 0, NE, DV, BE, BV)
         do = _ld(DO + cj * B * DV, 0, 0, B, DV, BB, BV)
         g1 = _mm(q, tl.trans(kx), PREC)
@@ -576,10 +797,30 @@ class _MlpChunks(torch.autograd.Function):
         q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *states = ctx.saved_tensors
         do = torch.zeros(*q.shape[:3], vx.shape[3], dtype=q.dtype, device=q.device) if do is None else do.contiguous()
         # the kernel turns these into the gradients of the initial state in place
-        grad_state = [torch.zeros_like(x[:, 0]) if g is None else g.contiguous().clone() for g, x in zip(dfinal, states)]
+        grad_state = [
+            torch.zeros_like(x[:, 0]) if g is None else g.contiguous().clone() for g, x in zip(dfinal, states)
+        ]
         grads = [_empty(*x.shape, like=x) for x in (q, kx, vx, c, ce, pe, ar, mr, ae, me, ee)]
-        _mlp_bwd_kernel[(q.shape[0],)](q, kx, vx, c, ce, pe, ar, mr, ae, me, ee, *states, do, *grad_state,
-                                       *grads, q.shape[1], **ctx.dims, **_LAUNCH)
+        _mlp_bwd_kernel[(q.shape[0],)](
+            q,
+            kx,
+            vx,
+            c,
+            ce,
+            pe,
+            ar,
+            mr,
+            ae,
+            me,
+            ee,
+            *states,
+            do,
+            *grad_state,
+            *grads,
+            q.shape[1],
+            **ctx.dims,
+            **_LAUNCH,
+        )
         return (*grads, *grad_state, None, None, None)
 
 
@@ -608,8 +849,19 @@ def triton_chunk(p: Problem) -> Result:
 
     flat = lambda x: x.flatten(0, 1).contiguous()  # noqa: E731  [B, H, ...] -> [BH, ...]
     kx, vx, q = flat(lay.kx), flat(lay.vx), flat(lay.q)  # [BH, nc, n_ext | b, d]
-    coefs = [flat(x) for x in (g.c_coef, lay.ends(g.c_coef), lay.ends(g.s_coef), g.a_cum, g.m_coef,
-                               lay.ends(g.a_cum), lay.ends(g.m_coef), lay.ends(g.e_cum))]
+    coefs = [
+        flat(x)
+        for x in (
+            g.c_coef,
+            lay.ends(g.c_coef),
+            lay.ends(g.s_coef),
+            g.a_cum,
+            g.m_coef,
+            lay.ends(g.a_cum),
+            lay.ends(g.m_coef),
+            lay.ends(g.e_cum),
+        )
+    ]
     w, s = ({m: flat(t) for m, t in d.items()} for d in (p.w0, p.s0))
 
     l2 = p.rule.loss == "l2"

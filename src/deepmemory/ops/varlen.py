@@ -61,8 +61,13 @@ class Documents:
         """The documents ``keep`` (bool ``[N]``) marks, trimmed to the longest of them."""
         lengths = self.lengths[keep]
         longest = int(lengths.max()) if lengths.numel() else 0
-        return Documents(index=self.index[keep, :longest], valid=self.valid[keep, :longest], lengths=lengths,
-                         batch=self.batch, seq=self.seq)
+        return Documents(
+            index=self.index[keep, :longest],
+            valid=self.valid[keep, :longest],
+            lengths=lengths,
+            batch=self.batch,
+            seq=self.seq,
+        )
 
     def to_batch(self, x: Tensor) -> Tensor:
         """``x [B, T, ...]`` -> ``[N, L, ...]``: each document in its own row, zeros after it
@@ -101,8 +106,10 @@ def documents_from_cu_seqlens(cu_seqlens: Tensor, batch: int, seq: int, device: 
     """The documents of one packed row ``[1, seq]`` (fla's convention: ``batch`` must be 1).
     Raises a one-line ``ValueError`` for another batch or malformed ``cu_seqlens``."""
     if batch != 1:
-        raise ValueError(f"with cu_seqlens the documents are packed into one row: the batch must be 1; got {batch} "
-                         "(flatten the batch into one row and list every document in cu_seqlens)")
+        raise ValueError(
+            f"with cu_seqlens the documents are packed into one row: the batch must be 1; got {batch} "
+            "(flatten the batch into one row and list every document in cu_seqlens)"
+        )
     cu = check_cu_seqlens(cu_seqlens, seq, device)
     starts = torch.zeros(1, seq, dtype=torch.bool, device=device)
     starts[0, cu[:-1]] = True
@@ -142,8 +149,10 @@ def state_error(names: str) -> ValueError:
     arguments, e.g. ``"initial_state/output_final_state"``). Every document starts empty and the
     batch of documents runs each to the longest one's length, so no single state is the packed
     row's: the state of a document comes from running it alone."""
-    return ValueError(f"cu_seqlens starts every document empty: {names} are not supported with it; "
-                      "run the document whose state you need alone")
+    return ValueError(
+        f"cu_seqlens starts every document empty: {names} are not supported with it; "
+        "run the document whose state you need alone"
+    )
 
 
 def by_document(cu_seqlens: Tensor, fn: Callable[..., Tensor], *tokens: Optional[Tensor]) -> Tensor:
@@ -169,4 +178,6 @@ def by_document(cu_seqlens: Tensor, fn: Callable[..., Tensor], *tokens: Optional
 def expand_weights(weights: Dict[str, Tensor], count: int) -> Dict[str, Tensor]:
     """Per-batch initial weights ``[1, H, rows, cols]`` of a packed row expanded to its ``count``
     documents (``[H, rows, cols]`` ones are shared already); other values pass unchanged."""
-    return {n: w.expand(count, *w.shape[1:]) if isinstance(w, Tensor) and w.dim() == 4 else w for n, w in weights.items()}
+    return {
+        n: w.expand(count, *w.shape[1:]) if isinstance(w, Tensor) and w.dim() == 4 else w for n, w in weights.items()
+    }

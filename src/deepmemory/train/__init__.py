@@ -10,11 +10,19 @@ import importlib
 from typing import TYPE_CHECKING
 
 _NAMES = {
-    "CheckpointError": "checkpoint", "read_run_config": "checkpoint",
-    "ConfigError": "config", "TrainConfig": "config",
-    "USER_ERRORS": "trainer", "DivergenceError": "trainer", "Trainer": "trainer", "TrainError": "trainer",
-    "lr_at": "trainer", "model_from_config": "trainer", "train": "trainer",
-    "export_run": "export", "load_run": "export",
+    "CheckpointError": "checkpoint",
+    "read_run_config": "checkpoint",
+    "ConfigError": "config",
+    "TrainConfig": "config",
+    "USER_ERRORS": "trainer",
+    "DivergenceError": "trainer",
+    "Trainer": "trainer",
+    "TrainError": "trainer",
+    "lr_at": "trainer",
+    "model_from_config": "trainer",
+    "train": "trainer",
+    "export_run": "export",
+    "load_run": "export",
 }
 
 __all__ = sorted(_NAMES)

@@ -234,8 +234,10 @@ def read_run_config(run_dir: str) -> Dict:
         missing = f"no {RUN}, and its {CONFIG}" if name == CONFIG else name
         raise CheckpointError(f"{run_dir} was not written by `deepmemory train` ({missing} has no format {FORMAT!r})")
     if config.get("version") not in expected:
-        raise CheckpointError(f"{run_dir} has run format version {config.get('version')}; this deepmemory reads "
-                              f"{LEGACY_VERSION} and {VERSION}")
+        raise CheckpointError(
+            f"{run_dir} has run format version {config.get('version')}; this deepmemory reads "
+            f"{LEGACY_VERSION} and {VERSION}"
+        )
     check_run_record(config, path)
     return config
 
@@ -246,7 +248,9 @@ def check_run_record(record: Dict, path: str) -> None:
     ``config``) and ``tokenizer`` JSON objects (``resolved`` and ``data`` objects when present)."""
     unknown = sorted(str(k) for k in set(record) - set(RUN_KEYS))
     if unknown:
-        raise CheckpointError(f"{path}: unknown key(s) {', '.join(unknown)} in the run record; its keys are {', '.join(RUN_KEYS)}")
+        raise CheckpointError(
+            f"{path}: unknown key(s) {', '.join(unknown)} in the run record; its keys are {', '.join(RUN_KEYS)}"
+        )
     for key in ("train", "model", "tokenizer", "resolved", "data"):
         if key in ("train", "model", "tokenizer") or key in record:
             if not isinstance(record.get(key), dict):
@@ -285,8 +289,16 @@ def remove_partial(run_dir: str) -> None:
                     os.remove(path)
 
 
-def save_checkpoint(run_dir: str, step: int, model: Dict[str, Tensor], optimizer: Dict, rng: Dict[str, Tensor],
-                    state: Dict, keep: int, model_files: Optional[Callable[[str], None]] = None) -> str:
+def save_checkpoint(
+    run_dir: str,
+    step: int,
+    model: Dict[str, Tensor],
+    optimizer: Dict,
+    rng: Dict[str, Tensor],
+    state: Dict,
+    keep: int,
+    model_files: Optional[Callable[[str], None]] = None,
+) -> str:
     """Write ``checkpoints/step-N`` atomically, refresh ``model.safetensors``, keep the newest ``keep``.
     ``model_files(directory)`` writes the rest of a Hugging Face folder (config, tokenizer) into the checkpoint."""
     root = os.path.join(run_dir, CHECKPOINTS)
@@ -302,7 +314,10 @@ def save_checkpoint(run_dir: str, step: int, model: Dict[str, Tensor], optimizer
         model_files(tmp)
     write_tensors(os.path.join(tmp, "optimizer.safetensors"), opt_tensors)
     write_tensors(os.path.join(tmp, "rng.safetensors"), rng)
-    write_json(os.path.join(tmp, "state.json"), {"format": FORMAT, "version": VERSION, "step": step, "optimizer": opt_meta, **state})
+    write_json(
+        os.path.join(tmp, "state.json"),
+        {"format": FORMAT, "version": VERSION, "step": step, "optimizer": opt_meta, **state},
+    )
     fsync_path(tmp)
     if os.path.exists(final):  # a checkpoint of the same step from an earlier attempt
         shutil.rmtree(final)
@@ -327,7 +342,9 @@ def load_checkpoint(path: str) -> Tuple[Dict[str, Tensor], Dict, Dict[str, Tenso
             raise CheckpointError(f"{path}/state.json is damaged: {key} is {value!r}, not a number")
     model = read_tensors(os.path.join(path, MODEL))
     try:
-        optimizer = unflatten_optimizer(read_tensors(os.path.join(path, "optimizer.safetensors")), state.pop("optimizer"))
+        optimizer = unflatten_optimizer(
+            read_tensors(os.path.join(path, "optimizer.safetensors")), state.pop("optimizer")
+        )
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from err
     rng = read_tensors(os.path.join(path, "rng.safetensors"))

@@ -18,11 +18,20 @@ from .config import TrainConfig as D
 
 PROG = "deepmemory train"
 HELP = "train a model; with no arguments, titans-mac (tiny) on the Python standard library"
-DESCRIPTION = ("Train a model and write a run directory: a Hugging Face model folder (config.json, model.safetensors, "
-               "generation_config.json, tokenizer) with run.json, metrics.jsonl, checkpoints/ and loss.png. Under "
-               "torchrun the global batch is split across processes.")
+DESCRIPTION = (
+    "Train a model and write a run directory: a Hugging Face model folder (config.json, model.safetensors, "
+    "generation_config.json, tokenizer) with run.json, metrics.jsonl, checkpoints/ and loss.png. Under "
+    "torchrun the global batch is split across processes."
+)
 S = argparse.SUPPRESS  # absent flags stay absent: the config file, the resumed run or the defaults decide
-NOT_SETTINGS = ("func", "command", "config", "resume", "overwrite", "debug")  # the parsed names that are not TrainConfig fields
+NOT_SETTINGS = (
+    "func",
+    "command",
+    "config",
+    "resume",
+    "overwrite",
+    "debug",
+)  # the parsed names that are not TrainConfig fields
 EXIT_USER_ERROR = 2  # a user error (ConfigError, DataError, CheckpointError, TrainError)
 EXIT_DIVERGED = 3  # the run diverged (DivergenceError): nothing of the diverged state was written
 EXIT_OUT_OF_MEMORY = 4  # the process ran out of memory (MemoryError, torch.OutOfMemoryError)
@@ -50,33 +59,62 @@ def task_setting(text: str):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``deepmemory train`` options to ``p``; an option not given stays out of the parsed namespace."""
+
     def add(*names, **kwargs):
         p.add_argument(*names, default=S, **kwargs)
 
-    add("--config", help="a .yaml or .json file of the settings below (flags override it); relative paths in it "
-        "are relative to the file")
+    add(
+        "--config",
+        help="a .yaml or .json file of the settings below (flags override it); relative paths in it "
+        "are relative to the file",
+    )
     add("--model", help="preset name (see `deepmemory models`); default titans-mac")
     add("--size", help="preset size; default tiny")
-    add("--data", nargs="+", metavar="PATH", help="text files, folders, .jsonl files with a 'text' field, or "
-        "hf:NAME (needs `datasets`); default: the Python standard library source")
-    add("--task", metavar="NAME", help="train on a generated task instead of a corpus (mqar, s-niah-1, babilong-qa1, "
-        "mad-icr, ...; see docs/training.md): fresh samples every step, loss at the answer tokens only, validation accuracy")
-    add("--task-settings", nargs="+", type=task_setting, metavar="KEY=VALUE",
-        help="settings of --task, e.g. num_pairs=8 vocab_size=8192 (the task's defaults otherwise)")
+    add(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="text files, folders, .jsonl files with a 'text' field, or "
+        "hf:NAME (needs `datasets`); default: the Python standard library source",
+    )
+    add(
+        "--task",
+        metavar="NAME",
+        help="train on a generated task instead of a corpus (mqar, s-niah-1, babilong-qa1, "
+        "mad-icr, ...; see docs/training.md): fresh samples every step, loss at the answer tokens only, validation accuracy",
+    )
+    add(
+        "--task-settings",
+        nargs="+",
+        type=task_setting,
+        metavar="KEY=VALUE",
+        help="settings of --task, e.g. num_pairs=8 vocab_size=8192 (the task's defaults otherwise)",
+    )
     add("--tokenizer", help="'bytes' (default) or a Hugging Face tokenizer.json")
-    add("--packing", action=argparse.BooleanOptionalAction,
+    add(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
         help="read each document of a training row as if alone (the memory, convolutions, attention and positions "
         "restart where a document begins; the target that begins a document is not scored); on by default for a "
-        "corpus. --no-packing: one continuous stream, the memory running across documents (a --task is never packed)")
+        "corpus. --no-packing: one continuous stream, the memory running across documents (a --task is never packed)",
+    )
     add("--val-fraction", type=float, help="share of documents held out for validation; default 0.02")
     add("--seq-len", type=int, help=f"tokens per training sequence; default {D.seq_len}")
-    add("--batch-size", type=int, help=f"global batch: sequences per optimizer step, over all processes; default {D.batch_size}")
+    add(
+        "--batch-size",
+        type=int,
+        help=f"global batch: sequences per optimizer step, over all processes; default {D.batch_size}",
+    )
     add("--grad-accum", type=int, help="micro-steps the global batch is split into")
     add("--steps", type=int, help=f"optimizer steps (the total, also when resuming); default {D.steps}")
     add("--lr", type=float, help=f"peak learning rate (AdamW, linear warmup, cosine); default {D.lr:g}")
     add("--warmup-steps", type=int, help="default 10%% of the decay steps, at most 100")
-    add("--lr-decay-steps", type=int, help="length of the cosine; default --steps. Set it to the planned "
-        "total when a run is to be extended with --resume")
+    add(
+        "--lr-decay-steps",
+        type=int,
+        help="length of the cosine; default --steps. Set it to the planned "
+        "total when a run is to be extended with --resume",
+    )
     add("--weight-decay", type=float, help="AdamW weight decay of matrices; default 0.1")
     add("--grad-clip", type=float, help="clip the global gradient norm (0: off); default 1.0")
     add("--precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU")
@@ -89,19 +127,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--out", help="run directory; default runs/MODEL-SIZE-DATE-TIME")
     add("--resume", metavar="DIR", help="continue the run directory DIR from its latest checkpoint")
     add("--overwrite", action="store_true", help="replace an existing run directory at --out")
-    add("--eval-every", type=int, help=f"validate (and redraw loss.png) every N steps and at the end; default {D.eval_every}")
+    add(
+        "--eval-every",
+        type=int,
+        help=f"validate (and redraw loss.png) every N steps and at the end; default {D.eval_every}",
+    )
     add("--save-every", type=int, help="checkpoint every N steps and at the end; default --eval-every")
-    add("--log-every", type=int, help=f"print a log line and report the train scalars every N steps; default {D.log_every}")
-    add("--time-limit", type=_duration, metavar="DURATION", help="stop (evaluated and checkpointed, resumable) after the "
-        "first step past this much time: seconds, or 90s, 45m, 2h; default none")
-    add("--report-to", nargs="+", choices=REPORTERS, metavar="LOGGER", help="also log to: tensorboard (RUN/tensorboard/, "
-        "needs `tensorboard`), wandb (needs `wandb`), jsonl (RUN/log.jsonl), none (default; metrics.jsonl is always written)")
+    add(
+        "--log-every",
+        type=int,
+        help=f"print a log line and report the train scalars every N steps; default {D.log_every}",
+    )
+    add(
+        "--time-limit",
+        type=_duration,
+        metavar="DURATION",
+        help="stop (evaluated and checkpointed, resumable) after the "
+        "first step past this much time: seconds, or 90s, 45m, 2h; default none",
+    )
+    add(
+        "--report-to",
+        nargs="+",
+        choices=REPORTERS,
+        metavar="LOGGER",
+        help="also log to: tensorboard (RUN/tensorboard/, "
+        "needs `tensorboard`), wandb (needs `wandb`), jsonl (RUN/log.jsonl), none (default; metrics.jsonl is always written)",
+    )
     add("--eval-tokens", type=int, help=f"validation tokens per evaluation; default {D.eval_tokens}")
     add("--keep-checkpoints", type=int, help="checkpoints kept (the newest); default 2")
     add("--debug", action="store_true", help="print the traceback of an error before its one-line message")
     from .. import __version__
 
-    p.add_argument("--version", action="version", version=f"deepmemory {__version__}", help="print the version and exit")
+    p.add_argument(
+        "--version", action="version", version=f"deepmemory {__version__}", help="print the version and exit"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Dict:
@@ -177,7 +236,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not out_of_memory(err):
             raise
         failure = err
-        line, code = f"out of memory ({error_line(err)[:200]}); a smaller --batch-size, --seq-len or model needs less", EXIT_OUT_OF_MEMORY
+        line, code = (
+            f"out of memory ({error_line(err)[:200]}); a smaller --batch-size, --seq-len or model needs less",
+            EXIT_OUT_OF_MEMORY,
+        )
     else:
         return 0
     print_traceback(args, failure)

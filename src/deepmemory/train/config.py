@@ -76,13 +76,26 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> "TrainConfig":
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_tokens", "keep_checkpoints", "log_every"):
+        for name in (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "steps",
+            "eval_every",
+            "eval_tokens",
+            "keep_checkpoints",
+            "log_every",
+        ):
             _int(name, getattr(self, name), 1)
         if self.save_every is not None:
             _int("save_every", self.save_every, 1)
         if self.time_limit is not None:
-            if isinstance(self.time_limit, bool) or not isinstance(self.time_limit, (int, float)) or not self.time_limit > 0 \
-                    or not math.isfinite(self.time_limit):
+            if (
+                isinstance(self.time_limit, bool)
+                or not isinstance(self.time_limit, (int, float))
+                or not self.time_limit > 0
+                or not math.isfinite(self.time_limit)
+            ):
                 raise ConfigError(f"--time-limit must be a positive duration; got {self.time_limit!r}")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
@@ -98,8 +111,13 @@ class TrainConfig:
             _int("threads", self.threads, 1, MAX_THREADS)
         if self.lr_decay_steps is not None:
             _int("lr_decay_steps", self.lr_decay_steps, 1)
-        for name, low, high in (("lr", 0, None), ("weight_decay", 0, None), ("grad_clip", 0, None),
-                                ("val_fraction", 0, 1), ("min_lr_ratio", 0, 1)):
+        for name, low, high in (
+            ("lr", 0, None),
+            ("weight_decay", 0, None),
+            ("grad_clip", 0, None),
+            ("val_fraction", 0, 1),
+            ("min_lr_ratio", 0, 1),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{_flag(name)} must be a number; got {value!r}")
@@ -107,9 +125,16 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be a finite number; got {value}")
             # open at 0 for lr and val_fraction, and at 1 for val_fraction (nothing would be left to train on)
             open_low, open_high = name in ("lr", "val_fraction"), name == "val_fraction"
-            if value < low or (high is not None and value > high) or (open_low and value == low) or (open_high and value == high):
-                raise ConfigError(f"{_flag(name)} must be in {'(' if open_low else '['}{low}, "
-                                  f"{high if high is not None else 'inf'}{')' if open_high or high is None else ']'}; got {value}")
+            if (
+                value < low
+                or (high is not None and value > high)
+                or (open_low and value == low)
+                or (open_high and value == high)
+            ):
+                raise ConfigError(
+                    f"{_flag(name)} must be in {'(' if open_low else '['}{low}, "
+                    f"{high if high is not None else 'inf'}{')' if open_high or high is None else ']'}; got {value}"
+                )
         for name, options in (("precision", ("auto", "fp32", "bf16")), ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, name) not in options:
                 raise ConfigError(f"{_flag(name)} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
@@ -123,10 +148,14 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be a non-empty string; got {getattr(self, name)!r}")
         if not isinstance(self.model_overrides, dict):
             raise ConfigError(f"model_overrides must be a mapping; got {self.model_overrides!r}")
-        if self.data is not None and (not isinstance(self.data, list) or not all(isinstance(p, str) and p for p in self.data)):
+        if self.data is not None and (
+            not isinstance(self.data, list) or not all(isinstance(p, str) and p for p in self.data)
+        ):
             raise ConfigError(f"--data must be a list of paths; got {self.data!r}")
         if self.data == []:  # (the standard library is what leaving --data out means, not an empty list)
-            raise ConfigError("--data must name at least one path; leave it out to train on the Python standard library")
+            raise ConfigError(
+                "--data must name at least one path; leave it out to train on the Python standard library"
+            )
         if self.out is not None and (not isinstance(self.out, str) or not self.out.strip()):
             raise ConfigError(f"--out must be a directory path; got {self.out!r}")
         if self.task is not None:
@@ -135,8 +164,10 @@ class TrainConfig:
             if self.data is not None:
                 raise ConfigError("--task trains on generated samples; it excludes --data")
             if self.packing:
-                raise ConfigError("--packing packs the documents of a corpus; a --task has one sample per row already "
-                                  "(leave --packing out)")
+                raise ConfigError(
+                    "--packing packs the documents of a corpus; a --task has one sample per row already "
+                    "(leave --packing out)"
+                )
         if not isinstance(self.task_settings, dict) or not all(isinstance(k, str) for k in self.task_settings):
             raise ConfigError(f"--task-settings must be a mapping of setting names; got {self.task_settings!r}")
         if self.task_settings and self.task is None:
@@ -151,8 +182,24 @@ class TrainConfig:
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # may differ between a run and its resumption: they change how, not what, is computed
-RESUMABLE = {"steps", "grad_accum", "precision", "compile", "grad_checkpointing", "fsdp", "device", "threads", "out",
-             "eval_every", "eval_tokens", "keep_checkpoints", "save_every", "log_every", "time_limit", "report_to"}
+RESUMABLE = {
+    "steps",
+    "grad_accum",
+    "precision",
+    "compile",
+    "grad_checkpointing",
+    "fsdp",
+    "device",
+    "threads",
+    "out",
+    "eval_every",
+    "eval_tokens",
+    "keep_checkpoints",
+    "save_every",
+    "log_every",
+    "time_limit",
+    "report_to",
+}
 
 
 def _flag(name: str) -> str:
@@ -187,6 +234,7 @@ def parse_duration(text) -> float:
 
 def _relative_to(base: str, settings: Dict[str, Any]) -> Dict[str, Any]:
     """The config file's relative paths (``data``, ``tokenizer``, ``out``) joined to its folder."""
+
     def join(p):
         if not isinstance(p, str) or not p or os.path.isabs(p) or p.startswith("~"):
             return os.path.expanduser(p) if isinstance(p, str) else p
@@ -245,8 +293,13 @@ def load_config_file(path: str) -> Dict[str, Any]:
 
 def _absolute(settings: Dict[str, Any]) -> Dict[str, Any]:
     """Local paths made absolute, so a run can be resumed from another working directory."""
+
     def local(p):  # hf: dataset names stay as they are
-        return p if not isinstance(p, str) or not p or (p.startswith("hf:") and not os.path.exists(p)) else os.path.abspath(p)
+        return (
+            p
+            if not isinstance(p, str) or not p or (p.startswith("hf:") and not os.path.exists(p))
+            else os.path.abspath(p)
+        )
 
     out = dict(settings)
     if isinstance(out.get("data"), list):
@@ -273,11 +326,17 @@ def resume_config(stored: Dict[str, Any], settings: Dict[str, Any], run_dir: str
     settings = {k: v for k, v in _absolute(settings).items() if not (k == "packing" and v is None)}  # (None: the run's)
     for name, value in settings.items():
         if name == "packing" and isinstance(value, bool) and stored["packing"] != value:
-            raise ConfigError(f"--resume {run_dir}: {'--packing' if value else '--no-packing'} differs from the run's "
-                              f"{'--packing' if stored['packing'] else '--no-packing'}; a run keeps how its documents are packed")
+            raise ConfigError(
+                f"--resume {run_dir}: {'--packing' if value else '--no-packing'} differs from the run's "
+                f"{'--packing' if stored['packing'] else '--no-packing'}; a run keeps how its documents are packed"
+            )
         if name not in RESUMABLE and stored.get(name) != value:
-            raise ConfigError(f"--resume {run_dir}: {_flag(name)} {value!r} differs from the run's {stored.get(name)!r}; "
-                              "only " + ", ".join(sorted(_flag(n) for n in RESUMABLE - {'out'})) + " may change")
+            raise ConfigError(
+                f"--resume {run_dir}: {_flag(name)} {value!r} differs from the run's {stored.get(name)!r}; "
+                "only " + ", ".join(sorted(_flag(n) for n in RESUMABLE - {"out"})) + " may change"
+            )
     if "out" in settings and os.path.abspath(settings["out"]) != os.path.abspath(run_dir):
-        raise ConfigError(f"--out {settings['out']} differs from --resume {run_dir}; a resumed run stays in its directory")
+        raise ConfigError(
+            f"--out {settings['out']} differs from --resume {run_dir}; a resumed run stays in its directory"
+        )
     return TrainConfig(**{**stored, **settings, "out": run_dir}).validate()

@@ -44,8 +44,12 @@ def setup(device: str) -> Env:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Env(rank=rank, world=world, local_rank=local_rank,
-               device=torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+    return Env(
+        rank=rank,
+        world=world,
+        local_rank=local_rank,
+        device=torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+    )
 
 
 def teardown(env: Env) -> None:
@@ -126,8 +130,11 @@ def wrap(model: nn.Module, env: Env, fsdp: bool, find_unused: bool = False) -> n
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-                                       find_unused_parameters=find_unused)
+        return DistributedDataParallel(
+            model,
+            device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+            find_unused_parameters=find_unused,
+        )
     return model
 
 

@@ -81,7 +81,9 @@ def _check_finite(model, path: str) -> None:
 
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ExportError(f"{path}: the weight {name} holds non-finite values (a damaged file: training never saves them)")
+            raise ExportError(
+                f"{path}: the weight {name} holds non-finite values (a damaged file: training never saves them)"
+            )
 
 
 def _is_hf_folder(path: str) -> bool:
@@ -116,14 +118,18 @@ def _load_hf_folder(path: str):
     elif model.config.vocab_size == ByteTokenizer.vocab_size:
         tokenizer = ByteTokenizer()
     else:
-        raise ExportError(f"{path} has no tokenizer.json and its vocabulary ({model.config.vocab_size}) is not the byte tokenizer's")
+        raise ExportError(
+            f"{path} has no tokenizer.json and its vocabulary ({model.config.vocab_size}) is not the byte tokenizer's"
+        )
     return model.eval(), tokenizer, {"run_dir": path, "record": None, "state": None}
 
 
 def _generation_config(model, eos: Optional[int]) -> None:
     from transformers import GenerationConfig
 
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos, bos_token_id=model.config.bos_token_id)
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos, pad_token_id=eos, bos_token_id=model.config.bos_token_id
+    )
 
 
 def _number(mapping, key: str):
@@ -148,23 +154,43 @@ def model_card(name: str, record: Dict, state: Optional[Dict], tokenizer_kind: s
     preset, size = model.get("preset", "?"), model.get("size", "?")
     steps, val_loss = _number(state, "step"), _number(state, "val_loss")
     val_tokens, val_bytes = _number(data, "val_tokens"), _number(data, "val_bytes")
-    val_bpb = bits_per_byte(val_loss, val_tokens / val_bytes) if None not in (val_loss, val_tokens) and val_bytes else None
+    val_bpb = (
+        bits_per_byte(val_loss, val_tokens / val_bytes) if None not in (val_loss, val_tokens) and val_bytes else None
+    )
     batch, seq = _number(train, "batch_size"), _number(train, "seq_len")
     tokens = steps * batch * seq if None not in (steps, batch, seq) else None
-    tokenizer = ("raw UTF-8 bytes: ids 0-255 are the byte values, 256 ends a document (no tokenizer files; "
-                 "`list(text.encode())` tokenizes)" if tokenizer_kind == "bytes" else "`tokenizer.json` (Hugging Face tokenizers)")
-    rows = [("preset", f"`{preset}`"), ("size", f"`{size}`"), ("parameters", _fmt(_number(model, "parameters"))),
-            ("data", data.get("source", "?")),
-            ("training tokens (data)", f"{_fmt(_number(data, 'train_tokens'))} train / {_fmt(val_tokens)} validation"),
-            ("steps", _fmt(steps)), ("tokens seen", _fmt(tokens)),
-            ("sequence length, batch", f"{train.get('seq_len', '?')} tokens, {train.get('batch_size', '?')} sequences"),
-            ("validation", f"{_fmt(val_bpb, '.3f')} bits/byte (unigram byte entropy {_fmt(_number(data, 'byte_entropy'), '.3f')})"),
-            ("tokenizer", tokenizer)]
+    tokenizer = (
+        "raw UTF-8 bytes: ids 0-255 are the byte values, 256 ends a document (no tokenizer files; "
+        "`list(text.encode())` tokenizes)"
+        if tokenizer_kind == "bytes"
+        else "`tokenizer.json` (Hugging Face tokenizers)"
+    )
+    rows = [
+        ("preset", f"`{preset}`"),
+        ("size", f"`{size}`"),
+        ("parameters", _fmt(_number(model, "parameters"))),
+        ("data", data.get("source", "?")),
+        ("training tokens (data)", f"{_fmt(_number(data, 'train_tokens'))} train / {_fmt(val_tokens)} validation"),
+        ("steps", _fmt(steps)),
+        ("tokens seen", _fmt(tokens)),
+        ("sequence length, batch", f"{train.get('seq_len', '?')} tokens, {train.get('batch_size', '?')} sequences"),
+        (
+            "validation",
+            f"{_fmt(val_bpb, '.3f')} bits/byte (unigram byte entropy {_fmt(_number(data, 'byte_entropy'), '.3f')})",
+        ),
+        ("tokenizer", tokenizer),
+    ]
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
-    encode = ("ids = torch.tensor([list(\"def main():\".encode())])" if tokenizer_kind == "bytes" else
-              "tokenizer = AutoTokenizer.from_pretrained(path)\nids = tokenizer(\"def main():\", return_tensors=\"pt\").input_ids")
-    decode = ("print(bytes(i for i in out[0].tolist() if i < 256).decode(errors=\"replace\"))" if tokenizer_kind == "bytes"
-              else "print(tokenizer.decode(out[0]))")
+    encode = (
+        'ids = torch.tensor([list("def main():".encode())])'
+        if tokenizer_kind == "bytes"
+        else 'tokenizer = AutoTokenizer.from_pretrained(path)\nids = tokenizer("def main():", return_tensors="pt").input_ids'
+    )
+    decode = (
+        'print(bytes(i for i in out[0].tolist() if i < 256).decode(errors="replace"))'
+        if tokenizer_kind == "bytes"
+        else "print(tokenizer.decode(out[0]))"
+    )
     imports = "import torch\n" if tokenizer_kind == "bytes" else ""
     auto = "AutoModelForCausalLM" if tokenizer_kind == "bytes" else "AutoModelForCausalLM, AutoTokenizer"
     return f"""---
@@ -210,12 +236,16 @@ def export_run(src: str, out: str, overwrite: bool = False) -> str:
     ck.check_writable_parent(out, "OUT", ExportError)
     model, tokenizer, info = load_run(src)
     if info["record"] is None:
-        raise ExportError(f"{src} is an exported folder already; export reads a run directory or one of its checkpoints")
+        raise ExportError(
+            f"{src} is an exported folder already; export reads a run directory or one of its checkpoints"
+        )
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
         if not overwrite:
             raise ExportError(f"{out} already exists; pass --overwrite to replace it")
         if not os.path.isdir(out) or ck.is_run_dir(out):
-            raise ExportError(f"--overwrite refuses to replace {out}: it is not a folder written by `deepmemory export`")
+            raise ExportError(
+                f"--overwrite refuses to replace {out}: it is not a folder written by `deepmemory export`"
+            )
     from .trainer import model_files
 
     folder = os.path.basename(os.path.abspath(out))

@@ -44,8 +44,16 @@ class Footprint:
         return self.state + self.activations + self.token_ids
 
 
-def training_footprint(parameters: int, hidden_size: int, num_layers: int, vocab_size: int, micro_batch: int,
-                       seq_len: int, global_batch: int, shards: int = 1) -> Footprint:
+def training_footprint(
+    parameters: int,
+    hidden_size: int,
+    num_layers: int,
+    vocab_size: int,
+    micro_batch: int,
+    seq_len: int,
+    global_batch: int,
+    shards: int = 1,
+) -> Footprint:
     """The lower bound of the module docstring for one process.
 
     Args:
@@ -59,9 +67,11 @@ def training_footprint(parameters: int, hidden_size: int, num_layers: int, vocab
     Returns:
         a :class:`Footprint` (exact Python ints: no overflow for any request).
     """
-    return Footprint(state=BYTES_PER_PARAMETER * parameters // max(1, shards),
-                     activations=micro_batch * seq_len * (ACTIVATION_BYTES * hidden_size * num_layers + LOGIT_BYTES * vocab_size),
-                     token_ids=TOKEN_ID_BYTES * global_batch * (seq_len + 1))
+    return Footprint(
+        state=BYTES_PER_PARAMETER * parameters // max(1, shards),
+        activations=micro_batch * seq_len * (ACTIVATION_BYTES * hidden_size * num_layers + LOGIT_BYTES * vocab_size),
+        token_ids=TOKEN_ID_BYTES * global_batch * (seq_len + 1),
+    )
 
 
 def least_parameters(fields: Dict[str, Any]) -> int:
@@ -72,6 +82,7 @@ def least_parameters(fields: Dict[str, Any]) -> int:
     intermediate``) and query, key and value projections (``3 x hidden x heads x head_dim``); the
     model an embedding (``vocab x hidden``) and persistent tokens. A field that is missing or not a
     positive int counts as 1."""
+
     def get(*names: str) -> int:
         for name in names:
             value = fields.get(name)
@@ -92,8 +103,10 @@ def check_weights_fit(parameters: int, what: str, error: type) -> None:
     (:func:`host_memory`): the model could not even be built. ``what`` names the request."""
     have = host_memory()
     if have is not None and 4 * parameters > have:
-        raise error(f"{what} describes at least {parameters:,} parameters, {gib(4 * parameters)} of float32 weights: "
-                    f"more than this machine's {gib(have)}")
+        raise error(
+            f"{what} describes at least {parameters:,} parameters, {gib(4 * parameters)} of float32 weights: "
+            f"more than this machine's {gib(have)}"
+        )
 
 
 def _cgroup_limit() -> Optional[int]:
@@ -146,8 +159,15 @@ def gib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def check_fits(need: Footprint, device: torch.device, batch_size: int, seq_len: int, parameters: int, micro_batch: int,
-               have: Optional[int] = None) -> None:
+def check_fits(
+    need: Footprint,
+    device: torch.device,
+    batch_size: int,
+    seq_len: int,
+    parameters: int,
+    micro_batch: int,
+    have: Optional[int] = None,
+) -> None:
     """``ConfigError`` (one line, with the numbers) when ``need`` exceeds the memory of ``device``
     (``have`` bytes; default :func:`device_memory`). ``batch_size``, ``seq_len``, ``parameters``
     and ``micro_batch`` are what the message names."""
@@ -161,4 +181,5 @@ def check_fits(need: Footprint, device: torch.device, batch_size: int, seq_len: 
         f"({gib(need.state)} of weights, gradients and AdamW moments for {parameters:,} parameters, {gib(need.activations)} "
         f"of activations for {micro_batch:,} sequences per micro-step, {gib(need.token_ids)} of token ids for the global "
         f"batch) and {device.type} has {gib(have)}; lower --batch-size or --seq-len, or raise --grad-accum "
-        "(docs/security.md: a lower bound)")
+        "(docs/security.md: a lower bound)"
+    )

@@ -31,8 +31,10 @@ def check_reporters(names: Optional[Sequence[str]]) -> None:
         if name in PACKAGES:
             module, extra = PACKAGES[name]
             if importlib.util.find_spec(module) is None:
-                raise ConfigError(f"--report-to {name} needs the `{module}` package: "
-                                  f"pip install {module} (or the deepmemory[{extra}] extra)")
+                raise ConfigError(
+                    f"--report-to {name} needs the `{module}` package: "
+                    f"pip install {module} (or the deepmemory[{extra}] extra)"
+                )
 
 
 class JsonlReporter:
@@ -78,8 +80,14 @@ class WandbReporter:
 
         path = os.path.abspath(run_dir)
         run_id = hashlib.sha256(f"{path}|{record.get('created', '')}".encode()).hexdigest()[:16]
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "deepmemory"), name=os.path.basename(path),
-                              id=run_id, resume="allow", dir=path, config=settings)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "deepmemory"),
+            name=os.path.basename(path),
+            id=run_id,
+            resume="allow",
+            dir=path,
+            config=settings,
+        )
 
     def log(self, scalars: Dict[str, float], step: int) -> None:
         self.run.log(dict(scalars), step=step)

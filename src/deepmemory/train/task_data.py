@@ -65,7 +65,9 @@ def model_vocab_size(task, tokenizer) -> int:
 def check_vocab(task, vocab_size: int, what: str) -> None:
     """Raise ``ConfigError`` when a model of ``vocab_size`` cannot read ``task``'s token ids."""
     if task.vocab_size is not None and vocab_size < task.vocab_size:
-        raise ConfigError(f"{what} has a vocabulary of {vocab_size} tokens, fewer than the {task.vocab_size} of task {task.name}")
+        raise ConfigError(
+            f"{what} has a vocabulary of {vocab_size} tokens, fewer than the {task.vocab_size} of task {task.name}"
+        )
 
 
 class TaskSampler:
@@ -113,7 +115,9 @@ def task_rows(task, size: int, seq_len: int, generator: torch.Generator) -> Tupl
     except (ValueError, TypeError) as err:
         raise ConfigError(f"--task {task.name} --seq-len {seq_len}: {' '.join(str(err).split())}") from err
     if tuple(ids.shape) != (size, seq_len) or tuple(labels.shape) != (size, seq_len):
-        raise ConfigError(f"--task {task.name} made rows {list(ids.shape)} / {list(labels.shape)}, not [{size}, {seq_len}]")
+        raise ConfigError(
+            f"--task {task.name} made rows {list(ids.shape)} / {list(labels.shape)}, not [{size}, {seq_len}]"
+        )
     if not bool((labels != IGNORE_INDEX).any()):
         raise ConfigError(f"--task {task.name} --seq-len {seq_len}: the rows score no answer token")
     return ids.long(), labels.long()
@@ -150,7 +154,9 @@ def answer_matches(logits: Tensor, labels: Tensor) -> Tuple[int, int]:
         return 0, 0
     run = torch.cumsum(starts.flatten(), 0) - 1  # the answer each position belongs to (rows are flattened in order)
     wrong = (scored & (logits.argmax(-1) != labels)).flatten()
-    missed = torch.zeros(answers, dtype=torch.long).index_add_(0, run[wrong].cpu(), torch.ones(int(wrong.sum()), dtype=torch.long))
+    missed = torch.zeros(answers, dtype=torch.long).index_add_(
+        0, run[wrong].cpu(), torch.ones(int(wrong.sum()), dtype=torch.long)
+    )
     return int((missed == 0).sum()), answers
 
 
@@ -192,19 +198,28 @@ def describe(task, settings: Dict, seq_len: int, val_rows: int) -> str:
     """The run's ``data:`` line for a task."""
     given = ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
     vocab = f", {task.vocab_size} token ids" if task.vocab_size is not None else ""
-    return (f"task {task.name}" + (f" ({given})" if given else "") + f"{vocab}: fresh rows of {seq_len} tokens every step, "
-            f"loss at the answers; {val_rows} fixed validation rows")
+    return (
+        f"task {task.name}" + (f" ({given})" if given else "") + f"{vocab}: fresh rows of {seq_len} tokens every step, "
+        f"loss at the answers; {val_rows} fixed validation rows"
+    )
 
 
 def record(task, settings: Dict, val_rows: int) -> Dict:
     """The ``data`` entry of a task run's ``run.json``."""
-    return {"source": f"task:{task.name}", "task": task.name, "task_settings": dict(settings), "kind": task.kind,
-            "task_vocab_size": task.vocab_size, "validation_rows": val_rows}
-
+    return {
+        "source": f"task:{task.name}",
+        "task": task.name,
+        "task_settings": dict(settings),
+        "kind": task.kind,
+        "task_vocab_size": task.vocab_size,
+        "validation_rows": val_rows,
+    }
 
 
 @torch.no_grad()
-def task_validation(model: nn.Module, rows: Tuple[Tensor, Tensor], micro: int, env, precision: str) -> Tuple[float, float]:
+def task_validation(
+    model: nn.Module, rows: Tuple[Tensor, Tensor], micro: int, env, precision: str
+) -> Tuple[float, float]:
     """``(loss, accuracy)`` over the validation ``rows`` (``(input_ids, labels)``, split over the
     ranks, each rank taking the same number of forward calls): the mean cross entropy of the
     answer tokens (nats) and the exact-match accuracy of the answers (:func:`answer_matches`)."""
@@ -214,10 +229,10 @@ def task_validation(model: nn.Module, rows: Tuple[Tensor, Tensor], micro: int, e
 
     was_training = model.training
     model.eval()
-    ids, labels = rows[0][env.rank::env.world], rows[1][env.rank::env.world]
+    ids, labels = rows[0][env.rank :: env.world], rows[1][env.rank :: env.world]
     loss = scored = exact = answers = 0.0
     for i in range(0, ids.shape[0], micro):
-        x, y = ids[i:i + micro].to(env.device), labels[i:i + micro].to(env.device)
+        x, y = ids[i : i + micro].to(env.device), labels[i : i + micro].to(env.device)
         with autocast(env, precision):
             logits = model(input_ids=x, use_cache=False).logits.float()
         loss += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))

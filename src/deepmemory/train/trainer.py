@@ -25,8 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import (DataError, WindowSampler, bits_per_byte, build_corpus, eval_window_starts, eval_windows, load_tokenizer,
-                    packed_labels, packed_position_ids, tokenizer_from_info)
+from ..data import (
+    DataError,
+    WindowSampler,
+    bits_per_byte,
+    build_corpus,
+    eval_window_starts,
+    eval_windows,
+    load_tokenizer,
+    packed_labels,
+    packed_position_ids,
+    tokenizer_from_info,
+)
 from ..data.loader import IGNORE_INDEX
 from . import checkpoint as ck
 from . import task_data
@@ -34,8 +44,22 @@ from ..checks import os_error_line
 from .config import ConfigError, TrainConfig, new_config, resume_config
 from .footprint import check_fits, check_weights_fit, least_parameters, training_footprint
 from .loggers import check_reporters, cut_log
-from .distributed import (Env, all_sum, barrier, broadcast_str, first_error, gather_model_state, gather_optimizer_state,
-                          grad_norm_clip, load_optimizer_state, setup, teardown, unused_parameters, unwrap, wrap)
+from .distributed import (
+    Env,
+    all_sum,
+    barrier,
+    broadcast_str,
+    first_error,
+    gather_model_state,
+    gather_optimizer_state,
+    grad_norm_clip,
+    load_optimizer_state,
+    setup,
+    teardown,
+    unused_parameters,
+    unwrap,
+    wrap,
+)
 
 FSDP_MIN_PARAMETERS = 300_000_000  # the 340m size and up: full replicas stop fitting comfortably
 
@@ -55,12 +79,27 @@ class DivergenceError(TrainError):
     when there is none) and ``metrics`` (the diverged ``metrics.jsonl`` row, or ``None``).
     """
 
-    def __init__(self, step: int, reason: str, run_dir: Optional[str], checkpoint_step: Optional[int],
-                 metrics: Optional[Dict] = None):
-        kept = (f"the last good checkpoint (step {checkpoint_step}) is kept in {run_dir}" if checkpoint_step is not None
-                else f"no checkpoint was written (run directory {run_dir})")
+    def __init__(
+        self,
+        step: int,
+        reason: str,
+        run_dir: Optional[str],
+        checkpoint_step: Optional[int],
+        metrics: Optional[Dict] = None,
+    ):
+        kept = (
+            f"the last good checkpoint (step {checkpoint_step}) is kept in {run_dir}"
+            if checkpoint_step is not None
+            else f"no checkpoint was written (run directory {run_dir})"
+        )
         super().__init__(f"training diverged at step {step}: {reason}; {kept}")
-        self.step, self.reason, self.run_dir, self.checkpoint_step, self.metrics = step, reason, run_dir, checkpoint_step, metrics
+        self.step, self.reason, self.run_dir, self.checkpoint_step, self.metrics = (
+            step,
+            reason,
+            run_dir,
+            checkpoint_step,
+            metrics,
+        )
 
 
 USER_ERRORS = (ConfigError, DataError, ck.CheckpointError, TrainError)
@@ -87,7 +126,9 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     from ..models.presets import SIZES
 
     fields = {**(SIZES[cfg.size][0] if cfg.size in SIZES else {}), **cfg.model_overrides, "vocab_size": vocab_size}
-    check_weights_fit(least_parameters(fields), f"--model {cfg.model} --size {cfg.size} with its model_overrides", ConfigError)
+    check_weights_fit(
+        least_parameters(fields), f"--model {cfg.model} --size {cfg.size} with its model_overrides", ConfigError
+    )
     try:
         return build(cfg.model, size=cfg.size, **dict(cfg.model_overrides, vocab_size=vocab_size))
     except (ValueError, TypeError) as err:
@@ -109,8 +150,10 @@ def model_from_config(config: Dict) -> nn.Module:
         raise ck.CheckpointError(f"the stored model config must be a JSON object; got {type(config).__name__}")
     unknown = sorted(str(k) for k in set(config) - _stored_config_keys())
     if unknown:
-        raise ck.CheckpointError(f"the stored model config has unknown field(s) {', '.join(unknown)}; "
-                                 f"valid fields: {', '.join(DeepMemoryConfig.own_fields())}")
+        raise ck.CheckpointError(
+            f"the stored model config has unknown field(s) {', '.join(unknown)}; "
+            f"valid fields: {', '.join(DeepMemoryConfig.own_fields())}"
+        )
     check_weights_fit(least_parameters(config), "the stored model config", ck.CheckpointError)
     try:
         model_config = DeepMemoryConfig.from_dict(dict(config))
@@ -132,14 +175,18 @@ def _stored_config_keys() -> set:
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; matrices (dim >= 2) decay, gains and biases do not."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
 def resolved_precision(env: Env, precision: str) -> str:
     """The precision ``precision`` means on ``env``'s device: ``"bf16"`` or ``"fp32"``."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and env.device.type == "cuda" and torch.cuda.is_bf16_supported())
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and env.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
     return "bf16" if use_bf16 else "fp32"
 
 
@@ -158,8 +205,9 @@ def grad_sync(model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def next_token_loss(model: nn.Module, rows: torch.Tensor, reduction: str = "mean",
-                    starts: Optional[torch.Tensor] = None) -> torch.Tensor:
+def next_token_loss(
+    model: nn.Module, rows: torch.Tensor, reduction: str = "mean", starts: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Cross entropy of ``rows[:, 1:]`` given ``rows[:, :-1]``; ``rows [B, L + 1]``.
 
     ``starts [B, L + 1]`` (bool, True where a document begins; the loader's ``next_packed``): the
@@ -172,7 +220,9 @@ def next_token_loss(model: nn.Module, rows: torch.Tensor, reduction: str = "mean
         return F.cross_entropy(_upcast(logits).flatten(0, 1), rows[:, 1:].flatten(), reduction=reduction)
     logits = model(input_ids=rows[:, :-1], position_ids=packed_position_ids(starts[:, :-1]), use_cache=False).logits
     targets = packed_labels(rows, starts)[:, 1:]
-    return F.cross_entropy(_upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+    return F.cross_entropy(
+        _upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
+    )
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -200,8 +250,9 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, windows: torch.Tensor, micro: int, env: Env, precision: str,
-                    starts: Optional[torch.Tensor] = None) -> float:
+def validation_loss(
+    model: nn.Module, windows: torch.Tensor, micro: int, env: Env, precision: str, starts: Optional[torch.Tensor] = None
+) -> float:
     """Mean next-token loss (nats) over the scored targets of ``windows [n, L + 1]``, split over
     ranks, each rank taking the same number of forward calls (FSDP needs them in step). With
     ``starts [n, L + 1]`` the documents are packed with boundaries, as in training
@@ -209,12 +260,12 @@ def validation_loss(model: nn.Module, windows: torch.Tensor, micro: int, env: En
     was_training = model.training
     model.eval()
     total = 0.0
-    mine = windows[env.rank::env.world]
-    mine_starts = None if starts is None else starts[env.rank::env.world]
+    mine = windows[env.rank :: env.world]
+    mine_starts = None if starts is None else starts[env.rank :: env.world]
     for i in range(0, mine.shape[0], micro):
-        part = None if mine_starts is None else mine_starts[i:i + micro].to(env.device)
+        part = None if mine_starts is None else mine_starts[i : i + micro].to(env.device)
         with autocast(env, precision):
-            total += float(next_token_loss(model, mine[i:i + micro].to(env.device), reduction="sum", starts=part))
+            total += float(next_token_loss(model, mine[i : i + micro].to(env.device), reduction="sum", starts=part))
     model.train(was_training)
     total, count = all_sum(env, [total, float(scored_targets(mine, mine_starts))])
     return total / max(count, 1.0)
@@ -233,7 +284,9 @@ def _create_run_dir(out: str, overwrite: bool, write: Callable[[str], None]) -> 
     replaced with ``overwrite``, and only if it is a run directory or empty; ``TrainError`` when
     the nearest existing folder above ``out`` is a file or not writable."""
     ck.check_writable_parent(out, "--out", TrainError)
-    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):  # an empty folder holds nothing to lose
+    if os.path.exists(out) and not (
+        os.path.isdir(out) and not os.listdir(out)
+    ):  # an empty folder holds nothing to lose
         if not overwrite:
             raise TrainError(f"{out} already exists; pass --overwrite to replace it or --resume {out} to continue it")
         if not os.path.isdir(out) or (os.listdir(out) and not ck.is_run_dir(out)):
@@ -252,7 +305,11 @@ def _read_metrics(run_dir: str) -> List[Dict]:
                 row = json.loads(line)
             except (ValueError, RecursionError):  # a line cut short by a crash (or garbled)
                 break
-            if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step", 0), int):
+            if (
+                not isinstance(row, dict)
+                or isinstance(row.get("step"), bool)
+                or not isinstance(row.get("step", 0), int)
+            ):
                 break
             rows.append(row)
     return rows
@@ -298,14 +355,22 @@ def model_files(model_config, tokenizer) -> Callable[[str], None]:
 
     eos = tokenizer.eos_id
     config_text = model_config.to_json_string(use_diff=True)
-    generation_text = GenerationConfig(eos_token_id=eos, pad_token_id=eos, bos_token_id=model_config.bos_token_id,
-                                       ).to_json_string(use_diff=True)
+    generation_text = GenerationConfig(
+        eos_token_id=eos,
+        pad_token_id=eos,
+        bos_token_id=model_config.bos_token_id,
+    ).to_json_string(use_diff=True)
     tokenizer_config = None
     backend = getattr(tokenizer, "tokenizer", None)  # a Hugging Face `tokenizers` model
     if backend is not None:
         eos_token = backend.id_to_token(eos) if eos is not None else None
-        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                            "eos_token": eos_token, "pad_token": eos_token, "model_max_length": 1_000_000_000}
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,
+            "eos_token": eos_token,
+            "pad_token": eos_token,
+            "model_max_length": 1_000_000_000,
+        }
 
     def write(directory: str) -> None:
         ck.write_text(os.path.join(directory, ck.CONFIG), config_text)
@@ -339,8 +404,10 @@ def train(settings: Dict, resume: Optional[str] = None, overwrite: bool = False,
     except ValueError as err:
         raise ConfigError(str(err)) from err
     if settings.get("fsdp") and not env.distributed:
-        raise ConfigError("--fsdp shards the model over the processes of a torchrun job, and this is a single process; "
-                          "start it with `torchrun --nproc-per-node N -m deepmemory.train ...` or leave --fsdp out")
+        raise ConfigError(
+            "--fsdp shards the model over the processes of a torchrun job, and this is a single process; "
+            "start it with `torchrun --nproc-per-node N -m deepmemory.train ...` or leave --fsdp out"
+        )
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     elif env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -348,7 +415,9 @@ def train(settings: Dict, resume: Optional[str] = None, overwrite: bool = False,
         # and on a machine shared with other jobs every op then waits for a descheduled thread
         torch.set_num_threads(1)
     try:
-        with Trainer(cfg, env, stored=stored, resume=resume, overwrite=overwrite, quiet=quiet, started=started) as trainer:
+        with Trainer(
+            cfg, env, stored=stored, resume=resume, overwrite=overwrite, quiet=quiet, started=started
+        ) as trainer:
             return trainer.fit()
     finally:
         teardown(env)
@@ -382,19 +451,37 @@ class Trainer:
     ``checkpoint_step`` (the step of the newest checkpoint on disk, or ``None``), ``corpus``, ``sampler``.
     """
 
-    def __init__(self, cfg: TrainConfig, env: Env, *, stored: Optional[Dict] = None, resume: Optional[str] = None,
-                 overwrite: bool = False, quiet: bool = False, started: Optional[float] = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        env: Env,
+        *,
+        stored: Optional[Dict] = None,
+        resume: Optional[str] = None,
+        overwrite: bool = False,
+        quiet: bool = False,
+        started: Optional[float] = None,
+    ):
         from tqdm.auto import tqdm
 
         if resume and stored is None:
             stored = ck.read_run_config(resume)
-        self.cfg, self.env, self.stored, self.resume, self.overwrite, self.quiet = cfg, env, stored, resume, overwrite, quiet
+        self.cfg, self.env, self.stored, self.resume, self.overwrite, self.quiet = (
+            cfg,
+            env,
+            stored,
+            resume,
+            overwrite,
+            quiet,
+        )
         self.started = time.time() if started is None else started
         self._say = (lambda *a: None) if quiet or not env.is_main else tqdm.write
         self.micro_global = cfg.batch_size // cfg.grad_accum
         if self.micro_global % env.world:
-            raise ConfigError(f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} = {self.micro_global} sequences "
-                              f"per micro-step does not split over {env.world} processes")
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} = {self.micro_global} sequences "
+                f"per micro-step does not split over {env.world} processes"
+            )
         self.micro = self.micro_global // env.world
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
 
@@ -413,24 +500,43 @@ class Trainer:
         self.use_fsdp = env.distributed and (cfg.fsdp or self.n_params >= FSDP_MIN_PARAMETERS)
         # a batch that cannot fit is refused before any data is read or any batch drawn (a lower bound)
         mc = self.model.config
-        check_fits(training_footprint(self.n_params, mc.hidden_size, mc.num_hidden_layers, mc.vocab_size, self.micro,
-                                      cfg.seq_len, cfg.batch_size, env.world if self.use_fsdp else 1),
-                   env.device, cfg.batch_size, cfg.seq_len, self.n_params, self.micro)
+        check_fits(
+            training_footprint(
+                self.n_params,
+                mc.hidden_size,
+                mc.num_hidden_layers,
+                mc.vocab_size,
+                self.micro,
+                cfg.seq_len,
+                cfg.batch_size,
+                env.world if self.use_fsdp else 1,
+            ),
+            env.device,
+            cfg.batch_size,
+            cfg.seq_len,
+            self.n_params,
+            self.micro,
+        )
         if env.is_main:
             check_reporters(cfg.report_to)  # a missing tensorboard/wandb fails before anything is written
         self.val_starts: Optional[torch.Tensor] = None  # where documents begin in the validation windows (packing)
         if self.task is None:
             self.corpus = build_corpus(cfg.data, self.tokenizer, cfg.val_fraction)
-            self.sampler = WindowSampler(self.corpus.train, cfg.seq_len, cfg.seed,
-                                         doc_starts=self.corpus.train_starts if cfg.packing else None)
+            self.sampler = WindowSampler(
+                self.corpus.train, cfg.seq_len, cfg.seed, doc_starts=self.corpus.train_starts if cfg.packing else None
+            )
             max_windows = max(1, cfg.eval_tokens // cfg.seq_len)
             val = eval_windows(self.corpus.val, cfg.seq_len, max_windows)
             if val.shape[0] < env.world:
-                raise DataError(f"the validation data holds {val.shape[0]} windows of --seq-len {cfg.seq_len}, fewer than {env.world} processes")
+                raise DataError(
+                    f"the validation data holds {val.shape[0]} windows of --seq-len {cfg.seq_len}, fewer than {env.world} processes"
+                )
             keep = val.shape[0] // env.world * env.world  # every rank evaluates as many windows
             self.val_windows = val[:keep]
             if cfg.packing:
-                self.val_starts = eval_window_starts(self.corpus.val_starts, self.corpus.val.numel(), cfg.seq_len, max_windows)[:keep]
+                self.val_starts = eval_window_starts(
+                    self.corpus.val_starts, self.corpus.val.numel(), cfg.seq_len, max_windows
+                )[:keep]
             self.tpb_val, self.tpb_train = self.corpus.tokens_per_byte("val"), self.corpus.tokens_per_byte("train")
         else:  # (input_ids, labels) rows: fresh ones every step, a fixed validation set
             self.corpus, self.tpb_val, self.tpb_train = None, None, None
@@ -457,9 +563,15 @@ class Trainer:
 
     def resolved(self) -> Dict:
         """What ``auto`` and the defaults became on this machine (stored in ``run.json``)."""
-        return {"device": str(self.env.device), "precision": resolved_precision(self.env, self.cfg.precision),
-                "processes": self.env.world, "threads": torch.get_num_threads(), "fsdp": self.use_fsdp,
-                "save_every": self.save_every, "torch": torch.__version__}
+        return {
+            "device": str(self.env.device),
+            "precision": resolved_precision(self.env, self.cfg.precision),
+            "processes": self.env.world,
+            "threads": torch.get_num_threads(),
+            "fsdp": self.use_fsdp,
+            "save_every": self.save_every,
+            "torch": torch.__version__,
+        }
 
     @property
     def save_every(self) -> int:
@@ -498,18 +610,24 @@ class Trainer:
             try:
                 model.load_state_dict(model_sd, strict=True)
             except RuntimeError as err:
-                raise ck.CheckpointError(f"{self.checkpoint_path} does not fit the run's model: {str(err).splitlines()[0]}") from err
+                raise ck.CheckpointError(
+                    f"{self.checkpoint_path} does not fit the run's model: {str(err).splitlines()[0]}"
+                ) from err
             try:
                 self.sampler.load_state_dict(state["data"])
             except DataError:
                 raise
             except (KeyError, TypeError, ValueError, AttributeError) as err:
-                raise ck.CheckpointError(f"{self.checkpoint_path}/state.json is damaged: the data position "
-                                         f"{state['data']!r:.80} does not load ({type(err).__name__})") from err
+                raise ck.CheckpointError(
+                    f"{self.checkpoint_path}/state.json is damaged: the data position "
+                    f"{state['data']!r:.80} does not load ({type(err).__name__})"
+                ) from err
             self.step, self.elapsed_before = state["step"], state.get("elapsed", 0.0)
             self.checkpoint_step = self.step
             if cfg.steps <= self.step:
-                raise ConfigError(f"--resume {self.resume}: the run is at step {self.step} already; pass --steps greater than {self.step}")
+                raise ConfigError(
+                    f"--resume {self.resume}: the run is at step {self.step} already; pass --steps greater than {self.step}"
+                )
             # (a run directory of an older deepmemory may hold a NaN here, which strict JSON cannot write back)
             losses = ck.finite_or_none({"train": state.get("train_loss"), "val": state.get("val_loss")})
             self.train_loss, self.val_loss = losses["train"], losses["val"]
@@ -520,8 +638,10 @@ class Trainer:
         # chunk of a per-chunk memory never updates it): one probe step finds them
         unused = unused_parameters(model, cfg.seq_len, env.device) if env.distributed and not self.use_fsdp else []
         if unused:
-            self._say(f"note: {len(unused)} parameter tensors get no gradient at --seq-len {cfg.seq_len} (e.g. {unused[0]}); "
-                      "DDP looks for unused parameters at every step")
+            self._say(
+                f"note: {len(unused)} parameter tensors get no gradient at --seq-len {cfg.seq_len} (e.g. {unused[0]}); "
+                "DDP looks for unused parameters at every step"
+            )
         self.wrapped = wrap(model, env, self.use_fsdp, find_unused=bool(unused))
         self.optimizer = make_optimizer(model, cfg)
         if self.resume:
@@ -531,8 +651,9 @@ class Trainer:
                 if env.device.type == "cuda" and "cuda" in rng:
                     torch.cuda.set_rng_state(rng["cuda"])
             except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
-                raise ck.CheckpointError(f"{self.checkpoint_path}: its optimizer or RNG state does not fit the run "
-                                         f"({ck._one_line(err)})") from err
+                raise ck.CheckpointError(
+                    f"{self.checkpoint_path}: its optimizer or RNG state does not fit the run ({ck._one_line(err)})"
+                ) from err
         self._step_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self._eval_model = unwrap(self.wrapped)
 
@@ -540,8 +661,12 @@ class Trainer:
             metrics = [r for r in _read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
             ck.write_text(os.path.join(self.run_dir, ck.METRICS), "".join(_metrics_line(r) for r in metrics))
             if self.resume:
-                record = dict(self.stored, version=ck.VERSION, train=dict(cfg.to_dict(), out=os.path.abspath(self.run_dir)),
-                              resolved=self.resolved())
+                record = dict(
+                    self.stored,
+                    version=ck.VERSION,
+                    train=dict(cfg.to_dict(), out=os.path.abspath(self.run_dir)),
+                    resolved=self.resolved(),
+                )
                 record["model"] = dict(record["model"], config=self.model.config.to_dict())
                 ck.write_json(os.path.join(self.run_dir, ck.RUN), record)
                 self._write_model_files(self.run_dir)  # (a format-1 run directory gains its Hugging Face files)
@@ -559,14 +684,18 @@ class Trainer:
             try:
                 if self.resume:
                     if not os.access(self.resume, os.W_OK):  # (a read-only file system, or no permission)
-                        raise TrainError(f"--resume {self.resume}: the run directory is not writable (a read-only file "
-                                         "system or no permission); copy it to a writable place and resume the copy")
+                        raise TrainError(
+                            f"--resume {self.resume}: the run directory is not writable (a read-only file "
+                            "system or no permission); copy it to a writable place and resume the copy"
+                        )
                     ck.remove_partial(self.resume)
                     ckpt = ck.latest_checkpoint(self.resume)
                     if ckpt is None:
-                        raise ck.CheckpointError(f"{self.resume} has no complete checkpoint to resume from (it stopped "
-                                                 "before its first; start it again with --out "
-                                                 f"{self.resume} --overwrite)")
+                        raise ck.CheckpointError(
+                            f"{self.resume} has no complete checkpoint to resume from (it stopped "
+                            "before its first; start it again with --out "
+                            f"{self.resume} --overwrite)"
+                        )
                 else:
                     run_dir = cfg.out or _default_out(cfg)
                     _create_run_dir(run_dir, self.overwrite, self._new_run_files(run_dir))
@@ -581,15 +710,35 @@ class Trainer:
     def _new_run_files(self, run_dir: str) -> Callable[[str], None]:
         """What a fresh run directory starts with: ``config.json`` (settings, model, tokenizer, data) and the tokenizer."""
         cfg, corpus = self.cfg, self.corpus
-        data = task_data.record(self.task, cfg.task_settings, self.val_windows[0].shape[0]) if self.task else \
-            {"source": corpus.source, "train_tokens": corpus.train.numel(), "val_tokens": corpus.val.numel(),
-             "train_bytes": corpus.train_bytes, "val_bytes": corpus.val_bytes,
-             "train_documents": corpus.train_docs, "val_documents": corpus.val_docs,
-             "byte_entropy": corpus.byte_entropy}
-        record = {"format": ck.FORMAT, "version": ck.VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "train": dict(cfg.to_dict(), out=os.path.abspath(run_dir)), "resolved": self.resolved(),
-                  "model": {"preset": cfg.model, "size": cfg.size, "parameters": self.n_params, "config": self.model.config.to_dict()},
-                  "tokenizer": self.tokenizer.info(), "data": data}
+        data = (
+            task_data.record(self.task, cfg.task_settings, self.val_windows[0].shape[0])
+            if self.task
+            else {
+                "source": corpus.source,
+                "train_tokens": corpus.train.numel(),
+                "val_tokens": corpus.val.numel(),
+                "train_bytes": corpus.train_bytes,
+                "val_bytes": corpus.val_bytes,
+                "train_documents": corpus.train_docs,
+                "val_documents": corpus.val_docs,
+                "byte_entropy": corpus.byte_entropy,
+            }
+        )
+        record = {
+            "format": ck.FORMAT,
+            "version": ck.VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "train": dict(cfg.to_dict(), out=os.path.abspath(run_dir)),
+            "resolved": self.resolved(),
+            "model": {
+                "preset": cfg.model,
+                "size": cfg.size,
+                "parameters": self.n_params,
+                "config": self.model.config.to_dict(),
+            },
+            "tokenizer": self.tokenizer.info(),
+            "data": data,
+        }
 
         def write(tmp: str) -> None:
             ck.write_json(os.path.join(tmp, ck.RUN), record)
@@ -638,21 +787,35 @@ class Trainer:
         if batch is None:
             batch = self.sampler.next_packed(cfg.batch_size) if packed else self.sampler.next_batch(cfg.batch_size)
         elif self.task is not None:
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2
-                    and all(tuple(t.shape) == (cfg.batch_size, cfg.seq_len) for t in batch)):
-                raise ValueError(f"a task batch must be (input_ids, labels), both [batch_size, seq_len] = [{cfg.batch_size}, {cfg.seq_len}]")
+            if not (
+                isinstance(batch, (tuple, list))
+                and len(batch) == 2
+                and all(tuple(t.shape) == (cfg.batch_size, cfg.seq_len) for t in batch)
+            ):
+                raise ValueError(
+                    f"a task batch must be (input_ids, labels), both [batch_size, seq_len] = [{cfg.batch_size}, {cfg.seq_len}]"
+                )
         else:
             shape = (cfg.batch_size, cfg.seq_len + 1)
             if packed and isinstance(batch, (tuple, list)):
-                if not (len(batch) == 2 and all(isinstance(t, torch.Tensor) and tuple(t.shape) == shape for t in batch)
-                        and batch[1].dtype == torch.bool):
-                    raise ValueError(f"a packed batch must be (rows, starts), both [batch_size, seq_len + 1] = {list(shape)}, "
-                                     "starts bool")
+                if not (
+                    len(batch) == 2
+                    and all(isinstance(t, torch.Tensor) and tuple(t.shape) == shape for t in batch)
+                    and batch[1].dtype == torch.bool
+                ):
+                    raise ValueError(
+                        f"a packed batch must be (rows, starts), both [batch_size, seq_len + 1] = {list(shape)}, "
+                        "starts bool"
+                    )
             elif not isinstance(batch, torch.Tensor) or tuple(batch.shape) != shape:
-                raise ValueError(f"the batch must be [batch_size, seq_len + 1] = {list(shape)}; got "
-                                 f"{list(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__}")
+                raise ValueError(
+                    f"the batch must be [batch_size, seq_len + 1] = {list(shape)}; got "
+                    f"{list(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__}"
+                )
         if packed:
-            batch, starts = batch if isinstance(batch, (tuple, list)) else (batch, torch.zeros(batch.shape, dtype=torch.bool))
+            batch, starts = (
+                batch if isinstance(batch, (tuple, list)) else (batch, torch.zeros(batch.shape, dtype=torch.bool))
+            )
             # each micro-step's summed loss, scaled so that the ranks' mean over grad_accum
             # micro-steps is the mean over the scored targets of the whole global batch
             scale = env.world * cfg.grad_accum / max(1, scored_targets(batch, starts))
@@ -673,12 +836,19 @@ class Trainer:
             with grad_sync(self.wrapped, m == cfg.grad_accum - 1):
                 with autocast(env, cfg.precision):
                     if packed:
-                        loss = next_token_loss(self._step_model, batch[start:start + self.micro].to(env.device), reduction="sum",
-                                               starts=starts[start:start + self.micro].to(env.device)) * scale
+                        loss = (
+                            next_token_loss(
+                                self._step_model,
+                                batch[start : start + self.micro].to(env.device),
+                                reduction="sum",
+                                starts=starts[start : start + self.micro].to(env.device),
+                            )
+                            * scale
+                        )
                     elif self.task is None:
-                        loss = next_token_loss(self._step_model, batch[start:start + self.micro].to(env.device))
+                        loss = next_token_loss(self._step_model, batch[start : start + self.micro].to(env.device))
                     else:
-                        ids, labels = (t[start:start + self.micro].to(env.device) for t in batch)
+                        ids, labels = (t[start : start + self.micro].to(env.device) for t in batch)
                         loss = task_data.answer_loss(self._step_model, ids, labels) * scale
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
@@ -689,8 +859,9 @@ class Trainer:
         row = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": norm}
         if not (math.isfinite(loss) and math.isfinite(norm_sum)):
             self.optimizer.zero_grad(set_to_none=True)  # (clipping by a NaN norm made them NaN too)
-            reasons = ([f"the training loss is {loss}"] if not math.isfinite(loss) else []) + \
-                      ([f"the gradient norm is {norm_sum / env.world}"] if not math.isfinite(norm_sum) else [])
+            reasons = ([f"the training loss is {loss}"] if not math.isfinite(loss) else []) + (
+                [f"the gradient norm is {norm_sum / env.world}"] if not math.isfinite(norm_sum) else []
+            )
             raise self._diverged(self.step + 1, " and ".join(reasons), row)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -716,11 +887,15 @@ class Trainer:
         """
         self._require_restored("evaluate")
         if self.task is not None:
-            loss, accuracy = task_data.task_validation(self._eval_model, self.val_windows, self.micro, self.env, self.cfg.precision)
+            loss, accuracy = task_data.task_validation(
+                self._eval_model, self.val_windows, self.micro, self.env, self.cfg.precision
+            )
             row = {"step": self.step, "val_loss": loss, "val_accuracy": accuracy}
             self.val_accuracy = accuracy
         else:
-            loss = validation_loss(self._eval_model, self.val_windows, self.micro, self.env, self.cfg.precision, self.val_starts)
+            loss = validation_loss(
+                self._eval_model, self.val_windows, self.micro, self.env, self.cfg.precision, self.val_starts
+            )
             row = {"step": self.step, "val_loss": loss, "val_bpb": bits_per_byte(loss, self.tpb_val)}
         if not math.isfinite(loss):
             raise self._diverged(self.step, f"the validation loss is {loss}", row)
@@ -745,7 +920,10 @@ class Trainer:
         model_state = gather_model_state(self.model)
         bad = None
         if env.is_main:
-            bad = next((name for name, t in model_state.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+            bad = next(
+                (name for name, t in model_state.items() if t.is_floating_point() and not bool(t.isfinite().all())),
+                None,
+            )
         bad = broadcast_str(env, bad)
         if bad:
             raise self._diverged(self.step, f"the weight {bad} holds non-finite values")
@@ -754,11 +932,22 @@ class Trainer:
             rng = {"torch": torch.get_rng_state()}
             if env.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state()
-            ck.save_checkpoint(self.run_dir, self.step, model_state, optim_state, rng,
-                               {"data": self.sampler.state_dict(), "scheduler": {"step": self.step, "lr": lr_at(self.step, cfg)},
-                                "train_loss": self.train_loss, "val_loss": self.val_loss,
-                                "elapsed": self.elapsed_before + time.time() - self.started}, cfg.keep_checkpoints,
-                               model_files=self._write_model_files)
+            ck.save_checkpoint(
+                self.run_dir,
+                self.step,
+                model_state,
+                optim_state,
+                rng,
+                {
+                    "data": self.sampler.state_dict(),
+                    "scheduler": {"step": self.step, "lr": lr_at(self.step, cfg)},
+                    "train_loss": self.train_loss,
+                    "val_loss": self.val_loss,
+                    "elapsed": self.elapsed_before + time.time() - self.started,
+                },
+                cfg.keep_checkpoints,
+                model_files=self._write_model_files,
+            )
         self.checkpoint_step = self.step
         barrier(env)
 
@@ -791,24 +980,41 @@ class Trainer:
             if self.optimizer is None:
                 self.restore()
             if self.task is not None:
-                say("data: " + task_data.describe(self.task, cfg.task_settings, cfg.seq_len, self.val_windows[0].shape[0]))
+                say(
+                    "data: "
+                    + task_data.describe(self.task, cfg.task_settings, cfg.seq_len, self.val_windows[0].shape[0])
+                )
             else:
-                say(f"data: {corpus.source}: {corpus.train_docs} train / {corpus.val_docs} validation documents, "
+                say(
+                    f"data: {corpus.source}: {corpus.train_docs} train / {corpus.val_docs} validation documents, "
                     f"{corpus.train.numel():,} / {corpus.val.numel():,} tokens, "
                     + ("packed with boundaries" if cfg.packing else "one continuous stream (--no-packing)")
-                    + f"; unigram byte entropy {corpus.byte_entropy:.3f} bits/byte")
-            say(f"model: {cfg.model} ({cfg.size}), {self.n_params:,} parameters; {env.world} process(es) on {env.device.type}"
-                + (", FSDP" if self.use_fsdp else ", DDP" if env.distributed else ""))
-            say(f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g}, "
-                f"{'resuming from ' + os.path.basename(self.checkpoint_path) + ' in ' if self.resume else 'directory '}{self.run_dir}")
+                    + f"; unigram byte entropy {corpus.byte_entropy:.3f} bits/byte"
+                )
+            say(
+                f"model: {cfg.model} ({cfg.size}), {self.n_params:,} parameters; {env.world} process(es) on {env.device.type}"
+                + (", FSDP" if self.use_fsdp else ", DDP" if env.distributed else "")
+            )
+            say(
+                f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g}, "
+                f"{'resuming from ' + os.path.basename(self.checkpoint_path) + ' in ' if self.resume else 'directory '}{self.run_dir}"
+            )
 
             if env.is_main:
                 from .loggers import make_reporters
 
-                self._reporters = make_reporters(cfg.report_to, self.run_dir, self.stored or {}, cfg.to_dict(), self.step)
+                self._reporters = make_reporters(
+                    cfg.report_to, self.run_dir, self.stored or {}, cfg.to_dict(), self.step
+                )
             if self.step == 0:
                 self._validate()
-            bar = tqdm(total=cfg.steps, initial=self.step, disable=self.quiet or not env.is_main, unit="step", dynamic_ncols=True)
+            bar = tqdm(
+                total=cfg.steps,
+                initial=self.step,
+                disable=self.quiet or not env.is_main,
+                unit="step",
+                dynamic_ncols=True,
+            )
             loop_start, first_step = time.time(), self.step
             deadline = self.started + cfg.time_limit if cfg.time_limit else None
             try:
@@ -878,23 +1084,44 @@ class Trainer:
         loss = sum(r["loss"] for r in rows) / len(rows)
         last = rows[-1]
         if self.task is not None:
-            self._report({"train/loss": loss, "train/lr": last["lr"], "train/grad_norm": last["grad_norm"],
-                          "train/tokens_per_s": last["tok_per_s"], "train/tokens": float(last["tokens"])})
-            self._say(f"step {self.step:>6} | answer loss {loss:.4f} | lr {last['lr']:.2e} | "
-                      f"grad norm {last['grad_norm']:.3f} | {last['tok_per_s']:,.0f} tok/s")
+            self._report(
+                {
+                    "train/loss": loss,
+                    "train/lr": last["lr"],
+                    "train/grad_norm": last["grad_norm"],
+                    "train/tokens_per_s": last["tok_per_s"],
+                    "train/tokens": float(last["tokens"]),
+                }
+            )
+            self._say(
+                f"step {self.step:>6} | answer loss {loss:.4f} | lr {last['lr']:.2e} | "
+                f"grad norm {last['grad_norm']:.3f} | {last['tok_per_s']:,.0f} tok/s"
+            )
             return
         bpb = bits_per_byte(loss, self.tpb_train)
-        self._report({"train/loss": loss, "train/bpb": bpb, "train/lr": last["lr"], "train/grad_norm": last["grad_norm"],
-                      "train/tokens_per_s": last["tok_per_s"], "train/tokens": float(last["tokens"])})
-        self._say(f"step {self.step:>6} | loss {loss:.4f} | {bpb:.3f} bits/byte | lr {last['lr']:.2e} | "
-                  f"grad norm {last['grad_norm']:.3f} | {last['tok_per_s']:,.0f} tok/s")
+        self._report(
+            {
+                "train/loss": loss,
+                "train/bpb": bpb,
+                "train/lr": last["lr"],
+                "train/grad_norm": last["grad_norm"],
+                "train/tokens_per_s": last["tok_per_s"],
+                "train/tokens": float(last["tokens"]),
+            }
+        )
+        self._say(
+            f"step {self.step:>6} | loss {loss:.4f} | {bpb:.3f} bits/byte | lr {last['lr']:.2e} | "
+            f"grad norm {last['grad_norm']:.3f} | {last['tok_per_s']:,.0f} tok/s"
+        )
 
     def _validate(self) -> None:
         row = self.evaluate()
         self._log(row)
         if self.task is not None:
             self._report({"eval/loss": row["val_loss"], "eval/accuracy": row["val_accuracy"]})
-            self._say(f"step {self.step:>6} | validation answer loss {row['val_loss']:.4f} | accuracy {row['val_accuracy']:.3f}")
+            self._say(
+                f"step {self.step:>6} | validation answer loss {row['val_loss']:.4f} | accuracy {row['val_accuracy']:.3f}"
+            )
             if self.env.is_main:
                 task_data.plot_task(self.run_dir, _read_metrics(self.run_dir))
             return
@@ -906,17 +1133,35 @@ class Trainer:
     def _finish_task(self, loop_start: float, first_step: int, tokens: int, session: float, wall: float) -> Dict:
         """The summary of a task run: ``val_accuracy`` where a corpus run has bits per byte."""
         step = self.step
-        summary = {"run_dir": self.run_dir, "steps": step, "tokens": tokens, "wall_time_s": wall, "session_time_s": session,
-                   "stopped": self.stopped, "task": self.task.name, "train_loss": self.train_loss, "val_loss": self.val_loss,
-                   "val_accuracy": self.val_accuracy, "parameters": self.n_params}
+        summary = {
+            "run_dir": self.run_dir,
+            "steps": step,
+            "tokens": tokens,
+            "wall_time_s": wall,
+            "session_time_s": session,
+            "stopped": self.stopped,
+            "task": self.task.name,
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "val_accuracy": self.val_accuracy,
+            "parameters": self.n_params,
+        }
         if self.env.is_main:
             task_data.plot_task(self.run_dir, _read_metrics(self.run_dir))
             resumed = f"; this session {step - first_step} steps in {_fmt_time(session)}" if self.resume else ""
-            stopped = f" (stopped by --time-limit; --resume {self.run_dir} continues to step {self.cfg.steps})" if self.stopped else ""
-            self._say(f"done: {step} steps, {tokens:,} tokens in {_fmt_time(wall)}{resumed} "
-                      f"({(step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} tokens/s){stopped}")
-            self._say(f"validation: exact-match accuracy {self.val_accuracy:.3f}, answer loss {self.val_loss:.4f}"
-                      + (f"; train answer loss {self.train_loss:.4f}" if self.train_loss is not None else ""))
+            stopped = (
+                f" (stopped by --time-limit; --resume {self.run_dir} continues to step {self.cfg.steps})"
+                if self.stopped
+                else ""
+            )
+            self._say(
+                f"done: {step} steps, {tokens:,} tokens in {_fmt_time(wall)}{resumed} "
+                f"({(step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} tokens/s){stopped}"
+            )
+            self._say(
+                f"validation: exact-match accuracy {self.val_accuracy:.3f}, answer loss {self.val_loss:.4f}"
+                + (f"; train answer loss {self.train_loss:.4f}" if self.train_loss is not None else "")
+            )
             self._say(f"run directory: {self.run_dir}")
         return summary
 
@@ -927,19 +1172,37 @@ class Trainer:
         wall = self.elapsed_before + session  # the whole run: the resumed checkpoint's time plus this process's
         if self.task is not None:
             return self._finish_task(loop_start, first_step, tokens, session, wall)
-        summary = {"run_dir": self.run_dir, "steps": step, "tokens": tokens, "wall_time_s": wall,
-                   "session_time_s": session, "stopped": self.stopped,
-                   "train_loss": last_loss, "val_loss": last_val, "val_bpb": bits_per_byte(last_val, self.tpb_val),
-                   "train_bpb": bits_per_byte(last_loss, self.tpb_train) if last_loss is not None else None,
-                   "byte_entropy": corpus.byte_entropy, "parameters": self.n_params}
+        summary = {
+            "run_dir": self.run_dir,
+            "steps": step,
+            "tokens": tokens,
+            "wall_time_s": wall,
+            "session_time_s": session,
+            "stopped": self.stopped,
+            "train_loss": last_loss,
+            "val_loss": last_val,
+            "val_bpb": bits_per_byte(last_val, self.tpb_val),
+            "train_bpb": bits_per_byte(last_loss, self.tpb_train) if last_loss is not None else None,
+            "byte_entropy": corpus.byte_entropy,
+            "parameters": self.n_params,
+        }
         if self.env.is_main:
             say = self._say
             plot_losses(self.run_dir, self.tpb_train, corpus.byte_entropy)
             resumed = f"; this session {step - first_step} steps in {_fmt_time(session)}" if self.resume else ""
-            stopped = f" (stopped by --time-limit; --resume {self.run_dir} continues to step {self.cfg.steps})" if self.stopped else ""
-            say(f"done: {step} steps, {tokens:,} tokens in {_fmt_time(wall)}{resumed} "
-                f"({(step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} tokens/s){stopped}")
-            say(f"validation: {bits_per_byte(last_val, self.tpb_val):.3f} bits/byte (loss {last_val:.4f}) vs unigram byte entropy "
-                f"{corpus.byte_entropy:.3f} bits/byte" + (f"; train {summary['train_bpb']:.3f} bits/byte" if last_loss is not None else ""))
+            stopped = (
+                f" (stopped by --time-limit; --resume {self.run_dir} continues to step {self.cfg.steps})"
+                if self.stopped
+                else ""
+            )
+            say(
+                f"done: {step} steps, {tokens:,} tokens in {_fmt_time(wall)}{resumed} "
+                f"({(step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} tokens/s){stopped}"
+            )
+            say(
+                f"validation: {bits_per_byte(last_val, self.tpb_val):.3f} bits/byte (loss {last_val:.4f}) vs unigram byte entropy "
+                f"{corpus.byte_entropy:.3f} bits/byte"
+                + (f"; train {summary['train_bpb']:.3f} bits/byte" if last_loss is not None else "")
+            )
             say(f"run directory: {self.run_dir}")
         return summary

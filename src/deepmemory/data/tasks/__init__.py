@@ -39,9 +39,21 @@ from .mad import Compression, FuzzyInContextRecall, InContextRecall, Memorizatio
 from .mqar import MQAR, MQARTask
 from .niah import SNIAH, SNIAH1, SNIAH2, SNIAH3
 
-_TEXT = {cls.name: cls for cls in (SNIAH1, SNIAH2, SNIAH3, BabiLongQA1, BabiLongQA2, BabiLongQA3, BabiLongQA4, BabiLongQA5)}
-_TOKENS = {cls.name: cls for cls in (MQARTask, InContextRecall, NoisyInContextRecall, FuzzyInContextRecall,
-                                     SelectiveCopy, Compression, Memorization)}
+_TEXT = {
+    cls.name: cls for cls in (SNIAH1, SNIAH2, SNIAH3, BabiLongQA1, BabiLongQA2, BabiLongQA3, BabiLongQA4, BabiLongQA5)
+}
+_TOKENS = {
+    cls.name: cls
+    for cls in (
+        MQARTask,
+        InContextRecall,
+        NoisyInContextRecall,
+        FuzzyInContextRecall,
+        SelectiveCopy,
+        Compression,
+        Memorization,
+    )
+}
 TASKS = tuple(_TEXT) + tuple(_TOKENS)
 
 
@@ -71,7 +83,20 @@ def get_task(name: str, tokenizer=None, **settings) -> Task:
 
 
 __all__ = [
-    "IGNORE_INDEX", "MQAR", "TASKS", "BabiLong", "Compression", "FuzzyInContextRecall", "InContextRecall",
-    "MQARTask", "Memorization", "NoisyInContextRecall", "SNIAH", "SelectiveCopy", "Task", "TaskSample",
-    "get_task", "recall_accuracy",
+    "IGNORE_INDEX",
+    "MQAR",
+    "TASKS",
+    "BabiLong",
+    "Compression",
+    "FuzzyInContextRecall",
+    "InContextRecall",
+    "MQARTask",
+    "Memorization",
+    "NoisyInContextRecall",
+    "SNIAH",
+    "SelectiveCopy",
+    "Task",
+    "TaskSample",
+    "get_task",
+    "recall_accuracy",
 ]

@@ -50,8 +50,13 @@ PEOPLE = ("Mary", "John", "Sandra", "Daniel")  # qa1-qa3
 GIVERS = ("Bill", "Fred", "Jeff", "Mary")  # qa5
 DIRECTIONS = {"north": (0, 1), "south": (0, -1), "east": (1, 0), "west": (-1, 0)}
 
-MOVE = ("{p} went to the {l}.", "{p} moved to the {l}.", "{p} travelled to the {l}.", "{p} journeyed to the {l}.",
-        "{p} went back to the {l}.")
+MOVE = (
+    "{p} went to the {l}.",
+    "{p} moved to the {l}.",
+    "{p} travelled to the {l}.",
+    "{p} journeyed to the {l}.",
+    "{p} went back to the {l}.",
+)
 GET = ("{p} picked up the {o}.", "{p} got the {o}.", "{p} grabbed the {o}.", "{p} took the {o}.")
 DROP = ("{p} dropped the {o}.", "{p} put down the {o}.", "{p} left the {o}.", "{p} discarded the {o}.")
 GIVE = ("{p} gave the {o} to {q}.", "{p} handed the {o} to {q}.", "{p} passed the {o} to {q}.")
@@ -120,11 +125,21 @@ class World:
     def act(self, rng, handovers: bool) -> None:
         """One more sentence: a move, or (when the world allows) a pick-up, a put-down or a
         handover (``handovers``)."""
-        gets = [(p, o) for p in self.people if self.place[p] for o in OBJECTS
-                if self.holder[o] is None and (self.lying[o] is None or self.lying[o][0] == self.place[p])]
+        gets = [
+            (p, o)
+            for p in self.people
+            if self.place[p]
+            for o in OBJECTS
+            if self.holder[o] is None and (self.lying[o] is None or self.lying[o][0] == self.place[p])
+        ]
         drops = [(self.holder[o], o) for o in OBJECTS if self.holder[o]]
-        gives = [(self.holder[o], o, q) for o in OBJECTS if handovers and self.holder[o] for q in self.people
-                 if q != self.holder[o] and self.place[q] == self.place[self.holder[o]]]
+        gives = [
+            (self.holder[o], o, q)
+            for o in OBJECTS
+            if handovers and self.holder[o]
+            for q in self.people
+            if q != self.holder[o] and self.place[q] == self.place[self.holder[o]]
+        ]
         kinds = ["move", "get", "drop", "give"]
         weights = [0.5, 0.25 if gets else 0.0, 0.15 if drops else 0.0, 0.4 if gives else 0.0]
         kind = rng.choices(kinds, weights)[0]
@@ -202,11 +217,16 @@ class BabiLong(TextTask):
         super().__init__(tokenizer, **settings)
         facts, questions, answers = self._texts()
         self.check_expressible("its story sentences", [HEADER] + [" " + f for f in facts])
-        self.check_expressible("its questions and answers", [QUESTION.format(q=q) for q in questions] +
-                               [ANSWER.format(a=a) for a in answers])
+        self.check_expressible(
+            "its questions and answers",
+            [QUESTION.format(q=q) for q in questions] + [ANSWER.format(a=a) for a in answers],
+        )
         self.noise = self.essay_haystack()
-        self.min_length = (len(self.encode(HEADER)) + self._facts() * self.max_tokens([" " + f for f in facts]) +
-                           self.max_tokens([QUESTION.format(q=q) for q in questions]))
+        self.min_length = (
+            len(self.encode(HEADER))
+            + self._facts() * self.max_tokens([" " + f for f in facts])
+            + self.max_tokens([QUESTION.format(q=q) for q in questions])
+        )
         self.min_row_length = self.min_length + self.max_tokens([ANSWER.format(a=a) for a in answers])
 
     def _facts(self) -> int:
@@ -224,9 +244,19 @@ class BabiLong(TextTask):
             1: [f"Where is {p}?" for p in ps],
             2: [f"Where is the {o}?" for o in os_],
             3: [f"Where was the {o} before the {l}?" for o in os_ for l in ls],
-            5: [q for p in ps for o in os_ for r in ps if r != p for q in (
-                f"Who gave the {o} to {r}?", f"Who received the {o}?", f"What did {p} give to {r}?",
-                f"Who did {p} give the {o} to?")],
+            5: [
+                q
+                for p in ps
+                for o in os_
+                for r in ps
+                if r != p
+                for q in (
+                    f"Who gave the {o} to {r}?",
+                    f"Who received the {o}?",
+                    f"What did {p} give to {r}?",
+                    f"Who did {p} give the {o} to?",
+                )
+            ],
         }[self.qa]
         answers = list(ls) + (list(ps) + list(os_) if self.qa == 5 else [])
         return facts, questions, answers
@@ -262,8 +292,13 @@ class BabiLong(TextTask):
         else:
             boundaries = [boundary_at(pieces, depth * noise_tokens)] * len(facts)
         prompt, starts = assemble(header, pieces, partial, list(zip(boundaries, facts)), asked)
-        return TaskSample(prompt_ids=prompt, answer_ids=answer_ids, answer=answer, depth=depth,
-                          needle_positions=[starts[i] for i in supporting])
+        return TaskSample(
+            prompt_ids=prompt,
+            answer_ids=answer_ids,
+            answer=answer,
+            depth=depth,
+            needle_positions=[starts[i] for i in supporting],
+        )
 
     def score(self, sample: TaskSample, output_ids) -> bool:
         """The answer word appears (as a word, any case) in the first sentence of the decoded
@@ -312,7 +347,9 @@ class BabiLongQA4(BabiLong):
 
     def _texts(self) -> Tuple[List[str], List[str], List[str]]:
         facts = [RELATION.format(x=x, d=d, y=y) for x in PLACES for y in PLACES if x != y for d in DIRECTIONS]
-        questions = [q for x in PLACES for d in DIRECTIONS for q in (f"What is {d} of the {x}?", f"What is the {x} {d} of?")]
+        questions = [
+            q for x in PLACES for d in DIRECTIONS for q in (f"What is {d} of the {x}?", f"What is the {x} {d} of?")
+        ]
         return facts, questions, list(PLACES)
 
     def story(self, rng) -> Story:

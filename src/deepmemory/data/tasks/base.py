@@ -192,4 +192,3 @@ def recall_accuracy(logits: Tensor, labels: Tensor) -> float:
     if not bool(scored.any()):
         raise ValueError("labels score no position")
     return float((logits.argmax(-1)[scored] == labels[scored]).float().mean())
-

@@ -71,8 +71,9 @@ from .base import IGNORE_INDEX, Task, TaskSample, check_fraction
 
 
 def _sample_of(prompt: List[int], answer: List[int]) -> TaskSample:
-    return TaskSample(prompt_ids=prompt, answer_ids=answer, answer=" ".join(map(str, answer)), depth=None,
-                      needle_positions=[])
+    return TaskSample(
+        prompt_ids=prompt, answer_ids=answer, answer=" ".join(map(str, answer)), depth=None, needle_positions=[]
+    )
 
 
 def _labels_at(ids: List[int], scored: List[int]) -> List[int]:
@@ -106,8 +107,9 @@ class InContextRecall(_MADTask):
         super().__init__(**settings)
         self.usable = self.vocab_size - self.noise_vocab_size  # ids of keys and values
         if self.usable < 2:
-            raise ValueError(f"{self.name}: vocab_size - noise_vocab_size must be >= 2 (a key and a value); "
-                             f"got {self.usable}")
+            raise ValueError(
+                f"{self.name}: vocab_size - noise_vocab_size must be >= 2 (a key and a value); got {self.usable}"
+            )
         self.num_keys = self.usable // 2
 
     def _stream(self, rng: random.Random, total: int) -> Tuple[List[int], List[int]]:
@@ -179,8 +181,10 @@ class FuzzyInContextRecall(_MADTask):
         self.num_keys = (self.vocab_size - 1) // 2
         num_values = self.vocab_size - 1 - self.num_keys
         if self.k_motif_size > self.num_keys or self.v_motif_size > num_values:
-            raise ValueError(f"{self.name}: vocab_size {self.vocab_size} gives {self.num_keys} key and {num_values} "
-                             f"value ids, fewer than the motif sizes {self.k_motif_size} and {self.v_motif_size}")
+            raise ValueError(
+                f"{self.name}: vocab_size {self.vocab_size} gives {self.num_keys} key and {num_values} "
+                f"value ids, fewer than the motif sizes {self.k_motif_size} and {self.v_motif_size}"
+            )
         self.min_length = 2 * self.k_motif_size + self.v_motif_size
         self.min_row_length = 2 * (self.k_motif_size + self.v_motif_size)
 

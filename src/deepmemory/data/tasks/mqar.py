@@ -50,8 +50,10 @@ class MQAR(Settings):
         if self.vocab_size < 4:
             raise ValueError(f"vocab_size must be >= 4; got {self.vocab_size}")
         if self.num_pairs > self.vocab_size // 2 - 1:
-            raise ValueError(f"num_pairs must be <= vocab_size // 2 - 1 = {self.vocab_size // 2 - 1} (distinct keys); "
-                             f"got {self.num_pairs}")
+            raise ValueError(
+                f"num_pairs must be <= vocab_size // 2 - 1 = {self.vocab_size // 2 - 1} (distinct keys); "
+                f"got {self.num_pairs}"
+            )
         room = (self.seq_len - 2 * self.num_pairs) // 2
         if room < 1:
             raise ValueError(f"seq_len must be >= 2 * num_pairs + 2 = {2 * self.num_pairs + 2}; got {self.seq_len}")
@@ -79,11 +81,11 @@ class MQAR(Settings):
         keys = torch.argsort(torch.rand(batch_size, half - 1, generator=generator), 1)[:, :n] + 1
         values = torch.randint(half, self.vocab_size, (batch_size, n), generator=generator)
         ids = torch.zeros(batch_size, t, dtype=torch.long)
-        ids[:, 0:2 * n:2], ids[:, 1:2 * n:2] = keys, values
+        ids[:, 0 : 2 * n : 2], ids[:, 1 : 2 * n : 2] = keys, values
         labels = torch.full((batch_size, t), IGNORE_INDEX, dtype=torch.long)
         # queries on disjoint 2-token slots after the pairs
         slots = (t - 2 * n) // 2
-        which_slot = torch.argsort(torch.rand(batch_size, slots, generator=generator), 1)[:, :self.queries]
+        which_slot = torch.argsort(torch.rand(batch_size, slots, generator=generator), 1)[:, : self.queries]
         which_pair = torch.randint(0, n, (batch_size, self.queries), generator=generator)
         rows = torch.arange(batch_size)[:, None]
         pos = 2 * n + 2 * which_slot
@@ -149,15 +151,17 @@ class MQARTask(Task):
         slots = (length - 1 - 2 * n) // 2  # 2-token slots between the pairs and the last query
         others = self._queries(length + 1) - 1
         if others > slots:
-            raise ValueError(f"mqar: num_queries {others + 1} does not fit a prompt of {length} tokens "
-                             f"(at most {slots + 1})")
+            raise ValueError(
+                f"mqar: num_queries {others + 1} does not fit a prompt of {length} tokens (at most {slots + 1})"
+            )
         for slot in rng.sample(range(slots), others):
             pair = rng.randrange(n)
             ids[2 * n + 2 * slot], ids[2 * n + 2 * slot + 1] = keys[pair], values[pair]
         pair = rng.randrange(n)
         ids[length - 1] = keys[pair]
-        return TaskSample(prompt_ids=ids, answer_ids=[values[pair]], answer=str(values[pair]), depth=None,
-                          needle_positions=[])
+        return TaskSample(
+            prompt_ids=ids, answer_ids=[values[pair]], answer=str(values[pair]), depth=None, needle_positions=[]
+        )
 
     def batch(self, batch_size: int, length: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
         check_int("batch_size", batch_size)

@@ -38,16 +38,88 @@ from .text import Haystack, TextTask, assemble, boundary_at
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 
 ADJECTIVES = (
-    "amber", "bitter", "bold", "brave", "bright", "calm", "clever", "cold", "curious", "dark", "distant", "eager",
-    "empty", "fierce", "gentle", "golden", "hidden", "hollow", "humble", "lively", "lonely", "lucky", "misty",
-    "narrow", "noble", "patient", "plain", "proud", "quick", "quiet", "rapid", "rough", "silent", "silver", "steady",
-    "swift", "tender", "wild", "wise", "young",
+    "amber",
+    "bitter",
+    "bold",
+    "brave",
+    "bright",
+    "calm",
+    "clever",
+    "cold",
+    "curious",
+    "dark",
+    "distant",
+    "eager",
+    "empty",
+    "fierce",
+    "gentle",
+    "golden",
+    "hidden",
+    "hollow",
+    "humble",
+    "lively",
+    "lonely",
+    "lucky",
+    "misty",
+    "narrow",
+    "noble",
+    "patient",
+    "plain",
+    "proud",
+    "quick",
+    "quiet",
+    "rapid",
+    "rough",
+    "silent",
+    "silver",
+    "steady",
+    "swift",
+    "tender",
+    "wild",
+    "wise",
+    "young",
 )
 NOUNS = (
-    "anchor", "badger", "barrel", "beacon", "blossom", "canyon", "castle", "cedar", "comet", "copper", "falcon",
-    "feather", "garnet", "glacier", "harbor", "harvest", "island", "lantern", "meadow", "mirror", "orchid", "otter",
-    "pebble", "pepper", "pillar", "quarry", "raven", "river", "saddle", "shadow", "spruce", "summit", "thistle",
-    "thunder", "tower", "tunnel", "valley", "willow", "window", "zephyr",
+    "anchor",
+    "badger",
+    "barrel",
+    "beacon",
+    "blossom",
+    "canyon",
+    "castle",
+    "cedar",
+    "comet",
+    "copper",
+    "falcon",
+    "feather",
+    "garnet",
+    "glacier",
+    "harbor",
+    "harvest",
+    "island",
+    "lantern",
+    "meadow",
+    "mirror",
+    "orchid",
+    "otter",
+    "pebble",
+    "pepper",
+    "pillar",
+    "quarry",
+    "raven",
+    "river",
+    "saddle",
+    "shadow",
+    "spruce",
+    "summit",
+    "thistle",
+    "thunder",
+    "tower",
+    "tunnel",
+    "valley",
+    "willow",
+    "window",
+    "zephyr",
 )
 NUMBER_BYTES = 8  # " 1234567": a value's tokens, at most one per byte
 UUID_BYTES = 37  # " " + 36 characters
@@ -68,16 +140,25 @@ class SNIAH(TextTask):
     def __init__(self, tokenizer=None, **settings):
         super().__init__(tokenizer, **settings)
         if self.num_needles > len(ADJECTIVES) * len(NOUNS):
-            raise ValueError(f"{self.name}: num_needles must be <= {len(ADJECTIVES) * len(NOUNS)} (distinct keys); "
-                             f"got {self.num_needles}")
+            raise ValueError(
+                f"{self.name}: num_needles must be <= {len(ADJECTIVES) * len(NOUNS)} (distinct keys); "
+                f"got {self.num_needles}"
+            )
         singular, plural = ("UUID", "UUIDs") if self.uuids else ("number", "numbers")
-        self.header = (f"Special magic {plural} are hidden in the text below. Remember them: a question about "
-                       f"one of them follows the text.\n")
+        self.header = (
+            f"Special magic {plural} are hidden in the text below. Remember them: a question about "
+            f"one of them follows the text.\n"
+        )
         self.needle_parts = (f" One of the special magic {plural} for", " is:", ".")
-        self.question_parts = (f"\nQuestion: What is the special magic {singular} for",
-                               f" in the text above?\nAnswer: The special magic {singular} for", " is:")
+        self.question_parts = (
+            f"\nQuestion: What is the special magic {singular} for",
+            f" in the text above?\nAnswer: The special magic {singular} for",
+            " is:",
+        )
         alphabet = "0123456789abcdef-" if self.uuids else "0123456789"
-        self.check_expressible("its header, needle and question", [self.header, *self.needle_parts, *self.question_parts])
+        self.check_expressible(
+            "its header, needle and question", [self.header, *self.needle_parts, *self.question_parts]
+        )
         self.check_expressible("the words of its keys", [" ".join(ADJECTIVES), " ".join(NOUNS), "-"])
         self.check_expressible("the characters of its values", [alphabet])
         if self.natural:
@@ -98,16 +179,30 @@ class SNIAH(TextTask):
 
     def _needle(self, key: str, value: str) -> List[int]:
         prefix, middle, end = self.needle_parts
-        return self.encode(prefix) + self.encode(" " + key) + self.encode(middle) + self.encode(" " + value, remember=False) + self.encode(end)
+        return (
+            self.encode(prefix)
+            + self.encode(" " + key)
+            + self.encode(middle)
+            + self.encode(" " + value, remember=False)
+            + self.encode(end)
+        )
 
     def _question(self, key: str) -> List[int]:
         first, second, end = self.question_parts
-        return self.encode(first) + self.encode(" " + key) + self.encode(second) + self.encode(" " + key) + self.encode(end)
+        return (
+            self.encode(first)
+            + self.encode(" " + key)
+            + self.encode(second)
+            + self.encode(" " + key)
+            + self.encode(end)
+        )
 
     def _build(self, length: int, seed: int, depth: Optional[float], row: bool) -> TaskSample:
         rng = self.rng("row" if row else "sample", length, seed)
-        keys = [f"{ADJECTIVES[i // len(NOUNS)]}-{NOUNS[i % len(NOUNS)]}"
-                for i in rng.sample(range(len(ADJECTIVES) * len(NOUNS)), self.num_needles)]
+        keys = [
+            f"{ADJECTIVES[i // len(NOUNS)]}-{NOUNS[i % len(NOUNS)]}"
+            for i in rng.sample(range(len(ADJECTIVES) * len(NOUNS)), self.num_needles)
+        ]
         values: List[str] = []
         while len(values) < self.num_needles:
             value = self._value(rng)
@@ -128,8 +223,9 @@ class SNIAH(TextTask):
         prompt, starts = assemble(header, pieces, partial, [(b, needles[n]) for b, n in inserts], question)
         start_of = {n: s for (_, n), s in zip(inserts, starts)}
         positions = [start_of[0]] + sorted(start_of[n] for n in range(1, self.num_needles))
-        return TaskSample(prompt_ids=prompt, answer_ids=answer, answer=values[0], depth=depth,
-                          needle_positions=positions)
+        return TaskSample(
+            prompt_ids=prompt, answer_ids=answer, answer=values[0], depth=depth, needle_positions=positions
+        )
 
     def score(self, sample: TaskSample, output_ids) -> bool:
         """Exact match of the value: the decoded output starts (after spaces) with

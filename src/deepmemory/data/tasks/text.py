@@ -55,7 +55,9 @@ class Haystack:
         """Whole pieces totalling at most ``budget`` tokens, and the first tokens of the next
         piece that bring the total to exactly ``budget``."""
         if budget < 0:
-            raise AssertionError(f"the fixed parts of a prompt exceed its length by {-budget} tokens (min_length is wrong)")
+            raise AssertionError(
+                f"the fixed parts of a prompt exceed its length by {-budget} tokens (min_length is wrong)"
+            )
         pieces: List[List[int]] = []
         total = 0
         for index in self._order(rng):
@@ -67,8 +69,13 @@ class Haystack:
         raise AssertionError("unreachable: the order is endless")
 
 
-def assemble(header: List[int], pieces: List[List[int]], partial: List[int], inserts: Sequence[Tuple[int, List[int]]],
-             question: List[int]) -> Tuple[List[int], List[int]]:
+def assemble(
+    header: List[int],
+    pieces: List[List[int]],
+    partial: List[int],
+    inserts: Sequence[Tuple[int, List[int]]],
+    question: List[int],
+) -> Tuple[List[int], List[int]]:
     """``header``, the haystack ``pieces`` with each insert ``(boundary, ids)`` placed before piece
     ``boundary`` (``len(pieces)``: after the last whole piece; inserts at one boundary keep their
     order), ``partial`` and ``question``. Returns the prompt and each insert's start index."""
@@ -117,8 +124,10 @@ class TextTask(Task):
         if tokenizer is None:
             tokenizer = ByteTokenizer()
         elif not (callable(getattr(tokenizer, "encode", None)) and callable(getattr(tokenizer, "decode", None))):
-            raise ValueError(f"{self.name}: tokenizer must be a deepmemory tokenizer (ByteTokenizer, HFTokenizer); "
-                             f"got {type(tokenizer).__name__}")
+            raise ValueError(
+                f"{self.name}: tokenizer must be a deepmemory tokenizer (ByteTokenizer, HFTokenizer); "
+                f"got {type(tokenizer).__name__}"
+            )
         self.tokenizer = tokenizer
         self._ids: Dict[str, List[int]] = {}
 
@@ -151,8 +160,10 @@ class TextTask(Task):
         for text, ids in zip(texts, self.encode_many(texts)):
             back = self.decode(ids)
             if _SPACE.sub("", back).lower() != _SPACE.sub("", text).lower():
-                raise ValueError(f"{self.name}: the tokenizer cannot express {what}: {text.strip()[:60]!r} "
-                                 f"comes back as {back.strip()[:60]!r}")
+                raise ValueError(
+                    f"{self.name}: the tokenizer cannot express {what}: {text.strip()[:60]!r} "
+                    f"comes back as {back.strip()[:60]!r}"
+                )
 
     def max_tokens(self, texts: Sequence[str]) -> int:
         """The most tokens any of ``texts`` takes."""
