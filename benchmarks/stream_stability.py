@@ -19,7 +19,6 @@ import os
 import time
 
 import torch
-
 from transformers import AutoModelForCausalLM
 
 from deepmemory.bench.measure import print_table

@@ -15,10 +15,9 @@ from collections import namedtuple
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from bad_input import one_error_line, run_cli, shared_world, tree, unchanged, write_tokenizer
 from test_cli_fast import _parsers
+from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

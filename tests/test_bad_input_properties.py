@@ -21,10 +21,10 @@ from unittest import mock
 
 import pytest
 import torch
+from bad_input import one_error_line, run_cli, shared_world, tree, unchanged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bad_input import one_error_line, run_cli, shared_world, tree, unchanged
 from deepmemory.train import trainer as trainer_module
 from deepmemory.train.config import FIELDS
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from deepmemory.layers import NeuralMemory
-from deepmemory.layers.kernel_memory import KernelMemory
 from deepmemory.layers.attention import AttentionState
 from deepmemory.layers.blocks import MACBlock, MAGBlock, MALBlock, MemoryBlock, TransformerBlock
+from deepmemory.layers.kernel_memory import KernelMemory
 
 HID, NH, HD = 32, 2, 16
 MEM = dict(chunk_size=4)

@@ -13,13 +13,13 @@ import itertools
 
 import pytest
 import torch
+from ops_cases import make_inputs, make_params
+from tiers import every_preset
 
 from deepmemory.layers import Attention
 from deepmemory.models import build, nan_check, preset_config
 from deepmemory.ops import ARCHITECTURES, KernelRule, kernel_memory, neural_memory
 from deepmemory.tree import tensors
-from ops_cases import make_inputs, make_params
-from tiers import every_preset
 
 NAN, INF = float("nan"), float("inf")
 VALUES = (NAN, INF, -INF, 1e30)

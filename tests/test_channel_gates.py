@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ops_cases import make_inputs, make_params, rel_err, streamed
+from test_causality import _poison, _same_before
+from test_ops import DK, DV, HIDDEN, _compare
 
 from deepmemory.layers import NeuralMemory
 from deepmemory.models import build
 from deepmemory.ops import ARCHITECTURES, neural_memory
-from ops_cases import make_inputs, make_params, rel_err, streamed
-from test_causality import _poison, _same_before
-from test_ops import DK, DV, HIDDEN, _compare
 
 OPTIMIZERS = ("gd", "momentum", "muon")
 

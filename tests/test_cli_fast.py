@@ -112,8 +112,7 @@ def test_bench_defaults_are_polite():
 
 
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
-    from deepmemory.cli import EXIT_INTERRUPTED, main
-    from deepmemory.cli import models
+    from deepmemory.cli import EXIT_INTERRUPTED, main, models
 
     def interrupted(args):
         raise KeyboardInterrupt

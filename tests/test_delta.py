@@ -9,14 +9,14 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from ops_cases import make_inputs, make_params, rel_err
+from test_causality import _check_op, _op, _poison, _same_before
+from test_ops import DK, DV, _compare, _run
 
 from deepmemory.layers import NeuralMemory
 from deepmemory.models import DeepMemoryConfig, build, preset_config
 from deepmemory.models.presets import SIZES
 from deepmemory.ops import ARCHITECTURES, UpdateRule, delta, neural_memory
-from ops_cases import make_inputs, make_params, rel_err
-from test_causality import _check_op, _op, _poison, _same_before
-from test_ops import DK, DV, _compare, _run
 
 DELTA = dict(architecture="linear", loss="l2", optimizer="gd", window=1, chunk_size=1)
 BLOCKS = (1, 4, 16, 32, 64)

@@ -317,8 +317,8 @@ def test_eval_command_in_a_process(run, tmp_path):
 def test_eval_text_tasks_by_depth(run, tmp_path):
     """A needle task over depths (a length x depth table) and a BABILong task (answers decoded to
     the end of a sentence) on the byte tokenizer of a token-task run."""
-    from deepmemory.eval import Evaluation
     from deepmemory.data.tasks import get_task
+    from deepmemory.eval import Evaluation
 
     niah = get_task("s-niah-1")
     length = max(niah.min_length, 200)

@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
+from tiers import every_preset
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from deepmemory.models.modeling import CACHE_NAME
 from deepmemory.models import (
     DeepMemoryCache,
     DeepMemoryConfig,
@@ -16,7 +16,7 @@ from deepmemory.models import (
     list_presets,
     preset_config,
 )
-from tiers import every_preset
+from deepmemory.models.modeling import CACHE_NAME
 
 PRESETS = list_presets()
 SMALL = dict(attention_window=5, segment_size=6)

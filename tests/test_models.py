@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiers import FAMILIES, every_preset
 
 from deepmemory.models import DeepMemoryCache, DeepMemoryConfig, build, count_parameters, list_presets, preset_config
-from tiers import FAMILIES, every_preset
 
 PRESETS = list_presets()
 # small windows, segments and chunks so that a 23-token sequence crosses all of them

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiers import every_preset
 
 from deepmemory.layers import NeuralMemory
 from deepmemory.models import DeepMemoryConfig, DeepMemoryForCausalLM, build
-from tiers import every_preset
 
 HID, NH = 64, 4
 BOUND = 1e3  # a memory matrix's Frobenius norm; the divergences this guards against reach 1e15 and NaN

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 import torch
+from ops_cases import make_inputs, make_params, rel_err
 
 from deepmemory.ops import ARCHITECTURES, MemoryState, memory_read, neural_memory, newton_schulz
-from ops_cases import make_inputs, make_params, rel_err
 
 TOL = 1e-8
 DK = DV = 6

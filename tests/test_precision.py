@@ -17,6 +17,7 @@ import sysconfig
 import pytest
 import torch
 import torch.nn.functional as F
+from tiers import every_preset, family_slow_rest_long
 
 import deepmemory.layers.kernel_memory as kernel_memory_module
 import deepmemory.layers.memory_layer as memory_layer_module
@@ -27,7 +28,6 @@ from deepmemory.layers.feature_maps import PolynomialFeatureMap
 from deepmemory.models import build, preset_config
 from deepmemory.ops import MemoryState
 from deepmemory.tree import tensors
-from tiers import every_preset, family_slow_rest_long
 
 BF16 = torch.bfloat16
 # mode -> (logits tolerance, gradient tolerance); largest measured: autocast (5.4e-2, 8.1e-2),

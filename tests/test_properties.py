@@ -19,12 +19,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from ops_cases import make_inputs, make_params, rel_err
 
 from deepmemory.layers import NeuralMemory
 from deepmemory.models import build, list_presets, preset_config
 from deepmemory.models.modeling import CACHE_NAME
 from deepmemory.ops import ARCHITECTURES, neural_memory
-from ops_cases import make_inputs, make_params, rel_err
 
 TOL = 1e-8  # relative, float64: chunk vs reference, streamed vs one call
 

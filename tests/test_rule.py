@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from ops_cases import make_inputs, make_params, rel_err
+from test_ops import DK, DV, HIDDEN, _compare
 
 from deepmemory.layers import NeuralMemory
 from deepmemory.models import DeepMemoryConfig, preset_config
 from deepmemory.ops import ARCHITECTURES, MemorySpec, UpdateRule, memory_read, neural_memory
 from deepmemory.ops.memory import dense_apply, memory_forward
-from ops_cases import make_inputs, make_params, rel_err
-from test_ops import DK, DV, HIDDEN, _compare
 
 
 def test_rule_validates_at_construction():

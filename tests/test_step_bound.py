@@ -15,13 +15,13 @@ import itertools
 
 import pytest
 import torch
+from ops_cases import make_inputs, make_params, rel_err, streamed
+from test_causality import _check_op
+from test_ops import DK, DV, HIDDEN, _compare, _run
 
 from deepmemory.layers import NeuralMemory
 from deepmemory.models import DeepMemoryConfig, build
 from deepmemory.ops import ARCHITECTURES, UpdateRule, neural_memory
-from ops_cases import make_inputs, make_params, rel_err, streamed
-from test_causality import _check_op
-from test_ops import DK, DV, HIDDEN, _compare, _run
 
 BOUND = 0.3  # small enough that the bound acts on many rows of these inputs (checked below)
 MATRIX = list(itertools.product(ARCHITECTURES, ("l2", "dot"), ("gd", "momentum"), ("token", "chunk"), (1, 3)))

@@ -9,8 +9,10 @@ import subprocess
 import sys
 
 import pytest
+import test_train
 import torch
 from safetensors.torch import load_file
+from test_train import REPO, TINY, args, metrics
 
 from deepmemory.cli import main
 from deepmemory.train import DivergenceError, Trainer
@@ -18,8 +20,6 @@ from deepmemory.train import checkpoint as ck
 from deepmemory.train.command import main as train_main
 from deepmemory.train.config import new_config
 from deepmemory.train.distributed import Env
-import test_train
-from test_train import REPO, TINY, args, metrics, one_error_line
 
 corpus = test_train.corpus  # the same fixture (a module's own copy)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -4,9 +4,9 @@ gradients, the loss, and ``generate`` with left-padded prompts."""
 
 import pytest
 import torch
+from tiers import every_preset
 
 from deepmemory.models import DeepMemoryCache, build
-from tiers import every_preset
 
 LENGTHS = (1, 7, 63, 30)  # awkward: inside chunks, MAC segments and attention windows
 

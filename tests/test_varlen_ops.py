@@ -9,7 +9,6 @@ Each test also checks that the boundaries matter: the packed row read as one seq
 import pytest
 import torch
 import torch.nn.functional as F
-
 from ops_cases import make_params, rel_err
 
 from deepmemory.layers.attention import Attention

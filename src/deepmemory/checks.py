@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar, Dict, Tuple
-
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 INT64_MAX = 2**63 - 1  # the largest count, size or seed a tensor (and torch's generators) can hold
 MAX_THREADS = 1024  # the most intra-op threads a command accepts (torch's own limit overflows far above)
@@ -130,7 +130,7 @@ Check = Callable[[str, Any], None]
 RENAMED = {"memory": "architecture", "params": "weights", "memory_init": "initial_weights"}
 
 
-def check_settings(settings: Dict[str, Any], checks: Dict[str, Check], group: str, qualify: bool = True) -> None:
+def check_settings(settings: dict[str, Any], checks: dict[str, Check], group: str, qualify: bool = True) -> None:
     """Every key of ``settings`` is known to ``checks`` and its value passes. Errors name an
     unknown key as one of ``group settings`` and a bad value as ``group['key']`` (``key`` alone
     when not ``qualify``)."""
@@ -147,14 +147,14 @@ class Settings:
     """Base of the frozen settings dataclasses (the rule objects): each field is checked by
     ``FIELD_CHECKS[name]`` when the object is made, with a one-line error naming it."""
 
-    FIELD_CHECKS: ClassVar[Dict[str, Check]] = {}
+    FIELD_CHECKS: ClassVar[dict[str, Check]] = {}
 
     def __post_init__(self) -> None:
         for name, check in self.FIELD_CHECKS.items():
             check(name, getattr(self, name))
 
     @classmethod
-    def field_names(cls) -> Tuple[str, ...]:
+    def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     def replace(self, **changes: Any):
@@ -164,12 +164,12 @@ class Settings:
             raise TypeError(f"{type(self).__name__} has no field(s) {unknown}; fields: {', '.join(self.field_names())}")
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (``type(self)(**d)`` makes the object again)."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_settings(cls, settings: Dict[str, Any]):
+    def from_settings(cls, settings: dict[str, Any]):
         """The object from a dict that may hold other settings too (those are ignored)."""
         names = cls.field_names()
         return cls(**{k: v for k, v in settings.items() if k in names})

@@ -10,7 +10,8 @@ rows through it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, List
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -60,8 +61,8 @@ def check_state_fits(state: Any, x: Tensor, name: str = "state") -> None:
             )
 
 
-def tensors(state: Any) -> List[Tensor]:
+def tensors(state: Any) -> list[Tensor]:
     """Every tensor in ``state``, in the order :func:`map_tensors` visits them."""
-    found: List[Tensor] = []
+    found: list[Tensor] = []
     map_tensors(state, lambda t: found.append(t) or t)
     return found

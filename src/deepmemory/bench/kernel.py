@@ -26,7 +26,7 @@ import contextlib
 import importlib.util
 import os
 import platform
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_impls(device: str) -> List[str]:
+def default_impls(device: str) -> list[str]:
     """Every implementation on CUDA; on CPU the PyTorch ones, plus the Triton kernels when the
     interpreter is on (flash-linear-attention does not run under it)."""
     if device.startswith("cuda"):
@@ -62,7 +62,7 @@ def default_impls(device: str) -> List[str]:
 
 def _step(
     impl: str, bsz: int, seq: int, nh: int, d: int, device: str, dtype: torch.dtype
-) -> Tuple[Callable[[], None], str]:
+) -> tuple[Callable[[], None], str]:
     """One forward+backward of ``impl`` on random inputs, and a note for its row."""
 
     def rand(*shape, scale=1.0):
@@ -158,7 +158,7 @@ def _device_name(device: str) -> str:
     return platform.processor() or "cpu"
 
 
-def _case(c: Dict) -> Dict:
+def _case(c: dict) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(c["threads"])
     device, dtype = c["device"], getattr(torch, c["dtype"])

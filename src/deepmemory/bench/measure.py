@@ -14,7 +14,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def measure(step: Callable[[], None], *, warmup: int = 1, repeat: int = 3, device: str = "cpu") -> Dict[str, float]:
+def measure(step: Callable[[], None], *, warmup: int = 1, repeat: int = 3, device: str = "cpu") -> dict[str, float]:
     """Best-of-``repeat`` seconds of ``step()``, the process's CPU seconds in that step (user, and
     system: the kernel's share, page faults above all) and the peak memory (MiB) it added."""
     cuda = device.startswith("cuda")
@@ -50,7 +50,7 @@ def measure(step: Callable[[], None], *, warmup: int = 1, repeat: int = 3, devic
     return {"seconds": seconds, "cpu_user_s": user, "cpu_sys_s": system, "peak_mib": peak}
 
 
-def bench_main(doc: str, add_arguments: Callable, case: Callable[[Dict], Dict], run_cli: Callable, argv=None) -> None:
+def bench_main(doc: str, add_arguments: Callable, case: Callable[[dict], dict], run_cli: Callable, argv=None) -> None:
     """A benchmark module's ``main``: ``--case JSON`` measures one case in this process and prints
     its JSON result (what ``run_isolated`` reads); anything else runs the whole table."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,14 +89,14 @@ class CaseError(RuntimeError):
     """A benchmark case whose process failed. The message holds the tail of its stderr; ``line``
     is one line for the user: the case and the last line of that stderr (its exception)."""
 
-    def __init__(self, case: Dict, stderr: str):
+    def __init__(self, case: dict, stderr: str):
         super().__init__(f"benchmark case {case} failed:\n{stderr.strip()[-2000:]}")
         lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
         why = lines[-1][:300] if lines else "the process died without a message"
         self.line = f"benchmark case {json.dumps(case)} failed: {why}"
 
 
-def run_isolated(module: str, case: Dict) -> Dict:
+def run_isolated(module: str, case: dict) -> dict:
     """Run ``python -m module --case JSON`` and parse the JSON line it prints last; ``CaseError``
     (a ``RuntimeError``) when the process fails."""
     out = subprocess.run(
@@ -107,14 +107,14 @@ def run_isolated(module: str, case: Dict) -> Dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def saved_for_backward_mib(forward: Callable[[], torch.Tensor]) -> Optional[float]:
+def saved_for_backward_mib(forward: Callable[[], torch.Tensor]) -> float | None:
     """MiB of distinct tensor storage that autograd keeps for the backward of ``forward()``, or None
     where it cannot be observed (``torch.func`` transforms refuse saved-tensor hooks).
 
     This is the training memory that grows with T (activations and saved states), measured
     exactly and independently of allocator caching or other processes.
     """
-    storages: Dict[int, int] = {}
+    storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
@@ -129,7 +129,7 @@ def saved_for_backward_mib(forward: Callable[[], torch.Tensor]) -> Optional[floa
     return sum(storages.values()) / 2**20
 
 
-def fmt_mib(value: Optional[float]) -> str:
+def fmt_mib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
 
@@ -150,7 +150,7 @@ def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, n
     return 2 * n**3 / r["seconds"]
 
 
-def save_plot(path: str, series: Dict[str, Dict[int, float]], xlabel: str, ylabel: str, title: str) -> None:
+def save_plot(path: str, series: dict[str, dict[int, float]], xlabel: str, ylabel: str, title: str) -> None:
     """A log-x line plot, one line per series ``{label: {x: y}}`` (matplotlib, Agg), written
     atomically: drawn into a hidden file beside ``path`` and renamed over it."""
     import matplotlib
@@ -180,7 +180,7 @@ def save_plot(path: str, series: Dict[str, Dict[int, float]], xlabel: str, ylabe
             os.remove(tmp)
 
 
-def print_table(rows: List[Dict], columns: List[str], left: Sequence[str] = ()) -> str:
+def print_table(rows: list[dict], columns: list[str], left: Sequence[str] = ()) -> str:
     """Columns right-aligned, except those in ``left`` (text such as notes)."""
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
 

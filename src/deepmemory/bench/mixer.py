@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-from typing import Dict, List
 
 import torch
 
 from .measure import (
     add_allocator_argument,
     allocator_note,
-    fmt_mib,
     bench_main,
     count_flops,
+    fmt_mib,
     matmul_peak_flops,
     measure,
     print_table,
@@ -122,12 +121,12 @@ def make_mixer(name: str, hidden: int, heads: int, head_dim: int, chunk: int) ->
     return _Titans()
 
 
-def available(names: List[str]) -> List[str]:
+def available(names: list[str]) -> list[str]:
     has_titans = importlib.util.find_spec("titans_pytorch") is not None
     return [n for n in names if n != "titans-pytorch" or has_titans]
 
 
-def _case(c: Dict) -> Dict:
+def _case(c: dict) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(c["threads"])
     device = c["device"]
@@ -167,7 +166,7 @@ def run(
     plot=None,
     peer="titans-pytorch",
     keep_freed_memory=False,
-) -> List[Dict]:
+) -> list[dict]:
     """``rounds`` > 1 measures every case that many times, round-robin over the cases, and reports
     the median: on a shared machine, cases measured minutes apart otherwise see different loads."""
     mixers = available(list(mixers))
@@ -179,7 +178,7 @@ def run(
         for name in mixers
         if not (name in CHUNKLESS and len(chunks) > 1 and chunk != chunks[0])
     ]
-    runs: Dict[tuple, List[Dict]] = {key: [] for key in cases}
+    runs: dict[tuple, list[dict]] = {key: [] for key in cases}
     for r in range(rounds):
         for chunk, seq, name in cases:
             case = dict(

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Dict, List
 
 import torch
 
 from .measure import bench_main, measure, print_table, run_isolated, save_plot
 
 
-def _train_case(c: Dict) -> Dict:
+def _train_case(c: dict) -> dict:
     from deepmemory.models import build
 
     torch.manual_seed(0)
@@ -69,7 +68,7 @@ def document_starts(batch: int, seq: int, documents: int, seed: int = 0) -> torc
 
 
 @torch.no_grad()
-def _decode_case(c: Dict) -> Dict:
+def _decode_case(c: dict) -> dict:
     from deepmemory.models import build
 
     torch.manual_seed(0)
@@ -99,7 +98,7 @@ def _decode_case(c: Dict) -> Dict:
     }
 
 
-def run_train(models: List[str], size: str, *, seq=1024, batch=2, threads=1, repeat=2, device="cpu") -> List[Dict]:
+def run_train(models: list[str], size: str, *, seq=1024, batch=2, threads=1, repeat=2, device="cpu") -> list[dict]:
     rows, res = [], {}
     for name in models:
         case = dict(model=name, size=size, seq=seq, batch=batch, threads=threads, repeat=repeat, device=device)
@@ -124,8 +123,8 @@ def run_train(models: List[str], size: str, *, seq=1024, batch=2, threads=1, rep
 
 
 def run_packing(
-    models: List[str], size: str, documents: int, *, seq=1024, batch=2, threads=1, repeat=2, device="cpu"
-) -> List[Dict]:
+    models: list[str], size: str, documents: int, *, seq=1024, batch=2, threads=1, repeat=2, device="cpu"
+) -> list[dict]:
     """Each model's training step on ``batch x seq`` tokens twice: every row one document, and every
     row ``documents`` documents packed with boundaries (:func:`document_starts`); prints both rows
     and the packed one's ratios to the unpacked (tokens/s, peak memory)."""
@@ -171,9 +170,9 @@ def run_packing(
 
 
 def run_decode(
-    models: List[str],
+    models: list[str],
     size: str,
-    contexts: List[int],
+    contexts: list[int],
     *,
     steps=64,
     threads=1,
@@ -181,7 +180,7 @@ def run_decode(
     prefill_chunk=4096,
     max_attention_context=65536,
     plot=None,
-) -> List[Dict]:
+) -> list[dict]:
     rows, series = [], {}
     for name in models:
         first = None
@@ -264,7 +263,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def _case(c: Dict) -> Dict:
+def _case(c: dict) -> dict:
     return _decode_case(c) if c.get("decode") else _train_case(c)
 
 

@@ -18,8 +18,8 @@ from deepmemory.ops import neural_memory
 from .measure import (
     add_allocator_argument,
     allocator_note,
-    fmt_mib,
     bench_main,
+    fmt_mib,
     measure,
     print_table,
     run_isolated,

@@ -57,7 +57,7 @@ def add_debug(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser(only: Optional[str] = "*") -> argparse.ArgumentParser:
+def build_parser(only: str | None = "*") -> argparse.ArgumentParser:
     """The parser; ``only`` names the subcommand whose options are built (``"*"``: all; ``None``:
     none, every subcommand a stub with its help line)."""
     parser = Parser(prog="deepmemory", description="Test-time memorization models: Titans and ATLAS.")
@@ -72,7 +72,7 @@ def build_parser(only: Optional[str] = "*") -> argparse.ArgumentParser:
     return parser
 
 
-def _command(argv: List[str]) -> Optional[str]:
+def _command(argv: list[str]) -> str | None:
     """The subcommand named on the command line (the first word that is not an option)."""
     for word in argv:
         if not word.startswith("-"):
@@ -92,7 +92,7 @@ def error_exit(args: argparse.Namespace, line: str, code: int = EXIT_USER_ERROR)
     return code
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return its exit code: 0, or
     ``EXIT_USER_ERROR`` (2) after a ``CLIError`` or an ``OSError`` (one line naming the path),
     ``EXIT_OUT_OF_MEMORY`` (4) when memory ran out, 3 for a diverged training run. A malformed

@@ -6,7 +6,6 @@ import argparse
 import math
 import os
 import sys
-from typing import List
 
 from . import CLIError, add_debug, add_version
 
@@ -99,7 +98,7 @@ def load_run(path: str):
     return model, tokenizer
 
 
-def read_prompts(args: argparse.Namespace) -> List[str]:
+def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
         try:
@@ -260,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"prompt {i + 1} encodes to no tokens")
         if many:
             sys.stdout.write(
-                ("\n" if i else "") + f"=== prompt {i + 1}" + (f", sample 1" if args.num_samples > 1 else "") + " ===\n"
+                ("\n" if i else "") + f"=== prompt {i + 1}" + (", sample 1" if args.num_samples > 1 else "") + " ===\n"
             )
         if stream:
             sys.stdout.write(prompt)

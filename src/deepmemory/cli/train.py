@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..train.command import settings_from_args  # noqa: F401 (re-exported: the name this module has always offered)
-from ..train.command import HELP  # noqa: F401 (the stub's help line)
+from ..train.command import (
+    HELP,  # noqa: F401 (the stub's help line)
+    settings_from_args,  # noqa: F401 (re-exported: the name this module has always offered)
+)
 from . import CLIError
 
 

@@ -14,8 +14,8 @@ import json
 import math
 import os
 import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from torch import Tensor
 from .errors import DataError
 from .tokenizers import ByteTokenizer, Tokenizer
 
-Document = Tuple[str, bytes]  # (name, UTF-8 text)
+Document = tuple[str, bytes]  # (name, UTF-8 text)
 
 # test suites and anything not shipped as library source
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib-dynload"}
@@ -52,8 +52,8 @@ class Corpus:
     val_docs: int
     byte_entropy: float  # unigram entropy of the training bytes, bits per byte
     source: str
-    train_starts: Optional[Tensor] = None
-    val_starts: Optional[Tensor] = None
+    train_starts: Tensor | None = None
+    val_starts: Tensor | None = None
 
     def tokens_per_byte(self, split: str) -> float:
         tokens, nbytes = (
@@ -66,7 +66,7 @@ def stdlib_root() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
-def stdlib_documents() -> List[Document]:
+def stdlib_documents() -> list[Document]:
     """Every ``.py`` file of the standard library, test suites and site-packages excluded."""
     root = stdlib_root()
     docs = []
@@ -85,7 +85,7 @@ def stdlib_documents() -> List[Document]:
     return docs
 
 
-def _jsonl_documents(path: str, name: str, field: str = "text") -> List[Document]:
+def _jsonl_documents(path: str, name: str, field: str = "text") -> list[Document]:
     """The ``field`` strings of a JSON Lines file, one document per line. Every line must be UTF-8
     (RFC 8259's encoding of JSON text; ``json.loads`` would guess UTF-16 or UTF-32 from bytes) and
     its text encodable as UTF-8 (no lone surrogate escapes such as ``\\ud800``); ``DataError``
@@ -121,7 +121,7 @@ def _jsonl_documents(path: str, name: str, field: str = "text") -> List[Document
     return docs
 
 
-def _file_documents(path: str, name: str) -> List[Document]:
+def _file_documents(path: str, name: str) -> list[Document]:
     if path.endswith(".jsonl"):
         return _jsonl_documents(path, name)
     with open(path, "rb") as f:
@@ -131,10 +131,10 @@ def _file_documents(path: str, name: str) -> List[Document]:
     return [(name, data)]
 
 
-def local_documents(paths: Sequence[str]) -> List[Document]:
+def local_documents(paths: Sequence[str]) -> list[Document]:
     """Text files, folders of them (recursively, hidden entries skipped) and ``.jsonl`` files
     with a ``"text"`` field."""
-    docs: List[Document] = []
+    docs: list[Document] = []
     for path in paths:
         if not os.path.exists(path):
             raise DataError(f"--data: {path} does not exist")
@@ -162,7 +162,7 @@ def local_documents(paths: Sequence[str]) -> List[Document]:
     return docs
 
 
-def hf_documents(name: str, max_bytes: int = HF_MAX_BYTES) -> List[Document]:
+def hf_documents(name: str, max_bytes: int = HF_MAX_BYTES) -> list[Document]:
     """The ``text`` field of a Hugging Face dataset's train split, streamed up to ``max_bytes``."""
     try:
         import datasets
@@ -202,7 +202,7 @@ def is_validation(name: str, val_fraction: float) -> bool:
     return _name_hash(name) < val_fraction * 2**64
 
 
-def split_documents(names: Sequence[str], sizes: Sequence[int], val_fraction: float) -> Optional[List[bool]]:
+def split_documents(names: Sequence[str], sizes: Sequence[int], val_fraction: float) -> list[bool] | None:
     """Which documents are validation, or ``None`` when no choice of whole documents works.
 
     First the hash split (:func:`is_validation`). When its share of the tokens (``sizes``) falls
@@ -235,13 +235,13 @@ def byte_entropy(counts: Tensor) -> float:
     return float(-(p * p.log2()).sum())
 
 
-def _encode(docs: List[Document], tokenizer: Tokenizer) -> Tensor:
+def _encode(docs: list[Document], tokenizer: Tokenizer) -> Tensor:
     """Concatenate the documents' tokens, each followed by the end-of-document id if any."""
     pieces = _pieces(docs, tokenizer)
     return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32)
 
 
-def _pieces(docs: List[Document], tokenizer: Tokenizer) -> List[Tensor]:
+def _pieces(docs: list[Document], tokenizer: Tokenizer) -> list[Tensor]:
     """Each document's tokens followed by the end-of-document id if any."""
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     if isinstance(tokenizer, ByteTokenizer):
@@ -265,7 +265,7 @@ def document_starts(lengths: Sequence[int]) -> Tensor:
     return sizes.cumsum(0) - sizes
 
 
-def build_corpus(data: Optional[Sequence[str]], tokenizer: Tokenizer, val_fraction: float = 0.02) -> Corpus:
+def build_corpus(data: Sequence[str] | None, tokenizer: Tokenizer, val_fraction: float = 0.02) -> Corpus:
     """Load ``data`` (``None`` = the standard library; paths; or ``hf:NAME``), split, tokenize.
 
     Validation is whole documents (:func:`split_documents`): those with ``is_validation(name)``,

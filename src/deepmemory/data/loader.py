@@ -15,8 +15,6 @@ begins one too), and labels that are ``-100`` where the target begins a new docu
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -102,7 +100,7 @@ class WindowSampler:
     for a malformed one, ``DataError`` when the stream holds no whole window.
     """
 
-    def __init__(self, tokens: Tensor, seq_len: int, seed: int, doc_starts: Optional[Tensor] = None):
+    def __init__(self, tokens: Tensor, seq_len: int, seed: int, doc_starts: Tensor | None = None):
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.num_windows = (tokens.numel() - 1) // seq_len
         if self.num_windows < 1:
@@ -131,7 +129,7 @@ class WindowSampler:
         """The next ``size`` windows ``[size, seq_len + 1]`` (int64), crossing into a new epoch if needed."""
         return _windows(self.tokens, self._next_index(size), self.seq_len)
 
-    def next_packed(self, size: int) -> Tuple[Tensor, Tensor]:
+    def next_packed(self, size: int) -> tuple[Tensor, Tensor]:
         """The next ``size`` windows, the same ones :meth:`next_batch` would give, with where
         documents begin in them: ``(rows [size, seq_len + 1] int64, starts [size, seq_len + 1]
         bool)``. ``ValueError`` when the sampler has no ``doc_starts``."""
@@ -140,10 +138,10 @@ class WindowSampler:
         offsets = _offsets(self._next_index(size), self.seq_len)
         return self.tokens[offsets].long(), window_starts(self.doc_starts, offsets)
 
-    def state_dict(self) -> Dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor, "num_windows": self.num_windows, "seq_len": self.seq_len}
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue at the position ``state_dict()`` returned; ``DataError`` when it is not a
         position in this data (another data set or ``seq_len``, or a damaged record)."""
         if (

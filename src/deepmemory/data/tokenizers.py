@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from typing import Dict, List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -15,7 +16,7 @@ from .errors import DataError
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def _id_list(ids: Union[Tensor, Sequence[int], int]) -> list:
+def _id_list(ids: Tensor | Sequence[int] | int) -> list:
     """Token ids as a list: a tensor (any shape with one row of ids), a sequence, or one id (what
     Hugging Face's ``TextStreamer`` passes for a single token)."""
     if isinstance(ids, Tensor):
@@ -30,17 +31,17 @@ class ByteTokenizer:
     vocab_size = 257
     eos_id = 256
 
-    def encode(self, text: Union[str, bytes]) -> Tensor:
+    def encode(self, text: str | bytes) -> Tensor:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         if not data:
             return torch.empty(0, dtype=torch.long)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
-    def decode(self, ids: Union[Tensor, Sequence[int], int]) -> str:
+    def decode(self, ids: Tensor | Sequence[int] | int) -> str:
         ids = _id_list(ids)
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
-    def info(self) -> Dict:
+    def info(self) -> dict:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
 
     def save(self, directory: str) -> None:
@@ -69,21 +70,21 @@ class HFTokenizer:
         self.path = path
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
-        self.eos_id: Optional[int] = next((vocab[t] for t in self.EOS_CANDIDATES if t in vocab), None)
+        self.eos_id: int | None = next((vocab[t] for t in self.EOS_CANDIDATES if t in vocab), None)
 
-    def encode(self, text: Union[str, bytes]) -> Tensor:
+    def encode(self, text: str | bytes) -> Tensor:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
         return torch.tensor(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
 
-    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids: Union[Tensor, Sequence[int], int]) -> str:
+    def decode(self, ids: Tensor | Sequence[int] | int) -> str:
         ids = _id_list(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def info(self) -> Dict:
+    def info(self) -> dict:
         """What a run records of the tokenizer: its kind, size, end-of-document id, file name and
         the file's fingerprint (``sha256``), which :func:`tokenizer_from_info` checks."""
         return {
@@ -124,7 +125,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return ByteTokenizer() if spec == "bytes" else HFTokenizer(spec)
 
 
-def tokenizer_from_info(info: Dict, directory: str) -> Tokenizer:
+def tokenizer_from_info(info: dict, directory: str) -> Tokenizer:
     """Rebuild the tokenizer recorded by ``info()`` in a run directory.
 
     Raises:

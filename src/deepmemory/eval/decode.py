@@ -12,7 +12,7 @@ DeepTransformer's global kernel memory (``kernel`` with ``window`` None) — are
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 MAX_GROWING_CONTEXT = 65536  # tokens: the longest prompt read by a model whose cache grows with the context
 
 
-def growing_blocks(config) -> List[str]:
+def growing_blocks(config) -> list[str]:
     """The names (``"attn"``, ``"kernel"``) of the blocks of ``config`` (a ``DeepMemoryConfig``)
     whose cache grows with the context, one per block, in layer order: full attention, and a
     kernel memory without a window (DeepTransformer). Empty for a model of bounded state."""
@@ -35,7 +35,7 @@ def _step(model: nn.Module, ids: Tensor, cache) -> Tensor:
 
 @torch.no_grad()
 def read_prompt(
-    model: nn.Module, prompts: Tensor, cache, chunk_size: int, progress: Optional[Callable[[int], None]] = None
+    model: nn.Module, prompts: Tensor, cache, chunk_size: int, progress: Callable[[int], None] | None = None
 ) -> Tensor:
     """Read ``prompts`` (``[B, T]`` int64, on the model's device) into ``cache`` (a fresh
     ``DeepMemoryCache`` of the model), ``chunk_size`` tokens per forward call; return the logits
@@ -64,9 +64,9 @@ def greedy_decode(
     logits: Tensor,
     cache,
     max_new_tokens: int,
-    stop: Optional[Callable[[List[int]], bool]] = None,
-    eos_id: Optional[int] = None,
-) -> List[List[int]]:
+    stop: Callable[[list[int]], bool] | None = None,
+    eos_id: int | None = None,
+) -> list[list[int]]:
     """Greedy continuation of the sequences in ``cache`` whose next-token logits are ``logits``
     (``[B, V]``, from :func:`read_prompt`): at most ``max_new_tokens`` tokens per row, a row
     ending early at ``eos_id`` (kept out of its output) or once ``stop(tokens so far)`` is true
@@ -78,7 +78,7 @@ def greedy_decode(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     rows = logits.shape[0]
-    out: List[List[int]] = [[] for _ in range(rows)]
+    out: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
     for i in range(max_new_tokens):
         nxt = logits.argmax(-1)
@@ -103,10 +103,10 @@ def answer_batch(
     max_new_tokens: int,
     chunk_size: int,
     device: torch.device,
-    stop: Optional[Callable[[List[int]], bool]] = None,
-    eos_id: Optional[int] = None,
-    progress: Optional[Callable[[int], None]] = None,
-) -> List[List[int]]:
+    stop: Callable[[list[int]], bool] | None = None,
+    eos_id: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[int]]:
     """Greedy answers to ``prompts`` (lists of token ids, all of one length), read together as one
     batch through a fresh cache (:func:`read_prompt`, then :func:`greedy_decode`).
 

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
+import lm_eval.models  # noqa: F401 (the harness's own models, registered first: its registry fills itself only when empty)
 import torch
 import torch.nn.functional as F
-import lm_eval.models  # noqa: F401 (the harness's own models, registered first: its registry fills itself only when empty)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
@@ -72,7 +72,7 @@ class DeepMemoryLM(TemplateLM):
     def __init__(
         self,
         checkpoint: str,
-        device: Optional[str] = None,
+        device: str | None = None,
         batch_size=1,
         chunk_size=2048,
         max_gen_toks=DEFAULT_MAX_GEN_TOKS,
@@ -119,7 +119,7 @@ class DeepMemoryLM(TemplateLM):
         info = self.dm_tokenizer.info()
         return str(info.get("kind"))
 
-    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> List[int]:
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """``string`` as token ids (the checkpoint's tokenizer adds no special tokens)."""
         return self.dm_tokenizer.encode(string).tolist()
 
@@ -146,18 +146,18 @@ class DeepMemoryLM(TemplateLM):
             out.append(F.log_softmax(logits[0].float(), dim=-1))
         return torch.cat(out) if all_logits else out[-1]
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """``(log P(continuation | context), whether greedy decoding gives the continuation)`` for
         each ``((context, continuation), context_ids, continuation_ids)``. Requests sharing a
         context read it once; each continuation continues a copy of its cache."""
         from tqdm.auto import tqdm
 
-        results: List[Optional[Tuple[float, bool]]] = [None] * len(requests)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="deepmemory loglikelihood")
         single = range(len(requests))
         if self.batch_size > 1:
             single = self._loglikelihood_batched(requests, results, bar)
-        groups: Dict[Tuple[int, ...], List[int]] = {}
+        groups: dict[tuple[int, ...], list[int]] = {}
         for i in single:
             groups.setdefault(tuple(requests[i][1]), []).append(i)
         for context, members in groups.items():
@@ -181,7 +181,7 @@ class DeepMemoryLM(TemplateLM):
         return results
 
     @torch.no_grad()
-    def _loglikelihood_batched(self, requests, results, bar) -> List[int]:
+    def _loglikelihood_batched(self, requests, results, bar) -> list[int]:
         """Score the requests of at most ``chunk_size`` tokens (context and continuation) in
         right-padded batches of ``batch_size``, longest first, into ``results``; returns the
         indices of the others, for the cache."""
@@ -211,7 +211,7 @@ class DeepMemoryLM(TemplateLM):
         chosen = set(short)
         return [i for i in range(len(requests)) if i not in chosen]
 
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """The log-likelihood of each whole string (``Instance.args == (string,)``), every token
         predicted once from everything before it, the first from the end-of-document token: one
         stream through the cache, no windows."""
@@ -233,7 +233,7 @@ class DeepMemoryLM(TemplateLM):
         return out
 
     @torch.no_grad()
-    def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations of ``(context, gen_kwargs)`` requests: until the first of the
         ``until`` strings (cut off), the end-of-document token, or ``max_gen_toks`` tokens.
 
@@ -260,10 +260,10 @@ class DeepMemoryLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return out
 
-    def _greedy(self, prompt: List[int], until: List[str], budget: int) -> str:
+    def _greedy(self, prompt: list[int], until: list[str], budget: int) -> str:
         cache = self._new_cache()
         logprobs = self._read(prompt, cache, all_logits=False)
-        tokens: List[int] = []
+        tokens: list[int] = []
         eos = self.dm_tokenizer.eos_id
         for _ in range(budget):
             token = int(logprobs[-1].argmax())
@@ -278,7 +278,7 @@ class DeepMemoryLM(TemplateLM):
         return self.tok_decode(tokens)
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """``python -m deepmemory.eval.lm_eval [lm_eval arguments]``: the ``lm_eval`` command with the
     ``deepmemory`` model registered."""
     import sys

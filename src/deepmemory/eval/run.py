@@ -20,8 +20,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
 
 FORMAT = 1  # of results.json
 RESULTS, TABLE, HEATMAP = "results.json", "results.md", "heatmap.png"
@@ -34,14 +34,14 @@ class EvalError(ValueError):
     """A user error of an evaluation: one line."""
 
 
-def parse_lengths(text: str) -> List[int]:
+def parse_lengths(text: str) -> list[int]:
     """``"1k,2k,64k,1m,100"`` as token counts (``k`` = 1024, ``m`` = 1024²), in the given order,
     repeats dropped.
 
     Raises:
         EvalError: an entry that is not a positive whole number of tokens.
     """
-    lengths: List[int] = []
+    lengths: list[int] = []
     for word in str(text).split(","):
         word = word.strip().lower()
         scale = SUFFIXES.get(word[-1:], 1)
@@ -57,13 +57,13 @@ def parse_lengths(text: str) -> List[int]:
     return lengths
 
 
-def parse_depths(text: str) -> List[float]:
+def parse_depths(text: str) -> list[float]:
     """``"0,0.25,0.5"`` as depths in ``[0, 1]``, in the given order, repeats dropped.
 
     Raises:
         EvalError: an entry that is not a number in ``[0, 1]``.
     """
-    depths: List[float] = []
+    depths: list[float] = []
     for word in str(text).split(","):
         try:
             value = float(word)
@@ -82,17 +82,17 @@ class Cell:
 
     task: str
     length: int
-    depth: Optional[float]
-    correct: List[bool] = field(default_factory=list)
-    outputs: List[str] = field(default_factory=list)  # the decoded answers, for reading failures
+    depth: float | None
+    correct: list[bool] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)  # the decoded answers, for reading failures
     seconds: float = 0.0
-    peak_rss_mib: Optional[float] = None
+    peak_rss_mib: float | None = None
 
     @property
-    def key(self) -> Tuple[str, int, Optional[float]]:
+    def key(self) -> tuple[str, int, float | None]:
         return (self.task, self.length, self.depth)
 
-    def to_dict(self, samples: int) -> Dict:
+    def to_dict(self, samples: int) -> dict:
         done = len(self.correct)
         return {
             "task": self.task,
@@ -108,7 +108,7 @@ class Cell:
         }
 
     @classmethod
-    def from_dict(cls, d: Dict) -> "Cell":
+    def from_dict(cls, d: dict) -> Cell:
         return cls(
             task=d["task"],
             length=int(d["length"]),
@@ -120,7 +120,7 @@ class Cell:
         )
 
 
-def peak_rss_mib() -> Optional[float]:
+def peak_rss_mib() -> float | None:
     """The process's peak resident set size (MiB, ``VmHWM`` of ``/proc/self/status``), or None without /proc."""
     try:
         with open("/proc/self/status") as f:
@@ -132,7 +132,7 @@ def peak_rss_mib() -> Optional[float]:
     return None
 
 
-def weights_digest(path: str) -> Optional[str]:
+def weights_digest(path: str) -> str | None:
     """SHA-256 of the ``model.safetensors`` in ``path`` (a run directory, checkpoint or exported
     folder), or None when there is none: identifies the weights a result belongs to."""
     weights = os.path.join(path, "model.safetensors")
@@ -162,7 +162,7 @@ def _write_text_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load_tasks(names: Sequence[str], tokenizer, settings: Dict[str, Dict], vocab_size: int) -> List:
+def load_tasks(names: Sequence[str], tokenizer, settings: dict[str, dict], vocab_size: int) -> list:
     """The tasks ``names`` (with ``settings[name]``) for a model of ``vocab_size`` ids with ``tokenizer``.
 
     Raises:
@@ -204,7 +204,7 @@ def stop_rule(task, tokenizer):
     others are ``len(answer_ids)`` tokens."""
     if task.name.startswith("babilong"):
 
-        def stop(ids: List[int]) -> bool:
+        def stop(ids: list[int]) -> bool:
             return any(mark in tokenizer.decode(ids[-1:]) for mark in SENTENCE_ENDS)
 
         return (lambda sample: MAX_SENTENCE_TOKENS), stop
@@ -248,10 +248,10 @@ class Evaluation:
         tasks: Sequence[str],
         checkpoint: str,
         lengths: Sequence[int],
-        depths: Optional[Sequence[float]] = None,
+        depths: Sequence[float] | None = None,
         samples: int = 20,
         out: str = "eval",
-        task_settings: Optional[Dict] = None,
+        task_settings: dict | None = None,
         chunk_size: int = 2048,
         batch_size: int = 8,
         device: str = "cpu",
@@ -326,7 +326,7 @@ class Evaluation:
             "preset": ((info.get("record") or {}).get("model") or {}).get("preset"),
             "step": (info.get("state") or {}).get("step"),
         }
-        self.cells: Dict[Tuple, Cell] = {}
+        self.cells: dict[tuple, Cell] = {}
         self._load_previous()
         for task in self.tasks:
             for length in self.lengths:
@@ -358,7 +358,7 @@ class Evaluation:
         for cell in cells:
             self.cells[cell.key] = cell
 
-    def results(self) -> Dict:
+    def results(self) -> dict:
         """What ``results.json`` holds: format, settings, model, and every cell (done or not)."""
         return {
             "format": FORMAT,
@@ -372,13 +372,13 @@ class Evaluation:
         os.makedirs(self.out, exist_ok=True)
         write_json_atomic(os.path.join(self.out, RESULTS), self.results())
 
-    def pending(self) -> List[Cell]:
+    def pending(self) -> list[Cell]:
         """The cells of this evaluation not yet complete, in the order they run."""
         wanted = {(t.name, n, d) for t in self.tasks for n in self.lengths for d in (self.depths or [None])}
         return [c for k, c in self.cells.items() if k in wanted and len(c.correct) < self.samples]
 
     # ------------------------------------------------------------ the run
-    def run(self, progress: bool = True) -> Dict:
+    def run(self, progress: bool = True) -> dict:
         """Evaluate the pending cells (a progress bar over the prompt tokens to read), then write
         ``results.md`` and ``heatmap.png``. Returns the results (as in ``results.json``)."""
         import torch
@@ -429,13 +429,13 @@ class Evaluation:
         self.write_reports()
         return self.results()
 
-    def _shown(self, task, output: List[int]) -> str:
+    def _shown(self, task, output: list[int]) -> str:
         if task.kind == "tokens":
             return " ".join(map(str, output))
         return self.tokenizer.decode(output)
 
     # ------------------------------------------------------------ reports
-    def table(self) -> Tuple[List[str], List[str], List[List[Optional[float]]], List[List[int]]]:
+    def table(self) -> tuple[list[str], list[str], list[list[float | None]], list[list[int]]]:
         """``(row labels, column labels, accuracy, samples)``: lengths × depths for one task with
         depths, lengths × tasks otherwise (a task's accuracy over its depths pooled)."""
         by_depth = len(self.tasks) == 1 and self.depths is not None
@@ -505,7 +505,7 @@ def _length_label(n: int) -> str:
 
 
 def plot_heatmap(
-    path: str, rows: List[str], columns: List[str], acc: List[List[Optional[float]]], xlabel: str, title: str
+    path: str, rows: list[str], columns: list[str], acc: list[list[float | None]], xlabel: str, title: str
 ) -> None:
     """A heatmap PNG of ``acc`` (lengths down, ``columns`` across; None left blank), with each
     cell's accuracy written in it, written atomically to ``path``."""

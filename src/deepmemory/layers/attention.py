@@ -27,7 +27,6 @@ of the scores' work); without a mask a running maximum (docs/models/index.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +57,7 @@ def rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def sees_marked(bad: Tensor, mask: Optional[Tensor]) -> Tensor:
+def sees_marked(bad: Tensor, mask: Tensor | None) -> Tensor:
     """Whether each query sees a marked key: ``bad [B, H, S]``, ``mask [T, S]`` (True = visible;
     None = causal with ``T == S``) -> ``[B, H, T]``. A running maximum without a mask, else a
     product of 0/1 counts (nothing of size ``B H T S`` is made)."""
@@ -92,7 +91,7 @@ class Attention(nn.Module):
         num_heads: int,
         head_dim: int,
         *,
-        window: Optional[int] = None,
+        window: int | None = None,
         num_persistent: int = 0,
         rope_theta: float = 10000.0,
     ):
@@ -119,12 +118,12 @@ class Attention(nn.Module):
         """``[B, T, H * D] -> [B, H, T, D]``."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def keys_values(self, x: Tensor, pos: Tensor) -> Tuple[Tensor, Tensor]:
+    def keys_values(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE'd keys and values ``[B, H, T, D]`` of tokens ``x [B, T, hidden]`` at positions ``pos [T]``."""
         return rope(self.heads(self.k_proj(x)), pos, self.rope_theta), self.heads(self.v_proj(x))
 
     def attend(
-        self, x: Tensor, pos: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], prefix: Optional[Tensor] = None
+        self, x: Tensor, pos: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: Tensor | None = None
     ) -> Tensor:
         """Queries from ``x [B, T, hidden]`` at positions ``pos [T]`` over user keys/values
         ``k, v [B, H, S, D]`` (``mask [T, S]``, True = visible; None = causal with ``S == T``),
@@ -158,12 +157,12 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        state: Optional[AttentionState] = None,
+        state: AttentionState | None = None,
         return_state: bool = False,
         *,
-        prefix: Optional[Tensor] = None,
-        cu_seqlens: Optional[Tensor] = None,
-    ) -> Union[Tensor, Tuple[Tensor, AttentionState]]:
+        prefix: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, AttentionState]:
         """``x [B, T, hidden]``; ``prefix [B or 1, N, hidden]``: extra always-visible tokens
         without position, treated like the persistent ones (MAL passes the memory's output at the
         persistent tokens).

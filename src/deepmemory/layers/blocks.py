@@ -13,17 +13,16 @@ a sequence (``state=None``), before the user's tokens; a continued sequence does
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_int, check_positive
-from .attention import Attention, AttentionState, check_input
-from .common import RMSNorm, SwiGLU, default_intermediate_size
 from ..ops.varlen import by_document, state_error
 from ..tree import State, check_state_fits
+from .attention import Attention, AttentionState, check_input
+from .common import RMSNorm, SwiGLU, default_intermediate_size
 from .memory_layer import NeuralMemory, NeuralMemoryState
 
 
@@ -33,7 +32,7 @@ class _Block(nn.Module):
     MLP width: ``intermediate_size``, or ``2/3 * mlp_ratio * hidden`` rounded up to a multiple of 32
     (the parameter count of a GELU MLP of width ``mlp_ratio * hidden``)."""
 
-    def __init__(self, hidden_size: int, mlp_ratio: float, intermediate_size: Optional[int], eps: float):
+    def __init__(self, hidden_size: int, mlp_ratio: float, intermediate_size: int | None, eps: float):
         super().__init__()
         check_int("hidden_size", hidden_size, 1)
         if intermediate_size is None:
@@ -47,7 +46,7 @@ class _Block(nn.Module):
         self.mlp_norm = RMSNorm(hidden_size, eps)
         self.mlp = SwiGLU(hidden_size, intermediate_size)
 
-    def forward(self, x: Tensor, state=None, return_state: bool = False, *, cu_seqlens: Optional[Tensor] = None):
+    def forward(self, x: Tensor, state=None, return_state: bool = False, *, cu_seqlens: Tensor | None = None):
         """``x [B, T, hidden_size]`` -> ``[B, T, hidden_size]``, and the state to continue from
         when ``return_state`` (``state``: a previous call's, to continue a sequence).
 
@@ -94,9 +93,9 @@ class TransformerBlock(_Block):
         hidden_size: int,
         num_heads: int,
         head_dim: int,
-        intermediate_size: Optional[int] = None,
+        intermediate_size: int | None = None,
         *,
-        window: Optional[int] = None,
+        window: int | None = None,
         num_persistent: int = 0,
         mlp_ratio: float = 4.0,
         rope_theta: float = 10000.0,
@@ -108,8 +107,8 @@ class TransformerBlock(_Block):
         )
 
     def _forward(
-        self, x: Tensor, state: Optional[AttentionState] = None, return_state: bool = False
-    ) -> Union[Tensor, Tuple[Tensor, AttentionState]]:
+        self, x: Tensor, state: AttentionState | None = None, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, AttentionState]:
         self.check(x, state, AttentionState)
         y, state = self.attn(self.mixer_norm(x), state, return_state=True)
         return self.finish(x + y, state, return_state)
@@ -129,8 +128,8 @@ class MemoryBlock(_Block):
     def __init__(
         self,
         mixer: nn.Module,
-        hidden_size: Optional[int] = None,
-        intermediate_size: Optional[int] = None,
+        hidden_size: int | None = None,
+        intermediate_size: int | None = None,
         *,
         num_persistent: int = 0,
         mlp_ratio: float = 4.0,
@@ -150,7 +149,7 @@ class MemoryBlock(_Block):
         self.num_persistent = num_persistent
         self.persistent = nn.Parameter(torch.randn(num_persistent, hidden_size) * 0.02) if num_persistent else None
 
-    def _forward(self, x: Tensor, state: Optional[State] = None, return_state: bool = False):
+    def _forward(self, x: Tensor, state: State | None = None, return_state: bool = False):
         self.check(x)
         h = self.mixer_norm(x)
         if state is None and self.persistent is not None:
@@ -188,14 +187,14 @@ class _Hybrid(_Block):
         hidden_size: int,
         num_heads: int,
         head_dim: int,
-        intermediate_size: Optional[int] = None,
+        intermediate_size: int | None = None,
         *,
-        window: Optional[int] = 2048,
+        window: int | None = 2048,
         num_persistent: int = 16,
         mlp_ratio: float = 4.0,
         rope_theta: float = 10000.0,
         eps: float = 1e-6,
-        memory_kwargs: Optional[dict] = None,
+        memory_kwargs: dict | None = None,
     ):
         attn_persistent = self.attn_persistent
         super().__init__(hidden_size, mlp_ratio, intermediate_size, eps)
@@ -214,8 +213,8 @@ class _Hybrid(_Block):
         self.memory = NeuralMemory(hidden_size, num_heads, head_dim, **_memory_kwargs(memory_kwargs))
 
     def memory_branch(
-        self, h: Tensor, state: Optional[HybridState], p: Optional[Tensor]
-    ) -> Tuple[Optional[Tensor], Tensor, NeuralMemoryState]:
+        self, h: Tensor, state: HybridState | None, p: Tensor | None
+    ) -> tuple[Tensor | None, Tensor, NeuralMemoryState]:
         """``M(x~)`` for ``x~ = [p | h]``: the memory's outputs at the persistent tokens (None unless
         the sequence starts here) and at the user's tokens, and its new state."""
         if state is not None or p is None:
@@ -243,8 +242,8 @@ class MAGBlock(_Hybrid):
         self.memory_out_norm = RMSNorm(hidden_size, eps)
 
     def _forward(
-        self, x: Tensor, state: Optional[HybridState] = None, return_state: bool = False
-    ) -> Union[Tensor, Tuple[Tensor, HybridState]]:
+        self, x: Tensor, state: HybridState | None = None, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, HybridState]:
         self.check(x, state, HybridState)
         h = self.mixer_norm(x)
         y, attn_state = self.attn(h, None if state is None else state.attn, return_state=True)
@@ -272,8 +271,8 @@ class MALBlock(_Hybrid):
         self.persistent = nn.Parameter(torch.randn(num_persistent, hidden_size) * 0.02) if num_persistent else None
 
     def _forward(
-        self, x: Tensor, state: Optional[HybridState] = None, return_state: bool = False
-    ) -> Union[Tensor, Tuple[Tensor, HybridState]]:
+        self, x: Tensor, state: HybridState | None = None, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, HybridState]:
         self.check(x, state, HybridState)
         h = self.mixer_norm(x)
         prefix, y, mem = self.memory_branch(h, state, self.persistent)
@@ -292,8 +291,8 @@ class MACState(State):
     - ``k, v [B, H, 2n, D]``: attention keys/values of the segment so far, retrievals ``h`` first.
     """
 
-    memory: Optional[NeuralMemoryState]
-    memory_start: Optional[NeuralMemoryState]
+    memory: NeuralMemoryState | None
+    memory_start: NeuralMemoryState | None
     k: Tensor
     v: Tensor
     pos: int
@@ -333,8 +332,8 @@ class MACBlock(_Hybrid):
         return self.retrieve_o(self.memory.read(q, memory_state).flatten(2))
 
     def _forward(
-        self, x: Tensor, state: Optional[MACState] = None, return_state: bool = False
-    ) -> Union[Tensor, Tuple[Tensor, MACState]]:
+        self, x: Tensor, state: MACState | None = None, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, MACState]:
         self.check(x, state, MACState)
         h = self.mixer_norm(x)
         bsz, seq, _ = x.shape

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +59,8 @@ class ShortConv(nn.Module):
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
 
     def forward(
-        self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        self, x: Tensor, state: Tensor | None = None, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         k = self.kernel_size
         if state is None:
             state = x.new_zeros(x.shape[0], k - 1, x.shape[2])

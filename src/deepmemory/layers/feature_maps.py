@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
-from typing import Tuple
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +34,7 @@ from ..checks import check_bool, check_int
 FEATURE_MAPS = ("identity", "polynomial")
 
 
-def symmetric_monomials(dim: int, degree: int) -> Tuple[Tensor, Tensor]:
+def symmetric_monomials(dim: int, degree: int) -> tuple[Tensor, Tensor]:
     """Index tensor ``[n, degree]`` of the multisets of ``range(dim)`` and their weights
     ``sqrt(degree! / prod m_r!)`` ``[n]``, with ``n = C(dim + degree - 1, degree)``."""
     combos = list(itertools.combinations_with_replacement(range(dim), degree))

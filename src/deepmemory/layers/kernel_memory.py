@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +61,7 @@ class KernelMemory(QKVMixer):
         num_heads: int,
         head_dim: int,
         *,
-        window: Optional[int] = None,
+        window: int | None = None,
         window_rule: str = "omega",
         loss: str = "dot",
         depth: int = 2,
@@ -100,11 +99,11 @@ class KernelMemory(QKVMixer):
     def forward(
         self,
         x: Tensor,
-        state: Optional[KernelMemoryState] = None,
+        state: KernelMemoryState | None = None,
         return_state: bool = False,
         *,
-        cu_seqlens: Optional[Tensor] = None,
-    ) -> Union[Tensor, Tuple[Tensor, KernelMemoryState]]:
+        cu_seqlens: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, KernelMemoryState]:
         """``x [B, T, hidden_size]`` -> ``y [B, T, hidden_size]`` (and the state to continue from).
 
         ``cu_seqlens [N + 1]`` (int32/int64, ``[0, l_1, l_1 + l_2, ..., T]``; ``B`` must be 1):

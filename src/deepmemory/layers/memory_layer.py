@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Iterator, Optional, Tuple, Union
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from ..tree import State, check_state_fits
 from .common import RMSNorm, ShortConv
 from .feature_maps import FEATURE_MAPS, make_feature_map
 
-ConvStates = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+ConvStates = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 
 def _logit(p: float) -> float:
@@ -48,7 +49,7 @@ def op_precision(x: Tensor) -> Iterator[torch.dtype]:
         yield x.dtype if x.dtype == torch.float64 else torch.get_autocast_dtype(dev)
 
 
-def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
@@ -79,16 +80,16 @@ class QKVMixer(nn.Module):
         self.o_proj = nn.Linear(width, hidden_size, bias=False)
 
     # one check per keyword setting of the mixer, filled in by each subclass
-    SETTING_CHECKS: ClassVar[Dict[str, Check]] = {}
+    SETTING_CHECKS: ClassVar[dict[str, Check]] = {}
 
     @classmethod
-    def check_settings(cls, settings: dict, group: Optional[str] = None) -> None:
+    def check_settings(cls, settings: dict, group: str | None = None) -> None:
         """Validate keyword settings of the mixer without building it: a one-line ``TypeError`` /
         ``ValueError`` naming the setting (as ``group['name']`` when ``group`` is given). The
         rule's fields are checked by the rule object's own checks, the layer's by its own."""
         check_settings(settings, cls.SETTING_CHECKS, group or cls.__name__, qualify=group is not None)
 
-    def read_input(self, x: Tensor, state, state_type: type) -> Tuple[Tensor, Tensor, Tensor, ConvStates]:
+    def read_input(self, x: Tensor, state, state_type: type) -> tuple[Tensor, Tensor, Tensor, ConvStates]:
         """Check ``x`` and ``state`` (None or a ``state_type``); ``q, k, v`` and the new conv states."""
         self.check_input(x)
         if state is not None and not isinstance(state, state_type):
@@ -107,7 +108,7 @@ class QKVMixer(nn.Module):
         if x.shape[1] < 1:
             raise ValueError("x must hold at least one token (T >= 1)")
 
-    def qkv(self, x: Tensor, conv: Optional[ConvStates]) -> Tuple[Tensor, Tensor, Tensor, ConvStates]:
+    def qkv(self, x: Tensor, conv: ConvStates | None) -> tuple[Tensor, Tensor, Tensor, ConvStates]:
         """``q, k, v [B, T, H, head_dim]`` (q, k unit norm) and the new conv states."""
         projs = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         if self.conv_size == 0:
@@ -197,7 +198,7 @@ class NeuralMemory(QKVMixer):
         num_heads: int,
         head_dim: int,
         *,
-        rule: Optional[UpdateRule] = None,
+        rule: UpdateRule | None = None,
         expansion: int = 4,
         feature_map: str = "identity",
         poly_degree: int = 2,
@@ -289,7 +290,7 @@ class NeuralMemory(QKVMixer):
             self.initial_weights[name] = nn.Parameter(w)
 
     @classmethod
-    def check_settings(cls, settings: dict, group: Optional[str] = None) -> None:
+    def check_settings(cls, settings: dict, group: str | None = None) -> None:
         """Each setting as :meth:`QKVMixer.check_settings` does, then those that only hold together
         (over the defaults): the rule's (``decay_first`` needs ``chunk_size=1`` and token
         granularity), ``decay_gate="mamba2"``, which needs ``use_decay=True``, and
@@ -315,11 +316,11 @@ class NeuralMemory(QKVMixer):
     def forward(
         self,
         x: Tensor,
-        state: Optional[NeuralMemoryState] = None,
+        state: NeuralMemoryState | None = None,
         return_state: bool = False,
         *,
-        cu_seqlens: Optional[Tensor] = None,
-    ) -> Union[Tensor, Tuple[Tensor, NeuralMemoryState]]:
+        cu_seqlens: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, NeuralMemoryState]:
         """``x [B, T, hidden_size]`` -> ``y [B, T, hidden_size]`` (and the state to continue from).
 
         ``cu_seqlens [N + 1]`` (int32/int64, ``[0, l_1, l_1 + l_2, ..., T]``; ``B`` must be 1):
@@ -362,7 +363,7 @@ class NeuralMemory(QKVMixer):
         out = self.output(x, y)
         return (out, NeuralMemoryState(mem, conv)) if return_state else out
 
-    def read(self, q: Tensor, state: Optional[NeuralMemoryState] = None) -> Tensor:
+    def read(self, q: Tensor, state: NeuralMemoryState | None = None) -> Tensor:
         """Read without writing: ``M_W(phi(q))`` with the weights of ``state`` (the learned initial
         memory when None), residual handled as in ``forward``. ``q [B, T, H, head_dim]`` (already
         projected and normalised) -> ``[B, T, H, head_dim]``."""
@@ -387,7 +388,7 @@ class NeuralMemory(QKVMixer):
         )
 
 
-def default_step_bound(optimizer: str) -> Optional[float]:
+def default_step_bound(optimizer: str) -> float | None:
     """The layer's ``step_bound`` when none is given: 1.0 for ``gd`` and ``momentum`` (a chunk's
     stale steps never overshoot its least-squares fit along any direction of a matrix's inputs,
     docs/numerics.md), None for ``muon``, whose steps are orthogonalised."""

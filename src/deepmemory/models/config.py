@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 from transformers import PretrainedConfig
 
 from ..checks import check_choice, check_int, check_positive
@@ -111,7 +109,7 @@ class DeepMemoryConfig(PretrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     @property
-    def rule(self) -> Optional[UpdateRule]:
+    def rule(self) -> UpdateRule | None:
         """The memory update rule of the ``memory``/``mac``/``mag``/``mal`` blocks: the layer's
         defaults updated by ``memory`` (before a feature map moves the residual out of the op);
         None when the layer pattern has none of them."""
@@ -120,7 +118,7 @@ class DeepMemoryConfig(PretrainedConfig):
         return UpdateRule.from_settings(dict(MEMORY_SETTINGS, **self.memory))
 
     @classmethod
-    def own_fields(cls) -> Tuple[str, ...]:
+    def own_fields(cls) -> tuple[str, ...]:
         """The fields :class:`DeepMemoryConfig` declares, and their aliases (``num_layers``,
         ``num_heads``), sorted: what a preset's overrides may set and what their errors list.
         Hugging Face's base fields (``chunk_size_feed_forward``, ``id2label``, ...) are left out:

@@ -14,7 +14,7 @@ holds the library's blocks or mixers.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from ..layers.memory_layer import QKVMixer
 WATCHED = (_Block, Attention, QKVMixer, nn.Embedding)
 
 
-def _first_tensor(value) -> Optional[Tensor]:
+def _first_tensor(value) -> Tensor | None:
     """The tensor a module returned or was given first: itself, the first of a tuple or list
     (``(y, state)``), or ``logits`` / ``last_hidden_state`` of a model output."""
     if isinstance(value, Tensor):
@@ -45,7 +45,7 @@ def _first_tensor(value) -> Optional[Tensor]:
     return None
 
 
-def _first_nonfinite(t: Optional[Tensor]) -> Optional[Tuple[int, int, int]]:
+def _first_nonfinite(t: Tensor | None) -> tuple[int, int, int] | None:
     """``(batch, position, count)`` of the earliest non-finite position of ``t [B, T, ...]`` (the
     lowest batch index holding it; ``count``: that sequence's non-finite positions), or None."""
     if t is None or not t.is_floating_point() or t.dim() < 2:
@@ -59,7 +59,7 @@ def _first_nonfinite(t: Optional[Tensor]) -> Optional[Tuple[int, int, int]]:
     return b, pos, int(rows[b].sum())
 
 
-def _input_tensor(args, kwargs) -> Optional[Tensor]:
+def _input_tensor(args, kwargs) -> Tensor | None:
     """The input ``x`` of a block or mixer call (the first floating tensor argument)."""
     for v in (*args, *kwargs.values()):
         if isinstance(v, Tensor) and v.is_floating_point():
@@ -67,7 +67,7 @@ def _input_tensor(args, kwargs) -> Optional[Tensor]:
     return None
 
 
-def _raise(what: str, name: str, module: nn.Module, found: Tuple[int, int, int]) -> None:
+def _raise(what: str, name: str, module: nn.Module, found: tuple[int, int, int]) -> None:
     b, pos, count = found
     raise FloatingPointError(
         f"non-finite {what} {name} ({type(module).__name__}) at batch {b}, position {pos} (first of {count} positions)"

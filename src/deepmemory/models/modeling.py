@@ -7,7 +7,7 @@ model class serves every family: the recurrent cache is just the list of block s
 from __future__ import annotations
 
 import copy
-from typing import Callable, List, Optional, Tuple, Union
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ def _build_block(config: DeepMemoryConfig, kind: str) -> nn.Module:
     return cls(h, nh, hd, mlp, window=config.attention_window, **hybrid)
 
 
-def _return_dict(return_dict: Optional[bool], config: DeepMemoryConfig) -> bool:
+def _return_dict(return_dict: bool | None, config: DeepMemoryConfig) -> bool:
     return config.return_dict if return_dict is None else return_dict
 
 
@@ -145,7 +145,7 @@ class DeepMemoryCache(Cache):
         TypeError: ``config`` is neither.
     """
 
-    def __init__(self, config: Union[DeepMemoryConfig, int]):
+    def __init__(self, config: DeepMemoryConfig | int):
         if isinstance(config, PretrainedConfig):
             num_layers = config.num_hidden_layers
         elif isinstance(config, int) and not isinstance(config, bool) and config >= 1:
@@ -156,9 +156,9 @@ class DeepMemoryCache(Cache):
         self.seen = 0
         # per-row caches, once a padded batch has been read: rows then hold different numbers of
         # tokens (and chunk phases), so each continues on its own
-        self.rows: Optional[List["DeepMemoryCache"]] = None
+        self.rows: list[DeepMemoryCache] | None = None
 
-    def split_rows(self, batch: int) -> List["DeepMemoryCache"]:
+    def split_rows(self, batch: int) -> list[DeepMemoryCache]:
         """Switch to one cache per row of a batch of ``batch`` (what a padded batch needs) and
         return them: each row's cache holds that row of every state and the tokens read so far."""
         if self.rows is None:
@@ -175,7 +175,7 @@ class DeepMemoryCache(Cache):
             self.rows = rows
         return self.rows
 
-    def _each_row(self, order: List[int]) -> None:
+    def _each_row(self, order: list[int]) -> None:
         taken = set()
         rows = []
         for i in order:
@@ -199,7 +199,7 @@ class DeepMemoryCache(Cache):
         self._each_row([i for i in range(len(self.rows)) for _ in range(repeats)])
 
     @property
-    def states(self) -> List[object]:
+    def states(self) -> list[object]:
         """The block states, one per layer (read-only view; the layers own them)."""
         return [layer.state for layer in self.layers]
 
@@ -218,7 +218,7 @@ class DeepMemoryCache(Cache):
                 return found[0].shape[0]
         return -1
 
-    def get_max_length(self, layer_idx: Optional[int] = None) -> int:
+    def get_max_length(self, layer_idx: int | None = None) -> int:
         """``-1``: a recurrent state has no maximum length."""
         return -1
 
@@ -230,7 +230,7 @@ class DeepMemoryCache(Cache):
         self.seen = 0
         self.rows = None
 
-    def detach(self) -> "DeepMemoryCache":
+    def detach(self) -> DeepMemoryCache:
         """Cut the autograd graph (truncated backpropagation through time); in place."""
         for layer in self.layers:
             layer._map(torch.Tensor.detach)
@@ -265,7 +265,7 @@ def _check_attention_mask(mask, batch: int, tokens: int, seen: int) -> None:
         raise ValueError("attention_mask must hold 0 (padding) and 1 (a token)")
 
 
-def _check_position_ids(position_ids, batch: int, tokens: int) -> Optional[Tensor]:
+def _check_position_ids(position_ids, batch: int, tokens: int) -> Tensor | None:
     """``position_ids`` None or an integer ``[batch, tokens]`` tensor (``[1, tokens]`` is shared by
     the rows), returned as ``[batch, tokens]``; one line otherwise."""
     if position_ids is None:
@@ -281,7 +281,7 @@ def _check_position_ids(position_ids, batch: int, tokens: int) -> Optional[Tenso
     return position_ids.expand(batch, tokens)
 
 
-def _one_cache(cache, past_key_values) -> Optional[DeepMemoryCache]:
+def _one_cache(cache, past_key_values) -> DeepMemoryCache | None:
     """The cache, under either of its names; a one-line error for two different ones or a foreign one."""
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("pass the cache once: cache and past_key_values are the same argument")
@@ -298,7 +298,7 @@ def _one_cache(cache, past_key_values) -> Optional[DeepMemoryCache]:
 _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
-def _starts_from_packing_kwargs(kwargs: dict, inputs: Optional[Tensor]) -> Optional[Tensor]:
+def _starts_from_packing_kwargs(kwargs: dict, inputs: Tensor | None) -> Tensor | None:
     """Position ids that are 0 where a document begins (``seq_idx [B, T]`` changes, or a
     ``cu_seq_lens_q`` offset of the one packed row), 1 elsewhere; None without either."""
     if inputs is None or not isinstance(inputs, Tensor) or inputs.dim() < 2:
@@ -321,7 +321,7 @@ def _starts_from_packing_kwargs(kwargs: dict, inputs: Optional[Tensor]) -> Optio
 
 
 def _next_token_loss(
-    logits: Tensor, labels: Tensor, attention_mask: Optional[Tensor], position_ids: Optional[Tensor]
+    logits: Tensor, labels: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None
 ) -> Tensor:
     """Mean cross entropy of each scored label given the logits of the token before it.
 
@@ -450,15 +450,15 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
 
     def forward(
         self,
-        input_ids: Optional[torch.LongTensor] = None,
-        cache: Optional[DeepMemoryCache] = None,
-        use_cache: Optional[bool] = None,
-        inputs_embeds: Optional[Tensor] = None,
-        attention_mask: Optional[Tensor] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        past_key_values: Optional[DeepMemoryCache] = None,
-        position_ids: Optional[Tensor] = None,
+        input_ids: torch.LongTensor | None = None,
+        cache: DeepMemoryCache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: DeepMemoryCache | None = None,
+        position_ids: Tensor | None = None,
     ):
         """``input_ids [B, T]`` (or ``inputs_embeds [B, T, hidden]``) -> ``last_hidden_state [B, T, hidden]``.
 
@@ -539,8 +539,8 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
     )
 
     def _blocks(
-        self, x: Tensor, cache: Optional[DeepMemoryCache], output_hidden_states: Optional[bool]
-    ) -> Tuple[Tensor, Optional[List[Tensor]]]:
+        self, x: Tensor, cache: DeepMemoryCache | None, output_hidden_states: bool | None
+    ) -> tuple[Tensor, list[Tensor] | None]:
         """Blocks and final norm over ``x [B, T, hidden]``, continuing ``cache`` (its ``seen`` is
         the caller's to advance); the hidden states after the embeddings and each block if asked."""
         hidden = [x] if output_hidden_states else None
@@ -557,9 +557,7 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
             hidden[-1] = x
         return x, hidden
 
-    def _documents(
-        self, x: Tensor, docs, output_hidden_states: Optional[bool]
-    ) -> Tuple[Tensor, Optional[List[Tensor]]]:
+    def _documents(self, x: Tensor, docs, output_hidden_states: bool | None) -> tuple[Tensor, list[Tensor] | None]:
         """A packed or padded batch without a cache, as batches of documents (docs/packing.md).
 
         A row whose first document begins at its first position and fills more than half of it
@@ -596,10 +594,10 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
         self,
         x: Tensor,
         cache: DeepMemoryCache,
-        valid: Optional[Tensor],
-        starts: Optional[Tensor],
-        output_hidden_states: Optional[bool],
-    ) -> Tuple[Tensor, Optional[List[Tensor]]]:
+        valid: Tensor | None,
+        starts: Tensor | None,
+        output_hidden_states: bool | None,
+    ) -> tuple[Tensor, list[Tensor] | None]:
         """A padded batch with a cache: each row's valid tokens continue that row's own cache."""
         batch, tokens = x.shape[:2]
         rows = cache.split_rows(batch)
@@ -657,17 +655,17 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
 
     def forward(
         self,
-        input_ids: Optional[torch.LongTensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        cache: Optional[DeepMemoryCache] = None,
-        use_cache: Optional[bool] = None,
-        inputs_embeds: Optional[Tensor] = None,
-        attention_mask: Optional[Tensor] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
+        input_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cache: DeepMemoryCache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         logits_to_keep: int = 0,
-        past_key_values: Optional[DeepMemoryCache] = None,
-        position_ids: Optional[Tensor] = None,
+        past_key_values: DeepMemoryCache | None = None,
+        position_ids: Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``input_ids [B, T]`` -> ``logits [B, T, vocab]`` (float, the model's dtype), and ``loss``
@@ -723,7 +721,7 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False
 
-    def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
+    def generate(self, inputs: Tensor | None = None, *args, **kwargs):
         """Hugging Face's ``generate``. With a cache passed in (``cache=``, ``past_key_values=``
         before transformers 5.24), ``inputs`` is the whole sequence so far and the model reads
         what the cache has not: a recurrent state cannot read a token twice, so a prompt no longer

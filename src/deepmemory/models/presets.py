@@ -13,7 +13,7 @@ shows them; docs/models/index.md).
 from __future__ import annotations
 
 import json
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import torch
 from transformers.initialization import no_init_weights
@@ -86,8 +86,8 @@ DOT = dict(loss="l2", window=16, window_rule="omega", normalized=False, max_lr=0
 
 # name -> (block of every layer, (rule, layer settings) or None, kernel settings); a kernel window of
 # None is global (DeepTransformer); "attention" would borrow the size's sliding window.
-Memory = Optional[Tuple[UpdateRule, dict]]
-PRESETS: Dict[str, Tuple[str, Memory, dict]] = {
+Memory = Optional[tuple[UpdateRule, dict]]
+PRESETS: dict[str, tuple[str, Memory, dict]] = {
     "transformer": ("attn", NO_MEMORY, {}),
     "swa": ("swa", NO_MEMORY, {}),
     "gated-deltanet": ("memory", GATED_DELTANET, {}),
@@ -115,7 +115,7 @@ PERSISTENT_MEMORY = ("titans-lmm",)
 # size -> (config fields, parameter target or None). Tiny runs forward+backward on a CPU in
 # seconds; the others are ATLAS Table 7 with the library's paper-size defaults for windows and
 # segments (docs/models/index.md).
-SIZES: Dict[str, Tuple[dict, float | None]] = {
+SIZES: dict[str, tuple[dict, float | None]] = {
     "tiny": (
         dict(
             vocab_size=256,
@@ -143,15 +143,15 @@ POLY_HEAD_DIM = 32
 MLP_MULTIPLE = 64  # solved SwiGLU widths are rounded to this
 
 
-def list_presets() -> Tuple[str, ...]:
+def list_presets() -> tuple[str, ...]:
     return tuple(PRESETS)
 
 
-def list_sizes() -> Tuple[str, ...]:
+def list_sizes() -> tuple[str, ...]:
     return tuple(SIZES)
 
 
-def _config_fields() -> Tuple[str, ...]:
+def _config_fields() -> tuple[str, ...]:
     return DeepMemoryConfig.own_fields()  # (Hugging Face's base fields are no preset's to set)
 
 
@@ -211,10 +211,10 @@ def preset_config(name: str, size: str = "tiny", **overrides) -> DeepMemoryConfi
     return DeepMemoryConfig(**fields)
 
 
-_WIDTHS: Dict[str, int] = {}
+_WIDTHS: dict[str, int] = {}
 
 
-def count_parameters(config: DeepMemoryConfig) -> Tuple[int, int]:
+def count_parameters(config: DeepMemoryConfig) -> tuple[int, int]:
     """``(total, swiglu)`` parameter counts of a model, built on the meta device (no memory)."""
     with torch.device("meta"), no_init_weights():  # initialising meta tensors is wasted time
         model = DeepMemoryForCausalLM(config)

@@ -2,10 +2,10 @@
 chunk-parallel form, Triton kernels)."""
 
 from .api import IMPLS, memory_read, neural_memory
-from .memory import ACTIVATIONS, LOSSES, ARCHITECTURES, MemorySpec, newton_schulz
+from .kernel import KERNEL_IMPLS, KernelRule, KernelState, kernel_memory
+from .memory import ACTIVATIONS, ARCHITECTURES, LOSSES, MemorySpec, newton_schulz
 from .rule import GRANULARITIES, OPTIMIZERS, UpdateRule
 from .state import MemoryState
-from .kernel import KERNEL_IMPLS, KernelRule, KernelState, kernel_memory
 
 __all__ = [
     "neural_memory",

@@ -3,7 +3,7 @@ eq. 13–14 with ATLAS's Omega window and Muon), and ``memory_read``."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,7 +43,7 @@ IMPLS = {"chunk": chunk, "reference": reference, "triton": _triton}
 
 def _initial_weights(
     weights, spec: MemorySpec, bsz: int, nh: int, dk: int, dv: int, q: Tensor, arg: str = "weights"
-) -> Dict[str, Tensor]:
+) -> dict[str, Tensor]:
     names = spec.names()
     what = f"architecture={spec.architecture!r}" + (f" depth={spec.depth}" if spec.architecture == "mlp" else "")
     check_weights(weights, names, what, bsz, nh, q, arg)
@@ -57,7 +57,7 @@ def _initial_weights(
     return {n: weights[n].to(cd).expand(bsz, nh, *weights[n].shape[-2:]) for n in names}
 
 
-def memory_read(q: Tensor, weights: Dict[str, Tensor], *, rule: Optional[UpdateRule] = None, **settings: Any) -> Tensor:
+def memory_read(q: Tensor, weights: dict[str, Tensor], *, rule: UpdateRule | None = None, **settings: Any) -> Tensor:
     """Read a memory without writing: ``M_W(q)``.
 
     ``q [B, T, H, dk]`` (float) and ``weights {name: [H, rows, cols] or [B, H, rows, cols]}``
@@ -86,18 +86,18 @@ def neural_memory(
     k: Tensor,
     v: Tensor,
     lr: Tensor,
-    momentum: Optional[Tensor],
-    decay: Optional[Tensor],
-    weights: Dict[str, Tensor],
+    momentum: Tensor | None,
+    decay: Tensor | None,
+    weights: dict[str, Tensor],
     *,
-    rule: Optional[UpdateRule] = None,
-    window_gate: Optional[Tensor] = None,
-    initial_state: Optional[MemoryState] = None,
+    rule: UpdateRule | None = None,
+    window_gate: Tensor | None = None,
+    initial_state: MemoryState | None = None,
     output_final_state: bool = False,
     impl: str = "chunk",
-    cu_seqlens: Optional[Tensor] = None,
+    cu_seqlens: Tensor | None = None,
     **settings: Any,
-) -> Tuple[Tensor, Optional[MemoryState]]:
+) -> tuple[Tensor, MemoryState | None]:
     r"""Read and train a neural memory over a sequence, per batch element and head.
 
     For tokens ``t`` with chunk start ``t' = b * floor(t / b)``::

@@ -26,7 +26,7 @@ bitwise those of the clean input. The cost is a few passes over the inputs, once
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -98,8 +98,8 @@ class ChunkLayout:
     momentum: Tensor
     retention: Tensor
     gamma: Tensor
-    bad: Optional[Tensor] = None
-    cx: Optional[Tensor] = None
+    bad: Tensor | None = None
+    cx: Tensor | None = None
 
     def rows_after_bad(self, bad: Tensor) -> Tensor:
         """``bad [..., n_ext]`` (the marked tokens of a chunk's span) -> ``[..., b]``: the rows of
@@ -185,7 +185,7 @@ class GateCoefficients:
     c_coef: Tensor
 
 
-def retention_products(layout: ChunkLayout) -> Tuple[Tensor, Tensor]:
+def retention_products(layout: ChunkLayout) -> tuple[Tensor, Tensor]:
     """``D_A [B, H, nc, b, b]`` and ``A [B, H, nc, b]``: the products of ``1 - decay`` inside each
     chunk, which every optimizer needs."""
     return segprod(layout.retention), torch.cumprod(layout.retention, dim=-1)

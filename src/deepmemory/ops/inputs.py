@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -13,7 +13,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_sequence(q, k, v, lr) -> Tuple[int, int, int, int, int]:
+def check_sequence(q, k, v, lr) -> tuple[int, int, int, int, int]:
     """``q, k [B, T, H, dk]``, ``v [B, T, H, dv]``, ``lr [B, T, H]``, all alike (see
     :func:`check_query`); returns ``(B, T, H, dk, dv)``."""
     check_query(q)
@@ -36,7 +36,7 @@ def check_query(q) -> None:
         raise ValueError("q must hold at least one token (T >= 1)")
 
 
-def check_tensor(name: str, x, shape: Tuple, like: Tensor) -> None:
+def check_tensor(name: str, x, shape: tuple, like: Tensor) -> None:
     """``x`` a tensor of ``len(shape)`` dims, ``shape`` (None = any), on q's device, in q's dtype."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
@@ -76,7 +76,7 @@ def check_weights(weights, names: Sequence[str], what: str, bsz: int, nh: int, q
 
 
 def check_weight_shapes(
-    weights: Dict[str, Tensor], shapes: Dict[str, Tuple[int, int]], sizes: str, arg: str = "weights"
+    weights: dict[str, Tensor], shapes: dict[str, tuple[int, int]], sizes: str, arg: str = "weights"
 ) -> None:
     """Each ``weights[name]`` ends in ``shapes[name]`` (``sizes`` says which widths they follow)."""
     for n, (rows, cols) in shapes.items():
@@ -85,12 +85,12 @@ def check_weight_shapes(
 
 
 # ``(name, tensor, low, high)``: ``tensor`` must lie in ``[low, high]`` (``None``: unbounded that side)
-Range = Tuple[str, Optional[Tensor], Optional[float], Optional[float]]
+Range = tuple[str, Tensor | None, float | None, float | None]
 GATE_DIMS = ("batch", "token", "head")
 
 
 def check_range(
-    name: str, x: Optional[Tensor], low: Optional[float], high: Optional[float], dims: Sequence[str] = GATE_DIMS
+    name: str, x: Tensor | None, low: float | None, high: float | None, dims: Sequence[str] = GATE_DIMS
 ) -> None:
     """``x`` in ``[low, high]`` (``None``: unbounded that side); see :func:`check_ranges`."""
     check_ranges([(name, x, low, high)], dims)
@@ -138,7 +138,7 @@ def check_ranges(ranges: Sequence[Range], dims: Sequence[str] = GATE_DIMS) -> No
             raise ValueError(f"{name} must be {want}; got {_shortest(x[idx].item(), x.dtype)} at [{at}]")
 
 
-def _outside(x: Tensor, low: Optional[float], high: Optional[float]) -> Tensor:
+def _outside(x: Tensor, low: float | None, high: float | None) -> Tensor:
     if low is not None and high is not None:
         return (x < low) | (x > high)
     return x < low if low is not None else x > high

@@ -82,7 +82,6 @@ the next chunk takes again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -91,9 +90,8 @@ from ..checks import Settings, check_bool, check_choice, check_int
 from ..tree import State
 from .coefficients import nonfinite, poison_rows, zero_rows
 from .inputs import check_sequence, check_weight_shapes, check_weights, compute_dtype, rule_mismatch
-from .memory import ACTIVATIONS, LOSSES
+from .memory import ACTIVATIONS, LOSSES, activation_backward
 from .memory import activation as act_fn
-from .memory import activation_backward
 from .varlen import by_document, expand_weights, state_error
 
 KERNEL_IMPLS = ("chunk", "reference")
@@ -132,7 +130,7 @@ class KernelRule(Settings):
     activation: str = "gelu"
     residual: bool = True
     loss: str = "dot"
-    window: Optional[int] = None
+    window: int | None = None
     window_rule: str = "omega"
     normalized: bool = True
     chunk_size: int = 16
@@ -142,11 +140,11 @@ class KernelRule(Settings):
         set and ``window_rule="omega"``, ATLAS eq. 27)."""
         return self.window is not None and self.window_rule == "omega"
 
-    def names(self) -> Tuple[str, ...]:
+    def names(self) -> tuple[str, ...]:
         """The explicit (deeper) matrices, ``w1 .. w{depth-1}`` (none for ``depth=1``)."""
         return tuple(f"w{l}" for l in range(1, self.depth))
 
-    def shapes(self, dv: int, hidden: int) -> Dict[str, Tuple[int, int]]:
+    def shapes(self, dv: int, hidden: int) -> dict[str, tuple[int, int]]:
         """``(rows, cols)`` of each deeper matrix: ``w1 .. w{depth-2}`` are ``[hidden, hidden]``,
         ``w{depth-1}`` is ``[dv, hidden]`` (the implicit ``W_0`` maps ``φ*(x)`` to ``hidden``)."""
         return {n: (dv if l == self.depth - 1 else hidden, hidden) for l, n in enumerate(self.names(), 1)}
@@ -189,9 +187,9 @@ class KernelState(State):
 
     keys: Tensor
     signals: Tensor
-    weights: Tuple[Tensor, ...]
-    evict_signals: Tuple[Tensor, ...]
-    evict_inputs: Tuple[Tensor, ...]
+    weights: tuple[Tensor, ...]
+    evict_signals: tuple[Tensor, ...]
+    evict_inputs: tuple[Tensor, ...]
     window_values: Tensor
     pending_k: Tensor
     pending_v: Tensor
@@ -209,14 +207,14 @@ class KernelState(State):
 # validation
 
 
-def _check_weights(weights, rule: KernelRule, bsz: int, nh: int, dv: int, q: Tensor) -> Dict[str, Tensor]:
+def _check_weights(weights, rule: KernelRule, bsz: int, nh: int, dv: int, q: Tensor) -> dict[str, Tensor]:
     check_weights(weights, rule.names(), f"depth={rule.depth}", bsz, nh, q)
     hidden = weights["w1"].shape[-1] if rule.depth > 1 else dv
     check_weight_shapes(weights, rule.shapes(dv, hidden), f"dv={dv}, hidden={hidden}")
     return weights
 
 
-def _check_state(st, rule: KernelRule, shapes: Dict[str, Tuple[int, ...]], q: Tensor) -> None:
+def _check_state(st, rule: KernelRule, shapes: dict[str, tuple[int, ...]], q: Tensor) -> None:
     """``st`` a :class:`KernelState` of the same rule whose tensors fit ``shapes`` (None = any)."""
     if not isinstance(st, KernelState):
         raise TypeError(f"initial_state must be a KernelState (the op's final_state); got {type(st).__name__}")
@@ -251,7 +249,7 @@ def _check_state(st, rule: KernelRule, shapes: Dict[str, Tuple[int, ...]], q: Te
 # the fast (chunk) form
 
 
-def _kernel_weights(x: Tensor, keys: Tensor, scale: Tensor, mask: Optional[Tensor], normalized: bool) -> Tensor:
+def _kernel_weights(x: Tensor, keys: Tensor, scale: Tensor, mask: Tensor | None, normalized: bool) -> Tensor:
     """The first layer's read weights ``exp(scale k_i·x)`` (divided by their sum over the row when
     ``normalized``) of the stored tokens ``mask [m, n]`` allows (None: all), exact zeros elsewhere:
     ``x [B, H, m, dk]``, ``keys [B, H, n, dk]`` (n >= 1) -> ``[B, H, m, n]``."""
@@ -266,9 +264,7 @@ def _kernel_weights(x: Tensor, keys: Tensor, scale: Tensor, mask: Optional[Tenso
     return w / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def _kernel_read(
-    x: Tensor, keys: Tensor, d0: Tensor, scale: Tensor, mask: Optional[Tensor], normalized: bool
-) -> Tensor:
+def _kernel_read(x: Tensor, keys: Tensor, d0: Tensor, scale: Tensor, mask: Tensor | None, normalized: bool) -> Tensor:
     """``W_0 φ*(x) = Σ_i D_i exp(scale k_i·x)`` (divided by ``Σ_i exp(scale k_i·x)`` when
     ``normalized``) over the stored tokens ``mask [m, n]`` allows (None: all)."""
     if keys.shape[-2] == 0:  # nothing stored yet: W_0 = 0
@@ -323,7 +319,7 @@ def _sees(visible: Tensor, bad: Tensor) -> Tensor:
 
 def kernel_chunk(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, scale: Tensor, st: KernelState, output_final_state: bool
-) -> Tuple[Tensor, Optional[KernelState]]:
+) -> tuple[Tensor, KernelState | None]:
     """The fast form, heads first and validated (see :func:`kernel_memory`): ``q, k [B, H, T, dk]``,
     ``v [B, H, T, dv]``, ``lr [B, H, T]``, ``scale [H]``, the state to start from ->
     ``y [B, H, T, dv]`` and the final state.
@@ -418,7 +414,7 @@ def kernel_chunk(
 
 def omega_chunk(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, scale: Tensor, st: KernelState, output_final_state: bool
-) -> Tuple[Tensor, Optional[KernelState]]:
+) -> tuple[Tensor, KernelState | None]:
     """The fast form of ``window_rule="omega"`` with a window (ATLAS eq. 27–28), heads first and
     validated (see :func:`kernel_memory`): ``q, k [B, H, T, dk]``, ``v [B, H, T, dv]``,
     ``lr [B, H, T]``, ``scale [H]``, the state to start from -> ``y [B, H, T, dv]`` and the final
@@ -517,15 +513,15 @@ def kernel_memory(
     k: Tensor,
     v: Tensor,
     lr: Tensor,
-    weights: Dict[str, Tensor],
+    weights: dict[str, Tensor],
     scale: Tensor,
     *,
     rule: KernelRule = KernelRule(),
-    initial_state: Optional[KernelState] = None,
+    initial_state: KernelState | None = None,
     output_final_state: bool = False,
     impl: str = "chunk",
-    cu_seqlens: Optional[Tensor] = None,
-) -> Tuple[Tensor, Optional[KernelState]]:
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, KernelState | None]:
     r"""Read and train a kernel-form deep memory over a sequence, per batch element and head.
 
     For tokens ``t`` (``t'`` the start of ``t``'s chunk, ATLAS eq. 16; ``I_t`` the last

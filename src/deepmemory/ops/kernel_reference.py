@@ -31,8 +31,6 @@ normalised (ATLAS eq. 17). The signals ``δ`` come from autograd, one token at a
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -42,7 +40,7 @@ from .memory import activation
 
 def kernel_reference(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, scale: Tensor, st: KernelState, output_final_state: bool
-) -> Tuple[Tensor, Optional[KernelState]]:
+) -> tuple[Tensor, KernelState | None]:
     """The token loop of ``window=None`` and ``window_rule="swa"``, heads first and validated
     (see ``deepmemory.ops.kernel_memory``):
     ``q, k [B, H, T, dk]``, ``v [B, H, T, dv]``, ``lr [B, H, T]``, ``scale [H]``, the state to start
@@ -62,9 +60,9 @@ def kernel_reference(
     # Positions count from the start of the unfinished chunk; the state's stored tokens sit just
     # before it. Without a window they never leave, so they are already in the state's matrices.
     n_s = st.keys.shape[2]
-    keys: Dict[int, Tensor] = {i - n_s: x for i, x in enumerate(st.keys.unbind(2))}
-    d0: Dict[int, Tensor] = {i - n_s: x for i, x in enumerate(st.signals.unbind(2))}
-    deep: Dict[int, List[Tuple[Tensor, Tensor]]] = {}
+    keys: dict[int, Tensor] = {i - n_s: x for i, x in enumerate(st.keys.unbind(2))}
+    d0: dict[int, Tensor] = {i - n_s: x for i, x in enumerate(st.signals.unbind(2))}
+    deep: dict[int, list[tuple[Tensor, Tensor]]] = {}
     base = list(st.weights)
     if window is not None and depth > 1:
         n_e = st.evict_signals[0].shape[2]
@@ -73,11 +71,11 @@ def kernel_reference(
         # the state's matrices hold the stored tokens' contributions: keep them as tokens instead
         base = [w - torch.einsum("bhnr,bhnc->bhrc", s, a) for w, s, a in zip(base, st.evict_signals, st.evict_inputs)]
 
-    def members(t: int) -> List[int]:
+    def members(t: int) -> list[int]:
         """I_t: the stored tokens up to t that are in t's window."""
         return [i for i in sorted(keys) if i <= t and (window is None or i > t - window)]
 
-    def first_layer(x: Tensor, idx: List[int]) -> Tensor:
+    def first_layer(x: Tensor, idx: list[int]) -> Tensor:
         """W_0 φ*(x) = Σ_{i∈I} D_{0,i} exp(scale k_i·x) (normalised: divided by Σ_{i∈I} exp(...))."""
         if not idx:  # W_0 = 0
             return x.new_zeros(*x.shape[:-1], st.signals.shape[-1])
@@ -85,7 +83,7 @@ def kernel_reference(
         w = torch.softmax(s, -1) if rule.normalized else torch.exp(s)
         return torch.einsum("bhn,bhnr->bhr", w, torch.stack([d0[i] for i in idx], 2))
 
-    def matrices(idx: List[int]) -> List[Tensor]:
+    def matrices(idx: list[int]) -> list[Tensor]:
         """W_l = W_l^init + Σ_{i∈I} D_{l,i} a_{l,i}^T, materialised."""
         mats = []
         for l, w in enumerate(base):
@@ -97,7 +95,7 @@ def kernel_reference(
             mats.append(w)
         return mats
 
-    def forward(x: Tensor, z0: Tensor, mats: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+    def forward(x: Tensor, z0: Tensor, mats: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """M(x) from W_0 φ*(x) = z0, and the outputs z_l of every matrix."""
         z = [z0]
         for w in mats:
@@ -143,7 +141,7 @@ def kernel_reference(
     deep_w = matrices(stored)
     empty = [(s[:, :, :0], a[:, :, :0]) for s, a in zip(st.evict_signals, st.evict_inputs)]
 
-    def stack(items: List[Tensor], like: Tensor) -> Tensor:
+    def stack(items: list[Tensor], like: Tensor) -> Tensor:
         return torch.stack(items, 2) if items else like
 
     final = KernelState(
@@ -164,7 +162,7 @@ def kernel_reference(
 
 def omega_reference(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, scale: Tensor, st: KernelState, output_final_state: bool
-) -> Tuple[Tensor, Optional[KernelState]]:
+) -> tuple[Tensor, KernelState | None]:
     """The step loop of ``window_rule="omega"`` with a window (ATLAS eq. 27–28), heads first and
     validated (see ``deepmemory.ops.kernel_memory``): ``q, k [B, H, T, dk]``, ``v [B, H, T, dv]``,
     ``lr [B, H, T]``, ``scale [H]``, the state to start from -> ``y [B, H, T, dv]`` and, if asked,
@@ -190,12 +188,12 @@ def omega_reference(
 
     # positions count from the start of the unfinished chunk; the stored tokens sit before it
     n_s, r = st.keys.shape[2], st.window_values.shape[2]
-    keys: Dict[int, Tensor] = {i - n_s: x for i, x in enumerate(st.keys.unbind(2))}
-    d0: Dict[int, Tensor] = {i - n_s: x for i, x in enumerate(st.signals.unbind(2))}
-    values: Dict[int, Tensor] = {i - r: x for i, x in enumerate(st.window_values.unbind(2))}
+    keys: dict[int, Tensor] = {i - n_s: x for i, x in enumerate(st.keys.unbind(2))}
+    d0: dict[int, Tensor] = {i - n_s: x for i, x in enumerate(st.signals.unbind(2))}
+    values: dict[int, Tensor] = {i - r: x for i, x in enumerate(st.window_values.unbind(2))}
     mats = list(st.weights)
 
-    def first_layer(x: Tensor, signals: Dict[int, Tensor]) -> Tensor:
+    def first_layer(x: Tensor, signals: dict[int, Tensor]) -> Tensor:
         """W_0 φ*(x) = Σ_i D_{0,i} exp(scale k_i·x) over the keys of ``signals`` (normalised: / Σ_i
         exp(...)): ``x [B, H, m, dk]`` -> ``[B, H, m, w0]``."""
         idx = sorted(signals)
@@ -205,14 +203,14 @@ def omega_reference(
         w = torch.softmax(s, -1) if rule.normalized else torch.exp(s)
         return torch.einsum("bhmn,bhnr->bhmr", w, torch.stack([signals[i] for i in idx], 2))
 
-    def forward(x: Tensor, z0: Tensor, ws: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+    def forward(x: Tensor, z0: Tensor, ws: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """M(x) from W_0 φ*(x) = z0, and the outputs z_l of every matrix (``x [B, H, m, dk]``)."""
         z = [z0]
         for w in ws:
             z.append(torch.einsum("bhrc,bhmc->bhmr", w, activation(rule.activation, z[-1])))
         return (z[-1] + x if rule.residual else z[-1]), z
 
-    def gradients(idx: List[int], signals: Dict[int, Tensor], ws: List[Tensor]):
+    def gradients(idx: list[int], signals: dict[int, Tensor], ws: list[Tensor]):
         """-∇ loss_i at the memory (signals, ws) for each token i of ``idx``: the first layer's
         -δ_0 (the gradient of W_0 is δ_0 φ*(k_i)^T) and, per deeper matrix, (-δ_l, a_l) (the
         gradient of W_l is δ_l a_l^T); each ``[B, H, len(idx), ·]``."""

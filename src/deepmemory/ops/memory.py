@@ -14,8 +14,8 @@ For training the memory, :func:`token_gradients` returns, for every matrix, the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -70,14 +70,14 @@ class MemorySpec:
     def uses_residual(self) -> bool:
         return self.architecture != "linear" and self.residual
 
-    def names(self) -> Tuple[str, ...]:
+    def names(self) -> tuple[str, ...]:
         if self.architecture == "linear":
             return ("w0",)
         if self.architecture == "mlp":
             return tuple(f"w{i}" for i in range(self.depth))
         return ("w_gate", "w_up", "w_out")
 
-    def shapes(self, dk: int, dv: int, hidden: int) -> Dict[str, Tuple[int, int]]:
+    def shapes(self, dk: int, dv: int, hidden: int) -> dict[str, tuple[int, int]]:
         """Expected (rows, cols) of each matrix."""
         if self.architecture == "linear":
             return {"w0": (dv, dk)}
@@ -91,7 +91,7 @@ class MemorySpec:
             return out
         return {"w_gate": (hidden, dk), "w_up": (hidden, dk), "w_out": (dv, hidden)}
 
-    def hidden_of(self, weights: Dict[str, Tensor]) -> int:
+    def hidden_of(self, weights: dict[str, Tensor]) -> int:
         """The hidden width implied by the parameters (0 when there is none)."""
         if self.architecture == "gated_mlp":
             return weights["w_gate"].shape[-2]
@@ -100,7 +100,7 @@ class MemorySpec:
         return 0
 
 
-def dense_apply(weights: Dict[str, Tensor]) -> Apply:
+def dense_apply(weights: dict[str, Tensor]) -> Apply:
     """``apply`` for explicit weights ``[B, H, rows, cols]`` (or ``[B, H, N, rows, cols]`` per token)."""
 
     def apply(name: str, x: Tensor) -> Tensor:
@@ -147,7 +147,7 @@ def memory_forward(spec: MemorySpec, apply: Apply, x: Tensor) -> Tensor:
     return x + h if spec.residual else h
 
 
-def loss_grad(loss: str, pred: Tensor, v: Tensor, channel: Optional[Tensor] = None) -> Tensor:
+def loss_grad(loss: str, pred: Tensor, v: Tensor, channel: Tensor | None = None) -> Tensor:
     """d loss_i / d pred_i: ``pred - v`` for l2 (0.5||M(k)-v||^2), ``-v`` for dot (-<M(k), v>),
     times the per-channel weights ``channel`` when given."""
     grad = pred - v if loss == "l2" else -v
@@ -155,8 +155,8 @@ def loss_grad(loss: str, pred: Tensor, v: Tensor, channel: Optional[Tensor] = No
 
 
 def token_gradients(
-    spec: MemorySpec, weights: Dict[str, Tensor], k: Tensor, v: Tensor, loss: str, channel: Optional[Tensor] = None
-) -> Dict[str, Tuple[Tensor, Tensor]]:
+    spec: MemorySpec, weights: dict[str, Tensor], k: Tensor, v: Tensor, loss: str, channel: Tensor | None = None
+) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-token gradients of ``loss_i(W)`` as outer products, by a hand-written backward.
 
     ``k [B, H, N, dk]``, ``v [B, H, N, dv]``, weights ``[B, H, rows, cols]``; ``channel [B, H, N,
@@ -167,7 +167,7 @@ def token_gradients(
     trains through it).
     """
     act = spec.activation
-    out: Dict[str, Tuple[Tensor, Tensor]] = {}
+    out: dict[str, tuple[Tensor, Tensor]] = {}
     if spec.architecture == "gated_mlp":
         wg, wu, wo = weights["w_gate"], weights["w_up"], weights["w_out"]
         g = k @ wg.transpose(-1, -2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -39,12 +39,12 @@ class Problem:
     momentum: Tensor
     decay: Tensor
     n_hist: int
-    w0: Dict[str, Tensor]
-    s0: Dict[str, Tensor]
+    w0: dict[str, Tensor]
+    s0: dict[str, Tensor]
     low_precision: bool = False
     replayed: int = 0
-    resume: Optional[Tuple[Dict[str, Tensor], Dict[str, Tensor]]] = None
-    channel: Optional[Tensor] = None
+    resume: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
+    channel: Tensor | None = None
 
     @property
     def dv(self) -> int:
@@ -60,7 +60,7 @@ class Result(NamedTuple):
     """``o [B, H, N, dv]``; state after the last token; state at the start of the unfinished chunk."""
 
     o: Tensor
-    weights: Dict[str, Tensor]
-    momentum: Dict[str, Tensor]
-    chunk_weights: Dict[str, Tensor]
-    chunk_momentum: Dict[str, Tensor]
+    weights: dict[str, Tensor]
+    momentum: dict[str, Tensor]
+    chunk_weights: dict[str, Tensor]
+    chunk_momentum: dict[str, Tensor]

@@ -7,7 +7,6 @@ so the two implementations share nothing but the memory's forward pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict
 
 import torch
 from torch import Tensor
@@ -16,7 +15,7 @@ from .memory import dense_apply, memory_forward, newton_schulz
 from .problem import Problem, Result
 
 
-def _loss(p: Problem, weights: Dict[str, Tensor], k: Tensor, v: Tensor, gamma: Tensor, channel) -> Tensor:
+def _loss(p: Problem, weights: dict[str, Tensor], k: Tensor, v: Tensor, gamma: Tensor, channel) -> Tensor:
     """sum_i gamma_i loss_i(W) over the window (and over batch and heads, which do not interact);
     with channel-wise weights ``loss_i = sum_c channel_ic loss_ic``."""
     pred = memory_forward(p.spec, dense_apply(weights), k)
@@ -26,7 +25,7 @@ def _loss(p: Problem, weights: Dict[str, Tensor], k: Tensor, v: Tensor, gamma: T
     return (gamma * per_channel.sum(-1)).sum()
 
 
-def _surprise(p: Problem, w_grad: Dict[str, Tensor], x: int) -> Dict[str, Tensor]:
+def _surprise(p: Problem, w_grad: dict[str, Tensor], x: int) -> dict[str, Tensor]:
     """u_t = sum_{i=t-c+1}^{t} gamma_i grad_W loss_i(W_{t'}) for the token at extended index x."""
     lo = max(0, x - p.rule.window + 1)
     names = list(w_grad)
@@ -39,7 +38,7 @@ def _surprise(p: Problem, w_grad: Dict[str, Tensor], x: int) -> Dict[str, Tensor
     return dict(zip(names, grads))
 
 
-def _curvature(p: Problem, weights: Dict[str, Tensor], x: int) -> Dict[str, Tensor]:
+def _curvature(p: Problem, weights: dict[str, Tensor], x: int) -> dict[str, Tensor]:
     """For each weight matrix, ``U_t = sum_{i=t-c+1}^{t} gamma_i a_i a_i^T`` ``[B, H, cols, cols]``
     with ``a_i`` the input the matrix multiplies when the memory reads key ``i`` (``step_bound``):
     the inputs are recorded as the memory's forward pass meets each matrix."""
@@ -55,7 +54,7 @@ def _curvature(p: Problem, weights: Dict[str, Tensor], x: int) -> Dict[str, Tens
     return {m: (g.unsqueeze(-1) * a).transpose(-1, -2) @ a for m, a in seen.items()}
 
 
-def _bound(p: Problem, h: Dict[str, Tensor]) -> Tensor:
+def _bound(p: Problem, h: dict[str, Tensor]) -> Tensor:
     """``min(1, step_bound / F)`` ``[B, H]``, ``F`` the largest ``||H||_F`` of the chunk's step so far
     along each matrix's inputs (``h {name: [B, H, cols, cols]}``)."""
     f2 = torch.stack([t.pow(2).sum((-2, -1)) for t in h.values()]).amax(0)

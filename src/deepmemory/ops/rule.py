@@ -18,10 +18,10 @@ Gated DeltaNet). The op (``neural_memory(..., rule=rule)``), every implementatio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any
 
 from ..checks import RENAMED, Settings, check_bool, check_choice, check_int, check_positive
-from .memory import ACTIVATIONS, LOSSES, ARCHITECTURES, MemorySpec
+from .memory import ACTIVATIONS, ARCHITECTURES, LOSSES, MemorySpec
 
 OPTIMIZERS = ("gd", "momentum", "muon")
 GRANULARITIES = ("token", "chunk")
@@ -87,7 +87,7 @@ class UpdateRule(Settings):
     chunk_size: int = 64
     granularity: str = "token"
     decay_first: bool = False
-    step_bound: Optional[float] = None
+    step_bound: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,7 +129,7 @@ assert tuple(UpdateRule.FIELD_CHECKS) == FIELDS
 
 
 def resolve_rule(
-    rule: Optional[UpdateRule], settings: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None
+    rule: UpdateRule | None, settings: dict[str, Any], defaults: dict[str, Any] | None = None
 ) -> UpdateRule:
     """The rule of a call that takes ``rule=`` or the rule's fields as keywords (``settings``,
     over ``defaults``), not both. One-line ``TypeError`` for a rule that is not an

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
 
 from torch import Tensor
 
@@ -29,14 +28,14 @@ class MemoryState(State):
     - ``seen``: how many tokens the memory has read; ``rule``: the :class:`UpdateRule` it was made with.
     """
 
-    weights: Dict[str, Tensor]
-    momentum: Dict[str, Tensor]
-    chunk_weights: Dict[str, Tensor]
-    chunk_momentum: Dict[str, Tensor]
+    weights: dict[str, Tensor]
+    momentum: dict[str, Tensor]
+    chunk_weights: dict[str, Tensor]
+    chunk_momentum: dict[str, Tensor]
     keys: Tensor
     values: Tensor
     window_gate: Tensor
-    gates: Dict[str, Tensor]
+    gates: dict[str, Tensor]
     seen: int
     rule: UpdateRule
 

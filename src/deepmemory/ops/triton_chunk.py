@@ -57,11 +57,10 @@ import os
 from dataclasses import replace
 
 import torch
-from torch import Tensor
-from torch.autograd.function import once_differentiable
-
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .coefficients import chunk_layout, gate_coefficients, poison_rows, step_scale
 from .problem import Problem, Result

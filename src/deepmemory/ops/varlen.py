@@ -23,8 +23,8 @@ Boundaries come in the field's two conventions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -57,7 +57,7 @@ class Documents:
         grid = self.index[:, :1] + torch.arange(self.index.shape[1], device=self.index.device)
         return (self.index[:, 0] % self.seq == 0) & ((self.index == grid) | ~self.valid).all(1)
 
-    def subset(self, keep: Tensor) -> "Documents":
+    def subset(self, keep: Tensor) -> Documents:
         """The documents ``keep`` (bool ``[N]``) marks, trimmed to the longest of them."""
         lengths = self.lengths[keep]
         longest = int(lengths.max()) if lengths.numel() else 0
@@ -116,7 +116,7 @@ def documents_from_cu_seqlens(cu_seqlens: Tensor, batch: int, seq: int, device: 
     return documents(starts, None)
 
 
-def documents(starts: Optional[Tensor], valid: Optional[Tensor], shape=None, device=None) -> Documents:
+def documents(starts: Tensor | None, valid: Tensor | None, shape=None, device=None) -> Documents:
     """The documents of a ``[B, T]`` batch from ``starts`` (bool, a token that begins a document;
     None: none but each row's first) and ``valid`` (bool, False at padding; None: no padding).
     ``shape``/``device`` are needed only when both are None. A row with no valid token holds no
@@ -155,7 +155,7 @@ def state_error(names: str) -> ValueError:
     )
 
 
-def by_document(cu_seqlens: Tensor, fn: Callable[..., Tensor], *tokens: Optional[Tensor]) -> Tensor:
+def by_document(cu_seqlens: Tensor, fn: Callable[..., Tensor], *tokens: Tensor | None) -> Tensor:
     """Run a causal per-sequence computation on each document of one packed row as if it were alone.
 
     ``tokens``: per-token inputs ``[1, T, ...]`` (None passes through as None), the documents'
@@ -175,7 +175,7 @@ def by_document(cu_seqlens: Tensor, fn: Callable[..., Tensor], *tokens: Optional
     return docs.from_batch(fn(*(None if t is None else docs.to_batch(t) for t in tokens)))
 
 
-def expand_weights(weights: Dict[str, Tensor], count: int) -> Dict[str, Tensor]:
+def expand_weights(weights: dict[str, Tensor], count: int) -> dict[str, Tensor]:
     """Per-batch initial weights ``[1, H, rows, cols]`` of a packed row expanded to its ``count``
     documents (``[H, rows, cols]`` ones are shared already); other values pass unchanged."""
     return {

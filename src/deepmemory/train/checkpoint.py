@@ -28,7 +28,8 @@ import math
 import os
 import re
 import shutil
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # (torch stays unimported until tensors are written: the CLI starts fast)
     from torch import Tensor
@@ -119,7 +120,7 @@ def strict_json(obj, **kwargs) -> str:
     return json.dumps(obj, allow_nan=False, **kwargs)
 
 
-def finite_or_none(row: Dict[str, Any]) -> Dict[str, Any]:
+def finite_or_none(row: dict[str, Any]) -> dict[str, Any]:
     """``row`` with every non-finite float replaced by ``None`` (JSON ``null``): how a metrics row
     records a diverged loss or gradient norm."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
@@ -139,7 +140,7 @@ def write_text(path: str, text: str) -> None:
     _replace(tmp, path)
 
 
-def plain_tensors(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def plain_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """CPU, contiguous, no two sharing storage (safetensors refuses tied weights)."""
     out, seen = {}, set()
     for name, t in tensors.items():
@@ -150,7 +151,7 @@ def plain_tensors(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-def write_tensors(path: str, tensors: Dict[str, Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+def write_tensors(path: str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
@@ -158,7 +159,7 @@ def write_tensors(path: str, tensors: Dict[str, Tensor], metadata: Optional[Dict
     _replace(tmp, path)
 
 
-def read_tensors(path: str) -> Dict[str, Tensor]:
+def read_tensors(path: str) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     try:
@@ -167,7 +168,7 @@ def read_tensors(path: str) -> Dict[str, Tensor]:
         raise CheckpointError(f"cannot read {path}: {_one_line(err)}") from err
 
 
-def read_json(path: str) -> Dict:
+def read_json(path: str) -> dict:
     try:
         with open(path) as f:
             obj = json.load(f)
@@ -184,7 +185,7 @@ def _one_line(err: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- optimizer state
-def flatten_optimizer(state: Dict) -> Tuple[Dict[str, Tensor], Dict]:
+def flatten_optimizer(state: dict) -> tuple[dict[str, Tensor], dict]:
     """Split an optimizer state dict keyed by parameter name into tensors and JSON."""
     from torch import Tensor
 
@@ -198,13 +199,13 @@ def flatten_optimizer(state: Dict) -> Tuple[Dict[str, Tensor], Dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def unflatten_optimizer(tensors: Dict[str, Tensor], meta: Dict) -> Dict:
+def unflatten_optimizer(tensors: dict[str, Tensor], meta: dict) -> dict:
     """The optimizer state dict of :func:`flatten_optimizer`'s parts; ``CheckpointError`` when
     they are malformed (a key without ``PARAMETER/SLOT``, no ``param_groups`` list)."""
     scalars = meta.get("scalars", {}) if isinstance(meta, dict) else None
     if not isinstance(scalars, dict) or not isinstance(meta.get("param_groups"), list):
         raise CheckpointError("the optimizer record is damaged (no 'param_groups' list or 'scalars' object)")
-    state: Dict[str, Dict] = {}
+    state: dict[str, dict] = {}
     for key, value in list(tensors.items()) + list(scalars.items()):
         if "/" not in key:
             raise CheckpointError(f"the optimizer record is damaged: {key[:60]!r} names no PARAMETER/SLOT")
@@ -217,7 +218,7 @@ def unflatten_optimizer(tensors: Dict[str, Tensor], meta: Dict) -> Dict:
 MODEL_METADATA = {"format": "pt"}  # what Hugging Face's loader expects of a safetensors file
 
 
-def read_run_config(run_dir: str) -> Dict:
+def read_run_config(run_dir: str) -> dict:
     """The run record of a run directory (``run.json``, or ``config.json`` of a format-1 run
     directory); a clear error for anything else."""
     if not os.path.isdir(run_dir):
@@ -242,7 +243,7 @@ def read_run_config(run_dir: str) -> Dict:
     return config
 
 
-def check_run_record(record: Dict, path: str) -> None:
+def check_run_record(record: dict, path: str) -> None:
     """``CheckpointError`` (one line naming ``path``) unless the run record ``record`` has only the
     keys of ``RUN_KEYS`` and the entries a run is rebuilt from: ``train``, ``model`` (with its
     ``config``) and ``tokenizer`` JSON objects (``resolved`` and ``data`` objects when present)."""
@@ -268,7 +269,7 @@ def is_run_dir(path: str) -> bool:
     return True
 
 
-def checkpoints(run_dir: str) -> List[Tuple[int, str]]:
+def checkpoints(run_dir: str) -> list[tuple[int, str]]:
     """Complete checkpoints ``(step, path)``, oldest first."""
     root = os.path.join(run_dir, CHECKPOINTS)
     if not os.path.isdir(root):
@@ -292,12 +293,12 @@ def remove_partial(run_dir: str) -> None:
 def save_checkpoint(
     run_dir: str,
     step: int,
-    model: Dict[str, Tensor],
-    optimizer: Dict,
-    rng: Dict[str, Tensor],
-    state: Dict,
+    model: dict[str, Tensor],
+    optimizer: dict,
+    rng: dict[str, Tensor],
+    state: dict,
     keep: int,
-    model_files: Optional[Callable[[str], None]] = None,
+    model_files: Callable[[str], None] | None = None,
 ) -> str:
     """Write ``checkpoints/step-N`` atomically, refresh ``model.safetensors``, keep the newest ``keep``.
     ``model_files(directory)`` writes the rest of a Hugging Face folder (config, tokenizer) into the checkpoint."""
@@ -329,7 +330,7 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str) -> Tuple[Dict[str, Tensor], Dict, Dict[str, Tensor], Dict]:
+def load_checkpoint(path: str) -> tuple[dict[str, Tensor], dict, dict[str, Tensor], dict]:
     """``(model tensors, optimizer state dict, rng tensors, state)`` of a checkpoint directory."""
     state = read_json(os.path.join(path, "state.json"))
     if state.get("format") != FORMAT or not isinstance(state.get("step"), int) or isinstance(state["step"], bool):
@@ -351,6 +352,6 @@ def load_checkpoint(path: str) -> Tuple[Dict[str, Tensor], Dict, Dict[str, Tenso
     return model, optimizer, rng, state
 
 
-def latest_checkpoint(run_dir: str) -> Optional[str]:
+def latest_checkpoint(run_dir: str) -> str | None:
     found = checkpoints(run_dir)
     return found[-1][1] if found else None

@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import traceback
-from typing import Dict, List, Optional
 
 from .config import REPORTERS, load_config_file, parse_duration
 from .config import TrainConfig as D
@@ -163,7 +162,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_from_args(args: argparse.Namespace) -> Dict:
+def settings_from_args(args: argparse.Namespace) -> dict:
     """The ``TrainConfig`` settings of parsed options: the ``--config`` file's, overridden by the
     flags given. Raises ``ConfigError`` for an unreadable config file."""
     given = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
@@ -173,7 +172,7 @@ def settings_from_args(args: argparse.Namespace) -> Dict:
     return {**file_settings, **given}
 
 
-def run_from_args(args: argparse.Namespace) -> Dict:
+def run_from_args(args: argparse.Namespace) -> dict:
     """Train (or resume) as the parsed options say; returns the run's summary.
 
     Raises:
@@ -203,7 +202,7 @@ def exit_code(err: BaseException) -> int:
     return EXIT_DIVERGED if isinstance(err, DivergenceError) else EXIT_USER_ERROR
 
 
-def print_traceback(args: argparse.Namespace, err: Optional[BaseException] = None) -> None:
+def print_traceback(args: argparse.Namespace, err: BaseException | None = None) -> None:
     """With ``--debug``, print the traceback of ``err`` (default: the error being handled) on stderr."""
     if getattr(args, "debug", False):
         if err is None:
@@ -212,7 +211,7 @@ def print_traceback(args: argparse.Namespace, err: Optional[BaseException] = Non
             traceback.print_exception(type(err), err, err.__traceback__)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``deepmemory train`` on its own (``python -m deepmemory.train [options]``): ``0`` when the
     run completes, ``2`` after a user error (an ``OSError`` of a file among them), ``3`` when the
     run diverged and ``4`` when memory ran out, printed as one line ``deepmemory train: error: ...``

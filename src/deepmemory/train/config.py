@@ -8,7 +8,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from ..checks import INT64_MAX, MAX_THREADS
 from .checkpoint import CheckpointError
@@ -28,22 +28,22 @@ class TrainConfig:
 
     model: str = "titans-mac"
     size: str = "tiny"
-    model_overrides: Dict[str, Any] = field(default_factory=dict)
-    data: Optional[List[str]] = None  # None: the Python standard library
-    task: Optional[str] = None  # a task of deepmemory.data.tasks.TASKS instead of a corpus (deepmemory.train.task_data)
-    task_settings: Dict[str, Any] = field(default_factory=dict)  # keywords of get_task(task, ...)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: list[str] | None = None  # None: the Python standard library
+    task: str | None = None  # a task of deepmemory.data.tasks.TASKS instead of a corpus (deepmemory.train.task_data)
+    task_settings: dict[str, Any] = field(default_factory=dict)  # keywords of get_task(task, ...)
     tokenizer: str = "bytes"
     # documents packed with boundaries (position_ids restart at each, the target that begins one
     # unscored); False: one continuous stream. None: True for a corpus, False for a task (resolved)
-    packing: Optional[bool] = None
+    packing: bool | None = None
     val_fraction: float = 0.02
     seq_len: int = 128
     batch_size: int = 16
     grad_accum: int = 1
     steps: int = 800
     lr: float = 3e-3
-    warmup_steps: Optional[int] = None  # None: 10% of lr_decay_steps, at most 100
-    lr_decay_steps: Optional[int] = None  # None: steps (the cosine ends with the run)
+    warmup_steps: int | None = None  # None: 10% of lr_decay_steps, at most 100
+    lr_decay_steps: int | None = None  # None: steps (the cosine ends with the run)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -52,18 +52,18 @@ class TrainConfig:
     grad_checkpointing: bool = False
     fsdp: bool = False
     device: str = "auto"
-    threads: Optional[int] = None  # intra-op threads; None: OMP_NUM_THREADS if set, else 1 on CPU
+    threads: int | None = None  # intra-op threads; None: OMP_NUM_THREADS if set, else 1 on CPU
     seed: int = 0
-    out: Optional[str] = None
+    out: str | None = None
     eval_every: int = 100
     eval_tokens: int = 32768
     keep_checkpoints: int = 2
-    save_every: Optional[int] = None  # None: eval_every
+    save_every: int | None = None  # None: eval_every
     log_every: int = 50
-    time_limit: Optional[float] = None  # seconds of this process; None: no limit
-    report_to: List[str] = field(default_factory=list)  # of REPORTERS; [] and ["none"]: metrics.jsonl only
+    time_limit: float | None = None  # seconds of this process; None: no limit
+    report_to: list[str] = field(default_factory=list)  # of REPORTERS; [] and ["none"]: metrics.jsonl only
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """Fill the settings whose default depends on others (stored resolved, so a resumed run
         keeps its schedule even when ``steps`` grows)."""
         cfg = dataclasses.replace(self)
@@ -75,7 +75,7 @@ class TrainConfig:
             cfg.packing = cfg.task is None
         return cfg
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         for name in (
             "seq_len",
             "batch_size",
@@ -176,7 +176,7 @@ class TrainConfig:
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
         return self
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -232,7 +232,7 @@ def parse_duration(text) -> float:
     return value
 
 
-def _relative_to(base: str, settings: Dict[str, Any]) -> Dict[str, Any]:
+def _relative_to(base: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The config file's relative paths (``data``, ``tokenizer``, ``out``) joined to its folder."""
 
     def join(p):
@@ -252,7 +252,7 @@ def _relative_to(base: str, settings: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def load_config_file(path: str) -> Dict[str, Any]:
+def load_config_file(path: str) -> dict[str, Any]:
     """Settings from a ``.yaml``/``.yml``/``.json`` file; keys are the flag names (``-`` or ``_``).
     Relative paths in it (``data``, ``tokenizer``, ``out``) are relative to the file's folder, not
     to the working directory; ``time_limit`` may be a duration such as ``45m``."""
@@ -291,7 +291,7 @@ def load_config_file(path: str) -> Dict[str, Any]:
     return _relative_to(os.path.dirname(os.path.abspath(path)), settings)
 
 
-def _absolute(settings: Dict[str, Any]) -> Dict[str, Any]:
+def _absolute(settings: dict[str, Any]) -> dict[str, Any]:
     """Local paths made absolute, so a run can be resumed from another working directory."""
 
     def local(p):  # hf: dataset names stay as they are
@@ -309,11 +309,11 @@ def _absolute(settings: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def new_config(settings: Dict[str, Any]) -> TrainConfig:
+def new_config(settings: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**_absolute(settings)).validate().resolved()
 
 
-def resume_config(stored: Dict[str, Any], settings: Dict[str, Any], run_dir: str) -> TrainConfig:
+def resume_config(stored: dict[str, Any], settings: dict[str, Any], run_dir: str) -> TrainConfig:
     """The stored settings of ``run_dir`` with the given ones applied; only ``RESUMABLE`` may differ.
     A run recorded before ``packing`` existed read one continuous stream: it resumes with
     ``packing`` False."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,7 +61,7 @@ def barrier(env: Env) -> None:
         dist.barrier()
 
 
-def all_sum(env: Env, values: List[float]) -> List[float]:
+def all_sum(env: Env, values: list[float]) -> list[float]:
     """Sum a few float64 numbers over ranks."""
     if not env.distributed:
         return values
@@ -71,7 +70,7 @@ def all_sum(env: Env, values: List[float]) -> List[float]:
     return t.tolist()
 
 
-def broadcast_str(env: Env, text: Optional[str]) -> str:
+def broadcast_str(env: Env, text: str | None) -> str:
     """Rank 0's ``text`` on every rank (the run directory name, for one)."""
     if not env.distributed:
         return text
@@ -80,7 +79,7 @@ def broadcast_str(env: Env, text: Optional[str]) -> str:
     return box[0]
 
 
-def first_error(env: Env, message: Optional[str]) -> Optional[str]:
+def first_error(env: Env, message: str | None) -> str | None:
     """The first rank's error message, on every rank, so that all ranks stop together."""
     if not env.distributed:
         return message
@@ -89,7 +88,7 @@ def first_error(env: Env, message: Optional[str]) -> Optional[str]:
     return next((m for m in boxes if m), None)
 
 
-def blocks(model: nn.Module) -> List[nn.Module]:
+def blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a model: the entries of its first ``nn.ModuleList``."""
     for module in model.modules():
         if isinstance(module, nn.ModuleList):
@@ -97,7 +96,7 @@ def blocks(model: nn.Module) -> List[nn.Module]:
     return []
 
 
-def unused_parameters(model: nn.Module, seq_len: int, device: torch.device) -> List[str]:
+def unused_parameters(model: nn.Module, seq_len: int, device: torch.device) -> list[str]:
     """Names of the trainable parameters of a causal LM ``model`` that get no gradient from one
     training forward and backward of a sequence of ``seq_len`` tokens (random ids below
     ``model.config.vocab_size``, the same on every rank): what DDP must be told of. A memory that

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, Optional, Tuple
 
 from . import checkpoint as ck
 
@@ -24,7 +23,7 @@ class ExportError(ck.CheckpointError):
     """A folder that cannot be exported or loaded; one line for the user."""
 
 
-def _split(path: str) -> Tuple[str, Optional[str]]:
+def _split(path: str) -> tuple[str, str | None]:
     """``(run directory, checkpoint directory or None)`` of a run directory or ``RUN/checkpoints/step-N``."""
     path = os.path.normpath(path)
     if os.path.basename(os.path.dirname(path)) == ck.CHECKPOINTS:
@@ -95,10 +94,10 @@ def _is_hf_folder(path: str) -> bool:
 
 
 def _load_hf_folder(path: str):
+    from transformers.utils import logging as hf_logging
+
     from ..data import ByteTokenizer, DataError, HFTokenizer
     from ..models import DeepMemoryForCausalLM
-
-    from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # (a bar over a dozen tensors on stderr, where errors go)
@@ -124,7 +123,7 @@ def _load_hf_folder(path: str):
     return model.eval(), tokenizer, {"run_dir": path, "record": None, "state": None}
 
 
-def _generation_config(model, eos: Optional[int]) -> None:
+def _generation_config(model, eos: int | None) -> None:
     from transformers import GenerationConfig
 
     model.generation_config = GenerationConfig(
@@ -145,7 +144,7 @@ def _fmt(value, spec: str = ",") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def model_card(name: str, record: Dict, state: Optional[Dict], tokenizer_kind: str) -> str:
+def model_card(name: str, record: dict, state: dict | None, tokenizer_kind: str) -> str:
     """The ``README.md`` of an exported model: what it is, what it was trained on, how it scored."""
     from .. import __version__
     from ..data import bits_per_byte

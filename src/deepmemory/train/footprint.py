@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
@@ -74,7 +74,7 @@ def training_footprint(
     )
 
 
-def least_parameters(fields: Dict[str, Any]) -> int:
+def least_parameters(fields: dict[str, Any]) -> int:
     """A lower bound on the parameter count of a model config with these fields (a
     ``DeepMemoryConfig``'s, or a preset's size fields merged with overrides), computed without
     building anything: a config asking for more than memory holds is refused before its layer
@@ -109,7 +109,7 @@ def check_weights_fit(parameters: int, what: str, error: type) -> None:
         )
 
 
-def _cgroup_limit() -> Optional[int]:
+def _cgroup_limit() -> int | None:
     """The memory limit of this process's cgroup (v2 or v1), or None when there is none."""
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
@@ -122,7 +122,7 @@ def _cgroup_limit() -> Optional[int]:
     return None
 
 
-def host_memory() -> Optional[int]:
+def host_memory() -> int | None:
     """Bytes of RAM plus swap of this machine (``/proc/meminfo``, else ``sysconf``), capped by the
     cgroup limit; None where neither can be read."""
     total = None
@@ -141,7 +141,7 @@ def host_memory() -> Optional[int]:
     return min(total, limit) if limit is not None else total
 
 
-def device_memory(device: torch.device) -> Optional[int]:
+def device_memory(device: torch.device) -> int | None:
     """Total bytes of ``device``: :func:`host_memory` for the CPU, ``total_memory`` for CUDA;
     None when unknown (then nothing is refused)."""
     if device.type == "cuda":
@@ -166,7 +166,7 @@ def check_fits(
     seq_len: int,
     parameters: int,
     micro_batch: int,
-    have: Optional[int] = None,
+    have: int | None = None,
 ) -> None:
     """``ConfigError`` (one line, with the numbers) when ``need`` exceeds the memory of ``device``
     (``have`` bytes; default :func:`device_memory`). ``batch_size``, ``seq_len``, ``parameters``

@@ -16,7 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 from .config import REPORTERS, ConfigError
 
@@ -25,7 +25,7 @@ TENSORBOARD_DIR = "tensorboard"
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}  # name -> (module, extra)
 
 
-def check_reporters(names: Optional[Sequence[str]]) -> None:
+def check_reporters(names: Sequence[str] | None) -> None:
     """Raise ``ConfigError`` (one line) for a logger whose package is not installed."""
     for name in names or ():
         if name in PACKAGES:
@@ -43,7 +43,7 @@ class JsonlReporter:
     def __init__(self, run_dir: str):
         self.file = open(os.path.join(run_dir, LOG), "a")
 
-    def log(self, scalars: Dict[str, float], step: int) -> None:
+    def log(self, scalars: dict[str, float], step: int) -> None:
         from .checkpoint import finite_or_none, strict_json
 
         self.file.write(strict_json(finite_or_none(dict(step=step, **scalars))) + "\n")
@@ -61,7 +61,7 @@ class TensorBoardReporter:
 
         self.writer = SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR), purge_step=step or None)
 
-    def log(self, scalars: Dict[str, float], step: int) -> None:
+    def log(self, scalars: dict[str, float], step: int) -> None:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
@@ -75,7 +75,7 @@ class WandbReporter:
     comes from the run directory's path and creation time). ``WANDB_PROJECT`` picks the project
     (default ``deepmemory``)."""
 
-    def __init__(self, run_dir: str, record: Dict, settings: Dict):
+    def __init__(self, run_dir: str, record: dict, settings: dict):
         import wandb
 
         path = os.path.abspath(run_dir)
@@ -89,14 +89,14 @@ class WandbReporter:
             config=settings,
         )
 
-    def log(self, scalars: Dict[str, float], step: int) -> None:
+    def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(dict(scalars), step=step)
 
     def close(self) -> None:
         self.run.finish()
 
 
-def make_reporters(names: Optional[Sequence[str]], run_dir: str, record: Dict, settings: Dict, step: int) -> List:
+def make_reporters(names: Sequence[str] | None, run_dir: str, record: dict, settings: dict, step: int) -> list:
     """The loggers ``names`` for ``run_dir`` (rank 0), continuing at ``step``."""
     check_reporters(names)
     if not record:  # a fresh run: the record was just written

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +41,7 @@ def stream_seed(seed: int, stream: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{stream}".encode()).digest()[:8], "big") >> 1
 
 
-def make_task(name: str, settings: Dict, tokenizer):
+def make_task(name: str, settings: dict, tokenizer):
     """The task ``name`` with ``settings`` (``get_task(name, tokenizer, **settings)``).
 
     Raises:
@@ -83,16 +82,16 @@ class TaskSampler:
         self.task, self.seq_len, self.seed = task, seq_len, seed
         self.batches = 0
 
-    def next_batch(self, size: int) -> Tuple[Tensor, Tensor]:
+    def next_batch(self, size: int) -> tuple[Tensor, Tensor]:
         generator = torch.Generator().manual_seed(stream_seed(self.seed, str(self.batches)))
         ids, labels = task_rows(self.task, size, self.seq_len, generator)
         self.batches += 1
         return ids, labels
 
-    def state_dict(self) -> Dict:
+    def state_dict(self) -> dict:
         return {"task": self.task.name, "batches": self.batches, "seq_len": self.seq_len}
 
-    def load_state_dict(self, state: Dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         from ..data import DataError
 
         if state.get("task") != self.task.name or state.get("seq_len") != self.seq_len:
@@ -100,7 +99,7 @@ class TaskSampler:
         self.batches = int(state["batches"])
 
 
-def task_rows(task, size: int, seq_len: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+def task_rows(task, size: int, seq_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """``task.batch(size, seq_len, generator)``, checked: two int64 tensors ``[size, seq_len]``
     with at least one scored position.
 
@@ -123,7 +122,7 @@ def task_rows(task, size: int, seq_len: int, generator: torch.Generator) -> Tupl
     return ids.long(), labels.long()
 
 
-def validation_rows(task, count: int, seq_len: int, seed: int) -> Tuple[Tensor, Tensor]:
+def validation_rows(task, count: int, seq_len: int, seed: int) -> tuple[Tensor, Tensor]:
     """The fixed validation set of a run: ``count`` rows from the generator ``stream_seed(seed,
     "validation")`` (disjoint from every training step's stream)."""
     generator = torch.Generator().manual_seed(stream_seed(seed, VALIDATION_STREAM))
@@ -139,7 +138,7 @@ def answer_loss(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def answer_matches(logits: Tensor, labels: Tensor) -> Tuple[int, int]:
+def answer_matches(logits: Tensor, labels: Tensor) -> tuple[int, int]:
     """``(exact, answers)``: how many answers of ``labels`` ``[B, T]`` the argmax of ``logits``
     ``[B, T, V]`` gets entirely right, out of how many. An answer is a maximal run of consecutive
     scored positions (``labels != IGNORE_INDEX``) within a row."""
@@ -194,7 +193,7 @@ def plot_task(run_dir: str, rows) -> None:
     os.replace(tmp, os.path.join(run_dir, "loss.png"))
 
 
-def describe(task, settings: Dict, seq_len: int, val_rows: int) -> str:
+def describe(task, settings: dict, seq_len: int, val_rows: int) -> str:
     """The run's ``data:`` line for a task."""
     given = ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
     vocab = f", {task.vocab_size} token ids" if task.vocab_size is not None else ""
@@ -204,7 +203,7 @@ def describe(task, settings: Dict, seq_len: int, val_rows: int) -> str:
     )
 
 
-def record(task, settings: Dict, val_rows: int) -> Dict:
+def record(task, settings: dict, val_rows: int) -> dict:
     """The ``data`` entry of a task run's ``run.json``."""
     return {
         "source": f"task:{task.name}",
@@ -218,8 +217,8 @@ def record(task, settings: Dict, val_rows: int) -> Dict:
 
 @torch.no_grad()
 def task_validation(
-    model: nn.Module, rows: Tuple[Tensor, Tensor], micro: int, env, precision: str
-) -> Tuple[float, float]:
+    model: nn.Module, rows: tuple[Tensor, Tensor], micro: int, env, precision: str
+) -> tuple[float, float]:
     """``(loss, accuracy)`` over the validation ``rows`` (``(input_ids, labels)``, split over the
     ranks, each rank taking the same number of forward calls): the mean cross entropy of the
     answer tokens (nats) and the exact-match accuracy of the answers (:func:`answer_matches`)."""

@@ -19,12 +19,13 @@ import json
 import math
 import os
 import time
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import os_error_line
 from ..data import (
     DataError,
     WindowSampler,
@@ -40,10 +41,7 @@ from ..data import (
 from ..data.loader import IGNORE_INDEX
 from . import checkpoint as ck
 from . import task_data
-from ..checks import os_error_line
 from .config import ConfigError, TrainConfig, new_config, resume_config
-from .footprint import check_fits, check_weights_fit, least_parameters, training_footprint
-from .loggers import check_reporters, cut_log
 from .distributed import (
     Env,
     all_sum,
@@ -60,6 +58,8 @@ from .distributed import (
     unwrap,
     wrap,
 )
+from .footprint import check_fits, check_weights_fit, least_parameters, training_footprint
+from .loggers import check_reporters, cut_log
 
 FSDP_MIN_PARAMETERS = 300_000_000  # the 340m size and up: full replicas stop fitting comfortably
 
@@ -83,9 +83,9 @@ class DivergenceError(TrainError):
         self,
         step: int,
         reason: str,
-        run_dir: Optional[str],
-        checkpoint_step: Optional[int],
-        metrics: Optional[Dict] = None,
+        run_dir: str | None,
+        checkpoint_step: int | None,
+        metrics: dict | None = None,
     ):
         kept = (
             f"the last good checkpoint (step {checkpoint_step}) is kept in {run_dir}"
@@ -135,7 +135,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
         raise ConfigError(f"--model {cfg.model} --size {cfg.size}: {' '.join(str(err).split())}") from err
 
 
-def model_from_config(config: Dict) -> nn.Module:
+def model_from_config(config: dict) -> nn.Module:
     """The model a run record's model config describes (random weights).
 
     Raises:
@@ -206,7 +206,7 @@ def grad_sync(model: nn.Module, enabled: bool):
 
 
 def next_token_loss(
-    model: nn.Module, rows: torch.Tensor, reduction: str = "mean", starts: Optional[torch.Tensor] = None
+    model: nn.Module, rows: torch.Tensor, reduction: str = "mean", starts: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Cross entropy of ``rows[:, 1:]`` given ``rows[:, :-1]``; ``rows [B, L + 1]``.
 
@@ -230,7 +230,7 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
-def scored_targets(rows: torch.Tensor, starts: Optional[torch.Tensor]) -> int:
+def scored_targets(rows: torch.Tensor, starts: torch.Tensor | None) -> int:
     """The targets :func:`next_token_loss` scores in ``rows [B, L + 1]``: ``B * L``, less those that
     begin a document when ``starts`` is given."""
     total = rows[:, 1:].numel()
@@ -251,7 +251,7 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
 
 @torch.no_grad()
 def validation_loss(
-    model: nn.Module, windows: torch.Tensor, micro: int, env: Env, precision: str, starts: Optional[torch.Tensor] = None
+    model: nn.Module, windows: torch.Tensor, micro: int, env: Env, precision: str, starts: torch.Tensor | None = None
 ) -> float:
     """Mean next-token loss (nats) over the scored targets of ``windows [n, L + 1]``, split over
     ranks, each rank taking the same number of forward calls (FSDP needs them in step). With
@@ -294,7 +294,7 @@ def _create_run_dir(out: str, overwrite: bool, write: Callable[[str], None]) -> 
     ck.write_dir(out, write)
 
 
-def _read_metrics(run_dir: str) -> List[Dict]:
+def _read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, ck.METRICS)
     if not os.path.isfile(path):
         return []
@@ -342,7 +342,7 @@ def plot_losses(run_dir: str, tokens_per_byte: float, byte_entropy: float) -> No
     os.replace(tmp, os.path.join(run_dir, "loss.png"))
 
 
-def _metrics_line(row: Dict) -> str:
+def _metrics_line(row: dict) -> str:
     """A ``metrics.jsonl`` line: strict JSON, a non-finite value (a diverged loss) written as ``null``."""
     return ck.strict_json(ck.finite_or_none(row)) + "\n"
 
@@ -388,7 +388,7 @@ def _fmt_time(seconds: float) -> str:
 
 
 # ---------------------------------------------------------------- the run
-def train(settings: Dict, resume: Optional[str] = None, overwrite: bool = False, quiet: bool = False) -> Dict:
+def train(settings: dict, resume: str | None = None, overwrite: bool = False, quiet: bool = False) -> dict:
     """Train from ``settings`` (``TrainConfig`` fields), or continue the run directory ``resume``.
     Returns the summary (on every rank).
 
@@ -456,11 +456,11 @@ class Trainer:
         cfg: TrainConfig,
         env: Env,
         *,
-        stored: Optional[Dict] = None,
-        resume: Optional[str] = None,
+        stored: dict | None = None,
+        resume: str | None = None,
         overwrite: bool = False,
         quiet: bool = False,
-        started: Optional[float] = None,
+        started: float | None = None,
     ):
         from tqdm.auto import tqdm
 
@@ -519,7 +519,7 @@ class Trainer:
         )
         if env.is_main:
             check_reporters(cfg.report_to)  # a missing tensorboard/wandb fails before anything is written
-        self.val_starts: Optional[torch.Tensor] = None  # where documents begin in the validation windows (packing)
+        self.val_starts: torch.Tensor | None = None  # where documents begin in the validation windows (packing)
         if self.task is None:
             self.corpus = build_corpus(cfg.data, self.tokenizer, cfg.val_fraction)
             self.sampler = WindowSampler(
@@ -544,24 +544,24 @@ class Trainer:
             count = -(-max(1, cfg.eval_tokens // cfg.seq_len) // env.world) * env.world  # as many rows on every rank
             self.val_windows = task_data.validation_rows(self.task, count, cfg.seq_len, cfg.seed)
 
-        self.run_dir: Optional[str] = resume
-        self.checkpoint_path: Optional[str] = None  # the checkpoint resumed from
-        self.checkpoint_step: Optional[int] = None  # the newest checkpoint on disk: what a divergence leaves
+        self.run_dir: str | None = resume
+        self.checkpoint_path: str | None = None  # the checkpoint resumed from
+        self.checkpoint_step: int | None = None  # the newest checkpoint on disk: what a divergence leaves
         self.step, self.elapsed_before = 0, 0.0
-        self.train_loss: Optional[float] = None
-        self.val_loss: Optional[float] = None
-        self.val_accuracy: Optional[float] = None  # a task run's latest validation exact-match accuracy
-        self.wrapped: Optional[nn.Module] = None  # DDP's wrapper, or the (FSDP-sharded) model itself
-        self.optimizer: Optional[torch.optim.Optimizer] = None
-        self._step_model: Optional[nn.Module] = None  # the wrapped model, compiled with --compile
-        self._eval_model: Optional[nn.Module] = None  # DDP's forward would sync buffers; the bare module does not
+        self.train_loss: float | None = None
+        self.val_loss: float | None = None
+        self.val_accuracy: float | None = None  # a task run's latest validation exact-match accuracy
+        self.wrapped: nn.Module | None = None  # DDP's wrapper, or the (FSDP-sharded) model itself
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._step_model: nn.Module | None = None  # the wrapped model, compiled with --compile
+        self._eval_model: nn.Module | None = None  # DDP's forward would sync buffers; the bare module does not
         self._metrics_file = None
-        self._reporters: List = []
-        self._interval: List[Dict] = []  # the train rows since the last report
-        self.stopped: Optional[str] = None  # why fit() ended before cfg.steps ("time limit")
+        self._reporters: list = []
+        self._interval: list[dict] = []  # the train rows since the last report
+        self.stopped: str | None = None  # why fit() ended before cfg.steps ("time limit")
         self._write_model_files = model_files(self.model.config, self.tokenizer)
 
-    def resolved(self) -> Dict:
+    def resolved(self) -> dict:
         """What ``auto`` and the defaults became on this machine (stored in ``run.json``)."""
         return {
             "device": str(self.env.device),
@@ -751,7 +751,7 @@ class Trainer:
             raise RuntimeError(f"Trainer.{name}() needs the state: call restore() first")
 
     # ------------------------------------------------------------ steps
-    def train_step(self, batch: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    def train_step(self, batch: torch.Tensor | None = None) -> dict[str, float]:
         """One optimizer step at learning rate ``lr_at(step)``: the global batch in ``grad_accum``
         micro-steps (each split over the ranks, gradients synchronised on the last), the global
         gradient norm clipped to ``grad_clip`` (``0``: measured only), AdamW, ``step += 1``.
@@ -869,7 +869,7 @@ class Trainer:
         self.train_loss = loss
         return row
 
-    def evaluate(self) -> Dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """The mean next-token loss over the validation windows (split over the ranks; a collective:
         every rank calls it), in eval mode and without gradients; the train/eval mode is restored.
         With ``packing`` the windows are read as in training: documents apart, and the targets
@@ -952,7 +952,7 @@ class Trainer:
         barrier(env)
 
     # ------------------------------------------------------------ the loop
-    def fit(self) -> Dict:
+    def fit(self) -> dict:
         """Run to ``cfg.steps``: :meth:`restore` (unless done), a validation at step 0, then
         :meth:`train_step` with the progress bar and a ``metrics.jsonl`` row per step; every
         ``log_every`` steps a log line and the ``report_to`` loggers; every ``eval_every`` steps
@@ -1057,21 +1057,21 @@ class Trainer:
         for reporter in reporters:
             reporter.close()
 
-    def __enter__(self) -> "Trainer":
+    def __enter__(self) -> Trainer:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _log(self, row: Dict) -> None:
+    def _log(self, row: dict) -> None:
         if self._metrics_file:
             self._metrics_file.write(_metrics_line(row))
             self._metrics_file.flush()
 
-    def _diverged(self, step: int, reason: str, row: Optional[Dict] = None) -> DivergenceError:
+    def _diverged(self, step: int, reason: str, row: dict | None = None) -> DivergenceError:
         return DivergenceError(step, reason, self.run_dir, self.checkpoint_step, row)
 
-    def _report(self, scalars: Dict[str, float]) -> None:
+    def _report(self, scalars: dict[str, float]) -> None:
         for reporter in self._reporters:
             reporter.log(scalars, self.step)
 
@@ -1130,7 +1130,7 @@ class Trainer:
         if self.env.is_main:  # a run killed at any point keeps a current plot
             plot_losses(self.run_dir, self.tpb_train, self.corpus.byte_entropy)
 
-    def _finish_task(self, loop_start: float, first_step: int, tokens: int, session: float, wall: float) -> Dict:
+    def _finish_task(self, loop_start: float, first_step: int, tokens: int, session: float, wall: float) -> dict:
         """The summary of a task run: ``val_accuracy`` where a corpus run has bits per byte."""
         step = self.step
         summary = {
@@ -1165,7 +1165,7 @@ class Trainer:
             self._say(f"run directory: {self.run_dir}")
         return summary
 
-    def _finish(self, loop_start: float, first_step: int) -> Dict:
+    def _finish(self, loop_start: float, first_step: int) -> dict:
         corpus, step, last_loss, last_val = self.corpus, self.step, self.train_loss, self.val_loss
         tokens = step * self.tokens_per_step
         session = time.time() - self.started

@@ -38,7 +38,7 @@ answer word appears, as a word and in any case, in the first sentence of the gen
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from collections.abc import Sequence
 
 from ...checks import check_int
 from .base import TaskSample
@@ -67,7 +67,7 @@ QUESTION = "\nQuestion: {q}\nAnswer:"
 ANSWER = " {a}."
 ATTEMPTS = 1000  # stories drawn until one has a question (a handful are needed in practice)
 
-Story = Tuple[List[str], List[int], str, str]  # sentences, supporting sentence indices, question, answer
+Story = tuple[list[str], list[int], str, str]  # sentences, supporting sentence indices, question, answer
 
 
 class World:
@@ -77,20 +77,20 @@ class World:
 
     def __init__(self, people: Sequence[str]):
         self.people = tuple(people)
-        self.sentences: List[str] = []
-        self.place: Dict[str, Optional[str]] = dict.fromkeys(people)
-        self.moved: Dict[str, int] = {}  # the sentence that put a person where they are
-        self.holder: Dict[str, Optional[str]] = dict.fromkeys(OBJECTS)
-        self.got: Dict[str, int] = {}  # the sentence by which the holder got the object
-        self.lying: Dict[str, Optional[Tuple[str, Set[int]]]] = dict.fromkeys(OBJECTS)
-        self.trail: Dict[str, List[Tuple[str, Set[int]]]] = {o: [] for o in OBJECTS}
-        self.gifts: List[Tuple[str, str, str, int]] = []  # giver, object, receiver, sentence
+        self.sentences: list[str] = []
+        self.place: dict[str, str | None] = dict.fromkeys(people)
+        self.moved: dict[str, int] = {}  # the sentence that put a person where they are
+        self.holder: dict[str, str | None] = dict.fromkeys(OBJECTS)
+        self.got: dict[str, int] = {}  # the sentence by which the holder got the object
+        self.lying: dict[str, tuple[str, set[int]] | None] = dict.fromkeys(OBJECTS)
+        self.trail: dict[str, list[tuple[str, set[int]]]] = {o: [] for o in OBJECTS}
+        self.gifts: list[tuple[str, str, str, int]] = []  # giver, object, receiver, sentence
 
     def _say(self, rng, templates, **names) -> int:
         self.sentences.append(rng.choice(templates).format(**names))
         return len(self.sentences) - 1
 
-    def _arrive(self, obj: str, place: str, causes: Set[int]) -> None:
+    def _arrive(self, obj: str, place: str, causes: set[int]) -> None:
         if not self.trail[obj] or self.trail[obj][-1][0] != place:
             self.trail[obj].append((place, causes))
 
@@ -115,7 +115,7 @@ class World:
         self.holder[obj], self.got[obj] = other, i
         self.gifts.append((person, obj, other, i))
 
-    def location(self, obj: str) -> Optional[Tuple[str, Set[int]]]:
+    def location(self, obj: str) -> tuple[str, set[int]] | None:
         """Where the object is and the sentences that say so; None if no sentence does."""
         holder = self.holder[obj]
         if holder is not None:
@@ -160,11 +160,11 @@ class World:
             self.move(rng, person, place)
 
 
-def _questions_qa1(world: World) -> Dict[str, Tuple[str, Set[int]]]:
+def _questions_qa1(world: World) -> dict[str, tuple[str, set[int]]]:
     return {f"Where is {p}?": (world.place[p], {world.moved[p]}) for p in world.people if world.place[p]}
 
 
-def _questions_qa2(world: World) -> Dict[str, Tuple[str, Set[int]]]:
+def _questions_qa2(world: World) -> dict[str, tuple[str, set[int]]]:
     found = {}
     for obj in OBJECTS:
         where = world.location(obj)
@@ -173,7 +173,7 @@ def _questions_qa2(world: World) -> Dict[str, Tuple[str, Set[int]]]:
     return found
 
 
-def _questions_qa3(world: World) -> Dict[str, Tuple[str, Set[int]]]:
+def _questions_qa3(world: World) -> dict[str, tuple[str, set[int]]]:
     found = {}
     for obj in OBJECTS:
         trail = world.trail[obj]
@@ -184,7 +184,7 @@ def _questions_qa3(world: World) -> Dict[str, Tuple[str, Set[int]]]:
     return found
 
 
-def _questions_qa5(world: World) -> Dict[str, Tuple[str, Set[int]]]:
+def _questions_qa5(world: World) -> dict[str, tuple[str, set[int]]]:
     found = {}
     gifts = world.gifts
 
@@ -232,7 +232,7 @@ class BabiLong(TextTask):
     def _facts(self) -> int:
         return self.num_facts
 
-    def _texts(self) -> Tuple[List[str], List[str], List[str]]:
+    def _texts(self) -> tuple[list[str], list[str], list[str]]:
         """Every sentence, question and answer word the task can produce."""
         ps, ls, os_ = self.people, PLACES, OBJECTS
         facts = [t.format(p=p, l=l) for t in MOVE for p in ps for l in ls]
@@ -279,7 +279,7 @@ class BabiLong(TextTask):
                 return world.sentences, sorted(supporting), question, answer
         raise ValueError(f"{self.name}: no story of {self.num_facts} sentences has a question; use more num_facts")
 
-    def _build(self, length: int, seed: int, depth: Optional[float], row: bool) -> TaskSample:
+    def _build(self, length: int, seed: int, depth: float | None, row: bool) -> TaskSample:
         rng = self.rng("row" if row else "sample", length, seed)
         sentences, supporting, question, answer = self.story(rng)
         facts = [self.encode(" " + s) for s in sentences]
@@ -345,7 +345,7 @@ class BabiLongQA4(BabiLong):
     def _facts(self) -> int:
         return 2
 
-    def _texts(self) -> Tuple[List[str], List[str], List[str]]:
+    def _texts(self) -> tuple[list[str], list[str], list[str]]:
         facts = [RELATION.format(x=x, d=d, y=y) for x in PLACES for y in PLACES if x != y for d in DIRECTIONS]
         questions = [
             q for x in PLACES for d in DIRECTIONS for q in (f"What is {d} of the {x}?", f"What is the {x} {d} of?")

@@ -4,8 +4,9 @@ convention (``IGNORE_INDEX``) and :func:`recall_accuracy`."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -33,14 +34,14 @@ class TaskSample:
             ``[]`` for token tasks.
     """
 
-    prompt_ids: List[int]
-    answer_ids: List[int]
+    prompt_ids: list[int]
+    answer_ids: list[int]
     answer: str
-    depth: Optional[float]
-    needle_positions: List[int]
+    depth: float | None
+    needle_positions: list[int]
 
 
-def check_depth(depth) -> Optional[float]:
+def check_depth(depth) -> float | None:
     """None, or a number in ``[0, 1]`` (as a float); anything else is a one-line ``ValueError``."""
     if depth is None:
         return None
@@ -55,7 +56,7 @@ def check_fraction(name: str, value) -> None:
         raise ValueError(f"{name} must be a number in [0, 1); got {value!r}")
 
 
-def id_list(ids) -> List[int]:
+def id_list(ids) -> list[int]:
     """Token ids as a list of ints: a tensor (one row), a sequence, or one int."""
     if isinstance(ids, Tensor):
         ids = ids.reshape(-1).tolist()
@@ -76,11 +77,11 @@ class Task:
     one-line error. The settings in use are ``task.settings`` (a dict) and attributes.
     """
 
-    SETTINGS: ClassVar[Dict[str, Tuple[Any, Callable[[str, Any], None]]]] = {}
+    SETTINGS: ClassVar[dict[str, tuple[Any, Callable[[str, Any], None]]]] = {}
     name: str = ""
     kind: str = ""
     has_depth: bool = False
-    vocab_size: Optional[int] = None
+    vocab_size: int | None = None
     min_length: int = 1
     min_row_length: int = 2
 
@@ -94,7 +95,7 @@ class Task:
         for key, (_, check) in self.SETTINGS.items():
             check(key, values[key])
             setattr(self, key, values[key])
-        self.settings: Dict[str, Any] = values
+        self.settings: dict[str, Any] = values
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
@@ -102,7 +103,7 @@ class Task:
 
     # ---- the interface ---------------------------------------------------------------------
 
-    def sample(self, length: int, seed: int, depth: Optional[float] = None) -> TaskSample:
+    def sample(self, length: int, seed: int, depth: float | None = None) -> TaskSample:
         """The sample for ``(settings, length, seed, depth)``: the same inputs give the same
         sample on every machine (``random.Random`` seeded by a string of them).
 
@@ -122,7 +123,7 @@ class Task:
         depth = check_depth(depth)
         return self._sample(length, seed, depth if self.has_depth else None)
 
-    def batch(self, batch_size: int, length: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    def batch(self, batch_size: int, length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Training rows: ``(input_ids, labels)``, both ``[batch_size, length]`` int64 on the CPU.
 
         Each row is a prompt and its answer (``length`` tokens in all); ``labels[b, t]`` is the
@@ -170,17 +171,17 @@ class Task:
         return random.Random(f"{self.name}|{settings}|{purpose}|{length}|{seed}")
 
     @staticmethod
-    def labels_for(prompt_length: int, answer: Sequence[int], total: int) -> List[int]:
+    def labels_for(prompt_length: int, answer: Sequence[int], total: int) -> list[int]:
         """Labels of a row ``prompt + answer (+ filler)`` of ``total`` tokens: the answer tokens at
         the positions that predict them (shifted by one), ``IGNORE_INDEX`` elsewhere."""
         labels = [IGNORE_INDEX] * total
         labels[prompt_length - 1 : prompt_length - 1 + len(answer)] = list(answer)
         return labels
 
-    def _sample(self, length: int, seed: int, depth: Optional[float]) -> TaskSample:
+    def _sample(self, length: int, seed: int, depth: float | None) -> TaskSample:
         raise NotImplementedError
 
-    def _row(self, length: int, seed: int) -> Tuple[List[int], List[int]]:
+    def _row(self, length: int, seed: int) -> tuple[list[int], list[int]]:
         raise NotImplementedError
 
 

@@ -5,7 +5,6 @@ story sentence). ``ESSAYS`` is a tuple of paragraphs; ``sentences()`` splits the
 from __future__ import annotations
 
 import re
-from typing import List, Tuple
 
 TEXT = """
 A river is never the same water twice, yet people give it one name and speak of it as if it
@@ -364,11 +363,11 @@ person. Most kites, though, are flown simply for the joy of feeling the wind thr
 string and watching a bright shape hang against the clouds.
 """
 
-ESSAYS: Tuple[str, ...] = tuple(" ".join(p.split()) for p in TEXT.strip().split("\n\n"))
+ESSAYS: tuple[str, ...] = tuple(" ".join(p.split()) for p in TEXT.strip().split("\n\n"))
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-def sentences(essay: str) -> List[str]:
+def sentences(essay: str) -> list[str]:
     """The sentences of one essay (split after ``.``, ``!`` or ``?`` followed by a space)."""
     return _SENTENCE_END.split(essay)

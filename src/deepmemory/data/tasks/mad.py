@@ -64,19 +64,18 @@ Every task's ``score`` is exact match of the answer tokens.
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Optional, Tuple
 
 from ...checks import check_int
 from .base import IGNORE_INDEX, Task, TaskSample, check_fraction
 
 
-def _sample_of(prompt: List[int], answer: List[int]) -> TaskSample:
+def _sample_of(prompt: list[int], answer: list[int]) -> TaskSample:
     return TaskSample(
         prompt_ids=prompt, answer_ids=answer, answer=" ".join(map(str, answer)), depth=None, needle_positions=[]
     )
 
 
-def _labels_at(ids: List[int], scored: List[int]) -> List[int]:
+def _labels_at(ids: list[int], scored: list[int]) -> list[int]:
     """Labels predicting ``ids[p]`` (from position ``p - 1``) for every scored position ``p``."""
     labels = [IGNORE_INDEX] * len(ids)
     for p in scored:
@@ -112,13 +111,13 @@ class InContextRecall(_MADTask):
             )
         self.num_keys = self.usable // 2
 
-    def _stream(self, rng: random.Random, total: int) -> Tuple[List[int], List[int]]:
+    def _stream(self, rng: random.Random, total: int) -> tuple[list[int], list[int]]:
         """``total`` tokens of pairs (and noise slots) aligned to the end, the last pair a key
         shown before; and the positions of the values that follow a key shown before."""
         pairs = total // 2
-        ids: List[int] = [rng.randrange(self.num_keys, self.usable)] if total % 2 else []
-        values: Dict[int, int] = {}
-        scored: List[int] = []
+        ids: list[int] = [rng.randrange(self.num_keys, self.usable)] if total % 2 else []
+        values: dict[int, int] = {}
+        scored: list[int] = []
         kept = rng.randrange(pairs - 1)  # a slot that holds a pair, so that the last one can repeat it
         for i in range(pairs):
             if i == pairs - 1:
@@ -135,11 +134,11 @@ class InContextRecall(_MADTask):
             ids += [key, values[key]]
         return ids, scored
 
-    def _sample(self, length: int, seed: int, depth: Optional[float]) -> TaskSample:
+    def _sample(self, length: int, seed: int, depth: float | None) -> TaskSample:
         ids, _ = self._stream(self.rng("sample", length, seed), length + 1)
         return _sample_of(ids[:-1], ids[-1:])
 
-    def _row(self, length: int, seed: int) -> Tuple[List[int], List[int]]:
+    def _row(self, length: int, seed: int) -> tuple[list[int], list[int]]:
         ids, scored = self._stream(self.rng("row", length, seed), length)
         return ids, _labels_at(ids, scored)
 
@@ -188,11 +187,11 @@ class FuzzyInContextRecall(_MADTask):
         self.min_length = 2 * self.k_motif_size + self.v_motif_size
         self.min_row_length = 2 * (self.k_motif_size + self.v_motif_size)
 
-    def _key(self, rng: random.Random, training: bool) -> Tuple[int, ...]:
+    def _key(self, rng: random.Random, training: bool) -> tuple[int, ...]:
         size = rng.randint(1, self.k_motif_size) if training else self.k_motif_size
         return tuple(rng.sample(range(self.num_keys), size))
 
-    def _value(self, rng: random.Random) -> Tuple[int, ...]:
+    def _value(self, rng: random.Random) -> tuple[int, ...]:
         return tuple(rng.sample(range(self.num_keys, self.vocab_size - 1), rng.randint(1, self.v_motif_size)))
 
     def _stream(self, rng: random.Random, budget: int, training: bool):
@@ -201,7 +200,7 @@ class FuzzyInContextRecall(_MADTask):
         probe_key, probe_value = self._key(rng, training), self._value(rng)
         values = {probe_key: probe_value}
         room = budget - len(probe_key) - len(probe_value)
-        pairs: List[Tuple[Tuple[int, ...], Tuple[int, ...]]] = []
+        pairs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
         while True:
             key = self._key(rng, training)
             value = values.get(key) or self._value(rng)
@@ -212,7 +211,7 @@ class FuzzyInContextRecall(_MADTask):
             room -= len(key) + len(value)
         pairs.insert(rng.randrange(len(pairs) + 1), (probe_key, probe_value))
         ids = [self.pad_id] * room
-        scored: List[int] = []
+        scored: list[int] = []
         seen = set()
         for key, value in pairs:
             ids += key
@@ -222,12 +221,12 @@ class FuzzyInContextRecall(_MADTask):
             ids += value
         return ids, scored, probe_key, probe_value
 
-    def _sample(self, length: int, seed: int, depth: Optional[float]) -> TaskSample:
+    def _sample(self, length: int, seed: int, depth: float | None) -> TaskSample:
         rng = self.rng("sample", length, seed)
         ids, _, key, value = self._stream(rng, length - self.k_motif_size, training=False)
         return _sample_of(ids + list(key), list(value))
 
-    def _row(self, length: int, seed: int) -> Tuple[List[int], List[int]]:
+    def _row(self, length: int, seed: int) -> tuple[list[int], list[int]]:
         rng = self.rng("row", length, seed)
         # the probe's own size is drawn inside _stream; reserve the largest pair for it at the end
         ids, scored, key, value = self._stream(rng, length - self.k_motif_size - self.v_motif_size, training=True)
@@ -258,17 +257,17 @@ class SelectiveCopy(_MADTask):
         self.min_length = self.num_tokens_to_copy + 1
         self.min_row_length = 2 * self.num_tokens_to_copy + 1
 
-    def _make(self, rng: random.Random, length: int) -> Tuple[List[int], List[int]]:
+    def _make(self, rng: random.Random, length: int) -> tuple[list[int], list[int]]:
         ids = [self.blank_id] * (length - 1) + [self.copy_id]
         tokens = [rng.randrange(self.vocab_size - 2) for _ in range(self.num_tokens_to_copy)]
         for position, token in zip(sorted(rng.sample(range(length - 1), self.num_tokens_to_copy)), tokens):
             ids[position] = token
         return ids, tokens
 
-    def _sample(self, length: int, seed: int, depth: Optional[float]) -> TaskSample:
+    def _sample(self, length: int, seed: int, depth: float | None) -> TaskSample:
         return _sample_of(*self._make(self.rng("sample", length, seed), length))
 
-    def _row(self, length: int, seed: int) -> Tuple[List[int], List[int]]:
+    def _row(self, length: int, seed: int) -> tuple[list[int], list[int]]:
         prompt, answer = self._make(self.rng("row", length, seed), length - self.num_tokens_to_copy)
         return prompt + answer, self.labels_for(len(prompt), answer, length)
 
@@ -283,14 +282,14 @@ class Compression(_MADTask):
     min_length = 2
     min_row_length = 3
 
-    def _make(self, rng: random.Random, count: int) -> List[int]:
+    def _make(self, rng: random.Random, count: int) -> list[int]:
         return [rng.randrange(self.vocab_size - 1) for _ in range(count)]
 
-    def _sample(self, length: int, seed: int, depth: Optional[float]) -> TaskSample:
+    def _sample(self, length: int, seed: int, depth: float | None) -> TaskSample:
         tokens = self._make(self.rng("sample", length, seed), length - 1)
         return _sample_of(tokens + [self.vocab_size - 1], tokens)
 
-    def _row(self, length: int, seed: int) -> Tuple[List[int], List[int]]:
+    def _row(self, length: int, seed: int) -> tuple[list[int], list[int]]:
         count = (length - 1) // 2
         tokens = self._make(self.rng("row", length, seed), count)
         prompt = tokens + [self.vocab_size - 1]
@@ -319,9 +318,9 @@ class Memorization(_MADTask):
         keys, values = list(range(num_keys)), list(range(num_keys, self.vocab_size - 1))
         rng.shuffle(keys)
         rng.shuffle(values)
-        self.kv_map: Dict[int, int] = dict(zip(keys, values))
+        self.kv_map: dict[int, int] = dict(zip(keys, values))
 
-    def _stream(self, rng: random.Random, length: int) -> Tuple[List[int], List[int]]:
+    def _stream(self, rng: random.Random, length: int) -> tuple[list[int], list[int]]:
         """``length`` tokens ``k INS k INS ...`` aligned to the end, and the keys in order."""
         keys = [rng.randrange(len(self.kv_map)) for _ in range(length // 2)]
         ids = [self.insert_id] * (length % 2)
@@ -329,11 +328,11 @@ class Memorization(_MADTask):
             ids += [key, self.insert_id]
         return ids, keys
 
-    def _sample(self, length: int, seed: int, depth: Optional[float]) -> TaskSample:
+    def _sample(self, length: int, seed: int, depth: float | None) -> TaskSample:
         ids, keys = self._stream(self.rng("sample", length, seed), length)
         return _sample_of(ids, [self.kv_map[keys[-1]]])
 
-    def _row(self, length: int, seed: int) -> Tuple[List[int], List[int]]:
+    def _row(self, length: int, seed: int) -> tuple[list[int], list[int]]:
         ids, keys = self._stream(self.rng("row", length, seed), length)
         labels = [IGNORE_INDEX] * length
         first = length % 2 + 1  # the first INS after a key

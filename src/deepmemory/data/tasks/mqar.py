@@ -16,7 +16,6 @@ positions after the pairs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -43,7 +42,7 @@ class MQAR(Settings):
     vocab_size: int = 128
     seq_len: int = 64
     num_pairs: int = 8
-    num_queries: Optional[int] = None
+    num_queries: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -67,7 +66,7 @@ class MQAR(Settings):
             return self.num_queries
         return max(1, (self.seq_len - 2 * self.num_pairs) // 4)
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``(input_ids, labels)``, both ``[batch_size, seq_len]`` int64 on the CPU. ``labels[b, t]``
         is the token to predict after ``input_ids[b, :t+1]`` (already shifted, as a causal LM's
         targets) where that is a recalled value, ``IGNORE_INDEX`` elsewhere. Rows are a function
@@ -141,12 +140,12 @@ class MQARTask(Task):
             return self.num_queries
         return max(1, (row_length - 2 * self.num_pairs) // 4)
 
-    def _sample(self, length: int, seed: int, depth: Optional[float]) -> TaskSample:
+    def _sample(self, length: int, seed: int, depth: float | None) -> TaskSample:
         rng = self.rng("sample", length, seed)
         n, half = self.num_pairs, self.vocab_size // 2
         keys = rng.sample(range(1, half), n)
         values = [rng.randrange(half, self.vocab_size) for _ in range(n)]
-        ids: List[int] = [0] * length
+        ids: list[int] = [0] * length
         ids[0 : 2 * n : 2], ids[1 : 2 * n : 2] = keys, values
         slots = (length - 1 - 2 * n) // 2  # 2-token slots between the pairs and the last query
         others = self._queries(length + 1) - 1
@@ -163,7 +162,7 @@ class MQARTask(Task):
             prompt_ids=ids, answer_ids=[values[pair]], answer=str(values[pair]), depth=None, needle_positions=[]
         )
 
-    def batch(self, batch_size: int, length: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    def batch(self, batch_size: int, length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         check_int("batch_size", batch_size)
         self.check_length(length, row=True)
         if not isinstance(generator, torch.Generator):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import List, Optional, Tuple
 
 from ...checks import check_int
 from .base import TaskSample
@@ -177,7 +176,7 @@ class SNIAH(TextTask):
             return str(uuid.UUID(int=rng.getrandbits(128), version=4))
         return str(rng.randrange(10**6, 10**7))
 
-    def _needle(self, key: str, value: str) -> List[int]:
+    def _needle(self, key: str, value: str) -> list[int]:
         prefix, middle, end = self.needle_parts
         return (
             self.encode(prefix)
@@ -187,7 +186,7 @@ class SNIAH(TextTask):
             + self.encode(end)
         )
 
-    def _question(self, key: str) -> List[int]:
+    def _question(self, key: str) -> list[int]:
         first, second, end = self.question_parts
         return (
             self.encode(first)
@@ -197,13 +196,13 @@ class SNIAH(TextTask):
             + self.encode(end)
         )
 
-    def _build(self, length: int, seed: int, depth: Optional[float], row: bool) -> TaskSample:
+    def _build(self, length: int, seed: int, depth: float | None, row: bool) -> TaskSample:
         rng = self.rng("row" if row else "sample", length, seed)
         keys = [
             f"{ADJECTIVES[i // len(NOUNS)]}-{NOUNS[i % len(NOUNS)]}"
             for i in rng.sample(range(len(ADJECTIVES) * len(NOUNS)), self.num_needles)
         ]
-        values: List[str] = []
+        values: list[str] = []
         while len(values) < self.num_needles:
             value = self._value(rng)
             if value not in values:
@@ -217,7 +216,7 @@ class SNIAH(TextTask):
         fixed = len(header) + sum(map(len, needles)) + len(question) + (len(answer) if row else 0)
         pieces, partial = self.haystack.fill(rng, length - fixed)
         haystack_tokens = length - fixed
-        inserts: List[Tuple[int, int]] = [(boundary_at(pieces, depth * haystack_tokens), 0)]
+        inserts: list[tuple[int, int]] = [(boundary_at(pieces, depth * haystack_tokens), 0)]
         inserts += [(rng.randrange(len(pieces) + 1), n) for n in range(1, self.num_needles)]
         inserts.sort()
         prompt, starts = assemble(header, pieces, partial, [(b, needles[n]) for b, n in inserts], question)

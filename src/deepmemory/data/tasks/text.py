@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate, chain
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..tokenizers import ByteTokenizer
 from .base import Task, id_list
@@ -32,7 +32,7 @@ class Haystack:
     random sentence of its first paragraph.
     """
 
-    def __init__(self, ids: List[List[int]], groups: Optional[List[Tuple[int, int]]], what: str):
+    def __init__(self, ids: list[list[int]], groups: list[tuple[int, int]] | None, what: str):
         if sum(map(len, ids)) == 0:
             raise ValueError(f"the tokenizer encodes the {what} as no tokens")
         self.ids = ids
@@ -51,14 +51,14 @@ class Haystack:
                 yield from range(rng.randrange(start, stop) if first else start, stop)
                 first = False
 
-    def fill(self, rng, budget: int) -> Tuple[List[List[int]], List[int]]:
+    def fill(self, rng, budget: int) -> tuple[list[list[int]], list[int]]:
         """Whole pieces totalling at most ``budget`` tokens, and the first tokens of the next
         piece that bring the total to exactly ``budget``."""
         if budget < 0:
             raise AssertionError(
                 f"the fixed parts of a prompt exceed its length by {-budget} tokens (min_length is wrong)"
             )
-        pieces: List[List[int]] = []
+        pieces: list[list[int]] = []
         total = 0
         for index in self._order(rng):
             piece = self.ids[index]
@@ -70,16 +70,16 @@ class Haystack:
 
 
 def assemble(
-    header: List[int],
-    pieces: List[List[int]],
-    partial: List[int],
-    inserts: Sequence[Tuple[int, List[int]]],
-    question: List[int],
-) -> Tuple[List[int], List[int]]:
+    header: list[int],
+    pieces: list[list[int]],
+    partial: list[int],
+    inserts: Sequence[tuple[int, list[int]]],
+    question: list[int],
+) -> tuple[list[int], list[int]]:
     """``header``, the haystack ``pieces`` with each insert ``(boundary, ids)`` placed before piece
     ``boundary`` (``len(pieces)``: after the last whole piece; inserts at one boundary keep their
     order), ``partial`` and ``question``. Returns the prompt and each insert's start index."""
-    at: Dict[int, List[int]] = {}
+    at: dict[int, list[int]] = {}
     for n, (boundary, _) in enumerate(inserts):
         at.setdefault(boundary, []).append(n)
     chunks = [header]
@@ -97,7 +97,7 @@ def assemble(
     return list(chain.from_iterable(chunks)), starts
 
 
-def boundary_at(pieces: List[List[int]], tokens: float) -> int:
+def boundary_at(pieces: list[list[int]], tokens: float) -> int:
     """The boundary between pieces (0 .. ``len(pieces)``) nearest to ``tokens`` haystack tokens."""
     offsets = list(accumulate(map(len, pieces), initial=0))
     i = bisect.bisect_left(offsets, tokens)
@@ -129,11 +129,11 @@ class TextTask(Task):
                 f"got {type(tokenizer).__name__}"
             )
         self.tokenizer = tokenizer
-        self._ids: Dict[str, List[int]] = {}
+        self._ids: dict[str, list[int]] = {}
 
     # ---- tokens ------------------------------------------------------------------------------
 
-    def encode(self, text: str, remember: bool = True) -> List[int]:
+    def encode(self, text: str, remember: bool = True) -> list[int]:
         """The ids of ``text``; remembered when ``remember`` (for the task's finitely many fixed
         pieces: templates, keys, story sentences; not for drawn values)."""
         ids = self._ids.get(text)
@@ -143,9 +143,9 @@ class TextTask(Task):
                 self._ids[text] = ids
         return ids
 
-    def encode_many(self, texts: Sequence[str]) -> List[List[int]]:
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
         """The ids of each text (the tokenizer's batch encoder when it has one)."""
-        batch: Optional[Callable] = getattr(self.tokenizer, "encode_batch", None)
+        batch: Callable | None = getattr(self.tokenizer, "encode_batch", None)
         if batch is not None:
             return [list(ids) for ids in batch(list(texts))]
         return [id_list(self.tokenizer.encode(text)) for text in texts]
@@ -174,21 +174,21 @@ class TextTask(Task):
     def essay_haystack(self) -> Haystack:
         """The embedded essays (``deepmemory.data.tasks.essays``), sentence by sentence; a
         paragraph's first sentence starts with a newline, the others with a space."""
-        texts: List[str] = []
-        groups: List[Tuple[int, int]] = []
+        texts: list[str] = []
+        groups: list[tuple[int, int]] = []
         for essay in ESSAYS:
             parts = sentences(essay)
             groups.append((len(texts), len(texts) + len(parts)))
             texts += ["\n" + parts[0]] + [" " + s for s in parts[1:]]
         return Haystack(self.encode_many(texts), groups, "essays")
 
-    def _build(self, length: int, seed: int, depth: Optional[float], row: bool):
+    def _build(self, length: int, seed: int, depth: float | None, row: bool):
         raise NotImplementedError
 
-    def _row(self, length: int, seed: int) -> Tuple[List[int], List[int]]:
+    def _row(self, length: int, seed: int) -> tuple[list[int], list[int]]:
         sample = self._build(length, seed, None, row=True)
         ids = sample.prompt_ids + sample.answer_ids
         return ids, self.labels_for(len(sample.prompt_ids), sample.answer_ids, length)
 
-    def _sample(self, length: int, seed: int, depth: Optional[float]):
+    def _sample(self, length: int, seed: int, depth: float | None):
         return self._build(length, seed, depth, row=False)
