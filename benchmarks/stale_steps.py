@@ -149,7 +149,7 @@ def main() -> None:
                 layer = NeuralMemory(HIDDEN, HEADS, HEAD_DIM, step_bound=bound, **change)
                 first_bad, marks = stream(layer, x[kind])
 
-                def at(n):
+                def at(n, marks=marks, first_bad=first_bad):
                     got = [v for k, v in marks.items() if k <= n]
                     return "inf" if first_bad is not None and first_bad < n else f"{max(got):.3g}" if got else "-"
 

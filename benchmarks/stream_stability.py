@@ -105,7 +105,8 @@ def main() -> None:
     text = build_corpus(None, tok).val
     marks = [m for m in (4096, 65536, 262144, 1_000_000) if m < args.tokens] + [args.tokens]
     print(
-        f"torch {torch.__version__}; {args.tokens:,} tokens in pieces of {args.piece}; text: {text.numel():,} tokens, wrapping",
+        f"torch {torch.__version__}; {args.tokens:,} tokens in pieces of {args.piece}; text: {text.numel():,} "
+        "tokens, wrapping",
         flush=True,
     )
     rows = []

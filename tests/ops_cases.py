@@ -55,7 +55,7 @@ def streamed(inputs, params, cuts, **kw):
     q, k, v, lr, mom, dec, gam = inputs
     outs, state, lo = [], None, 0
     for hi in list(cuts) + [q.shape[1]]:
-        piece = lambda t: None if t is None else t[:, lo:hi]  # noqa: E731
+        piece = lambda t, lo=lo, hi=hi: None if t is None else t[:, lo:hi]  # noqa: E731
         o, state = neural_memory(
             *(piece(t) for t in (q, k, v, lr, mom, dec)),
             params,

@@ -253,7 +253,8 @@ CASES = [
         patch=raising(
             "deepmemory.cli.generate.load_run",
             RuntimeError(
-                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes."
+                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                "to allocate 1 bytes."
             ),
         ),
     ),

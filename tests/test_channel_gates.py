@@ -165,7 +165,8 @@ def test_errors():
         neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam[..., :3])
     with pytest.raises(
         ValueError,
-        match=r"^window_gate must be \[B, T, H\] = \[1, 5, 2\] or channel-wise \[B, T, H, dv\] = \[1, 5, 2, 6\]; got shape \[1, 5, 2, 6, 1\]$",
+        match=r"^window_gate must be \[B, T, H\] = \[1, 5, 2\] or channel-wise \[B, T, H, dv\] = \[1, 5, 2, 6\]; "
+        r"got shape \[1, 5, 2, 6, 1\]$",
     ):
         neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam[..., None])
     with pytest.raises(ValueError, match="^impl='triton' does not support a channel-wise window_gate"):

@@ -84,7 +84,10 @@ def test_task_resume_is_exact(run, tmp_path):
     train({"steps": 4}, resume=str(part), quiet=True)
     whole = tmp_path / "whole"
     train(settings(whole, lr_decay_steps=4), quiet=True)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "tok_per_s"} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in rows]
+
     assert strip(metrics(str(part))) == strip(metrics(str(whole)))
     a, b = load_file(os.path.join(part, "model.safetensors")), load_file(os.path.join(whole, "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

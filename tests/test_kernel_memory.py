@@ -404,7 +404,7 @@ def test_fast_form_equals_reference_forward_backward(t, chunk, r):
     for name, a, b in zip(["q", "k", "v", "lr", *args[4], "scale"], *grads):
         if name in ("q", "v", "lr"):  # the others may get no gradient from one token
             assert a.abs().max() > 0, name
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @pytest.mark.parametrize("r", range(len(RULES)))

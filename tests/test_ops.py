@@ -259,7 +259,8 @@ def test_delta_rule_by_hand():
 
 
 def test_hebbian_by_hand():
-    """dot loss, momentum, window 2: S_t = eta S - lr (-(v_t k_t^T) - g_{t-1} v_{t-1} k_{t-1}^T) ... read after write."""
+    """dot loss, momentum, window 2: S_t = eta S - lr (-(v_t k_t^T) - g_{t-1} v_{t-1} k_{t-1}^T) ...
+    read after write."""
     q, k, v, lr, mom, dec, gamma = make_inputs(1, 8, 1, DK, DV)
     w0 = make_params("linear", 1, DK, DV, HIDDEN)["w0"]
     o, _ = neural_memory(

@@ -176,7 +176,8 @@ replace, seen = ck._replace, []
 
 def dying_replace(tmp, path):
     seen.append(path)
-    if path.endswith(os.environ["KILL_AT"]) and len([p for p in seen if p.endswith(os.environ["KILL_AT"])]) == int(os.environ["KILL_NTH"]):
+    kill_at = os.environ["KILL_AT"]
+    if path.endswith(kill_at) and len([p for p in seen if p.endswith(kill_at)]) == int(os.environ["KILL_NTH"]):
         with open(tmp, "r+b") as f:  # half a file written, then the process is gone
             f.truncate(os.path.getsize(tmp) // 2)
         os.kill(os.getpid(), signal.SIGKILL)

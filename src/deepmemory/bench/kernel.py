@@ -343,7 +343,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=1,
-        help="intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared machine stays usable; raise it to measure multi-core scaling)",
+        help=(
+            "intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared "
+            "machine stays usable; raise it to measure multi-core scaling)"
+        ),
     )
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per case (the best counts), after one warm-up")
     ap.add_argument("--plot", metavar="PNG", help="also draw tokens/s against T into this PNG file; default: no plot")

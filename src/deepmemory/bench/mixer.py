@@ -213,7 +213,8 @@ def run(
                 if got:
                     by_rate = sorted(got, key=lambda g: g["tokens_per_s"])
                     mid = by_rate[len(by_rate) // 2]  # the median round, with its CPU times
-                    # FLOPs are counted in the first round only; a step's FLOPs are fixed, so the rate scales with tokens/s
+                    # FLOPs are counted in the first round only; a step's FLOPs are fixed, so the rate scales
+                    # with tokens/s
                     res[name] = dict(
                         mid,
                         spread=(by_rate[0]["tokens_per_s"], by_rate[-1]["tokens_per_s"]),
@@ -253,13 +254,14 @@ def run(
         + ")"
     )
     print(
-        f"\nmixer forward+backward, B={batch} hidden={hidden} heads={heads}x{head_dim}, fp32, {threads} threads, {device}"
-        + (f"; measured matmul peak {peak / 1e9:.1f} GFLOP/s" if flops else "")
+        f"\nmixer forward+backward, B={batch} hidden={hidden} heads={heads}x{head_dim}, fp32, {threads} threads, "
+        f"{device}" + (f"; measured matmul peak {peak / 1e9:.1f} GFLOP/s" if flops else "")
     )
     print(allocator_note(keep_freed_memory))
     if rounds > 1:
         print(
-            f"tokens/s: median of {rounds} rounds (each the best of {repeat} steps in a fresh process); min-max over rounds"
+            f"tokens/s: median of {rounds} rounds (each the best of {repeat} steps in a fresh process); min-max over "
+            "rounds"
         )
     cols = (
         ["mixer", "chunk", "T", "tokens/s"]
@@ -292,7 +294,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=1,
-        help="intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared machine stays usable; raise it to measure multi-core scaling)",
+        help=(
+            "intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared "
+            "machine stays usable; raise it to measure multi-core scaling)"
+        ),
     )
     ap.add_argument("--repeat", type=int, default=2, help="timed steps per case (the best counts), after one warm-up")
     ap.add_argument(

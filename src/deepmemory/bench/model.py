@@ -163,7 +163,8 @@ def run_packing(
         )
     print(
         f"\ntraining step (forward+backward+AdamW), size {size}, B={batch} T={seq}, fp32, {threads} threads, {device}; "
-        f"packed rows: {documents} documents each by position_ids, lengths {', '.join(lengths)}{', ...' if batch > 4 else ''}"
+        f"packed rows: {documents} documents each by position_ids, lengths "
+        f"{', '.join(lengths)}{', ...' if batch > 4 else ''}"
     )
     print_table(rows, ["model", "params", "documents/row", "tokens/s", "x 1 doc", "peak MiB", "x peak"])
     return rows
@@ -238,7 +239,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=1,
-        help="intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared machine stays usable; raise it to measure multi-core scaling)",
+        help=(
+            "intra-op CPU threads per case; default 1 (the benchmarks are measured single-threaded, and a shared "
+            "machine stays usable; raise it to measure multi-core scaling)"
+        ),
     )
     ap.add_argument(
         "--documents",

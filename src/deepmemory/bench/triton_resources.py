@@ -5,7 +5,8 @@
 
 Triton ships ptxas, so every kernel compiles to a cubin on any machine. The table gives the shared
 memory a program takes (an H100 offers 227 KiB), registers per thread (at most 255) and the bytes
-ptxas spilled to local memory. ``--dtype bf16`` means bfloat16 inputs, i.e. TF32 products (the kernels see float32). Exits
+ptxas spilled to local memory. ``--dtype bf16`` means bfloat16 inputs, i.e. TF32 products (the kernels see
+float32). Exits
 with status 1 when a kernel needs more shared memory than an H100 has.
 """
 

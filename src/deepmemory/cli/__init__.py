@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import List, Optional
 
 from ..checks import OneLineParser
 

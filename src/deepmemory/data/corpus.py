@@ -186,7 +186,8 @@ def hf_documents(name: str, max_bytes: int = HF_MAX_BYTES) -> list[Document]:
         raise
     except Exception as err:  # network and hub errors come in many types
         raise DataError(
-            f"--data {HF_PREFIX}{name}: cannot load the dataset ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            f"--data {HF_PREFIX}{name}: cannot load the dataset ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
         ) from err
     if not docs:
         raise DataError(f"--data {HF_PREFIX}{name}: the train split is empty")

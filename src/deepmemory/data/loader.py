@@ -150,14 +150,16 @@ class WindowSampler:
             or state.get("seq_len") != self.seq_len
         ):
             raise DataError(
-                f"the data position {state!r:.100} does not fit this data ({self.num_windows} windows of {self.seq_len})"
+                f"the data position {state!r:.100} does not fit this data ({self.num_windows} windows of "
+                f"{self.seq_len})"
             )
         epoch, cursor = state.get("epoch"), state.get("cursor")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, cursor)) or not (
             0 <= epoch < 2**62 and 0 <= cursor < self.num_windows
         ):
             raise DataError(
-                f"the data position {state!r:.100} is damaged: expected an epoch >= 0 and a cursor in [0, {self.num_windows})"
+                f"the data position {state!r:.100} is damaged: expected an epoch >= 0 and a cursor in [0, "
+                f"{self.num_windows})"
             )
         self.epoch, self.cursor = epoch, cursor
 

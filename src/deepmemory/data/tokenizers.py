@@ -6,7 +6,6 @@ import hashlib
 import os
 import shutil
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -106,7 +105,7 @@ class HFTokenizer:
         os.replace(tmp, path)
 
 
-Tokenizer = Union[ByteTokenizer, HFTokenizer]
+Tokenizer = ByteTokenizer | HFTokenizer
 
 
 def file_sha256(path: str) -> str:
@@ -140,7 +139,8 @@ def tokenizer_from_info(info: dict, directory: str) -> Tokenizer:
         name = info.get("file", TOKENIZER_FILE)
         if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
             raise DataError(
-                f"the tokenizer record in {directory} names the file {name!r}; expected a file name in the run directory"
+                f"the tokenizer record in {directory} names the file {name!r}; expected a file name in the run "
+                "directory"
             )
         tokenizer = HFTokenizer(os.path.join(directory, name))
         recorded = info.get("sha256")

@@ -92,7 +92,7 @@ class DeepMemoryLM(TemplateLM):
         if self._device.type == "cuda" and not torch.cuda.is_available():
             # the harness passes --device (default cuda:0) on every machine; its own hf model
             # falls back to the CPU the same way
-            warnings.warn(f"device {device}: no CUDA device is available; running on the CPU")
+            warnings.warn(f"device {device}: no CUDA device is available; running on the CPU", stacklevel=2)
             self._device = torch.device("cpu")
         model, tokenizer, _ = load_run(checkpoint)  # CheckpointError is a ValueError, one line
         self.model = model.to(self._device).eval()

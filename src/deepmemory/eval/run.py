@@ -412,7 +412,7 @@ class Evaluation:
                             self.device,
                             stop=stop,
                             eos_id=self.tokenizer.eos_id,
-                            progress=lambda n, rows=len(batch): bar.update(n * rows),
+                            progress=lambda n, rows=len(batch): bar.update(n * rows),  # noqa: B008 (binds this batch)
                         )
                     for sample, output in zip(batch, outputs):
                         output = output[: budget(sample)]

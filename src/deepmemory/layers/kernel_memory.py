@@ -141,7 +141,8 @@ class KernelMemory(QKVMixer):
 
     def extra_repr(self) -> str:
         return (
-            f"window={self.window}, window_rule={self.window_rule}, loss={self.loss}, depth={self.depth}, residual={self.residual}, "
+            f"window={self.window}, window_rule={self.window_rule}, loss={self.loss}, depth={self.depth}, "
+            f"residual={self.residual}, "
             f"normalized={self.normalized}, chunk_size={self.chunk_size}"
         )
 

@@ -186,7 +186,8 @@ class NeuralMemory(QKVMixer):
     Initialisation (why training starts sane): gate weights ``N(0, 0.02^2)``; gate biases give
     ``lr = 0.1 max_lr``, ``momentum = 0.9``, ``decay = 0.01``, ``gamma = 0.95`` and channel
     gates ``0.95`` at ``x = 0`` (the low-rank factors ``N(0, 0.02^2)``); under
-    ``decay_gate="mamba2"`` Mamba-2's: ``exp(A_log)`` uniform in [1, 16], ``softplus(dt_bias)`` log-uniform in [1e-3, 0.1], so ``1 - decay`` lies in about [0.2, 1) at
+    ``decay_gate="mamba2"`` Mamba-2's: ``exp(A_log)`` uniform in [1, 16], ``softplus(dt_bias)`` log-uniform in
+    [1e-3, 0.1], so ``1 - decay`` lies in about [0.2, 1) at
     ``x = 0``. The initial memory: hidden matrices ``N(0, 1/cols)``; the output matrix of a
     residual memory ``N(0, 0.01/cols)`` so ``M`` starts near the identity; a linear memory (no
     residual) starts at zero, an empty memory like linear attention's.
@@ -310,7 +311,8 @@ class NeuralMemory(QKVMixer):
         if bound is not None and merged["impl"] == "triton" and merged["architecture"] != "linear":
             raise ValueError(
                 f"impl='triton' computes step_bound only for architecture='linear'; pass step_bound=None for the "
-                f"papers' rule in Triton, or impl='chunk' (got architecture={merged['architecture']!r}, step_bound={bound})"
+                f"papers' rule in Triton, or impl='chunk' (got architecture={merged['architecture']!r}, "
+                f"step_bound={bound})"
             )
 
     def forward(
@@ -381,7 +383,8 @@ class NeuralMemory(QKVMixer):
     def extra_repr(self) -> str:
         r = self.rule
         return (
-            f"architecture={r.architecture}, depth={r.depth}, residual={r.residual}, loss={r.loss}, optimizer={r.optimizer}, "
+            f"architecture={r.architecture}, depth={r.depth}, residual={r.residual}, loss={r.loss}, "
+            f"optimizer={r.optimizer}, "
             f"window={r.window}, chunk_size={r.chunk_size}, granularity={r.granularity}, decay_first={r.decay_first}, "
             f"step_bound={r.step_bound}"
             + (f", channel_lr_rank={self.channel_proj[0].out_features}" if self.channel_proj is not None else "")

@@ -27,7 +27,8 @@ class DeepMemoryConfig(PretrainedConfig):
     ``KernelMemory``; the widths come from here); ``segment_size`` is MAC's segment length,
     ``attention_window`` the window of ``swa``/``mag``/``mal`` and ``num_persistent`` the learned
     persistent tokens of every block (attention's always-visible prefix; what a ``memory`` or
-    ``kernel`` block's mixer reads before the sequence, Titans eq. 19). ``head_dim`` defaults to ``hidden_size // num_heads``,
+    ``kernel`` block's mixer reads before the sequence, Titans eq. 19). ``head_dim`` defaults to
+    ``hidden_size // num_heads``,
     ``intermediate_size`` (the SwiGLU width) to the blocks' default, ``2/3 * 4 * hidden_size``
     rounded up to a multiple of 32 (Transformer++'s 8/3 expansion). ``num_layers`` / ``num_heads``
     are aliases of ``num_hidden_layers`` / ``num_attention_heads``. Every field is checked when the
@@ -144,7 +145,8 @@ class DeepMemoryConfig(PretrainedConfig):
         pattern = self.layer_pattern
         if len(pattern) != self.num_hidden_layers:
             raise ValueError(
-                f"layer_pattern must name {self.num_hidden_layers} blocks (num_hidden_layers); got {len(pattern)}: {pattern}"
+                f"layer_pattern must name {self.num_hidden_layers} blocks (num_hidden_layers); got {len(pattern)}: "
+                f"{pattern}"
             )
         for name in pattern:
             check_choice("layer_pattern entries", name, BLOCK_TYPES)

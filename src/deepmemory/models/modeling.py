@@ -167,7 +167,7 @@ class DeepMemoryCache(Cache):
             for r in range(batch):
                 row = DeepMemoryCache(len(self.layers))
                 for mine, theirs in zip(self.layers, row.layers):
-                    theirs.state = map_tensors(mine.state, lambda t: t[r : r + 1])
+                    theirs.state = map_tensors(mine.state, lambda t, r=r: t[r : r + 1])
                 row.seen = self.seen
                 rows.append(row)
             for layer in self.layers:
@@ -276,7 +276,8 @@ def _check_position_ids(position_ids, batch: int, tokens: int) -> Tensor | None:
         raise TypeError(f"position_ids must hold integers; got dtype {position_ids.dtype}")
     if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != tokens:
         raise ValueError(
-            f"position_ids must be [{batch}, {tokens}] (batch, tokens) or [1, {tokens}]; got shape {list(position_ids.shape)}"
+            f"position_ids must be [{batch}, {tokens}] (batch, tokens) or [1, {tokens}]; got shape "
+            f"{list(position_ids.shape)}"
         )
     return position_ids.expand(batch, tokens)
 
@@ -288,7 +289,8 @@ def _one_cache(cache, past_key_values) -> DeepMemoryCache | None:
     cache = past_key_values if cache is None else cache
     if cache is not None and not isinstance(cache, DeepMemoryCache):
         raise TypeError(
-            f"the cache must be a DeepMemoryCache (DeepMemoryCache(model.config), or one from a previous output); got {type(cache).__name__}"
+            "the cache must be a DeepMemoryCache (DeepMemoryCache(model.config), or one from a previous output); "
+            f"got {type(cache).__name__}"
         )
     return cache
 
@@ -441,7 +443,8 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
                 or inputs_embeds.shape[-1] != self.config.hidden_size
             ):
                 raise ValueError(
-                    f"inputs_embeds must be [batch, seq, {self.config.hidden_size}]; got {getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}"
+                    f"inputs_embeds must be [batch, seq, {self.config.hidden_size}]; got "
+                    f"{getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}"
                 )
             if inputs_embeds.shape[0] * inputs_embeds.shape[1] == 0:
                 raise ValueError(
@@ -620,7 +623,7 @@ class DeepMemoryModel(DeepMemoryPreTrainedModel):
                     x[r : r + 1, :0],
                     [x[r : r + 1, :0]] * (len(self.layers) + 1) if output_hidden_states else None,
                 )
-            place = lambda h: h.new_zeros(tokens, h.shape[-1]).index_put((pos,), h[0])  # noqa: E731
+            place = lambda h, pos=pos: h.new_zeros(tokens, h.shape[-1]).index_put((pos,), h[0])  # noqa: E731
             outs.append(place(y))
             if hidden is not None:
                 hiddens.append([place(h) for h in hidden])
@@ -707,7 +710,8 @@ class DeepMemoryForCausalLM(DeepMemoryPreTrainedModel, GenerationMixin):
         if labels is not None:
             if labels.shape != h.shape[:2]:
                 raise ValueError(
-                    f"labels must have the shape of the input [batch, seq] = {list(h.shape[:2])}; got {list(labels.shape)}"
+                    f"labels must have the shape of the input [batch, seq] = {list(h.shape[:2])}; got "
+                    f"{list(labels.shape)}"
                 )
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position; leave logits_to_keep at 0")

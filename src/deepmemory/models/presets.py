@@ -13,7 +13,6 @@ shows them; docs/models/index.md).
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import torch
 from transformers.initialization import no_init_weights
@@ -86,7 +85,7 @@ DOT = dict(loss="l2", window=16, window_rule="omega", normalized=False, max_lr=0
 
 # name -> (block of every layer, (rule, layer settings) or None, kernel settings); a kernel window of
 # None is global (DeepTransformer); "attention" would borrow the size's sliding window.
-Memory = Optional[tuple[UpdateRule, dict]]
+Memory = tuple[UpdateRule, dict] | None
 PRESETS: dict[str, tuple[str, Memory, dict]] = {
     "transformer": ("attn", NO_MEMORY, {}),
     "swa": ("swa", NO_MEMORY, {}),

@@ -164,7 +164,7 @@ def chunk(p: Problem) -> Result:
             c_j = scale.unsqueeze(-1) * c_j
             out_j = scale[..., (last_len if j == n_chunks - 1 else b) - 1, None, None] * out_j
 
-        def dual_apply(name: str, x: Tensor) -> Tensor:
+        def dual_apply(name: str, x: Tensor, grads=grads, ws=ws, r_j=r_j, c_j=c_j) -> Tensor:
             d, a = grads[name]
             return _read_start(ws[name], x, r_j) - (c_j * (x @ a.transpose(-1, -2))) @ d
 

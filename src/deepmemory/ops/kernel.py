@@ -72,7 +72,8 @@ Cost per layer and sequence (``T`` tokens, chunk ``b``, ``d`` the head width): `
 O(T^2 d) like attention (the chunks' gradients and reads each visit every stored key); ``"swa"``,
 O(T c d): the stored keys are the window's; ``"omega"``, O(T^2 d) too, about ``1 + (c-1)/(2b)``
 times ``window=None``'s: nothing ever leaves the memory, so the reads visit every stored key as for
-``window=None``, and every chunk takes ``b + c - 1`` gradients instead of ``b``. The state is what attention's cache is (per
+``window=None``, and every chunk takes ``b + c - 1`` gradients instead of ``b``. The state is what attention's cache
+is (per
 stored token a key and a first-layer signal, its "value": the window's under ``"swa"``, all so far
 otherwise) plus the deeper matrices; under ``"swa"`` also each stored token's deeper signals and
 inputs, to retire them; under ``"omega"`` the values of the last ``c - 1`` tokens, whose gradients

@@ -1,4 +1,5 @@
-"""The update rule token by token, straight from the equations (Titans eq. 13–14 with ATLAS's Omega rule and Muon). Slow; the ground truth.
+"""The update rule token by token, straight from the equations (Titans eq. 13–14 with ATLAS's Omega rule and
+Muon). Slow; the ground truth.
 
 Per-token gradients come from autograd here (the chunked form uses a hand-written backward),
 so the two implementations share nothing but the memory's forward pass.
@@ -109,6 +110,8 @@ def reference(p: Problem) -> Result:
                 # the state is (wz, sz) plus the gradients' part times min(1, bound / max ||hw||_F),
                 # while (wu, su) run on unscaled
                 wu, su, wz, sz = w, s, w, s
+                hs: dict = {}
+                hw: dict = {}
             if p.rule.granularity == "token":
                 # decay_first (Gated DeltaNet; chunk_size 1): the gradient at the forgotten weights
                 at = {m: _col(ret) * w_chunk[m] for m in w} if p.rule.decay_first else w_chunk

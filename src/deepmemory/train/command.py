@@ -80,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--task",
         metavar="NAME",
         help="train on a generated task instead of a corpus (mqar, s-niah-1, babilong-qa1, "
-        "mad-icr, ...; see docs/training.md): fresh samples every step, loss at the answer tokens only, validation accuracy",
+        "mad-icr, ...; see docs/training.md): fresh samples every step, loss at the answer tokens only, validation "
+        "accuracy",
     )
     add(
         "--task-settings",
@@ -150,7 +151,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=REPORTERS,
         metavar="LOGGER",
         help="also log to: tensorboard (RUN/tensorboard/, "
-        "needs `tensorboard`), wandb (needs `wandb`), jsonl (RUN/log.jsonl), none (default; metrics.jsonl is always written)",
+        "needs `tensorboard`), wandb (needs `wandb`), jsonl (RUN/log.jsonl), none (default; metrics.jsonl is always "
+        "written)",
     )
     add("--eval-tokens", type=int, help=f"validation tokens per evaluation; default {D.eval_tokens}")
     add("--keep-checkpoints", type=int, help="checkpoints kept (the newest); default 2")

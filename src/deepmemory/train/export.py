@@ -183,7 +183,8 @@ def model_card(name: str, record: dict, state: dict | None, tokenizer_kind: str)
     encode = (
         'ids = torch.tensor([list("def main():".encode())])'
         if tokenizer_kind == "bytes"
-        else 'tokenizer = AutoTokenizer.from_pretrained(path)\nids = tokenizer("def main():", return_tensors="pt").input_ids'
+        else "tokenizer = AutoTokenizer.from_pretrained(path)\n"
+        'ids = tokenizer("def main():", return_tensors="pt").input_ids'
     )
     decode = (
         'print(bytes(i for i in out[0].tolist() if i < 256).decode(errors="replace"))'

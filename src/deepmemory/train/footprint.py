@@ -177,9 +177,12 @@ def check_fits(
     if have is None or need.total <= have:
         return
     raise ConfigError(
-        f"--batch-size {batch_size} x --seq-len {seq_len} cannot fit: the run needs at least {gib(need.total)} per process "
-        f"({gib(need.state)} of weights, gradients and AdamW moments for {parameters:,} parameters, {gib(need.activations)} "
-        f"of activations for {micro_batch:,} sequences per micro-step, {gib(need.token_ids)} of token ids for the global "
+        f"--batch-size {batch_size} x --seq-len {seq_len} cannot fit: the run needs at least {gib(need.total)} per "
+        "process "
+        f"({gib(need.state)} of weights, gradients and AdamW moments for {parameters:,} parameters, "
+        f"{gib(need.activations)} "
+        f"of activations for {micro_batch:,} sequences per micro-step, {gib(need.token_ids)} of token ids for the "
+        "global "
         f"batch) and {device.type} has {gib(have)}; lower --batch-size or --seq-len, or raise --grad-accum "
         "(docs/security.md: a lower bound)"
     )

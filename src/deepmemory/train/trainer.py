@@ -529,7 +529,8 @@ class Trainer:
             val = eval_windows(self.corpus.val, cfg.seq_len, max_windows)
             if val.shape[0] < env.world:
                 raise DataError(
-                    f"the validation data holds {val.shape[0]} windows of --seq-len {cfg.seq_len}, fewer than {env.world} processes"
+                    f"the validation data holds {val.shape[0]} windows of --seq-len {cfg.seq_len}, fewer than "
+                    f"{env.world} processes"
                 )
             keep = val.shape[0] // env.world * env.world  # every rank evaluates as many windows
             self.val_windows = val[:keep]
@@ -626,7 +627,8 @@ class Trainer:
             self.checkpoint_step = self.step
             if cfg.steps <= self.step:
                 raise ConfigError(
-                    f"--resume {self.resume}: the run is at step {self.step} already; pass --steps greater than {self.step}"
+                    f"--resume {self.resume}: the run is at step {self.step} already; pass --steps greater than "
+                    f"{self.step}"
                 )
             # (a run directory of an older deepmemory may hold a NaN here, which strict JSON cannot write back)
             losses = ck.finite_or_none({"train": state.get("train_loss"), "val": state.get("val_loss")})
@@ -708,7 +710,8 @@ class Trainer:
         self.checkpoint_path = broadcast_str(env, ckpt)
 
     def _new_run_files(self, run_dir: str) -> Callable[[str], None]:
-        """What a fresh run directory starts with: ``config.json`` (settings, model, tokenizer, data) and the tokenizer."""
+        """What a fresh run directory starts with: ``config.json`` (settings, model, tokenizer, data) and the
+        tokenizer."""
         cfg, corpus = self.cfg, self.corpus
         data = (
             task_data.record(self.task, cfg.task_settings, self.val_windows[0].shape[0])
@@ -793,7 +796,8 @@ class Trainer:
                 and all(tuple(t.shape) == (cfg.batch_size, cfg.seq_len) for t in batch)
             ):
                 raise ValueError(
-                    f"a task batch must be (input_ids, labels), both [batch_size, seq_len] = [{cfg.batch_size}, {cfg.seq_len}]"
+                    f"a task batch must be (input_ids, labels), both [batch_size, seq_len] = [{cfg.batch_size}, "
+                    f"{cfg.seq_len}]"
                 )
         else:
             shape = (cfg.batch_size, cfg.seq_len + 1)
@@ -992,12 +996,13 @@ class Trainer:
                     + f"; unigram byte entropy {corpus.byte_entropy:.3f} bits/byte"
                 )
             say(
-                f"model: {cfg.model} ({cfg.size}), {self.n_params:,} parameters; {env.world} process(es) on {env.device.type}"
-                + (", FSDP" if self.use_fsdp else ", DDP" if env.distributed else "")
+                f"model: {cfg.model} ({cfg.size}), {self.n_params:,} parameters; {env.world} process(es) on "
+                f"{env.device.type}" + (", FSDP" if self.use_fsdp else ", DDP" if env.distributed else "")
             )
             say(
                 f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g}, "
-                f"{'resuming from ' + os.path.basename(self.checkpoint_path) + ' in ' if self.resume else 'directory '}{self.run_dir}"
+                + (f"resuming from {os.path.basename(self.checkpoint_path)} in " if self.resume else "directory ")
+                + self.run_dir
             )
 
             if env.is_main:
@@ -1120,7 +1125,8 @@ class Trainer:
         if self.task is not None:
             self._report({"eval/loss": row["val_loss"], "eval/accuracy": row["val_accuracy"]})
             self._say(
-                f"step {self.step:>6} | validation answer loss {row['val_loss']:.4f} | accuracy {row['val_accuracy']:.3f}"
+                f"step {self.step:>6} | validation answer loss {row['val_loss']:.4f} | accuracy "
+                f"{row['val_accuracy']:.3f}"
             )
             if self.env.is_main:
                 task_data.plot_task(self.run_dir, _read_metrics(self.run_dir))
@@ -1156,7 +1162,8 @@ class Trainer:
             )
             self._say(
                 f"done: {step} steps, {tokens:,} tokens in {_fmt_time(wall)}{resumed} "
-                f"({(step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} tokens/s){stopped}"
+                f"({(step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} "
+                f"tokens/s){stopped}"
             )
             self._say(
                 f"validation: exact-match accuracy {self.val_accuracy:.3f}, answer loss {self.val_loss:.4f}"
@@ -1197,10 +1204,12 @@ class Trainer:
             )
             say(
                 f"done: {step} steps, {tokens:,} tokens in {_fmt_time(wall)}{resumed} "
-                f"({(step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} tokens/s){stopped}"
+                f"({(step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} "
+                f"tokens/s){stopped}"
             )
             say(
-                f"validation: {bits_per_byte(last_val, self.tpb_val):.3f} bits/byte (loss {last_val:.4f}) vs unigram byte entropy "
+                f"validation: {bits_per_byte(last_val, self.tpb_val):.3f} bits/byte (loss {last_val:.4f}) vs unigram "
+                "byte entropy "
                 f"{corpus.byte_entropy:.3f} bits/byte"
                 + (f"; train {summary['train_bpb']:.3f} bits/byte" if last_loss is not None else "")
             )

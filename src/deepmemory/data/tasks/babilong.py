@@ -194,10 +194,10 @@ def _questions_qa5(world: World) -> dict[str, tuple[str, set[int]]]:
             found[question] = (events[0][answer], {g[3] for g in events})
 
     for giver, obj, receiver, _ in gifts:
-        unique(f"Who gave the {obj} to {receiver}?", 0, lambda g: g[1] == obj and g[2] == receiver)
-        unique(f"Who received the {obj}?", 2, lambda g: g[1] == obj)
-        unique(f"What did {giver} give to {receiver}?", 1, lambda g: g[0] == giver and g[2] == receiver)
-        unique(f"Who did {giver} give the {obj} to?", 2, lambda g: g[0] == giver and g[1] == obj)
+        unique(f"Who gave the {obj} to {receiver}?", 0, lambda g, o=obj, r=receiver: g[1] == o and g[2] == r)
+        unique(f"Who received the {obj}?", 2, lambda g, o=obj: g[1] == o)
+        unique(f"What did {giver} give to {receiver}?", 1, lambda g, s=giver, r=receiver: g[0] == s and g[2] == r)
+        unique(f"Who did {giver} give the {obj} to?", 2, lambda g, s=giver, o=obj: g[0] == s and g[1] == o)
     return found
 
 
