@@ -2,6 +2,7 @@
 exact resume, the same step for any micro-batch split, validation accuracy), streamed prompts equal
 one pass, greedy answers, the three outputs, continuing an interrupted evaluation, one-line errors."""
 
+import io
 import json
 import os
 import subprocess
@@ -243,6 +244,28 @@ def test_eval_writes_three_outputs(run, tmp_path, capsys):
             sample = task.sample(16, seed=seed)
             answer = evaluation.model(input_ids=torch.tensor([sample.prompt_ids])).logits[0, -1].argmax()
             assert task.score(sample, [int(answer)]) == stored
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal (where tqdm draws its bar)."""
+
+    def isatty(self):
+        return True
+
+
+def test_eval_progress_bar_only_on_a_terminal(run, tmp_path, monkeypatch, capsys):
+    from deepmemory.eval import Evaluation
+
+    def evaluate(name, progress):
+        Evaluation(["mqar"], run[0], [16], samples=1, out=str(tmp_path / name), task_settings=MQAR).run(progress)
+
+    evaluate("piped", True)  # capsys is not a terminal: no bar, no carriage return
+    assert "\r" not in capsys.readouterr().err
+    for progress in (True, False):
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        evaluate(f"terminal-{progress}", progress)
+        assert ("\r" in terminal.getvalue()) == progress
 
 
 def test_eval_continues_an_interrupted_run(run, tmp_path, monkeypatch):

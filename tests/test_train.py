@@ -1,6 +1,7 @@
 """`deepmemory train` / `generate`: run directory, exact resume (also after SIGKILL), errors."""
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -344,6 +345,33 @@ def test_overwrite_replaces_a_run(corpus, tmp_path):
     assert main(args(corpus, "--steps", "3", "--out", out, "--overwrite")) == 0
     assert json.load(open(os.path.join(out, "run.json")))["train"]["steps"] == 3
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal (where tqdm draws its bar)."""
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal(corpus, tmp_path, monkeypatch, capsys):
+    # piped (capsys is not a terminal): the log lines, no bar and no carriage return
+    assert main(args(corpus, "--steps", "3", "--log-every", "1", "--out", str(tmp_path / "piped"))) == 0
+    captured = capsys.readouterr()
+    assert "step      3 | loss" in captured.out and "\r" not in captured.out + captured.err
+    # a terminal: the bar, redrawn with carriage returns
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(args(corpus, "--steps", "3", "--out", str(tmp_path / "terminal"))) == 0
+    assert "\r" in terminal.getvalue() and "3/3" in terminal.getvalue()
+    # --no-progress: no bar even on a terminal; the log lines stay
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    capsys.readouterr()
+    assert main(args(corpus, "--steps", "3", "--log-every", "1", "--no-progress", "--out", str(tmp_path / "np"))) == 0
+    out = capsys.readouterr().out
+    assert "\r" not in terminal.getvalue() + out and "step      3 | loss" in out
+    assert "progress" not in json.load(open(tmp_path / "np" / "run.json"))["train"]  # not a training setting
 
 
 @pytest.mark.slow

@@ -379,8 +379,9 @@ class Evaluation:
 
     # ------------------------------------------------------------ the run
     def run(self, progress: bool = True) -> dict:
-        """Evaluate the pending cells (a progress bar over the prompt tokens to read), then write
-        ``results.md`` and ``heatmap.png``. Returns the results (as in ``results.json``)."""
+        """Evaluate the pending cells (a progress bar over the prompt tokens to read, drawn when
+        ``progress`` and stderr is a terminal), then write ``results.md`` and ``heatmap.png``.
+        Returns the results (as in ``results.json``)."""
         import torch
         from tqdm.auto import tqdm
 
@@ -390,7 +391,8 @@ class Evaluation:
         total = sum((self.samples - len(c.correct)) * c.length for c in pending)
         by_name = {t.name: t for t in self.tasks}
         self.save()
-        bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+        # disable=None: tqdm draws the bar only on a terminal, so a piped log has no carriage returns
+        bar = tqdm(total=total, unit="tok", unit_scale=True, disable=None if progress else True, dynamic_ncols=True)
         try:
             for cell in pending:
                 task = by_name[cell.task]

@@ -30,6 +30,7 @@ NOT_SETTINGS = (
     "resume",
     "overwrite",
     "debug",
+    "progress",
 )  # the parsed names that are not TrainConfig fields
 EXIT_USER_ERROR = 2  # a user error (ConfigError, DataError, CheckpointError, TrainError)
 EXIT_DIVERGED = 3  # the run diverged (DivergenceError): nothing of the diverged state was written
@@ -156,6 +157,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add("--eval-tokens", type=int, help=f"validation tokens per evaluation; default {D.eval_tokens}")
     add("--keep-checkpoints", type=int, help="checkpoints kept (the newest); default 2")
+    add(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (the log lines stay); without it the bar is drawn only when stderr is a terminal",
+    )
     add("--debug", action="store_true", help="print the traceback of an error before its one-line message")
     from .. import __version__
 
@@ -189,7 +196,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
     overwrite = getattr(args, "overwrite", False)
     if resume and overwrite:
         raise TrainError("--resume and --overwrite exclude each other")
-    return train(settings_from_args(args), resume=resume, overwrite=overwrite)
+    progress = getattr(args, "progress", True)
+    return train(settings_from_args(args), resume=resume, overwrite=overwrite, progress=progress)
 
 
 def error_line(err: BaseException) -> str:

@@ -388,9 +388,12 @@ def _fmt_time(seconds: float) -> str:
 
 
 # ---------------------------------------------------------------- the run
-def train(settings: dict, resume: str | None = None, overwrite: bool = False, quiet: bool = False) -> dict:
+def train(
+    settings: dict, resume: str | None = None, overwrite: bool = False, quiet: bool = False, progress: bool = True
+) -> dict:
     """Train from ``settings`` (``TrainConfig`` fields), or continue the run directory ``resume``.
-    Returns the summary (on every rank).
+    Returns the summary (on every rank). ``quiet`` prints nothing; ``progress=False`` drops the
+    progress bar and keeps the log lines (the bar is drawn only when stderr is a terminal anyway).
 
     Raises:
         DivergenceError: the run diverged (see :class:`DivergenceError`).
@@ -416,7 +419,7 @@ def train(settings: dict, resume: str | None = None, overwrite: bool = False, qu
         torch.set_num_threads(1)
     try:
         with Trainer(
-            cfg, env, stored=stored, resume=resume, overwrite=overwrite, quiet=quiet, started=started
+            cfg, env, stored=stored, resume=resume, overwrite=overwrite, quiet=quiet, progress=progress, started=started
         ) as trainer:
             return trainer.fit()
     finally:
@@ -439,6 +442,8 @@ class Trainer:
         resume: the run directory to continue; ``None`` starts the one at ``cfg.out``.
         overwrite: replace an existing run directory at ``cfg.out``.
         quiet: print nothing (rank 0 alone prints in any case).
+        progress: draw the progress bar, on rank 0 and only when stderr is a terminal (a pipe or a
+            file gets the log lines without the bar's carriage returns); ``False``: never.
         started: the run's start (``time.time()``), for the wall time; default now.
 
     Raises:
@@ -460,6 +465,7 @@ class Trainer:
         resume: str | None = None,
         overwrite: bool = False,
         quiet: bool = False,
+        progress: bool = True,
         started: float | None = None,
     ):
         from tqdm.auto import tqdm
@@ -474,6 +480,7 @@ class Trainer:
             overwrite,
             quiet,
         )
+        self.progress = progress
         self.started = time.time() if started is None else started
         self._say = (lambda *a: None) if quiet or not env.is_main else tqdm.write
         self.micro_global = cfg.batch_size // cfg.grad_accum
@@ -1016,7 +1023,8 @@ class Trainer:
             bar = tqdm(
                 total=cfg.steps,
                 initial=self.step,
-                disable=self.quiet or not env.is_main,
+                # None: tqdm draws the bar only on a terminal (a notebook's bar stays)
+                disable=True if self.quiet or not self.progress or not env.is_main else None,
                 unit="step",
                 dynamic_ncols=True,
             )
