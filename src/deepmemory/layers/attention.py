@@ -27,6 +27,7 @@ of the scores' work); without a mask a running maximum (docs/models/index.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -178,7 +179,8 @@ class Attention(nn.Module):
         if cu_seqlens is not None:
             if state is not None or return_state:
                 raise state_error("state/return_state")
-            return by_document(cu_seqlens, lambda xs: self.forward(xs, prefix=prefix), x)
+            # (without return_state, forward returns the tensor alone)
+            return by_document(cu_seqlens, lambda xs: cast(Tensor, self.forward(xs, prefix=prefix)), x)
         if state is not None and not isinstance(state, AttentionState):
             raise TypeError(f"state must be an AttentionState; got {type(state).__name__}")
         if state is not None:

@@ -12,7 +12,9 @@ a sequence (``state=None``), before the user's tokens; a continued sequence does
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,9 @@ class _Block(nn.Module):
         self.mixer_norm = RMSNorm(hidden_size, eps)
         self.mlp_norm = RMSNorm(hidden_size, eps)
         self.mlp = SwiGLU(hidden_size, intermediate_size)
+
+    # the block's computation on one batch, ``(x, state, return_state)``: each subclass defines it
+    _forward: Callable[..., Any]
 
     def forward(self, x: Tensor, state=None, return_state: bool = False, *, cu_seqlens: Tensor | None = None):
         """``x [B, T, hidden_size]`` -> ``[B, T, hidden_size]``, and the state to continue from

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,8 @@ class ShortConv(nn.Module):
         # on CPU than a depthwise convolution call, and it needs no layout change
         w = self.conv.weight[:, 0].to(x.dtype)  # [C, k]
         t = x.shape[1]
-        y = sum(full[:, j : j + t] * w[:, j] for j in range(k))
+        # k >= 1 taps: the sum is a tensor, never sum()'s empty 0
+        y = cast(Tensor, sum(full[:, j : j + t] * w[:, j] for j in range(k)))
         y = F.silu(y)
         if not return_state:
             return y

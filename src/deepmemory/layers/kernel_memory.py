@@ -119,7 +119,10 @@ class KernelMemory(QKVMixer):
         # in float32 under lower precisions (float64 for float64) and answers in its inputs' dtype
         with op_precision(x) as cd:
             y, cache = kernel_memory(
-                *(t.to(cd) for t in (q, k, v, lr)),
+                q.to(cd),
+                k.to(cd),
+                v.to(cd),
+                lr.to(cd),
                 dict(self.initial_weights),
                 self.log_temp.exp(),
                 rule=self.rule,
@@ -127,7 +130,10 @@ class KernelMemory(QKVMixer):
                 output_final_state=return_state,
             )
         out = self.output(x, y)
-        return (out, KernelMemoryState(cache, conv)) if return_state else out
+        if not return_state:
+            return out
+        assert cache is not None  # (output_final_state=True)
+        return out, KernelMemoryState(cache, conv)
 
     # the rule's fields, read-only (the rule is fixed when the layer is made)
     window = property(lambda self: self.rule.window)

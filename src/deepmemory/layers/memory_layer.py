@@ -8,7 +8,7 @@ import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,7 @@ class QKVMixer(nn.Module):
         rule's fields are checked by the rule object's own checks, the layer's by its own."""
         check_settings(settings, cls.SETTING_CHECKS, group or cls.__name__, qualify=group is not None)
 
-    def read_input(self, x: Tensor, state, state_type: type) -> tuple[Tensor, Tensor, Tensor, ConvStates]:
+    def read_input(self, x: Tensor, state, state_type: type[Any]) -> tuple[Tensor, Tensor, Tensor, ConvStates]:
         """Check ``x`` and ``state`` (None or a ``state_type``); ``q, k, v`` and the new conv states."""
         self.check_input(x)
         if state is not None and not isinstance(state, state_type):
@@ -234,7 +234,7 @@ class NeuralMemory(QKVMixer):
             rule_settings["step_bound"] = default_step_bound(rule_settings.get("optimizer", UpdateRule.optimizer))
         rule = resolve_rule(rule, rule_settings, LAYER_RULE_DEFAULTS)
         self.phi = make_feature_map(feature_map, head_dim, num_heads, poly_degree, poly_constant)
-        key_dim = self.phi.out_dim
+        key_dim = cast(int, self.phi.out_dim)  # (an int attribute of every feature map)
         # the op's residual would add phi(k); the un-featured input is added outside the op instead
         self.outer_residual = rule.spec.uses_residual and feature_map != "identity"
         self.rule = rule.replace(residual=False) if self.outer_residual else rule
@@ -258,6 +258,7 @@ class NeuralMemory(QKVMixer):
             # with dt_bias its inverse softplus (dt + log(1 - exp(-dt)))
             with torch.no_grad():
                 dt = torch.exp(torch.empty(num_heads).uniform_(math.log(1e-3), math.log(0.1)))
+                assert self.decay_proj is not None  # (use_decay)
                 self.decay_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
             self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1.0, 16.0).log())
         self.gamma_proj = gate(0.95) if window > 1 and learned_window_gate else None
@@ -268,12 +269,12 @@ class NeuralMemory(QKVMixer):
                 f"got {channel_lr_rank}"
             )
         if channel_lr_rank:  # Miras §5.4: channel-wise rates through a low-rank projection
-            self.channel_proj = nn.Sequential(
-                nn.Linear(hidden_size, channel_lr_rank, bias=False), nn.Linear(channel_lr_rank, num_heads * head_dim)
-            )
-            for lin in self.channel_proj:
+            down = nn.Linear(hidden_size, channel_lr_rank, bias=False)
+            up = nn.Linear(channel_lr_rank, num_heads * head_dim)
+            self.channel_proj = nn.Sequential(down, up)
+            for lin in (down, up):
                 nn.init.normal_(lin.weight, std=0.02)
-            nn.init.constant_(self.channel_proj[1].bias, _logit(0.95))
+            nn.init.constant_(up.bias, _logit(0.95))
 
         spec = self.rule.spec
         shapes = spec.shapes(key_dim, head_dim, expansion * head_dim)
@@ -341,8 +342,11 @@ class NeuralMemory(QKVMixer):
             # S_t = m_t S_{t-1} - (1 - m_t) lr_t u_t: a momentum that averages gradients instead of
             # summing up to 1/(1 - m) of them keeps the chunk's step in the stable range of plain
             # gd for any m and chunk size (docs/numerics.md); Titans eq. 13-14 with theta_t = lr_t (1 - m_t)
+            assert momentum is not None  # (optimizer='momentum')
             lr = lr * (1 - momentum)
+        decay: Tensor | None
         if self.A_log is not None:  # decay = 1 - exp(g), g = -exp(A_log) softplus(x W_a + dt_bias)
+            assert self.decay_proj is not None  # (A_log only with use_decay)
             decay = -torch.expm1(-self.A_log.exp() * F.softplus(self.decay_proj(x)))
         else:
             decay = None if self.decay_proj is None else torch.sigmoid(self.decay_proj(x))
@@ -352,7 +356,12 @@ class NeuralMemory(QKVMixer):
             window_gate = channel if window_gate is None else channel * window_gate.unsqueeze(-1)
         with op_precision(x) as cd:  # one dtype for the op's inputs (they differ under autocast)
             y, mem = neural_memory(
-                *(_cast(t, cd) for t in (fq, fk, target, lr, momentum, decay)),
+                fq.to(cd),
+                fk.to(cd),
+                target.to(cd),
+                lr.to(cd),
+                _cast(momentum, cd),
+                _cast(decay, cd),
                 dict(self.initial_weights),
                 rule=self.rule,
                 window_gate=_cast(window_gate, cd),
@@ -363,7 +372,10 @@ class NeuralMemory(QKVMixer):
         if self.outer_residual:
             y = y + q
         out = self.output(x, y)
-        return (out, NeuralMemoryState(mem, conv)) if return_state else out
+        if not return_state:
+            return out
+        assert mem is not None  # (output_final_state=True)
+        return out, NeuralMemoryState(mem, conv)
 
     def read(self, q: Tensor, state: NeuralMemoryState | None = None) -> Tensor:
         """Read without writing: ``M_W(phi(q))`` with the weights of ``state`` (the learned initial

@@ -214,7 +214,8 @@ def neural_memory(
     zeros = q.new_zeros(bsz, seq, nh)
     gates = {
         "lr": _heads_first(lr, cd),
-        "momentum": _heads_first(zeros if rule.optimizer == "gd" else momentum, cd),
+        # (momentum is None only for gd: checked above)
+        "momentum": _heads_first(zeros if rule.optimizer == "gd" or momentum is None else momentum, cd),
         "decay": _heads_first(zeros if decay is None else decay, cd),
     }
     gam = _heads_first(zeros + 1 if window_gate is None else window_gate, cd)

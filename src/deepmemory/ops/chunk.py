@@ -133,10 +133,11 @@ def chunk(p: Problem) -> Result:
     read_coef = torch.stack([g.a_cum, g.m_coef], -1)  # [B, H, nc, b, 2]
     # a token whose inputs were replaced by zeros: the rows from it on read NaN (through their
     # coefficients of the chunk-start state), and so does the state after its chunk
+    assert lay.bad is not None  # (sanitize=True)
     read_coef = poison_rows(lay.rows_after_bad(lay.bad), read_coef)
     mix = poison_rows(lay.bad.any(-1), mix)
     c_coef = g.c_coef
-    mix, out_coef, read_coef, c_coef = (x.unbind(2) for x in (mix, out_coef, read_coef, c_coef))
+    mixes, out_coefs, read_coefs, c_coefs = (x.unbind(2) for x in (mix, out_coef, read_coef, c_coef))
     ret = lay.retention.unsqueeze(-1).unbind(2)  # [B, H, b, 1] per chunk: 1 - decay (decay_first, b = 1)
     # a memory whose gradient factors are products of two projections of the key (gated_mlp) or
     # hold its square (layer norm) can overflow on a finite key: guard those chunk by chunk
@@ -154,7 +155,7 @@ def chunk(p: Problem) -> Result:
         if p.rule.decay_first:  # chunk size 1: the gradient at the forgotten weights
             w_s = {m: ret[j] * t for m, t in w_s.items()}
         grads = token_gradients(p.spec, w_s, kx[j], vx[j], p.rule.loss, cx[j])
-        c_j, r_j, mix_j, out_j = c_coef[j], read_coef[j].unsqueeze(-1), mix[j], out_coef[j]
+        c_j, r_j, mix_j, out_j = c_coefs[j], read_coefs[j].unsqueeze(-1), mixes[j], out_coefs[j]
         if guard:
             grads, rows = _guard(grads, lay)
             r_j = poison_rows(rows, r_j)
@@ -213,8 +214,8 @@ def _muon_token(p: Problem, lay, q, kx, vx, cx, d_a, a_cum, n: int, b: int, last
     n_chunks = len(q)
     # the gate coefficients of every chunk at once (they do not depend on the memory)
     d_e = segprod(lay.momentum)  # [B, H, nc, b, b]
-    coefs = (d_e @ lay.gamma, d_a * lay.lr.unsqueeze(-2), torch.cumprod(lay.momentum, dim=-1), a_cum, lay.bad)
-    coefs = [list(chunk) for chunk in zip(*(c.unbind(2) for c in coefs))]
+    whole = (d_e @ lay.gamma, d_a * lay.lr.unsqueeze(-2), torch.cumprod(lay.momentum, dim=-1), a_cum, lay.bad)
+    coefs = [list(chunk) for chunk in zip(*(c.unbind(2) for c in whole))]
     w, s = dict(p.w0), dict(p.s0)
     w_chunk, s_chunk = w, s
     first, start = 0, (w, s)
@@ -384,6 +385,7 @@ def newton_schulz_batched(g: Tensor, steps: int) -> Tensor:
             poly = step if poly is None else step @ poly
             if k < steps - 1:
                 gram = step @ gram @ step
+        assert poly is not None  # (steps >= 1)
         x = x @ poly.transpose(-1, -2) if tall else poly @ x
     return x.reshape(g.shape)
 

@@ -230,5 +230,6 @@ def step_scale(inputs, coef: Tensor, bound: float) -> Tensor:
         c = torch.where(coef > 0, coef * sq.unsqueeze(-2), 0.0)
         norm2 = ((c @ cos2) * c).sum(-1)
         f2 = norm2 if f2 is None else torch.maximum(f2, norm2)
+    assert f2 is not None  # a memory has at least one matrix
     over = f2 > bound * bound
     return torch.where(over, bound * torch.rsqrt(torch.where(over, f2, 1.0)), 1.0)

@@ -139,13 +139,13 @@ def delta_rule(p: Problem) -> Result:
 
     # per-block views via unbind (indexing one block out of the whole would make the backward
     # materialise a gradient of the whole sequence per block)
-    u, w, gq, scores, k_end, g_end = (x.unbind(2) for x in (u, w, gq, scores, k_end, g_end))
+    u_b, w_b, gq_b, scores_b, k_end_b, g_end_b = (x.unbind(2) for x in (u, w, gq, scores, k_end, g_end))
     st = p.w0["w0"].transpose(-1, -2)  # S^T [B, H, dk, dv]
     outs = []
     for j in range(n_blocks):
-        e = u[j] - w[j] @ st
-        outs.append(gq[j] @ st + scores[j] @ e)
-        st = g_end[j] * st + k_end[j] @ e
+        e = u_b[j] - w_b[j] @ st
+        outs.append(gq_b[j] @ st + scores_b[j] @ e)
+        st = g_end_b[j] * st + k_end_b[j] @ e
     # every row at or after a marked token reads NaN, and so does what the state holds after it
     rows = torch.cummax((bad | over).flatten(2, 3), dim=-1).values[..., :n]  # [B, H, N]
     o = poison_rows(rows, torch.cat(outs, 2)[:, :, :n])

@@ -141,7 +141,10 @@ def check_ranges(ranges: Sequence[Range], dims: Sequence[str] = GATE_DIMS) -> No
 def _outside(x: Tensor, low: float | None, high: float | None) -> Tensor:
     if low is not None and high is not None:
         return (x < low) | (x > high)
-    return x < low if low is not None else x > high
+    if low is not None:
+        return x < low
+    assert high is not None  # the caller passes only ranges bounded on some side
+    return x > high
 
 
 def _shortest(value: float, dtype: torch.dtype) -> str:

@@ -156,7 +156,7 @@ KernelRule.FIELD_CHECKS = {
     "activation": lambda label, v: check_choice(label, v, ACTIVATIONS),
     "residual": check_bool,
     "loss": lambda label, v: check_choice(label, v, LOSSES),
-    "window": lambda label, v: v is None or check_int(label, v),
+    "window": lambda label, v: None if v is None else check_int(label, v),
     "window_rule": lambda label, v: check_choice(label, v, WINDOW_RULES),
     "normalized": check_bool,
     "chunk_size": check_int,
@@ -215,7 +215,7 @@ def _check_weights(weights, rule: KernelRule, bsz: int, nh: int, dv: int, q: Ten
     return weights
 
 
-def _check_state(st, rule: KernelRule, shapes: dict[str, tuple[int, ...]], q: Tensor) -> None:
+def _check_state(st, rule: KernelRule, shapes: dict[str, tuple[int | None, ...]], q: Tensor) -> None:
     """``st`` a :class:`KernelState` of the same rule whose tensors fit ``shapes`` (None = any)."""
     if not isinstance(st, KernelState):
         raise TypeError(f"initial_state must be a KernelState (the op's final_state); got {type(st).__name__}")
@@ -234,7 +234,7 @@ def _check_state(st, rule: KernelRule, shapes: dict[str, tuple[int, ...]], q: Te
         if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
             shown = ", ".join("n" if w is None else str(w) for w in want)
             raise ValueError(f"initial_state.{name} has shape {list(got)}; expected [{shown}] (n = any)")
-    want_r = min(rule.window - 1, st.keys.shape[2]) if rule.omega() else 0
+    want_r = min(rule.window - 1, st.keys.shape[2]) if rule.window is not None and rule.omega() else 0
     if st.window_values.shape[2] != want_r:
         raise ValueError(
             f"initial_state holds {st.window_values.shape[2]} window values but {st.keys.shape[2]} stored keys; "
@@ -295,7 +295,8 @@ def _gradient(k, v, keys, d0, weights, scale, rule: KernelRule):
     forward and a hand-written backward of ``loss_i``."""
     pred, z = _read(k, _kernel_read(k, keys, d0, scale, None, rule.normalized), weights, None, rule)
     delta = pred - v if rule.loss == "l2" else -v
-    signals, inputs = [], []
+    signals: list[Tensor] = []
+    inputs: list[Tensor] = []
     for l in reversed(range(1, rule.depth)):
         signals.insert(0, -delta)
         inputs.insert(0, act_fn(rule.activation, z[l - 1]))
@@ -435,6 +436,7 @@ def omega_chunk(
     cumulative sum of selected learning rates, so a step's ``lr`` reaches no earlier row."""
     rule = st.rule
     c, b = rule.window, rule.chunk_size
+    assert c is not None  # the omega rule has a window
     bsz, nh, seq, dk = q.shape
     sc = scale.reshape(1, nh, 1, 1)
     pend = st.pending
@@ -633,10 +635,10 @@ def kernel_memory(
         _check_state(initial_state, rule, want, q)
         st = initial_state.map(lambda t: t.to(cd))
     if impl == "chunk":
-        run = omega_chunk if rule.omega() else kernel_chunk
+        loop = omega_chunk if rule.omega() else kernel_chunk
     else:
         from .kernel_reference import kernel_reference, omega_reference
 
-        run = omega_reference if rule.omega() else kernel_reference
-    y, final = run(qq, kk, vv, ll, scale.to(cd), st, output_final_state)
+        loop = omega_reference if rule.omega() else kernel_reference
+    y, final = loop(qq, kk, vv, ll, scale.to(cd), st, output_final_state)
     return y.transpose(1, 2).to(q.dtype), final

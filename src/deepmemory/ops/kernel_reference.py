@@ -179,6 +179,7 @@ def omega_reference(
     rule = st.rule
     grad_mode = torch.is_grad_enabled()
     c, b = rule.window, rule.chunk_size
+    assert c is not None  # the omega rule has a window
     sc = scale[None, :, None]  # [1, H, 1]
     pend = st.pending
     kk = torch.cat([st.pending_k, k], 2)

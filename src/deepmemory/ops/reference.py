@@ -8,6 +8,7 @@ so the two implementations share nothing but the memory's forward pass.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -58,9 +59,11 @@ def _curvature(p: Problem, weights: dict[str, Tensor], x: int) -> dict[str, Tens
 def _bound(p: Problem, h: dict[str, Tensor]) -> Tensor:
     """``min(1, step_bound / F)`` ``[B, H]``, ``F`` the largest ``||H||_F`` of the chunk's step so far
     along each matrix's inputs (``h {name: [B, H, cols, cols]}``)."""
+    bound = p.rule.step_bound
+    assert bound is not None  # called only with a bound
     f2 = torch.stack([t.pow(2).sum((-2, -1)) for t in h.values()]).amax(0)
-    over = f2 > p.rule.step_bound**2  # (where the bound is inactive the factor is a constant 1, with no gradient)
-    return torch.where(over, p.rule.step_bound / torch.where(over, f2, 1.0).sqrt(), 1.0)
+    over = f2 > bound**2  # (where the bound is inactive the factor is a constant 1, with no gradient)
+    return torch.where(over, bound / torch.where(over, f2, 1.0).sqrt(), 1.0)
 
 
 def _col(t: Tensor) -> Tensor:
@@ -77,13 +80,14 @@ def _as_constants(p: Problem) -> Result:
     """:func:`reference` of ``p`` called without gradient tracking: the per-token gradients still
     need autograd, so it runs with it on the inputs as constants, and returns detached results."""
     with torch.inference_mode(False), torch.enable_grad():
-        fields = {
+        fields: dict[str, Any] = {
             f: ({m: _constant(t) for m, t in getattr(p, f).items()} if f in ("w0", "s0") else _constant(getattr(p, f)))
             for f in ("q", "k", "v", "gamma", "lr", "momentum", "decay", "w0", "s0")
         }
         fields["channel"] = None if p.channel is None else _constant(p.channel)
         res = reference(dataclasses.replace(p, **fields))
-    return Result(*(r.detach() if isinstance(r, Tensor) else {m: t.detach() for m, t in r.items()} for r in res))
+    parts: list[Any] = [r.detach() if isinstance(r, Tensor) else {m: t.detach() for m, t in r.items()} for r in res]
+    return Result(*parts)
 
 
 def reference(p: Problem) -> Result:
@@ -152,7 +156,7 @@ def reference(p: Problem) -> Result:
                         if bound is not None:
                             curs = [_curvature(p, w_chunk, p.n_hist + i) for i in range(start, t + 1)]
                             h = {m: sum(_col(p.lr[:, :, start + j]) * c[m] for j, c in enumerate(curs)) for m in w}
-                            f = _col(_bound(p, h))
+                            f = _col(_bound(p, cast(dict[str, Tensor], h)))  # (sums of b >= 1 tensors)
                             step = {m: torch.where(f < 1, f * step[m], step[m]) for m in w}
                         keep = 0.0 if p.rule.optimizer == "gd" else _col(mean_mom)
                         s = {m: keep * s[m] - step[m] for m in w}

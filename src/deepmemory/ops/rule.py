@@ -122,7 +122,7 @@ UpdateRule.FIELD_CHECKS = {
     "chunk_size": check_int,
     "granularity": lambda label, v: check_choice(label, v, GRANULARITIES),
     "decay_first": check_bool,
-    "step_bound": lambda label, v: v is None or check_positive(label, v),
+    "step_bound": lambda label, v: None if v is None else check_positive(label, v),
 }
 FIELDS = UpdateRule.field_names()
 assert tuple(UpdateRule.FIELD_CHECKS) == FIELDS

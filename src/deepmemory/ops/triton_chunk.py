@@ -842,6 +842,7 @@ def triton_chunk(p: Problem) -> Result:
         g = replace(g, c_coef=scale * g.c_coef, s_coef=scale * g.s_coef)
     b, n_chunks, last_len = lay.b, lay.n_chunks, lay.last_len
     # the kernels carry the state from chunk to chunk, so a marked token reaches every later row
+    assert lay.bad is not None  # (sanitize=True)
     marked = lay.bad.any(-1)  # [B, H, nc]
     before = torch.cumsum(marked, -1) - marked.long() > 0  # a marked token in an earlier chunk
     rows_bad = lay.rows_after_bad(lay.bad) | before.unsqueeze(-1)  # [B, H, nc, b]
