@@ -56,6 +56,60 @@ def test_keep_freed_memory_reaches_every_case(capsys, monkeypatch):
     assert "freed memory kept for reuse" in capsys.readouterr().out
 
 
+def _mode_parsers():
+    from deepmemory.cli import build_parser
+
+    bench = build_parser(only="bench")._subparsers._group_actions[0].choices["bench"]
+    return bench._subparsers._group_actions[0].choices
+
+
+def test_every_bench_mode_states_its_defaults():
+    """Each option of every mode names its default in its help line: the value itself where the parser
+    holds one (a list as its items separated by spaces), the word "default" where it is worked out."""
+    import argparse
+
+    for mode, parser in _mode_parsers().items():
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction)):
+                continue
+            if action.dest in ("version", "debug"):
+                continue
+            text = " ".join(action.help.split())
+            value = action.default
+            shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+            assert "default" in text, (mode, action.dest, text)
+            if (mode, action.dest) == ("mixer", "mixers"):  # "default all but ...": the slow ones named
+                assert value == [m for m in mixer.MIXERS if m not in mixer.SLOW_MIXERS], value
+                assert all(f" {m} " in text for m in mixer.SLOW_MIXERS), text
+                continue
+            assert value is None or f"default {shown}" in text, (mode, action.dest, text)
+
+
+def test_model_and_decode_list_only_their_options():
+    parsers = _mode_parsers()
+    model_options = {a.dest for a in parsers["model"]._actions}
+    decode_options = {a.dest for a in parsers["decode"]._actions}
+    training_only, decoding_only = {"seq", "batch", "documents", "repeat"}, {"context", "steps", "plot"}
+    assert training_only <= model_options and not training_only & decode_options
+    assert decoding_only | {"max_attention_context"} <= decode_options and not decoding_only & model_options
+    help_text = parsers["decode"].format_help()
+    assert "depends on the mode" not in help_text and "training:" not in help_text
+    assert "default titans-lmm gated-deltanet atlas transformer" in " ".join(help_text.split())
+
+
+@pytest.mark.parametrize("threads, heading", [(1, "1 thread,"), (3, "3 threads,")])
+def test_table_headings_count_threads(threads, heading, capsys, monkeypatch):
+    from deepmemory.bench import model
+
+    train = {"tokens_per_s": 10.0, "peak_mib": 1.0, "params": 1e6}
+    decode = {"latency_ms": 1.0, "state_kib": 1.0, "prefill_tokens_per_s": 1.0}
+    monkeypatch.setattr(model, "run_isolated", lambda module, case: decode if case.get("decode") else train)
+    model.run_train(["transformer"], "tiny", threads=threads)
+    model.run_decode(["transformer"], "tiny", [16], threads=threads)
+    headings = [line for line in capsys.readouterr().out.splitlines() if "thread" in line]
+    assert len(headings) == 2 and all(heading in line for line in headings), headings
+
+
 @pytest.mark.slow
 def test_mixer_table_from_real_cases():
     names = ["memory-token", "gated-deltanet"]

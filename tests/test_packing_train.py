@@ -327,7 +327,7 @@ def test_bench_documents_rows_and_table(capsys, monkeypatch):
     "args, match",
     [
         (["model", "--documents", "9", "--seq", "8"], "--documents 9 exceeds --seq 8"),
-        (["decode", "--documents", "2"], "--documents measures training steps"),
+        (["decode", "--documents", "2"], "unrecognized arguments: --documents 2"),  # decode lists no training flag
         (["model", "--documents", "0"], "must be >= 1"),
     ],
 )

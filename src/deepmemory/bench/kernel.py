@@ -324,7 +324,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         type=int,
         nargs="+",
         default=[2048, 4096, 8192, 16384, 32768, 65536],
-        help="sequence lengths T to measure; default 2048 ... 65536",
+        help="sequence lengths T to measure; default 2048 4096 8192 16384 32768 65536",
     )
     ap.add_argument(
         "--impl",
@@ -348,7 +348,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
             "machine stays usable; raise it to measure multi-core scaling)"
         ),
     )
-    ap.add_argument("--repeat", type=int, default=5, help="timed runs per case (the best counts), after one warm-up")
+    ap.add_argument(
+        "--repeat", type=int, default=5, help="timed runs per case (the best counts), after one warm-up; default 5"
+    )
     ap.add_argument("--plot", metavar="PNG", help="also draw tokens/s against T into this PNG file; default: no plot")
 
 

@@ -133,6 +133,11 @@ def fmt_mib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
 
+def fmt_threads(n: int) -> str:
+    """``"1 thread"``, ``"4 threads"``: the thread count of a table's heading."""
+    return f"{n} thread" if n == 1 else f"{n} threads"
+
+
 def count_flops(step: Callable[[], None]) -> int:
     """FLOPs of one ``step()`` (matrix products, forward and backward), by PyTorch's flop counter."""
     from torch.utils.flop_counter import FlopCounterMode

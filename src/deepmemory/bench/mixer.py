@@ -31,6 +31,7 @@ from .measure import (
     bench_main,
     count_flops,
     fmt_mib,
+    fmt_threads,
     matmul_peak_flops,
     measure,
     print_table,
@@ -254,7 +255,7 @@ def run(
         + ")"
     )
     print(
-        f"\nmixer forward+backward, B={batch} hidden={hidden} heads={heads}x{head_dim}, fp32, {threads} threads, "
+        f"\nmixer forward+backward, B={batch} hidden={hidden} heads={heads}x{head_dim}, fp32, {fmt_threads(threads)}, "
         f"{device}" + (f"; measured matmul peak {peak / 1e9:.1f} GFLOP/s" if flops else "")
     )
     print(allocator_note(keep_freed_memory))
@@ -299,9 +300,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
             "machine stays usable; raise it to measure multi-core scaling)"
         ),
     )
-    ap.add_argument("--repeat", type=int, default=2, help="timed steps per case (the best counts), after one warm-up")
     ap.add_argument(
-        "--rounds", type=int, default=1, help="measure every case this many times, round-robin; report the median"
+        "--repeat", type=int, default=2, help="timed steps per case (the best counts), after one warm-up; default 2"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every case this many times, round-robin; report the median; default 1",
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda; default cpu")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count")

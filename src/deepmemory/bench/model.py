@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from .measure import bench_main, measure, print_table, run_isolated, save_plot
+from .measure import bench_main, fmt_threads, measure, print_table, run_isolated, save_plot
 
 
 def _train_case(c: dict) -> dict:
@@ -116,7 +116,8 @@ def run_train(models: list[str], size: str, *, seq=1024, batch=2, threads=1, rep
             }
         )
     print(
-        f"\ntraining step (forward+backward+AdamW), size {size}, B={batch} T={seq}, fp32, {threads} threads, {device}"
+        f"\ntraining step (forward+backward+AdamW), size {size}, B={batch} T={seq}, fp32, {fmt_threads(threads)}, "
+        f"{device}"
     )
     print_table(rows, ["model", "params", "tokens/s", f"x {models[0]}", "peak MiB"])
     return rows
@@ -162,7 +163,8 @@ def run_packing(
             }
         )
     print(
-        f"\ntraining step (forward+backward+AdamW), size {size}, B={batch} T={seq}, fp32, {threads} threads, {device}; "
+        f"\ntraining step (forward+backward+AdamW), size {size}, B={batch} T={seq}, fp32, {fmt_threads(threads)}, "
+        f"{device}; "
         f"packed rows: {documents} documents each by position_ids, lengths "
         f"{', '.join(lengths)}{', ...' if batch > 4 else ''}"
     )
@@ -212,7 +214,7 @@ def run_decode(
             )
             series.setdefault(name, {})[ctx] = r["latency_ms"]
             print(f"  measured {name} context={ctx}", flush=True)
-    print(f"\ndecoding after a context (batch 1, size {size}, mean of {steps} steps, {threads} threads, {device})")
+    print(f"\ndecoding after a context (batch 1, size {size}, mean of {steps} steps, {fmt_threads(threads)}, {device})")
     print_table(
         rows, ["model", "context", "ms/token", "x latency at first", "state KiB", "x state at first", "prefill tok/s"]
     )
@@ -222,19 +224,61 @@ def run_decode(
     return rows
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--models", nargs="+", default=None, help="presets (default depends on the mode)")
+TRAIN_MODELS = ["transformer", "gated-deltanet", "titans-lmm", "titans-mac", "atlas"]  # bench model
+PACKING_MODELS = ["titans-mac", "gated-deltanet"]  # bench model --documents
+DECODE_MODELS = ["titans-lmm", "gated-deltanet", "atlas", "transformer"]  # bench decode
+CONTEXTS = [1024, 16384, 131072, 1048576]  # bench decode --context
+
+
+def add_arguments(ap: argparse.ArgumentParser, mode: str | None = None) -> None:
+    """The options of ``deepmemory bench model`` (``mode="model"``: training steps), of ``bench
+    decode`` (``"decode"``) or, with ``None``, of both (``python -m deepmemory.bench.model``, where
+    ``--decode`` picks); each help line states the default."""
+    train, decode = mode in (None, "model"), mode in (None, "decode")
+    both = mode is None  # (the module's own command line: say which mode reads an option)
+
+    def tag(text: str, which: str) -> str:
+        return f"{which}: {text}" if both else text
+
+    models = []
+    if train:
+        models.append(
+            tag(
+                f"default {' '.join(TRAIN_MODELS)}; with --documents {' '.join(PACKING_MODELS)}",
+                "training",
+            )
+        )
+    if decode:
+        models.append(tag(f"default {' '.join(DECODE_MODELS)}", "decoding"))
+    ap.add_argument("--models", nargs="+", default=None, help="presets to measure; " + "; ".join(models))
     ap.add_argument("--size", default="tiny", help="preset size (see `deepmemory models`); default tiny")
-    ap.add_argument("--seq", type=int, default=1024, help="training: sequence length")
-    ap.add_argument("--batch", type=int, default=2, help="training: batch size")
-    ap.add_argument("--context", type=int, nargs="+", default=[1024, 16384, 131072, 1048576], help="decoding: contexts")
-    ap.add_argument("--steps", type=int, default=64, help="decoding: tokens decoded per context")
-    ap.add_argument(
-        "--max-attention-context",
-        type=int,
-        default=65536,
-        help="decoding: longest context for full attention (its cache grows with it); default 65536",
-    )
+    if train:
+        ap.add_argument("--seq", type=int, default=1024, help=tag("sequence length; default 1024", "training"))
+        ap.add_argument("--batch", type=int, default=2, help=tag("batch size; default 2", "training"))
+    if decode:
+        ap.add_argument(
+            "--context",
+            type=int,
+            nargs="+",
+            default=CONTEXTS,
+            help=tag(f"context lengths read before decoding; default {' '.join(map(str, CONTEXTS))}", "decoding"),
+        )
+        ap.add_argument(
+            "--steps",
+            type=int,
+            default=64,
+            help=tag("tokens decoded per context (the mean counts); default 64", "decoding"),
+        )
+        ap.add_argument(
+            "--max-attention-context",
+            type=int,
+            default=65536,
+            help=tag(
+                "longest context for transformer and titans-mac (full attention: the cache grows with it); "
+                "default 65536",
+                "decoding",
+            ),
+        )
     ap.add_argument(
         "--threads",
         type=int,
@@ -244,27 +288,32 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
             "machine stays usable; raise it to measure multi-core scaling)"
         ),
     )
-    ap.add_argument(
-        "--documents",
-        type=int,
-        default=None,
-        metavar="K",
-        help="training: also measure each model with every row packed with K documents of uneven lengths "
-        "(position_ids restarting at each), against one document per row at the same shape; default off",
-    )
-    ap.add_argument(
-        "--repeat",
-        type=int,
-        default=2,
-        help="training: timed steps per model (the best counts), after one warm-up; default 2",
-    )
+    if train:
+        ap.add_argument(
+            "--documents",
+            type=int,
+            default=None,
+            metavar="K",
+            help=tag(
+                "also measure each model with every row packed with K documents of uneven lengths "
+                "(position_ids restarting at each), against one document per row at the same shape; default off",
+                "training",
+            ),
+        )
+        ap.add_argument(
+            "--repeat",
+            type=int,
+            default=2,
+            help=tag("timed steps per model (the best counts), after one warm-up; default 2", "training"),
+        )
     ap.add_argument("--device", default="cpu", help="cpu or cuda; default cpu")
-    ap.add_argument(
-        "--plot",
-        metavar="PNG",
-        default=None,
-        help="decoding: also draw ms/token against the context into this PNG file; default: no plot",
-    )
+    if decode:
+        ap.add_argument(
+            "--plot",
+            metavar="PNG",
+            default=None,
+            help=tag("also draw ms/token against the context into this PNG file; default: no plot", "decoding"),
+        )
 
 
 def _case(c: dict) -> dict:
@@ -297,7 +346,7 @@ def run_cli(args, decode: bool) -> None:
                 f"--documents {documents} exceeds --seq {args.seq} (each document holds a token)",
             )
         run_packing(
-            args.models or ["titans-mac", "gated-deltanet"],
+            args.models or PACKING_MODELS,
             args.size,
             documents,
             seq=args.seq,
@@ -308,7 +357,7 @@ def run_cli(args, decode: bool) -> None:
         )
         return
     if decode:
-        models = args.models or ["titans-lmm", "gated-deltanet", "atlas", "transformer"]
+        models = args.models or DECODE_MODELS
         run_decode(
             models,
             args.size,
@@ -320,7 +369,7 @@ def run_cli(args, decode: bool) -> None:
             plot=args.plot or None,
         )
     else:
-        models = args.models or ["transformer", "gated-deltanet", "titans-lmm", "titans-mac", "atlas"]
+        models = args.models or TRAIN_MODELS
         run_train(
             models,
             args.size,

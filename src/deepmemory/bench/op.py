@@ -20,6 +20,7 @@ from .measure import (
     allocator_note,
     bench_main,
     fmt_mib,
+    fmt_threads,
     measure,
     print_table,
     run_isolated,
@@ -108,7 +109,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "--reference-max-seq",
         type=int,
         default=2048,
-        help="longest T for the token-loop reference (its autograd graph grows by ~5 MiB a token)",
+        help="longest T for the token-loop reference (its autograd graph grows by ~5 MiB a token); default 2048",
     )
     add_allocator_argument(ap)
 
@@ -154,7 +155,7 @@ def run_cli(args) -> None:
                 print(f"  measured T={seq} chunk={chunk} {impl}", flush=True)
     print(
         f"\nneural_memory fwd+bwd, B={args.batch} H={args.heads} dk=dv={args.head_dim} mlp depth 2 x{args.expansion}, "
-        f"{args.granularity} granularity, {args.optimizer}, fp32, {args.threads} threads"
+        f"{args.granularity} granularity, {args.optimizer}, fp32, {fmt_threads(args.threads)}"
     )
     print(allocator_note(args.keep_freed_memory))
     print(

@@ -33,7 +33,7 @@ def register(sub) -> None:
         ("decode", True, "per-token decoding latency and state size across contexts"),
     ):
         mp = modes.add_parser(mode, help=text)
-        model.add_arguments(mp)
+        model.add_arguments(mp, mode)  # each mode lists the options it reads
         mp.set_defaults(func=lambda a, d=decode: _model(a, d))
     for mode_parser in (op_p, mx, kp, *(modes.choices[m] for m in ("model", "decode"))):
         _counts_are_positive(mode_parser)
