@@ -194,3 +194,34 @@ def test_generate_cli_on_exported_folder_and_checkpoint(trained, capsys):
         )
         text = capsys.readouterr().out
         assert text.startswith("the ") and len(text) > 4
+
+
+def test_config_json_edited_apart_from_the_run_record_is_refused(trained, capsys):
+    """run.json holds the run's model; config.json (what AutoModel reads) is written from it. An edit
+    of one and not the other is refused in one line by everything that loads the run (generate,
+    export, eval, resume), instead of generate building one model and AutoModel another."""
+    import shutil
+
+    from deepmemory.train import CheckpointError, load_run
+
+    _, run, root = trained
+    copy = str(root / "edited")
+    shutil.copytree(run, copy)
+    load_run(copy)  # the untouched copy loads
+    for folder in (copy, os.path.join(copy, "checkpoints", "step-00000004")):
+        path = os.path.join(folder, "config.json")
+        config = json.load(open(path))
+        config["attention_window"] = 4  # a model AutoModel builds, not the trained one
+        json.dump(config, open(path, "w"))
+        with pytest.raises(
+            CheckpointError,
+            match=r"config\.json describes another model than run\.json \(attention_window: 4 against 8\)",
+        ):
+            load_run(folder)
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", copy, "--prompt", "a", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "describes another model than run.json" in err[0], err
+    assert main(["train", "--resume", copy, "--steps", "6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "describes another model than run.json" in err[0], err

@@ -9,7 +9,7 @@ Layout (the run directory, and every checkpoint in it, is also a Hugging Face mo
 ``AutoModelForCausalLM.from_pretrained(path)`` loads it once ``deepmemory.models`` is imported)::
 
     RUN/run.json                 run format, model config, train settings, tokenizer info, resolved settings
-    RUN/config.json              the Hugging Face config (model_type "deepmemory")
+    RUN/config.json              the Hugging Face config (model_type "deepmemory"), written from run.json's model
     RUN/generation_config.json   end-of-document / padding ids
     RUN/model.safetensors        the latest weights (what ``deepmemory generate`` reads)
     RUN/tokenizer.json           for Hugging Face tokenizers only (with tokenizer_config.json)

@@ -41,7 +41,7 @@ def load_run(path: str):
         CheckpointError: (one line) the folder is none of these, or its files do not fit.
     """
     from ..data import DataError, tokenizer_from_info
-    from .trainer import model_from_config
+    from .trainer import check_config_file, model_from_config
 
     run_dir, checkpoint = _split(path)
     if not os.path.isdir(path):
@@ -53,6 +53,7 @@ def load_run(path: str):
     if not os.path.isfile(weights):
         raise ExportError(f"{path} has no {ck.MODEL} (has its training saved a checkpoint yet?)")
     model = model_from_config(record["model"]["config"])
+    check_config_file(path, record["model"]["config"])
     try:
         model.load_state_dict(ck.read_tensors(weights), strict=True)
     except RuntimeError as err:

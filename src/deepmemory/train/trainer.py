@@ -164,6 +164,39 @@ def model_from_config(config: dict) -> nn.Module:
     return DeepMemoryForCausalLM(model_config)
 
 
+def check_config_file(folder: str, config: dict) -> None:
+    """The run record's model ``config`` (``run.json``) is the one source of a run's model; the
+    ``config.json`` beside it in ``folder`` (a run directory or one of its checkpoints) is what
+    ``AutoModelForCausalLM`` reads, written from the record. Nothing when ``folder`` has no
+    ``config.json`` (a format-1 run).
+
+    Raises:
+        CheckpointError: (one line) ``config.json`` cannot be read or built, or describes another
+            model than the record (an edit of one file and not the other): names the first field
+            that differs and both values.
+    """
+    from ..models import DeepMemoryConfig
+
+    path = os.path.join(folder, ck.CONFIG)
+    parent = os.path.dirname(os.path.normpath(folder))
+    run_dir = os.path.dirname(parent) if os.path.basename(parent) == ck.CHECKPOINTS else folder
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, ck.RUN)):
+        return
+    raw = ck.read_json(path)
+    try:
+        theirs = DeepMemoryConfig.from_dict(dict(raw)).to_dict()
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+        raise ck.CheckpointError(f"{path} cannot be built: {' '.join(str(err).split())}") from err
+    ours = DeepMemoryConfig.from_dict(dict(config)).to_dict()
+    for field in DeepMemoryConfig.own_fields():
+        if ours.get(field) != theirs.get(field):
+            raise ck.CheckpointError(
+                f"{path} describes another model than {ck.RUN} ({field}: {theirs.get(field)!r} against "
+                f"{ours.get(field)!r}); {ck.RUN} is the run's model and {ck.CONFIG} is written from it: restore "
+                f"{ck.CONFIG}, or change the model in a `deepmemory export` copy"
+            )
+
+
 def _stored_config_keys() -> set:
     """The keys a stored model config may hold: what ``DeepMemoryConfig.to_dict()`` writes
     (Hugging Face's keys among them) and the aliases of :meth:`DeepMemoryConfig.own_fields`."""
@@ -497,6 +530,8 @@ class Trainer:
         self.task = task_data.make_task(cfg.task, cfg.task_settings, self.tokenizer) if cfg.task else None
         vocab = task_data.model_vocab_size(self.task, self.tokenizer) if self.task else self.tokenizer.vocab_size
         torch.manual_seed(cfg.seed)
+        if resume:
+            check_config_file(resume, stored["model"]["config"])
         self.model = model_from_config(stored["model"]["config"]) if resume else build_model(cfg, vocab)
         if self.task:
             task_data.check_vocab(self.task, self.model.config.vocab_size, "the run's model")
