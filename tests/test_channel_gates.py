@@ -169,20 +169,27 @@ def test_errors():
         r"got shape \[1, 5, 2, 6, 1\]$",
     ):
         neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam[..., None])
-    with pytest.raises(ValueError, match="^impl='triton' does not support a channel-wise window_gate"):
-        neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam, impl="triton")
     _, st = neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam, output_final_state=True)
     with pytest.raises(ValueError, match="^initial_state was made with a channel-wise window_gate"):
         neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam[..., 0], initial_state=st)
     _, st = neural_memory(q, k, v, lr, mom, dec, params, output_final_state=True)
     with pytest.raises(ValueError, match=r"^initial_state was made with a per-head window_gate \(or none\)"):
         neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam, initial_state=st)
-    with pytest.raises(ValueError, match="^channel_lr_rank needs impl='chunk' or 'reference'"):
-        NeuralMemory(32, 2, 16, channel_lr_rank=4, impl="triton")
     with pytest.raises(ValueError, match="^channel_lr_rank must be >= 0"):
         NeuralMemory(32, 2, 16, channel_lr_rank=-1)
     with pytest.raises(ValueError, match=r"^channel_lr_rank must be <= hidden_size \(32\)"):
         NeuralMemory(32, 2, 16, channel_lr_rank=10**12)
+
+
+@pytest.mark.kernels
+def test_triton_errors():
+    pytest.importorskip("triton", reason="impl='triton' needs the kernels extra (pip install -e '.[kernels]')")
+    q, k, v, lr, mom, dec, gam = make_inputs(1, 5, 2, DK, DV, channel=True)
+    params = make_params("mlp", 2, DK, DV, HIDDEN)
+    with pytest.raises(ValueError, match="^impl='triton' does not support a channel-wise window_gate"):
+        neural_memory(q, k, v, lr, mom, dec, params, window_gate=gam, impl="triton")
+    with pytest.raises(ValueError, match="^channel_lr_rank needs impl='chunk' or 'reference'"):
+        NeuralMemory(32, 2, 16, channel_lr_rank=4, impl="triton")
     for preset in ("swdt", "transformer"):  # no NeuralMemory: the setting would be saved and do nothing
         with pytest.raises(
             ValueError,

@@ -359,8 +359,9 @@ def test_bad_settings_raise_one_line(make, exc, words):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.kernels
 def test_triton_refuses_decay_first():
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="impl='triton' needs the kernels extra")
     q, k, v, lr, _, dec, _ = (x.float() for x in _inputs(5, "some"))
     with pytest.raises(ValueError, match="impl='triton' does not support decay_first"):
         neural_memory(q, k, v, lr, None, dec, {"w0": torch.zeros(2, DV, DK)}, decay_first=True, impl="triton", **DELTA)

@@ -171,13 +171,19 @@ def test_layer_norm_streams_at_any_split():
         assert all(rel_err(s2.weights[n], st.weights[n]) <= 1e-10 for n in st.weights)
 
 
-def test_layer_norm_changes_the_output_and_triton_refuses_it():
+def test_layer_norm_changes_the_output():
     q, k, v, lr, mom, dec, gamma = make_inputs(1, 8, 2, DK, DV)
     params = make_params("mlp", 2, DK, DV, HIDDEN)
     with_ln, _ = neural_memory(q, k, v, lr, mom, dec, params, chunk_size=4, layer_norm=True)
     without, _ = neural_memory(q, k, v, lr, mom, dec, params, chunk_size=4)
     assert (with_ln - without).abs().max() > 1e-3
-    pytest.importorskip("triton")
+
+
+@pytest.mark.kernels
+def test_triton_refuses_layer_norm():
+    pytest.importorskip("triton", reason="impl='triton' needs the kernels extra")
+    q, k, v, lr, mom, dec, gamma = make_inputs(1, 8, 2, DK, DV)
+    params = make_params("mlp", 2, DK, DV, HIDDEN)
     with pytest.raises(ValueError, match="no layer_norm"):
         neural_memory(
             q.float(),

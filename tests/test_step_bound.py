@@ -225,6 +225,11 @@ def test_settings_errors():
         UpdateRule(step_bound=float("nan"))
     with pytest.raises(ValueError, match="Muon's step is orthogonalised"):
         UpdateRule(optimizer="muon", step_bound=1.0)
+
+
+@pytest.mark.kernels
+def test_triton_settings_errors():
+    pytest.importorskip("triton", reason="impl='triton' needs the kernels extra (pip install -e '.[kernels]')")
     with pytest.raises(ValueError, match="impl='triton' computes step_bound only for architecture='linear'"):
         NeuralMemory(32, 2, 16, impl="triton")
     assert NeuralMemory(32, 2, 16, impl="triton", step_bound=None).rule.step_bound is None
