@@ -281,9 +281,41 @@ def test_hugging_face_tokenizer_run(corpus, tmp_path, capsys):
         "sha256": fingerprint,
     }
     assert config["model"]["config"]["vocab_size"] == 16 and os.path.isfile(os.path.join(out, "tokenizer.json"))
+    # the baseline is the unigram entropy of the tokenizer's tokens, in bits per byte: not the byte entropy
+    printed = capsys.readouterr().out
+    data = config["data"]
+    assert "byte entropy" not in printed
+    assert f"unigram token entropy {data['token_entropy_bpb']:.3f} bits/byte" in printed.splitlines()[0]
+    assert f"vs unigram token entropy {data['token_entropy_bpb']:.3f} bits/byte" in printed
+    from collections import Counter
+
+    from deepmemory.data import build_corpus, load_tokenizer
+
+    train = build_corpus([corpus["data"]], load_tokenizer(str(tmp_path / "tokenizer.json")), 0.25).train.tolist()
+    entropy = -sum(n / len(train) * math.log2(n / len(train)) for n in Counter(train).values())  # bits per token
+    assert data["token_entropy_bpb"] == pytest.approx(entropy * len(train) / data["train_bytes"], rel=1e-9)
+    assert main(["export", out, str(tmp_path / "exported")]) == 0  # the model card names the same baseline
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert f"(unigram token entropy {data['token_entropy_bpb']:.3f})" in card and "byte entropy" not in card
     capsys.readouterr()
     assert main(["generate", "--checkpoint", out, "--prompt", "the memory", "--max-new-tokens", "3"]) == 0
     assert set(capsys.readouterr().out.split()) <= set(words) | {"[UNK]"}
+
+
+def test_data_line_says_how_validation_was_split(corpus, run_a, tmp_path, capsys):
+    # 16 documents of about 1/16 of the tokens each: none fits 1-4% of them, so the stream is cut
+    out = str(tmp_path / "S")
+    assert main(args(corpus, "--steps", "1", "--val-fraction", "0.02", "--out", out)) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(
+        f"data: {corpus['data']}: 16 documents, validation the last 2% of the token stream (no set "
+        "of whole documents holds 1-4% of the tokens), "
+    ), line
+    assert line.endswith(" bits/byte") and "unigram byte entropy" in line
+    assert json.load(open(os.path.join(out, "run.json")))["data"]["split"] == "stream"
+    # a quarter: whole documents, counted on each side
+    data = json.load(open(os.path.join(run_a, "run.json")))["data"]
+    assert data["split"] == "documents" and data["val_documents"] > 0 and "token_entropy_bpb" not in data
 
 
 def test_config_file_and_flags(corpus, tmp_path):

@@ -40,8 +40,13 @@ class Corpus:
     ``train_starts`` and ``val_starts`` (int64, sorted, the first 0) are the
     offsets in each stream where a document begins (each document's tokens are followed by the
     tokenizer's end-of-document id, if it has one, before the next begins); ``None`` when unknown.
-    When the split had to cut the stream (:func:`build_corpus`), the validation stream begins
-    inside a document, and that piece counts as a document beginning at 0.
+    When the split had to cut the stream (:func:`build_corpus`; ``split`` is then ``"stream"``,
+    else ``"documents"``), the validation stream begins inside a document, and that piece counts
+    as a document beginning at 0; ``val_docs`` is 0 and ``train_docs`` counts every document.
+
+    ``token_entropy`` is the unigram entropy of the training tokens in bits per token, for a
+    tokenizer other than bytes (``None`` for bytes, where ``byte_entropy`` is that baseline):
+    :meth:`baseline` turns it into bits per byte.
     """
 
     train: Tensor
@@ -54,12 +59,23 @@ class Corpus:
     source: str
     train_starts: Tensor | None = None
     val_starts: Tensor | None = None
+    split: str = "documents"  # "documents": whole documents; "stream": the token stream cut at 1 - val_fraction
+    token_entropy: float | None = None  # unigram entropy of the training tokens, bits per token (not bytes)
 
     def tokens_per_byte(self, split: str) -> float:
         tokens, nbytes = (
             (self.train.numel(), self.train_bytes) if split == "train" else (self.val.numel(), self.val_bytes)
         )
         return tokens / max(nbytes, 1)
+
+    def baseline(self) -> tuple[str, float]:
+        """``(name, bits per byte)`` of what a model that ignores context scores with this
+        corpus's tokenizer: the unigram byte entropy for bytes; for another tokenizer the unigram
+        token entropy times the training tokens per byte (the byte entropy is no baseline there: a
+        token unigram model already beats it)."""
+        if self.token_entropy is None:
+            return "unigram byte entropy", self.byte_entropy
+        return "unigram token entropy", self.token_entropy * self.tokens_per_byte("train")
 
 
 def stdlib_root() -> str:
@@ -230,7 +246,7 @@ def split_documents(names: Sequence[str], sizes: Sequence[int], val_fraction: fl
 
 
 def byte_entropy(counts: Tensor) -> float:
-    """``H = -sum_b p_b log2 p_b`` of a byte histogram ``counts [256]``."""
+    """``H = -sum_b p_b log2 p_b`` of a histogram ``counts`` (of bytes, ``[256]``, or of token ids)."""
     p = counts.double() / counts.sum().clamp_min(1)
     p = p[p > 0]
     return float(-(p * p.log2()).sum())
@@ -314,6 +330,11 @@ def build_corpus(data: Sequence[str] | None, tokenizer: Tokenizer, val_fraction:
             torch.bincount(torch.frombuffer(bytearray(d), dtype=torch.uint8).long(), minlength=256) for _, d in docs
         )
         train_docs, val_docs = docs, []
+    token_entropy = (
+        None
+        if isinstance(tokenizer, ByteTokenizer)
+        else byte_entropy(torch.bincount(train.long(), minlength=1) if train.numel() else torch.zeros(1))
+    )
     return Corpus(
         train=train,
         val=val,
@@ -325,6 +346,8 @@ def build_corpus(data: Sequence[str] | None, tokenizer: Tokenizer, val_fraction:
         source=source,
         train_starts=train_starts,
         val_starts=val_starts,
+        split="documents" if chosen is not None else "stream",
+        token_entropy=token_entropy,
     )
 
 

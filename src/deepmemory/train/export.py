@@ -165,6 +165,12 @@ def model_card(name: str, record: dict, state: dict | None, tokenizer_kind: str)
         if tokenizer_kind == "bytes"
         else "`tokenizer.json` (Hugging Face tokenizers)"
     )
+    # a tokenizer other than bytes: the unigram token entropy (the byte entropy is no baseline there)
+    baseline, baseline_key = (
+        ("unigram token entropy", "token_entropy_bpb")
+        if "token_entropy_bpb" in data
+        else ("unigram byte entropy", "byte_entropy")
+    )
     rows = [
         ("preset", f"`{preset}`"),
         ("size", f"`{size}`"),
@@ -176,7 +182,7 @@ def model_card(name: str, record: dict, state: dict | None, tokenizer_kind: str)
         ("sequence length, batch", f"{train.get('seq_len', '?')} tokens, {train.get('batch_size', '?')} sequences"),
         (
             "validation",
-            f"{_fmt(val_bpb, '.3f')} bits/byte (unigram byte entropy {_fmt(_number(data, 'byte_entropy'), '.3f')})",
+            f"{_fmt(val_bpb, '.3f')} bits/byte ({baseline} {_fmt(_number(data, baseline_key), '.3f')})",
         ),
         ("tokenizer", tokenizer),
     ]

@@ -348,8 +348,32 @@ def _read_metrics(run_dir: str) -> list[dict]:
     return rows
 
 
-def plot_losses(run_dir: str, tokens_per_byte: float, byte_entropy: float) -> None:
-    """``loss.png``: train and validation bits per byte against the step."""
+def data_line(corpus, cfg: TrainConfig) -> str:
+    """What the run prints of its corpus after ``data: SOURCE: ``: the split (whole documents, or
+    the token stream cut when no set of whole documents fits ``val_fraction``), the token counts,
+    the packing and the context-free baseline (:meth:`~deepmemory.data.Corpus.baseline`)."""
+    from ..data.corpus import VAL_MAX_RATIO, VAL_MIN_RATIO
+
+    if corpus.split == "stream":
+        low, high = 100 * VAL_MIN_RATIO * cfg.val_fraction, 100 * VAL_MAX_RATIO * cfg.val_fraction
+        split = (
+            f"{corpus.train_docs} documents, validation the last {100 * cfg.val_fraction:g}% of the token stream "
+            f"(no set of whole documents holds {low:g}-{high:g}% of the tokens), "
+        )
+    else:
+        split = f"{corpus.train_docs} train / {corpus.val_docs} validation documents, "
+    name, bits = corpus.baseline()
+    return (
+        split
+        + f"{corpus.train.numel():,} / {corpus.val.numel():,} tokens, "
+        + ("packed with boundaries" if cfg.packing else "one continuous stream (--no-packing)")
+        + f"; {name} {bits:.3f} bits/byte"
+    )
+
+
+def plot_losses(run_dir: str, tokens_per_byte: float, baseline: tuple[str, float]) -> None:
+    """``loss.png``: train and validation bits per byte against the step, and the corpus's
+    context-free ``baseline`` (``(name, bits per byte)``, :meth:`~deepmemory.data.Corpus.baseline`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,7 +387,7 @@ def plot_losses(run_dir: str, tokens_per_byte: float, byte_entropy: float) -> No
         ax.plot(*zip(*train), lw=0.8, alpha=0.8, label="train")
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
-    ax.axhline(byte_entropy, color="gray", ls="--", lw=1, label=f"unigram byte entropy ({byte_entropy:.2f})")
+    ax.axhline(baseline[1], color="gray", ls="--", lw=1, label=f"{baseline[0]} ({baseline[1]:.2f})")
     ax.set_xlabel("step")
     ax.set_ylabel("bits per byte")
     ax.grid(alpha=0.3)
@@ -766,7 +790,9 @@ class Trainer:
                 "val_bytes": corpus.val_bytes,
                 "train_documents": corpus.train_docs,
                 "val_documents": corpus.val_docs,
+                "split": corpus.split,
                 "byte_entropy": corpus.byte_entropy,
+                **({"token_entropy_bpb": corpus.baseline()[1]} if corpus.token_entropy is not None else {}),
             }
         )
         record = {
@@ -1031,12 +1057,7 @@ class Trainer:
                     + task_data.describe(self.task, cfg.task_settings, cfg.seq_len, self.val_windows[0].shape[0])
                 )
             else:
-                say(
-                    f"data: {corpus.source}: {corpus.train_docs} train / {corpus.val_docs} validation documents, "
-                    f"{corpus.train.numel():,} / {corpus.val.numel():,} tokens, "
-                    + ("packed with boundaries" if cfg.packing else "one continuous stream (--no-packing)")
-                    + f"; unigram byte entropy {corpus.byte_entropy:.3f} bits/byte"
-                )
+                say(f"data: {corpus.source}: " + data_line(corpus, cfg))
             say(
                 f"model: {cfg.model} ({cfg.size}), {self.n_params:,} parameters; {env.world} process(es) on "
                 f"{env.device.type}" + (", FSDP" if self.use_fsdp else ", DDP" if env.distributed else "")
@@ -1177,7 +1198,7 @@ class Trainer:
         self._report({"eval/loss": row["val_loss"], "eval/bpb": row["val_bpb"]})
         self._say(f"step {self.step:>6} | validation loss {row['val_loss']:.4f} | {row['val_bpb']:.3f} bits/byte")
         if self.env.is_main:  # a run killed at any point keeps a current plot
-            plot_losses(self.run_dir, self.tpb_train, self.corpus.byte_entropy)
+            plot_losses(self.run_dir, self.tpb_train, self.corpus.baseline())
 
     def _finish_task(self, loop_start: float, first_step: int, tokens: int, session: float, wall: float) -> dict:
         """The summary of a task run: ``val_accuracy`` where a corpus run has bits per byte."""
@@ -1238,7 +1259,7 @@ class Trainer:
         }
         if self.env.is_main:
             say = self._say
-            plot_losses(self.run_dir, self.tpb_train, corpus.byte_entropy)
+            plot_losses(self.run_dir, self.tpb_train, corpus.baseline())
             resumed = f"; this session {step - first_step} steps in {_fmt_time(session)}" if self.resume else ""
             stopped = (
                 f" (stopped by --time-limit; --resume {self.run_dir} continues to step {self.cfg.steps})"
@@ -1250,10 +1271,10 @@ class Trainer:
                 f"({(step - first_step) * self.tokens_per_step / max(time.time() - loop_start, 1e-9):,.0f} "
                 f"tokens/s){stopped}"
             )
+            name, bits = corpus.baseline()
             say(
-                f"validation: {bits_per_byte(last_val, self.tpb_val):.3f} bits/byte (loss {last_val:.4f}) vs unigram "
-                "byte entropy "
-                f"{corpus.byte_entropy:.3f} bits/byte"
+                f"validation: {bits_per_byte(last_val, self.tpb_val):.3f} bits/byte (loss {last_val:.4f}) vs {name} "
+                f"{bits:.3f} bits/byte"
                 + (f"; train {summary['train_bpb']:.3f} bits/byte" if last_loss is not None else "")
             )
             say(f"run directory: {self.run_dir}")
