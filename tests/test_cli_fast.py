@@ -120,3 +120,25 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(models, "run", interrupted)
     assert main(["models"]) == EXIT_INTERRUPTED == 130
     assert capsys.readouterr().err == "deepmemory models: interrupted\n"
+
+
+def test_default_outputs_are_ignored_by_git():
+    """What the README's and docs' commands write by default (run directories, eval results, export
+    copies) is ignored by .gitignore; the package's own eval/ folder is not."""
+    import os
+    import shutil
+
+    from deepmemory.cli.eval import default_out
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if shutil.which("git") is None or not os.path.exists(os.path.join(root, ".git")):
+        pytest.skip("needs git and a git checkout")
+    outputs = ["runs/titans-mac-tiny-20260101-120000/run.json", "exports/titans-mac-stdlib/config.json"]
+    outputs.append(os.path.join(default_out("runs/mqar-gdn", ["mqar"]), "results.json"))
+    sources = ["src/deepmemory/eval/run.py", "src/deepmemory/cli/export.py"]
+
+    def ignored(path):
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=root).returncode == 0
+
+    assert [p for p in outputs if not ignored(p)] == []
+    assert [p for p in sources if ignored(p)] == []
