@@ -4,6 +4,8 @@ The table is stored here (``SIZES``, ``PRESETS``) so that the command prints at 
 builds every model of every size, and importing torch and transformers alone takes seconds.
 ``tests/test_cli_fast.py`` checks it against ``deepmemory.models.count_parameters``; after a
 change to a preset, ``python -m deepmemory.cli.models --recount`` prints the new table.
+``--ratio`` adds each count's ratio to the transformer's at its size (the paper sizes are matched
+within 10%); ``--layout`` builds the configs instead and prints each preset's blocks and SwiGLU width.
 """
 
 from __future__ import annotations
@@ -16,26 +18,26 @@ from . import add_debug, add_version
 
 HELP = "list model presets and their parameter counts per size"
 
-SIZES = ("tiny", "170m", "340m", "760m", "1.3b")
+SIZES = ("tiny", "tiny-w16", "170m", "340m", "760m", "1.3b")
 # preset -> (its blocks, parameter count per size in SIZES)
 PRESETS = {
-    "transformer": ("attn", (98624, 169691904, 341099520, 757016064, 1301882880)),
-    "swa": ("swa", (98624, 169691904, 341099520, 757016064, 1301882880)),
-    "gated-deltanet": ("memory", (111480, 177618816, 368922240, 818803584, 1387854768)),
-    "titans-lmm": ("memory", (126840, 181010304, 380718720, 844755840, 1454799792)),
-    "titans-mac": ("mac", (176248, 223496064, 531762816, 1184568192, 1907858352)),
-    "titans-mag": ("mag", (159864, 209340288, 481431168, 1071321984, 1756863408)),
-    "titans-mal": ("mal", (159608, 209321856, 481382016, 1071248256, 1756789680)),
-    "omeganet": ("memory", (197016, 199627872, 428006400, 908609664, 1474709952)),
-    "atlas": ("memory", (197016, 199627872, 428006400, 908609664, 1474709952)),
-    "atlas-pp": ("memory", (275352, 220308576, 483154944, 991332480, 1557432768)),
-    "atlas-mag": ("mag", (230552, 228105312, 529112064, 1135765632, 1777363392)),
-    "atlas-mal": ("mal", (230296, 228086880, 529062912, 1135691904, 1777289664)),
-    "dla": ("memory", (195976, 199184928, 426432000, 905068416, 1469989056)),
-    "swla": ("memory", (111992, 177766272, 369315456, 819393408, 1388149680)),
-    "deep-transformer": ("kernel", (117104, 178798272, 373247232, 828830208, 1415871264)),
-    "swdt": ("kernel", (117104, 178798272, 373247232, 828830208, 1415871264)),
-    "dot": ("kernel", (117104, 178798272, 373247232, 828830208, 1415871264)),
+    "transformer": ("attn", (98624, 98624, 169691904, 341099520, 757016064, 1301882880)),
+    "swa": ("swa", (98624, 98624, 169691904, 341099520, 757016064, 1301882880)),
+    "gated-deltanet": ("memory", (111480, 111480, 170540928, 340610688, 762180480, 1302920112)),
+    "titans-lmm": ("memory", (126840, 126840, 170393472, 338251392, 759821184, 1299086256)),
+    "titans-mac": ("mac", (176248, 176248, 173766240, 344640144, 758787696, 1293751584)),
+    "titans-mag": ("mag", (159864, 159864, 163149408, 331877120, 773189520, 1287050808)),
+    "titans-mal": ("mal", (159608, 159608, 163135584, 331844352, 773137296, 1286997560)),
+    "omeganet": ("memory", (197016, 197016, 169546848, 338353152, 759974016, 1297762752)),
+    "atlas": ("memory", (197016, 197016, 169546848, 338353152, 759974016, 1297762752)),
+    "atlas-pp": ("memory", (275352, 275352, 170763360, 341597184, 757762176, 1302628800)),
+    "atlas-mag": ("mag", (230552, 230552, 177223176, 342983424, 773561600, 1301856352)),
+    "atlas-mal": ("mal", (230296, 230296, 177209352, 342952704, 773512448, 1301803104)),
+    "dla": ("memory", (195976, 195976, 170873376, 341497344, 763510656, 1300119744)),
+    "swla": ("memory", (111992, 111992, 170688384, 341003904, 762770304, 1303215024)),
+    "deep-transformer": ("kernel", (117104, 117104, 169950912, 340217088, 758051328, 1302625056)),
+    "swdt": ("kernel", (117104, 117104, 169950912, 340217088, 758051328, 1302625056)),
+    "dot": ("kernel", (117104, 117104, 169950912, 340217088, 758051328, 1302625056)),
 }
 
 
@@ -44,6 +46,12 @@ def register(subparsers) -> None:
     add_version(p)
     p.add_argument("names", nargs="*", metavar="PRESET", help="presets to show (default: all)")
     p.add_argument("--sizes", default=None, help="comma-separated sizes to show (default: all)")
+    p.add_argument("--ratio", action="store_true", help="add each count's ratio to the transformer's at its size")
+    p.add_argument(
+        "--layout",
+        action="store_true",
+        help="print blocks x SwiGLU width instead of the counts (builds the configs: seconds)",
+    )
     add_debug(p)
     p.set_defaults(func=run)
 
@@ -82,10 +90,24 @@ def run(args: argparse.Namespace) -> int:
     if bad or not sizes:
         raise CLIError(f"unknown size(s) {', '.join(bad) or '(none given)'}; valid sizes: {', '.join(SIZES)}")
 
+    if args.layout:
+        from ..models import preset_config
+
     rows = []
     for name in names:
         blocks, counts = PRESETS[name]
-        rows.append([name, blocks, *(_human(counts[SIZES.index(size)]) for size in sizes)])
+        cells = []
+        for size in sizes:
+            count = counts[SIZES.index(size)]
+            if args.layout:
+                config = preset_config(name, size)
+                cell = f"{config.num_hidden_layers}x{config.intermediate_size}"
+            else:
+                cell = _human(count)
+            if args.ratio:
+                cell += f" ({count / PRESETS['transformer'][1][SIZES.index(size)]:.2f})"
+            cells.append(cell)
+        rows.append([name, blocks, *cells])
     header = ["preset", "blocks", *sizes]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:

@@ -1,13 +1,14 @@
-"""Named presets of both papers at five sizes: ``build(name, size="tiny", **overrides)``.
+"""Named presets of both papers at six sizes: ``build(name, size="tiny", **overrides)``.
 
 Every preset is a configuration of :class:`DeepMemoryConfig`: a block pattern plus, for the
 memory models, an :class:`~deepmemory.ops.UpdateRule` and the memory layer's own settings (the
 families of Titans §4 and ATLAS §5; docs/models/index.md); sizes follow ATLAS Table 7. At the
-paper sizes the SwiGLU width is Transformer++'s, solved so that its parameter count (tied
-32000-token embeddings included) lands on the size's name, and every family keeps that width:
-the papers' budgets are approximate, and shrinking a hybrid's MLP to match a count would compare
-mostly the missing MLP. The other families' counts are then what they are (``deepmemory models``
-shows them; docs/models/index.md).
+paper sizes every preset's parameter count (tied 32000-token embeddings included) lands on the
+size's name, as the papers compare at equal size, by one rule per kind of block (``_matched_size``;
+docs/models/index.md#matched-sizes): a model of one mixer per block (Transformer++, SWA, every
+memory and kernel family) keeps Table 7's blocks and has its SwiGLU width solved; a hybrid (MAC,
+MAG, MAL: attention and a memory in every block) keeps Transformer++'s block widths and has its
+number of blocks solved.
 """
 
 from __future__ import annotations
@@ -112,23 +113,24 @@ PRESETS: dict[str, tuple[str, Memory, dict]] = {
 PERSISTENT_MEMORY = ("titans-lmm",)
 
 # size -> (config fields, parameter target or None). Tiny runs forward+backward on a CPU in
-# seconds; the others are ATLAS Table 7 with the library's paper-size defaults for windows and
-# segments (docs/models/index.md).
+# seconds; tiny-w16 is tiny with 16-token attention windows and MAC segments, for recall tasks of
+# 64 to thousands of tokens where attention must not cover the task (memory carries the long range);
+# the others are ATLAS Table 7 with the library's paper-size defaults for windows and segments
+# (docs/models/index.md).
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    attention_window=64,
+    segment_size=64,
+    num_persistent=4,
+    chunk_size=16,
+)
 SIZES: dict[str, tuple[dict, float | None]] = {
-    "tiny": (
-        dict(
-            vocab_size=256,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            attention_window=64,
-            segment_size=64,
-            num_persistent=4,
-            chunk_size=16,
-        ),
-        None,
-    ),
+    "tiny": (TINY, None),
+    "tiny-w16": (dict(TINY, attention_window=16, segment_size=16), None),
     "170m": (dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=16), 170e6),
     "340m": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16), 340e6),
     "760m": (dict(hidden_size=1536, num_hidden_layers=24, num_attention_heads=16), 760e6),
@@ -156,9 +158,9 @@ def _config_fields() -> tuple[str, ...]:
 
 def _family_fields(name: str, size: str) -> dict:
     block, memory, kernel = PRESETS[name]
-    fields, _ = SIZES[size]
+    fields, target = SIZES[size]
     fields = dict(fields)
-    if size != "tiny":
+    if target is not None:  # a paper size
         fields = dict(PAPER_DEFAULTS, **fields)
     chunk_size = fields.pop("chunk_size")
     if block not in ("mac", "mag", "mal") and name not in PERSISTENT_MEMORY:
@@ -172,7 +174,7 @@ def _family_fields(name: str, size: str) -> dict:
         memory = {}
     if kernel:
         kernel = dict(kernel, chunk_size=chunk_size)
-    if memory.get("feature_map") == "polynomial" and size != "tiny":
+    if memory.get("feature_map") == "polynomial" and target is not None:
         fields.update(head_dim=POLY_HEAD_DIM, num_attention_heads=fields["hidden_size"] // POLY_HEAD_DIM)
     return dict(fields, layer_pattern=block, memory=memory, kernel=kernel)
 
@@ -202,15 +204,42 @@ def preset_config(name: str, size: str = "tiny", **overrides) -> DeepMemoryConfi
     if fields["kernel"].get("window") == "attention":
         fields["kernel"]["window"] = fields["attention_window"]
     target = SIZES[size][1]
-    if target is not None and "intermediate_size" not in overrides:
-        # Transformer++'s width at this size (and these overrides) for every family
-        shared = {k: v for k, v in overrides.items() if k not in ("memory", "kernel", "layer_pattern")}
-        baseline = dict(_family_fields("transformer", size), **shared)
-        fields["intermediate_size"] = _solve_mlp_width(baseline, target)
+    if target is not None:
+        fields.update(_matched_size(fields, size, overrides, target))
     return DeepMemoryConfig(**fields)
 
 
+HYBRID_BLOCKS = ("mac", "mag", "mal")
+
+
+def _matched_size(fields: dict, size: str, overrides: dict, target: float) -> dict:
+    """The SwiGLU width and number of blocks that bring a paper-size preset to ``target``
+    parameters (docs/models/index.md#matched-sizes), each unless ``overrides`` gives it:
+
+    - one mixer per block (``attn``, ``swa``, ``memory``, ``kernel``, or any list ``layer_pattern``):
+      ATLAS Table 7's blocks, the SwiGLU width solved for this model;
+    - a hybrid (``mac``, ``mag``, ``mal``: attention and a memory in every block): Transformer++'s
+      SwiGLU width at this size, the number of blocks solved (solving its width instead would leave a
+      vestigial MLP: 215 channels for ``titans-mac`` at 340m, 8% of Transformer++'s).
+    """
+    sized = {}
+    hybrid = isinstance(fields["layer_pattern"], str) and fields["layer_pattern"] in HYBRID_BLOCKS
+    if hybrid and "num_hidden_layers" not in overrides:
+        if "intermediate_size" not in overrides:
+            shared = {k: v for k, v in overrides.items() if k not in ("memory", "kernel", "layer_pattern")}
+            sized["intermediate_size"] = _solve_mlp_width(dict(_family_fields("transformer", size), **shared), target)
+        sized["num_hidden_layers"] = _solve_blocks(dict(fields, **sized), target)
+    elif "intermediate_size" not in overrides:
+        sized["intermediate_size"] = _solve_mlp_width(fields, target)
+    return sized
+
+
 _WIDTHS: dict[str, int] = {}
+_BLOCKS: dict[str, int] = {}
+
+
+def _key(fields: dict, solved: str) -> str:
+    return json.dumps({k: v for k, v in fields.items() if k != solved}, sort_keys=True, default=str)
 
 
 def count_parameters(config: DeepMemoryConfig) -> tuple[int, int]:
@@ -225,7 +254,7 @@ def count_parameters(config: DeepMemoryConfig) -> tuple[int, int]:
 
 def _solve_mlp_width(fields: dict, target: float) -> int:
     # the count is affine in the SwiGLU width: total = rest + 3 * hidden * width * n_mlp
-    key = json.dumps(fields, sort_keys=True, default=str)
+    key = _key(fields, "intermediate_size")
     if key not in _WIDTHS:
         probe = 4 * fields["hidden_size"]
         total, mlp = count_parameters(DeepMemoryConfig(**dict(fields, intermediate_size=probe)))
@@ -241,6 +270,22 @@ def _solve_mlp_width(fields: dict, target: float) -> int:
             )
         _WIDTHS[key] = width
     return _WIDTHS[key]
+
+
+def _solve_blocks(fields: dict, target: float) -> int:
+    # a uniform layer pattern's count is affine in the number of blocks: total = rest + n * per_block
+    key = _key(fields, "num_hidden_layers")
+    if key not in _BLOCKS:
+        one, two = (count_parameters(DeepMemoryConfig(**dict(fields, num_hidden_layers=n)))[0] for n in (1, 2))
+        per_block, rest = two - one, 2 * one - two
+        blocks = int(round((target - rest) / per_block))
+        if blocks < 1:
+            raise ValueError(
+                f"one block of {per_block:,} parameters and {rest:,} outside the blocks exceed the target "
+                f"{target:,.0f}; pass num_hidden_layers"
+            )
+        _BLOCKS[key] = blocks
+    return _BLOCKS[key]
 
 
 def build(name: str, size: str = "tiny", **overrides):
