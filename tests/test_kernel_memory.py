@@ -261,8 +261,9 @@ def test_layer_forward_backward(loss, window, normalized, depth):
 
 
 def test_layer_linear_is_attention_on_its_projections():
-    """depth=1, no residual, constant lr = 1 (max_lr=2, zero gate): softmax attention on q, k, v."""
-    layer = _layer(depth=1, residual=False, max_lr=2.0)
+    """depth=1, no residual, constant lr = 1 (max_lr=2, zero gate), the papers' rule (no step
+    bound): softmax attention on q, k, v."""
+    layer = _layer(depth=1, residual=False, max_lr=2.0, step_bound=None)
     with torch.no_grad():
         layer.lr_proj.weight.zero_()
         layer.lr_proj.bias.zero_()
@@ -611,8 +612,10 @@ def test_op_input_errors(name):
 
 def test_layer_carries_its_rule():
     layer = KernelMemory(32, 2, 8, window=3, loss="l2", chunk_size=5)
-    assert layer.rule == KernelRule(window=3, loss="l2", chunk_size=5)
-    assert (layer.window, layer.loss, layer.chunk_size, layer.depth) == (3, "l2", 5, 2)
+    # the layer bounds a chunk's summed step by default (the rule's own default is the papers')
+    assert layer.rule == KernelRule(window=3, loss="l2", chunk_size=5, step_bound=1.0)
+    assert KernelRule().step_bound is None
+    assert (layer.window, layer.loss, layer.chunk_size, layer.depth, layer.step_bound) == (3, "l2", 5, 2, 1.0)
     _, state = layer(torch.randn(1, 7, 32), return_state=True)
     assert state.recurrent_state.rule == layer.rule
 

@@ -16,6 +16,8 @@ from ..ops.kernel import KernelRule, KernelState, kernel_memory
 from ..tree import State
 from .memory_layer import ConvStates, QKVMixer, op_precision
 
+KERNEL_STEP_BOUND = 1.0  # the layer's step_bound when none is given (KernelRule.step_bound)
+
 
 @dataclass
 class KernelMemoryState(State):
@@ -42,10 +44,17 @@ class KernelMemory(QKVMixer):
     float32, float64 for float64 x, also under autocast) -> ``[B, T, hidden_size]`` in x's dtype
     (autocast's under autocast).
 
-    The settings ``window, window_rule, loss, depth, activation, residual, normalized, chunk_size`` make the
-    layer's :class:`~deepmemory.ops.KernelRule` (``self.rule``; each also readable as an
-    attribute); ``expansion`` sets the hidden width ``expansion * head_dim`` of the deeper
-    matrices; ``conv_size=0`` drops the short convolution.
+    The settings ``window, window_rule, loss, depth, activation, residual, normalized, chunk_size,
+    step_bound`` make the layer's :class:`~deepmemory.ops.KernelRule` (``self.rule``; each also
+    readable as an attribute); ``expansion`` sets the hidden width ``expansion * head_dim`` of the
+    deeper matrices; ``conv_size=0`` drops the short convolution.
+
+    ``step_bound`` defaults here to ``KERNEL_STEP_BOUND`` = 1.0 (the rule's own default, None, is
+    the papers' rule): a chunk's summed step along each matrix's inputs, ``φ*(k)`` of norm
+    ``exp(τ/2)`` for the first, stays below 1 (``KernelRule.step_bound``). Without it the
+    unnormalised forms multiply every step by ``exp(τ)`` and a Hebbian (``loss="dot"``) deep
+    memory's read grows without bound, overflowing within tens of tokens at ``max_lr`` 1
+    (docs/models/deep-transformer.md); ``step_bound=None`` is the papers' rule.
 
     Initialisation: ``W_0 = 0`` (so the memory starts as the identity, or zero without the
     residual); deeper matrices ``N(0, 1/cols)`` so that the first layer's gradient is not zero.
@@ -72,6 +81,7 @@ class KernelMemory(QKVMixer):
         chunk_size: int = 16,
         max_lr: float = 1.0,
         conv_size: int = 4,
+        step_bound: float | None = KERNEL_STEP_BOUND,
     ):
         super().__init__(hidden_size, num_heads, head_dim, conv_size)
         self.check_settings(dict(expansion=expansion, max_lr=max_lr, conv_size=conv_size))
@@ -84,6 +94,7 @@ class KernelMemory(QKVMixer):
             window_rule=window_rule,
             normalized=normalized,
             chunk_size=chunk_size,
+            step_bound=step_bound,
         )
         self.max_lr = float(max_lr)
         self.lr_proj = nn.Linear(hidden_size, num_heads)
@@ -144,12 +155,13 @@ class KernelMemory(QKVMixer):
     residual = property(lambda self: self.rule.residual)
     normalized = property(lambda self: self.rule.normalized)
     chunk_size = property(lambda self: self.rule.chunk_size)
+    step_bound = property(lambda self: self.rule.step_bound)
 
     def extra_repr(self) -> str:
         return (
             f"window={self.window}, window_rule={self.window_rule}, loss={self.loss}, depth={self.depth}, "
             f"residual={self.residual}, "
-            f"normalized={self.normalized}, chunk_size={self.chunk_size}"
+            f"normalized={self.normalized}, chunk_size={self.chunk_size}, step_bound={self.step_bound}"
         )
 
 

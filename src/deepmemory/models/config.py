@@ -6,7 +6,7 @@ from transformers import PretrainedConfig
 
 from ..checks import check_choice, check_int, check_positive
 from ..layers.common import default_intermediate_size
-from ..layers.kernel_memory import KernelMemory
+from ..layers.kernel_memory import KERNEL_STEP_BOUND, KernelMemory
 from ..layers.memory_layer import SETTINGS as MEMORY_SETTINGS
 from ..layers.memory_layer import NeuralMemory, default_step_bound
 from ..ops import UpdateRule
@@ -91,6 +91,8 @@ class DeepMemoryConfig(PretrainedConfig):
         if set(self.layer_pattern) & set(MEMORY_BLOCKS) and "step_bound" not in self.memory:
             # recorded, so that a saved config keeps the bound it was made with (see from_dict)
             self.memory["step_bound"] = default_step_bound(self.memory.get("optimizer", MEMORY_SETTINGS["optimizer"]))
+        if "kernel" in self.layer_pattern and "step_bound" not in self.kernel:
+            self.kernel["step_bound"] = KERNEL_STEP_BOUND  # the same for the kernel memory's bound
         super().__post_init__(**kwargs)
         self.check()
 
@@ -99,7 +101,8 @@ class DeepMemoryConfig(PretrainedConfig):
         """A config from a stored dict (``from_pretrained``, a run's record). A config with memory
         blocks whose ``memory`` settings do not name ``step_bound`` was saved before the memory
         layer bounded stale steps by default: it loads with ``step_bound=None``, the rule it was
-        trained with (new configs always record it)."""
+        trained with (new configs always record it). The same for ``kernel`` blocks whose
+        ``kernel`` settings do not name it (saved before the kernel memory's bound)."""
         memory = config_dict.get("memory")
         pattern = config_dict.get("layer_pattern", "attn")
         blocks = (
@@ -107,6 +110,9 @@ class DeepMemoryConfig(PretrainedConfig):
         )
         if blocks & set(MEMORY_BLOCKS) and (memory is None or isinstance(memory, dict) and "step_bound" not in memory):
             config_dict = dict(config_dict, memory=dict(memory or {}, step_bound=None))
+        kernel = config_dict.get("kernel")
+        if "kernel" in blocks and (kernel is None or isinstance(kernel, dict) and "step_bound" not in kernel):
+            config_dict = dict(config_dict, kernel=dict(kernel or {}, step_bound=None))
         return super().from_dict(config_dict, **kwargs)
 
     @property

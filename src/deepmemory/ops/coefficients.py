@@ -221,12 +221,23 @@ def step_scale(inputs, coef: Tensor, bound: float) -> Tensor:
     norm (``0 * inf`` would be NaN), so a huge input later in the chunk cannot reach earlier rows;
     a zero input counts as nothing. Differentiable, with finite gradients where the bound is
     inactive (the factor is then the constant 1)."""
+    return gram_step_scale([input_gram(a) for a in inputs], coef, bound)
+
+
+def input_gram(a: Tensor) -> tuple[Tensor, Tensor]:
+    """``(||a_i||^2 [..., n], cos^2(a_i, a_j) [..., n, n])`` of inputs ``a [..., n, cols]``, what
+    :func:`gram_step_scale` needs of a matrix (a zero input has cosines 0)."""
+    sq = a.pow(2).sum(-1)  # [..., n_ext]: ||a_i||^2 (inf for a huge input)
+    pos = sq > 0
+    unit = torch.where(pos.unsqueeze(-1), a * torch.rsqrt(torch.where(pos, sq, 1.0)).unsqueeze(-1), 0.0)
+    return sq, (unit @ unit.transpose(-1, -2)).pow(2)
+
+
+def gram_step_scale(grams, coef: Tensor, bound: float) -> Tensor:
+    """:func:`step_scale` from each matrix's ``(||a_i||^2, cos^2(a_i, a_j))`` (:func:`input_gram`,
+    or a kernel's: the implicit inputs ``φ*(k_i)`` of ``deepmemory.ops.kernel_memory``)."""
     f2 = None
-    for a in inputs:
-        sq = a.pow(2).sum(-1)  # [..., n_ext]: ||a_i||^2 (inf for a huge input)
-        pos = sq > 0
-        unit = torch.where(pos.unsqueeze(-1), a * torch.rsqrt(torch.where(pos, sq, 1.0)).unsqueeze(-1), 0.0)
-        cos2 = (unit @ unit.transpose(-1, -2)).pow(2)  # [..., n_ext, n_ext]
+    for sq, cos2 in grams:
         c = torch.where(coef > 0, coef * sq.unsqueeze(-2), 0.0)
         norm2 = ((c @ cos2) * c).sum(-1)
         f2 = norm2 if f2 is None else torch.maximum(f2, norm2)

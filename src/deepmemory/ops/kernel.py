@@ -87,9 +87,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..checks import Settings, check_bool, check_choice, check_int
+from ..checks import Settings, check_bool, check_choice, check_int, check_positive
 from ..tree import State
-from .coefficients import nonfinite, poison_rows, zero_rows
+from .coefficients import gram_step_scale, input_gram, nonfinite, poison_rows, zero_rows
 from .inputs import check_sequence, check_weight_shapes, check_weights, compute_dtype, rule_mismatch
 from .memory import ACTIVATIONS, LOSSES, activation_backward
 from .memory import activation as act_fn
@@ -122,6 +122,18 @@ class KernelRule(Settings):
             instead of the paper's unnormalised form (ATLAS eq. 26).
         chunk_size: tokens whose gradients are taken at the same memory (int >= 1; 1 is fully
             online). It changes the rule, not only its speed.
+        step_bound: None (the papers' rule) or ``tau > 0``: the bound on a chunk's summed step of
+            ``UpdateRule.step_bound``, for every matrix the implicit first one included. Row
+            ``t`` of a chunk applies the chunk's gradients with weights ``C(t, i)`` (the summed
+            learning rates of the steps up to ``t`` that apply token ``i``'s); for each matrix,
+            ``H_t = Σ_i C(t, i) a_i a_i^T`` over its inputs ``a_i`` (``φ*(k_i)`` for the first:
+            ``||φ*(k)||^2 = exp(scale |k|^2)``, ``cos^2(φ*(k_i), φ*(k_j)) = exp(-scale |k_i -
+            k_j|^2)``; under ``normalized`` its inputs count as unit vectors, the read being a
+            weighted mean of the signals). Where the largest ``||H_t||_F`` exceeds ``tau``, the
+            chunk's learning rates as row ``t`` sees them, and as the state after the chunk sees
+            them for its last row, are multiplied by ``tau / ||H_t||_F``. It keeps the exponential
+            kernel's ``exp(scale)`` from multiplying every step, and a Hebbian (``"dot"``) deep
+            memory, whose loss has no minimum, from growing without bound (docs/models/deep-transformer.md).
 
     Raises:
         TypeError / ValueError: a one-line message naming the first bad field.
@@ -135,6 +147,7 @@ class KernelRule(Settings):
     window_rule: str = "omega"
     normalized: bool = True
     chunk_size: int = 16
+    step_bound: float | None = None
 
     def omega(self) -> bool:
         """Whether the rule takes a finite window's gradients again at every step (``window``
@@ -160,6 +173,7 @@ KernelRule.FIELD_CHECKS = {
     "window_rule": lambda label, v: check_choice(label, v, WINDOW_RULES),
     "normalized": check_bool,
     "chunk_size": check_int,
+    "step_bound": lambda label, v: None if v is None else check_positive(label, v),
 }
 KERNEL_FIELDS = KernelRule.field_names()
 assert tuple(KernelRule.FIELD_CHECKS) == KERNEL_FIELDS
@@ -313,6 +327,25 @@ def _write(k, v, lr, keys, d0, weights, scale, rule: KernelRule):
     return coef * g0, [coef * g for g in signals], inputs
 
 
+def _step_scale(
+    coef: Tensor, keys: Tensor, inputs: list[Tensor], bad: Tensor, scale: Tensor, rule: KernelRule
+) -> Tensor:
+    """``rule.step_bound``'s factor ``[B, H, m]`` on the rows of ``coef [B, H, m, n]``, the weights of
+    the gradients of ``n`` tokens with keys ``keys [B, H, n, dk]`` and deeper inputs ``inputs``
+    (:func:`~.coefficients.gram_step_scale`; the first matrix's inputs are ``φ*(k_i)``: ``||φ*(k)||^2
+    = exp(scale |k|^2)``, 1 under a normalised read, and ``cos^2(φ*(k_i), φ*(k_j)) = exp(2 scale
+    k_i·k_j - scale |k_i|^2 - scale |k_j|^2) = exp(-scale |k_i - k_j|^2)``). The tokens flagged in
+    ``bad [B, H, n]`` count as nothing (the rows that see them are poisoned anyway), so that their
+    values reach no other row."""
+    assert rule.step_bound is not None
+    keys = zero_rows(bad, keys)
+    sq = keys.pow(2).sum(-1)
+    cos2 = torch.exp((scale * (2 * keys @ keys.transpose(-1, -2) - sq.unsqueeze(-1) - sq.unsqueeze(-2))).clamp_max(0))
+    norm2 = torch.ones_like(sq) if rule.normalized else torch.exp(scale[..., 0] * sq)
+    grams = [(torch.where(bad, 0.0, norm2), cos2)] + [input_gram(zero_rows(bad, a)) for a in inputs]
+    return gram_step_scale(grams, coef, rule.step_bound)
+
+
 def _sees(visible: Tensor, bad: Tensor) -> Tensor:
     """Whether each query row sees a marked token: ``visible [m, n]``, ``bad [B, H, n]`` -> ``[B, H, m]``
     (a product of counts, so nothing of size ``B H m n`` is made)."""
@@ -373,23 +406,42 @@ def kernel_chunk(
             gone = mask.new_zeros(e - s, n_e)
         else:
             gone = torch.arange(s - n_e, s, device=q.device) <= pos_t - window
-        sign = torch.cat([-gone.to(q.dtype), mask[:, keys.shape[2] :].to(q.dtype)], 1)
+        sign: Tensor = torch.cat([-gone.to(q.dtype), mask[:, keys.shape[2] :].to(q.dtype)], 1)
+        visible = sign != 0  # [m, n_e + m]
+        n0 = keys.shape[2]
+        bound = None
+        if rule.step_bound is not None:  # row t's view of the chunk's writes (the state's: the last row)
+            flagged = new_bad
+            for bd in bad_sig:
+                flagged = flagged | bd[:, :, n_e:]
+            coef = torch.where(mask[:, n0:], ll[:, :, s:e].unsqueeze(-2), 0.0)  # C [B, H, m, m]
+            bound = _step_scale(coef, kk[:, :, s:e], new_inp, flagged, sc, rule)  # [B, H, m]
+            sign = torch.cat([-gone.to(q.dtype).expand(bsz, nh, -1, -1), sign[:, n_e:] * bound.unsqueeze(-1)], -1)
         if e > pend:
             lo = max(s, pend)
             read_sig = [zero_rows(bd, t) for bd, t in zip(bad_sig, all_sig)]
-            z0 = _kernel_read(qq[:, :, lo:e], all_keys, all_d0, sc, mask[lo - s :], rule.normalized)
-            y, _ = _read(qq[:, :, lo:e], z0, mats, (sign[lo - s :] != 0, sign[lo - s :], read_sig, all_inp), rule)
+            x = qq[:, :, lo:e]
+            if bound is None:
+                z0 = _kernel_read(x, all_keys, all_d0, sc, mask[lo - s :], rule.normalized)
+            else:  # the stored tokens as they are, the chunk's scaled by the row's factor
+                w = _kernel_weights(x, all_keys, sc, mask[lo - s :], rule.normalized)
+                z0 = w[..., :n0] @ d0 + (w[..., n0:] * bound[:, :, lo - s :, None]) @ all_d0[:, :, n0:]
+            y, _ = _read(x, z0, mats, (visible[lo - s :], sign[..., lo - s :, :], read_sig, all_inp), rule)
             # the rows that see a flagged token (in the first layer or a deeper one)
             seen = _sees(mask[lo - s :], all_bad0)
             for bd in bad_sig:
-                seen = seen | _sees(sign[lo - s :] != 0, bd)
+                seen = seen | _sees(visible[lo - s :], bd)
             outs.append(poison_rows(seen, y))
         if e - s < b:  # unfinished chunk: its raw inputs are kept instead
             break
         mats = [
-            w + torch.einsum("bhi,bhir,bhic->bhrc", sign[-1].expand(bsz, nh, -1), d, a)
+            w + torch.einsum("bhi,bhir,bhic->bhrc", sign[..., -1, :].expand(bsz, nh, -1), d, a)
             for w, d, a in zip(mats, all_sig, all_inp)
         ]
+        if bound is not None:  # the chunk's writes as the state after it holds them
+            end = bound[:, :, -1, None, None]
+            all_d0 = torch.cat([d0, all_d0[:, :, n0:] * end], 2)
+            all_sig = [torch.cat([t[:, :, :n_e], t[:, :, n_e:] * end], 2) for t in all_sig]
         keep = all_keys.shape[2] if window is None else min(window, all_keys.shape[2])
         keys, d0, bad0 = all_keys[:, :, -keep:], all_d0[:, :, -keep:], all_bad0[:, :, -keep:]
         keep_e = 0 if window is None else min(window, all_keys.shape[2])
@@ -461,6 +513,11 @@ def omega_chunk(
         pos_e = torch.arange(s - r, e, device=q.device)
         in_window = (pos_e <= pos_t) & (pos_e > pos_t - c)  # [step, i]: i ∈ I_step
         coef = torch.cumsum(torch.where(in_window, ll[:, :, s:e, None], 0.0), 2)  # C [B, H, m, r + m]
+        if rule.step_bound is not None:  # row t's view of the chunk's steps (the state's: the last row)
+            flagged = e_bad
+            for bd in g_bad:
+                flagged = flagged | bd
+            coef = _step_scale(coef, e_k, inputs, flagged, sc, rule).unsqueeze(-1) * coef
         applied = pos_e <= pos_t  # where C is not structurally zero (E starts within c-1 of t')
         if e > pend:
             lo = max(s, pend)

@@ -38,6 +38,27 @@ from .kernel import KernelState
 from .memory import activation
 
 
+def step_factor(rule, scale: Tensor, coefs: list[Tensor], keys: list[Tensor], inputs: list[list[Tensor]]) -> Tensor:
+    """``rule.step_bound``'s factor ``[B, H]`` on one row's step, from its definition: the row
+    applies token ``i``'s gradient with weight ``coefs[i] [B, H]`` (only positive weights count);
+    ``H_0 = Σ_i c_i φ*(k_i) φ*(k_i)^T`` has ``||H_0||_F^2 = Σ_ij c_i c_j (φ*(k_i)·φ*(k_j))^2``,
+    ``φ*(k_i)·φ*(k_j) = exp(scale k_i·k_j)`` (divided by the norms ``exp(scale |k|^2 / 2)`` under a
+    normalised read); each deeper matrix's ``H_l = Σ_i c_i a_{l,i} a_{l,i}^T`` is materialised
+    (``inputs[l][i] [B, H, cols]``). ``min(1, tau / max_l ||H_l||_F)``."""
+    c = torch.stack([torch.where(x > 0, x, 0.0) for x in coefs], -1)  # [B, H, n]
+    kk = torch.stack(keys, 2)  # [B, H, n, dk]
+    dots = torch.exp(scale[None, :, None, None] * torch.einsum("bhid,bhjd->bhij", kk, kk))
+    if rule.normalized:
+        norms = torch.diagonal(dots, dim1=-2, dim2=-1)
+        dots = dots / torch.sqrt(norms.unsqueeze(-1) * norms.unsqueeze(-2))
+    f2 = torch.einsum("bhi,bhj,bhij->bh", c, c, dots.pow(2))
+    for a in inputs:
+        h = torch.einsum("bhn,bhnr,bhnc->bhrc", c, torch.stack(a, 2), torch.stack(a, 2))
+        f2 = torch.maximum(f2, h.pow(2).sum((-1, -2)))
+    tau = rule.step_bound
+    return torch.where(f2 > tau * tau, tau / torch.sqrt(f2), torch.ones_like(f2))
+
+
 def kernel_reference(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, scale: Tensor, st: KernelState, output_final_state: bool
 ) -> tuple[Tensor, KernelState | None]:
@@ -75,22 +96,29 @@ def kernel_reference(
         """I_t: the stored tokens up to t that are in t's window."""
         return [i for i in sorted(keys) if i <= t and (window is None or i > t - window)]
 
-    def first_layer(x: Tensor, idx: list[int]) -> Tensor:
-        """W_0 φ*(x) = Σ_{i∈I} D_{0,i} exp(scale k_i·x) (normalised: divided by Σ_{i∈I} exp(...))."""
+    def first_layer(x: Tensor, idx: list[int], f: dict[int, Tensor] | None = None) -> Tensor:
+        """W_0 φ*(x) = Σ_{i∈I} D_{0,i} exp(scale k_i·x) (normalised: divided by Σ_{i∈I} exp(...));
+        the signals of the tokens in ``f`` multiplied by their factor ``[B, H]``."""
         if not idx:  # W_0 = 0
             return x.new_zeros(*x.shape[:-1], st.signals.shape[-1])
         s = sc * torch.einsum("bhd,bhnd->bhn", x, torch.stack([keys[i] for i in idx], 2))
         w = torch.softmax(s, -1) if rule.normalized else torch.exp(s)
-        return torch.einsum("bhn,bhnr->bhr", w, torch.stack([d0[i] for i in idx], 2))
+        f = f or {}
+        return torch.einsum(
+            "bhn,bhnr->bhr", w, torch.stack([d0[i] * f[i][..., None] if i in f else d0[i] for i in idx], 2)
+        )
 
-    def matrices(idx: list[int]) -> list[Tensor]:
-        """W_l = W_l^init + Σ_{i∈I} D_{l,i} a_{l,i}^T, materialised."""
+    def matrices(idx: list[int], f: dict[int, Tensor] | None = None) -> list[Tensor]:
+        """W_l = W_l^init + Σ_{i∈I} D_{l,i} a_{l,i}^T, materialised (``f`` as in ``first_layer``)."""
+        f = f or {}
         mats = []
         for l, w in enumerate(base):
-            held = [deep[i][l] for i in idx if i in deep]
+            held = [(i, deep[i][l]) for i in idx if i in deep]
             if held:
                 w = w + torch.einsum(
-                    "bhnr,bhnc->bhrc", torch.stack([d for d, _ in held], 2), torch.stack([a for _, a in held], 2)
+                    "bhnr,bhnc->bhrc",
+                    torch.stack([d * f[i][..., None] if i in f else d for i, (d, _) in held], 2),
+                    torch.stack([a for _, (_, a) in held], 2),
                 )
             mats.append(w)
         return mats
@@ -123,10 +151,28 @@ def kernel_reference(
                 coef = -ll[:, :, i, None]
                 keys[i], d0[i] = x, coef * delta[0]
                 deep[i] = [(coef * delta[l], activation(rule.activation, z[l - 1])) for l in range(1, depth)]
-            for t in range(max(cs, pend), ce):
-                idx = members(t)
-                y, _ = forward(q[:, :, t - pend], first_layer(q[:, :, t - pend], idx), matrices(idx))
-                ys.append(y)
+            # the step bound: row t's view of the chunk's writes (the state's: the last row)
+            factor: dict[int, Tensor] = {}
+            for t in range(cs, ce):
+                if rule.step_bound is not None:
+                    mine = [i for i in members(t) if i >= cs]
+                    factor[t] = step_factor(
+                        rule,
+                        scale,
+                        [ll[:, :, i] for i in mine],
+                        [keys[i] for i in mine],
+                        [[deep[i][l][1] for i in mine] for l in range(depth - 1)],
+                    )
+                if t >= pend:
+                    idx = members(t)
+                    f = {i: factor[t] for i in idx if i >= cs} if factor else None
+                    y, _ = forward(q[:, :, t - pend], first_layer(q[:, :, t - pend], idx, f), matrices(idx, f))
+                    ys.append(y)
+            if factor and ce - cs == b:  # a finished chunk: its writes as the state holds them
+                end = factor[ce - 1][..., None]
+                for i in range(cs, ce):
+                    d0[i] = d0[i] * end
+                    deep[i] = [(d * end, a) for d, a in deep[i]]
     y = torch.stack(ys, 2)
     if not grad_mode:
         y = y.detach()
@@ -242,6 +288,37 @@ def omega_reference(
             rule=rule,
         )
 
+    def bounded_steps(cs: int, ce: int, window: list[int], frozen: dict[int, Tensor], start: list[Tensor], g0, deep):
+        """The chunk's steps under ``rule.step_bound``: row ``t`` reads the chunk-start memory plus
+        the chunk's steps so far, ``Σ_i C(t, i) (-∇ loss_i)``, times its factor; the memory after
+        the chunk is its last row's. Fills ``d0`` and ``ys``; returns the deeper matrices."""
+        coef = [kk.new_zeros(*kk.shape[:2]) for _ in window]  # C(t, i): the rates applied so far
+        mats = start
+        for t in range(cs, ce):
+            for j, i in enumerate(window):
+                if t - c < i <= t:
+                    coef[j] = coef[j] + ll[:, :, t]
+            applied = [j for j, i in enumerate(window) if i <= t]
+            f = step_factor(
+                rule,
+                scale,
+                [coef[j] for j in applied],
+                [keys[window[j]] for j in applied],
+                [[a[:, :, j] for j in applied] for _, a in deep],
+            )
+            for j in applied:
+                held = frozen.get(window[j], torch.zeros_like(g0[:, :, j]))
+                d0[window[j]] = held + (f * coef[j])[..., None] * g0[:, :, j]
+            weight = f[..., None] * torch.stack([coef[j] for j in applied], -1)  # [B, H, n]
+            mats = [
+                w + torch.einsum("bhn,bhnr,bhnc->bhrc", weight, g[:, :, applied], a[:, :, applied])
+                for w, (g, a) in zip(start, deep)
+            ]
+            if t >= pend:
+                x = q[:, :, t - pend, None]
+                ys.append(forward(x, first_layer(x, d0), mats)[0][:, :, 0])
+        return mats
+
     done = n - (st.seen + q.shape[2]) % b  # the start of the unfinished chunk (n when none)
     final = None
     ys = []
@@ -255,6 +332,9 @@ def omega_reference(
                 keys[t], values[t] = kk[:, :, t], vv[:, :, t]
             window = list(range(max(cs - c + 1, -n_s), ce))  # every token of some I_t of the chunk
             g0, deep = gradients(window, frozen, mats)
+            if rule.step_bound is not None:
+                mats = bounded_steps(cs, ce, window, frozen, mats, g0, deep)
+                continue
             for t in range(cs, ce):
                 d0[t] = kk.new_zeros(*kk.shape[:2], st.signals.shape[-1])
                 rate = ll[:, :, t, None]
