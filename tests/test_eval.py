@@ -181,9 +181,34 @@ def test_growing_blocks():
     from deepmemory.models import preset_config
 
     assert growing_blocks(preset_config("transformer", "tiny")) == ["attn", "attn"]
-    assert growing_blocks(preset_config("deep-transformer", "tiny")) == ["kernel", "kernel"]
-    for bounded in ("swa", "swdt", "titans-lmm", "titans-mac", "gated-deltanet"):
+    # the whole DeepTransformer family keeps every key: the Omega window does not retire tokens
+    for kernel in ("deep-transformer", "swdt", "dot"):
+        assert growing_blocks(preset_config(kernel, "tiny")) == ["kernel", "kernel"], kernel
+    swa_kernel = preset_config("swdt", "tiny", kernel=dict(window="attention", window_rule="swa"))
+    for bounded in ("swa", "titans-lmm", "titans-mac", "gated-deltanet"):
         assert growing_blocks(preset_config(bounded, "tiny")) == [], bounded
+    assert growing_blocks(swa_kernel) == []
+
+
+def test_growing_blocks_are_the_caches_that_grow():
+    """``growing_blocks`` names a block exactly where the model's cache grows with the context
+    (measured: every preset, and the kernel memory that retires tokens, at windows and segments of
+    16 tokens, after 48 and 96 tokens)."""
+    from deepmemory.eval import growing_blocks
+    from deepmemory.models import DeepMemoryCache, build, list_presets
+
+    cases = [(name, {}) for name in list_presets()]
+    cases.append(("swdt", dict(kernel=dict(window="attention", window_rule="swa"))))
+    ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(0))
+    for name, overrides in cases:
+        torch.manual_seed(0)
+        model = build(name, "tiny", attention_window=16, segment_size=16, **overrides).eval()
+        cache, sizes = DeepMemoryCache(model.config), []
+        with torch.no_grad():
+            for piece in ids.split(48, 1):
+                model(piece, cache=cache)
+                sizes.append(cache.nbytes())
+        assert bool(growing_blocks(model.config)) == (sizes[1] > sizes[0]), (name, overrides, sizes)
 
 
 def test_parse_lengths_and_depths():

@@ -12,8 +12,8 @@ boundaries (``position_ids`` restarting at each, the targets that begin one at `
 model reads each document alone, docs/training.md "Documents and packing"). Decoding: the model
 reads ``--context`` tokens (chunked prefill, no gradients), then decodes ``--steps`` tokens one at
 a time; prints the mean per-token latency and the size of the recurrent state. Memory-only models
-keep a constant state; attention's KV cache grows with the context (up to
-``--max-attention-context``).
+keep a constant state; attention's KV cache and the DeepTransformer family's stored keys grow with
+the context (up to ``--max-attention-context``).
 """
 
 from __future__ import annotations
@@ -184,12 +184,15 @@ def run_decode(
     max_attention_context=65536,
     plot=None,
 ) -> list[dict]:
+    from deepmemory.eval.decode import growing_blocks
+    from deepmemory.models import preset_config
+
     rows, series = [], {}
     for name in models:
         first = None
         for ctx in contexts:
-            if name in ("transformer", "titans-mac") and ctx > max_attention_context:
-                continue  # a full-attention KV cache grows with the context
+            if ctx > max_attention_context and (name == "titans-mac" or growing_blocks(preset_config(name, size))):
+                continue  # a KV cache (full attention, the DeepTransformer family's keys) grows with the context
             case = dict(
                 model=name,
                 size=size,
@@ -274,8 +277,8 @@ def add_arguments(ap: argparse.ArgumentParser, mode: str | None = None) -> None:
             type=int,
             default=65536,
             help=tag(
-                "longest context for transformer and titans-mac (full attention: the cache grows with it); "
-                "default 65536",
+                "longest context for titans-mac and the models whose cache grows with it (full attention, "
+                "deep-transformer, swdt, dot: deepmemory.eval.growing_blocks); default 65536",
                 "decoding",
             ),
         )

@@ -5,8 +5,9 @@ weights and momentum, conv tails, the unfinished chunk; attention keys and value
 window when there is one), and feeding a sequence in pieces through it gives the logits of one
 pass. So a prompt of any length is read ``chunk_size`` tokens at a time: a model whose blocks keep
 a bounded state (the memory models, sliding-window attention) holds the same memory at 1M tokens
-as at 1K. Blocks whose state grows with the context — full attention (``attn``) and the
-DeepTransformer's global kernel memory (``kernel`` with ``window`` None) — are listed by
+as at 1K. Blocks whose state grows with the context — full attention (``attn``) and the kernel
+memories of the DeepTransformer family (``kernel``: DeepTransformer, SWDT and Dot keep every token's
+key, the Omega window included; only ``window_rule="swa"`` retires tokens) — are listed by
 :func:`growing_blocks`; the evaluator refuses them past ``MAX_GROWING_CONTEXT`` tokens.
 """
 
@@ -23,9 +24,13 @@ MAX_GROWING_CONTEXT = 65536  # tokens: the longest prompt read by a model whose 
 def growing_blocks(config) -> list[str]:
     """The names (``"attn"``, ``"kernel"``) of the blocks of ``config`` (a ``DeepMemoryConfig``)
     whose cache grows with the context, one per block, in layer order: full attention, and a
-    kernel memory without a window (DeepTransformer). Empty for a model of bounded state."""
-    kernel_window = (getattr(config, "kernel", None) or {}).get("window")
-    return [b for b in config.layer_pattern if b == "attn" or (b == "kernel" and kernel_window is None)]
+    kernel memory unless it retires tokens (``window`` set and ``window_rule="swa"``): the
+    DeepTransformer, SWDT and Dot keep every token's key and first-layer signal, because their
+    first layer acts on ``exp``'s infinite feature map and is held as those (docs/models/deep-transformer.md).
+    Empty for a model of bounded state."""
+    kernel = getattr(config, "kernel", None) or {}
+    retires = kernel.get("window") is not None and kernel.get("window_rule", "omega") == "swa"
+    return [b for b in config.layer_pattern if b == "attn" or (b == "kernel" and not retires)]
 
 
 def _step(model: nn.Module, ids: Tensor, cache) -> Tensor:

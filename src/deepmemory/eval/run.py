@@ -239,8 +239,8 @@ class Evaluation:
         EvalError: (one line) any of the above is wrong: an unknown task, a length below a task's
             minimum, a depth outside ``[0, 1]`` or given for a task without depth, a checkpoint that
             cannot be read or whose tokenizer cannot express a task, a model whose cache grows with
-            the context (full attention) asked for more than ``MAX_GROWING_CONTEXT`` tokens, an
-            ``out`` holding results of other settings.
+            the context (full attention, the DeepTransformer family's kernel memories) asked for
+            more than ``MAX_GROWING_CONTEXT`` tokens, an ``out`` holding results of other settings.
     """
 
     def __init__(
