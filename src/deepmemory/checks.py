@@ -166,7 +166,7 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (``type(self)(**d)`` makes the object again)."""
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # type: ignore[call-overload]  # (every subclass is a dataclass)
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]):
