@@ -1,6 +1,7 @@
 """The lm-evaluation-harness model `deepmemory`: loglikelihood, loglikelihood_rolling and
-generate_until against a direct computation from one forward pass, and a local YAML task (over a
-JSON file written here) run offline through the harness. Skipped without `lm-eval`."""
+generate_until against a direct computation from one forward pass, a local YAML task (over a
+JSON file written here) and the shipped example (examples/lm_eval) run offline through the harness,
+the device it picks and the one line of a failure to reach the Hub. Skipped without `lm-eval`."""
 
 import json
 import os
@@ -11,7 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("lm_eval")
+pytest.importorskip("lm_eval", reason='needs lm-eval: pip install "deepmemory[eval]"')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(REPO, "examples", "lm_eval")  # the local tasks docs/evaluation.md runs
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
@@ -141,6 +145,27 @@ def test_bad_model_args(checkpoint, tmp_path):
         DeepMemoryLM(checkpoint=str(tmp_path / "missing"))
 
 
+def test_device_asked_for_or_left_to_the_harness(checkpoint, monkeypatch, recwarn):
+    import deepmemory.eval.lm_eval as adapter
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    harness = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}  # what the command passes
+    # the command line named no --device: the harness's default cuda:0 was not asked for
+    monkeypatch.setattr(adapter, "_harness_chose_device", True)
+    lm = adapter.DeepMemoryLM.create_from_arg_string(f"checkpoint={checkpoint}", harness)
+    assert lm.device.type == "cpu" and not [w for w in recwarn if "CUDA" in str(w.message)]
+    # --device cuda:0 named: the fallback is said
+    monkeypatch.setattr(adapter, "_harness_chose_device", False)
+    with pytest.warns(UserWarning, match="no CUDA device is available; running on the CPU"):
+        adapter.DeepMemoryLM.create_from_arg_string(f"checkpoint={checkpoint}", harness)
+    # device in --model_args wins over --device (they used to clash: a TypeError)
+    lm = adapter.DeepMemoryLM.create_from_arg_string(f"checkpoint={checkpoint},device=cpu", harness)
+    assert lm.device.type == "cpu"
+    assert adapter.DeepMemoryLM(checkpoint=checkpoint, device="auto").device.type == "cpu"
+    with pytest.raises(adapter.DeepMemoryLMError, match="device must be"):
+        adapter.DeepMemoryLM(checkpoint=checkpoint, device="tpu:x")
+
+
 def write_tasks(folder):
     """Two YAML tasks over one local JSON-lines file: multiple choice and generation."""
     os.makedirs(folder, exist_ok=True)
@@ -228,3 +253,69 @@ def test_the_command(checkpoint, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dm_choice" in proc.stdout and "acc" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_shipped_example_runs_offline(checkpoint, lm, monkeypatch):
+    """examples/lm_eval (docs/evaluation.md) through the harness, offline: the accuracy is the share of
+    lines whose right ending scores highest, the bits per byte those of each function read whole."""
+    import math
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(os.path.dirname(REPO))  # the data is found from any working directory
+    results = lm_eval.simple_evaluate(
+        model="deepmemory",
+        model_args=f"checkpoint={checkpoint}",
+        tasks=["deepmemory_python"],
+        log_samples=True,
+        task_manager=TaskManager(include_path=EXAMPLE),
+    )
+    with open(os.path.join(EXAMPLE, "python_syntax.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    with open(os.path.join(EXAMPLE, "python_text.jsonl")) as f:
+        texts = [json.loads(line)["text"] for line in f]
+    assert len(lines) == 40 and all(len(d["choices"]) == 3 and d["label"] == 0 for d in lines) and len(texts) == 6
+    right = 0
+    for doc in lines:
+        scores = [
+            r[0] for r in lm.loglikelihood([Request(doc["context"], c) for c in doc["choices"]], disable_tqdm=True)
+        ]
+        right += max(range(3), key=lambda i: scores[i]) == 0
+    assert results["results"]["deepmemory_python_syntax"]["acc,none"] == pytest.approx(right / 40)
+    nats = -sum(lm.loglikelihood_rolling([Request(t) for t in texts], disable_tqdm=True))
+    want = nats / math.log(2) / sum(len(t.encode()) for t in texts)
+    assert results["results"]["deepmemory_python_bpb"]["bits_per_byte,none"] == pytest.approx(want, rel=1e-5)
+
+
+def run_module(*args, **env):
+    return subprocess.run(
+        [sys.executable, "-m", "deepmemory.eval.lm_eval", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1", **env),
+    )
+
+
+@pytest.mark.slow
+def test_a_hub_task_offline_ends_in_one_line(checkpoint):
+    proc = run_module(
+        "--model", "deepmemory", "--model_args", f"checkpoint={checkpoint}", "--tasks", "hellaswag",
+        HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "CUDA" not in proc.stderr  # --device was left to the harness
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m deepmemory.eval.lm_eval: error: cannot reach the Hugging Face Hub"), last
+    assert "hellaswag" in last and "--include_path examples/lm_eval --tasks deepmemory_python" in last
+    # a bad model argument: one line too; --debug adds the traceback
+    bad = ("--model", "deepmemory", "--model_args", f"checkpoint={checkpoint},chunk_size=0", "--tasks", "hellaswag")
+    proc = run_module(*bad)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "python -m deepmemory.eval.lm_eval: error: --model_args: chunk_size must be a positive integer; got 0"
+    )
+    assert "Traceback" not in proc.stderr and "Traceback" in run_module(*bad, "--debug").stderr

@@ -7,6 +7,8 @@ lm-eval finds models only among its own or those registered in the running proce
 arguments of ``lm_eval``::
 
     python -m deepmemory.eval.lm_eval --model deepmemory --model_args checkpoint=RUN --tasks lambada_openai
+    python -m deepmemory.eval.lm_eval --model deepmemory --model_args checkpoint=RUN \
+        --include_path examples/lm_eval --tasks deepmemory_python    # local data: runs offline
 
 or from Python: ``import deepmemory.eval.lm_eval`` and then ``lm_eval.simple_evaluate(model="deepmemory",
 model_args="checkpoint=RUN", ...)``.
@@ -35,6 +37,19 @@ from lm_eval.api.registry import register_model
 
 DEFAULT_MAX_GEN_TOKS = 256
 AUTO_BATCH_SIZE = 32  # what batch_size="auto" means
+PROG = "python -m deepmemory.eval.lm_eval"
+HARNESS_DEVICE = "cuda:0"  # the device lm_eval's command passes when its command line names none
+# set by main(): whether the command line left --device to the harness (then HARNESS_DEVICE was not asked for)
+_harness_chose_device = False
+# what a failure to reach the Hugging Face Hub raises, by class name (datasets raises the builtin
+# ConnectionError; requests, httpx and huggingface_hub their own)
+HUB_ERRORS = frozenset(
+    {"ConnectionError", "ConnectError", "ConnectTimeout", "OfflineModeIsEnabled", "LocalEntryNotFoundError"}
+)
+
+
+class DeepMemoryLMError(ValueError):
+    """A bad ``--model_args`` setting or checkpoint of the ``deepmemory`` model (one line)."""
 
 
 def _positive_int(name: str, value) -> int:
@@ -47,6 +62,23 @@ def _positive_int(name: str, value) -> int:
     return number
 
 
+def _device(device: str | None) -> torch.device:
+    """The device of ``device`` (see :class:`DeepMemoryLM`): ``auto`` resolved, an unavailable CUDA
+    device replaced by the CPU (with a warning unless the harness chose it by default)."""
+    name = "cpu" if device is None else str(device).strip()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as err:
+        raise DeepMemoryLMError(f"device must be cpu, cuda, cuda:N or auto; got {device!r} ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        if not (_harness_chose_device and name == HARNESS_DEVICE):  # asked for: say so
+            warnings.warn(f"device {device}: no CUDA device is available; running on the CPU", stacklevel=3)
+        return torch.device("cpu")
+    return dev
+
+
 @register_model("deepmemory")
 class DeepMemoryLM(TemplateLM):
     """A deepmemory checkpoint as an lm-evaluation-harness ``LM``.
@@ -54,9 +86,11 @@ class DeepMemoryLM(TemplateLM):
     Args (``--model_args key=value,...``):
         checkpoint: a run directory of ``deepmemory train``, one of its ``checkpoints/step-N``, or
             a folder written by ``deepmemory export``.
-        device: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``; a CUDA device on a machine without
-            one means the CPU, with a warning (the harness passes its ``--device``, ``cuda:0`` by
-            default, on every machine; its ``hf`` model falls back the same way).
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"``, or ``"auto"`` (CUDA when present);
+            a CUDA device on a machine without one means the CPU, with a warning when it was asked
+            for. The harness passes its ``--device`` here; ``python -m deepmemory.eval.lm_eval``
+            without ``--device`` gets ``"auto"``'s choice, silently (the harness's own default,
+            ``cuda:0``, was not asked for). A ``device`` in ``--model_args`` wins over ``--device``.
         batch_size: requests ``loglikelihood`` scores per forward pass (positive int; default 1,
             one request at a time through the cache; ``"auto"`` means 32); lm-eval passes its
             ``--batch_size`` here.
@@ -65,9 +99,23 @@ class DeepMemoryLM(TemplateLM):
             (positive int; default 256).
 
     Raises:
-        ValueError: (one line) an unreadable checkpoint, a bad ``batch_size``/``chunk_size``/
-            ``max_gen_toks``/``device``.
+        DeepMemoryLMError: (a ``ValueError``, one line) an unreadable checkpoint, a bad
+            ``batch_size``/``chunk_size``/``max_gen_toks``/``device``.
     """
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """The harness's constructor from ``--model_args``, where the settings of ``--model_args``
+        win over the harness's own (``--device``, ``--batch_size``) instead of clashing with them."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        extra.pop("max_batch_size", None)  # (batch_size "auto" is a fixed batch here)
+        return cls(**arg_dict, **extra)
 
     def __init__(
         self,
@@ -80,21 +128,18 @@ class DeepMemoryLM(TemplateLM):
         super().__init__()
         from ..train.export import load_run
 
-        # lm-eval's "auto" (and "auto:N") searches the largest batch that fits; here it is a fixed one
-        auto = str(batch_size).strip().startswith("auto")
-        self.batch_size = AUTO_BATCH_SIZE if auto else _positive_int("batch_size", batch_size)
-        self.chunk_size = _positive_int("chunk_size", chunk_size)
-        self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         try:
-            self._device = torch.device(device or "cpu")
-        except RuntimeError as err:
-            raise ValueError(f"device: {err}") from None
-        if self._device.type == "cuda" and not torch.cuda.is_available():
-            # the harness passes --device (default cuda:0) on every machine; its own hf model
-            # falls back to the CPU the same way
-            warnings.warn(f"device {device}: no CUDA device is available; running on the CPU", stacklevel=2)
-            self._device = torch.device("cpu")
-        model, tokenizer, _ = load_run(checkpoint)  # CheckpointError is a ValueError, one line
+            # lm-eval's "auto" (and "auto:N") searches the largest batch that fits; here it is a fixed one
+            auto = str(batch_size).strip().startswith("auto")
+            self.batch_size = AUTO_BATCH_SIZE if auto else _positive_int("batch_size", batch_size)
+            self.chunk_size = _positive_int("chunk_size", chunk_size)
+            self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
+            self._device = _device(device)
+            model, tokenizer, _ = load_run(checkpoint)  # CheckpointError is a ValueError, one line
+        except DeepMemoryLMError:
+            raise
+        except ValueError as err:
+            raise DeepMemoryLMError(" ".join(str(err).split())) from err
         self.model = model.to(self._device).eval()
         self.dm_tokenizer = tokenizer
 
@@ -278,19 +323,56 @@ class DeepMemoryLM(TemplateLM):
         return self.tok_decode(tokens)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m deepmemory.eval.lm_eval [lm_eval arguments]``: the ``lm_eval`` command with the
-    ``deepmemory`` model registered."""
+def _hub_failure(err: BaseException | None) -> BaseException | None:
+    """The error in ``err``'s chain (``raise ... from``, or raised while handling) that says the
+    Hugging Face Hub could not be reached, or ``None``."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if any(c.__name__ in HUB_ERRORS for c in type(err).__mro__):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deepmemory.eval.lm_eval [lm_eval arguments] [--debug]``: the ``lm_eval`` command
+    with the ``deepmemory`` model registered. Returns ``0``; ``2`` after a failure to reach the
+    Hugging Face Hub (a task's data set, offline and not cached) or a bad ``deepmemory`` model
+    argument, printed as one line (after the traceback with ``--debug``)."""
     import sys
+    import traceback
 
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        sys.argv = [sys.argv[0]] + list(argv)
-    cli_evaluate()
+    global _harness_chose_device
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    _harness_chose_device = not any(a == "--device" or a.startswith("--device=") for a in args)
+    sys.argv = [sys.argv[0]] + args
+    try:
+        cli_evaluate()
+    except Exception as err:
+        hub = _hub_failure(err)
+        if hub is None and not isinstance(err, DeepMemoryLMError):
+            raise
+        if debug:
+            traceback.print_exc()
+        if hub is not None:
+            line = (
+                f"cannot reach the Hugging Face Hub for a task's data set ({' '.join(str(hub).split())}); offline, "
+                "a task runs only from data in the cache or on disk, as the local example does: "
+                "--include_path examples/lm_eval --tasks deepmemory_python (docs/evaluation.md)"
+            )
+        else:
+            line = f"--model_args: {err}"
+        print(f"{PROG}: error: {line}", file=sys.stderr)
+        return 2
+    return 0
 
 
 __all__ = ["DeepMemoryLM", "main"]
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
