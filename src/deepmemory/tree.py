@@ -62,7 +62,34 @@ def check_state_fits(state: Any, x: Tensor, name: str = "state") -> None:
 
 
 def tensors(state: Any) -> list[Tensor]:
-    """Every tensor in ``state``, in the order :func:`map_tensors` visits them."""
+    """Every tensor in ``state``, in the order :func:`map_tensors` visits them (a walk that reads the
+    state without rebuilding it: the cache checks every layer's state at each decoded token)."""
     found: list[Tensor] = []
-    map_tensors(state, lambda t: found.append(t) or t)
+    _collect(state, found)
     return found
+
+
+def _collect(state: Any, found: list[Tensor]) -> None:
+    if isinstance(state, Tensor):
+        found.append(state)
+    elif isinstance(state, State):
+        for name in _init_fields(type(state)):
+            _collect(getattr(state, name), found)
+    elif isinstance(state, dict):
+        for v in state.values():
+            _collect(v, found)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            _collect(v, found)
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _init_fields(cls: type) -> tuple[str, ...]:
+    """The fields :func:`map_tensors` visits of a :class:`State` class (none if it is no dataclass)."""
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = tuple(f.name for f in dataclasses.fields(cls) if f.init) if dataclasses.is_dataclass(cls) else ()
+        _FIELDS[cls] = names
+    return names

@@ -70,8 +70,10 @@ class ShortConv(nn.Module):
         # on CPU than a depthwise convolution call, and it needs no layout change
         w = self.conv.weight[:, 0].to(x.dtype)  # [C, k]
         t = x.shape[1]
-        # k >= 1 taps: the sum is a tensor, never sum()'s empty 0
-        y = cast(Tensor, sum(full[:, j : j + t] * w[:, j] for j in range(k)))
+        if t == 1:  # one token (decoding): the k taps in one product and one sum
+            y = (full * w.t()).sum(1, keepdim=True)
+        else:  # k >= 1 taps: the sum is a tensor, never sum()'s empty 0
+            y = cast(Tensor, sum(full[:, j : j + t] * w[:, j] for j in range(k)))
         y = F.silu(y)
         if not return_state:
             return y

@@ -22,6 +22,7 @@ from .inputs import (
 )
 from .memory import MemorySpec, dense_apply, memory_forward
 from .problem import Problem, Result
+from .recurrent import memory_step, step_supported
 from .reference import reference
 from .rule import UpdateRule, resolve_rule
 from .state import MemoryState
@@ -79,6 +80,31 @@ def memory_read(q: Tensor, weights: dict[str, Tensor], *, rule: UpdateRule | Non
 
 def _heads_first(x: Tensor, cd: torch.dtype) -> Tensor:
     return x.transpose(1, 2).to(cd)
+
+
+def _check_state(st, rule: UpdateRule, w0: dict[str, Tensor], q: Tensor, channel: bool) -> None:
+    """``st`` continues a call of ``rule`` with memory shapes ``w0`` on q's device, with the same
+    kind of window gate (per head or channel-wise); a one-line ``TypeError``/``ValueError`` otherwise."""
+    if not isinstance(st, MemoryState):
+        raise TypeError(f"initial_state must be a MemoryState (the op's final_state); got {type(st).__name__}")
+    if st.rule != rule:
+        raise ValueError(rule_mismatch(st.rule, rule))
+    for n, w in w0.items():
+        if st.weights[n].shape != w.shape:
+            raise ValueError(
+                f"initial_state.weights[{n!r}] has shape {list(st.weights[n].shape)}; expected {list(w.shape)}"
+            )
+    if st.keys.device != q.device:
+        raise ValueError(f"initial_state is on {st.keys.device} but q is on {q.device}")
+    if (st.window_gate.dim() == 4) != channel:
+        raise ValueError(
+            "initial_state was made with a "
+            + (
+                "channel-wise window_gate; pass window_gate [B, T, H, dv]"
+                if st.window_gate.dim() == 4
+                else "per-head window_gate (or none); pass window_gate [B, T, H] or None"
+            )
+        )
 
 
 def neural_memory(
@@ -210,6 +236,12 @@ def neural_memory(
 
         return by_document(cu_seqlens, run, q, k, v, lr, momentum, decay, window_gate), None
 
+    if initial_state is not None:
+        _check_state(initial_state, rule, w0, q, channel)
+    if seq == 1 and impl == "chunk" and step_supported(rule):  # decoding: one token as a recurrence
+        o, state = memory_step(rule, q, k, v, lr, momentum, decay, window_gate, w0, initial_state)
+        return o, (state if output_final_state else None)
+
     cd = compute_dtype(q.dtype)
     zeros = q.new_zeros(bsz, seq, nh)
     gates = {
@@ -227,29 +259,7 @@ def neural_memory(
         s0 = {n: torch.zeros_like(w) for n, w in w0.items()}
         hk, hv, hg = kk[:, :, :0], vv[:, :, :0], gam[:, :, :0]
     else:
-        if not isinstance(initial_state, MemoryState):
-            raise TypeError(
-                f"initial_state must be a MemoryState (the op's final_state); got {type(initial_state).__name__}"
-            )
-        if initial_state.rule != rule:
-            raise ValueError(rule_mismatch(initial_state.rule, rule))
         st = initial_state
-        for n, w in w0.items():
-            if st.weights[n].shape != w.shape:
-                raise ValueError(
-                    f"initial_state.weights[{n!r}] has shape {list(st.weights[n].shape)}; expected {list(w.shape)}"
-                )
-        if st.keys.device != q.device:
-            raise ValueError(f"initial_state is on {st.keys.device} but q is on {q.device}")
-        if (st.window_gate.dim() == 4) != channel:
-            raise ValueError(
-                "initial_state was made with a "
-                + (
-                    "channel-wise window_gate; pass window_gate [B, T, H, dv]"
-                    if st.window_gate.dim() == 4
-                    else "per-head window_gate (or none); pass window_gate [B, T, H] or None"
-                )
-            )
         seen, pending = st.seen, st.pending
         # the state after the pending tokens (token granularity: chunk granularity has not moved since the chunk start)
         resume = (
