@@ -327,7 +327,7 @@ class MACBlock(_Hybrid):
         self.segment_size = segment_size
         width = num_heads * head_dim
         self.retrieve_q = nn.Linear(hidden_size, width, bias=False)
-        self.retrieve_o = nn.Linear(width, hidden_size, bias=False)
+        self.retrieve_o = nn.Linear(num_heads * self.memory.value_dim, hidden_size, bias=False)
         self.attn_out_norm = RMSNorm(hidden_size, self.eps)
         self.memory_out_norm = RMSNorm(hidden_size, self.eps)
 

@@ -57,27 +57,32 @@ class QKVMixer(nn.Module):
     r"""What every memory mixer shares: ``x -> q, k, v`` (linear, causal depthwise conv + SiLU,
     q and k L2-normalised per head) and the gated output ``o = W_o(RMSNorm(y) * silu(x W_g))``.
 
-    ``conv_size=0`` drops the convolution (SiLU kept), for the ablation without it.
+    ``conv_size=0`` drops the convolution (SiLU kept), for the ablation without it. ``value_dim``
+    (default ``head_dim``) is the width of each head's values and read, and so of the output norm
+    and gate (Gated DeltaNet's ``expand_v``: values twice as wide as keys).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, conv_size: int):
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, conv_size: int, value_dim: int | None = None):
         super().__init__()
         check_int("hidden_size", hidden_size)
         check_int("num_heads", num_heads)
         check_int("head_dim", head_dim)
         check_int("conv_size", conv_size, minimum=0)
+        value_dim = head_dim if value_dim is None else value_dim
+        check_int("value_dim", value_dim)
         self.hidden_size, self.num_heads, self.head_dim, self.conv_size = hidden_size, num_heads, head_dim, conv_size
-        width = num_heads * head_dim
+        self.value_dim = value_dim
+        width, v_width = num_heads * head_dim, num_heads * value_dim
         self.q_proj = nn.Linear(hidden_size, width, bias=False)
         self.k_proj = nn.Linear(hidden_size, width, bias=False)
-        self.v_proj = nn.Linear(hidden_size, width, bias=False)
+        self.v_proj = nn.Linear(hidden_size, v_width, bias=False)
         if conv_size > 0:
             self.q_conv = ShortConv(width, conv_size)
             self.k_conv = ShortConv(width, conv_size)
-            self.v_conv = ShortConv(width, conv_size)
-        self.g_proj = nn.Linear(hidden_size, width, bias=False)
-        self.o_norm = RMSNorm(head_dim)
-        self.o_proj = nn.Linear(width, hidden_size, bias=False)
+            self.v_conv = ShortConv(v_width, conv_size)
+        self.g_proj = nn.Linear(hidden_size, v_width, bias=False)
+        self.o_norm = RMSNorm(value_dim)
+        self.o_proj = nn.Linear(v_width, hidden_size, bias=False)
 
     # one check per keyword setting of the mixer, filled in by each subclass
     SETTING_CHECKS: ClassVar[dict[str, Check]] = {}
@@ -109,7 +114,7 @@ class QKVMixer(nn.Module):
             raise ValueError("x must hold at least one token (T >= 1)")
 
     def qkv(self, x: Tensor, conv: ConvStates | None) -> tuple[Tensor, Tensor, Tensor, ConvStates]:
-        """``q, k, v [B, T, H, head_dim]`` (q, k unit norm) and the new conv states."""
+        """``q, k [B, T, H, head_dim]`` (unit norm), ``v [B, T, H, value_dim]`` and the new conv states."""
         projs = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         if self.conv_size == 0:
             outs, new = [F.silu(p) for p in projs], (None, None, None)
@@ -119,7 +124,8 @@ class QKVMixer(nn.Module):
                 m(p, s, return_state=True) for m, p, s in zip((self.q_conv, self.k_conv, self.v_conv), projs, conv)
             ]
             outs, new = [p[0] for p in pairs], tuple(p[1] for p in pairs)
-        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)) for t in outs)
+        q, k = (t.unflatten(-1, (self.num_heads, self.head_dim)) for t in outs[:2])
+        v = outs[2].unflatten(-1, (self.num_heads, self.value_dim))
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new
 
     def forward_documents(self, x: Tensor, state, return_state: bool, cu_seqlens: Tensor) -> Tensor:
@@ -131,14 +137,14 @@ class QKVMixer(nn.Module):
         return by_document(cu_seqlens, self.forward, x)
 
     def output(self, x: Tensor, y: Tensor) -> Tensor:
-        """``y [B, T, H, head_dim]`` -> ``[B, T, hidden_size]``."""
+        """``y [B, T, H, value_dim]`` -> ``[B, T, hidden_size]``."""
         return self.o_proj(self.o_norm(y).flatten(-2) * F.silu(self.g_proj(x)))
 
 
 @dataclass
 class NeuralMemoryState(State):
     """The op's :class:`MemoryState` (``recurrent_state``) plus the q, k, v conv states
-    ``[B, conv_size - 1, H*head_dim]`` (None without convolution)."""
+    ``[B, conv_size - 1, H*head_dim]`` (``H*value_dim`` for v; None without convolution)."""
 
     recurrent_state: MemoryState
     conv: ConvStates
@@ -183,6 +189,11 @@ class NeuralMemory(QKVMixer):
     is the same loss), with targets ``v`` for ``loss="dot"`` (``<k, v>`` does not depend on the
     weights, so the gradient is unchanged), and ``q`` is added to what it reads.
 
+    ``expand_v=e`` makes each head's values, memory output, output norm and gate ``e * head_dim``
+    wide (keys and queries stay ``head_dim``): Gated DeltaNet's layout in flash-linear-attention
+    and the paper has ``e = 2``. It needs a memory without the residual (``M(x) = x + h(x)`` reads
+    back its input's width): a linear memory, or ``residual=False``.
+
     Initialisation (why training starts sane): gate weights ``N(0, 0.02^2)``; gate biases give
     ``lr = 0.1 max_lr``, ``momentum = 0.9``, ``decay = 0.01``, ``gamma = 0.95`` and channel
     gates ``0.95`` at ``x = 0`` (the low-rank factors ``N(0, 0.02^2)``); under
@@ -212,10 +223,13 @@ class NeuralMemory(QKVMixer):
         channel_lr_rank: int = 0,
         damped_momentum: bool = True,
         impl: str = "chunk",
+        expand_v: int = 1,
         **rule_settings,
     ):
-        super().__init__(hidden_size, num_heads, head_dim, conv_size)
+        check_int("expand_v", expand_v)
+        super().__init__(hidden_size, num_heads, head_dim, conv_size, value_dim=expand_v * head_dim)
         layer = dict(
+            expand_v=expand_v,
             expansion=expansion,
             feature_map=feature_map,
             poly_degree=poly_degree,
@@ -270,14 +284,14 @@ class NeuralMemory(QKVMixer):
             )
         if channel_lr_rank:  # Miras §5.4: channel-wise rates through a low-rank projection
             down = nn.Linear(hidden_size, channel_lr_rank, bias=False)
-            up = nn.Linear(channel_lr_rank, num_heads * head_dim)
+            up = nn.Linear(channel_lr_rank, num_heads * self.value_dim)
             self.channel_proj = nn.Sequential(down, up)
             for lin in (down, up):
                 nn.init.normal_(lin.weight, std=0.02)
             nn.init.constant_(up.bias, _logit(0.95))
 
         spec = self.rule.spec
-        shapes = spec.shapes(key_dim, head_dim, expansion * head_dim)
+        shapes = spec.shapes(key_dim, self.value_dim, expansion * head_dim)
         names = spec.names()
         self.initial_weights = nn.ParameterDict()
         for name in names:
@@ -307,6 +321,11 @@ class NeuralMemory(QKVMixer):
         if merged["channel_lr_rank"] and merged["impl"] == "triton":
             raise ValueError(
                 "channel_lr_rank needs impl='chunk' or 'reference': the Triton kernels take one window gate per head"
+            )
+        if merged["expand_v"] > 1 and UpdateRule.from_settings(merged).spec.uses_residual:
+            raise ValueError(
+                f"expand_v={merged['expand_v']} makes values wider than keys: it needs a memory without the residual "
+                "M(x) = x + h(x) (architecture='linear', or residual=False)"
             )
         bound = settings.get("step_bound", default_step_bound(merged["optimizer"]))
         if bound is not None and merged["impl"] == "triton" and merged["architecture"] != "linear":
@@ -352,7 +371,7 @@ class NeuralMemory(QKVMixer):
             decay = None if self.decay_proj is None else torch.sigmoid(self.decay_proj(x))
         window_gate = None if self.gamma_proj is None else torch.sigmoid(self.gamma_proj(x))
         if self.channel_proj is not None:  # [B, T, H, head_dim]: per value channel, times gamma
-            channel = torch.sigmoid(self.channel_proj(x)).unflatten(-1, (self.num_heads, self.head_dim))
+            channel = torch.sigmoid(self.channel_proj(x)).unflatten(-1, (self.num_heads, self.value_dim))
             window_gate = channel if window_gate is None else channel * window_gate.unsqueeze(-1)
         with op_precision(x) as cd:  # one dtype for the op's inputs (they differ under autocast)
             y, mem = neural_memory(
@@ -380,7 +399,7 @@ class NeuralMemory(QKVMixer):
     def read(self, q: Tensor, state: NeuralMemoryState | None = None) -> Tensor:
         """Read without writing: ``M_W(phi(q))`` with the weights of ``state`` (the learned initial
         memory when None), residual handled as in ``forward``. ``q [B, T, H, head_dim]`` (already
-        projected and normalised) -> ``[B, T, H, head_dim]``."""
+        projected and normalised) -> ``[B, T, H, value_dim]``."""
         if not isinstance(q, Tensor) or q.dim() != 4 or q.shape[-2:] != (self.num_heads, self.head_dim):
             raise ValueError(
                 f"q must be [B, T, {self.num_heads}, {self.head_dim}]; got {getattr(q, 'shape', type(q).__name__)}"
@@ -423,6 +442,7 @@ LAYER_RULE_DEFAULTS = dict(chunk_size=16)
 LAYER_SETTINGS = {k: v for k, v in _keyword_defaults(NeuralMemory).items() if k != "rule"}
 SETTINGS = dict(LAYER_SETTINGS, **dict(UpdateRule().to_dict(), **LAYER_RULE_DEFAULTS))
 LAYER_CHECKS = {
+    "expand_v": check_int,
     "expansion": check_int,
     "poly_degree": check_int,
     "poly_constant": check_bool,

@@ -50,12 +50,14 @@ ATLAS_RULE = OMEGA[0].replace(optimizer="muon", ns_steps=5, granularity="token")
 ATLAS = (ATLAS_RULE, dict(OMEGA[1], max_lr=1.0))
 ATLAS_PP = (ATLAS_RULE.replace(architecture="gated_mlp"), ATLAS[1])
 # Gated DeltaNet: the gated delta rule exactly online (forget, then the delta step, at every token;
-# chunk_size 1 in the WY form of ops/delta.py) with Mamba-2's log-decay gate and beta = sigmoid (max_lr 1)
+# chunk_size 1 in the WY form of ops/delta.py) with Mamba-2's log-decay gate and beta = sigmoid (max_lr 1),
+# in the paper's and flash-linear-attention's head layout: values twice as wide as keys (expand_v 2),
+# queries and keys 0.75 x hidden in heads of 256 (_gdn_heads)
 GATED_DELTANET = (
     UpdateRule(
         architecture="linear", residual=False, loss="l2", optimizer="gd", window=1, chunk_size=1, decay_first=True
     ),
-    dict(use_decay=True, decay_gate="mamba2", feature_map="identity"),
+    dict(use_decay=True, decay_gate="mamba2", feature_map="identity", expand_v=2),
 )
 # DLA keeps the memory LayerNorm off: with the dot loss the memory's output starts near zero and
 # normalising it amplifies rounding (bf16 logits 0.21 off float32 with it; docs/fidelity.md A1)
@@ -141,6 +143,7 @@ PAPER_DEFAULTS = dict(vocab_size=32000, attention_window=2048, segment_size=512,
 # memory over them: at d = 256 (1.3b's 8 heads) that alone would be billions of parameters, so
 # the polynomial presets use 32-wide heads at the paper sizes (hidden / 32 heads).
 POLY_HEAD_DIM = 32
+GDN_HEAD_DIM = 256  # Gated DeltaNet's head width (flash-linear-attention, the paper's 1.3B: 6 heads at 2048)
 MLP_MULTIPLE = 64  # solved SwiGLU widths are rounded to this
 
 
@@ -176,7 +179,22 @@ def _family_fields(name: str, size: str) -> dict:
         kernel = dict(kernel, chunk_size=chunk_size)
     if memory.get("feature_map") == "polynomial" and target is not None:
         fields.update(head_dim=POLY_HEAD_DIM, num_attention_heads=fields["hidden_size"] // POLY_HEAD_DIM)
+    if PRESETS[name][1] is GATED_DELTANET:
+        fields.update(_gdn_heads(fields["hidden_size"], fields["num_attention_heads"], target is not None))
     return dict(fields, layer_pattern=block, memory=memory, kernel=kernel)
+
+
+def _gdn_heads(hidden: int, heads: int, paper_size: bool) -> dict:
+    """Gated DeltaNet's heads: queries and keys ``0.75 hidden`` wide in all (values ``1.5 hidden``
+    through ``expand_v=2``), at the paper sizes in heads of ``GDN_HEAD_DIM`` = 256 where ``0.75 hidden
+    / 256`` is whole (340m: 3, 1.3b: 6), else the nearest whole number of heads (170m, 760m: heads of
+    288); at tiny the size's heads (4 of 12)."""
+    width = 3 * hidden // 4
+    if paper_size:
+        heads = max(1, round(width / GDN_HEAD_DIM))
+    if width % heads:
+        raise ValueError(f"gated-deltanet: 0.75 x hidden_size = {width} is not a whole number of {heads} heads")
+    return dict(num_attention_heads=heads, head_dim=width // heads)
 
 
 def preset_config(name: str, size: str = "tiny", **overrides) -> DeepMemoryConfig:
