@@ -61,12 +61,12 @@ from .coefficients import (
     poison_rows,
     retention_products,
     segprod,
-    step_scale,
     zero_rows,
 )
 from .delta import delta_rule, is_delta_rule
 from .memory import NS_COEFFICIENTS, dense_apply, memory_forward, newton_schulz, token_gradients
 from .problem import Problem, Result
+from .step_bound import bound_scale, step_norms
 
 
 def _outer_sums(coef: Tensor, d: Tensor, a: Tensor) -> Tensor:
@@ -109,7 +109,7 @@ def chunk(p: Problem) -> Result:
     bound = p.rule.step_bound
     if is_delta_rule(p.rule) and p.channel is None:
         if bound is not None:  # one token a chunk: the bound scales that token's learning rate
-            p = replace(p, lr=p.lr * step_scale([p.k.unsqueeze(-2)], (p.lr * p.gamma)[..., None, None], bound)[..., 0])
+            p = replace(p, lr=p.lr * bound_scale(bound, [p.k.unsqueeze(-2)], (p.lr * p.gamma)[..., None, None])[..., 0])
         return delta_rule(p)
     token = p.rule.granularity == "token"
     lay = chunk_layout(p, sanitize=token, keys_values=token)
@@ -142,6 +142,9 @@ def chunk(p: Problem) -> Result:
     # a memory whose gradient factors are products of two projections of the key (gated_mlp) or
     # hold its square (layer norm) can overflow on a finite key: guard those chunk by chunk
     guard = p.spec.architecture == "gated_mlp" or p.spec.layer_norm
+    # the stale-step bound's part of the matrices that read the keys, every chunk at once (it does not
+    # depend on the memory); a guarded memory may replace a chunk's keys, and computes it chunk by chunk
+    key_f2 = step_norms([lay.kx], c_coef).unbind(2) if bound is not None and not guard else None
     outs = []
 
     # W and S travel stacked, [B, H, 2, rows, cols]: one product reads both and one 2x2 map moves
@@ -161,7 +164,7 @@ def chunk(p: Problem) -> Result:
             r_j = poison_rows(rows, r_j)
             mix_j = poison_rows(rows[..., -1], mix_j)
         if bound is not None:  # row t sees the chunk's learning rates times s_t, and so does the state after it
-            scale = _bound_scale(bound, c_j, [a for _, a in grads.values()])  # [B, H, b]
+            scale = _chunk_scale(bound, c_j, grads, kx[j], None if key_f2 is None else key_f2[j])  # [B, H, b]
             c_j = scale.unsqueeze(-1) * c_j
             out_j = scale[..., (last_len if j == n_chunks - 1 else b) - 1, None, None] * out_j
 
@@ -179,11 +182,13 @@ def chunk(p: Problem) -> Result:
     )
 
 
-def _bound_scale(bound: float, coef: Tensor, inputs) -> Tensor:
-    """:func:`~.coefficients.step_scale` of one chunk, recomputed in the backward: what autograd
-    keeps for it is only ``coef`` and the matrices' inputs, which the chunk keeps anyway (its Gram
-    matrices and normalised inputs would otherwise add about a fifth to the chunk's saved memory)."""
-    return _recomputed(lambda b, c, *a: (step_scale(list(a), c, b),), (bound,), (coef, *inputs))[0]
+def _chunk_scale(bound: float, coef: Tensor, grads: dict, keys: Tensor, key_f2: Tensor | None) -> Tensor:
+    """The bound's factor of one chunk (:func:`.step_bound.bound_scale`) from its gradients' inputs, with
+    ``key_f2`` (or None) the part of the matrices whose inputs are ``keys`` computed beforehand."""
+    inputs = [a for _, a in grads.values()]
+    if key_f2 is not None and any(a is keys for a in inputs):
+        return bound_scale(bound, [a for a in inputs if a is not keys], coef, key_f2)
+    return bound_scale(bound, inputs, coef)
 
 
 def _guard(grads, lay):
@@ -396,6 +401,9 @@ def _chunk_granularity(p: Problem, lay, q, kx, vx, cx, n: int, b: int, last_len:
     n_chunks = len(q)
     lr, mom, ret, gamma = lay.lr, lay.momentum, lay.retention, lay.gamma
     coef = gamma.sum(-2) if p.rule.optimizer == "muon" else (lr.unsqueeze(-1) * gamma).sum(-2)  # [B, H, nc, n_ext]
+    bound = p.rule.step_bound
+    # the bound's part of the matrices that read the keys, every chunk at once
+    key_f2 = (None,) * n_chunks if bound is None else step_norms([lay.kx], coef.unsqueeze(-2)).unbind(2)
     coef, keep_s, keep_w, mean_lr = (x.unbind(2) for x in (coef, mom.mean(-1), ret.mean(-1), lr.mean(-1)))
     w, s = dict(p.w0), dict(p.s0)
     outs = []
@@ -405,8 +413,8 @@ def _chunk_granularity(p: Problem, lay, q, kx, vx, cx, n: int, b: int, last_len:
             break
         grads = token_gradients(p.spec, w, kx[j], vx[j], p.rule.loss, cx[j])
         coef_j = coef[j].unsqueeze(-2)
-        if p.rule.step_bound is not None:  # the chunk's one step, scaled as a whole
-            coef_j = _bound_scale(p.rule.step_bound, coef_j, [a for _, a in grads.values()]).unsqueeze(-1) * coef_j
+        if bound is not None:  # the chunk's one step, scaled as a whole
+            coef_j = _chunk_scale(bound, coef_j, grads, kx[j], key_f2[j]).unsqueeze(-1) * coef_j
         step = {m: _outer_sums(coef_j, *grads[m])[:, :, 0] for m in w}
         ks, kw = keep_s[j][..., None, None], keep_w[j][..., None, None]
         if p.rule.optimizer == "muon":

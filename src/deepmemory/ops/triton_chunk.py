@@ -62,8 +62,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .coefficients import chunk_layout, gate_coefficients, poison_rows, step_scale
+from .coefficients import chunk_layout, gate_coefficients, poison_rows
 from .problem import Problem, Result
+from .step_bound import bound_scale
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # No software pipelining of the chunk loop: multi-buffered loads of whole chunk tiles overflow
@@ -838,7 +839,7 @@ def triton_chunk(p: Problem) -> Result:
     lay = chunk_layout(p, sanitize=True, keys_values=True)
     g = gate_coefficients(lay, p.rule.optimizer)
     if p.rule.step_bound is not None:  # the linear memory's inputs are its keys: every chunk's factor at once
-        scale = step_scale([lay.kx], g.c_coef, p.rule.step_bound).unsqueeze(-1)
+        scale = bound_scale(p.rule.step_bound, [lay.kx], g.c_coef).unsqueeze(-1)
         g = replace(g, c_coef=scale * g.c_coef, s_coef=scale * g.s_coef)
     b, n_chunks, last_len = lay.b, lay.n_chunks, lay.last_len
     # the kernels carry the state from chunk to chunk, so a marked token reaches every later row
