@@ -129,7 +129,9 @@ class DeepMemoryCache(Cache):
     :class:`DeepMemoryCacheLayer` per block and the number of tokens read (``seen``).
 
     Memory blocks keep a constant-size state (memory weights, conv tails, the Omega window and the
-    unfinished chunk); attention keeps keys and values, limited to its window when it has one. A
+    unfinished chunk); attention keeps keys and values, limited to its window when it has one;
+    kernel blocks (DeepTransformer, SWDT, Dot) keep every token's key and first-layer signal, the
+    window's only under ``window_rule="swa"`` (``deepmemory.eval.growing_blocks``). A
     forward pass given the cache (``cache=`` or ``past_key_values=``) updates it in place, so one
     object carries a stream across calls; ``generate`` makes one by itself, or continues the one you
     pass (which must hold the batch the generation runs with, and fewer tokens than the prompt:
