@@ -51,6 +51,28 @@ def test_streaming_prints_what_the_batch_output_prints(run, capsys):
     assert streamed.startswith("the ")
 
 
+def test_a_prompt_read_in_pieces_continues_as_in_one(run, capsys, monkeypatch):
+    from deepmemory.models import DeepMemoryForCausalLM
+
+    lengths = []
+    forward = DeepMemoryForCausalLM.forward
+
+    def spy(self, input_ids=None, **kw):
+        lengths.append(input_ids.shape[1])
+        return forward(self, input_ids, **kw)
+
+    monkeypatch.setattr(DeepMemoryForCausalLM, "forward", spy)
+    prompt = "the memory stores keys "  # 23 bytes
+    assert main(gen(run, "--prompt", prompt, "--temperature", "0", "--no-stream")) == 0
+    whole = capsys.readouterr().out
+    assert lengths[0] == 23
+    for size, pieces in ((1, [1] * 23), (5, [5, 5, 5, 5, 3])):
+        lengths.clear()
+        assert main(gen(run, "--prompt", prompt, "--temperature", "0", "--no-stream", "--chunk-size", str(size))) == 0
+        assert capsys.readouterr().out == whole
+        assert lengths[: len(pieces)] == pieces
+
+
 def test_samples_prompts_and_sampling_options(run, capsys, tmp_path, monkeypatch):
     assert (
         main(
@@ -139,6 +161,7 @@ def test_threads(run, monkeypatch):
         (["--seed", "-1"], "--seed must be in [0, 2**63)"),
         (["--num-samples", "2", "--stream"], "--stream shows one sequence"),
         (["--threads", "0"], "--threads must be in [1, 1024]"),
+        (["--chunk-size", "0"], "--chunk-size must be >= 1"),
         ([], "give a prompt"),
         (["--prompt-file", os.devnull], "holds no prompt"),
     ],

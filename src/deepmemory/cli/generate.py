@@ -62,6 +62,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling; default 0")
     p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=2048,
+        help="prompt tokens read per forward call through the cache (a long prompt in pieces: bounded memory, "
+        "the same logits); default 2048",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -123,6 +130,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def _check(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    if args.chunk_size < 1:
+        raise CLIError(f"--chunk-size must be >= 1; got {args.chunk_size}")
     if not 0 <= args.temperature < math.inf:
         raise CLIError(f"--temperature must be a finite number >= 0; got {args.temperature}")
     if args.top_k < 0:
@@ -242,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         do_sample=sample,
         use_cache=True,
+        prefill_chunk_size=args.chunk_size,
         temperature=args.temperature if sample else None,
         top_k=(args.top_k or None) if sample else None,
         top_p=args.top_p if sample and args.top_p < 1 else None,
