@@ -105,7 +105,7 @@ def test_bench_defaults_are_polite():
     from deepmemory.cli import build_parser
 
     parser = build_parser()
-    for mode in ("op", "mixer", "kernel", "model", "decode"):
+    for mode in ("op", "mixer", "kernel", "model", "decode", "write"):
         args = parser.parse_args(["bench", mode])
         assert args.threads == 1, mode  # one thread by default on a CPU
         assert getattr(args, "plot", None) is None, mode  # no PNG unless asked for

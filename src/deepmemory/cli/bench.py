@@ -1,4 +1,4 @@
-"""``deepmemory bench {op,mixer,kernel,model,decode}``: benchmark tables (and plots) printed to the terminal.
+"""``deepmemory bench {op,mixer,kernel,model,decode,write}``: benchmark tables (and plots) printed to the terminal.
 
 Every mode's options are checked before anything is measured: each integer option is >= 1
 (``--threads`` at most ``MAX_THREADS``), ``--device`` names an available device and ``--plot`` a
@@ -10,11 +10,11 @@ import argparse
 
 from . import CLIError, add_debug, add_version
 
-HELP = "benchmarks: the op, token mixers, training steps, decoding"
+HELP = "benchmarks: the op, token mixers, training steps, decoding, memory write strength"
 
 
 def register(sub) -> None:
-    from ..bench import kernel, mixer, model, op
+    from ..bench import kernel, mixer, model, op, write
 
     p = sub.add_parser("bench", help=HELP)
     add_version(p)
@@ -35,7 +35,10 @@ def register(sub) -> None:
         mp = modes.add_parser(mode, help=text)
         model.add_arguments(mp, mode)  # each mode lists the options it reads
         mp.set_defaults(func=lambda a, d=decode: _model(a, d))
-    for mode_parser in (op_p, mx, kp, *(modes.choices[m] for m in ("model", "decode"))):
+    wp = modes.add_parser("write", help="each memory preset's write strength at init and with saturated gates")
+    write.add_arguments(wp)
+    wp.set_defaults(func=lambda a: _measured(write.run_cli, a))
+    for mode_parser in (op_p, mx, kp, wp, *(modes.choices[m] for m in ("model", "decode"))):
         _counts_are_positive(mode_parser)
         add_debug(mode_parser)
 

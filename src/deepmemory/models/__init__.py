@@ -8,6 +8,7 @@ from .config import BLOCK_TYPES, DeepMemoryConfig
 from .debug import nan_check
 from .modeling import DeepMemoryCache, DeepMemoryForCausalLM, DeepMemoryModel
 from .presets import build, count_parameters, list_presets, list_sizes, preset_config
+from .write_strength import WriteStrength, write_strength
 
 __all__ = [
     "BLOCK_TYPES",
@@ -15,10 +16,12 @@ __all__ = [
     "DeepMemoryConfig",
     "DeepMemoryForCausalLM",
     "DeepMemoryModel",
+    "WriteStrength",
     "build",
     "count_parameters",
     "list_presets",
     "list_sizes",
     "nan_check",
     "preset_config",
+    "write_strength",
 ]
