@@ -143,3 +143,52 @@ def test_bad_arguments():
         attn(torch.randn(2, 5, HID + 1))
     with pytest.raises(TypeError, match="state"):
         attn(torch.randn(2, 5, HID), state=(1, 2))
+
+
+def _window_and_masked(attn, x, state=None, prefix=None):
+    """The blocked sliding window and the masked path on the same keys (float64)."""
+    start = 0 if state is None else state.pos
+    pos = torch.arange(start, start + x.shape[1])
+    k, v = attn.keys_values(x, pos)
+    if state is not None:
+        k, v = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)
+    n_old = k.shape[2] - x.shape[1]
+    return attn.attend_window(x, pos, k, v, n_old, prefix), attn._attend_masked(x, pos, k, v, start, n_old, prefix)
+
+
+@pytest.mark.parametrize("window", [1, 3, 8])
+@pytest.mark.parametrize("seq", [1, 7, 63, 100])
+@pytest.mark.parametrize("num_persistent", [0, 2])
+def test_window_blocks_equal_masked(window, seq, num_persistent):
+    attn = make(window=window, num_persistent=num_persistent)
+    x = data(seq=seq, seed=seq).requires_grad_(True)
+    prefix = data(bsz=1, seq=3, seed=9) if num_persistent else None
+    blocked, masked = _window_and_masked(attn, x, prefix=prefix)
+    torch.testing.assert_close(blocked, masked, rtol=0, atol=1e-12)
+    g = torch.randn_like(masked)
+    params = [x, *attn.parameters()]
+    grads = [torch.autograd.grad(y, params, g, retain_graph=True, allow_unused=True) for y in (blocked, masked)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_old", [1, 4])
+def test_window_blocks_continue_a_state(n_old):
+    attn = make(window=5, num_persistent=2)
+    x = data(seq=n_old + 37, seed=3)
+    _, state = attn(x[:, :n_old], return_state=True)
+    blocked, masked = _window_and_masked(attn, x[:, n_old:], state)
+    torch.testing.assert_close(blocked, masked, rtol=0, atol=1e-12)
+    torch.testing.assert_close(attn(x)[:, n_old:], attn(x[:, n_old:], state), rtol=0, atol=1e-10)
+
+
+def test_window_blocks_poison_exactly_the_rows_that_see_a_nan():
+    attn = make(window=4, num_persistent=1)
+    x = data(seq=30, seed=4)
+    x[0, 9, 3] = float("nan")
+    x[1, 0, 0] = float("inf")
+    blocked, masked = _window_and_masked(attn, x)
+    torch.testing.assert_close(blocked, masked, rtol=0, atol=1e-12, equal_nan=True)
+    nan_rows = blocked.isnan().any(-1)
+    assert nan_rows[0, 9:13].all() and not nan_rows[0, :9].any() and not nan_rows[0, 13:].any()
+    assert nan_rows[1, :4].all() and not nan_rows[1, 4:].any()

@@ -22,6 +22,11 @@ selection: rows that do not see it are bitwise those of the clean input, rows th
 they would have, and a sliding window forgets the token again. Cost: a few elementwise passes over
 ``k`` and ``v``, and with a mask a ``[B, H, S] @ [S, T]`` product of 0/1 counts (``1 / head_dim``
 of the scores' work); without a mask a running maximum (docs/models/index.md).
+
+A sliding window over a long input (``T >= 2 window``) runs in blocks (:meth:`Attention.attend_window`):
+queries ``window`` at a time, each block over the ``2 window - 1`` keys it can reach, so the work and
+the memory grow as ``T window`` rather than ``T^2``; the visible keys are the mask's, and the rows
+that see a marked token are found from a running count of the marks.
 """
 
 from __future__ import annotations
@@ -129,6 +134,25 @@ class Attention(nn.Module):
         """Queries from ``x [B, T, hidden]`` at positions ``pos [T]`` over user keys/values
         ``k, v [B, H, S, D]`` (``mask [T, S]``, True = visible; None = causal with ``S == T``),
         the persistent tokens and the always-visible ``prefix [B or 1, N, hidden]``."""
+        q, qr, k, v, bad = self._queries(x, pos, k, v)
+        fixed = self._fixed_keys(prefix, x.shape[0])
+        scale = self.head_dim**-0.5
+        if fixed is None:
+            y = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        else:
+            kp, vp = fixed
+            n_q, n_k = x.shape[1], k.shape[2]
+            q2 = torch.cat([qr, q], dim=-1)
+            k2 = torch.cat([torch.cat([torch.zeros_like(kp), kp], -1), torch.cat([k, torch.zeros_like(k)], -1)], 2)
+            visible = torch.ones(n_q, n_k, dtype=torch.bool, device=x.device).tril() if mask is None else mask
+            visible = torch.cat([visible.new_ones(n_q, kp.shape[2]), visible], dim=1)
+            y = F.scaled_dot_product_attention(q2, k2, torch.cat([vp, v], 2), attn_mask=visible, scale=scale)
+        y = torch.where(sees_marked(bad, mask)[..., None], torch.nan, y)
+        return self.o_proj(y.transpose(1, 2).flatten(2))
+
+    def _queries(self, x: Tensor, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``q`` and ``RoPE(q)`` ``[B, H, T, D]`` of ``x``, the keys and values with those of a
+        token holding a non-finite value replaced by zeros, and those tokens ``bad [B, H, S]``."""
         q = self.heads(self.q_proj(x))
         qr = rope(q, pos, self.rope_theta)
         # a user token holding a NaN or an infinity is read as zeros here and poisons, by selection,
@@ -138,21 +162,61 @@ class Attention(nn.Module):
         acc = torch.float64 if k.dtype == torch.float64 else torch.float32
         total = k.sum(-1, dtype=acc) + v.sum(-1, dtype=acc)
         bad = nonfinite(total)  # [B, H, S]
-        k, v = zero_rows(bad, k), zero_rows(bad, v)
+        return q, qr, zero_rows(bad, k), zero_rows(bad, v), bad
+
+    def _fixed_keys(self, prefix: Tensor | None, bsz: int) -> tuple[Tensor, Tensor] | None:
+        """Keys and values ``[B, H, N, D]`` of the persistent tokens and the prefix (None without either)."""
         fixed = [f if f.dim() == 3 else f[None] for f in (self.persistent, prefix) if f is not None]
-        scale = self.head_dim**-0.5
         if not fixed:
-            y = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-        else:
-            bsz, n_q, n_k = x.shape[0], x.shape[1], k.shape[2]
-            kp = torch.cat([self.heads(self.k_proj(f)).expand(bsz, -1, -1, -1) for f in fixed], 2)
-            vp = torch.cat([self.heads(self.v_proj(f)).expand(bsz, -1, -1, -1) for f in fixed], 2)
-            q2 = torch.cat([qr, q], dim=-1)
-            k2 = torch.cat([torch.cat([torch.zeros_like(kp), kp], -1), torch.cat([k, torch.zeros_like(k)], -1)], 2)
-            visible = torch.ones(n_q, n_k, dtype=torch.bool, device=x.device).tril() if mask is None else mask
-            visible = torch.cat([visible.new_ones(n_q, kp.shape[2]), visible], dim=1)
-            y = F.scaled_dot_product_attention(q2, k2, torch.cat([vp, v], 2), attn_mask=visible, scale=scale)
-        y = torch.where(sees_marked(bad, mask)[..., None], torch.nan, y)
+            return None
+        kp = torch.cat([self.heads(self.k_proj(f)).expand(bsz, -1, -1, -1) for f in fixed], 2)
+        vp = torch.cat([self.heads(self.v_proj(f)).expand(bsz, -1, -1, -1) for f in fixed], 2)
+        return kp, vp
+
+    def attend_window(
+        self, x: Tensor, pos: Tensor, k: Tensor, v: Tensor, n_old: int, prefix: Tensor | None = None
+    ) -> Tensor:
+        """:meth:`attend` for a sliding window over ``n_old + T`` user keys, ``k, v [B, H, n_old + T, D]``
+        (``n_old < window``: the cache's), in blocks: the queries in blocks of ``window`` tokens,
+        each over the ``2 window - 1`` keys its window can reach (and the persistent tokens and the
+        prefix), instead of every query over every key. The same visible keys as :meth:`attend`'s
+        mask, so the same result up to the order of the softmax's sums; the work and the memory
+        grow as ``T window`` instead of ``T^2``."""
+        q, qr, k, v, bad = self._queries(x, pos, k, v)
+        fixed = self._fixed_keys(prefix, x.shape[0])
+        w = cast(int, self.window)
+        bsz, nh, t, d = q.shape
+        nb = -(-t // w)  # query blocks
+        span = 2 * w - 1  # keys a block reaches: w - 1 before its first query, then its own w
+        left = w - 1 - n_old  # zeros before the first key, so block i starts at padded key i * w
+        # queries beyond T (padding of the last block) see the zero keys padded after the last one
+        kb, vb = (F.pad(z, (0, 0, left, nb * w - t)).unfold(2, span, w).transpose(-1, -2) for z in (k, v))
+        qb = F.pad(qr, (0, 0, 0, nb * w - t)).unflatten(2, (nb, w))  # [B, H, nb, w, D]
+        # visible: 0 <= query - key < w, and not a padded key before the first (block i's key l sits
+        # at padded index i w + l; query r of the block at i w + w - 1 + r)
+        r, col = torch.arange(w, device=x.device), torch.arange(span, device=x.device)
+        dist = r[:, None] + (w - 1) - col[None, :]  # [w, span]
+        padded = (torch.arange(nb, device=x.device)[:, None] * w + col[None, :]) < left  # [nb, span]
+        visible = ((dist >= 0) & (dist < w))[None] & ~padded[:, None, :]  # [nb, w, span]
+        if fixed is not None:
+            kp, vp = fixed
+            n_p = kp.shape[2]
+            qb = torch.cat([qb, F.pad(q, (0, 0, 0, nb * w - t)).unflatten(2, (nb, w))], -1)
+            kp2 = torch.cat([torch.zeros_like(kp), kp], -1)[:, :, None].expand(-1, -1, nb, -1, -1)
+            kb = torch.cat([kp2, torch.cat([kb, torch.zeros_like(kb)], -1)], 3)
+            vb = torch.cat([vp[:, :, None].expand(-1, -1, nb, -1, -1), vb], 3)
+            visible = torch.cat([visible.new_ones(nb, w, n_p), visible], -1)
+        # SDPA over [B, H * nb, w, .]: the blocks ride along with the heads
+        flat = lambda z: z.flatten(1, 2)  # noqa: E731
+        y = F.scaled_dot_product_attention(
+            flat(qb), flat(kb), flat(vb), attn_mask=visible.repeat(nh, 1, 1), scale=self.head_dim**-0.5
+        )
+        y = y.unflatten(1, (nh, nb)).flatten(2, 3)[:, :, :t]  # [B, H, T, D]
+        # a query sees a marked key when one lies among the w keys ending at its own
+        marks = F.pad(bad.to(torch.int32).cumsum(-1), (1 + max(0, left), 0))  # marks[.., j]: among keys < j - pad
+        ends = torch.arange(t, device=x.device) + n_old + 1 + max(0, left)
+        seen = marks[..., ends] - marks[..., ends - w] > 0
+        y = torch.where(seen[..., None], torch.nan, y)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
     def forward(
@@ -198,6 +262,19 @@ class Attention(nn.Module):
         if state is not None:
             k, v = torch.cat([state.k.to(k.dtype), k], 2), torch.cat([state.v.to(v.dtype), v], 2)
         n_old = k.shape[2] - n_new
+        if self.window is not None and n_new >= 2 * self.window and n_old < self.window:
+            y = self.attend_window(x, pos, k, v, n_old, prefix)  # the same visible keys, in blocks
+        else:
+            y = self._attend_masked(x, pos, k, v, start, n_old, prefix)
+        if not return_state:
+            return y
+        keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
+        return y, AttentionState(k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], start + n_new)
+
+    def _attend_masked(
+        self, x: Tensor, pos: Tensor, k: Tensor, v: Tensor, start: int, n_old: int, prefix: Tensor | None
+    ) -> Tensor:
+        n_new = x.shape[1]
         mask = None
         if n_old or (self.window is not None and self.window < n_new):
             kpos = torch.arange(start - n_old, start + n_new, device=x.device)
@@ -205,8 +282,4 @@ class Attention(nn.Module):
             mask = dist >= 0
             if self.window is not None:
                 mask = mask & (dist < self.window)
-        y = self.attend(x, pos, k, v, mask, prefix)
-        if not return_state:
-            return y
-        keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
-        return y, AttentionState(k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], start + n_new)
+        return self.attend(x, pos, k, v, mask, prefix)
