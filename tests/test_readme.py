@@ -60,3 +60,45 @@ def test_ci_runs_the_style_gate_and_the_kernels_extra():
     hooks = _read(".pre-commit-config.yaml")
     for entry in ("ruff check", "ruff format", "mypy"):
         assert f"entry: {entry}" in hooks, entry
+
+
+def _documented_commands():
+    """``(file, command words)`` of every ``deepmemory ...`` command in the bash blocks of the
+    README and docs/ (continuation lines joined, pipes and ``&&`` split, comments dropped)."""
+    docs = ["README.md"] + [os.path.join("docs", n) for n in sorted(os.listdir(os.path.join(ROOT, "docs")))]
+    docs += [os.path.join("docs", "models", n) for n in sorted(os.listdir(os.path.join(ROOT, "docs", "models")))]
+    for name in docs:
+        if not name.endswith(".md"):
+            continue
+        for block in re.findall(r"```(?:bash|sh|shell|console)\n(.*?)```", _read(name), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                lexer = shlex.shlex(line.strip().removeprefix("$ "), posix=True, punctuation_chars=True)
+                lexer.whitespace_split = True
+                words: list[str] = []
+                for word in [*lexer, ";"]:
+                    if word in ("&&", "||", "|", ";", "&"):
+                        if words[:1] == ["deepmemory"]:
+                            yield name, words[1:]
+                        words = []
+                    else:
+                        words.append(word)
+
+
+def test_every_documented_command_parses():
+    """Each ``deepmemory`` command of the README and docs is accepted by today's parser (its options
+    exist and take the values shown): a renamed or removed option fails here, not for a reader."""
+    import contextlib
+    import io
+
+    from deepmemory.cli import _command, build_parser
+
+    found = 0
+    for name, argv in _documented_commands():
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                build_parser(only=_command(argv)).parse_args(argv)
+        except SystemExit as exit:
+            assert exit.code == 0, f"{name}: deepmemory {' '.join(argv)}: {err.getvalue().strip()}"
+        found += 1
+    assert found >= 20, found
