@@ -34,18 +34,23 @@ def growing_blocks(config) -> list[str]:
 
 
 def _step(model: nn.Module, ids: Tensor, cache) -> Tensor:
-    """The logits ``[B, V]`` (float32) after reading ``ids [B, n]`` through ``cache``."""
-    return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    """The logits ``[B, V]`` (float32; float64 for a float64 model) after reading ``ids [B, n]`` through ``cache``."""
+    logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
-@torch.no_grad()
+# inference mode rather than no_grad: nothing read here is ever differentiated, and each of the many
+# small operations of a decoded token dispatches faster without autograd's version counters
+@torch.inference_mode()
 def read_prompt(
     model: nn.Module, prompts: Tensor, cache, chunk_size: int, progress: Callable[[int], None] | None = None
 ) -> Tensor:
     """Read ``prompts`` (``[B, T]`` int64, on the model's device) into ``cache`` (a fresh
     ``DeepMemoryCache`` of the model), ``chunk_size`` tokens per forward call; return the logits
-    of the next token, ``[B, V]`` float32. ``progress(n)`` is called after each chunk with the
-    tokens it read (per row).
+    of the next token, ``[B, V]`` float32 (float64 for a float64 model). ``progress(n)`` is called
+    after each chunk with the tokens it read (per row). Any ``chunk_size`` gives the logits of one
+    pass over the prompt (to rounding: float64 1e-12); the cost is the model's over the prompt
+    plus a forward call per chunk, so large chunks (the evaluator's 2048) leave only the first.
 
     Raises:
         ValueError: ``prompts`` is not a non-empty ``[B, T]`` tensor, or ``chunk_size`` < 1.
@@ -63,7 +68,7 @@ def read_prompt(
     return logits
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_decode(
     model: nn.Module,
     logits: Tensor,
