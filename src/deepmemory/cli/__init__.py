@@ -22,7 +22,7 @@ import sys
 
 from ..checks import OneLineParser
 
-COMMANDS: tuple = ("models", "train", "generate", "export", "eval", "bench")
+COMMANDS: tuple = ("models", "train", "generate", "export", "eval", "bench", "experiment")
 
 EXIT_USER_ERROR = 2  # a user error: a bad option or file, a request that cannot fit
 EXIT_OUT_OF_MEMORY = 4  # the machine ran out of memory while the command ran
