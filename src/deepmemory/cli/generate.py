@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
 from . import CLIError, add_debug, add_version
@@ -161,13 +160,10 @@ def check_threads(threads) -> None:
 def set_threads(threads) -> None:
     """``threads`` intra-op threads; by default ``OMP_NUM_THREADS`` if set, else 1. Raises
     ``CLIError`` for a count outside ``[1, MAX_THREADS]``."""
-    import torch
+    from ..threads import set_threads as apply
 
     check_threads(threads)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
+    apply(threads)
 
 
 def finite_scores():

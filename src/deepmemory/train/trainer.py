@@ -39,6 +39,7 @@ from ..data import (
     tokenizer_from_info,
 )
 from ..data.loader import IGNORE_INDEX
+from ..threads import set_threads
 from . import checkpoint as ck
 from . import task_data
 from .config import ConfigError, TrainConfig, new_config, resume_config
@@ -468,12 +469,10 @@ def train(
             "--fsdp shards the model over the processes of a torchrun job, and this is a single process; "
             "start it with `torchrun --nproc-per-node N -m deepmemory.train ...` or leave --fsdp out"
         )
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    elif env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # the memory models run many small ops: extra intra-op threads mostly wait on each other,
-        # and on a machine shared with other jobs every op then waits for a descheduled thread
-        torch.set_num_threads(1)
+    if cfg.threads is not None or env.device.type == "cpu":
+        # by default one thread on CPU (OMP_NUM_THREADS when set): the memory models run many small
+        # ops, and extra intra-op threads mostly wait on each other (deepmemory.threads)
+        set_threads(cfg.threads)
     try:
         with Trainer(
             cfg, env, stored=stored, resume=resume, overwrite=overwrite, quiet=quiet, progress=progress, started=started
