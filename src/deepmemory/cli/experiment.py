@@ -9,7 +9,7 @@ import argparse
 from . import CLIError, add_debug, add_version
 
 HELP = "run an experiment (length-generalization, language-modeling, ablations, calibration): RESULTS.md"
-NAMES = ("length-generalization",)  # deepmemory.experiments.NAMES
+NAMES = ("length-generalization", "language-modeling", "ablations", "calibration")  # deepmemory.experiments.NAMES
 
 
 def _names(text: str) -> list[str]:
@@ -49,8 +49,18 @@ def register(subparsers) -> None:
         "--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default cpu (auto: CUDA when present)"
     )
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: OMP_NUM_THREADS, else 1)")
-    p.add_argument("--presets", type=_names, metavar="LIST", help="run only these of the budget's presets")
-    p.add_argument("--tasks", type=_names, metavar="LIST", help="run only these of the budget's tasks")
+    p.add_argument(
+        "--presets",
+        type=_names,
+        metavar="LIST",
+        help="run only these of the budget's presets (ablations: the base presets titans-lmm, atlas)",
+    )
+    p.add_argument(
+        "--tasks",
+        type=_names,
+        metavar="LIST",
+        help="run only these of the budget's tasks (length-generalization: mqar, s-niah-1; ablations: mqar, text)",
+    )
     p.add_argument("--seeds", type=_seeds, metavar="LIST", help="seeds instead of the budget's (e.g. 0,1,2)")
     p.add_argument(
         "--group",

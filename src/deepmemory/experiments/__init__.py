@@ -17,6 +17,9 @@ from .runner import BUDGETS, Experiment, ExperimentError, Run
 # name -> module of this package holding EXPERIMENT
 MODULES = {
     "length-generalization": "length_generalization",
+    "language-modeling": "language_modeling",
+    "ablations": "ablations",
+    "calibration": "calibration",
 }
 NAMES = tuple(MODULES)
 

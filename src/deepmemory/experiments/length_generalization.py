@@ -301,5 +301,5 @@ EXPERIMENT = Experiment(
     budgets=BUDGETS,
     make_cells=cells,
     report=report,
-    filters=("presets", "tasks"),
+    filters={"presets": "presets", "tasks": "tasks"},
 )

@@ -10,7 +10,8 @@ batch, lengths, seeds) and a function turning it into :class:`Cell` s. A cell is
     cells/KEY/eval/       its deepmemory eval folder (an interrupted evaluation continues)
     cells/KEY/cell.json   the cell's outcome, written once it is finished: a finished cell is never re-run
     results.json          every finished cell, the config, the commands, seeds, times, machine, versions
-    RESULTS.md            the experiment's tables and plots (*.png beside it), redrawn after every cell
+    RESULTS.md            the experiment's tables and plots (*.png beside it), redrawn after every cell,
+                          and discussion.md (written by a person, optional) appended
 
 Everything is written under a temporary name and renamed into place, so a run killed at any
 moment leaves whole files; running the same command again skips the finished cells and resumes
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 
 FORMAT = 1  # of results.json and cell.json
 RESULTS_JSON, RESULTS_MD, CELLS = "results.json", "RESULTS.md", "cells"
+DISCUSSION = "discussion.md"  # optional, beside RESULTS.md: appended to it under "Discussion"
 BUDGETS = ("toy", "cpu", "gpu")
 
 
@@ -78,7 +80,8 @@ class Experiment:
     budgets: dict[str, dict]
     make_cells: Callable[[dict], list[Cell]]
     report: Callable[[dict, list[dict]], tuple[str, dict]]
-    filters: tuple[str, ...] = ("presets",)  # config lists the command line may narrow
+    # the config lists the command line may narrow: option (--presets, --tasks) -> config key
+    filters: dict[str, str] = field(default_factory=lambda: {"presets": "presets"})
     notes: str = ""
 
     def config(self, budget: str, **narrow) -> dict:
@@ -96,14 +99,15 @@ class Experiment:
                 continue
             if name not in self.filters:
                 raise ExperimentError(f"{self.name} has no --{name}")
-            known = list(config[name])
+            key = self.filters[name]
+            known = list(config[key])
             unknown = [v for v in values if v not in known]
             if unknown:
                 raise ExperimentError(
                     f"{self.name} --{name}: {', '.join(map(str, unknown))} not in the {budget} budget's "
                     f"{', '.join(map(str, known))}"
                 )
-            config[name] = [v for v in known if v in values]
+            config[key] = [v for v in known if v in values]
         return config
 
 
@@ -278,11 +282,19 @@ def peak_memory_mib(device: str) -> float | None:
 
 
 # ---------------------------------------------------------------- one cell
-def _has_checkpoint(run_dir: str) -> bool:
+def _last_checkpoint(run_dir: str) -> tuple[int, dict] | None:
+    """``(step, state.json)`` of the newest complete checkpoint of ``run_dir``, or None."""
     folder = os.path.join(run_dir, "checkpoints")
-    return os.path.isfile(os.path.join(run_dir, "run.json")) and (
-        os.path.isdir(folder) and any(name.startswith("step-") for name in os.listdir(folder))
-    )
+    if not (os.path.isfile(os.path.join(run_dir, "run.json")) and os.path.isdir(folder)):
+        return None
+    steps = sorted(int(name[5:]) for name in os.listdir(folder) if name.startswith("step-") and name[5:].isdigit())
+    for step in reversed(steps):
+        try:
+            with open(os.path.join(folder, f"step-{step:08d}", "state.json")) as f:
+                return step, json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _read_metrics(run_dir: str) -> list[dict]:
@@ -315,10 +327,14 @@ def run_cell(cell: Cell, cell_dir: str, device: str, threads: int | None, progre
     run_dir = os.path.join(cell_dir, "run")
     if cell.train is not None:
         settings = dict(cell.train, out=run_dir, device=device, threads=threads)
-        resume = run_dir if _has_checkpoint(run_dir) else None
+        last = _last_checkpoint(run_dir)
+        resume = run_dir if last else None
         reset_peak_memory(device)
         try:
-            summary = train(settings, resume=resume, overwrite=resume is None, quiet=not verbose, progress=progress)
+            if last and last[0] >= settings["steps"]:  # trained to the end before an interruption: nothing to redo
+                summary = {"wall_time_s": last[1].get("elapsed"), "train_loss": None}
+            else:
+                summary = train(settings, resume=resume, overwrite=resume is None, quiet=not verbose, progress=progress)
             outcome["status"] = "done"
         except DivergenceError as err:
             summary = {"stopped": "diverged", "error": " ".join(str(err).split())}
@@ -331,7 +347,7 @@ def run_cell(cell: Cell, cell_dir: str, device: str, threads: int | None, progre
             {
                 "steps": steps[-1]["step"] if steps else 0,
                 "tokens": steps[-1].get("tokens") if steps else 0,
-                "train_loss": summary.get("train_loss"),
+                "train_loss": summary.get("train_loss") or (steps[-1].get("loss") if steps else None),
                 "val_loss": last_val.get("val_loss"),
                 "val_accuracy": last_val.get("val_accuracy"),
                 "val_bpb": last_val.get("val_bpb"),
@@ -530,9 +546,10 @@ class Run:
             "commit": _git_commit(),
         }
         pending = self.pending()
-        done_before = len(self.cells) - len(pending)
+        wanted = [c for c in self.cells if not self.groups or c.group in self.groups]
+        done_before = len(wanted) - len(pending)
         bar = tqdm(
-            total=len(self.cells),
+            total=len(wanted),
             initial=done_before,
             unit="cell",
             disable=None if self.progress else True,
@@ -541,14 +558,14 @@ class Run:
         )
         say = tqdm.write
         say(
-            f"{self.experiment.name} ({self.budget}): {len(self.cells)} cells, {done_before} finished earlier, "
+            f"{self.experiment.name} ({self.budget}): {len(wanted)} cells, {done_before} finished earlier, "
             f"{len(pending)} to run; output {self.out}"
         )
         self.write(invocation, started, running=True)
         try:
             for i, cell in enumerate(pending):
                 bar.set_description(cell.key)
-                say(f"[{done_before + i + 1}/{len(self.cells)}] {cell.key}")
+                say(f"[{done_before + i + 1}/{len(wanted)}] {cell.key}")
                 outcome = run_cell(cell, self.cell_dir(cell), self.device, self.threads, self.progress, self.verbose)
                 write_json_atomic(os.path.join(self.cell_dir(cell), "cell.json"), _finite(outcome))
                 say(f"    {cell.key}: {_cell_line(outcome)}")
@@ -594,6 +611,10 @@ class Run:
             tmp = os.path.join(self.out, f".{name}.tmp.png")
             if draw(tmp):
                 os.replace(tmp, path)
+        discussion = os.path.join(self.out, DISCUSSION)
+        if os.path.isfile(discussion):  # what a person wrote about the numbers, kept across rewrites
+            with open(discussion) as f:
+                body += "\n## Discussion\n\n" + f.read().strip() + "\n"
         write_text_atomic(os.path.join(self.out, RESULTS_MD), self.header(results) + body)
         return results
 

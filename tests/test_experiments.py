@@ -1,0 +1,171 @@
+"""``deepmemory experiment``: every experiment end to end at the toy budget (RESULTS.md and
+results.json written, a second invocation skips the finished cells, an interrupted cell resumes),
+the statistics, the matched sizes and the one-line errors."""
+
+import json
+import os
+
+import pytest
+
+from deepmemory.cli import main
+from deepmemory.experiments import NAMES, get_experiment
+from deepmemory.experiments.runner import matched_widths, mean_std, parameter_count, within_noise
+
+# what each experiment's RESULTS.md must show at the toy budget
+HEADINGS = {
+    "length-generalization": ["## mqar: trained at L = 32", "## s-niah-1: trained at L = 328", "`titans-lmm`"],
+    "language-modeling": ["## Validation bits per byte at equal tokens", "`transformer`", "`titans-lmm`"],
+    "ablations": ["## titans-lmm: one component out at a time", "no momentum"],
+    "calibration": ["## Inner learning rate", "`titans-lmm`", "preset (0.02"],
+}
+
+
+def _cells_mtimes(out):
+    folder = os.path.join(out, "cells")
+    return {k: os.path.getmtime(os.path.join(folder, k, "cell.json")) for k in sorted(os.listdir(folder))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_toy_experiment_end_to_end_and_resumable(name, tmp_path, capsys, one_thread):
+    out = str(tmp_path / name)
+    argv = ["experiment", name, "--budget", "toy", "--out", out, "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{name} (toy): complete" in printed
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    experiment = get_experiment(name)
+    expected = experiment.make_cells(experiment.config("toy"))
+    assert results["experiment"] == name and results["budget"] == "toy" and results["complete"]
+    assert results["cells_finished"] == results["cells_total"] == len(expected)
+    assert [c["key"] for c in results["cells"]] == [c.key for c in expected]
+    inv = results["invocations"][-1]
+    assert inv["command"].startswith(f"deepmemory experiment {name} --budget toy")
+    assert inv["machine"]["torch"] and inv["machine"]["deepmemory"] and inv["wall_time_s"] >= 0
+    for cell in results["cells"]:
+        assert cell["status"] == "done" and cell["seconds"] >= 0 and cell["labels"]["seed"] == 0
+        assert cell["parameters"] > 0 and cell["train"]["steps"] == cell["spec"]["train"]["steps"]
+        if cell["spec"]["eval"]:
+            lengths = cell["spec"]["eval"]["lengths"]
+            assert sorted(cell["eval"]["accuracy"]) == sorted(map(str, lengths))
+            assert all(0 <= a <= 1 for a in cell["eval"]["accuracy"].values())
+    with open(os.path.join(out, "RESULTS.md")) as f:
+        text = f.read()
+    assert text.startswith(f"# Experiment `{name}` (toy budget)") and "**Complete**" in text
+    assert f"`deepmemory experiment {name} --budget toy --out {out}`" in text
+    for heading in HEADINGS[name]:
+        assert heading in text, heading
+    for image in [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]:
+        assert os.path.getsize(os.path.join(out, image)) > 1000
+
+    # a second invocation runs nothing: every cell is finished
+    before = _cells_mtimes(out)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(expected)} finished earlier, 0 to run" in printed
+    assert _cells_mtimes(out) == before
+    with open(os.path.join(out, "results.json")) as f:
+        again = json.load(f)
+    assert len(again["invocations"]) == 2 and again["cells"] == results["cells"]
+
+
+@pytest.mark.slow
+def test_interrupted_cell_resumes_and_narrowing_adds_to_the_results(tmp_path, capsys, one_thread):
+    out = str(tmp_path / "lg")
+    base = ["experiment", "length-generalization", "--budget", "toy", "--out", out, "--no-progress"]
+    assert main(base + ["--tasks", "mqar", "--presets", "titans-lmm"]) == 0
+    printed = capsys.readouterr().out
+    assert "partial: 1 of 4 cells" in printed
+    with open(os.path.join(out, "RESULTS.md")) as f:
+        assert "**Partial**: 1 of 4 cells finished" in f.read()
+    # a cell interrupted after its training (no cell.json yet): the run directory resumes at its
+    # last step, nothing is trained again, and only the evaluation is redone
+    cell = os.path.join(out, "cells", "mqar-titans-lmm-s0")
+    os.remove(os.path.join(cell, "cell.json"))
+    with open(os.path.join(cell, "run", "metrics.jsonl")) as f:
+        rows = f.read()
+    assert main(base + ["--tasks", "mqar"]) == 0
+    printed = capsys.readouterr().out
+    assert "0 finished earlier, 2 to run" in printed
+    with open(os.path.join(cell, "run", "metrics.jsonl")) as f:
+        assert f.read() == rows  # no step trained twice
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert [c["key"] for c in results["cells"]] == ["mqar-transformer-s0", "mqar-titans-lmm-s0"]
+    assert not results["complete"] and len(results["invocations"]) == 2
+
+
+def test_statistics():
+    assert mean_std([1.0, 3.0]) == (2.0, 2**0.5, 2)
+    assert mean_std([0.5]) == (0.5, None, 1)
+    assert mean_std([None, float("nan")]) == (None, None, 0)
+    assert within_noise([0.50, 0.52, 0.48], [0.51, 0.49, 0.50]) is True
+    assert within_noise([0.90, 0.91, 0.92], [0.10, 0.11, 0.12]) is False
+    assert within_noise([0.5], [0.6]) is None  # one seed each: no spread measured
+    assert within_noise([0.5], [0.6], floor=0.2) is True
+
+
+def test_matched_widths_bring_every_preset_to_the_largest_count():
+    presets = ["transformer", "gated-deltanet", "titans-mac", "omeganet"]
+    widths = matched_widths(presets, "tiny-w16", 257)
+    counts = {p: parameter_count(p, "tiny-w16", 257, widths[p]) for p in presets}
+    target = max(parameter_count(p, "tiny-w16", 257) for p in presets)
+    assert widths["omeganet"] == {}  # the largest keeps its width
+    assert widths["transformer"]["intermediate_size"] > 128
+    for p in presets:
+        assert abs(counts[p] / target - 1) < 0.01, (p, counts[p], target)
+
+
+def test_cells_of_the_real_budgets():
+    lg = get_experiment("length-generalization")
+    cells = lg.make_cells(lg.config("cpu"))
+    assert len(cells) == 18 and {c.labels["task"] for c in cells} == {"mqar", "s-niah-1"}
+    assert [c.group for c in cells][-2:] == ["atlas", "atlas"]  # the slow Atlas cells last
+    mqar = [c for c in cells if c.labels["task"] == "mqar"]
+    assert {c.train["steps"] for c in mqar} == {400} and {c.train["seq_len"] for c in mqar} == {64}
+    assert mqar[0].eval["lengths"] == [64, 128, 256, 512, 1024]
+    assert len({(c.train["steps"], c.train["batch_size"], c.train["lr"]) for c in mqar}) == 1  # equal budgets
+    for name in NAMES:
+        experiment = get_experiment(name)
+        for budget in ("toy", "cpu", "gpu"):
+            keys = [c.key for c in experiment.make_cells(experiment.config(budget))]
+            assert len(keys) == len(set(keys)), (name, budget)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["experiment", "nope"], "invalid choice: 'nope'"),
+        (["experiment", "length-generalization", "--budget", "huge"], "invalid choice: 'huge'"),
+        (["experiment", "length-generalization", "--presets", "titans-lmm,nope"], "nope not in the toy budget's"),
+        (["experiment", "length-generalization", "--tasks", "babilong-qa1"], "babilong-qa1 not in the toy budget's"),
+        (["experiment", "language-modeling", "--tasks", "mqar"], "language-modeling has no --tasks"),
+        (["experiment", "ablations", "--group", "gpu"], "'gpu' is not among"),
+        (["experiment", "calibration", "--seeds", "a,b"], "is not a list of seeds"),
+        (["experiment", "calibration", "--threads", "0"], "--threads must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
+    assert _exit_code(argv + ["--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not os.path.exists(tmp_path / "x" / "results.json")
+
+
+def _exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit:  # argparse's own one-line errors
+        return exit.code
+
+
+def test_out_holding_another_experiment_is_refused(tmp_path, capsys):
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "results.json").write_text(
+        json.dumps({"experiment": "ablations", "budget": "toy", "config_sha": "0", "cells": []})
+    )
+    assert main(["experiment", "calibration", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds results of another experiment" in err
