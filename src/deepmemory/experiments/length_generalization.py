@@ -186,10 +186,46 @@ def report(config: dict, outcomes: list[dict]) -> tuple[str, dict]:
                 ]
             )
         lines += [table(header, rows), ""]
+        if task == "mqar":
+            settings = TASKS["mqar"]["settings"]
+            values = settings["vocab_size"] // 2
+            lines += [
+                f"Reference points: guessing among the {values} value ids scores {100 / values:.1f}%; guessing "
+                f"among the {settings['num_pairs']} values shown in the prompt (copying without matching the key) "
+                f"{100 / settings['num_pairs']:.0f}%. Only accuracy well above the latter is recall.",
+                "",
+            ]
+        lines += [_memory_settings(by, task, presets), ""]
         lines += _claims(task, by, presets, lengths, samples)
         figures[f"{task}.png"] = _plot(task, by, presets, config["multiples"], lengths)
         lines += [f"![{task}: accuracy against context length]({task}.png)", ""]
     return "\n".join(lines) + "\n", figures
+
+
+def _memory_settings(by: dict, task: str, presets: list[str]) -> str:
+    """The settings the papers leave open, as each model ran them (from its run's config)."""
+    parts = []
+    for p in presets:
+        model = by[(task, p)][0].get("model") or {}
+        memory = model.get("memory") or {}
+        if not memory:
+            continue
+        words = [f"max_lr {memory['max_lr']}" if memory.get("max_lr") is not None else "max_lr 1 (the layer's default)"]
+        if memory.get("step_bound"):
+            words.append(f"step bound {memory['step_bound']:g}")
+        words.append("memory LayerNorm" if memory.get("layer_norm") else "no memory LayerNorm")
+        parts.append(f"`{p}` " + ", ".join(words))
+    widths = ", ".join(
+        f"`{p}` {(by[(task, p)][0].get('model') or {}).get('intermediate_size')}"
+        for p in presets
+        if (by[(task, p)][0].get("model") or {}).get("intermediate_size")
+    )
+    return (
+        "Memory settings as run (what the papers leave open): "
+        + "; ".join(parts)
+        + "."
+        + (f" SwiGLU widths (matched sizes): {widths}." if widths else "")
+    )
 
 
 def _mean_beyond(group: list[dict], lengths: list[int]) -> list[float | None]:

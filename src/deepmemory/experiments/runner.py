@@ -648,9 +648,18 @@ class Run:
                 + (f" (commit {inv['commit'][:10]})" if inv.get("commit") else "")
                 + f", torch {m.get('torch', '?')}, Python {m.get('python', '?')}"
             )
+        by_group: dict[str, float] = {}
+        for o in results["cells"]:
+            by_group[o.get("group", "main")] = by_group.get(o.get("group", "main"), 0.0) + o.get("seconds", 0)
         lines += [
             "",
-            f"Cells' own time in all: {_duration(results['cell_seconds'])}. Seeds: "
+            f"Cells' own time in all: {_duration(results['cell_seconds'])}"
+            + (
+                " (" + ", ".join(f"group `{g}` {_duration(t)}" for g, t in by_group.items()) + ")"
+                if len(by_group) > 1
+                else ""
+            )
+            + ". Seeds: "
             f"{', '.join(map(str, self.experiment.budgets[self.budget].get('seeds', [0])))}. "
             f"Per-cell files (training runs, evaluations) are under `{CELLS}/`; all numbers are in `{RESULTS_JSON}`.",
             "",
