@@ -218,3 +218,46 @@ def test_config_records_the_bound_and_old_configs_keep_the_papers_rule():
     assert old.kernel["step_bound"] is None
     assert DeepMemoryForCausalLM(old).model.layers[0].mixer.step_bound is None
     assert "step_bound" not in DeepMemoryConfig(layer_pattern="attn").kernel  # no kernel block, nothing recorded
+
+
+# ---- the presets: a write that writes, and finite on text ---------------------------------------------
+
+
+def _text(n: int) -> torch.Tensor:
+    """``n`` bytes of real text (this library's own source), as token ids."""
+    import deepmemory.ops.kernel as source
+
+    data = open(source.__file__, "rb").read()[:n]
+    return torch.tensor(list(data), dtype=torch.long)[None]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["deep-transformer", "swdt", "dot"])
+def test_kernel_presets_write_and_stay_finite_on_text(name):
+    """Each kernel preset's first layer: one write adds at least a tenth of ``v`` along ``v`` at init
+    (the former ``swdt`` added 0.07%), and 2,048 bytes of text stream through the model finite. At
+    ``max_lr`` 1 without the bound, ``swdt`` and ``dot`` turn non-finite on the same text."""
+    from deepmemory.models import DeepMemoryCache, build
+
+    def stream(model) -> bool:
+        cache, ids = DeepMemoryCache(model.config), _text(2048)
+        with torch.no_grad():
+            return all(torch.isfinite(model(piece, cache=cache).logits).all() for piece in ids.split(512, 1))
+
+    torch.manual_seed(0)
+    model = build(name, vocab_size=256).eval()
+    layer = model.model.layers[0].mixer
+    assert layer.step_bound == 1.0 and layer.max_lr == 1.0
+    with torch.no_grad():
+        x = torch.randn(64, 1, 64, generator=torch.Generator().manual_seed(1))
+        _, k, v, _ = layer.qkv(x, None)
+        lr = layer.max_lr * torch.sigmoid(layer.lr_proj(x))
+        w, scale = dict(layer.initial_weights), layer.log_temp.exp()
+        m0, _ = kernel_memory(k, k, v, torch.zeros_like(lr), w, scale, rule=layer.rule)
+        m1, _ = kernel_memory(k, k, v, lr, w, scale, rule=layer.rule)
+    along_v = ((m1 - m0) * v).sum(-1) / v.pow(2).sum(-1)
+    assert along_v.mean() > 0.1
+    assert stream(model)
+    if name != "deep-transformer":
+        torch.manual_seed(0)
+        assert not stream(build(name, vocab_size=256, kernel={"step_bound": None}).eval())

@@ -75,16 +75,16 @@ NO_MEMORY = None
 # unnormalised read), with the Omega window c = 16 of OmegaNet and Atlas: every step re-applies the
 # window's gradients and tokens never leave the memory, so c is the rule's context, not the reach
 # (kernel={"window": "attention", "window_rule": "swa"} gives the deep sliding-window attention).
-# Both inner rates are sized on real text at tiny (docs/models/deep-transformer.md). Dot: a chunk
-# applies a token's l2 gradient with the summed rate min(chunk, c) * lr, and the step it makes on
-# the token's own output is that rate times exp(tau) (the first layer's read of its own key; tau =
-# sqrt(head_dim) at init) plus |a|^2 ~ 0.4 * hidden (the deeper matrix): it must stay below ~2.
-# max_lr 0.001 gives 16 * 0.0005 * (e^4 + 26) = 0.6, trained 300 steps and stays bounded on 2048
-# tokens (4096 at init); 0.01 is non-finite at init. SWDT: the Hebbian loss has no such correction, and a deep
-# memory's read grows with the context at a rate set by c * lr: max_lr 0.1 trained 300 steps of 128
-# tokens but is NaN at 512; 1e-4 trained (better) and stays finite at 2048 tokens, though growing.
-SWDT = dict(loss="dot", window=16, window_rule="omega", normalized=False, max_lr=1e-4)
-DOT = dict(loss="l2", window=16, window_rule="omega", normalized=False, max_lr=0.001)
+# The inner step is set by the kernel memory's step bound (tau = 1: a chunk's summed step along
+# each matrix's inputs, phi*(k) of norm exp(scale / 2) included, stays below 1), not by max_lr: without it
+# the unnormalised forms multiply every step by exp(scale) ~ e^4 at tiny, e^8 at 64-wide heads, and
+# the Hebbian deep memory's read grows without bound (SWDT at the former max_lr 1e-4: 6e4 at 8K
+# tokens at init, NaN from 1e-3 up; a write closing 0.006% of the residual). With the bound, max_lr
+# 1.0 (the layer's default, as the DeepTransformer's) writes 25% of v per write at init for both, at
+# every head width, and both stay finite on text (benchmarks/results/kernel_stability.txt;
+# docs/models/deep-transformer.md).
+SWDT = dict(loss="dot", window=16, window_rule="omega", normalized=False, max_lr=1.0, step_bound=1.0)
+DOT = dict(loss="l2", window=16, window_rule="omega", normalized=False, max_lr=1.0, step_bound=1.0)
 
 # name -> (block of every layer, (rule, layer settings) or None, kernel settings); a kernel window of
 # None is global (DeepTransformer); "attention" would borrow the size's sliding window.
@@ -104,7 +104,7 @@ PRESETS: dict[str, tuple[str, Memory, dict]] = {
     "atlas-mal": ("mal", ATLAS, {}),
     "dla": ("memory", DLA, {}),
     "swla": ("memory", SWLA, {}),
-    "deep-transformer": ("kernel", NO_MEMORY, dict(loss="dot", window=None)),
+    "deep-transformer": ("kernel", NO_MEMORY, dict(loss="dot", window=None, step_bound=1.0)),
     "swdt": ("kernel", NO_MEMORY, SWDT),
     # Dot is ATLAS's Deep Omega Transformer (eq. 27): the l2 loss, not the dot-product one
     "dot": ("kernel", NO_MEMORY, DOT),
