@@ -53,13 +53,25 @@ def check_input(x, hidden_size: int) -> None:
 
 def rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     """Rotate pairs ``(x_i, x_{i+D/2})`` of ``x [..., T, D]`` by ``pos_t * theta^(-2i/D)``."""
-    half = x.shape[-1] // 2
-    inv_freq = theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
+    return rotate(x, *rope_tables(pos, x.shape[-1], theta, x.dtype))
+
+
+def rope_tables(pos: Tensor, dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``cos, sin [T, dim / 2]`` of the angles ``pos_t * theta^(-2i/dim)`` for :func:`rotate`, in the
+    dtype the rotation of a ``dtype`` tensor runs in (float64 for float64, else float32); slices of
+    them rotate the tokens at slices of ``pos``."""
+    half = dim // 2
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float64, device=pos.device) / half)
     # float64 angles: positions in the millions keep their phase; rotate in at least float32
     ang = pos.to(torch.float64)[:, None] * inv_freq
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cos, sin = ang.cos().to(cd), ang.sin().to(cd)
-    x1, x2 = x[..., :half].to(cd), x[..., half:].to(cd)
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    return ang.cos().to(cd), ang.sin().to(cd)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE of ``x [..., T, D]`` with the tables of :func:`rope_tables` ``[T, D / 2]``."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].to(cos.dtype), x[..., half:].to(cos.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
@@ -124,9 +136,17 @@ class Attention(nn.Module):
         """``[B, T, H * D] -> [B, H, T, D]``."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def keys_values(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """RoPE'd keys and values ``[B, H, T, D]`` of tokens ``x [B, T, hidden]`` at positions ``pos [T]``."""
-        return rope(self.heads(self.k_proj(x)), pos, self.rope_theta), self.heads(self.v_proj(x))
+    def keys_values(self, x: Tensor, pos: Tensor, tables: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """RoPE'd keys and values ``[B, H, T, D]`` of tokens ``x [B, T, hidden]`` at positions ``pos [T]``
+        (``tables``: their :func:`rope_tables`, when already made)."""
+        k = self.heads(self.k_proj(x))
+        tables = tables or rope_tables(pos, self.head_dim, self.rope_theta, k.dtype)
+        return rotate(k, *tables), self.heads(self.v_proj(x))
+
+    def queries(self, x: Tensor, pos: Tensor, tables: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """``q`` and ``RoPE(q)`` ``[B, H, T, D]`` of ``x [B, T, hidden]`` at positions ``pos [T]``."""
+        q = self.heads(self.q_proj(x))
+        return q, rotate(q, *(tables or rope_tables(pos, self.head_dim, self.rope_theta, q.dtype)))
 
     def attend(
         self, x: Tensor, pos: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: Tensor | None = None
@@ -134,27 +154,32 @@ class Attention(nn.Module):
         """Queries from ``x [B, T, hidden]`` at positions ``pos [T]`` over user keys/values
         ``k, v [B, H, S, D]`` (``mask [T, S]``, True = visible; None = causal with ``S == T``),
         the persistent tokens and the always-visible ``prefix [B or 1, N, hidden]``."""
-        q, qr, k, v, bad = self._queries(x, pos, k, v)
-        fixed = self._fixed_keys(prefix, x.shape[0])
+        q, qr = self.queries(x, pos)
+        return self.attend_queries(q, qr, k, v, mask, self.fixed_keys(prefix, x.shape[0]))
+
+    def attend_queries(
+        self, q: Tensor, qr: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, fixed: tuple[Tensor, Tensor] | None
+    ) -> Tensor:
+        """:meth:`attend` from the queries (:meth:`queries`) and the keys and values of the persistent
+        tokens and the prefix (:meth:`fixed_keys`) -> ``[B, T, hidden]``."""
+        k, v, bad = self._sanitized(k, v)
         scale = self.head_dim**-0.5
         if fixed is None:
             y = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
         else:
             kp, vp = fixed
-            n_q, n_k = x.shape[1], k.shape[2]
+            n_q, n_k = q.shape[2], k.shape[2]
             q2 = torch.cat([qr, q], dim=-1)
             k2 = torch.cat([torch.cat([torch.zeros_like(kp), kp], -1), torch.cat([k, torch.zeros_like(k)], -1)], 2)
-            visible = torch.ones(n_q, n_k, dtype=torch.bool, device=x.device).tril() if mask is None else mask
+            visible = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril() if mask is None else mask
             visible = torch.cat([visible.new_ones(n_q, kp.shape[2]), visible], dim=1)
             y = F.scaled_dot_product_attention(q2, k2, torch.cat([vp, v], 2), attn_mask=visible, scale=scale)
         y = torch.where(sees_marked(bad, mask)[..., None], torch.nan, y)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
-    def _queries(self, x: Tensor, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``q`` and ``RoPE(q)`` ``[B, H, T, D]`` of ``x``, the keys and values with those of a
-        token holding a non-finite value replaced by zeros, and those tokens ``bad [B, H, S]``."""
-        q = self.heads(self.q_proj(x))
-        qr = rope(q, pos, self.rope_theta)
+    def _sanitized(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The keys and values with those of a token holding a non-finite value replaced by zeros,
+        and those tokens ``bad [B, H, S]``."""
         # a user token holding a NaN or an infinity is read as zeros here and poisons, by selection,
         # exactly the rows that see it (module docstring)
         # (a NaN or an infinity shows in the sum, one reading pass: x - x is NaN exactly there;
@@ -162,9 +187,9 @@ class Attention(nn.Module):
         acc = torch.float64 if k.dtype == torch.float64 else torch.float32
         total = k.sum(-1, dtype=acc) + v.sum(-1, dtype=acc)
         bad = nonfinite(total)  # [B, H, S]
-        return q, qr, zero_rows(bad, k), zero_rows(bad, v), bad
+        return zero_rows(bad, k), zero_rows(bad, v), bad
 
-    def _fixed_keys(self, prefix: Tensor | None, bsz: int) -> tuple[Tensor, Tensor] | None:
+    def fixed_keys(self, prefix: Tensor | None, bsz: int) -> tuple[Tensor, Tensor] | None:
         """Keys and values ``[B, H, N, D]`` of the persistent tokens and the prefix (None without either)."""
         fixed = [f if f.dim() == 3 else f[None] for f in (self.persistent, prefix) if f is not None]
         if not fixed:
@@ -182,8 +207,9 @@ class Attention(nn.Module):
         prefix), instead of every query over every key. The same visible keys as :meth:`attend`'s
         mask, so the same result up to the order of the softmax's sums; the work and the memory
         grow as ``T window`` instead of ``T^2``."""
-        q, qr, k, v, bad = self._queries(x, pos, k, v)
-        fixed = self._fixed_keys(prefix, x.shape[0])
+        q, qr = self.queries(x, pos)
+        k, v, bad = self._sanitized(k, v)
+        fixed = self.fixed_keys(prefix, x.shape[0])
         w = cast(int, self.window)
         bsz, nh, t, d = q.shape
         nb = -(-t // w)  # query blocks

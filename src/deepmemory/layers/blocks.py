@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..checks import check_int, check_positive
 from ..ops.varlen import by_document, state_error
 from ..tree import State, check_state_fits
-from .attention import Attention, AttentionState, check_input
+from .attention import Attention, AttentionState, check_input, rope_tables
 from .common import RMSNorm, SwiGLU, default_intermediate_size
 from .memory_layer import NeuralMemory, NeuralMemoryState
 
@@ -349,21 +349,46 @@ class MACBlock(_Hybrid):
         else:
             mem, mem_start, pos = state.memory, state.memory_start, state.pos
             k_seg, v_seg = state.k.to(h.dtype), state.v.to(h.dtype)
-        outs, i = [], 0
-        while i < seq:
+        attn = self.attn
+        # what does not depend on the memory is computed once for the whole input, not per segment:
+        # the tokens' queries, keys and values, their retrieval queries, RoPE's tables and the keys of P;
+        # split into the segments' pieces at once (one backward node each: a slice per segment would
+        # make every segment's backward write a gradient of the whole input)
+        sizes, at = [], pos
+        while at < pos + seq:
+            sizes.append(min(pos + seq - at, c - at % c))
+            at += sizes[-1]
+        positions = torch.arange(pos, pos + seq, device=x.device)
+        cos, sin = rope_tables(positions, hd, attn.rope_theta, h.dtype)
+        q_all, qr_all = attn.queries(h, positions, (cos, sin))
+        kx_all, vx_all = attn.keys_values(h, positions, (cos, sin))
+        retrieve_q = F.normalize(self.retrieve_q(h).unflatten(-1, (nh, hd)), dim=-1)
+        pieces = zip(
+            *(t.split(sizes, 2) for t in (q_all, qr_all, kx_all, vx_all)),
+            retrieve_q.split(sizes, 1),
+            *(t.split(sizes, 0) for t in (positions, cos, sin)),
+        )
+        fixed = attn.fixed_keys(None, bsz)
+        masks: dict[tuple[int, int], Tensor] = {}
+        ys, ms = [], []
+        for q_s, qr_s, kx, vx, rq_s, p_s, cos_s, sin_s in pieces:
             done = pos % c  # tokens of this segment already seen
-            n = min(seq - i, c - done)
-            xs = h[:, i : i + n]
-            p = torch.arange(pos, pos + n, device=x.device)
-            kh, vh = self.attn.keys_values(self.retrieve(xs, mem_start), p)
-            kx, vx = self.attn.keys_values(xs, p)
+            n = p_s.shape[0]
+            retrieved = self.retrieve_o(self.memory.read(rq_s, mem_start).flatten(2))
+            kh, vh = attn.keys_values(retrieved, p_s, (cos_s, sin_s))
             k_seg = torch.cat([k_seg[:, :, :done], kh, k_seg[:, :, done:], kx], 2)
             v_seg = torch.cat([v_seg[:, :, :done], vh, v_seg[:, :, done:], vx], 2)
-            kpos = torch.arange(pos - done, pos + n, device=x.device).repeat(2)
-            y = self.attn.attend(xs, p, k_seg, v_seg, kpos[None, :] <= p[:, None])
+            if (done, n) not in masks:  # key j (retrievals, then tokens) is visible from its own position on
+                kpos = torch.arange(done + n, device=x.device).repeat(2)
+                masks[done, n] = kpos[None, :] <= torch.arange(done, done + n, device=x.device)[:, None]
+            y = attn.attend_queries(q_s, qr_s, k_seg, v_seg, masks[done, n], fixed)
             m, mem = self.memory(y, mem, return_state=True)
-            outs.append(self.attn_out_norm(y) * torch.sigmoid(self.memory_out_norm(m)))
-            pos, i = pos + n, i + n
+            ys.append(y)
+            ms.append(m)
+            pos += n
             if pos % c == 0:  # segment complete: the next one reads the memory written so far
                 mem_start, k_seg, v_seg = mem, k_seg[:, :, :0], v_seg[:, :, :0]
-        return self.finish(x + torch.cat(outs, 1), MACState(mem, mem_start, k_seg, v_seg, pos), return_state)
+        # the output gate reads each token alone: once over all segments
+        y, m = (torch.cat(t, 1) if len(t) > 1 else t[0] for t in (ys, ms))
+        o = self.attn_out_norm(y) * torch.sigmoid(self.memory_out_norm(m))
+        return self.finish(x + o, MACState(mem, mem_start, k_seg, v_seg, pos), return_state)
