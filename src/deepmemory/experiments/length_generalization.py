@@ -12,6 +12,8 @@ task and recall has to come from the memory.
 
 from __future__ import annotations
 
+import math
+
 from .runner import Cell, Experiment, figure_writer, fmt_mean, group_by, matched_widths, mean_std, table
 
 PRESETS = [
@@ -159,14 +161,15 @@ def report(config: dict, outcomes: list[dict]) -> tuple[str, dict]:
             f"Task settings {TASKS[task]['settings'] or 'the defaults'}; {steps} steps x {batch} rows x {length} "
             f"tokens ({steps * batch * length:,} tokens) per model, "
             f"lr {config['lr']:g}, size `{config['size']}`; {samples} evaluation samples per length; "
-            "mean ± standard deviation over seeds where there are several. `val@L`: the trainer's "
-            "validation accuracy (teacher-forced answers at L).",
+            "mean ± standard deviation over seeds where there are several. `val loss` / `val@L`: the trainer's "
+            "validation answer loss (nats per answer token) and accuracy (teacher-forced answers at L).",
             "",
         ]
         if not presets:
             lines += ["No cell of this task has finished yet.", ""]
             continue
-        header = ["preset", "params", "val@L"] + [f"{m}L = {n}" for m, n in zip(config["multiples"], lengths)]
+        header = ["preset", "params", "val loss", "val@L"]
+        header += [f"{m}L = {n}" for m, n in zip(config["multiples"], lengths)]
         header += ["train tok/s", "train time", "status"]
         rows = []
         for p in presets:
@@ -175,6 +178,7 @@ def report(config: dict, outcomes: list[dict]) -> tuple[str, dict]:
                 [
                     f"`{p}`",
                     f"{group[0].get('parameters') or 0:,}",
+                    fmt_mean([(o.get("train") or {}).get("val_loss") for o in group], 1, 3),
                     fmt_mean([(o.get("train") or {}).get("val_accuracy") for o in group], 100),
                 ]
                 + [fmt_mean([_acc(o, n) for o in group], 100) for n in lengths]
@@ -190,9 +194,18 @@ def report(config: dict, outcomes: list[dict]) -> tuple[str, dict]:
             settings = TASKS["mqar"]["settings"]
             values = settings["vocab_size"] // 2
             lines += [
-                f"Reference points: guessing among the {values} value ids scores {100 / values:.1f}%; guessing "
-                f"among the {settings['num_pairs']} values shown in the prompt (copying without matching the key) "
-                f"{100 / settings['num_pairs']:.0f}%. Only accuracy well above the latter is recall.",
+                f"Reference points: guessing among the {values} value ids scores {100 / values:.1f}% (answer loss "
+                f"ln {values} = {math.log(values):.2f} nats); guessing among the {settings['num_pairs']} values shown "
+                f"in the prompt (copying without matching the key) {100 / settings['num_pairs']:.0f}% (ln "
+                f"{settings['num_pairs']} = {math.log(settings['num_pairs']):.2f} nats). Only accuracy well above "
+                "the latter is recall.",
+                "",
+            ]
+        elif task.startswith("s-niah"):
+            lines += [
+                "Reference point: the answer is a space and 7 random digits (8 tokens); a model that writes the "
+                f"format but guesses the digits has an answer loss of 7/8 ln 10 = {7 / 8 * math.log(10):.3f} nats "
+                "per token and an exact-match accuracy of 1e-7. Only a loss well below that is retrieval.",
                 "",
             ]
         lines += [_memory_settings(by, task, presets), ""]
