@@ -169,3 +169,33 @@ def test_out_holding_another_experiment_is_refused(tmp_path, capsys):
     assert main(["experiment", "calibration", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds results of another experiment" in err
+
+
+def _outcome(task, preset, accuracy, params=1000):
+    lengths = [64, 128, 256, 512, 1024]
+    return {
+        "labels": {"task": task, "preset": preset, "seed": 0},
+        "status": "done",
+        "parameters": params,
+        "train": {"val_accuracy": accuracy[0], "val_loss": 1.0, "tok_per_s": 100.0, "wall_time_s": 60.0},
+        "eval": {"accuracy": {str(n): a for n, a in zip(lengths, accuracy)}},
+        "model": {"memory": {"max_lr": 0.02}, "intermediate_size": 128},
+    }
+
+
+def test_length_generalization_report_checks_the_papers_claims():
+    experiment = get_experiment("length-generalization")
+    config = experiment.config("cpu", presets=["transformer", "gated-deltanet", "titans-lmm", "omeganet"])
+    outcomes = [
+        _outcome("mqar", "transformer", [0.95, 0.40, 0.10, 0.05, 0.02]),  # collapses beyond L
+        _outcome("mqar", "gated-deltanet", [0.60, 0.58, 0.55, 0.50, 0.45]),
+        _outcome("mqar", "titans-lmm", [0.90, 0.88, 0.85, 0.80, 0.75]),  # holds: above the transformer
+        _outcome("mqar", "omeganet", [0.50, 0.50, 0.45, 0.40, 0.40]),  # below Titans: the order reversed
+    ]
+    text, figures = experiment.report(config, outcomes)
+    assert "| `titans-lmm` | 1,000 | 1.000 | 90.0 | 90.0 | 88.0 | 85.0 | 80.0 | 75.0 |" in text
+    assert "Memory models above it beyond L by more than the evaluation noise: `gated-deltanet`, `titans-lmm`" in text
+    assert "`omeganet` 50.0% vs `titans-lmm` 90.0%: reversed" in text
+    assert "`titans-lmm` 90.0% vs `gated-deltanet` 60.0%: holds" in text
+    assert "No cell of this task has finished yet." in text  # s-niah-1
+    assert set(figures) == {"mqar.png"}  # no plot for a task without results

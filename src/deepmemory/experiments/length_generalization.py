@@ -325,6 +325,14 @@ def _plot(task: str, by: dict, presets: list[str], multiples: list[int], lengths
                 lw=1.5,
                 ls="--" if p in ("transformer", "swa") else "-",
             )
+        if task == "mqar":
+            settings = TASKS["mqar"]["settings"]
+            for level, text in (
+                (100 / settings["num_pairs"], "one of the values shown"),
+                (100 / (settings["vocab_size"] // 2), "any value id"),
+            ):
+                ax.axhline(level, color="grey", lw=0.8, ls=":")
+                ax.text(multiples[-1], level + 1, text, fontsize=7, color="grey", ha="right", va="bottom")
         ax.set_xscale("log", base=2)
         ax.set_xticks(multiples, [f"{m}L\n{n}" for m, n in zip(multiples, lengths)])
         ax.set_ylim(-2, 102)
