@@ -66,7 +66,7 @@ from .coefficients import (
 from .delta import delta_rule, is_delta_rule
 from .memory import NS_COEFFICIENTS, dense_apply, memory_forward, newton_schulz, token_gradients
 from .problem import Problem, Result
-from .step_bound import bound_scale, step_norms
+from .step_bound import active_bound_scale, bound_scale, step_norms
 
 
 def _outer_sums(coef: Tensor, d: Tensor, a: Tensor) -> Tensor:
@@ -165,8 +165,9 @@ def chunk(p: Problem) -> Result:
             mix_j = poison_rows(rows[..., -1], mix_j)
         if bound is not None:  # row t sees the chunk's learning rates times s_t, and so does the state after it
             scale = _chunk_scale(bound, c_j, grads, kx[j], None if key_f2 is None else key_f2[j])  # [B, H, b]
-            c_j = scale.unsqueeze(-1) * c_j
-            out_j = scale[..., (last_len if j == n_chunks - 1 else b) - 1, None, None] * out_j
+            if scale is not None:  # (None: no row's bound is active, the papers' rule as it is)
+                c_j = scale.unsqueeze(-1) * c_j
+                out_j = scale[..., (last_len if j == n_chunks - 1 else b) - 1, None, None] * out_j
 
         def dual_apply(name: str, x: Tensor, grads=grads, ws=ws, r_j=r_j, c_j=c_j) -> Tensor:
             d, a = grads[name]
@@ -182,13 +183,14 @@ def chunk(p: Problem) -> Result:
     )
 
 
-def _chunk_scale(bound: float, coef: Tensor, grads: dict, keys: Tensor, key_f2: Tensor | None) -> Tensor:
-    """The bound's factor of one chunk (:func:`.step_bound.bound_scale`) from its gradients' inputs, with
-    ``key_f2`` (or None) the part of the matrices whose inputs are ``keys`` computed beforehand."""
+def _chunk_scale(bound: float, coef: Tensor, grads: dict, keys: Tensor, key_f2: Tensor | None) -> Tensor | None:
+    """The bound's factor of one chunk from its gradients' inputs, with ``key_f2`` (or None) the part
+    of the matrices whose inputs are ``keys`` computed beforehand; None where no row's bound is
+    active (:func:`.step_bound.active_bound_scale`)."""
     inputs = [a for _, a in grads.values()]
     if key_f2 is not None and any(a is keys for a in inputs):
-        return bound_scale(bound, [a for a in inputs if a is not keys], coef, key_f2)
-    return bound_scale(bound, inputs, coef)
+        return active_bound_scale(bound, [a for a in inputs if a is not keys], coef, key_f2)
+    return active_bound_scale(bound, inputs, coef)
 
 
 def _guard(grads, lay):
@@ -413,8 +415,9 @@ def _chunk_granularity(p: Problem, lay, q, kx, vx, cx, n: int, b: int, last_len:
             break
         grads = token_gradients(p.spec, w, kx[j], vx[j], p.rule.loss, cx[j])
         coef_j = coef[j].unsqueeze(-2)
-        if bound is not None:  # the chunk's one step, scaled as a whole
-            coef_j = _chunk_scale(bound, coef_j, grads, kx[j], key_f2[j]).unsqueeze(-1) * coef_j
+        scale = None if bound is None else _chunk_scale(bound, coef_j, grads, kx[j], key_f2[j])
+        if scale is not None:  # the chunk's one step, scaled as a whole
+            coef_j = scale.unsqueeze(-1) * coef_j
         step = {m: _outer_sums(coef_j, *grads[m])[:, :, 0] for m in w}
         ks, kw = keep_s[j][..., None, None], keep_w[j][..., None, None]
         if p.rule.optimizer == "muon":
