@@ -94,6 +94,15 @@ def test_interrupted_cell_resumes_and_narrowing_adds_to_the_results(tmp_path, ca
         results = json.load(f)
     assert [c["key"] for c in results["cells"]] == ["mqar-transformer-s0", "mqar-titans-lmm-s0"]
     assert not results["complete"] and len(results["invocations"]) == 2
+    # a seed beyond the budget's joins the results (and stays in them), the budget's count unchanged
+    assert main(base + ["--tasks", "mqar", "--presets", "titans-lmm", "--seeds", "1"]) == 0
+    assert main(base + ["--tasks", "mqar", "--presets", "titans-lmm"]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert [c["key"] for c in results["cells"]][-1] == "mqar-titans-lmm-s1"
+    assert results["cells_finished"] == 2 and results["cells_total"] == 4
+    with open(os.path.join(out, "RESULTS.md")) as f:
+        assert "Seeds: 0, 1." in f.read()
 
 
 def test_statistics():

@@ -576,8 +576,22 @@ class Run:
         return self.write(invocation, started, running=False)
 
     def outcomes(self) -> list[dict]:
-        """The finished cells of the whole budget (those of narrowed or earlier runs too), in config order."""
-        return [o for o in (self.finished(c) for c in self.all_cells) if o is not None]
+        """The finished cells of the whole budget (those of narrowed or earlier runs too), in config
+        order, then those of seeds beyond the budget's (``--seeds``) found in ``cells/``."""
+        found = [o for o in (self.finished(c) for c in self.all_cells) if o is not None]
+        known = {c.key for c in self.all_cells}
+        folder = os.path.join(self.out, CELLS)
+        extra = []
+        for key in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, key, "cell.json")
+            if key in known or not os.path.isfile(path):
+                continue
+            try:
+                with open(path) as f:
+                    extra.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+        return found + extra
 
     def write(self, invocation: dict, started: float, running: bool) -> dict:
         """``results.json`` and ``RESULTS.md`` (with the experiment's figures) from the finished cells."""
@@ -594,8 +608,8 @@ class Run:
                 **self.identity,
                 "summary": self.experiment.summary,
                 "config": self.experiment.budgets[self.budget],
-                "complete": len(outcomes) == total,
-                "cells_finished": len(outcomes),
+                "complete": all(self.finished(c) is not None for c in self.all_cells),
+                "cells_finished": sum(self.finished(c) is not None for c in self.all_cells),
                 "cells_total": total,
                 "cell_seconds": round(sum(o.get("seconds", 0) for o in outcomes), 1),
                 "invocations": invocations,
@@ -660,7 +674,7 @@ class Run:
                 else ""
             )
             + ". Seeds: "
-            f"{', '.join(map(str, self.experiment.budgets[self.budget].get('seeds', [0])))}. "
+            f"{', '.join(map(str, sorted({o['labels'].get('seed', 0) for o in results['cells']}) or ['none yet']))}. "
             f"Per-cell files (training runs, evaluations) are under `{CELLS}/`; all numbers are in `{RESULTS_JSON}`.",
             "",
         ]
