@@ -262,9 +262,12 @@ def reset_peak_memory(device: str) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+    try:  # a kernel control file, not a file of the run's: a plain write, no temporary
+        fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
+        try:
+            os.write(fd, b"5")
+        finally:
+            os.close(fd)
     except OSError:
         pass
 
@@ -745,8 +748,10 @@ def figure_writer(draw: Callable) -> Callable[[str], bool]:
         fig = draw(plt)
         if fig is None:
             return False
-        fig.savefig(path, format="png", dpi=110)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+        fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
+        os.replace(tmp, path)
         return True
 
     return write
