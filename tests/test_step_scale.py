@@ -14,7 +14,7 @@ from ops_cases import make_inputs, make_params, rel_err
 from test_ops import DK, DV, HIDDEN, _run
 
 from deepmemory.ops import chunk as chunk_module
-from deepmemory.ops.step_bound import bound_scale, step_norms
+from deepmemory.ops.step_bound import active_bound_scale, bound_scale, step_norms
 
 BOUND = 0.3  # acts on many rows of these inputs (checked)
 
@@ -80,6 +80,23 @@ def test_repeated_input_counts_once():
     g_want = _grads(want, [a, h, coef], torch.Generator().manual_seed(5))
     for g, w in zip(g_got, g_want):
         assert rel_err(g, w) <= 1e-12
+
+
+def test_active_factor_is_none_only_where_no_row_is_over():
+    """What the chunk form asks per chunk: None where every row's factor is 1 (its learning rates are
+    then left as they are), else the factor and its gradient."""
+    gen = torch.Generator().manual_seed(4)
+    (a,) = _leaves((2, 2, 8, 5), gen=gen)
+    coef = torch.rand(2, 2, 8, 8, dtype=torch.float64, generator=gen).tril().requires_grad_()
+    f = _definition_f2([a], coef).detach().sqrt()
+    assert active_bound_scale(float(f.max()) * 1.01, [a], coef) is None
+    tau = float(f.max()) * 0.99  # one row over
+    got, want = active_bound_scale(tau, [a], coef), _definition_scale(tau, [a], coef)
+    assert int((want < 1).sum()) == 1 and rel_err(got, want) <= 1e-13
+    g_got = _grads(got, [a, coef], torch.Generator().manual_seed(2))
+    g_want = _grads(want, [a, coef], torch.Generator().manual_seed(2))
+    for g, w in zip(g_got, g_want):
+        assert w.abs().max() > 0 and rel_err(g, w) <= 1e-12
 
 
 def _definition_chunk_scale(bound, coef, grads, keys, key_f2):

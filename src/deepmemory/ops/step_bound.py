@@ -56,10 +56,12 @@ def _norms(coef: Tensor, live: Tensor, a: Tensor, zero: Tensor) -> tuple[Tensor,
 
 
 class _StepNorms(torch.autograd.Function):
-    """``(coef, base, *inputs) -> F^2``; see the module."""
+    """``(unused_below, coef, base, *inputs) -> F^2``; see the module. ``unused_below`` (or None): a
+    caller's ``tau^2`` below which it drops the result (:func:`active_bound_scale`): where no row
+    exceeds it, and that is checked cheaply, nothing is kept for a backward."""
 
     @staticmethod
-    def forward(ctx: Any, coef: Tensor, base: Tensor | None, *inputs: Tensor) -> Tensor:
+    def forward(ctx: Any, unused_below: float | None, coef: Tensor, base: Tensor | None, *inputs: Tensor) -> Tensor:
         live, zero = coef > 0, coef.new_zeros(())
         norms: list[Tensor] = []
         saved: list[Tensor] = []
@@ -73,12 +75,16 @@ class _StepNorms(torch.autograd.Function):
         for norm2 in norms[1:]:
             f2 = torch.maximum(f2, norm2)
         ctx.has_base, ctx.n_inputs = base is not None, len(inputs)
-        ctx.save_for_backward(coef, f2, *norms, *inputs, *saved)
+        ctx.dropped = unused_below is not None and _host_checked(f2) and not bool((f2 > unused_below).any())
+        if not ctx.dropped:
+            ctx.save_for_backward(coef, f2, *norms, *inputs, *saved)
         return f2
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g_f2: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.dropped:
+            raise RuntimeError("the stale-step bound's norms were differentiated where the caller dropped them")
         m, parts = ctx.n_inputs, 3
         coef, f2, *rest = ctx.saved_tensors
         n_norms = m + ctx.has_base
@@ -87,7 +93,7 @@ class _StepNorms(torch.autograd.Function):
         # no active row (the factor's gradient is 0 where it is 1): nothing flows back (a host check,
         # so only on the CPU and not while compiling)
         if _host_checked(g_f2) and not bool(g_f2.any()):
-            return (None,) * (2 + m)
+            return (None,) * (3 + m)
         if n_norms > 1:  # the maximum: to the matrices attaining it, split equally between ties
             attain = [norm2 == f2 for norm2 in norms]
             count = sum(hit.to(f2.dtype) for hit in attain[1:]) + attain[0]
@@ -104,13 +110,13 @@ class _StepNorms(torch.autograd.Function):
             c = torch.where(live, coef * sq.unsqueeze(-2), zero)  # (recomputed: [r, n] a chunk, kept is [n, n])
             prod = c @ cos.square()
             g_c = (2.0 * g).unsqueeze(-1) * prod  # dN/dc = 2 P
-            if ctx.needs_input_grad[0]:
+            if ctx.needs_input_grad[1]:
                 # dN/dC = dN/dc ||a||^2 at a zero weight too (a gate of exactly 0 still has a gradient),
                 # where finite: a huge input's square meets only its own and later rows' weights
                 g_co = g_c * sq.unsqueeze(-2)
                 g_co = torch.where(live | g_co.isfinite(), g_co, zero)
                 g_coef = g_co if g_coef is None else g_coef + g_co
-            if not ctx.needs_input_grad[2 + i]:
+            if not ctx.needs_input_grad[3 + i]:
                 g_inputs.append(None)
                 continue
             g_sq = torch.where(live, g_c * coef, zero).sum(-2)  # through c
@@ -123,7 +129,7 @@ class _StepNorms(torch.autograd.Function):
         if g_coef is not None:
             g_coef = g_coef.sum_to_size(coef.shape)
         g_inputs = [None if g is None else g.sum_to_size(a.shape) for g, a in zip(g_inputs, inputs)]
-        return (g_coef, g_base, *g_inputs)
+        return (None, g_coef, g_base, *g_inputs)
 
 
 def _distinct(inputs: list[Tensor]) -> list[Tensor]:
@@ -143,7 +149,7 @@ def step_norms(inputs: list[Tensor], coef: Tensor, base: Tensor | None = None) -
     """``F_t^2``: the largest ``||H_t||_F^2`` over the matrices with inputs ``inputs`` (each
     ``[..., n, cols]``) and over ``base [..., r]`` if given (the same of other matrices), with
     ``coef [..., r, n]`` (``C(t, i) >= 0``) -> ``[..., r]``; :func:`~.coefficients.step_scale` defines it."""
-    return _StepNorms.apply(coef, base, *_distinct(inputs))
+    return _StepNorms.apply(None, coef, base, *_distinct(inputs))
 
 
 def bound_scale(bound: float, inputs: list[Tensor], coef: Tensor, base: Tensor | None = None) -> Tensor:
@@ -156,8 +162,8 @@ def bound_scale(bound: float, inputs: list[Tensor], coef: Tensor, base: Tensor |
 def active_bound_scale(bound: float, inputs: list[Tensor], coef: Tensor, base: Tensor | None = None) -> Tensor | None:
     """:func:`bound_scale`, or None where no row's bound is active and the check is cheap (on the
     CPU, eagerly): the factor is then the constant 1, and the caller can leave its learning rates
-    as they are (the papers' rule, bitwise, with nothing more in autograd's graph)."""
-    f2 = step_norms(inputs, coef, base)
+    as they are (the papers' rule, bitwise, with nothing of the bound kept for the backward)."""
+    f2 = _StepNorms.apply(bound * bound, coef, base, *_distinct(inputs))
     if _host_checked(f2) and not bool((f2 > bound * bound).any()):
         return None
     return _factor(bound, f2)
