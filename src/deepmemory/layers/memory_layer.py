@@ -243,7 +243,8 @@ class NeuralMemory(QKVMixer):
             damped_momentum=damped_momentum,
             impl=impl,
         )
-        self.check_settings(dict(layer, **rule_settings))
+        # (a rule given whole is checked with the layer too: expand_v needs its memory without the residual)
+        self.check_settings({**layer, **(rule.to_dict() if rule is not None else {}), **rule_settings})
         if rule is None and "step_bound" not in rule_settings:
             rule_settings["step_bound"] = default_step_bound(rule_settings.get("optimizer", UpdateRule.optimizer))
         rule = resolve_rule(rule, rule_settings, LAYER_RULE_DEFAULTS)
