@@ -64,7 +64,7 @@ from .coefficients import (
     zero_rows,
 )
 from .delta import delta_rule, is_delta_rule
-from .memory import NS_COEFFICIENTS, dense_apply, memory_forward, newton_schulz, token_gradients
+from .memory import NS_COEFFICIENTS, dense_apply, memory_forward, mm, newton_schulz, token_gradients
 from .problem import Problem, Result
 from .step_bound import active_bound_scale, bound_scale, step_norms
 
@@ -83,22 +83,6 @@ def _outer_sums(coef: Tensor, d: Tensor, a: Tensor) -> Tensor:
         return (d.transpose(-1, -2) @ scaled).unflatten(-1, (k, cols)).transpose(-2, -3)
     scaled = (coef * d.unsqueeze(-2)).flatten(-2)  # [B, H, n, K * rows]
     return (scaled.transpose(-1, -2) @ a).unflatten(-2, (k, rows))
-
-
-def _read_start(ws: Tensor, x: Tensor, coef: Tensor) -> Tensor:
-    """``coef[t, 0] W x_t + coef[t, 1] S x_t`` with ``ws = [W; S]`` ``[B, H, 2, rows, cols]``,
-    ``x [B, H, n, cols]``, ``coef [B, H, n, 2, 1]``.
-
-    Where the inputs are narrower than the outputs the coefficients scale the inputs (two
-    products), otherwise the outputs (one product of the stacked state): either way the tensor
-    autograd keeps besides ``x`` and the state is the narrower one."""
-    rows, cols = ws.shape[-2:]
-    if cols < rows:
-        return (coef[..., 0, :] * x) @ ws[:, :, 0].transpose(-1, -2) + (coef[..., 1, :] * x) @ ws[:, :, 1].transpose(
-            -1, -2
-        )
-    both = x @ ws.flatten(2, 3).transpose(-1, -2)  # [B, H, n, 2 * rows]: W x and S x
-    return (both.unflatten(-1, (2, -1)) * coef).sum(-2)
 
 
 def chunk(p: Problem) -> Result:
@@ -137,50 +121,78 @@ def chunk(p: Problem) -> Result:
     read_coef = poison_rows(lay.rows_after_bad(lay.bad), read_coef)
     mix = poison_rows(lay.bad.any(-1), mix)
     c_coef = g.c_coef
-    mixes, out_coefs, read_coefs, c_coefs = (x.unbind(2) for x in (mix, out_coef, read_coef, c_coef))
-    ret = lay.retention.unsqueeze(-1).unbind(2)  # [B, H, b, 1] per chunk: 1 - decay (decay_first, b = 1)
+    # the chunks run on [B * H, ...] and W, S as separate matrices: a product of two 3-dim tensors is one
+    # bmm, one autograd node (memory.mm), where 4-dim ones, and views of a stacked state, add expands,
+    # reshapes and selections to the graph, which cost a small chunk more than its arithmetic
+    bh = lambda x: x.flatten(0, 1)  # noqa: E731
+    per_chunk = lambda x: bh(x).unbind(1)  # noqa: E731
+    kx, vx, q = (per_chunk(x) for x in (lay.kx, lay.vx, lay.q))
+    cx = (None,) * n_chunks if lay.cx is None else per_chunk(lay.cx)
+    c_coefs = per_chunk(c_coef)
+    # [B*H, b, 1]: the rows' coefficients of W_s and S_s; [B*H, n_ext, 1]: the chunk-end state's of the
+    # outer products (of W, of S); [B*H, 1, 1]: the 2x2 map's entries
+    read_w, read_s = (per_chunk(read_coef[..., i, None]) for i in range(2))
+    out_w, out_s = (per_chunk(out_coef[..., i, :, None]) for i in range(2))
+    mix_ww, mix_ws, mix_sw, mix_ss = (per_chunk(mix[..., i, k, None, None]) for i in range(2) for k in range(2))
+    ret = per_chunk(lay.retention.unsqueeze(-1))  # [B*H, b, 1] per chunk: 1 - decay (decay_first, b = 1)
     # a memory whose gradient factors are products of two projections of the key (gated_mlp) or
     # hold its square (layer norm) can overflow on a finite key: guard those chunk by chunk
     guard = p.spec.architecture == "gated_mlp" or p.spec.layer_norm
     # the stale-step bound's part of the matrices that read the keys, every chunk at once (it does not
     # depend on the memory); a guarded memory may replace a chunk's keys, and computes it chunk by chunk
-    key_f2 = step_norms([lay.kx], c_coef).unbind(2) if bound is not None and not guard else None
+    key_f2 = per_chunk(step_norms([lay.kx], c_coef)) if bound is not None and not guard else None
     outs = []
 
-    # W and S travel stacked, [B, H, 2, rows, cols]: one product reads both and one 2x2 map moves
-    # both, where separate tensors would cost several state-sized elementwise ops per chunk
-    ws = {m: torch.stack([p.w0[m], p.s0[m]], 2) for m in p.w0}
-    ws_chunk = ws
+    w, s = {m: bh(t) for m, t in p.w0.items()}, {m: bh(t) for m, t in p.s0.items()}
+    w_chunk, s_chunk = w, s
     for j in range(n_chunks):
         if j == n_chunks - 1 and last_len < b:
-            ws_chunk = ws
-        w_s = {m: t[:, :, 0] for m, t in ws.items()}
-        if p.rule.decay_first:  # chunk size 1: the gradient at the forgotten weights
-            w_s = {m: ret[j] * t for m, t in w_s.items()}
+            w_chunk, s_chunk = w, s
+        w_s = {m: ret[j] * t for m, t in w.items()} if p.rule.decay_first else w  # decay_first: at the forgotten W
         grads = token_gradients(p.spec, w_s, kx[j], vx[j], p.rule.loss, cx[j])
-        c_j, r_j, mix_j, out_j = c_coefs[j], read_coefs[j].unsqueeze(-1), mixes[j], out_coefs[j]
+        c_j, rw, rs, ow, os_ = c_coefs[j], read_w[j], read_s[j], out_w[j], out_s[j]
+        mww, mws, msw, mss = mix_ww[j], mix_ws[j], mix_sw[j], mix_ss[j]
         if guard:
             grads, rows = _guard(grads, lay)
-            r_j = poison_rows(rows, r_j)
-            mix_j = poison_rows(rows[..., -1], mix_j)
+            rw, rs = poison_rows(rows, rw), poison_rows(rows, rs)
+            end_bad = rows[..., -1]
+            mww, mws, msw, mss = (poison_rows(end_bad, x) for x in (mww, mws, msw, mss))
         if bound is not None:  # row t sees the chunk's learning rates times s_t, and so does the state after it
-            scale = _chunk_scale(bound, c_j, grads, kx[j], None if key_f2 is None else key_f2[j])  # [B, H, b]
+            scale = _chunk_scale(bound, c_j, grads, kx[j], None if key_f2 is None else key_f2[j])  # [B*H, b]
             if scale is not None:  # (None: no row's bound is active, the papers' rule as it is)
                 c_j = scale.unsqueeze(-1) * c_j
-                out_j = scale[..., (last_len if j == n_chunks - 1 else b) - 1, None, None] * out_j
+                end = scale[..., (last_len if j == n_chunks - 1 else b) - 1, None, None]
+                ow, os_ = end * ow, end * os_
 
-        def dual_apply(name: str, x: Tensor, grads=grads, ws=ws, r_j=r_j, c_j=c_j) -> Tensor:
+        def dual_apply(name: str, x: Tensor, grads=grads, w=w, s=s, rw=rw, rs=rs, c_j=c_j) -> Tensor:
             d, a = grads[name]
-            return _read_start(ws[name], x, r_j) - (c_j * (x @ a.transpose(-1, -2))) @ d
+            wt, st = w[name].transpose(-1, -2), s[name].transpose(-1, -2)
+            # the coefficients scale the narrower of the inputs and the outputs (what autograd keeps)
+            if wt.shape[-2] < wt.shape[-1]:
+                start = mm(rw * x, wt) + mm(rs * x, st)
+            else:
+                start = rw * mm(x, wt) + rs * mm(x, st)
+            return start - mm(c_j * mm(x, a.transpose(-1, -2)), d)
 
         outs.append(memory_forward(p.spec, dual_apply, q[j]))
-        ws = {m: torch.einsum("bhkl,bhlrc->bhkrc", mix_j, t) - _outer_sums(out_j, *grads[m]) for m, t in ws.items()}
+        w, s = (
+            {m: mww * w[m] + mws * s[m] - _outer(ow, *grads[m]) for m in w},
+            {m: msw * w[m] + mss * s[m] - _outer(os_, *grads[m]) for m in w},
+        )
     if last_len == b:
-        ws_chunk = ws
-    unstack = lambda st, i: {m: t[:, :, i] for m, t in st.items()}  # noqa: E731
-    return Result(
-        torch.cat(outs, 2)[:, :, :n], unstack(ws, 0), unstack(ws, 1), unstack(ws_chunk, 0), unstack(ws_chunk, 1)
-    )
+        w_chunk, s_chunk = w, s
+    bsz, nh = p.q.shape[:2]
+    heads = lambda st: {m: t.unflatten(0, (bsz, nh)) for m, t in st.items()}  # noqa: E731
+    out = torch.cat(outs, 1)[:, :n].unflatten(0, (bsz, nh))
+    return Result(out, heads(w), heads(s), heads(w_chunk), heads(s_chunk))
+
+
+def _outer(coef: Tensor, d: Tensor, a: Tensor) -> Tensor:
+    """``sum_i coef_i delta_i a_i^T`` ``[B*H, rows, cols]`` from ``coef [B*H, n, 1]``, ``d [B*H, n, rows]``,
+    ``a [B*H, n, cols]``; the coefficients scale the narrower factor."""
+    if a.shape[-1] <= d.shape[-1]:
+        return mm(d.transpose(-1, -2), coef * a)
+    return mm((coef * d).transpose(-1, -2), a)
 
 
 def _chunk_scale(bound: float, coef: Tensor, grads: dict, keys: Tensor, key_f2: Tensor | None) -> Tensor | None:

@@ -147,6 +147,13 @@ def memory_forward(spec: MemorySpec, apply: Apply, x: Tensor) -> Tensor:
     return x + h if spec.residual else h
 
 
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``; for two 3-dim tensors ``torch.bmm``, which autograd records as one node, where
+    ``matmul`` adds an expand and reshapes of both operands and of the result, and their backward
+    (most of the cost of the small per-chunk products of the chunk form, which runs on ``[B * H, ...]``)."""
+    return torch.bmm(a, b) if a.dim() == 3 and b.dim() == 3 else a @ b
+
+
 def loss_grad(loss: str, pred: Tensor, v: Tensor, channel: Tensor | None = None) -> Tensor:
     """d loss_i / d pred_i: ``pred - v`` for l2 (0.5||M(k)-v||^2), ``-v`` for dot (-<M(k), v>),
     times the per-channel weights ``channel`` when given."""
@@ -170,18 +177,18 @@ def token_gradients(
     out: dict[str, tuple[Tensor, Tensor]] = {}
     if spec.architecture == "gated_mlp":
         wg, wu, wo = weights["w_gate"], weights["w_up"], weights["w_out"]
-        g = k @ wg.transpose(-1, -2)
-        u = k @ wu.transpose(-1, -2)
+        g = mm(k, wg.transpose(-1, -2))
+        u = mm(k, wu.transpose(-1, -2))
         sg = activation(act, g)
         h = sg * u
-        net = h @ wo.transpose(-1, -2)
+        net = mm(h, wo.transpose(-1, -2))
         pred = layer_norm(net) if spec.layer_norm else net
         if spec.residual:
             pred = pred + k
         d_out = loss_grad(loss, pred, v, channel)
         if spec.layer_norm:
             d_out = layer_norm_backward(d_out, net)
-        dh = d_out @ wo
+        dh = mm(d_out, wo)
         out["w_out"] = (d_out, h)
         out["w_gate"] = (activation_backward(act, dh * u, g), k)
         out["w_up"] = (dh * sg, k)
@@ -191,7 +198,7 @@ def token_gradients(
     names = spec.names()
     inputs, pre = [k], []
     for i in range(depth):
-        z = inputs[-1] @ weights[names[i]].transpose(-1, -2)
+        z = mm(inputs[-1], weights[names[i]].transpose(-1, -2))
         pre.append(z)
         if i < depth - 1:
             inputs.append(activation(act, z))
@@ -204,7 +211,7 @@ def token_gradients(
     for i in reversed(range(depth)):
         out[names[i]] = (delta, inputs[i])
         if i > 0:
-            delta = activation_backward(act, delta @ weights[names[i]], pre[i - 1])
+            delta = activation_backward(act, mm(delta, weights[names[i]]), pre[i - 1])
     return out
 
 
