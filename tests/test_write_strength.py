@@ -80,7 +80,7 @@ def test_presets():
     torch.manual_seed(0)
     assert write_strength(build("titans-mac"), samples=16) == write_strength("titans-mac", samples=16)
     titans = write_strength("titans-mac", samples=16)
-    assert titans.family == "mlp l2 momentum" and 0 < titans.init < titans.saturated
+    assert titans.family == "mlp l2 momentum LN" and 0 < titans.init < titans.saturated
 
 
 def test_bad_arguments():
