@@ -42,35 +42,37 @@ from deepmemory.tree import tensors
 
 # family -> (preset measured, [(label, memory settings merged into the preset's)]). A label names the
 # inner learning-rate cap, the stale-step bound (tau = 1) where it is on, and the memory LayerNorm
-# where it is on; momentum stays damped (Titans' and OmegaNet's lr times 1 - momentum).
+# where it is on; momentum stays damped (Titans' and OmegaNet's lr times 1 - momentum). Every setting
+# spells out what it varies, so that a row means the same before and after the presets changed;
+# "before" is the preset before the calibration, "chosen" the preset after it.
 CANDIDATES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
     "gated-deltanet": ("gated-deltanet", [("reference", {})]),
     "titans": (
         "titans-lmm",
         [
-            ("before: max_lr .02", {}),
-            ("max_lr 1, bound", dict(max_lr=1.0, step_bound=1.0)),
-            ("max_lr 3, bound", dict(max_lr=3.0, step_bound=1.0)),
-            ("max_lr 10, bound", dict(max_lr=10.0, step_bound=1.0)),
-            ("max_lr .02, LN", dict(layer_norm=True)),
-            ("max_lr 10, bound, LN", dict(max_lr=10.0, step_bound=1.0, layer_norm=True)),
+            ("before: max_lr .02", dict(layer_norm=False, max_lr=0.02)),
+            ("max_lr 1, bound", dict(layer_norm=False, max_lr=1.0, step_bound=1.0)),
+            ("max_lr 3, bound", dict(layer_norm=False, max_lr=3.0, step_bound=1.0)),
+            ("max_lr 10, bound", dict(layer_norm=False, max_lr=10.0, step_bound=1.0)),
+            ("chosen: max_lr .02, LN", dict(layer_norm=True, max_lr=0.02)),
+            ("max_lr 10, bound, LN", dict(layer_norm=True, max_lr=10.0, step_bound=1.0)),
         ],
     ),
     "omeganet": (
         "omeganet",
         [
-            ("before: max_lr .02, LN", {}),
-            ("max_lr 10, bound", dict(max_lr=10.0, step_bound=1.0, layer_norm=False)),
-            ("max_lr 30, bound", dict(max_lr=30.0, step_bound=1.0, layer_norm=False)),
-            ("max_lr 30, bound, LN", dict(max_lr=30.0, step_bound=1.0)),
+            ("before, chosen: max_lr .02, LN", dict(layer_norm=True, max_lr=0.02)),
+            ("max_lr 10, bound", dict(layer_norm=False, max_lr=10.0, step_bound=1.0)),
+            ("max_lr 30, bound", dict(layer_norm=False, max_lr=30.0, step_bound=1.0)),
+            ("max_lr 30, bound, LN", dict(layer_norm=True, max_lr=30.0, step_bound=1.0)),
         ],
     ),
     "atlas": (
         "atlas",
         [
-            ("before: max_lr 1, LN", {}),
-            ("max_lr 1", dict(layer_norm=False)),
-            ("max_lr 2", dict(layer_norm=False, max_lr=2.0)),
+            ("before, chosen: max_lr 1, LN", dict(layer_norm=True, max_lr=1.0)),
+            ("max_lr .3, LN", dict(layer_norm=True, max_lr=0.3)),
+            ("max_lr 1", dict(layer_norm=False, max_lr=1.0)),
         ],
     ),
     # the same rules at chunk granularity (one Muon step per chunk): an affordable proxy of Atlas's
@@ -78,22 +80,23 @@ CANDIDATES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
     "atlas-chunk": (
         "atlas",
         [
-            ("max_lr 1, LN, chunk", dict(granularity="chunk")),
-            ("max_lr 1, chunk", dict(granularity="chunk", layer_norm=False)),
-            ("max_lr 2, chunk", dict(granularity="chunk", layer_norm=False, max_lr=2.0)),
+            ("max_lr 1, LN, chunk", dict(granularity="chunk", layer_norm=True, max_lr=1.0)),
+            ("max_lr .3, LN, chunk", dict(granularity="chunk", layer_norm=True, max_lr=0.3)),
+            ("max_lr 1, chunk", dict(granularity="chunk", layer_norm=False, max_lr=1.0)),
         ],
     ),
     "dla": (
         "dla",
         [
-            ("before: max_lr 1", {}),
-            ("max_lr 16", dict(max_lr=16.0)),
-            ("max_lr 1, LN", dict(layer_norm=True)),
+            ("before: max_lr 1", dict(layer_norm=False, max_lr=1.0)),
+            ("max_lr 16", dict(layer_norm=False, max_lr=16.0)),
+            ("max_lr 1, LN", dict(layer_norm=True, max_lr=1.0)),
             ("max_lr .02, LN", dict(layer_norm=True, max_lr=0.02)),
         ],
     ),
-    "swla": ("swla", [("before: max_lr 1", {})]),
+    "swla": ("swla", [("before, chosen: max_lr 1", dict(max_lr=1.0))]),
 }
+
 TEXT_VOCAB = 257  # the byte tokenizer's: 256 bytes and the end-of-document token
 
 

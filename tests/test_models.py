@@ -342,7 +342,7 @@ def test_atlas_family_rows():
 
 def test_memory_options_are_on_where_the_papers_have_them():
     """docs/fidelity.md A1, A2, H1, C1: the memory LayerNorm (ATLAS App. E) on every deep (MLP)
-    memory alike, Titans' included, but dla (docs/fidelity.md#calibration); the degree-0
+    memory alike, Titans' and dla's included (docs/fidelity.md#calibration); the degree-0
     polynomial term (ATLAS eq. 5) wherever the features are polynomial;
     persistent tokens (Titans eq. 19) on the Titans models and the Atlas hybrids at every size
     (H1: the memory-only ATLAS models have none); channel-wise gates (Miras §5.4) on none."""
@@ -352,7 +352,7 @@ def test_memory_options_are_on_where_the_papers_have_them():
         if not m:
             continue
         deep = m["architecture"] != "linear"
-        assert m.get("layer_norm", False) == (deep and name != "dla"), name
+        assert m.get("layer_norm", False) == deep, name
         if m.get("feature_map") == "polynomial":
             assert m["poly_constant"] is True, name
         assert m.get("channel_lr_rank", 0) == 0, name

@@ -71,11 +71,14 @@ GATED_DELTANET = (
     ),
     dict(use_decay=True, decay_gate="mamba2", feature_map="identity", expand_v=2),
 )
-# DLA keeps the memory LayerNorm off: with the dot loss the memory's output starts near zero and
-# normalising it amplifies rounding (bf16 logits 0.21 off float32 with it; docs/fidelity.md A1)
+# DLA: the memory LayerNorm as every deep memory, with max_lr 0.02 (benchmarks/calibrate.py). The
+# Hebbian step has no error term to stop it: at max_lr 1 without the LayerNorm the read reached inf
+# within 2048 tokens of text at init, and one write closed 0.2% of v - M(k) (the residual memory
+# reads k back, which a dot-loss step never removes). With it, max_lr 0.02 writes 27% and streams text
+# finite; max_lr 1 with it writes 99% and puts bf16 logits 0.21 off float32 (0.02-0.03 at 0.02).
 DLA = (
-    UpdateRule(architecture="mlp", depth=2, residual=True, loss="dot", optimizer="gd", window=1),
-    dict(expansion=4, use_decay=True, feature_map="polynomial", poly_degree=2, poly_constant=True),
+    UpdateRule(architecture="mlp", depth=2, residual=True, loss="dot", optimizer="gd", window=1, layer_norm=True),
+    dict(expansion=4, use_decay=True, feature_map="polynomial", poly_degree=2, poly_constant=True, max_lr=0.02),
 )
 SWLA = (
     UpdateRule(architecture="linear", residual=False, loss="dot", optimizer="gd", window=16),
