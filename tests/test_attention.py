@@ -156,9 +156,10 @@ def _window_and_masked(attn, x, state=None, prefix=None):
     return attn.attend_window(x, pos, k, v, n_old, prefix), attn._attend_masked(x, pos, k, v, start, n_old, prefix)
 
 
-@pytest.mark.parametrize("window", [1, 3, 8])
-@pytest.mark.parametrize("seq", [1, 7, 63, 100])
-@pytest.mark.parametrize("num_persistent", [0, 2])
+@pytest.mark.parametrize(
+    "window, seq, num_persistent",
+    [(1, 7, 0), (3, 1, 2), (3, 63, 0), (8, 7, 2), (8, 100, 2), (5, 100, 0), (1, 63, 2)],
+)
 def test_window_blocks_equal_masked(window, seq, num_persistent):
     attn = make(window=window, num_persistent=num_persistent)
     x = data(seq=seq, seed=seq).requires_grad_(True)
