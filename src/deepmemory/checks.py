@@ -155,14 +155,14 @@ class Settings:
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        return tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]  # (subclasses are dataclasses)
 
     def replace(self, **changes: Any):
         """A copy with some fields changed (validated again)."""
         unknown = sorted(set(changes) - set(self.field_names()))
         if unknown:
             raise TypeError(f"{type(self).__name__} has no field(s) {unknown}; fields: {', '.join(self.field_names())}")
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]  # (subclasses are dataclasses)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (``type(self)(**d)`` makes the object again)."""
