@@ -23,28 +23,25 @@ import torch
 
 from deepmemory.bench.measure import print_table
 from deepmemory.layers import NeuralMemory
-from deepmemory.ops import step_bound as step_bound_module
+from deepmemory.ops import chunk as chunk_module
 
 
 def active_share(layer: NeuralMemory, x: torch.Tensor) -> float:
     """The share of rows whose factor is below 1 in one forward pass of ``layer`` on ``x``."""
-    bound, seen = layer.rule.step_bound, []
-    if bound is None:
-        return 0.0
-    norms = step_bound_module.step_norms
+    seen = []
+    chunk_scale = chunk_module._chunk_scale
 
-    def spy(inputs, coef, base=None):
-        f2 = norms(inputs, coef, base)
-        if inputs:  # the per-chunk call (the keys' part alone is computed once for all chunks)
-            seen.append((f2 > bound * bound).float().mean().item())
-        return f2
+    def spy(*args):
+        scale = chunk_scale(*args)
+        seen.append(0.0 if scale is None else (scale < 1).float().mean().item())
+        return scale
 
-    step_bound_module.step_norms = spy
+    chunk_module._chunk_scale = spy
     try:
         with torch.no_grad():
             layer(x)
     finally:
-        step_bound_module.step_norms = norms
+        chunk_module._chunk_scale = chunk_scale
     return sum(seen) / max(len(seen), 1)
 
 
