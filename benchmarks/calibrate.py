@@ -1,8 +1,10 @@
 """Calibrate the memories' inner learning rate: for each family, a few settings of what the papers
-leave open (``max_lr``, momentum damping, the step bound, the memory LayerNorm), each measured three
-ways, so that a preset's default is chosen by evidence, the same way for every family.
+leave open (the rate's cap ``max_lr``, the stale-step bound, the memory LayerNorm; momentum stays
+damped and the gates' initial values stay), each measured four ways, so that a preset's default is
+chosen by evidence, the same way for every family (docs/fidelity.md#calibration).
 
-    python benchmarks/calibrate.py --families titans omeganet dla --steps 300
+    python benchmarks/calibrate.py --families titans --only before chosen --seeds 0 1
+    python benchmarks/calibrate.py --steps 0 --bf16-steps 0 --stream-tokens 0   # write strengths only
 
 Columns, one row per (family, setting, seed):
 
@@ -75,23 +77,13 @@ CANDIDATES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
             ("max_lr 1", dict(layer_norm=False, max_lr=1.0)),
         ],
     ),
-    # the same rules at chunk granularity (one Muon step per chunk): an affordable proxy of Atlas's
-    # recall on a shared CPU (per-token Muon trains at ~80 tokens/s at tiny)
-    "atlas-chunk": (
-        "atlas",
-        [
-            ("max_lr 1, LN, chunk", dict(granularity="chunk", layer_norm=True, max_lr=1.0)),
-            ("max_lr .3, LN, chunk", dict(granularity="chunk", layer_norm=True, max_lr=0.3)),
-            ("max_lr 1, chunk", dict(granularity="chunk", layer_norm=False, max_lr=1.0)),
-        ],
-    ),
     "dla": (
         "dla",
         [
             ("before: max_lr 1", dict(layer_norm=False, max_lr=1.0)),
             ("max_lr 16", dict(layer_norm=False, max_lr=16.0)),
             ("max_lr 1, LN", dict(layer_norm=True, max_lr=1.0)),
-            ("max_lr .02, LN", dict(layer_norm=True, max_lr=0.02)),
+            ("chosen: max_lr .02, LN", dict(layer_norm=True, max_lr=0.02)),
         ],
     ),
     "swla": ("swla", [("before, chosen: max_lr 1", dict(max_lr=1.0))]),
