@@ -241,7 +241,10 @@ def test_every_rank_stops_together(corpus, tmp_path):
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    # (each rank's line; the other rank's progress bar may precede it on the same terminal line)
+    # Each rank prints its line (the other rank's progress bar may precede it on the same terminal
+    # line), but torchrun stops the other rank as soon as the first exits, which may come before the
+    # second line is written: one or two lines, the same. A rank left waiting in a collective would
+    # hang the run past the timeout instead.
     lines = re.findall(r"deepmemory train: error: [^\r\n]*", proc.stderr)
-    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-3000:]
+    assert 1 <= len(lines) <= 2 and len(set(lines)) == 1, proc.stderr[-3000:]
     check_diverged_run(out, lines[0])
