@@ -153,10 +153,12 @@ def chunk(p: Problem) -> Result:
         c_j, rw, rs, ow, os_ = c_coefs[j], read_w[j], read_s[j], out_w[j], out_s[j]
         mww, mws, msw, mss = mix_ww[j], mix_ws[j], mix_sw[j], mix_ss[j]
         if guard:
-            grads, rows = _guard(grads, lay)
-            rw, rs = poison_rows(rows, rw), poison_rows(rows, rs)
-            end_bad = rows[..., -1]
-            mww, mws, msw, mss = (poison_rows(end_bad, x) for x in (mww, mws, msw, mss))
+            # (on the CPU a host check skips the selections, identities there, in a chunk with no overflow)
+            grads, rows = _guard(grads, lay, skip_clean=p.q.device.type == "cpu")
+            if rows is not None:
+                rw, rs = poison_rows(rows, rw), poison_rows(rows, rs)
+                end_bad = rows[..., -1]
+                mww, mws, msw, mss = (poison_rows(end_bad, x) for x in (mww, mws, msw, mss))
         if bound is not None:  # row t sees the chunk's learning rates times s_t, and so does the state after it
             scale = _chunk_scale(bound, c_j, grads, kx[j], None if key_f2 is None else key_f2[j])  # [B*H, b]
             if scale is not None:  # (None: no row's bound is active, the papers' rule as it is)
@@ -205,11 +207,15 @@ def _chunk_scale(bound: float, coef: Tensor, grads: dict, keys: Tensor, key_f2: 
     return active_bound_scale(bound, inputs, coef)
 
 
-def _guard(grads, lay):
+def _guard(grads, lay, skip_clean: bool = False):
     """The chunk's gradient factors with those of every token holding a non-finite one (an
-    overflow) replaced by zeros, and the rows at or after such a token ``[B, H, b]``."""
+    overflow) replaced by zeros, and the rows at or after such a token ``[B, H, b]``. With
+    ``skip_clean`` (a host check: for the CPU) a chunk without such a token returns its factors as
+    they are and ``None`` for the rows (the selections would be identities)."""
     total = sum(d.sum(-1) + a.sum(-1) for d, a in grads.values())  # one reading pass per factor
     bad = nonfinite(total)
+    if skip_clean and not torch.compiler.is_compiling() and not bool(bad.any()):
+        return grads, None
     return {m: (zero_rows(bad, d), zero_rows(bad, a)) for m, (d, a) in grads.items()}, lay.rows_after_bad(bad)
 
 
