@@ -132,7 +132,7 @@ def test_cells_of_the_real_budgets():
     assert len(cells) == 18 and {c.labels["task"] for c in cells} == {"mqar", "s-niah-1"}
     assert [c.group for c in cells][-2:] == ["atlas", "atlas"]  # the slow Atlas cells last
     mqar = [c for c in cells if c.labels["task"] == "mqar"]
-    assert {c.train["steps"] for c in mqar} == {400} and {c.train["seq_len"] for c in mqar} == {64}
+    assert {c.train["steps"] for c in mqar} == {800} and {c.train["seq_len"] for c in mqar} == {64}
     assert mqar[0].eval["lengths"] == [64, 128, 256, 512, 1024]
     assert len({(c.train["steps"], c.train["batch_size"], c.train["lr"]) for c in mqar}) == 1  # equal budgets
     for name in NAMES:

@@ -67,7 +67,7 @@ BUDGETS = {
         families=["titans-lmm", "atlas"],
         variants=[v[1] for v in VARIANTS],
         measures=["mqar", "text"],
-        mqar=dict(size="tiny-w16", seq_len=64, batch_size=16, steps=300, samples=100, multiples=[1, 4]),
+        mqar=dict(size="tiny-w16", seq_len=64, batch_size=32, steps=800, samples=100, multiples=[1, 4]),
         text=dict(size="tiny", seq_len=128, batch_size=16, steps=150, eval_tokens=16384),
         lr=3e-3,
         seeds=[0],
