@@ -47,6 +47,7 @@ def one_error_line(capsys, argv, match):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"deepmemory {argv[0]}: error: "), lines
     assert match in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -344,11 +345,23 @@ def test_eval_errors(run, tmp_path, capsys):
     one_error_line(capsys, base + ["--lengths", "2k,128k"], "65,536")
     one_error_line(capsys, base + ["--lengths", "4x"], "--lengths")
     one_error_line(capsys, base + ["--lengths", "64", "--samples", "0"], "--samples")
+    # settings that do not fit the length are the settings' error, not the tokenizer's
+    line = one_error_line(capsys, base + ["--lengths", "64", "--task-settings", "num_queries=40"], "at length 64")
+    assert "tokenizer" not in line
     one_error_line(
         capsys,
         ["eval", "mqar", "--checkpoint", str(tmp_path / "none"), "--lengths", "64", "--out", out],
         "--checkpoint",
     )
+
+
+def test_eval_notes_a_task_vocabulary_other_than_the_trained_one(run, tmp_path):
+    from deepmemory.eval import Evaluation
+
+    same = Evaluation(["mqar"], run[0], [64], samples=1, out=str(tmp_path / "a"))
+    assert same.notes == []
+    other = Evaluation(["mqar"], run[0], [64], samples=1, out=str(tmp_path / "b"), task_settings={"vocab_size": 64})
+    assert len(other.notes) == 1 and "ids 0..63" in other.notes[0] and "trained on task mqar" in other.notes[0]
 
 
 @pytest.mark.slow

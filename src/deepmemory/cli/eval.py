@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from . import CLIError, add_debug, add_version
 
@@ -120,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=device,
         )
+        for note in evaluation.notes:
+            print(f"deepmemory eval: note: {note}", file=sys.stderr)
         evaluation.run(progress=args.progress)
     except EvalError as err:
         raise CLIError(str(err)) from err

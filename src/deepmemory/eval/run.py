@@ -285,6 +285,17 @@ class Evaluation:
         }
         vocab = model.config.vocab_size
         self.tasks = load_tasks(tasks, tokenizer, self.task_settings, vocab)
+        # what is worth a reader's notice but not an error: a token task whose ids span another range
+        # than the one the model was trained on (a test of transfer, or a slip of --task-settings)
+        self.notes: list[str] = []
+        data = (info.get("record") or {}).get("data") or {}
+        for task in self.tasks:
+            was = data.get("task_vocab_size")
+            if data.get("task") and was is not None and task.vocab_size is not None and task.vocab_size != was:
+                self.notes.append(
+                    f"task {task.name} uses token ids 0..{task.vocab_size - 1}; the model was trained on task "
+                    f"{data['task']} with ids 0..{was - 1}"
+                )
         for task in self.tasks:
             for length in lengths:
                 if length < task.min_length:
@@ -297,6 +308,8 @@ class Evaluation:
                 check_sample(task, task.sample(min(lengths), seed=0, depth=depths[0] if depths else None), vocab)
             except EvalError:
                 raise
+            except (ValueError, TypeError) as err:  # the task's settings do not fit a length
+                raise EvalError(f"task {task.name} at length {min(lengths)}: {' '.join(str(err).split())}") from err
             except Exception as err:  # the tokenizer's own error (the Rust library raises plain Exceptions)
                 raise EvalError(
                     f"the checkpoint's tokenizer cannot express task {task.name}: {' '.join(str(err).split())}"
