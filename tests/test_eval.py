@@ -364,6 +364,30 @@ def test_eval_notes_a_task_vocabulary_other_than_the_trained_one(run, tmp_path):
     assert len(other.notes) == 1 and "ids 0..63" in other.notes[0] and "trained on task mqar" in other.notes[0]
 
 
+def test_eval_first_seed_draws_other_samples(run, tmp_path, capsys):
+    from deepmemory.data.tasks import get_task
+    from deepmemory.eval import EvalError, Evaluation
+
+    args = dict(samples=2, task_settings=MQAR)
+    default = Evaluation(["mqar"], run[0], [64], out=str(tmp_path / "a"), **args).run(progress=False)
+    assert "first_seed" not in default["settings"]
+    shifted = Evaluation(["mqar"], run[0], [64], out=str(tmp_path / "b"), first_seed=1, **args).run(progress=False)
+    assert shifted["settings"]["first_seed"] == 1
+    # sample i of first_seed 1 is sample i + 1 of the default: the prompts are those of seeds 1 and 2
+    task = get_task("mqar", **MQAR)
+    assert task.sample(64, seed=1).prompt_ids != task.sample(64, seed=0).prompt_ids
+    assert shifted["cells"][0]["outputs"][0] == default["cells"][0]["outputs"][1]
+    # a folder of one first seed is not continued with another (either way)
+    for out, seed in (("a", 3), ("b", 0)):
+        with pytest.raises(EvalError, match="first_seed"):
+            Evaluation(["mqar"], run[0], [64], out=str(tmp_path / out), first_seed=seed, **args)
+    one_error_line(
+        capsys,
+        ["eval", "mqar", "--checkpoint", run[0], "--lengths", "64", "--first-seed", "-1", "--out", str(tmp_path / "c")],
+        "--first-seed",
+    )
+
+
 @pytest.mark.slow
 def test_eval_command_in_a_process(run, tmp_path):
     out = tmp_path / "proc"

@@ -57,6 +57,14 @@ def register(subparsers) -> None:
         "for the tasks that place a needle (S-NIAH); default: each sample draws its own",
     )
     p.add_argument("--samples", type=int, default=20, help="samples per (task, length, depth); default 20")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of each cell's first sample (sample i has seed N + i); another N draws samples the default "
+        "does not, e.g. held out from an earlier evaluation; default 0",
+    )
     p.add_argument("--out", metavar="DIR", help="output folder; default eval/CHECKPOINT-NAME/TASKS")
     p.add_argument(
         "--task-settings",
@@ -120,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             batch_size=args.batch_size,
             device=device,
+            first_seed=args.first_seed,
         )
         for note in evaluation.notes:
             print(f"deepmemory eval: note: {note}", file=sys.stderr)

@@ -1,10 +1,11 @@
 """``deepmemory eval``: accuracy of a checkpoint on generated tasks over context lengths and depths.
 
 For every cell (task, length, depth) the evaluator draws ``samples`` samples (``Task.sample(length,
-seed=i, depth)`` for ``i = 0 .. samples-1``), reads each prompt through the model's recurrent cache
-in chunks (:mod:`deepmemory.eval.decode`), decodes greedily — ``len(answer_ids)`` tokens, or for
-the BABILong tasks up to the end of the first sentence (``MAX_SENTENCE_TOKENS`` at most) — and
-scores the output by the task's rule (``Task.score``). Writes into the output folder:
+seed=i, depth)`` for ``i = first_seed .. first_seed + samples - 1``, ``first_seed`` 0 by default),
+reads each prompt through the model's recurrent cache in chunks (:mod:`deepmemory.eval.decode`),
+decodes greedily — ``len(answer_ids)`` tokens, or for the BABILong tasks up to the end of the first
+sentence (``MAX_SENTENCE_TOKENS`` at most) — and scores the output by the task's rule
+(``Task.score``). Writes into the output folder:
 
 - ``results.json``: the settings, the model and one entry per cell with each sample's outcome,
   rewritten atomically after every batch of samples, so an interrupted evaluation continues where
@@ -226,6 +227,9 @@ class Evaluation:
         depths: needle depths in ``[0, 1]`` (tasks with ``has_depth`` only), or None (the task
             draws a depth per sample).
         samples: samples per cell (int >= 1).
+        first_seed: the seed of a cell's first sample (int >= 0); sample ``i`` is drawn with seed
+            ``first_seed + i``, so another ``first_seed`` gives samples the default never draws
+            (held-out samples of a task a model was trained on draw from the same distribution).
         out: the output folder (created; may hold a previous run of the same settings).
         task_settings: keywords of ``get_task`` for every task; a checkpoint trained on a task
             (``deepmemory train --task``) evaluates that task with its training settings, which
@@ -255,6 +259,7 @@ class Evaluation:
         chunk_size: int = 2048,
         batch_size: int = 8,
         device: str = "cpu",
+        first_seed: int = 0,
     ):
         import torch
 
@@ -265,6 +270,8 @@ class Evaluation:
         for name, value in (("samples", samples), ("chunk_size", chunk_size), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EvalError(f"--{name.replace('_', '-')} must be an integer >= 1; got {value!r}")
+        if isinstance(first_seed, bool) or not isinstance(first_seed, int) or first_seed < 0:
+            raise EvalError(f"--first-seed must be an integer >= 0; got {first_seed!r}")
         if not tasks:
             raise EvalError("name a task")
         if not lengths:
@@ -323,7 +330,7 @@ class Evaluation:
         if device == "cuda" and not torch.cuda.is_available():
             raise EvalError("--device cuda: no CUDA device is available (use --device cpu)")
         self.model, self.tokenizer, self.device = model.to(device), tokenizer, torch.device(device)
-        self.lengths, self.depths, self.samples = list(lengths), depths, samples
+        self.lengths, self.depths, self.samples, self.first_seed = list(lengths), depths, samples, first_seed
         self.chunk_size, self.batch_size, self.out = chunk_size, batch_size, out
         self.settings = {
             "checkpoint": os.path.abspath(checkpoint),
@@ -331,6 +338,8 @@ class Evaluation:
             "samples": samples,
             "task_settings": self.task_settings,
         }
+        if first_seed:  # (absent at 0: folders written before the option stay readable)
+            self.settings["first_seed"] = first_seed
         self.model_info = {
             "parameters": sum(p.numel() for p in model.parameters()),
             "vocab_size": vocab,
@@ -362,8 +371,8 @@ class Evaluation:
             raise EvalError(
                 f"--out {self.out}: cannot read its {RESULTS} ({err}); use another --out or delete it"
             ) from err
-        for name, value in self.settings.items():
-            if stored.get(name) != value:
+        for name, value in {"first_seed": 0, **self.settings}.items():
+            if stored.get(name, 0 if name == "first_seed" else None) != value:
                 raise EvalError(
                     f"--out {self.out} holds results of other settings ({name} {stored.get(name)!r}, now {value!r}); "
                     "use another --out or delete it"
@@ -416,7 +425,7 @@ class Evaluation:
                 while len(cell.correct) < self.samples:
                     started = time.time()
                     first = len(cell.correct)
-                    seeds = range(first, min(self.samples, first + self.batch_size))
+                    seeds = range(self.first_seed + first, self.first_seed + min(self.samples, first + self.batch_size))
                     batch = [task.sample(cell.length, seed=s, depth=cell.depth) for s in seeds]
                     with torch.no_grad():
                         outputs = answer_batch(
