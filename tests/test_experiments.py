@@ -153,10 +153,14 @@ def test_cells_of_the_real_budgets():
         (["experiment", "ablations", "--group", "gpu"], "'gpu' is not among"),
         (["experiment", "calibration", "--seeds", "a,b"], "is not a list of seeds"),
         (["experiment", "calibration", "--threads", "0"], "--threads must be >= 1"),
+        (["experiment", "calibration", "--seeds", "0,0"], "names a seed twice"),
+        (["experiment", "calibration", "--seeds", "99999999999999999999"], "seeds in [0, 2^63)"),
+        (["experiment", "calibration", "--out", " "], "--out is empty"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
-    assert _exit_code(argv + ["--out", str(tmp_path / "x")]) == 2
+    argv = argv if "--out" in argv else argv + ["--out", str(tmp_path / "x")]
+    assert _exit_code(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not os.path.exists(tmp_path / "x" / "results.json")
@@ -208,3 +212,57 @@ def test_length_generalization_report_checks_the_papers_claims():
     assert "`titans-lmm` 90.0% vs `gated-deltanet` 60.0%: holds" in text
     assert "No cell of this task has finished yet." in text  # s-niah-1
     assert set(figures) == {"mqar.png"}  # no plot for a task without results
+
+
+@pytest.mark.parametrize("name", ["length-generalization", "language-modeling"])
+def test_narrowed_presets_keep_the_budgets_matched_sizes(name):
+    # the sizes are solved over the budget's presets: a cell run alone is the cell of the whole budget
+    experiment = get_experiment(name)
+    whole = {c.key: c.spec() for c in experiment.make_cells(experiment.config("toy"))}
+    alone = experiment.make_cells(experiment.config("toy", presets=["transformer"]))
+    assert alone and all(c.spec() == whole[c.key] for c in alone)
+
+
+def test_a_run_trained_with_other_settings_is_not_continued(tmp_path):
+    from deepmemory.experiments.runner import _clear_stale
+
+    cell = tmp_path / "cell"
+    (cell / "run").mkdir(parents=True)
+    (cell / "eval").mkdir()
+    train = {"model": "transformer", "steps": 2, "model_overrides": {"intermediate_size": 200}, "out": "x"}
+    (cell / "run" / "run.json").write_text(json.dumps({"train": dict(train, out="elsewhere", device="cpu")}))
+    _clear_stale(str(cell), train)  # the same settings (where it ran aside): kept
+    assert (cell / "run" / "run.json").exists() and (cell / "eval").exists()
+    _clear_stale(str(cell), dict(train, model_overrides={}))  # another width: both removed
+    assert not (cell / "run").exists() and not (cell / "eval").exists()
+
+
+def test_an_interrupted_invocation_says_so(tmp_path, monkeypatch, one_thread):
+    from deepmemory.experiments import runner
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_cell", stop)
+    out = str(tmp_path / "lm")
+    assert main(["experiment", "language-modeling", "--out", out, "--no-progress"]) == 130
+    with open(os.path.join(out, "results.json")) as f:
+        invocation = json.load(f)["invocations"][-1]
+    assert invocation["running"] is False and invocation["stopped"] == "interrupted"
+    with open(os.path.join(out, "RESULTS.md")) as f:
+        text = f.read()
+    assert "(interrupted)" in text and "still running" not in text
+
+
+@pytest.mark.slow
+def test_a_moved_output_folder_resumes(tmp_path, capsys, one_thread):
+    # the evaluation folder names its checkpoint by path: after a move it is evaluated anew, not refused
+    first, moved = str(tmp_path / "a"), str(tmp_path / "b")
+    base = ["experiment", "length-generalization", "--no-progress", "--tasks", "mqar", "--presets", "transformer"]
+    assert main(base + ["--out", first]) == 0
+    os.rename(first, moved)
+    os.remove(os.path.join(moved, "cells", "mqar-transformer-s0", "cell.json"))  # stopped after its evaluation
+    assert main(base + ["--out", moved]) == 0
+    assert "1 to run" in capsys.readouterr().out
+    with open(os.path.join(moved, "results.json")) as f:
+        assert [c["key"] for c in json.load(f)["cells"]] == ["mqar-transformer-s0"]

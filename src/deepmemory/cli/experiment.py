@@ -24,8 +24,10 @@ def _seeds(text: str) -> list[int]:
         seeds = [int(w) for w in text.split(",") if w.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of seeds (e.g. 0,1,2)") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a list of seeds >= 0 (e.g. 0,1,2)")
+    if not seeds or any(s < 0 or s >= 2**63 for s in seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of seeds in [0, 2^63) (e.g. 0,1,2)")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} names a seed twice")
     return seeds
 
 
@@ -44,29 +46,38 @@ def register(subparsers) -> None:
     add_version(p)
     p.add_argument("name", metavar="NAME", choices=NAMES, help=", ".join(NAMES))
     p.add_argument("--budget", choices=("toy", "cpu", "gpu"), default="toy", help="the scale; default toy")
-    p.add_argument("--out", metavar="DIR", help="output folder; default experiments/results/NAME-BUDGET")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output folder; default experiments/results/NAME-BUDGET (under the current directory)",
+    )
     p.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default cpu (auto: CUDA when present)"
     )
-    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: OMP_NUM_THREADS, else 1)")
+    p.add_argument(
+        "--threads", type=int, default=None, metavar="N", help="intra-op CPU threads (default: OMP_NUM_THREADS, else 1)"
+    )
     p.add_argument(
         "--presets",
         type=_names,
         metavar="LIST",
-        help="run only these of the budget's presets (ablations: the base presets titans-lmm, atlas)",
+        help="run only these of the budget's presets, separated by commas (ablations: the base presets titans-lmm, "
+        "atlas); the sizes stay matched over all of the budget's presets",
     )
     p.add_argument(
         "--tasks",
         type=_names,
         metavar="LIST",
-        help="run only these of the budget's tasks (length-generalization: mqar, s-niah-1; ablations: mqar, text)",
+        help="run only these of the budget's tasks, separated by commas (length-generalization: mqar, s-niah-1; "
+        "ablations: the measures mqar, text; the other experiments have no tasks)",
     )
     p.add_argument("--seeds", type=_seeds, metavar="LIST", help="seeds instead of the budget's (e.g. 0,1,2)")
     p.add_argument(
         "--group",
         type=_names,
         metavar="LIST",
-        help="cost classes to run: main, atlas (Muon per token, ~100 tokens/s on a CPU core); default all",
+        help="cost classes to run, separated by commas: main, atlas (Muon per token, about 80 tokens/s at tiny on a "
+        "CPU core); default all",
     )
     p.add_argument("--verbose", action="store_true", help="print the training runs' log lines")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -94,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads must be >= 1; got {args.threads}")
+    if args.out is not None and not args.out.strip():
+        raise CLIError("--out is empty; name a folder")
     set_threads(args.threads)
     device = args.device
     if device == "auto":

@@ -72,7 +72,8 @@ BUDGETS = {
 
 
 def cells(config: dict) -> list[Cell]:
-    widths = matched_widths(config["presets"], config["size"], VOCAB) if config.get("match_sizes") else {}
+    sized = config.get("size_presets", config["presets"])  # (the budget's presets: --presets does not move the sizes)
+    widths = matched_widths(sized, config["size"], VOCAB) if config.get("match_sizes") else {}
     out = []
     for preset in config["presets"]:
         for seed in config["seeds"]:

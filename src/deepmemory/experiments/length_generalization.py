@@ -90,7 +90,8 @@ def _per_task(value, task: str):
 
 
 def cells(config: dict) -> list[Cell]:
-    widths = matched_widths(config["presets"], config["size"], VOCAB) if config.get("match_sizes") else {}
+    sized = config.get("size_presets", config["presets"])  # (the budget's presets: --presets does not move the sizes)
+    widths = matched_widths(sized, config["size"], VOCAB) if config.get("match_sizes") else {}
     out = []
     for task in config["tasks"]:
         length = config["train_length"][task]

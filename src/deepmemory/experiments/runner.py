@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -91,6 +92,8 @@ class Experiment:
         if budget not in self.budgets:
             raise ExperimentError(f"{self.name}: unknown budget {budget!r}; choose one of {', '.join(self.budgets)}")
         config = copy.deepcopy(self.budgets[budget])
+        if "presets" in config:  # sizes are matched over the budget's presets, whatever --presets keeps
+            config["size_presets"] = list(config["presets"])
         for name, values in narrow.items():
             if values is None:
                 continue
@@ -323,6 +326,7 @@ def run_cell(cell: Cell, cell_dir: str, device: str, threads: int | None, progre
     from ..train import DivergenceError, train
 
     os.makedirs(cell_dir, exist_ok=True)
+    _clear_stale(cell_dir, cell.train)
     started = time.time()
     outcome: dict = {"key": cell.key, "labels": cell.labels, "spec": cell.spec(), "group": cell.group}
     if cell.probe:
@@ -398,20 +402,49 @@ def _run_model(run_dir: str) -> dict:
     }
 
 
-def _evaluate(spec: dict, run_dir: str, eval_dir: str, device: str, progress: bool) -> dict:
-    from ..eval import Evaluation
+def _clear_stale(cell_dir: str, train: dict | None) -> None:
+    """Remove the training run and evaluation that ``cell_dir`` holds when the run was trained with
+    other settings than ``train`` (a cell of the same key narrowed or configured differently), so a
+    checkpoint is never continued under settings it was not trained with."""
+    record = os.path.join(cell_dir, "run", "run.json")
+    if train is None or not os.path.isfile(record):
+        return
+    try:
+        with open(record) as f:
+            stored = json.load(f).get("train") or {}
+    except (OSError, ValueError, AttributeError):
+        stored = None
+    wanted = json.loads(json.dumps({k: v for k, v in train.items() if k not in ("out", "device", "threads")}))
+    if stored is not None and all(stored.get(k, v) == v for k, v in wanted.items()):
+        return
+    for name in ("run", "eval"):
+        shutil.rmtree(os.path.join(cell_dir, name), ignore_errors=True)
 
-    evaluation = Evaluation(
-        [spec["task"]],
-        run_dir,
-        spec["lengths"],
-        samples=spec["samples"],
-        out=eval_dir,
-        chunk_size=spec.get("chunk_size", 2048),
-        batch_size=spec.get("batch_size", 8),
-        device=device,
-    )
-    results = evaluation.run(progress=progress)
+
+def _evaluate(spec: dict, run_dir: str, eval_dir: str, device: str, progress: bool) -> dict:
+    from ..eval import EvalError, Evaluation
+
+    def evaluation():
+        return Evaluation(
+            [spec["task"]],
+            run_dir,
+            spec["lengths"],
+            samples=spec["samples"],
+            out=eval_dir,
+            chunk_size=spec.get("chunk_size", 2048),
+            batch_size=spec.get("batch_size", 8),
+            device=device,
+        )
+
+    try:
+        ev = evaluation()
+    except EvalError:
+        if not os.path.isdir(eval_dir):
+            raise
+        # an evaluation of other settings (the folder moved: its checkpoint path) is derived data: start it anew
+        shutil.rmtree(eval_dir)
+        ev = evaluation()
+    results = ev.run(progress=progress)
     return {
         "accuracy": {str(c["length"]): c["accuracy"] for c in results["cells"]},
         "samples": spec["samples"],
@@ -574,6 +607,14 @@ class Run:
                 say(f"    {cell.key}: {_cell_line(outcome)}")
                 bar.update(1)
                 self.write(invocation, started, running=True)
+        except BaseException as err:  # Ctrl-C or an error: the entry says so, with the time it ran
+            bar.close()
+            reason = "interrupted" if isinstance(err, KeyboardInterrupt) else f"stopped by {type(err).__name__}"
+            try:
+                self.write(dict(invocation, stopped=reason), started, running=False)
+            except Exception:  # (what stopped the run may stop the writing too: the first error is the one to see)
+                pass
+            raise
         finally:
             bar.close()
         return self.write(invocation, started, running=False)
@@ -657,6 +698,7 @@ class Run:
             lines.append(
                 f"- `{inv['command']}` — started {inv['started']} UTC, {_duration(inv.get('wall_time_s', 0))}"
                 + (" (still running when this was written)" if inv.get("running") else "")
+                + (f" ({inv['stopped']})" if inv.get("stopped") else "")
                 + f"; {inv['device']}, {inv['threads']} thread(s); {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores"
                 + (f", {m['cuda_device']}" if m.get("cuda_device") else "")
                 + f"; load average {m.get('load_average', '?')} at the start"
