@@ -146,10 +146,13 @@ def report(config: dict, outcomes: list[dict]) -> tuple[str, dict]:
         "`max_lr`: the cap on the memory's inner rate (`preset`: as shipped; the other points add "
         "the step bound 1.0 to the gradient-descent and momentum rules, Muon and the kernel "
         "memories keep theirs). `write@init` / `saturated`: the share of the residual one write "
-        "closes (1 = all of it); `/ GDN`: that share over Gated DeltaNet's at init. Accuracy in %.",
+        "closes (1 = all of it); `/ GDN`: that share over Gated DeltaNet's at init. `val loss`: the "
+        "validation answer loss at the end (nats per answer token; ln 4 = 1.39 is the level of picking one of the "
+        "four values shown, below it is recall being learned), a measure that moves before accuracy does. "
+        "Accuracy in %.",
         "",
     ]
-    header = ["preset", "max_lr", "write@init", "saturated", "/ GDN", "val@L"]
+    header = ["preset", "max_lr", "write@init", "saturated", "/ GDN", "val loss", "val@L"]
     header += [f"eval {n}" for n in lengths] + ["status"]
     rows = []
     for preset in config["presets"]:
@@ -166,6 +169,7 @@ def report(config: dict, outcomes: list[dict]) -> tuple[str, dict]:
                     "–" if init is None else f"{init:.3g}",
                     fmt_mean([w.get("saturated") for w in ws], 1, 3),
                     "–" if init is None or not gdn_init else f"{init / gdn_init:.2f}",
+                    fmt_mean([(o.get("train") or {}).get("val_loss") for o in group], 1, 3),
                     fmt_mean([(o.get("train") or {}).get("val_accuracy") for o in group], 100),
                 ]
                 + [
