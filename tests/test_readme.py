@@ -5,6 +5,8 @@ import os
 import re
 import shlex
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -102,3 +104,35 @@ def test_every_documented_command_parses():
             assert exit.code == 0, f"{name}: deepmemory {' '.join(argv)}: {err.getvalue().strip()}"
         found += 1
     assert found >= 20, found
+
+
+@pytest.mark.slow
+def test_the_readmes_commands_run_in_order(tmp_path, monkeypatch, capsys):
+    """Every ``deepmemory`` command of the README's bash blocks, in the README's order and from one
+    working directory (so that each finds what the earlier ones wrote: ``runs/stdlib-mac``,
+    ``runs/mqar-gdn``...), as pasted except that a training run takes 2 steps: each exits 0."""
+    import io
+    import sys
+
+    from deepmemory.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ran = []
+    for name, argv in _documented_commands():
+        if name != "README.md":
+            continue
+        argv = list(argv)
+        if argv[0] == "train":
+            if "--steps" in argv:
+                argv[argv.index("--steps") + 1] = "2"
+            else:
+                argv += ["--steps", "2"]
+            argv += ["--no-progress"]
+        if "--prompt-file" in argv and argv[argv.index("--prompt-file") + 1] == "-":  # printf '...' | deepmemory ...
+            monkeypatch.setattr(sys, "stdin", io.StringIO("import os\nfrom typing import\n"))
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 0, f"deepmemory {' '.join(argv)}: exit {code}\n{err[-2000:]}"
+        ran.append(argv[0])
+    assert ran.count("train") == 3 and {"generate", "export", "eval"} <= set(ran), ran
