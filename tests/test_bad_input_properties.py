@@ -534,13 +534,13 @@ def test_no_unsafe_loader_in_the_package():
 # rewritten atomically when a run resumes)
 APPEND_ONLY = {("train/trainer.py", "restore"), ("train/loggers.py", "__init__")}
 RAW_WRITERS = {"savefig", "save_file", "copyfile", "copy2", "copytree", "write_bytes"}
-RENAMES = ("os.replace(", "_replace(", "os.rename(", "TemporaryDirectory(")
+RENAMES = ("os.replace(", "_replace(", "os.rename(", "TemporaryDirectory(", "atomic_path(")
 
 
 def non_atomic_writes(name, source, tree=None):
     """The file writes of ``source`` (``open`` for writing, ``savefig``, ``save_file``, copies,
     ``torch.save``, pathlib's ``write_text``/``write_bytes``) in a function that renames nothing
-    (``os.replace``, ``_replace``, ``os.rename``) and writes into no temporary folder, other than
+    (``os.replace``, ``_replace``, ``os.rename``, ``files.atomic_path``) and writes into no temporary folder, other than
     the append-only logs of ``APPEND_ONLY``."""
     import ast
 
@@ -575,7 +575,7 @@ def non_atomic_writes(name, source, tree=None):
 def test_every_file_is_written_atomically():
     """Every file the package writes is written as a hidden temporary renamed over the target in
     the same function, or inside a temporary folder, or is an append-only log; everything else goes
-    through those writers (``checkpoint.write_text``/``write_json``/``write_tensors``/``write_dir``)."""
+    through those writers (``deepmemory.files``, ``checkpoint.write_json``/``write_tensors``/``write_dir``)."""
     bad = "def f(p):\n    with open(p, 'w') as fh:\n        fh.write('x')\n"
     good = "def f(p):\n    with open(p + '.tmp', 'w') as fh:\n        fh.write('x')\n    os.replace(p + '.tmp', p)\n"
     assert len(non_atomic_writes("x.py", bad)) == 1 and not non_atomic_writes("x.py", good)

@@ -171,9 +171,9 @@ def test_grad_accum_is_the_same_step(corpus, tmp_path):
 
 KILLER = """
 import os, signal, sys
-from deepmemory.train import checkpoint as ck
+from deepmemory import files
 
-replace, seen = ck._replace, []
+replace, seen = files._replace, []
 
 def dying_replace(tmp, path):
     seen.append(path)
@@ -184,7 +184,7 @@ def dying_replace(tmp, path):
         os.kill(os.getpid(), signal.SIGKILL)
     replace(tmp, path)
 
-ck._replace = dying_replace
+files._replace = dying_replace
 from deepmemory.cli import main
 sys.exit(main(sys.argv[1:]))
 """

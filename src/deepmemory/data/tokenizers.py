@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..files import atomic_path
 from .errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -100,9 +101,8 @@ class HFTokenizer:
         path = os.path.join(directory, TOKENIZER_FILE)
         if os.path.abspath(path) == os.path.abspath(self.path):
             return
-        tmp = os.path.join(directory, f".{TOKENIZER_FILE}.tmp")
-        shutil.copyfile(self.path, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, durable=False) as tmp:
+            shutil.copyfile(self.path, tmp)
 
 
 Tokenizer = ByteTokenizer | HFTokenizer

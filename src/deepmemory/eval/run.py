@@ -24,6 +24,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..files import atomic_path, write_json_atomic, write_text_atomic
+
 FORMAT = 1  # of results.json
 RESULTS, TABLE, HEATMAP = "results.json", "results.md", "heatmap.png"
 MAX_SENTENCE_TOKENS = 48  # the longest BABILong answer decoded (tokens), when no sentence end comes first
@@ -144,23 +146,6 @@ def weights_digest(path: str) -> str | None:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write ``obj`` as strict JSON under a temporary name, fsync, rename into place."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def load_tasks(names: Sequence[str], tokenizer, settings: dict[str, dict], vocab_size: int) -> list:
@@ -508,7 +493,7 @@ class Evaluation:
                 for a, n in zip(a_row, n_row)
             ]
             lines.append(f"| {label} | " + " | ".join(shown) + " |")
-        _write_text_atomic(os.path.join(self.out, TABLE), "\n".join(lines) + "\n")
+        write_text_atomic(os.path.join(self.out, TABLE), "\n".join(lines) + "\n")
         plot_heatmap(
             os.path.join(self.out, HEATMAP),
             rows,
@@ -558,7 +543,6 @@ def plot_heatmap(
     fig.colorbar(image, ax=ax, label="accuracy (%)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
+    with atomic_path(path, durable=False) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)

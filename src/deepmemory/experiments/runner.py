@@ -33,6 +33,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from .. import files
+from ..files import atomic_path, write_text_atomic
+
 FORMAT = 1  # of results.json and cell.json
 RESULTS_JSON, RESULTS_MD, CELLS = "results.json", "RESULTS.md", "cells"
 DISCUSSION = "discussion.md"  # optional, beside RESULTS.md: appended to it under "Discussion"
@@ -150,20 +153,8 @@ def within_noise(a: Sequence[float | None], b: Sequence[float | None], floor: fl
 
 # ---------------------------------------------------------------- files
 def write_json_atomic(path: str, obj) -> None:
-    """Strict JSON under a temporary name, fsynced and renamed into place."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, allow_nan=False, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Strict JSON (a value JSON cannot hold written as its ``str``), atomically."""
+    files.write_json_atomic(path, obj, default=str)
 
 
 def _finite(obj):
@@ -666,9 +657,7 @@ class Run:
         body, figures = self.experiment.report(self.experiment.budgets[self.budget], outcomes)
         for name, draw in figures.items():
             path = os.path.join(self.out, name)
-            tmp = os.path.join(self.out, f".{name}.tmp.png")
-            if draw(tmp):
-                os.replace(tmp, path)
+            draw(path)  # (a figure writer writes atomically, or nothing when it has nothing to draw)
         discussion = os.path.join(self.out, DISCUSSION)
         if os.path.isfile(discussion):  # what a person wrote about the numbers, kept across rewrites
             with open(discussion) as f:
@@ -790,10 +779,9 @@ def figure_writer(draw: Callable) -> Callable[[str], bool]:
         fig = draw(plt)
         if fig is None:
             return False
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-        fig.savefig(tmp, format="png", dpi=110)
+        with atomic_path(path, durable=False) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
-        os.replace(tmp, path)
         return True
 
     return write

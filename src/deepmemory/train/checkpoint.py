@@ -31,6 +31,8 @@ import shutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..files import atomic_path, fsync_path, write_text_atomic
+
 if TYPE_CHECKING:  # (torch stays unimported until tensors are written: the CLI starts fast)
     from torch import Tensor
 
@@ -51,14 +53,6 @@ RUN_KEYS = ("format", "version", "created", "train", "resolved", "model", "token
 
 class CheckpointError(ValueError):
     """A run directory or checkpoint that cannot be used; the message is one line for the user."""
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_dir(out: str, write: Callable[[str], None]) -> None:
@@ -98,21 +92,6 @@ def check_writable_parent(path: str, flag: str, error: type = CheckpointError) -
         raise error(f"{flag} {path}: cannot write in {parent} (a read-only file system or no permission)")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace(tmp: str, path: str) -> None:
-    # every file gets the mode a plain open() gives (0644 under the usual umask): safetensors
-    # creates its files 0600
-    os.chmod(tmp, 0o666 & ~_umask())
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(os.path.dirname(os.path.abspath(path)))
-
-
 def strict_json(obj, **kwargs) -> str:
     """``obj`` as strict JSON (RFC 8259, what every parser reads): ``json.dumps`` with
     ``allow_nan=False``, so a NaN or infinity raises ``ValueError`` instead of becoming a bare
@@ -134,10 +113,8 @@ def write_json(path: str, obj) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    _replace(tmp, path)
+    """Write ``text`` to ``path`` atomically and durably (:func:`deepmemory.files.atomic_path`)."""
+    write_text_atomic(path, text)
 
 
 def plain_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -154,9 +131,8 @@ def plain_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 def write_tensors(path: str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    save_file(plain_tensors(tensors), tmp, metadata=metadata)
-    _replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(plain_tensors(tensors), tmp, metadata=metadata)
 
 
 def read_tensors(path: str) -> dict[str, Tensor]:

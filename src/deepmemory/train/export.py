@@ -14,6 +14,7 @@ import json
 import math
 import os
 
+from ..files import plain_mode
 from . import checkpoint as ck
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -268,7 +269,7 @@ def export_run(src: str, out: str, overwrite: bool = False) -> str:
         ck.write_text(os.path.join(tmp, "README.md"), model_card(folder, info["record"], info["state"], tokenizer.kind))
         for root, _, files in os.walk(tmp):
             for f in files:
-                os.chmod(os.path.join(root, f), 0o666 & ~ck._umask())
+                os.chmod(os.path.join(root, f), plain_mode())
 
     ck.write_dir(out, write)
     return out

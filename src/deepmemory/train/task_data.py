@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..files import atomic_path
 from .config import ConfigError
 
 VALIDATION_STREAM = "validation"  # the validation rows come from their own generator, never from a training step's
@@ -187,10 +188,9 @@ def plot_task(run_dir: str, rows) -> None:
     more = right.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center right")
     fig.tight_layout()
-    tmp = os.path.join(run_dir, ".loss.png.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
+    with atomic_path(os.path.join(run_dir, "loss.png"), durable=False) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, os.path.join(run_dir, "loss.png"))
 
 
 def describe(task, settings: dict, seq_len: int, val_rows: int) -> str:

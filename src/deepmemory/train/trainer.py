@@ -39,6 +39,7 @@ from ..data import (
     tokenizer_from_info,
 )
 from ..data.loader import IGNORE_INDEX
+from ..files import atomic_path
 from ..threads import set_threads
 from . import checkpoint as ck
 from . import task_data
@@ -394,10 +395,9 @@ def plot_losses(run_dir: str, tokens_per_byte: float, baseline: tuple[str, float
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = os.path.join(run_dir, ".loss.png.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
+    with atomic_path(os.path.join(run_dir, "loss.png"), durable=False) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, os.path.join(run_dir, "loss.png"))
 
 
 def _metrics_line(row: dict) -> str:
