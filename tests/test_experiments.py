@@ -67,7 +67,7 @@ def test_toy_experiment_end_to_end_and_resumable(name, tmp_path, capsys, one_thr
     assert _cells_mtimes(out) == before
     with open(os.path.join(out, "results.json")) as f:
         again = json.load(f)
-    assert len(again["invocations"]) == 2 and again["cells"] == results["cells"]
+    assert again["invocations"] == results["invocations"] and again["cells"] == results["cells"]  # (none recorded)
 
 
 @pytest.mark.slow

@@ -588,6 +588,9 @@ class Run:
             f"{self.experiment.name} ({self.budget}): {len(wanted)} cells, {done_before} finished earlier, "
             f"{len(pending)} to run; output {self.out}"
         )
+        if not pending:  # nothing to run: the reports are rewritten (a discussion.md added since), no entry recorded
+            bar.close()
+            return self.write(None, started, running=False)
         self.write(invocation, started, running=True)
         try:
             for i, cell in enumerate(pending):
@@ -628,13 +631,15 @@ class Run:
                 continue
         return found + extra
 
-    def write(self, invocation: dict, started: float, running: bool) -> dict:
-        """``results.json`` and ``RESULTS.md`` (with the experiment's figures) from the finished cells."""
-        invocation = dict(invocation, wall_time_s=round(time.time() - started, 1), running=running)
-        if not running:
-            invocation["machine_at_end"] = {"load_average": machine().get("load_average")}
+    def write(self, invocation: dict | None, started: float, running: bool) -> dict:
+        """``results.json`` and ``RESULTS.md`` (with the experiment's figures) from the finished cells;
+        ``invocation`` None (an invocation with no cell to run) rewrites them without recording one."""
         invocations = list((self.previous or {}).get("invocations", []))
-        invocations.append(invocation)  # this invocation's entry is rewritten after every cell until it ends
+        if invocation is not None:  # this invocation's entry is rewritten after every cell until it ends
+            invocation = dict(invocation, wall_time_s=round(time.time() - started, 1), running=running)
+            if not running:
+                invocation["machine_at_end"] = {"load_average": machine().get("load_average")}
+            invocations.append(invocation)
         outcomes = self.outcomes()
         total = len(self.all_cells)
         results = _finite(
