@@ -98,6 +98,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the experiment ``args`` name; a user error raises ``CLIError`` (one line, exit code 2)."""
+    from ..eval import EvalError
     from ..experiments import ExperimentError, run_experiment
     from ..experiments.runner import command_line
     from ..train import USER_ERRORS
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             progress=args.progress,
             verbose=args.verbose,
         )
-    except (ExperimentError, *USER_ERRORS) as err:
+    except (ExperimentError, EvalError, *USER_ERRORS) as err:
         raise CLIError(" ".join(str(err).split())) from err
     out = args.out or f"experiments/results/{args.name}-{args.budget}"
     state = (
