@@ -11,7 +11,7 @@ solved per preset, :func:`~.runner.matched_widths`).
 from __future__ import annotations
 
 from .length_generalization import SLOW
-from .runner import Cell, Experiment, figure_writer, fmt_mean, group_by, matched_widths, mean_std, table, within_noise
+from .runner import Cell, Experiment, config_widths, figure_writer, fmt_mean, group_by, mean_std, table, within_noise
 
 PRESETS = [
     "transformer",
@@ -72,8 +72,7 @@ BUDGETS = {
 
 
 def cells(config: dict) -> list[Cell]:
-    sized = config.get("size_presets", config["presets"])  # (the budget's presets: --presets does not move the sizes)
-    widths = matched_widths(sized, config["size"], VOCAB) if config.get("match_sizes") else {}
+    widths = config_widths(config, VOCAB)
     out = []
     for preset in config["presets"]:
         for seed in config["seeds"]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from .runner import Cell, Experiment, figure_writer, fmt_mean, group_by, matched_widths, mean_std, table
+from .runner import Cell, Experiment, config_widths, figure_writer, fmt_mean, group_by, mean_std, table
 
 PRESETS = [
     "transformer",
@@ -90,8 +90,7 @@ def _per_task(value, task: str):
 
 
 def cells(config: dict) -> list[Cell]:
-    sized = config.get("size_presets", config["presets"])  # (the budget's presets: --presets does not move the sizes)
-    widths = matched_widths(sized, config["size"], VOCAB) if config.get("match_sizes") else {}
+    widths = config_widths(config, VOCAB)
     out = []
     for task in config["tasks"]:
         length = config["train_length"][task]

@@ -807,6 +807,15 @@ def parameter_count(preset: str, size: str, vocab_size: int, overrides: dict | N
     return _COUNTS[key]
 
 
+def config_widths(config: dict, vocab_size: int) -> dict[str, dict]:
+    """:func:`matched_widths` of an experiment's config (``{}`` without ``match_sizes``), solved over
+    the budget's presets (``size_presets``, set by :meth:`Experiment.config`), not the narrowed list,
+    so that a cell run alone is the cell of the whole budget."""
+    if not config.get("match_sizes"):
+        return {}
+    return matched_widths(config.get("size_presets", config["presets"]), config["size"], vocab_size)
+
+
 def matched_widths(presets: Sequence[str], size: str, vocab_size: int, multiple: int = 8) -> dict[str, dict]:
     """Per preset, the ``intermediate_size`` override (the SwiGLU width, a multiple of ``multiple``)
     that brings its parameter count nearest the largest count among ``presets`` at ``size``, as the
